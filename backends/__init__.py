@@ -1,0 +1,1 @@
+"""Plan -> Program. The spec stays framework-agnostic; each backend lowers a Plan."""

@@ -1,0 +1,1 @@
+"""The JAX backend: models, methods, data, train/eval steps, checkpoints, HF import/export."""

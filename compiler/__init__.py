@@ -1,0 +1,1 @@
+"""Spec + model config + devices -> Plan (pure data)."""

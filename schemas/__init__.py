@@ -1,0 +1,1 @@
+"""The JSON Schema of the spec format: the single source of truth."""

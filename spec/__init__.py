@@ -1,0 +1,1 @@
+"""Spec loading, defaults and validation. Imports no jax, flax, torch or transformers."""
