@@ -1,0 +1,285 @@
+"""Building blocks shared by the model families: norms, rotary embeddings, attention.
+
+Shape suffixes: B batch, T query length, S key/value length, D embed, N query heads,
+K key/value heads, H head dim, F mlp hidden, V vocab.
+
+Every parameter is created through `nn.with_logical_partitioning` with names from
+`families.LOGICAL_AXES`, so the compiler shards it by rules. Parameters are stored in
+`param_dtype` (float32 by default) and cast to the compute `dtype` where they are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes: tuple[str, ...], dtype: Dtype):
+    """`module.param` whose value carries logical axis names (boxed as nn.LogicallyPartitioned)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+# ---------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 as Hugging Face does.
+
+    `unit_offset=False` (Llama, Mistral, Qwen): weight * normalize(x).astype(dtype), weight init 1.
+    `unit_offset=True` (Gemma): (normalize(x) * (1 + weight)).astype(dtype), weight init 0.
+    The two forms round differently in low precision; each matches its HF original.
+    """
+
+    eps: float = 1e-6
+    unit_offset: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        weight_D = param_with_axes(self, "weight", init, (x_BTD.shape[-1],), ("norm",), self.param_dtype)
+        x32_BTD = x_BTD.astype(jnp.float32)
+        normed_BTD = x32_BTD * jax.lax.rsqrt(jnp.mean(x32_BTD * x32_BTD, axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (normed_BTD * (1.0 + weight_D.astype(jnp.float32))).astype(self.dtype)
+        return weight_D.astype(self.dtype) * normed_BTD.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight/bias named like torch (`weight`, `bias`), statistics in float32."""
+
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        D = x_BTD.shape[-1]
+        weight_D = param_with_axes(self, "weight", nn.initializers.ones, (D,), ("norm",), self.param_dtype)
+        x32_BTD = x_BTD.astype(jnp.float32)
+        mean_BT1 = jnp.mean(x32_BTD, axis=-1, keepdims=True)
+        var_BT1 = jnp.mean(jnp.square(x32_BTD - mean_BT1), axis=-1, keepdims=True)
+        y_BTD = (x32_BTD - mean_BT1) * jax.lax.rsqrt(var_BT1 + self.eps) * weight_D.astype(jnp.float32)
+        if self.use_bias:
+            bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (D,), ("norm",), self.param_dtype)
+            y_BTD = y_BTD + bias_D.astype(jnp.float32)
+        return y_BTD.astype(self.dtype)
+
+
+# ---------------------------------------------------------------- dense
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias) over the last `len(in_axes)` dims of x.
+
+    `in_shape`/`out_shape` name the kernel layout, e.g. q_proj: in (D,) axes ("embed",),
+    out (N, H) axes ("heads", "head_dim"); kernel shape is in_shape + out_shape.
+    """
+
+    out_shape: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        in_shape = tuple(x.shape[-n_in:])
+        kernel = param_with_axes(
+            self, "kernel", self.kernel_init, in_shape + tuple(self.out_shape),
+            tuple(self.in_axes) + tuple(self.out_axes), self.param_dtype,
+        )
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
+        )
+        if self.use_bias:
+            bias = param_with_axes(
+                self, "bias", nn.initializers.zeros, tuple(self.out_shape), tuple(self.out_axes), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+# ---------------------------------------------------------------- rotary embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """RoPE settings (hashable, so it can live in a frozen arch dataclass).
+
+    kind: "default" | "linear" | "llama3" (the HF `rope_type`).
+    """
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    SUPPORTED = ("default", "linear", "llama3")
+
+    @classmethod
+    def from_hf(cls, hf_config: dict) -> "Rope":
+        """Reads transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+        params = dict(hf_config.get("rope_parameters") or {})
+        legacy = hf_config.get("rope_scaling") or {}
+        for key, value in legacy.items():
+            params.setdefault(key, value)
+        theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+        kind = params.get("rope_type", params.get("type", "default")) or "default"
+        if kind not in cls.SUPPORTED:
+            raise ValueError(
+                f"config.json rope_parameters.rope_type={kind!r} is not supported; "
+                f"ftc supports rope_type in: {', '.join(cls.SUPPORTED)}"
+            )
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("config.json rope_parameters.partial_rotary_factor != 1.0 is not supported")
+        rope = cls(theta=float(theta), kind=kind)
+        if kind == "linear":
+            rope = dataclasses.replace(rope, factor=float(params["factor"]))
+        elif kind == "llama3":
+            rope = dataclasses.replace(
+                rope,
+                factor=float(params["factor"]),
+                low_freq_factor=float(params["low_freq_factor"]),
+                high_freq_factor=float(params["high_freq_factor"]),
+                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+            )
+        return rope
+
+    def to_hf(self) -> dict:
+        """The `rope_parameters` dict transformers 5 reads (also valid as legacy `rope_scaling`)."""
+        out: dict[str, Any] = {"rope_type": self.kind, "rope_theta": self.theta}
+        if self.kind in ("linear", "llama3"):
+            out["factor"] = self.factor
+        if self.kind == "llama3":
+            out["low_freq_factor"] = self.low_freq_factor
+            out["high_freq_factor"] = self.high_freq_factor
+            out["original_max_position_embeddings"] = self.original_max_position_embeddings
+        return out
+
+    def inv_freq(self, head_dim: int) -> np.ndarray:
+        """Inverse frequencies [H/2] in float32, computed like transformers (float32 throughout)."""
+        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+        inv_freq = (np.float32(1.0) / (np.float32(self.theta) ** exponent)).astype(np.float32)
+        if self.kind == "linear":
+            inv_freq = (inv_freq / np.float32(self.factor)).astype(np.float32)
+        elif self.kind == "llama3":
+            old_len = self.original_max_position_embeddings
+            low_freq_wavelen = old_len / self.low_freq_factor
+            high_freq_wavelen = old_len / self.high_freq_factor
+            wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+            scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(self.factor), inv_freq)
+            smooth = (old_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+            smoothed = (1 - smooth) * scaled / np.float32(self.factor) + smooth * scaled
+            is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+            inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+        return inv_freq
+
+
+def rope_cos_sin(positions_BT: jax.Array, inv_freq_H2: np.ndarray, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, H] computed in float32, then cast to the compute dtype (as HF does)."""
+    freqs_BTH2 = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_H2, jnp.float32)
+    emb_BTH = jnp.concatenate([freqs_BTH2, freqs_BTH2], axis=-1)
+    return jnp.cos(emb_BTH).astype(dtype), jnp.sin(emb_BTH).astype(dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    """HF's rotate-half RoPE: the two halves of the head dim form the (real, imag) pairs."""
+    half = x_BTNH.shape[-1] // 2
+    rotated_BTNH = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rotated_BTNH * sin_BTH[:, :, None, :]
+
+
+# ---------------------------------------------------------------- positions and masks
+
+
+def positions_from_segments(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token inside its packed segment (restarts at 0 where the id changes)."""
+    B, T = segment_ids_BT.shape
+    index_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    previous_BT = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    start_BT = jnp.where(segment_ids_BT != previous_BT, index_BT, 0)
+    return index_BT - jax.lax.cummax(start_BT, axis=1)
+
+
+def default_positions(input_ids_BT: jax.Array, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Per-segment positions when packed, else 0..T-1 (what transformers uses without position_ids)."""
+    if segment_ids_BT is not None:
+        return positions_from_segments(segment_ids_BT)
+    B, T = input_ids_BT.shape
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+
+
+def make_attention_mask(
+    *,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    causal: bool,
+    sliding_window: int | None = None,
+    q_len: int,
+    kv_len: int,
+) -> jax.Array:
+    """Boolean [B, 1, T, S] mask, True where query t may attend to key s.
+
+    attention_mask / segment_ids are [B, S] over the keys; queries are the last T of them
+    (T == S in training). Tokens never attend across segment ids; segment 0 and
+    attention_mask 0 mark padding, which attends to nothing and is attended by nothing
+    (its row is all False: `dot_product_attention` then returns a finite, meaningless value).
+    Sliding window follows HF: key s is visible to query t when t - s < sliding_window.
+    B is 1 when neither attention_mask nor segment_ids is given (broadcasts).
+    """
+    offset = kv_len - q_len
+    q_index_T1 = jnp.arange(q_len, dtype=jnp.int32)[:, None] + offset
+    kv_index_1S = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    mask_TS = jnp.ones((q_len, kv_len), dtype=bool)
+    if causal:
+        mask_TS = mask_TS & (kv_index_1S <= q_index_T1)
+    if sliding_window is not None:
+        mask_TS = mask_TS & (q_index_T1 - kv_index_1S < sliding_window)
+    mask_B1TS = mask_TS[None, None]
+    if attention_mask is not None:
+        valid_BS = attention_mask.astype(bool)
+        mask_B1TS = mask_B1TS & valid_BS[:, None, None, :] & valid_BS[:, None, -q_len:, None]
+    if segment_ids is not None:
+        kv_seg_BS = segment_ids
+        q_seg_BT = segment_ids[:, -q_len:]
+        same_B1TS = q_seg_BT[:, None, :, None] == kv_seg_BS[:, None, None, :]
+        mask_B1TS = mask_B1TS & same_B1TS & (q_seg_BT > 0)[:, None, :, None]
+    return mask_B1TS
+
+
+def dot_product_attention(
+    q_BTNH: jax.Array,
+    k_BSKH: jax.Array,
+    v_BSKH: jax.Array,
+    mask_B1TS: jax.Array | None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """softmax(q k^T * scale + mask) v with GQA (K divides N); softmax in float32.
+
+    `jax.nn.dot_product_attention` picks the platform's fused kernel where it has one.
+    Fully masked query rows (padding) give finite values, never NaN.
+    """
+    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
+    if N % K:
+        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale)
