@@ -1,0 +1,102 @@
+"""Read one spec file (TOML or JSON) into a dict plus the position of every key in it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+
+from ftc.spec import positions as _positions
+from ftc.spec.errors import SpecIssue, format_key_path
+
+SUFFIXES = (".toml", ".json")
+_TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """One parsed spec file. `name` is the path as shown in messages; `positions` maps key paths
+    (tuples of keys and list indices) to 1-based (line, col)."""
+
+    name: str
+    data: dict
+    positions: dict
+
+    def where(self, path: tuple) -> tuple[int, int]:
+        """Position of `path`, or of its nearest ancestor that has one, or (1, 1)."""
+        while path:
+            if path in self.positions:
+                return self.positions[path]
+            path = path[:-1]
+        return (1, 1)
+
+
+def read_document(name: str) -> tuple[Document | None, list[SpecIssue]]:
+    """Parse the file at `name`. Returns (None, issues) when it cannot be read or parsed."""
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in SUFFIXES:
+        return None, [SpecIssue(name, 0, 0, "", f"a spec is a .toml or .json file, not {suffix or 'a file without suffix'!r}")]
+    try:
+        with open(name, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+    except FileNotFoundError:
+        return None, [SpecIssue(name, 0, 0, "", "file not found")]
+    except IsADirectoryError:
+        return None, [SpecIssue(name, 0, 0, "", "is a directory, not a spec file")]
+    except UnicodeDecodeError as e:
+        line = text_line_of_offset(open(name, "rb").read(), e.start)
+        return None, [SpecIssue(name, line, 1, "", f"not UTF-8 text: {e.reason}")]
+    except OSError as e:
+        return None, [SpecIssue(name, 0, 0, "", f"cannot read: {e.strerror}")]
+    return parse_text(name, text, suffix)
+
+
+def parse_text(name: str, text: str, suffix: str) -> tuple[Document | None, list[SpecIssue]]:
+    if suffix == ".toml":
+        return _parse_toml(name, text)
+    return _parse_json(name, text)
+
+
+def _parse_toml(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        m = _TOML_AT.search(message)
+        if m and m.group(1):
+            line, col = int(m.group(1)), int(m.group(2))
+        else:  # "at end of document"
+            line = text.count("\n") + 1
+            col = len(text) - text.rfind("\n")
+        message = _TOML_AT.sub("", message)
+        return None, [SpecIssue(name, line, col, "", f"invalid TOML: {message}")]
+    return Document(name, data, _positions.toml_positions(text)), []
+
+
+def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]:
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        return None, [SpecIssue(name, e.lineno, e.colno, "", f"invalid JSON: {e.msg}")]
+    except ValueError as e:  # NaN / Infinity
+        return None, [SpecIssue(name, 1, 1, "", f"invalid JSON: {e}")]
+    if not isinstance(data, dict):
+        return None, [SpecIssue(name, 1, 1, "", f"a spec is a JSON object, not {type(data).__name__}")]
+    positions, duplicates = _positions.json_positions(text)
+    doc = Document(name, data, positions)
+    issues = []
+    for path in duplicates:
+        line, col = doc.where(path)
+        issues.append(SpecIssue(name, line, col, format_key_path(path),
+                                "duplicate key (JSON keeps only the last one)"))
+    return doc, issues
+
+
+def _reject_constant(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def text_line_of_offset(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
