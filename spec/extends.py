@@ -1,0 +1,94 @@
+"""`extends`: a spec builds on other spec files, merged deep, with every key remembering the
+file (and line) it came from so that errors point into the file that holds the text.
+
+Order: the bases in the order listed (each already merged with its own bases), then the file
+itself. Tables merge key by key; any other value, lists included, replaces what was there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ftc.spec.errors import SpecIssue, format_key_path
+from ftc.spec.load import Document, read_document
+from ftc.spec.paths import resolve_paths
+
+Loc = tuple  # (file name as shown, line, col)
+
+
+@dataclasses.dataclass(frozen=True)
+class Merged:
+    data: dict  # merged, paths resolved, without `extends`
+    locs: dict  # key path -> Loc, for every key present in data
+    files: tuple  # absolute paths of the files merged in, bases first, the spec itself last
+    issues: tuple
+
+
+def load_with_extends(name: str) -> Merged:
+    """Read the spec at `name` (as the user named it) and everything it extends."""
+    issues: list[SpecIssue] = []
+    data, locs, files = _load(name, (), issues)
+    return Merged(data, locs, tuple(files), tuple(issues))
+
+
+def _load(name: str, stack: tuple, issues: list) -> tuple[dict, dict, list]:
+    doc, doc_issues = read_document(name)
+    issues.extend(doc_issues)
+    if doc is None:
+        return {}, {}, []
+    here = os.path.abspath(name)
+    data, locs, files = {}, {}, []
+    for path, base in _bases(doc, issues):
+        base_name = os.path.normpath(os.path.join(os.path.dirname(name), base))
+        line, col = doc.where(path)
+        key = format_key_path(path)
+        target = os.path.abspath(base_name)
+        if target in stack + (here,):
+            chain = " -> ".join(os.path.basename(f) for f in stack + (here, target))
+            issues.append(SpecIssue(name, line, col, key, f"extends cycle: {chain}"))
+            continue
+        if not os.path.isfile(target):
+            what = "is a directory" if os.path.isdir(target) else "not found"
+            issues.append(SpecIssue(name, line, col, key, f"extended file {what}: {base_name}"))
+            continue
+        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues)
+        data, locs = merge(data, locs, base_data, base_locs)
+        files += [f for f in base_files if f not in files]
+    own = {k: v for k, v in doc.data.items() if k != "extends"}
+    own = resolve_paths(own, os.path.dirname(here))
+    own_locs = {p: (name, *pos) for p, pos in doc.positions.items() if p[0] != "extends"}
+    data, locs = merge(data, locs, own, own_locs)
+    files.append(here)
+    return data, locs, files
+
+
+def _bases(doc: Document, issues: list) -> list[tuple[tuple, str]]:
+    """(key path, relative file) for each entry of the document's `extends`."""
+    value = doc.data.get("extends")
+    if value is None:
+        return []
+    if isinstance(value, str) and value:
+        return [(("extends",), value)]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return [(("extends", i), v) for i, v in enumerate(value)]
+    line, col = doc.where(("extends",))
+    issues.append(SpecIssue(doc.name, line, col, "extends",
+                            f"expected a file path or a non-empty list of file paths, got {value!r}"))
+    return []
+
+
+def merge(base: dict, base_locs: dict, top: dict, top_locs: dict, prefix: tuple = ()) -> tuple[dict, dict]:
+    """Deep-merge `top` over `base`, carrying key locations along."""
+    out, locs = dict(base), dict(base_locs)
+    for key, value in top.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key], locs = merge(out[key], locs, value, {}, path)
+        else:
+            out[key] = value
+            # The replaced value's sub-keys (a list's elements, a table's keys) are gone.
+            locs = {p: l for p, l in locs.items() if p[: len(path)] != path or p == path}
+    if not prefix:
+        locs.update(top_locs)
+    return out, locs

@@ -1,0 +1,334 @@
+"""Schema and semantic checks over a merged spec dict, producing located issues; and defaults.
+
+A Locator maps a key path to the (file, line, col) its text came from, so every issue points
+into the file (a base spec, an override) that holds the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import glob
+import os
+import jsonschema
+
+from ftc.spec import schema_walk
+from ftc.spec.errors import SpecIssue, format_key_path
+from ftc.spec.overrides import did_you_mean
+from ftc.spec.paths import TFDS_PREFIX, is_hub_id
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Locator:
+    locs: dict  # key path -> (file, line, col)
+    default: tuple  # where problems with no key of their own go: (spec file, 1, 1)
+
+    def __call__(self, path: tuple) -> tuple:
+        """Where `path` was written, or its nearest written ancestor."""
+        while path:
+            if path in self.locs:
+                return self.locs[path]
+            path = path[:-1]
+        return self.default
+
+    def has(self, path: tuple) -> bool:
+        return path in self.locs
+
+
+Where = Locator
+
+
+def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
+    """All issues in `data`, and `data` with defaults filled (meaningful only without errors)."""
+    issues = schema_issues(data, where)
+    filled = fill_defaults(data)
+    issues += applicability_issues(filled, where)
+    issues += semantic_issues(filled, where)
+    return filled, issues
+
+
+# ---- schema -------------------------------------------------------------------------------
+
+@functools.cache
+def _validator():
+    return jsonschema.Draft202012Validator(schema_walk.schema())
+
+
+def schema_issues(data: dict, where: Where) -> list[SpecIssue]:
+    issues = []
+    for error in _validator().iter_errors(data):
+        issues += _convert(error, tuple(error.absolute_path), where)
+    return issues
+
+
+def _issue(where: Where, path: tuple, message: str, severity: str = "error") -> SpecIssue:
+    file, line, col = where(path)
+    return SpecIssue(file, line, col, format_key_path(path), message, severity)
+
+
+def _convert(error, path: tuple, where: Where) -> list[SpecIssue]:
+    kind, expected, value, node = error.validator, error.validator_value, error.instance, error.schema
+    if kind == "additionalProperties":
+        known = [k for k in node.get("properties", {}) if k != "$schema"]
+        return [_issue(where, path + (key,), f"unknown key {key!r}{_hint(path, key, known)}")
+                for key in value if key not in node.get("properties", {})]
+    if kind == "required":
+        return [_issue(where, path + (key,), f"required key {key!r} is missing")
+                for key in expected if key not in value]
+    if kind == "not" and "required" in expected:
+        first, second = expected["required"]
+        return [_issue(where, path + (second,), f"set either {first!r} or {second!r}, not both")]
+    if kind == "not" and "const" in expected:
+        return [_issue(where, path, f"must not be {_show(expected['const'])}")]
+    if kind == "type":
+        return [_issue(where, path, f"expected {_type_words(expected)}, got {_describe(value)}")]
+    if kind == "enum":
+        choices = ", ".join(_show(c) for c in expected)
+        return [_issue(where, path, f"expected one of {choices}; got {_show(value)}{_suggest(value, expected)}")]
+    if kind == "const":
+        return [_issue(where, path, f"expected {_show(expected)}, got {_show(value)}{_suggest(value, [expected])}")]
+    if kind in _BOUNDS:
+        return [_issue(where, path, f"must be {_BOUNDS[kind]} {_show(expected)}, got {_show(value)}")]
+    if kind == "minLength":
+        return [_issue(where, path, "must not be empty" if expected == 1 else f"must be at least {expected} characters")]
+    if kind == "maxLength":
+        return [_issue(where, path, f"must be at most {expected} characters, got {len(value)}")]
+    if kind == "minItems":
+        return [_issue(where, path, f"must have at least {expected} item{'s' if expected > 1 else ''}, got {len(value)}")]
+    if kind == "uniqueItems":
+        dupes = sorted({_show(v) for i, v in enumerate(value) if v in value[:i]})
+        return [_issue(where, path, f"items must be unique; repeated: {', '.join(dupes)}")]
+    if kind == "pattern":
+        return [_issue(where, path, f"{_show(value)} does not match {expected!r}: {node.get('description', '')}".rstrip(": "))]
+    if kind in ("anyOf", "oneOf"):
+        # Report the branch of the value's own type (a list with a bad element points at the
+        # element); with no such branch, say which types would do.
+        types = _json_types(value)
+        for branch_index, branch in enumerate(expected):
+            if set(schema_walk.types_of(branch)) & types:
+                sub = [e for e in error.context if e.schema_path and e.schema_path[0] == branch_index]
+                if sub:
+                    return [i for e in sub for i in _convert(e, tuple(e.absolute_path), where)]
+        return [_issue(where, path, f"expected {_type_words(schema_walk.types_of(node))}, got {_describe(value)}")]
+    return [_issue(where, path, error.message)]
+
+
+_BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+_TYPE_WORD = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string",
+              "array": "a list", "object": "a table", "null": "null"}
+
+
+def _type_words(types) -> str:
+    types = [types] if isinstance(types, str) else list(types)
+    return " or ".join(_TYPE_WORD.get(t, t) for t in types)
+
+
+def _json_types(value) -> set:
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number"} | ({"integer"} if value.is_integer() else set())
+    return {{str: "string", list: "array", dict: "object"}.get(type(value), "other")}
+
+
+def _describe(value) -> str:
+    if isinstance(value, bool):
+        return f"boolean {_show(value)}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {_show(value)}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return f"{type(value).__name__} {value}"  # TOML dates and times
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def _suggest(value, choices) -> str:
+    return did_you_mean(value, [c for c in choices if isinstance(c, str)]) if isinstance(value, str) else ""
+
+
+def _hint(path: tuple, key: str, known: list) -> str:
+    hint = did_you_mean(key, known)
+    if hint:
+        return hint
+    homes = [p for p, node in schema_walk.object_paths().items() if key in node.get("properties", {}) and p != path]
+    if len(homes) == 1 and homes[0]:
+        return f"; it belongs in [{format_key_path(homes[0])}]"
+    if len(known) <= 12:
+        return f"; expected one of {', '.join(known)}"
+    return ""
+
+
+# ---- defaults -----------------------------------------------------------------------------
+
+def fill_defaults(data: dict, node: dict | None = None, prefix: tuple = ()) -> dict:
+    """`data` with every applicable default filled in (a copy; `data` is not changed)."""
+    node = schema_walk.schema() if node is None else node
+    out = dict(data)
+    props = node.get("properties", {})
+    pairs = schema_walk.exclusive_pairs(node)
+
+    def wanted(key, child):
+        excluded = any(key in pair and any(o in out for o in pair if o != key) for pair in pairs)
+        return key not in out and "default" in child and not excluded
+
+    # Unconditional defaults first, so that conditions (`x-ftc-when`) see e.g. method.kind.
+    for key, child in props.items():
+        if wanted(key, child) and "x-ftc-when" not in child:
+            out[key] = copy.deepcopy(child["default"])
+    for key, child in props.items():
+        if wanted(key, child) and "x-ftc-when" in child and schema_walk.applies(child, out):
+            out[key] = copy.deepcopy(child["default"])
+    for key, child in props.items():
+        source = child.get("x-ftc-default-from")
+        if source and key not in out and source in out:
+            out[key] = copy.deepcopy(out[source])
+    for key, child in props.items():
+        if child.get("type") == "object" and isinstance(out.get(key), dict):
+            out[key] = fill_defaults(out[key], child, prefix + (key,))
+    if prefix == ("mesh",) and "fsdp" not in data and any(out.get(a) == -1 for a in ("data", "tensor")):
+        out["fsdp"] = 1  # -1 elsewhere takes the remaining devices; only one axis may
+    return out
+
+
+# ---- keys that do not apply ----------------------------------------------------------------
+
+def applicability_issues(filled: dict, where: Where) -> list[SpecIssue]:
+    issues = []
+    for path, node in schema_walk.object_paths().items():
+        obj = _get(filled, path)
+        if not isinstance(obj, dict):
+            continue
+        props = node.get("properties", {})
+        for key in obj:
+            child = props.get(key)
+            when = child.get("x-ftc-when") if child else None
+            if not when or schema_walk.applies(child, obj):
+                continue
+            if any(obj.get(k) not in props[k].get("enum", [obj.get(k)]) for k in when):
+                continue  # the condition's own value is invalid and reported already
+            need = " and ".join(
+                f"{format_key_path(path + (k,))} is {' or '.join(map(_show, allowed))}" for k, allowed in when.items())
+            have = ", ".join(f"{format_key_path(path + (k,))} is {_show(obj.get(k))}"
+                             for k, allowed in when.items() if obj.get(k) not in allowed)
+            issues.append(_issue(where, path + (key,), f"applies only when {need} (here {have}); remove it"))
+    return issues
+
+
+# ---- semantic checks ----------------------------------------------------------------------
+
+_OBJECTIVE_FORMATS = {"sft": ("chat", "completion", "text"), "dpo": ("preference",), "classify": ("classification",)}
+
+
+def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
+    issues: list[SpecIssue] = []
+
+    def add(path, message, severity="error"):
+        issues.append(_issue(where, path, message, severity))
+
+    def get(path, types):
+        value = _get(s, path)
+        if isinstance(value, bool) and bool not in types:
+            return None
+        return value if isinstance(value, types) else None
+
+
+    batch, micro = get(("training", "batch_size"), (int,)), get(("training", "micro_batch_size"), (int,))
+    if batch and micro and batch % micro:
+        add(("training", "micro_batch_size"),
+            f"batch_size ({batch}) must be a multiple of micro_batch_size ({micro})")
+
+    objective = get(("training", "objective"), (str,))
+    fmt = get(("data", "format"), (str,))
+    method = get(("method", "kind"), (str,))
+    if method == "probe" and (fmt not in (None, "classification") or objective not in (None, "classify")):
+        add(("method", "kind"), "a probe trains a classification head: it needs data.format = 'classification' "
+            f"and training.objective = 'classify' (here {fmt!r} and {objective!r})")
+    elif objective in _OBJECTIVE_FORMATS and fmt and fmt in _ALL_FORMATS and fmt not in _OBJECTIVE_FORMATS[objective]:
+        wanted = " or ".join(map(repr, _OBJECTIVE_FORMATS[objective]))
+        right = next(o for o, fs in _OBJECTIVE_FORMATS.items() if fmt in fs)
+        # Point at what the user wrote: a defaulted objective has no text of its own.
+        path = ("training", "objective") if where.has(("training", "objective")) else ("data", "format")
+        add(path, f"objective {objective!r} needs data.format {wanted}, but data.format is {fmt!r} "
+            f"(for {fmt!r} data use training.objective = {right!r})")
+
+    export = get(("export", "format"), (str,))
+    needs = {"peft": ("lora", "qlora"), "adapters": ("adapter",)}
+    if export in needs and method and method not in needs[export]:
+        add(("export", "format"), f"export format {export!r} is for method.kind "
+            f"{' or '.join(map(repr, needs[export]))}, not {method!r}; use 'hf'")
+
+    mesh = get(("mesh",), (dict,)) or {}
+    rest = [a for a in ("data", "fsdp", "tensor") if mesh.get(a) == -1]
+    for axis in rest[1:]:
+        add(("mesh", axis), f"at most one mesh axis may be -1 (the rest of the devices); {' and '.join(rest)} are")
+
+    eval_every = get(("training", "eval_every"), (int,))
+    if eval_every and not get(("data", "validation"), (str,)) and not get(("data", "validation_split"), (int, float)):
+        add(("training", "eval_every"), "evaluation needs validation data: set data.validation or data.validation_split")
+
+    steps, warmup = get(("training", "steps"), (int,)), get(("training", "schedule", "warmup_steps"), (int,))
+    if steps and warmup and warmup > steps:
+        add(("training", "schedule", "warmup_steps"), f"warmup_steps ({warmup}) exceeds training.steps ({steps})")
+
+    issues += _missing_file_warnings(s, where)
+    return issues
+
+
+_ALL_FORMATS = ("chat", "completion", "text", "preference", "classification")
+
+
+def _missing_file_warnings(s: dict, where: Where) -> list[SpecIssue]:
+    """Local files that do not exist (yet): warnings, so specs can be reviewed before data lands."""
+    issues = []
+    train = _get(s, ("data", "train"))
+    sources = [(("data", "train"), train)] if isinstance(train, str) else [
+        (("data", "train", i), v) for i, v in enumerate(train) if isinstance(v, str)] if isinstance(train, list) else []
+    validation = _get(s, ("data", "validation"))
+    if isinstance(validation, str):
+        sources.append((("data", "validation"), validation))
+    for path, value in sources:
+        if value.startswith(TFDS_PREFIX):
+            continue
+        if glob.has_magic(value) and not glob.glob(value):
+            issues.append(_issue(where, path, f"no file matches {_shown_path(value)}", "warning"))
+        elif not glob.has_magic(value) and not os.path.exists(value):
+            issues.append(_issue(where, path, f"file not found: {_shown_path(value)}", "warning"))
+    for key in ("base", "tokenizer", "init_from"):
+        value = _get(s, ("model", key))
+        if isinstance(value, str) and not is_hub_id(value) and not os.path.exists(value):
+            issues.append(_issue(where, ("model", key), f"not found: {_shown_path(value)}", "warning"))
+    return issues
+
+
+def _shown_path(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _get(data, path: tuple):
+    for part in path:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
