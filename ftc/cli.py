@@ -19,5 +19,66 @@ def main():
     """
 
 
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a key in every spec, typed by the schema: --set training.learning_rate=1e-4")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text", show_default=True,
+              help="text: file:line:col lines; json: one document; github: GitHub Actions annotations.")
+def lint(files, overrides, fmt):
+    """Check spec files (TOML or JSON) against the schema and the semantic rules.
+
+    Reports every problem at once with file:line:col, key path and what was expected.
+    A local data or model file that does not exist yet is a warning, not an error.
+    Exit status: 0 all valid, 1 any invalid, 2 usage error.
+    """
+    from ftc.spec import lint_file
+    from ftc.spec.report import render
+
+    results = {f: lint_file(f, overrides) for f in files}
+    out = render(results, fmt)
+    if out:
+        click.echo(out)
+    invalid = any(i.severity == "error" for issues in results.values() for i in issues)
+    raise SystemExit(1 if invalid else 0)
+
+
+@main.command()
+def schema():
+    """Print the spec's JSON Schema (2020-12), for editors and other tools."""
+    from ftc.schemas import schema_text
+
+    click.echo(schema_text(), nl=False)
+
+
+@main.command()
+@click.argument("path", default="spec.toml", type=click.Path(dir_okay=False))
+@click.option("--method", type=click.Choice(["full", "lora", "qlora", "adapter", "probe"]), default="lora",
+              show_default=True, help="What to train.")
+@click.option("--objective", type=click.Choice(["sft", "dpo", "classify"]), default=None,
+              help="Training objective (default: classify for a probe, else sft).")
+@click.option("--base", default=None, help="Base model: HF id, local directory or .gguf file.")
+@click.option("--name", default=None, help="Run name (default: from the file name).")
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+def init(path, method, objective, base, name, force):
+    """Write a commented starter spec to PATH (default spec.toml) that lints clean."""
+    import os
+
+    from ftc.spec import lint_file
+    from ftc.spec.starter import name_from_file, starter_spec
+
+    if method == "probe" and objective not in (None, "classify"):
+        raise click.UsageError("a probe trains a classification head: --objective must be classify")
+    if os.path.exists(path) and not force:
+        raise click.UsageError(f"{path} exists; pass --force to overwrite it")
+    text = starter_spec(path, name or name_from_file(path), method, objective, base)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    errors = [i for i in lint_file(path) if i.severity == "error"]
+    if errors:  # the template and the schema disagree: a bug in ftc, not in the user's input
+        raise click.ClickException("the starter spec does not lint clean:\n" + "\n".join(map(str, errors)))
+    click.echo(f"wrote {path}: edit model.base and the data paths, then `ftc lint {path}`")
+
+
 if __name__ == "__main__":
     main()
