@@ -1,0 +1,394 @@
+"""A GGUF file (llama.cpp's format) becomes a local Hugging Face directory ftc loads like any other.
+
+    import_gguf("SmolLM2-135M-Instruct.Q4_1.gguf") -> ~/.cache/ftc/gguf/<sha256[:16]>-v1/
+        config.json            LlamaConfig rebuilt from the GGUF metadata
+        model.safetensors      float32 (dequantised), HF tensor names, Q/K un-permuted
+        tokenizer.json, tokenizer_config.json (with the chat template), special tokens
+        ftc_gguf_source.json   where it came from (file, sha256, converter version)
+
+Tensors are read and dequantised with the `gguf` package (numpy; no torch). The tokenizer is built
+by transformers' own GGUF tokenizer conversion. A conversion is written into a temporary directory
+and renamed into place, so an interrupted one never leaves a half-written model in the cache, and
+the cache key (file hash + converter version) makes a second call free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+# Bump when the output of a conversion changes, so stale cache entries are not reused.
+CONVERTER_VERSION = 1
+SOURCE_RECORD = "ftc_gguf_source.json"
+# One safetensors shard is held in memory while it is written; larger models get several shards.
+MAX_SHARD_BYTES = 4 * 1024**3
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+class GgufImportError(ValueError):
+    """A GGUF file ftc cannot turn into a Hugging Face checkpoint; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_root() -> Path:
+    """`$FTC_CACHE`, else `$XDG_CACHE_HOME/ftc`, else `~/.cache/ftc`."""
+    if os.environ.get("FTC_CACHE"):
+        return Path(os.environ["FTC_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ftc"
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def import_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cached HF directory converted from `gguf_path`, converting it first if needed.
+
+    `cache_dir` is ftc's cache root (default `default_cache_root()`); conversions live under
+    `<cache_dir>/gguf/<sha256 prefix>-v<CONVERTER_VERSION>/`.
+    """
+    path = Path(gguf_path).expanduser()
+    if not path.is_file():
+        raise GgufImportError(f"{path}: GGUF file not found")
+    root = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()) / "gguf"
+    sha = file_sha256(path)
+    final = root / f"{sha[:16]}-v{CONVERTER_VERSION}"
+    if (final / "config.json").is_file():
+        return final
+
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temps(root)
+    tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        started = time.perf_counter()
+        convert_gguf(path, tmp)
+        record = {"gguf_file": str(path.resolve()), "sha256": sha, "converter_version": CONVERTER_VERSION,
+                  "convert_seconds": round(time.perf_counter() - started, 3)}
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            os.rename(tmp, final)  # atomic: the directory appears complete or not at all
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp)  # another process finished the same conversion first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _remove_abandoned_temps(root: Path) -> None:
+    """Delete temp dirs of conversions killed on this host (their process no longer exists)."""
+    host = socket.gethostname()
+    for tmp in root.glob(".tmp-*"):
+        m = re.fullmatch(r"\.tmp-.+-v\d+-(.+)-(\d+)-[0-9a-f]{8}", tmp.name)
+        if not m or m.group(1) != host:
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, owned by someone else
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> None:
+    """Write config.json, safetensors and tokenizer files for `gguf_path` into `out_dir` (no cache)."""
+    import gguf
+
+    path, out = Path(gguf_path), Path(out_dir)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises bare ValueErrors on a bad magic or version
+        raise GgufImportError(f"{path}: not a readable GGUF file ({e})") from e
+    metadata = read_metadata(reader)
+    tensor_names = tuple(t.name for t in reader.tensors)
+    config = llama_config_from_gguf(metadata, tensor_names, source=str(path))
+    _write_config(config, out)
+    _write_safetensors(_hf_tensors(reader, config, str(path)), out)
+    if "tokenizer.ggml.model" in metadata:
+        _write_tokenizer(path, metadata["tokenizer.ggml.model"], out)
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """GGUF key/value metadata as Python values; the long tokenizer arrays are left out."""
+    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores", "tokenizer.ggml.precompiled_charsmap"}
+    out = {}
+    for key, field in reader.fields.items():
+        if key in skip:
+            out[key] = len(field.data)  # a count is all the config needs (vocab size)
+        else:
+            out[key] = field.contents()
+    return out
+
+
+def _float(value: float) -> float:
+    # GGUF stores float32; write the shortest decimal that is the same float32 (1e-05, not 9.99e-06).
+    return float(str(np.float32(value)))
+
+
+def llama_config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *, source: str = "GGUF") -> dict:
+    """A transformers LlamaConfig dict from llama.cpp metadata (pure; `source` names the file in errors)."""
+    arch = metadata.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GgufImportError(
+            f"{source}: general.architecture={arch!r} is not supported; ftc imports GGUF architectures "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+    def key(name: str, default: Any = ...) -> Any:
+        full = f"{arch}.{name}"
+        if full in metadata:
+            return metadata[full]
+        if default is ...:
+            raise GgufImportError(f"{source}: metadata key {full!r} is missing (needed for config.json)")
+        return default
+
+    if key("expert_count", 0):
+        raise GgufImportError(f"{source}: mixture-of-experts GGUF ({arch}.expert_count="
+                              f"{key('expert_count')}) is not supported; ftc imports dense Llama models")
+    if "rope_freqs.weight" in tensor_names:
+        raise GgufImportError(
+            f"{source}: tensor 'rope_freqs.weight' means Llama-3-style RoPE frequency scaling, which the "
+            "GGUF metadata does not describe fully; convert the original HF checkpoint instead")
+
+    hidden = key("embedding_length")
+    heads = key("attention.head_count")
+    kv_heads = key("attention.head_count_kv", heads)
+    head_dim = key("attention.key_length", hidden // heads)
+    if key("attention.value_length", head_dim) != head_dim:
+        raise GgufImportError(f"{source}: key_length {head_dim} != value_length "
+                              f"{key('attention.value_length')}; Llama needs them equal")
+    rope_dims = key("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise GgufImportError(f"{source}: {arch}.rope.dimension_count={rope_dims} but head_dim={head_dim}; "
+                              "partial rotary embeddings are not a Llama architecture")
+    if isinstance(kv_heads, list):  # per-layer head counts (hybrid models)
+        raise GgufImportError(f"{source}: per-layer {arch}.attention.head_count_kv is not supported")
+
+    vocab = key("vocab_size", None)
+    if vocab is None:
+        vocab = metadata.get("tokenizer.ggml.tokens")
+    if vocab is None:
+        raise GgufImportError(f"{source}: neither {arch}.vocab_size nor tokenizer.ggml.tokens gives the vocab size")
+
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": _float(key("rope.freq_base", 10000.0))}
+    scaling = key("rope.scaling.type", "none")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=_float(key("rope.scaling.factor")))
+    elif scaling not in ("none", None):
+        raise GgufImportError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported "
+                              "(supported: none, linear)")
+
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": _float(key("attention.layer_norm_rms_epsilon")),
+        "rope_parameters": rope,
+        "max_position_embeddings": key("context_length"),
+        "vocab_size": vocab,
+        # llama.cpp writes output.weight only when the LM head is not the embedding matrix.
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": "float32",
+    }
+    return config
+
+
+# llama.cpp tensor name -> HF name ({i} is the layer); see gguf.constants.MODEL_TENSORS / TensorNameMap.
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_gate.bias": "mlp.gate_proj.bias",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.bias": "mlp.down_proj.bias",
+}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """The HF Llama name of a llama.cpp tensor, or None when it has none."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py `LlamaModel.permute`).
+
+    llama.cpp rotates adjacent pairs (x0, x1), HF rotates halves (x0, x_{d/2}); the converter
+    interleaves each head's two halves, so here rows go back from (head, d/2, 2) to (head, 2, d/2).
+    """
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's permutation, the inverse of `unpermute_rope` (what its converter writes)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+             "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
+             "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
+             "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+             "self_attn.o_proj.bias": (d,), "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+             "mlp.down_proj.weight": (d, f), "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
+             "mlp.down_proj.bias": (d,)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}": s for k, s in layer.items()})
+    return shapes
+
+
+class _LazyTensor:
+    """One GGUF tensor, dequantised to float32 HF layout only when asked (keeps memory to a shard)."""
+
+    def __init__(self, tensor, hf_name: str, config: dict):
+        self.tensor, self.hf_name, self.config = tensor, hf_name, config
+        self.shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dims fastest-first
+        self.nbytes = int(np.prod(self.shape)) * 4
+
+    def load(self) -> np.ndarray:
+        from gguf import dequantize
+
+        w = np.asarray(dequantize(self.tensor.data, self.tensor.tensor_type), dtype=np.float32).reshape(self.shape)
+        if ".self_attn.q_proj." in self.hf_name:
+            w = unpermute_rope(w, self.config["num_attention_heads"])
+        elif ".self_attn.k_proj." in self.hf_name:
+            w = unpermute_rope(w, self.config["num_key_value_heads"])
+        return np.ascontiguousarray(w)
+
+
+def _hf_tensors(reader, config: dict, source: str) -> list[_LazyTensor]:
+    expected = _expected_shapes(config)
+    out, unknown = [], []
+    for t in reader.tensors:
+        hf_name = hf_tensor_name(t.name)
+        if hf_name is None:
+            unknown.append(t.name)
+            continue
+        lazy = _LazyTensor(t, hf_name, config)
+        if lazy.shape != expected.get(hf_name):
+            raise GgufImportError(f"{source}: tensor {t.name!r} ({hf_name}) has shape {lazy.shape}, "
+                                  f"config implies {expected.get(hf_name)}")
+        out.append(lazy)
+    if unknown:
+        raise GgufImportError(f"{source}: tensors with no Llama counterpart: {', '.join(unknown[:8])}"
+                              f"{' ...' if len(unknown) > 8 else ''}")
+    names = {t.hf_name for t in out}
+    required = {n for n in expected if not n.endswith(".bias") and n != "lm_head.weight"}
+    if missing := sorted(required - names):
+        raise GgufImportError(f"{source}: tensors missing for a Llama model: {', '.join(missing[:8])}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Writers
+
+
+def _write_config(config: dict, out: Path) -> None:
+    from transformers import LlamaConfig
+
+    # Round-trip through LlamaConfig so config.json is exactly what transformers itself writes.
+    LlamaConfig(**config).save_pretrained(out)
+
+
+def _write_safetensors(tensors: list[_LazyTensor], out: Path) -> None:
+    from safetensors.numpy import save_file
+
+    shards: list[list[_LazyTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    if len(shards) == 1:
+        save_file({t.hf_name: t.load() for t in shards[0]}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({t.hf_name: t.load() for t in shard}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({t.hf_name: name for t in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tokenizer(path: Path, tokenizer_model: str, out: Path) -> None:
+    """transformers' GGUF tokenizer conversion (vocab, merges, special tokens, chat template)."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    try:
+        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
+        backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    except Exception as e:
+        raise GgufImportError(f"{path}: transformers could not build a tokenizer from the GGUF metadata "
+                              f"(tokenizer.ggml.model={tokenizer_model!r}): {e}") from e
+    kwargs = {k: v for k, v in {**tokenizer_config, **extra}.items() if v is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
+    # Keep the chat template inside tokenizer_config.json, where every transformers version and
+    # vLLM look for it (transformers 5 would otherwise write chat_template.jinja).
+    with contextlib.redirect_stdout(None):
+        tokenizer.save_pretrained(out, save_jinja_files=False)
