@@ -68,7 +68,6 @@ def _finish(data, locs, name, source, extends, overrides, issues) -> tuple[Spec 
     parsed, override_issues = _overrides.parse_overrides(overrides)
     issues += override_issues
     data, locs = _overrides.apply_overrides(data, locs, parsed)
-    data.pop("$schema", None)
     filled, check_issues = validate.check(data, validate.Locator(locs, (name, 1, 1)))
     issues = sorted(set(issues + check_issues), key=_order)
     if any(i.severity == "error" for i in issues):

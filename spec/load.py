@@ -77,25 +77,15 @@ def _parse_toml(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
 
 def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]:
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         return None, [SpecIssue(name, e.lineno, e.colno, "", f"invalid JSON: {e.msg}")]
-    except ValueError as e:  # NaN / Infinity
-        return None, [SpecIssue(name, 1, 1, "", f"invalid JSON: {e}")]
     if not isinstance(data, dict):
         return None, [SpecIssue(name, 1, 1, "", f"a spec is a JSON object, not {type(data).__name__}")]
-    positions, duplicates = _positions.json_positions(text)
-    doc = Document(name, data, positions)
-    issues = []
-    for path in duplicates:
-        line, col = doc.where(path)
-        issues.append(SpecIssue(name, line, col, format_key_path(path),
-                                "duplicate key (JSON keeps only the last one)"))
-    return doc, issues
-
-
-def _reject_constant(constant: str):
-    raise ValueError(f"{constant} is not a JSON number")
+    positions, problems = _positions.json_positions(text)
+    issues = [SpecIssue(name, line, col, format_key_path(path), f"invalid JSON: {problem}")
+              for path, (line, col), problem in problems]
+    return Document(name, data, positions), issues
 
 
 def text_line_of_offset(data: bytes, offset: int) -> int:

@@ -35,11 +35,12 @@ def toml_positions(text: str) -> Positions:
     return _TomlScanner(text).scan()
 
 
-def json_positions(text: str) -> tuple[Positions, list[Path]]:
-    """Key positions in JSON text that json has already parsed, and the paths of duplicate keys."""
+def json_positions(text: str) -> tuple[Positions, list[tuple[Path, tuple[int, int], str]]]:
+    """Key positions in JSON text that json has already parsed, and what strict JSON forbids but
+    Python's json accepts: (path, position, problem) for duplicate keys and NaN/Infinity."""
     scanner = _JsonScanner(text)
     scanner.value(scanner.skip(0), ())
-    return scanner.positions, scanner.duplicates
+    return scanner.positions, scanner.problems
 
 
 class _TomlScanner:
@@ -185,7 +186,7 @@ class _JsonScanner:
         self.s = text
         self.lines = _Lines(text)
         self.positions: Positions = {}
-        self.duplicates: list[Path] = []
+        self.problems: list = []
 
     def skip(self, i: int) -> int:
         while i < len(self.s) and self.s[i] in " \t\r\n":
@@ -201,7 +202,7 @@ class _JsonScanner:
                 key, end = json.decoder.scanstring(s, i + 1)
                 child = path + (key,)
                 if key in seen:
-                    self.duplicates.append(child)
+                    self.problems.append((child, self.lines.at(i), "duplicate key (JSON keeps only the last one)"))
                 else:
                     seen.add(key)
                     self.positions[child] = self.lines.at(i)
@@ -222,4 +223,7 @@ class _JsonScanner:
             return i + 1
         if c == '"':
             return json.decoder.scanstring(s, i + 1)[1]
-        return _JSON_SCALAR.match(s, i).end()
+        end = _JSON_SCALAR.match(s, i).end()
+        if s[i:end] in ("NaN", "Infinity", "-Infinity"):
+            self.problems.append((path, self.lines.at(i), f"{s[i:end]} is not a JSON number"))
+        return end

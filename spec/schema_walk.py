@@ -70,7 +70,7 @@ def types_of(node: dict) -> list[str]:
     if "type" in node:
         return [node["type"]] if isinstance(node["type"], str) else list(node["type"])
     out = []
-    for branch in node.get("anyOf", ()) + node.get("oneOf", ()):
+    for branch in [*node.get("anyOf", ()), *node.get("oneOf", ())]:
         out += [t for t in types_of(branch) if t not in out]
     return out
 

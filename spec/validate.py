@@ -148,6 +148,8 @@ def _describe(value) -> str:
         return "a list"
     if isinstance(value, dict):
         return "a table"
+    if value is None:
+        return "null"
     return f"{type(value).__name__} {value}"  # TOML dates and times
 
 
