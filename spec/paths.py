@@ -1,9 +1,10 @@
 """Paths in a spec are relative to the file that names them; resolve them to absolute paths.
 
 Three kinds (the schema's `x-ftc-path` annotation says which a key is):
-- model: a local directory or .gguf file, or a Hugging Face id. A value that exists as a path
-  (relative to the spec file) is a path; one that does not and looks like `org/name` (or a bare
-  `name`) is an id and stays as written. Write `./models/x` to insist on a local path.
+- model: a local directory or .gguf file, `package:IMPORT_NAME/rel/path`, or a Hugging Face id
+  (`org/name`, `org/name@revision`, `org/name/file.gguf`). `package:` stays as written; a value
+  that exists as a path (relative to the spec file) is a path; one that does not and looks like
+  an id stays as written. Write `./models/x` to insist on a local path.
 - data: a file or glob; `tfds:name/config:split` stays as written.
 - local: always a path.
 """
@@ -16,25 +17,43 @@ import re
 from ftc.spec import schema_walk
 
 TFDS_PREFIX = "tfds:"
-_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+PACKAGE_PREFIX = "package:"
+# The forms backends/jax/model_source.py accepts as Hugging Face ids (kept in step with it; not
+# imported from there because spec/ must not import the JAX backend package).
+_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+?)?(?:/[^@]+\.gguf)?")
 
 
 def resolve(kind: str, value: str, base_dir: str) -> str:
     if kind == "data" and value.startswith(TFDS_PREFIX):
         return value
+    if kind == "model" and value.startswith(PACKAGE_PREFIX):
+        return value
     local = os.path.abspath(os.path.join(base_dir, os.path.expanduser(value)))
-    if kind == "model" and not _looks_local(value) and not os.path.exists(local) and _HF_ID.fullmatch(value):
+    if kind == "model" and not value.startswith(("./", "../", "/", "~")) and not os.path.exists(local) \
+            and _HF_ID.fullmatch(value):
         return value
     return local
 
 
-def _looks_local(value: str) -> bool:
-    return value.startswith(("./", "../", "/", "~")) or value.lower().endswith(".gguf")
-
-
 def is_hub_id(value: str) -> bool:
-    """After resolution: a model reference that is not a local path."""
-    return not os.path.isabs(value)
+    """After resolution: a model reference that is a Hugging Face id (not a path, not package:)."""
+    return not os.path.isabs(value) and not value.startswith(PACKAGE_PREFIX)
+
+
+def package_problem(value: str) -> str | None:
+    """Why a `package:NAME/rel/path` source cannot be found, without importing the package."""
+    import importlib.util
+
+    name, _, rel = value[len(PACKAGE_PREFIX):].partition("/")
+    if not name.isidentifier():
+        return f"expected 'package:IMPORT_NAME/relative/path', got {value!r}"
+    found = importlib.util.find_spec(name)  # a top-level name: reads the import path, runs no code
+    if found is None:
+        return f"no installed Python package {name!r}"
+    roots = found.submodule_search_locations or []
+    if not any(os.path.exists(os.path.join(root, rel)) for root in roots):
+        return f"{rel!r} not found in package {name!r}"
+    return None
 
 
 def resolve_paths(data: dict, base_dir: str, prefix: tuple = ()) -> dict:

@@ -16,7 +16,7 @@ import jsonschema
 from ftc.spec import schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.overrides import did_you_mean
-from ftc.spec.paths import TFDS_PREFIX, is_hub_id
+from ftc.spec.paths import PACKAGE_PREFIX, TFDS_PREFIX, is_hub_id, package_problem
 
 
 
@@ -314,7 +314,13 @@ def _missing_file_warnings(s: dict, where: Where) -> list[SpecIssue]:
             issues.append(_issue(where, path, f"file not found: {_shown_path(value)}", "warning"))
     for key in ("base", "tokenizer", "init_from"):
         value = _get(s, ("model", key))
-        if isinstance(value, str) and not is_hub_id(value) and not os.path.exists(value):
+        if not isinstance(value, str) or is_hub_id(value):
+            continue
+        if value.startswith(PACKAGE_PREFIX):
+            problem = package_problem(value)
+            if problem:
+                issues.append(_issue(where, ("model", key), problem, "warning"))
+        elif not os.path.exists(value):
             issues.append(_issue(where, ("model", key), f"not found: {_shown_path(value)}", "warning"))
     return issues
 

@@ -153,3 +153,19 @@ def test_a_file_that_is_not_toml_or_json_is_reported(tmp_path):
     assert "a spec is a .toml or .json file" in issue.message
     with pytest.raises(SpecError):
         load_spec(tmp_path / "spec.yaml")
+
+
+@pytest.mark.parametrize("base", ["org/name", "org/name@v1.0", "org/name/model.Q4_1.gguf",
+                                  "package:json/__init__.py"])
+def test_hub_ids_and_package_sources_stay_as_written(tmp_path, base):
+    spec = spec_from_dict({"name": "x", "model": {"base": base}, "data": {"format": "text", "train": "tfds:a:b"}},
+                          base_dir=tmp_path)
+    assert spec.model.base == base and spec.warnings == ()
+
+
+@pytest.mark.parametrize("base, fragment", [("package:no_such_pkg_ftc/m", "no installed Python package"),
+                                            ("package:json/no_such_file", "not found in package 'json'")])
+def test_a_package_source_that_cannot_be_found_is_a_warning(base, fragment):
+    spec = spec_from_dict({"name": "x", "model": {"base": base}, "data": {"format": "text", "train": "tfds:a:b"}})
+    [warning] = spec.warnings
+    assert warning.key_path == "model.base" and fragment in warning.message
