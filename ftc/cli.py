@@ -19,7 +19,7 @@ def main():
     """
 
 
-@main.command()
+@main.command(short_help="Check specs against the schema and rules.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a key in every spec, typed by the schema: --set training.learning_rate=1e-4")
@@ -43,7 +43,7 @@ def lint(files, overrides, fmt):
     raise SystemExit(1 if invalid else 0)
 
 
-@main.command()
+@main.command(short_help="Print the spec's JSON Schema.")
 def schema():
     """Print the spec's JSON Schema (2020-12), for editors and other tools."""
     from ftc.schemas import schema_text
@@ -51,7 +51,7 @@ def schema():
     click.echo(schema_text(), nl=False)
 
 
-@main.command()
+@main.command(short_help="Write a commented starter spec.")
 @click.argument("path", default="spec.toml", type=click.Path(dir_okay=False))
 @click.option("--method", type=click.Choice(["full", "lora", "qlora", "adapter", "probe"]), default="lora",
               show_default=True, help="What to train.")
@@ -63,15 +63,19 @@ def schema():
 def init(path, method, objective, base, name, force):
     """Write a commented starter spec to PATH (default spec.toml) that lints clean."""
     import os
+    import re
 
     from ftc.spec import lint_file
-    from ftc.spec.starter import name_from_file, starter_spec
+    from ftc.spec.starter import NAME_PATTERN, name_from_file, starter_spec
 
     if method == "probe" and objective not in (None, "classify"):
         raise click.UsageError("a probe trains a classification head: --objective must be classify")
+    if name is not None and not re.fullmatch(NAME_PATTERN, name):
+        raise click.UsageError(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
     if os.path.exists(path) and not force:
         raise click.UsageError(f"{path} exists; pass --force to overwrite it")
-    text = starter_spec(path, name or name_from_file(path), method, objective, base)
+    text = starter_spec(os.path.basename(path), name or name_from_file(path), method, objective, base)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     errors = [i for i in lint_file(path) if i.severity == "error"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"  # the schema's `name` pattern
 DEFAULT_BASES = {"classify": "sentence-transformers/all-MiniLM-L6-v2"}
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _FORMATS = {"sft": "chat", "dpo": "preference", "classify": "classification"}
@@ -123,5 +124,5 @@ def _align_comments(text: str, column: int = 40) -> str:
 def name_from_file(file: str) -> str:
     """A valid spec name from a file name: `My Bot.toml` -> `my-bot`."""
     stem = re.sub(r"\.(toml|json)$", "", file.rsplit("/", 1)[-1], flags=re.I)
-    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")
+    name = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._")[:128]
     return name or "my-run"

@@ -96,3 +96,16 @@ def test_pre_commit_hook_runs_ftc_lint():
     yaml = pytest.importorskip("yaml")
     [hook] = yaml.safe_load((pathlib.Path(__file__).parents[1] / ".pre-commit-hooks.yaml").read_text())
     assert hook["id"] == "ftc-lint" and hook["entry"] == "ftc lint" and hook["language"] == "python"
+
+
+def test_init_checks_the_name_and_makes_missing_folders(tmp_path):
+    assert CliRunner().invoke(main, ["init", str(tmp_path / "a.toml"), "--name", "Bad Name"]).exit_code == 2
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "specs" / "Support Bot.toml")])
+    assert result.exit_code == 0 and 'name = "support-bot"' in (tmp_path / "specs" / "Support Bot.toml").read_text()
+
+
+def test_starter_name_pattern_is_the_schemas():
+    from ftc.schemas import load_schema
+    from ftc.spec.starter import NAME_PATTERN
+
+    assert load_schema()["properties"]["name"]["pattern"] == f"^{NAME_PATTERN}$"
