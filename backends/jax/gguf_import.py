@@ -132,7 +132,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
     _write_config(config, out)
     _write_safetensors(_hf_tensors(reader, config, str(path)), out)
     if "tokenizer.ggml.model" in metadata:
-        _write_tokenizer(path, metadata["tokenizer.ggml.model"], out)
+        _write_tokenizer(reader, path, out)
 
 
 def read_metadata(reader) -> dict[str, Any]:
@@ -375,17 +375,44 @@ def _write_safetensors(tensors: list[_LazyTensor], out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_tokenizer(path: Path, tokenizer_model: str, out: Path) -> None:
+def gguf_tokenizer_fields(reader) -> tuple[str, dict, dict]:
+    """`(architecture, tokenizer_dict, tokenizer_config)` as transformers' `get_gguf_tokenizer` gives them.
+
+    transformers' own reader imports torch; this reads the same fields with the `gguf` package so a
+    conversion needs no torch. tests/test_gguf_import.py checks the two agree on a real file.
+    """
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS
+
+    def value(key: str):
+        field = reader.fields[key]
+        v = field.contents()
+        return bytes(v) if key.endswith("precompiled_charsmap") else v
+
+    grouped = {
+        group: {name: value(f"tokenizer.{key}") for key, name in renames.items() if f"tokenizer.{key}" in reader.fields}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        # llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+        tokenizer_config.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = value(f"tokenizer.ggml.{key}") if f"tokenizer.ggml.{key}" in reader.fields else None
+        tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    return reader.fields["general.architecture"].contents(), tokenizer, tokenizer_config
+
+
+def _write_tokenizer(reader, path: Path, out: Path) -> None:
     """transformers' GGUF tokenizer conversion (vocab, merges, special tokens, chat template)."""
     from transformers import PreTrainedTokenizerFast
-    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
+    architecture, tokenizer_dict, tokenizer_config = gguf_tokenizer_fields(reader)
     try:
-        architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(path))
         backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     except Exception as e:
         raise GgufImportError(f"{path}: transformers could not build a tokenizer from the GGUF metadata "
-                              f"(tokenizer.ggml.model={tokenizer_model!r}): {e}") from e
+                              f"(tokenizer.ggml.model={tokenizer_dict.get('tokenizer_type')!r}): {e}") from e
     kwargs = {k: v for k, v in {**tokenizer_config, **extra}.items() if v is not None}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     # Keep the chat template inside tokenizer_config.json, where every transformers version and
