@@ -169,3 +169,38 @@ def test_a_package_source_that_cannot_be_found_is_a_warning(base, fragment):
     spec = spec_from_dict({"name": "x", "model": {"base": base}, "data": {"format": "text", "train": "tfds:a:b"}})
     [warning] = spec.warnings
     assert warning.key_path == "model.base" and fragment in warning.message
+
+
+def test_wrong_values_anywhere_give_spec_errors_never_a_crash():
+    # Any key of a valid spec replaced by a value of another type (or removed): the checks must
+    # report it as a SpecError, whatever else they look at.
+    import copy
+    import pathlib
+    import random
+
+    examples = pathlib.Path(__file__).parents[1] / "examples"
+    valid = [load_spec(examples / name).to_dict() for name in ("dpo.toml", "probe.toml", "adapter.json")]
+    values = [None, 0, -1, 1.5, "x", "", True, [], [1], {}, {"a": 1}, "lora", "1e-4", float("nan")]
+    rng = random.Random(0)
+    for _ in range(600):
+        data = copy.deepcopy(rng.choice(valid))
+        for _ in range(rng.randint(1, 3)):
+            paths, stack = [], [((), data)]
+            while stack:
+                path, node = stack.pop()
+                for key, child in node.items():
+                    paths.append(path + (key,))
+                    if isinstance(child, dict):
+                        stack.append((path + (key,), child))
+            path = rng.choice(paths)
+            parent = data
+            for key in path[:-1]:
+                parent = parent[key]
+            if rng.random() < 0.2:
+                del parent[path[-1]]
+            else:
+                parent[path[-1]] = rng.choice(values)
+        try:
+            spec_from_dict(data)
+        except SpecError as e:
+            assert e.issues and all(i.message for i in e.issues)

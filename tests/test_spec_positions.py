@@ -1,5 +1,6 @@
 """Key positions found by re-scanning TOML and JSON text (tomllib and json give none)."""
 
+import pathlib
 import tomllib
 
 from ftc.spec.positions import json_positions, toml_positions
@@ -83,3 +84,38 @@ def test_json_scanner_reports_duplicate_keys_and_nan_where_they_are():
     _, problems = json_positions(text)
     assert sorted(problems) == [(("a",), (2, 2), "duplicate key (JSON keeps only the last one)"),
                                 (("a",), (2, 7), "NaN is not a JSON number")]
+
+
+def test_every_key_of_mutated_toml_that_tomllib_accepts_is_found_where_it_is_written():
+    # Random single-character edits of a spec: whenever tomllib still accepts the text, every
+    # key and list element must have a position, and a key's position must start its text.
+    import random
+
+    examples = pathlib.Path(__file__).parents[1] / "examples"
+    sources = [TOML] + [p.read_text() for p in sorted(examples.glob("*.toml"))]
+    rng = random.Random(0)
+    pieces = list("\"'[]{}=#.,\n \t\\ab1-_") + ['"""', "'''", "\r\n"]
+    checked = 0
+    for _ in range(3000):
+        text = rng.choice(sources)
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(text) + 1)
+            text = text[:i] + rng.choice(pieces) + text[i:] if rng.random() < 0.5 else text[:i] + text[i + 2:]
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError:
+            continue
+        checked += 1
+        pos = toml_positions(text)
+        lines = text.replace("\r\n", "\n").split("\n")
+        stack = [((), data)]
+        while stack:
+            path, value = stack.pop()
+            items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+            for key, child in items:
+                assert path + (key,) in pos, (path + (key,), text)
+                if isinstance(key, str):
+                    line, col = pos[path + (key,)]
+                    assert lines[line - 1][col - 1:].startswith((key, '"', "'", "[")), (key, text)
+                stack.append((path + (key,), child))
+    assert checked > 500
