@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import functools
 import glob
+import math
 import os
 import jsonschema
 
@@ -60,7 +61,15 @@ def schema_issues(data: dict, where: Where) -> list[SpecIssue]:
     issues = []
     for error in _validator().iter_errors(data):
         issues += _convert(error, tuple(error.absolute_path), where)
-    return issues
+    return issues + _non_finite_issues(data, (), where)
+
+
+def _non_finite_issues(value, path: tuple, where: Where) -> list[SpecIssue]:
+    # TOML has nan and inf; JSON Schema bounds never reject them (every comparison is false).
+    if isinstance(value, float) and not math.isfinite(value):
+        return [_issue(where, path, f"expected a finite number, got {value}")]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [i for key, child in items for i in _non_finite_issues(child, path + (key,), where)]
 
 
 def _issue(where: Where, path: tuple, message: str, severity: str = "error") -> SpecIssue:
