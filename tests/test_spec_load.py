@@ -199,7 +199,7 @@ def test_wrong_values_anywhere_give_spec_errors_never_a_crash():
             if rng.random() < 0.2:
                 del parent[path[-1]]
             else:
-                parent[path[-1]] = rng.choice(values)
+                parent[path[-1]] = copy.deepcopy(rng.choice(values))
         try:
             spec_from_dict(data)
         except SpecError as e:
