@@ -12,13 +12,13 @@ import functools
 import glob
 import math
 import os
+
 import jsonschema
 
 from ftc.spec import schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.overrides import did_you_mean
 from ftc.spec.paths import PACKAGE_PREFIX, TFDS_PREFIX, is_hub_id, package_problem
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Locator:
         return path in self.locs
 
 
-Where = Locator
+Where = Locator  # what the check functions take
 
 
 def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
