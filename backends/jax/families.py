@@ -1,13 +1,21 @@
 """The contract every model family implements, and the registry that finds one for a config.
 
 A family module (llama.py, gpt2.py, bert.py, ...) defines a `FAMILY = Family(...)` and one line in
-`_FAMILY_MODULES` below makes it known. Everything generic (HF import/export, GGUF, sharding,
-methods such as LoRA) works through this contract and never imports a family directly.
+`_FAMILY_MODULES` below makes it known. A module that reads several model types and must export
+each under its own name ("architectures", "model_type") may instead define
+`FAMILIES = {model_type: Family(...)}` (llama.py does: llama, mistral, qwen2, qwen3).
+Everything generic (HF import/export, GGUF, sharding, methods such as LoRA) works through this
+contract and never imports a family directly.
 
 Conventions every family keeps:
 - Parameters are float32 unless asked otherwise; the compute dtype is given to `build`.
 - Every parameter is created with `flax.linen.with_logical_partitioning` over the logical axis
   names in `LOGICAL_AXES`, so the compiler can shard it by rules without knowing the family.
+- An architecture dataclass may carry a `remat: str` field ("none" | "full" | "dots"); the training
+  core sets it with `dataclasses.replace(arch, remat=...)` before `build`. It is a training
+  choice: `hf_config` ignores it.
+- `hf_tensors` may leave out tensors a checkpoint carries (rotary buffers, a tied `lm_head`,
+  unused heads): import ignores them and logs their names; export writes only what it lists.
 - Transformer blocks are scanned (`nn.scan`, params stacked on a leading "layers" axis), which
   keeps compile time flat in depth; an `HfTensor` with one name per layer maps such a stack.
 - The module is called as
@@ -87,7 +95,9 @@ def family_for(hf_config: dict) -> Family:
             f"ftc supports model_type in: {', '.join(supported_model_types())}"
         )
     module = importlib.import_module(f"{__package__}.{_FAMILY_MODULES[model_type]}")
-    family = module.FAMILY if model_type in module.FAMILY.model_types else None
+    family = getattr(module, "FAMILIES", {}).get(model_type)
+    if family is None and model_type in module.FAMILY.model_types:
+        family = module.FAMILY
     if family is None:
         raise ValueError(f"module {module.__name__} does not read model_type={model_type!r}")
     return family

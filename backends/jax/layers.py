@@ -160,7 +160,10 @@ class Rope:
                 factor=float(params["factor"]),
                 low_freq_factor=float(params["low_freq_factor"]),
                 high_freq_factor=float(params["high_freq_factor"]),
-                original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                # transformers falls back to max_position_embeddings the same way.
+                original_max_position_embeddings=int(
+                    params.get("original_max_position_embeddings", hf_config.get("max_position_embeddings"))
+                ),
             )
         return rope
 
