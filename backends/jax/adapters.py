@@ -1,0 +1,325 @@
+"""Bottleneck adapters as a transformation of any family's model (no fork of the model code).
+
+An adapter is `y + up(act(down(y)))` applied to the output `y` of a sub-layer's output
+projection, before that sub-layer's residual add (Houlsby et al. 2019):
+  - houlsby: after the attention output projection and after the FFN down projection;
+  - pfeiffer: after the FFN down projection only (Pfeiffer et al. 2020's single site).
+(AdapterHub's own Pfeiffer config also re-applies the sub-layer's LayerNorm around the adapter;
+ftc does not: its adapter sees exactly the projection output, which is what the PyTorch hooks in
+`ftc.backends.torch_adapters` reproduce.)
+
+`down` maps D -> D // reduction_factor, `up` maps back; `up` is zero-initialised, so an adapted
+model starts equal to its base.
+
+How it transforms a model: `Adapted(base_module, plan)` shares the base module's scope (same
+parameter paths) and runs it under an `nn.intercept_methods` interceptor that adds an adapter to
+the output of each planned projection's `__call__`. The adapter's weights are created as a child
+`ftc_adapter` of that projection, in the ordinary "params" collection, e.g.
+    layers/mlp/down_proj/ftc_adapter/{down,up}/{kernel,bias}
+so the family's `nn.scan` stacks them per layer like any other parameter, and the training core
+(one params tree + a path predicate, see optimizer.trainable_mask) trains them with
+`is_trainable` as the predicate: everything else stays frozen.
+
+The sites are found from the family's HF tensor map (`Family.hf_tensors`): a flax module whose
+kernel maps to an HF module named like an attention output (`self_attn.o_proj`,
+`attention.output.dense`, `attn.c_proj`) or an FFN output (`mlp.down_proj`,
+`layer.N.output.dense`, `mlp.c_proj`) gets an adapter. A family with HF-standard module names
+needs no change here.
+
+Export (`export_adapters`) writes a directory a PyTorch user loads without ftc's JAX side:
+  adapter_config.json          {"format": "ftc-bottleneck-adapter", "version": 1, placement,
+                                reduction_factor, non_linearity, hidden_size, bottleneck_size,
+                                base_model_type, modules: [HF module names]}
+  adapter_model.safetensors    "<hf module>.ftc_adapter.down.weight" [r, D], ".down.bias" [r],
+                               "<hf module>.ftc_adapter.up.weight" [D, r], ".up.bias" [D]
+                               (torch.nn.Linear layout: weight is [out, in])
+`ftc.backends.torch_adapters.load_adapters(model, dir)` hooks them onto a transformers model.
+The AdapterHub `adapters` package is not used: adapters 1.3.0 pins transformers~=4.57.6, which
+conflicts with the transformers 5 ftc needs (`pip install --dry-run adapters` would downgrade it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CHILD = "ftc_adapter"
+FORMAT = "ftc-bottleneck-adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PLACEMENTS = ("houlsby", "pfeiffer")
+
+# gelu is the exact (erf) form, which is torch.nn.functional.gelu's default.
+NON_LINEARITIES: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+# HF module names (without ".weight") of the two sub-layer output projections, across families.
+_ATTENTION_OUTPUT = re.compile(r"(?:^|\.)(?:self_attn\.o_proj|attention\.output\.dense|attn\.c_proj)$")
+_FFN_OUTPUT = re.compile(r"(?:^|\.)(?:mlp\.down_proj|layer\.\d+\.output\.dense|mlp\.c_proj)$")
+_DOWN_INIT_STDDEV = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The spec's [method] keys for kind = "adapter"."""
+
+    placement: str = "pfeiffer"
+    reduction_factor: int = 16
+    non_linearity: str = "relu"
+
+    def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"[method].placement={self.placement!r}: expected one of {', '.join(PLACEMENTS)}")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise ValueError(
+                f"[method].non_linearity={self.non_linearity!r}: expected one of {', '.join(NON_LINEARITIES)}"
+            )
+        if not isinstance(self.reduction_factor, int) or isinstance(self.reduction_factor, bool) \
+                or self.reduction_factor < 1:
+            raise ValueError(f"[method].reduction_factor={self.reduction_factor!r}: expected an integer >= 1")
+
+    def bottleneck(self, hidden_size: int) -> int:
+        size = hidden_size // self.reduction_factor
+        if size < 1:
+            raise ValueError(
+                f"[method].reduction_factor={self.reduction_factor} leaves no bottleneck for hidden size "
+                f"{hidden_size}: expected reduction_factor <= {hidden_size}"
+            )
+        return size
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One adapted projection: its flax module path and the HF module(s) it maps to."""
+
+    module_path: tuple[str, ...]   # e.g. ("layers", "self_attn", "o_proj"); nn.scan stacks it per layer
+    position: str                  # "attention" | "ffn"
+    hf_modules: tuple[str, ...]    # one per layer for a scanned stack, e.g. "model.layers.3.self_attn.o_proj"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPlan:
+    """Where adapters go in one model, and how they are shaped. Hashable, no arrays."""
+
+    config: AdapterConfig
+    sites: tuple[Site, ...]
+    model_type: str = ""
+
+
+def plan_adapters(family, arch, config: AdapterConfig) -> AdapterPlan:
+    """Finds the adapter sites of a family's architecture from its HF tensor map."""
+    wanted = {"attention": _ATTENTION_OUTPUT, "ffn": _FFN_OUTPUT}
+    if config.placement == "pfeiffer":
+        wanted.pop("attention")
+    sites = []
+    for param_path, tensor in sorted(family.hf_tensors(arch).items()):
+        parts = tuple(param_path.split("/"))
+        if parts[-1] != "kernel" or not all(name.endswith(".weight") for name in tensor.names):
+            continue
+        hf_modules = tuple(name[: -len(".weight")] for name in tensor.names)
+        for position, pattern in wanted.items():
+            if all(pattern.search(m) for m in hf_modules):
+                sites.append(Site(parts[:-1], position, hf_modules))
+    missing = [p for p in wanted if p not in {s.position for s in sites}]
+    if missing:
+        raise ValueError(
+            f"[method] kind=\"adapter\": family {family.name!r} has no {' or '.join(missing)} output projection "
+            f"ftc recognises (HF module names matching {', '.join(wanted[p].pattern for p in missing)})"
+        )
+    return AdapterPlan(config, tuple(sites), family.model_types[0])
+
+
+class _Linear(nn.Module):
+    """kernel [in, out] + bias [out], float32 parameters with logical axes, computed in x's dtype."""
+
+    features: int
+    axes: tuple  # (in axis name, out axis name)
+    kernel_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                          (self.features,), jnp.float32)
+        return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
+
+
+class Bottleneck(nn.Module):
+    """y + up(act(down(y)))."""
+
+    bottleneck: int
+    non_linearity: str
+
+    @nn.compact
+    def __call__(self, y_BTD: jax.Array) -> jax.Array:
+        down = _Linear(self.bottleneck, ("embed", None), nn.initializers.normal(_DOWN_INIT_STDDEV), name="down")
+        # up starts at zero: the adapted model equals its base until the adapter trains.
+        up = _Linear(y_BTD.shape[-1], (None, "embed"), nn.initializers.zeros, name="up")
+        return y_BTD + up(NON_LINEARITIES[self.non_linearity](down(y_BTD)))
+
+
+def interceptor(plan: AdapterPlan):
+    """The `nn.intercept_methods` interceptor that adds adapters to the planned sites' outputs."""
+    by_path = {site.module_path: site for site in plan.sites}
+
+    def intercept(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        module = context.module
+        if context.method_name != "__call__" or tuple(module.path) not in by_path:
+            return out
+        bottleneck = plan.config.bottleneck(out.shape[-1])
+        return Bottleneck(bottleneck, plan.config.non_linearity, parent=module, name=CHILD)(out)
+
+    return intercept
+
+
+class Adapted(nn.Module):
+    """`base` with adapters: same call signature, same parameter paths plus `.../ftc_adapter/...`."""
+
+    base: nn.Module
+    plan: AdapterPlan
+
+    def setup(self):
+        nn.share_scope(self, self.base)  # no extra "base/" level in parameter paths
+
+    def __call__(self, *args, **kwargs):
+        with nn.intercept_methods(interceptor(self.plan)):
+            return self.base(*args, **kwargs)
+
+
+def adapt(family, arch, module: nn.Module, config: AdapterConfig) -> Adapted:
+    """The transformed model: what the training core builds instead of `family.build(arch, dtype)`."""
+    return Adapted(module, plan_adapters(family, arch, config))
+
+
+def is_trainable(path: str) -> bool:
+    """The trainable predicate over "/"-joined param paths: adapter weights only."""
+    return CHILD in path.split("/")
+
+
+def trainable_mask(params) -> Any:
+    """A tree of bools matching `params`: True exactly for adapter weights."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: CHILD in [str(getattr(k, "key", k)) for k in p], params)
+
+
+def init_params(adapted: Adapted, base_params, rng: jax.Array, *, seq_len: int = 8):
+    """Base params plus freshly initialised adapter weights (unboxed), base leaves untouched.
+
+    One forward on dummy tokens creates the adapters; under jit only they are computed.
+    """
+    input_ids = jnp.zeros((1, seq_len), jnp.int32)
+    _, variables = adapted.apply({"params": base_params}, input_ids, mutable=["params"], rngs={"params": rng})
+    params = nn.unbox(variables["params"])
+    if not any(is_trainable("/".join(str(getattr(k, "key", k)) for k in p))
+               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+        raise ValueError("adapters: the forward pass never reached a planned site (module paths changed?)")
+    return params
+
+
+def base_params(params) -> Any:
+    """`params` without the adapter subtrees (what save_hf exports for the base model)."""
+    if isinstance(params, dict):
+        return {k: base_params(v) for k, v in params.items() if k != CHILD}
+    return params
+
+
+def num_trainable(plan: AdapterPlan, hidden_size: int) -> int:
+    """2·D·r + r + D per site and layer (down kernel + bias, up kernel + bias)."""
+    r = plan.config.bottleneck(hidden_size)
+    per_layer = 2 * hidden_size * r + r + hidden_size
+    return per_layer * sum(len(site.hf_modules) for site in plan.sites)
+
+
+def _node(tree: dict, path: tuple[str, ...]) -> dict:
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def export_adapters(plan: AdapterPlan, params, out_dir: str | os.PathLike, *, dtype=np.float32) -> str:
+    """Writes adapter_config.json + adapter_model.safetensors (see the module docstring)."""
+    from safetensors.numpy import save_file
+
+    params = nn.unbox(params)
+    tensors: dict[str, np.ndarray] = {}
+    hidden = bottleneck = None
+    modules = []
+    for site in plan.sites:
+        adapter = _node(params, site.module_path + (CHILD,))
+        host = {f"{g}.{k}": np.asarray(jax.device_get(v), np.float32) for g in ("down", "up")
+                for k, v in adapter[g].items()}
+        stacked = host["down.kernel"].ndim == 3
+        for i, hf_module in enumerate(site.hf_modules):
+            layer = {k: (v[i] if stacked else v) for k, v in host.items()}
+            prefix = f"{hf_module}.{CHILD}"
+            # torch.nn.Linear keeps weight as [out, in]; flax kernels are [in, out].
+            for g in ("down", "up"):
+                tensors[f"{prefix}.{g}.weight"] = np.ascontiguousarray(layer[f"{g}.kernel"].T).astype(dtype)
+                tensors[f"{prefix}.{g}.bias"] = layer[f"{g}.bias"].astype(dtype)
+            hidden, bottleneck = layer["down.kernel"].shape
+            modules.append(hf_module)
+    config = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "placement": plan.config.placement,
+        "reduction_factor": plan.config.reduction_factor,
+        "non_linearity": plan.config.non_linearity,
+        "hidden_size": int(hidden),
+        "bottleneck_size": int(bottleneck),
+        "base_model_type": plan.model_type,
+        "modules": modules,
+    }
+    if jax.process_index() != 0:
+        return str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": FORMAT})
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+    return str(out_dir)
+
+
+def import_adapters(plan: AdapterPlan, adapter_dir: str | os.PathLike, params) -> Any:
+    """`params` (base + adapters, unboxed) with the adapter weights read from an export directory."""
+    from safetensors.numpy import load_file
+
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    with open(path) as f:
+        config = json.load(f)
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path}: format={config.get('format')!r}, expected {FORMAT!r}")
+    saved = AdapterConfig(config["placement"], config["reduction_factor"], config["non_linearity"])
+    if saved != plan.config:
+        raise ValueError(f"{path}: adapters were trained with {saved}, the spec asks for {plan.config}")
+    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
+    out = jax.tree.map(lambda x: x, nn.unbox(params))  # fresh containers; leaves shared
+    for site in plan.sites:
+        adapter = _node(out, site.module_path + (CHILD,))
+        for g in ("down", "up"):
+            for k, torch_name in (("kernel", "weight"), ("bias", "bias")):
+                layers = [tensors[f"{m}.{CHILD}.{g}.{torch_name}"] for m in site.hf_modules]
+                if k == "kernel":
+                    layers = [a.T for a in layers]
+                like = adapter[g][k]
+                value = np.stack(layers) if like.ndim == layers[0].ndim + 1 else layers[0]
+                if value.shape != like.shape:
+                    raise ValueError(f"{path}: {site.hf_modules[0]}.{CHILD}.{g}.{torch_name} has shape "
+                                     f"{value.shape}, the model expects {like.shape}")
+                adapter[g][k] = jnp.asarray(value, like.dtype)
+    return out
