@@ -3,8 +3,9 @@
 Rows are a pytree (nested dicts) of numpy arrays with a leading [N] axis (data_pack's output).
 One epoch is `steps_per_epoch = ceil(N / batch_size)` global batches: the epoch's order is a
 permutation of N real rows and `steps * batch_size - N` empty rows (all zeros, so weight 0),
-reshuffled every epoch by grain from the seed (`MapDataset.shuffle` after nothing else, then
-`repeat`: grain reseeds each epoch).
+drawn afresh every epoch from (seed, epoch) alone, so any position of the stream can be read
+without reading what came before. (numpy's permutation, not grain's `MapDataset.shuffle`: grain's
+index_shuffle takes ~3 ms per index on domains of a few dozen rows, which small datasets hit.)
 
 Sharding: global batch b is the slots [b * B, (b + 1) * B) of that stream; process p of P takes
 slots [b * B + p * B / P, b * B + (p + 1) * B / P), i.e. the stream is cut into per-process batches
@@ -19,6 +20,7 @@ State: a train iterator is grain's `DatasetIterator`; `get_state()` (a small dic
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterator
 
@@ -45,18 +47,23 @@ def _empty(tree):
     return {k: _empty(v) for k, v in tree.items()} if isinstance(tree, dict) else np.zeros_like(tree[0])
 
 
-class _RowSource:
-    """Row i of the arrays; index >= N is an empty (all-zero, weight 0) row."""
+class _Lookup:
+    """Stream position -> row: position i is slot i % slots of epoch i // slots; a slot >= N is
+    an empty (all-zero, weight 0) row."""
 
-    def __init__(self, rows: dict, length: int):
-        self._rows, self._n, self._len = rows, num_rows(rows), length
+    def __init__(self, rows: dict, slots: int, seed: int | None):
+        self._rows, self._n, self._slots, self._seed = rows, num_rows(rows), slots, seed
         self._blank = _empty(rows) if self._n else None
+        self._order = functools.lru_cache(maxsize=2)(self._epoch_order)
 
-    def __len__(self) -> int:
-        return self._len
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self._seed, epoch]).permutation(self._slots)
 
-    def __getitem__(self, i: int):
-        return _take(self._rows, i) if i < self._n else self._blank
+    def __call__(self, index: int, _):
+        epoch, slot = divmod(index, self._slots)
+        if self._seed is not None:
+            slot = int(self._order(epoch)[slot])
+        return _take(self._rows, slot) if slot < self._n else self._blank
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
@@ -82,10 +89,7 @@ def train_dataset(rows: dict, *, batch_size: int, seed: int, shuffle: bool = Tru
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed {seed} must be in [0, 2**32)")
     slots = steps_per_epoch(n, batch_size) * batch_size
-    ds = grain.MapDataset.source(_RowSource(rows, slots))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None)
+    ds = grain.MapDataset.range(slots).repeat(None).map_with_index(_Lookup(rows, slots, seed if shuffle else None))
     return ds.batch(per_process, drop_remainder=True)[process_index::process_count]
 
 
@@ -94,7 +98,7 @@ def eval_dataset(rows: dict, *, batch_size: int, process_index: int = 0, process
     number of batches."""
     per_process = _per_process(batch_size, process_index, process_count)
     slots = steps_per_epoch(num_rows(rows), batch_size) * batch_size
-    ds = grain.MapDataset.source(_RowSource(rows, slots))
+    ds = grain.MapDataset.range(slots).map_with_index(_Lookup(rows, slots, None))
     return ds.batch(per_process, drop_remainder=True)[process_index::process_count]
 
 

@@ -10,7 +10,8 @@ listing the first problems, with "skip" the row is left out and counted.
 
 Formats and the normalised `Row.data` each yields (later stages see only these shapes):
 - chat: `{"messages": [{"role", "content", optional "weight": 0|1}]}` (OpenAI). Content may be a
-  string or a list of `{"type": "text", "text": ...}` parts (joined).
+  string or a list of `{"type": "text", "text": ...}` parts (joined). Columns of equal length
+  (`{"role": [...], "content": [...]}`, how tfds returns a Sequence feature) are read as rows.
   -> `{"messages": [{"role": str, "content": str, "weight"?: int}]}`
 - completion: `{"prompt", "completion"}` -> same keys, strings.
 - text: `{"text"}` -> same key, string.
@@ -178,16 +179,18 @@ def _from_tfds(value: Any) -> Any:
 # ---------------------------------------------------------------------------- formats
 
 def _kind(value: Any) -> str:
+    """'a string', 'an array', ... for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "boolean"
-    return {dict: "object", list: "array", str: "string", int: "integer", float: "number"}.get(type(value), type(value).__name__)
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "an integer",
+            float: "a number"}.get(type(value), "a " + type(value).__name__)
 
 
 def _object(record: Any) -> dict:
     if not isinstance(record, dict):
-        raise _Bad(f"row is a JSON {_kind(record)}, expected a JSON object")
+        raise _Bad(f"row is {_kind(record)}, expected a JSON object")
     return record
 
 
@@ -196,7 +199,7 @@ def _string(obj: dict, key: str, path: str = "") -> str:
         raise _Bad(f"missing key {path + key!r}, expected a string")
     value = obj[key]
     if not isinstance(value, str):
-        raise _Bad(f"{path + key!r} is a {_kind(value)}, expected a string")
+        raise _Bad(f"{path + key!r} is {_kind(value)}, expected a string")
     return value
 
 
@@ -206,19 +209,29 @@ def _content(value: Any, path: str) -> str:
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
         return "".join(p["text"] for p in value)
-    raise _Bad(f"{path!r} is a {_kind(value)}, expected a string (or a list of "
+    raise _Bad(f"{path!r} is {_kind(value)}, expected a string (or a list of "
                f"{{\"type\": \"text\", \"text\": ...}} parts)")
 
 
+def _columns_to_rows(value: Any) -> Any:
+    """tfds `Sequence({"role", "content"})` features come back as columns of equal length."""
+    if (isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
+            and len({len(v) for v in value.values()}) == 1):
+        keys = list(value)
+        return [dict(zip(keys, items)) for items in zip(*value.values())]
+    return value
+
+
 def _messages(value: Any, path: str) -> list[dict]:
+    value = _columns_to_rows(value)
     if not isinstance(value, list) or not value:
-        what = "an empty array" if value == [] else f"a {_kind(value)}"
+        what = "an empty array" if value == [] else _kind(value)
         raise _Bad(f"{path!r} is {what}, expected a non-empty array of messages")
     out = []
     for i, message in enumerate(value):
         here = f"{path}[{i}]"
         if not isinstance(message, dict):
-            raise _Bad(f"{here!r} is a {_kind(message)}, expected a message object {{\"role\", \"content\"}}")
+            raise _Bad(f"{here!r} is {_kind(message)}, expected a message object {{\"role\", \"content\"}}")
         role = _string(message, "role", here + ".")
         if "content" not in message:
             raise _Bad(f"missing key {here + '.content'!r}, expected a string")
@@ -271,7 +284,7 @@ def _preference(record: Any) -> dict:
     if "input" in record or "preferred_output" in record:  # OpenAI preference format
         inp = record.get("input")
         if not isinstance(inp, dict):
-            raise _Bad("'input' is " + ("missing" if inp is None else f"a {_kind(inp)}")
+            raise _Bad("'input' is " + ("missing" if inp is None else _kind(inp))
                        + ", expected an object {\"messages\": [...]}")
         if "messages" not in inp:
             raise _Bad("missing key 'input.messages', expected an array of messages")
