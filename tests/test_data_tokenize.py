@@ -132,3 +132,10 @@ def test_smollm2_template_on_chatterbot_trains_exactly_the_assistant_turns():
     for row, item in zip(rows, items):
         expected = [m["content"] + "<|im_end|>" for m in row.data["messages"] if m["role"] == "assistant"]
         assert [tok.decode(item.ids[a:b]) for a, b in supervised_runs(item)] == expected, row.where
+
+
+def test_template_refusing_a_conversation_is_reported_with_the_row():
+    tok = make_tokenizer()
+    tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations must start with user') }}{% endif %}" + tok.chat_template
+    with pytest.raises(DataError, match=r"d.jsonl:3: the tokenizer's chat template refused this conversation: .*must start with user"):
+        tokenize_rows([Row("d.jsonl:3", {"messages": CONVERSATION})], format="chat", tokenizer=tok)

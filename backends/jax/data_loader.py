@@ -14,7 +14,8 @@ are disjoint and together are exactly the global batch, which is the same whatev
 on 1 host and on 4 hosts sees the same data at every step. grain's MapDataset is lazy, so a
 process only ever reads the rows of its share.
 
-State: a train iterator is grain's `DatasetIterator`; `get_state()` (a small dict) and
+State: a train iterator is grain's `DatasetIterator`; `get_state()` (a small dict,
+`{"next_index": steps taken}`, the same on every process and for any process count) and
 `set_state()` resume exactly mid-epoch.
 """
 

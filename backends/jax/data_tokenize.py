@@ -64,7 +64,7 @@ def tokenize_rows(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on:
         raise DataError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) "
                         "tokenizer; ftc needs character offsets to find assistant turns")
     if format == "chat":
-        return [_chat_tokens(tokenizer, r.where, r.data["messages"], train_on) for r in rows]
+        return _chat_batch(tokenizer, [(r.where, r.data["messages"], None) for r in rows], train_on)
     if format == "completion":
         return [_completion_tokens(tokenizer, r.where, r.data["prompt"], r.data["completion"]) for r in rows]
     if format == "text":
@@ -141,12 +141,20 @@ def _weights_from_spans(offsets, spans) -> np.ndarray:
     return weights
 
 
-def _chat_tokens(tokenizer, where: str, messages: list[dict], train_on: str, trained: Sequence[bool] | None = None) -> Tokens:
-    if trained is None:
-        trained = [(train_on == "all" or m["role"] == "assistant") and m.get("weight", 1) != 0 for m in messages]
-    text, spans = turn_spans(tokenizer, where, messages, trained, whole_turns=train_on == "all")
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return Tokens(where, _i32(enc["input_ids"]), _weights_from_spans(enc["offset_mapping"], spans))
+def _chat_batch(tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]],
+                train_on: str) -> list[Tokens]:
+    """(where, messages, trained-or-None) each -> Tokens; one tokenizer call for all texts."""
+    rendered = []
+    for where, messages, trained in conversations:
+        if trained is None:
+            trained = [(train_on == "all" or m["role"] == "assistant") and m.get("weight", 1) != 0 for m in messages]
+        rendered.append(turn_spans(tokenizer, where, messages, trained, whole_turns=train_on == "all"))
+    if not rendered:
+        return []
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    return [Tokens(where, _i32(ids), _weights_from_spans(offsets, spans))
+            for (where, _, _), (_, spans), ids, offsets
+            in zip(conversations, rendered, enc["input_ids"], enc["offset_mapping"])]
 
 
 # ---------------------------------------------------------------------------- completion
@@ -185,7 +193,7 @@ def _pair(tokenizer, row: Row) -> Pair:
             return _completion_tokens(tokenizer, row.where, prompt, response)
         messages = prompt + response
         trained = [False] * len(prompt) + [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in response]
-        return _chat_tokens(tokenizer, row.where, messages, "assistant", trained)
+        return _chat_batch(tokenizer, [(row.where, messages, trained)], "assistant")[0]
 
     return Pair(row.where, side(row.data["chosen"]), side(row.data["rejected"]))
 
