@@ -1,6 +1,6 @@
 """Write the quickstart data from the chatterbot-corpus package (English YAML dialogues, offline).
 
-    pip install chatterbot-corpus==1.3.3
+    pip install chatterbot-corpus==1.3.3 pyyaml
     python examples/make_chatterbot_data.py            # rewrites examples/data/*.jsonl
 
 chatterbot_{train,valid}.jsonl (format = "chat"): every conversation of every English topic file,

@@ -212,6 +212,7 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
         raise DataError(f"no training rows left after cleaning ({train_report.summary()})")
 
     val_rows, val_report, val_from, val_files, skipped = None, None, "none", (), list(read.skipped)
+    val_items: list = []
     if validation is not None:
         val_read = data_read.read_rows(validation, format=format, on_bad_row=on_bad_row, tfds_data_dir=tfds_data_dir)
         skipped += val_read.skipped
@@ -258,7 +259,7 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
         return data_pack.pad_labelled(items, seq_len=max_seq_len)
 
     train_packed = lay_out(train_items)
-    val_packed = lay_out(val_items) if val_rows is not None and val_items else None
+    val_packed = lay_out(val_items) if val_items else None
     stats = DataStats(
         format=format, train_files=read.files, validation_files=tuple(val_files), rows_read=len(read.rows),
         bad_rows_skipped=len(skipped), bad_row_examples=tuple(skipped[:5]),
