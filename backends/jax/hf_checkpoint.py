@@ -10,6 +10,7 @@ current shard file. Pickle checkpoints and custom code (`auto_map`) are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -137,8 +138,20 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
 
 
 def _init_variables(family: Family, arch):
+    """Shapes and logical axes of the params (boxed ShapeDtypeStructs); nothing is allocated."""
+    try:
+        hash((family, arch))
+    except TypeError:  # an arch with unhashable fields: trace every time
+        return _trace_init(family, arch)
+    return _trace_init_cached(family, arch)
+
+
+def _trace_init(family: Family, arch):
     module = family.build(arch, jnp.float32)
     return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+
+
+_trace_init_cached = functools.lru_cache(maxsize=16)(_trace_init)
 
 
 def abstract_params(family: Family, arch, dtype=jnp.float32):
@@ -182,8 +195,9 @@ def _slice_reader(checkpoint: _Checkpoint, spec: HfTensor, stacked: bool, dtype)
     """index (tuple of slices over the flax shape) -> np.ndarray of that block, in `dtype`."""
 
     def read(index: tuple) -> np.ndarray:
+        # np.array copies: params never alias the memory-mapped file (export may replace it).
         if not stacked:
-            return np.asarray(spec.to_flax(checkpoint.get(spec.names[0]))[index], dtype=dtype)
+            return np.array(spec.to_flax(checkpoint.get(spec.names[0]))[index], dtype=dtype)
         layer_index, rest = index[0], tuple(index[1:])
         layer_ids = range(*layer_index.indices(len(spec.names)))
         # One layer converted at a time; only the requested block is kept.
@@ -330,7 +344,8 @@ class _ShardWriter:
 def _export_config(family: Family, arch, hf_config: dict, dtype_name: str) -> dict:
     config = {k: v for k, v in (hf_config or {}).items()
               if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map",
-                           "architectures", "rope_scaling", "rope_theta", "rope_parameters")}
+                           "architectures", "rope_scaling", "rope_theta", "rope_parameters",
+                           "quantization_config")}
     config.update(family.hf_config(arch))
     config["architectures"] = [family.hf_architecture]
     config["dtype"] = dtype_name

@@ -276,13 +276,18 @@ def dot_product_attention(
     mask_B1TS: jax.Array | None,
     *,
     scale: float | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with GQA (K divides N); softmax in float32.
+    """softmax(q k^T * scale + mask) v with GQA (K divides N); logits and softmax in float32.
 
-    `jax.nn.dot_product_attention` picks the platform's fused kernel where it has one.
+    Runs `jax.nn.dot_product_attention`. With implementation=None, jax 0.10 always takes its XLA
+    path (it names automatic backend choice as future work); "cudnn" asks for the fused cuDNN
+    kernel on NVIDIA GPUs, which accepts only a subset of shapes, dtypes and masks.
     Fully masked query rows (padding) give finite values, never NaN.
     """
     N, K = q_BTNH.shape[2], k_BSKH.shape[2]
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale)
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=implementation
+    )

@@ -206,7 +206,6 @@ def hf_config(arch: DecoderArch) -> dict:
         out["use_sliding_window"] = arch.sliding_window is not None
         out["sliding_window"] = arch.sliding_window
         out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in arch.sliding_layers]
-        out.pop("max_window_layers", None)
     if arch.model_type == "gemma":
         out["use_bidirectional_attention"] = None if arch.causal else True
     return out
