@@ -11,6 +11,10 @@ are already normed); "pooled" is tanh(dense(hidden[:, 0])), BERT's pooler on the
 
 A checkpoint saved from a head that drops the pooler (BertForMaskedLM, BertForTokenClassification,
 ...) has no pooler weights: the architecture records that and "pooled" is then refused.
+Tensor names carry the prefix of the source architecture ("bert." under a head, none for a bare
+BertModel), read from config.json "architectures"; the MLM/classifier heads themselves are not
+read. Export keeps the imported names and writes "BertModel", which transformers loads either way.
+Dropout is not applied.
 """
 
 from __future__ import annotations
@@ -235,7 +239,7 @@ class Bert(nn.Module):
         a = self.arch
         if output == "pooled" and not a.pooler:
             raise ValueError("BERT output='pooled': this checkpoint has no pooler weights (pooler.dense.*)")
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if positions is None:
             positions = default_positions(input_ids, segment_ids)
         if token_type_ids is None:
@@ -246,8 +250,7 @@ class Bert(nn.Module):
         )
         layers = nn.scan(
             _remat(BertLayer, a.remat),
-            # "adapters": bottleneck adapters (adapters.py) keep their own per-layer collection.
-            variable_axes={"params": 0, "adapters": 0},
+            variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,),
             length=a.num_hidden_layers,

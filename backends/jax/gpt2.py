@@ -7,6 +7,12 @@ HF stores GPT-2's projections as Conv1D, whose weight is already (in, out): the 
 are the same numbers reshaped, never transposed. c_attn stays fused, laid out [D, 3, N, H]
 (q, k, v along axis 1, exactly HF's split), so one HF tensor maps to one flax parameter and
 import -> export is a pure reshape, hence bitwise.
+
+Tensor names carry the prefix the source architecture uses ("transformer." under a head such as
+GPT2LMHeadModel, none for a bare GPT2Model), read from config.json "architectures"; export keeps
+the names it imported and writes GPT2LMHeadModel, which transformers loads either way.
+
+Outputs: "logits" [B, T, V] and "hidden" (after ln_f) [B, T, D]. Dropout is not applied.
 """
 
 from __future__ import annotations
@@ -203,7 +209,7 @@ class GPT2(nn.Module):
         if output not in ("logits", "hidden"):
             raise ValueError(f"GPT-2 output={output!r}: expected 'logits' or 'hidden'")
         a = self.arch
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         init = nn.initializers.normal(stddev=0.02)
         wte_VD = param_with_axes(self, "wte", init, (a.vocab_size, a.n_embd), ("vocab", "embed"), jnp.float32)
         wpe_PD = param_with_axes(self, "wpe", init, (a.n_positions, a.n_embd), ("position", "embed"), jnp.float32)
@@ -220,8 +226,7 @@ class GPT2(nn.Module):
         )
         blocks = nn.scan(
             _remat(GPT2Block, a.remat),
-            # "adapters": bottleneck adapters (adapters.py) keep their own per-layer collection.
-            variable_axes={"params": 0, "adapters": 0},
+            variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=a.n_layer,
