@@ -84,5 +84,41 @@ def init(path, method, objective, base, name, force):
     click.echo(f"wrote {path}: edit model.base and the data paths, then `ftc lint {path}`")
 
 
+@main.group(short_help="Inspect and check base models.")
+def model():
+    """Base models: local HF directories, HF ids (local cache only), .gguf files, package:NAME/path."""
+
+
+@model.command(short_help="Compare ftc's forward pass with transformers'.")
+@click.argument("source")
+@click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1), help="Sequences in the test batch.")
+@click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Tokens per sequence.")
+@click.option("--tol", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Allowed max |difference|, scaled by max(1, max |transformers output|).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the token ids.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="ftc cache for converted GGUF files (default $FTC_CACHE or ~/.cache/ftc).")
+def verify(source, batch, seq_len, tol, seed, cache_dir):
+    """Load SOURCE in ftc (JAX) and in transformers (PyTorch), both float32, run one fixed padded
+    batch through both and print the largest difference of the logits (hidden states for encoders).
+
+    SOURCE is a local HF directory, an HF id in the local cache (org/name[@rev]), a .gguf file or
+    package:NAME/path. Exit status: 0 within tolerance, 1 above it, 2 when the check cannot run
+    (bad source, or PyTorch not installed).
+    """
+    from ftc.backends.jax.model_source import ModelSourceError, resolve_model_source
+    from ftc.backends.jax.verify import ReferenceUnavailable, verify_model
+
+    try:
+        model_dir = resolve_model_source(source, cache_dir=cache_dir)
+        click.echo(f"model: {model_dir}")
+        result = verify_model(model_dir, batch=batch, seq_len=seq_len, tol=tol, seed=seed)
+    except (ModelSourceError, ReferenceUnavailable, ValueError, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)  # the check could not run: not the same as failing it
+        raise SystemExit(2)
+    click.echo(result.summary())
+    raise SystemExit(0 if result.ok else 1)
+
+
 if __name__ == "__main__":
     main()
