@@ -6,7 +6,6 @@ no output.weight when embeddings are tied, and the tokenizer as gpt2-style metad
 """
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -52,10 +51,38 @@ def tiny_llama(vocab_size: int, *, tie: bool, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQuantizationType.F32) -> dict:
-    """A GGUF as llama.cpp's converter writes one; returns the HF state dict written (numpy)."""
+def tiny_decoder(kind: str, vocab_size: int, seed: int = 0):
+    """Tiny random Qwen2 (q/k/v biases) or Qwen3 (q/k norms, head_dim != hidden / heads)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if kind == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    else:
+        # head_dim 128 (!= 64 / 4): the value transformers' GGUF loader assumes for Qwen3, which
+        # does not read attention.key_length.
+        model = tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=128))
+    with torch.no_grad():  # biases and norms start at 0 / 1: perturb so a misplaced one shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+
+
+def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQuantizationType.F32,
+                     extra: dict | None = None) -> dict:
+    """A GGUF as llama.cpp's converter writes one; returns the HF state dict written (numpy).
+
+    Only the Llama converter permutes Q/K rows; Qwen2/Qwen3 are written as they are."""
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = cfg.model_type
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-llama")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -66,7 +93,11 @@ def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQua
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.head_dim)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     vocab = tokenizer.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
     w.add_tokenizer_model("gpt2")
@@ -81,21 +112,23 @@ def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQua
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(GGUF_ARCHS[arch], cfg.num_hidden_layers)
     state = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight")
     for hf_name, a in state.items():
         data = a
-        if hf_name.endswith("q_proj.weight"):
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
             data = permute_rope(a, cfg.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             data = permute_rope(a, cfg.num_key_value_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if qtype == gguf.GGMLQuantizationType.F32 or data.ndim == 1:
             w.add_tensor(name, np.ascontiguousarray(data))
         else:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    for name, data in (extra or {}).items():
+        w.add_tensor(name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -173,6 +206,38 @@ def test_tokenizer_and_chat_template_survive_conversion(tiny_gguf, tokenizer, tm
     rendered = converted.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert rendered == original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_qwen_gguf_converts_to_the_same_model(kind, tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_decoder(kind, tokenizer.get_vocab_size())
+    path = tmp_path / f"{kind}.gguf"
+    state = write_llama_gguf(model, tokenizer, path)
+    out = tmp_path / "hf"
+    convert_gguf(path, out)
+    converted = load_file(str(out / "model.safetensors"))
+    assert set(converted) == set(state) and all(np.array_equal(converted[k], v) for k, v in state.items())
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == kind and config["architectures"] == [type(model).__name__]
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.arange(20).reshape(2, 10) * 7 % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # transformers' own GGUF loader reads the file the same way (no Q/K permutation for Qwen).
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
+    assert all(np.array_equal(v, reference[k].numpy()) for k, v in converted.items())
+
+
+def test_tensors_the_model_has_no_place_for_are_refused(tokenizer, tmp_path):
+    # transformers' Qwen2 has no MLP biases: loading would drop them silently, so conversion refuses.
+    model = tiny_decoder("qwen2", tokenizer.get_vocab_size())
+    path = tmp_path / "odd.gguf"
+    write_llama_gguf(model, tokenizer, path, extra={"blk.0.ffn_up.bias": np.ones(128, np.float32)})
+    with pytest.raises(GgufImportError, match=r"odd.gguf: tensors a qwen2 model has no place for: blk.0.ffn_up.bias"):
+        convert_gguf(path, tmp_path / "out")
 
 
 def test_quantized_gguf_dequantises_like_transformers(tokenizer, tmp_path):
@@ -254,7 +319,7 @@ def test_missing_metadata_is_named():
     meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
             "llama.vocab_size": 32}
     with pytest.raises(GgufImportError, match="x.gguf: metadata key 'llama.feed_forward_length' is missing"):
-        gguf_import.llama_config_from_gguf(meta, ("token_embd.weight",), source="x.gguf")
+        gguf_import.config_from_gguf(meta, ("token_embd.weight",), source="x.gguf")
 
 
 def test_conversion_needs_no_torch(tiny_gguf, tmp_path):

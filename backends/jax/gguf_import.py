@@ -1,8 +1,8 @@
 """A GGUF file (llama.cpp's format) becomes a local Hugging Face directory ftc loads like any other.
 
     import_gguf("SmolLM2-135M-Instruct.Q4_1.gguf") -> ~/.cache/ftc/gguf/<sha256[:16]>-v1/
-        config.json            LlamaConfig rebuilt from the GGUF metadata
-        model.safetensors      float32 (dequantised), HF tensor names, Q/K un-permuted
+        config.json            Llama / Qwen2 / Qwen3 config rebuilt from the GGUF metadata
+        model.safetensors      float32 (dequantised), HF tensor names, Llama Q/K un-permuted
         tokenizer.json, tokenizer_config.json (with the chat template), special tokens
         ftc_gguf_source.json   where it came from (file, sha256, converter version)
 
@@ -15,6 +15,7 @@ the cache key (file hash + converter version) makes a second call free.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,29 @@ SOURCE_RECORD = "ftc_gguf_source.json"
 # One safetensors shard is held in memory while it is written; larger models get several shards.
 MAX_SHARD_BYTES = 4 * 1024**3
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+
+@dataclasses.dataclass(frozen=True)
+class GgufArch:
+    """How one llama.cpp architecture maps onto a transformers model."""
+
+    model_type: str
+    architecture: str
+    permuted_qk: bool               # llama.cpp's converter permutes Q/K rows (Llama only)
+    config_head_dim: bool = True    # the config class has a head_dim field
+    required: tuple[str, ...] = ()  # per-layer HF tensors beyond the Llama core it always has
+    extra_config: tuple[tuple[str, Any], ...] = ()
+
+
+ARCHITECTURES = {
+    "llama": GgufArch("llama", "LlamaForCausalLM", permuted_qk=True),
+    "qwen2": GgufArch("qwen2", "Qwen2ForCausalLM", permuted_qk=False, config_head_dim=False,
+                      required=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+                      extra_config=(("use_sliding_window", False),)),
+    "qwen3": GgufArch("qwen3", "Qwen3ForCausalLM", permuted_qk=False,
+                      required=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+_BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 
 
 class GgufImportError(ValueError):
@@ -128,7 +151,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
         raise GgufImportError(f"{path}: not a readable GGUF file ({e})") from e
     metadata = read_metadata(reader)
     tensor_names = tuple(t.name for t in reader.tensors)
-    config = llama_config_from_gguf(metadata, tensor_names, source=str(path))
+    config = config_from_gguf(metadata, tensor_names, source=str(path))
     _write_config(config, out)
     _write_safetensors(_hf_tensors(reader, config, str(path)), out)
     if "tokenizer.ggml.model" in metadata:
@@ -153,10 +176,10 @@ def _float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def llama_config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *, source: str = "GGUF") -> dict:
-    """A transformers LlamaConfig dict from llama.cpp metadata (pure; `source` names the file in errors)."""
+def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *, source: str = "GGUF") -> dict:
+    """A transformers config dict from llama.cpp metadata (pure; `source` names the file in errors)."""
     arch = metadata.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise GgufImportError(
             f"{source}: general.architecture={arch!r} is not supported; ftc imports GGUF architectures "
             f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -171,7 +194,7 @@ def llama_config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ..
 
     if key("expert_count", 0):
         raise GgufImportError(f"{source}: mixture-of-experts GGUF ({arch}.expert_count="
-                              f"{key('expert_count')}) is not supported; ftc imports dense Llama models")
+                              f"{key('expert_count')}) is not supported; ftc imports dense models")
     if "rope_freqs.weight" in tensor_names:
         raise GgufImportError(
             f"{source}: tensor 'rope_freqs.weight' means Llama-3-style RoPE frequency scaling, which the "
@@ -205,9 +228,13 @@ def llama_config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ..
         raise GgufImportError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported "
                               "(supported: none, linear)")
 
+    spec = ARCHITECTURES[arch]
+    if not spec.config_head_dim and head_dim != hidden // heads:
+        raise GgufImportError(f"{source}: head_dim {head_dim} != hidden {hidden} / heads {heads}, which "
+                              f"{spec.model_type} configs cannot express")
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [spec.architecture],
+        "model_type": spec.model_type,
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length"),
         "num_hidden_layers": key("block_count"),
@@ -222,12 +249,19 @@ def llama_config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ..
         # llama.cpp writes output.weight only when the LM head is not the embedding matrix.
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensor_names,  # Llama only; dropped below for the others
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": metadata.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
+        **dict(spec.extra_config),
     }
+    if not spec.config_head_dim:
+        del config["head_dim"]
+    if spec.model_type != "llama":  # no MLP-bias switch; a bias tensor there is refused as unknown
+        del config["mlp_bias"]
+    if spec.model_type == "qwen2":  # Qwen2 always has q/k/v biases and no others: no switch
+        del config["attention_bias"]
     return config
 
 
@@ -244,6 +278,8 @@ _LAYER_NAMES = {
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_q.bias": "self_attn.q_proj.bias",
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
@@ -258,7 +294,7 @@ _LAYER_NAMES = {
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
-    """The HF Llama name of a llama.cpp tensor, or None when it has none."""
+    """The HF name (Llama layout, shared by Qwen2/3) of a llama.cpp tensor, or None when it has none."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
@@ -285,13 +321,15 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    hd = config.get("head_dim", d // config["num_attention_heads"])
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
     layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
              "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
              "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
              "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-             "self_attn.o_proj.bias": (d,), "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
+             "self_attn.o_proj.bias": (d,), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
              "mlp.down_proj.weight": (d, f), "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
              "mlp.down_proj.bias": (d,)}
     for i in range(config["num_hidden_layers"]):
@@ -311,33 +349,47 @@ class _LazyTensor:
         from gguf import dequantize
 
         w = np.asarray(dequantize(self.tensor.data, self.tensor.tensor_type), dtype=np.float32).reshape(self.shape)
-        if ".self_attn.q_proj." in self.hf_name:
-            w = unpermute_rope(w, self.config["num_attention_heads"])
-        elif ".self_attn.k_proj." in self.hf_name:
-            w = unpermute_rope(w, self.config["num_key_value_heads"])
+        if _BY_MODEL_TYPE[self.config["model_type"]].permuted_qk:
+            if ".self_attn.q_proj." in self.hf_name:
+                w = unpermute_rope(w, self.config["num_attention_heads"])
+            elif ".self_attn.k_proj." in self.hf_name:
+                w = unpermute_rope(w, self.config["num_key_value_heads"])
         return np.ascontiguousarray(w)
 
 
+_ATTENTION_BIASES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.bias")
+_MLP_BIASES = ("mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")
+_OPTIONAL = _ATTENTION_BIASES + _MLP_BIASES + ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+
+
+def _model_tensors(config: dict) -> set[str]:
+    """Exactly the HF tensors this config's model has (lm_head only when untied)."""
+    arch = _BY_MODEL_TYPE[config["model_type"]]
+    extra = arch.required + (_ATTENTION_BIASES if config.get("attention_bias") else ()) + (
+        _MLP_BIASES if config.get("mlp_bias") else ())
+    names = {n for n in _expected_shapes(config) if not n.endswith(_OPTIONAL) or n.endswith(extra)}
+    return names - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
+
+
 def _hf_tensors(reader, config: dict, source: str) -> list[_LazyTensor]:
-    expected = _expected_shapes(config)
+    expected, wanted = _expected_shapes(config), _model_tensors(config)
     out, unknown = [], []
     for t in reader.tensors:
         hf_name = hf_tensor_name(t.name)
-        if hf_name is None:
-            unknown.append(t.name)
+        if hf_name not in wanted:
+            unknown.append(t.name)  # a tensor the transformers model would silently drop
             continue
         lazy = _LazyTensor(t, hf_name, config)
-        if lazy.shape != expected.get(hf_name):
+        if lazy.shape != expected[hf_name]:
             raise GgufImportError(f"{source}: tensor {t.name!r} ({hf_name}) has shape {lazy.shape}, "
-                                  f"config implies {expected.get(hf_name)}")
+                                  f"config implies {expected[hf_name]}")
         out.append(lazy)
     if unknown:
-        raise GgufImportError(f"{source}: tensors with no Llama counterpart: {', '.join(unknown[:8])}"
-                              f"{' ...' if len(unknown) > 8 else ''}")
-    names = {t.hf_name for t in out}
-    required = {n for n in expected if not n.endswith(".bias") and n != "lm_head.weight"}
-    if missing := sorted(required - names):
-        raise GgufImportError(f"{source}: tensors missing for a Llama model: {', '.join(missing[:8])}")
+        raise GgufImportError(f"{source}: tensors a {config['model_type']} model has no place for: "
+                              f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+    if missing := sorted(wanted - {t.hf_name for t in out}):
+        raise GgufImportError(f"{source}: tensors missing for a {config['model_type']} model: "
+                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     return out
 
 
@@ -346,10 +398,11 @@ def _hf_tensors(reader, config: dict, source: str) -> list[_LazyTensor]:
 
 
 def _write_config(config: dict, out: Path) -> None:
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
-    # Round-trip through LlamaConfig so config.json is exactly what transformers itself writes.
-    LlamaConfig(**config).save_pretrained(out)
+    # Round-trip through the config class so config.json is exactly what transformers itself writes.
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    AutoConfig.for_model(config["model_type"], **fields).save_pretrained(out)
 
 
 def _write_safetensors(tensors: list[_LazyTensor], out: Path) -> None:
