@@ -9,9 +9,15 @@ import torch
 import transformers
 
 from ftc.backends import torch_adapters
+from flax import linen as nn
+from jax.sharding import PartitionSpec as P
+
 from ftc.backends.jax import adapters, hf_checkpoint
-from ftc.backends.jax.optimizer import merge_params, split_params
+from ftc.backends.jax import mesh as mesh_lib
+from ftc.backends.jax import train_step as ts
+from ftc.backends.jax.optimizer import merge_params, split_params, trainable_mask
 from ftc.backends.jax.shapes import abstract_boxed_params, param_infos
+from ftc.compiler import sharding_rules
 
 
 def _llama(tmp_path):
@@ -45,7 +51,7 @@ def _batch(seed=0, B=2, T=12):
 def _train(adapted, params, ids, mask, output, steps=4):
     """A few AdamW steps (with weight decay, which would move any leaked base weight) the way the
     training core takes them: grads for the trainable subtree only, frozen leaves passed through."""
-    mask_tree = adapters.trainable_mask(params)
+    mask_tree = trainable_mask(params, adapters.is_trainable)
     trainable, frozen = split_params(params, mask_tree)
     tx = optax.adamw(3e-2, weight_decay=0.1)
     opt_state = tx.init(trainable)
@@ -84,7 +90,8 @@ def test_adapted_llama_starts_equal_to_base_and_counts_by_formula(tmp_path, plac
     # 2·D·r + r + D per adapter; houlsby has two per layer, pfeiffer one.
     D, L, r = 64, 2, 64 // 8
     expected = (2 if placement == "houlsby" else 1) * L * (2 * D * r + r + D)
-    trainable = sum(x.size for x, m in zip(jax.tree.leaves(params), jax.tree.leaves(adapters.trainable_mask(params))) if m)
+    flags = jax.tree.leaves(trainable_mask(params, adapters.is_trainable))
+    trainable = sum(x.size for x, m in zip(jax.tree.leaves(params), flags) if m)
     assert trainable == expected == adapters.num_trainable(adapted.plan, D)
 
     # What the compiler plans from: adapter weights appear with logical axes, stacked over layers.
@@ -95,41 +102,62 @@ def test_adapted_llama_starts_equal_to_base_and_counts_by_formula(tmp_path, plac
     assert ("layers/self_attn/o_proj/ftc_adapter/up/kernel" in infos) == (placement == "houlsby")
 
 
-def test_llama_adapters_train_alone_and_pytorch_hooks_reproduce_logits(tmp_path):
+def test_llama_adapters_train_in_the_training_core_on_a_2x2x2_mesh_and_reload_in_pytorch(tmp_path):
+    """The real path: plan partitions from logical axes, (2,2,2) mesh, build_steps with the
+    adapters' trainable predicate; then the export reloads through PyTorch hooks."""
     torch_model, loaded = _llama(tmp_path)
     module = loaded.family.build(loaded.arch, jnp.float32)
     config = adapters.AdapterConfig(placement="houlsby", reduction_factor=8, non_linearity="gelu")
     adapted = adapters.adapt(loaded.family, loaded.arch, module, config)
-    params = adapters.init_params(adapted, loaded.params, jax.random.key(1))
-    ids, mask = _batch()
-    before = jax.tree.map(np.asarray, loaded.params)
-    trained, losses = _train(adapted, params, ids, mask, "logits")
+
+    infos = param_infos(abstract_boxed_params(adapted))
+    mesh_shape = {"data": 2, "fsdp": 2, "tensor": 2}
+    partitions = {i.path: sharding_rules.param_partition(i.axes, i.shape, mesh_shape)[0] for i in infos}
+    mesh = mesh_lib.make_mesh(2, 2, 2)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(abstract_boxed_params(adapted)))
+    mask = trainable_mask(abstract, adapters.is_trainable)
+    tx = optax.adamw(3e-2, weight_decay=0.1)  # weight decay would move any leaked base weight
+    state_sh = ts.state_shardings(mesh, ts.abstract_state(abstract, tx, mask), partitions)
+    base = hf_checkpoint.load_model(tmp_path / "llama", shardings=adapters.base_params(state_sh["params"])).params
+    params = adapters.init_params(adapted, base, jax.random.key(1), shardings=state_sh["params"])
+    down = params["layers"]["mlp"]["down_proj"]["ftc_adapter"]["down"]["kernel"]
+    assert down.sharding.spec == P(None, "fsdp", None)
+    state = jax.jit(lambda p: ts.init_state(p, tx, mask, 0), out_shardings=state_sh)(params)
+    steps = ts.build_steps(adapted, tx, optax.constant_schedule(3e-2), mask, mesh, state_sh, accum_steps=1)
+
+    ids = np.random.RandomState(0).randint(3, 256, (8, 13)).astype(np.int32)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((8, 12), np.float32),
+             "segment_ids": np.ones((8, 12), np.int32), "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1))}
+    losses = []
+    for _ in range(4):
+        state, metrics = steps.train(state, steps.put_train_batch(batch))
+        losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
+    trained = jax.device_get(state["params"])
 
-    # The base is bitwise unchanged; the adapters moved.
-    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, adapters.base_params(trained)))
-    up = trained["layers"]["mlp"]["down_proj"]["ftc_adapter"]["up"]["kernel"]
-    assert float(jnp.abs(up).max()) > 1e-3
-
-    ours = np.asarray(adapted.apply({"params": trained}, ids, attention_mask=mask))
-    base = np.asarray(module.apply({"params": loaded.params}, ids, attention_mask=mask))
-    assert np.abs(ours - base).max() > 1e-2  # the adapters matter
+    # The base is bitwise unchanged; the adapters moved and matter.
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(base), adapters.base_params(trained))
+    assert np.abs(trained["layers"]["mlp"]["down_proj"]["ftc_adapter"]["up"]["kernel"]).max() > 1e-3
+    ids, mask_ = _batch()
+    ours = np.asarray(adapted.apply({"params": trained}, ids, attention_mask=mask_))
+    plain = np.asarray(module.apply({"params": loaded.params}, ids, attention_mask=mask_))
+    assert np.abs(ours - plain).max() > 1e-2
 
     out_dir = adapters.export_adapters(adapted.plan, trained, tmp_path / "export")
     handles = torch_adapters.load_adapters(torch_model, out_dir)
     with torch.no_grad():
-        theirs = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
-    real = mask.astype(bool)
+        theirs = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask_)).logits.numpy()
+    real = mask_.astype(bool)
     assert np.abs(theirs - ours)[real].max() < 1e-4
     torch_adapters.remove_adapters(torch_model, handles)
     with torch.no_grad():
-        plain = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
-    assert np.abs(plain - base)[real].max() < 1e-4
+        unhooked = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask_)).logits.numpy()
+    assert np.abs(unhooked - plain)[real].max() < 1e-4
 
     # Export -> import gives the same weights back.
     fresh = adapters.init_params(adapted, loaded.params, jax.random.key(7))
     back = adapters.import_adapters(adapted.plan, out_dir, fresh)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trained), jax.tree.map(np.asarray, back))
+    jax.tree.map(np.testing.assert_array_equal, trained, jax.tree.map(np.asarray, back))
 
 
 def test_bert_pfeiffer_adapters_reload_into_bert_model_hooks(tmp_path):

@@ -212,24 +212,46 @@ def is_trainable(path: str) -> bool:
     return CHILD in path.split("/")
 
 
-def trainable_mask(params) -> Any:
-    """A tree of bools matching `params`: True exactly for adapter weights."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: CHILD in [str(getattr(k, "key", k)) for k in p], params)
+def init_params(adapted: Adapted, base_params, rng: jax.Array, *, seq_len: int = 8, shardings=None,
+                param_dtype=jnp.float32):
+    """Base params plus freshly initialised adapter weights (unboxed); base leaves are passed through.
 
-
-def init_params(adapted: Adapted, base_params, rng: jax.Array, *, seq_len: int = 8):
-    """Base params plus freshly initialised adapter weights (unboxed), base leaves untouched.
-
-    One forward on dummy tokens creates the adapters; under jit only they are computed.
+    `shardings`: optional tree of shardings for the full (base + adapter) params; the adapters are
+    then created directly in theirs (the base keeps its own placement). One jitted forward on
+    dummy tokens creates them; only the adapters are outputs, so XLA drops the rest.
     """
     input_ids = jnp.zeros((1, seq_len), jnp.int32)
-    _, variables = adapted.apply({"params": base_params}, input_ids, mutable=["params"], rngs={"params": rng})
-    params = nn.unbox(variables["params"])
-    if not any(is_trainable("/".join(str(getattr(k, "key", k)) for k in p))
-               for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]):
+
+    def create(base, rng):
+        _, variables = adapted.apply({"params": base}, input_ids, mutable=["params"], rngs={"params": rng})
+        new = _adapter_subtree(nn.unbox(variables["params"]))
+        return jax.tree.map(lambda x: x.astype(param_dtype), new)
+
+    out_shardings = _adapter_subtree(shardings) if shardings is not None else None
+    new = jax.jit(create, out_shardings=out_shardings)(base_params, rng)
+    if not new:
         raise ValueError("adapters: the forward pass never reached a planned site (module paths changed?)")
-    return params
+    return _merge(nn.unbox(base_params), new)
+
+
+def _adapter_subtree(tree) -> dict:
+    """Only the `ftc_adapter` branches of a nested dict (and the path down to them)."""
+    out = {}
+    for key, value in tree.items():
+        if key == CHILD:
+            out[key] = value
+        elif isinstance(value, dict):
+            sub = _adapter_subtree(value)
+            if sub:
+                out[key] = sub
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _merge(a[key], value) if key in a and isinstance(value, dict) else value
+    return out
 
 
 def base_params(params) -> Any:
