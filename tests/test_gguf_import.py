@@ -127,6 +127,8 @@ def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQua
             w.add_tensor(name, np.ascontiguousarray(data))
         else:
             w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    if cfg.rope_parameters.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama_cpp_rope_factors(cfg, head_dim))
     for name, data in (extra or {}).items():
         w.add_tensor(name, data)
     w.write_header_to_file()
@@ -134,6 +136,28 @@ def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQua
     w.write_tensors_to_file()
     w.close()
     return state
+
+
+def llama_cpp_rope_factors(cfg, head_dim: int) -> np.ndarray:
+    """rope_freqs.weight as convert_hf_to_gguf.py computes it (torch float32; 8192 as it reads it)."""
+    import math
+
+    import torch
+
+    rope = cfg.rope_parameters
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high, old = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"], 8192
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +253,34 @@ def test_qwen_gguf_converts_to_the_same_model(kind, tokenizer, tmp_path):
     # transformers' own GGUF loader reads the file the same way (no Q/K permutation for Qwen).
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
     assert all(np.array_equal(v, reference[k].numpy()) for k, v in converted.items())
+
+
+def test_llama3_rope_is_rebuilt_from_rope_freqs(tokenizer, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=131072, rope_parameters=rope)).eval()
+    factors = llama_cpp_rope_factors(model.config, 16)
+    assert factors.min() == 1 and factors.max() == 32 and ((factors > 1) & (factors < 32)).any()  # all 3 regimes
+    path = tmp_path / "llama3.gguf"
+    write_llama_gguf(model, tokenizer, path)
+    convert_gguf(path, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_parameters"] == rope
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.arange(40).reshape(2, 20) * 7 % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_unknown_rope_freqs_are_refused():
+    factors = np.linspace(1, 8, 8).astype(np.float32)
+    with pytest.raises(GgufImportError, match="x.gguf: rope_freqs.weight .* matches no Llama 3 RoPE scaling"):
+        gguf_import.llama3_rope_from_factors(factors, 500000.0, 16, source="x.gguf")
 
 
 def test_tensors_the_model_has_no_place_for_are_refused(tokenizer, tmp_path):

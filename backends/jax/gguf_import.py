@@ -151,7 +151,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
         raise GgufImportError(f"{path}: not a readable GGUF file ({e})") from e
     metadata = read_metadata(reader)
     tensor_names = tuple(t.name for t in reader.tensors)
-    config = config_from_gguf(metadata, tensor_names, source=str(path))
+    rope_freqs = next((np.asarray(t.data, np.float32).reshape(-1) for t in reader.tensors
+                       if t.name == "rope_freqs.weight"), None)
+    config = config_from_gguf(metadata, tensor_names, source=str(path), rope_freqs=rope_freqs)
     _write_config(config, out)
     _write_safetensors(_hf_tensors(reader, config, str(path)), out)
     if "tokenizer.ggml.model" in metadata:
@@ -176,8 +178,12 @@ def _float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *, source: str = "GGUF") -> dict:
-    """A transformers config dict from llama.cpp metadata (pure; `source` names the file in errors)."""
+def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *, source: str = "GGUF",
+                     rope_freqs: np.ndarray | None = None) -> dict:
+    """A transformers config dict from llama.cpp metadata (pure; `source` names the file in errors).
+
+    `rope_freqs` is the file's `rope_freqs.weight` tensor, when it has one (Llama 3.1+ RoPE scaling).
+    """
     arch = metadata.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise GgufImportError(
@@ -195,10 +201,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
     if key("expert_count", 0):
         raise GgufImportError(f"{source}: mixture-of-experts GGUF ({arch}.expert_count="
                               f"{key('expert_count')}) is not supported; ftc imports dense models")
-    if "rope_freqs.weight" in tensor_names:
-        raise GgufImportError(
-            f"{source}: tensor 'rope_freqs.weight' means Llama-3-style RoPE frequency scaling, which the "
-            "GGUF metadata does not describe fully; convert the original HF checkpoint instead")
+    if "rope_freqs.weight" in tensor_names and rope_freqs is None:
+        raise GgufImportError(f"{source}: the rope_freqs.weight tensor is needed to rebuild the RoPE config")
 
     hidden = key("embedding_length")
     heads = key("attention.head_count")
@@ -222,7 +226,12 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
 
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": _float(key("rope.freq_base", 10000.0))}
     scaling = key("rope.scaling.type", "none")
-    if scaling == "linear":
+    if rope_freqs is not None:
+        if arch != "llama":
+            raise GgufImportError(f"{source}: rope_freqs.weight in a {arch} model is not supported")
+        rope = llama3_rope_from_factors(rope_freqs, rope["rope_theta"], head_dim, source=source,
+                                        original=key("rope.scaling.original_context_length", None))
+    elif scaling == "linear":
         rope.update(rope_type="linear", factor=_float(key("rope.scaling.factor")))
     elif scaling not in ("none", None):
         raise GgufImportError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported "
@@ -263,6 +272,56 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
     if spec.model_type == "qwen2":  # Qwen2 always has q/k/v biases and no others: no switch
         del config["attention_bias"]
     return config
+
+
+# Llama 3.1's RoPE scaling as Meta ships it; llama.cpp reads original_max_position_embeddings from
+# the top level of config.json, where Llama 3.x has none, so its files always use 8192.
+_LLAMA3_ROPE_CANDIDATES = ({"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},)
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """The per-frequency divisors llama.cpp's converter stores as rope_freqs.weight (float32)."""
+    freqs = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                                      / np.float32(head_dim)))).astype(np.float32)
+    old = original_max_position_embeddings
+    low_wavelen, high_wavelen = old / low_freq_factor, old / high_freq_factor
+    out = []
+    for freq in freqs:
+        wavelen = np.float32(2 * np.pi) / freq
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def llama3_rope_from_factors(rope_freqs: np.ndarray, theta: float, head_dim: int, *, source: str,
+                             original: int | None = None) -> dict:
+    """HF `rope_parameters` (rope_type llama3) that give exactly these rope_freqs, or an error.
+
+    The file stores only the result, not the parameters: the factor is its largest entry, and the
+    rest must be one of the known settings that reproduces every entry.
+    """
+    factors = np.asarray(rope_freqs, dtype=np.float32).reshape(-1)
+    if factors.shape != (head_dim // 2,):
+        raise GgufImportError(f"{source}: rope_freqs.weight has {factors.size} entries, head_dim {head_dim} "
+                              f"needs {head_dim // 2}")
+    if np.all(factors == 1.0):
+        return {"rope_type": "default", "rope_theta": theta}
+    factor = float(factors.max())
+    candidates = list(_LLAMA3_ROPE_CANDIDATES)
+    if original:
+        candidates.insert(0, {**candidates[0], "original_max_position_embeddings": int(original)})
+    for params in candidates:
+        if np.allclose(llama3_rope_factors(theta, head_dim, factor, **params), factors, rtol=1e-6, atol=0):
+            return {"rope_type": "llama3", "rope_theta": theta, "factor": _float(factor), **params}
+    raise GgufImportError(
+        f"{source}: rope_freqs.weight (min {factors.min():.4g}, max {factor:.4g}) matches no Llama 3 RoPE "
+        f"scaling ftc knows ({candidates}); convert the original HF checkpoint instead")
 
 
 # llama.cpp tensor name -> HF name ({i} is the layer); see gguf.constants.MODEL_TENSORS / TensorNameMap.
@@ -375,6 +434,8 @@ def _hf_tensors(reader, config: dict, source: str) -> list[_LazyTensor]:
     expected, wanted = _expected_shapes(config), _model_tensors(config)
     out, unknown = [], []
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # folded into config.json's rope_parameters
         hf_name = hf_tensor_name(t.name)
         if hf_name not in wanted:
             unknown.append(t.name)  # a tensor the transformers model would silently drop
