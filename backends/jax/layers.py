@@ -181,7 +181,11 @@ class Rope:
     def inv_freq(self, head_dim: int) -> np.ndarray:
         """Inverse frequencies [H/2] in float32, computed like transformers (float32 throughout)."""
         exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-        inv_freq = (np.float32(1.0) / (np.float32(self.theta) ** exponent)).astype(np.float32)
+        # theta ** exponent rounded once to float32, then a float32 reciprocal: this reproduces
+        # torch's float32 values (numpy's float32 pow differs from torch's in the last bit for a
+        # few entries, which moves logits of a 30-layer model by ~1e-4).
+        power = (np.float64(self.theta) ** exponent.astype(np.float64)).astype(np.float32)
+        inv_freq = (np.float32(1.0) / power).astype(np.float32)
         if self.kind == "linear":
             inv_freq = (inv_freq / np.float32(self.factor)).astype(np.float32)
         elif self.kind == "llama3":
