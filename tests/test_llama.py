@@ -75,6 +75,13 @@ def test_missing_config_keys_take_transformers_defaults(model_type):
     assert llama.config_from_hf({"model_type": model_type}) == llama.config_from_hf(config_class().to_dict())
 
 
+def test_explicit_null_config_values_mean_what_transformers_makes_of_them():
+    mistral = llama.config_from_hf({"model_type": "mistral", "sliding_window": None, "num_key_value_heads": None,
+                                    "num_attention_heads": 8, "hidden_size": 64})
+    assert mistral.sliding_window is None and not any(mistral.sliding_layers)
+    assert mistral.num_kv_heads == 8 and mistral.head_dim == 8
+
+
 @pytest.mark.parametrize("case", ["llama", "mistral"])
 def test_packed_segments_never_attend_across_segments(loaded, case):
     _, lm = loaded[case]

@@ -114,9 +114,8 @@ def _with_defaults(hf_config: dict) -> dict:
     model_type = hf_config.get("model_type")
     if model_type not in _HF_DEFAULTS:
         raise ValueError(f"llama.py reads model_type in {sorted(_HF_DEFAULTS)}, got {model_type!r}")
-    merged = dict(_HF_DEFAULTS[model_type])
-    merged.update({k: v for k, v in hf_config.items() if v is not None or k not in merged})
-    return merged
+    # An explicit null is meaningful (mistral sliding_window: null = no window), so it overrides.
+    return {**_HF_DEFAULTS[model_type], **hf_config}
 
 
 def _sliding_layers(c: dict) -> tuple[int | None, tuple[bool, ...]]:
@@ -300,7 +299,7 @@ class Decoder(nn.Module):
     def __call__(self, input_ids, attention_mask=None, segment_ids=None, positions=None,
                  token_type_ids=None, output="logits"):
         a = self.arch
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         embedding_VD = Embedding(a.vocab_size, a.hidden_size, name="embed_tokens")()
         x_BTD = jnp.take(embedding_VD, input_ids, axis=0).astype(self.dtype)
         if a.scale_embeddings:
