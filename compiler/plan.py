@@ -17,6 +17,7 @@ import math
 from typing import Any, Callable, Sequence
 
 from ftc.compiler import sharding_rules
+from ftc.compiler.sharding_rules import PlanError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int4": 0.5}
 
@@ -279,11 +280,11 @@ def model_summary(hf_config: dict) -> ModelSummary:
 def _batch_geometry(spec, mesh_shape: dict[str, int]) -> BatchGeometry:
     t = spec.training
     if t.batch_size % t.micro_batch_size:
-        raise ValueError(f"training.batch_size={t.batch_size} is not a multiple of "
+        raise PlanError(f"training.batch_size={t.batch_size} is not a multiple of "
                          f"training.micro_batch_size={t.micro_batch_size}")
     shards = sharding_rules.batch_shards(mesh_shape)
     if t.micro_batch_size % shards:
-        raise ValueError(
+        raise PlanError(
             f"training.micro_batch_size={t.micro_batch_size} must be a multiple of mesh data*fsdp = "
             f"{mesh_shape['data']}*{mesh_shape['fsdp']} = {shards} (the batch is split over them); "
             f"raise the micro-batch or move devices to mesh.tensor"
@@ -404,12 +405,13 @@ def format_plan(plan: Plan, *, max_params: int = 40) -> str:
         f"grad clip {plan.optimizer.grad_clip:g}",
         f"memory/device  params {human_bytes(mem.params)} + grads {human_bytes(mem.grads)} + optimizer "
         f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)} = {human_bytes(mem.total)}",
-        "parameters (path  shape  logical axes -> partition):",
     ]
+    if max_params > 0:
+        lines.append("parameters (path  shape  logical axes -> partition):")
     for p in plan.params[:max_params]:
         mark = "" if p.trainable else "  [frozen]"
         lines.append(f"  {p.path}  {list(p.shape)}  {_axes(p.axes)} -> {_axes(p.partition)}{mark}")
-    if len(plan.params) > max_params:
+    if 0 < max_params < len(plan.params):
         lines.append(f"  ... {len(plan.params) - max_params} more (--json lists all)")
     if plan.notes:
         lines.append("notes:")

@@ -34,7 +34,12 @@ PARAM_RULES: dict[str, str | None] = {
 # The batch dimension of inputs and activations.
 BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 
-PartitionTuple = tuple  # one entry per dimension: a mesh axis name or None
+PartitionTuple = tuple
+
+
+class PlanError(ValueError):
+    """A spec that cannot run as asked on these devices; the message names the spec keys."""
+  # one entry per dimension: a mesh axis name or None
 
 
 def param_partition(
@@ -81,20 +86,20 @@ def resolve_mesh(data: int, fsdp: int, tensor: int, device_count: int) -> dict[s
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     for key, value in sizes.items():
         if value == 0 or value < -1:
-            raise ValueError(f"mesh.{key}={value}: expected a positive size or -1 (the rest)")
+            raise PlanError(f"mesh.{key}={value}: expected a positive size or -1 (the rest)")
     rest = [k for k, v in sizes.items() if v == -1]
     if len(rest) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {', '.join('mesh.' + k for k in rest)}")
+        raise PlanError(f"mesh: at most one axis may be -1, got {', '.join('mesh.' + k for k in rest)}")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     given = ", ".join(f"{k}={v}" for k, v in sizes.items())
     if rest:
         if device_count % fixed:
-            raise ValueError(
+            raise PlanError(
                 f"mesh ({given}): the fixed axes multiply to {fixed}, which does not divide the "
                 f"{device_count} devices"
             )
         sizes[rest[0]] = device_count // fixed
     elif fixed != device_count:
-        raise ValueError(f"mesh ({given}) has {fixed} devices but {device_count} are available; "
+        raise PlanError(f"mesh ({given}) has {fixed} devices but {device_count} are available; "
                          f"set one axis to -1 to take the rest")
     return sizes

@@ -1,0 +1,192 @@
+"""Checkpoints: Orbax CheckpointManager over <run_dir>/checkpoints/<step>/ with three items:
+
+  state  the train state (params, opt_state, step, rng), sharded arrays (StandardSave)
+  data   the data iterator's position (grain get_state, as JSON)
+  meta   what the checkpoint is: the resolved spec dict, tokenizer hash, plan fingerprint
+
+A checkpoint describes itself, so resume and export need no settings re-entered. Restoring goes
+through abstract arrays carrying shardings, so a run saved on one mesh restores onto another.
+Resuming with a spec whose training-relevant keys changed is refused (`check_resumable`).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 1
+
+# Spec keys (dotted prefixes) that may change between a checkpoint and the run resuming it:
+# they change how long, how often, where to and on what devices, not what the optimizer computes.
+# training.micro_batch_size and remat only change memory use: the loss is token-weighted over
+# the whole batch. Everything else is training-relevant.
+RESUMABLE_CHANGES = (
+    "description", "output_dir", "name",
+    "training.steps", "training.epochs", "training.eval_every", "training.log_every",
+    "training.micro_batch_size", "training.remat",
+    "data.validation", "model.init_from", "mesh", "checkpoint", "logging", "export",
+)
+
+
+class ResumeRefusedError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """Saves and restores train state + data position + metadata under `directory`."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep and keep > 0 else None,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of a save killed midway
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    # ---- queries
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def metadata(self, step: int | None = None) -> dict:
+        step = self._step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    # ---- save / restore
+    def save(self, step: int, state: dict, data_state: Any, metadata: dict, *, force: bool = True) -> bool:
+        """Start saving (async unless disabled); returns whether a save was started."""
+        meta = dict(metadata, step=int(step), format_version=FORMAT_VERSION)
+        return self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=ocp.args.JsonSave(encode_data_state(data_state)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, Any, dict]:
+        """(state, data_state, metadata) of `step` (default: latest), arrays placed by the
+        shardings on `abstract_state`'s ShapeDtypeStructs."""
+        step = self._step(step)
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["state"], decode_data_state(out["data"]), out["meta"]
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """Only the parameters of a checkpoint (to start a new run from an earlier run)."""
+        step = self._step(step)
+        target = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                                    dtype=s.dtype), target)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+        return out["state"]["params"]
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return int(step)
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, CHECKPOINT_DIR)
+
+
+def latest_step(run_dir: str) -> int | None:
+    """The newest complete checkpoint step of a run directory, or None."""
+    directory = checkpoint_dir(run_dir)
+    if not os.path.isdir(directory):
+        return None
+    return Checkpointer(directory, read_only=True).latest_step()
+
+
+# ------------------------------------------------------------------ data iterator state
+
+
+def encode_data_state(state: Any) -> dict:
+    """grain iterator state as JSON: DataLoader iterators give bytes, dataset iterators dicts."""
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, (bytes, bytearray)):
+        return {"kind": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+    return {"kind": "json", "value": state}
+
+
+def decode_data_state(data: dict) -> Any:
+    kind = data.get("kind")
+    if kind == "bytes":
+        return base64.b64decode(data["value"])
+    if kind == "json":
+        return data["value"]
+    return None
+
+
+# ------------------------------------------------------------------ resume compatibility
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES)
+
+
+def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every training-relevant key that differs between two
+    resolved spec dicts (a key present on one side only counts, shown as <unset>)."""
+    a, b = _flatten(old), _flatten(new)
+    unset = "<unset>"
+    return [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))
+            if not _may_change(k) and a.get(k, unset) != b.get(k, unset)]
+
+
+def check_resumable(metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str) -> None:
+    """Raise ResumeRefusedError naming each training-relevant key that changed since the
+    checkpoint at `where` was written, with its old and new value."""
+    problems = [f"  {k}: {old!r} -> {new!r}" for k, old, new in spec_changes(metadata.get("spec", {}), spec_dict)]
+    saved_hash = metadata.get("tokenizer_hash")
+    if saved_hash and tokenizer_hash and saved_hash != tokenizer_hash:
+        problems.append(f"  tokenizer: hash {saved_hash} -> {tokenizer_hash}")
+    if metadata.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        problems.append(f"  checkpoint format {metadata['format_version']} is newer than this ftc reads "
+                        f"({FORMAT_VERSION})")
+    if problems:
+        raise ResumeRefusedError(
+            f"refusing to resume from {where}: training-relevant settings changed since it was saved:\n"
+            + "\n".join(problems)
+            + "\nRestore the old values to resume, or start a new run (another name or output_dir). "
+              f"Keys that may change on resume: {', '.join(RESUMABLE_CHANGES)}."
+        )

@@ -1,0 +1,92 @@
+"""Run logging: metrics.jsonl (one JSON object per logged step), TensorBoard, a progress bar.
+
+metrics.jsonl rows: {"step", "split": "train" | "validation", "loss", "learning_rate",
+"tokens_per_second", "grad_norm", "token_accuracy", ...}; validation rows carry "perplexity".
+Only process 0 writes. On resume, rows past the restored step (written by the interrupted run
+after its last checkpoint, and about to be redone) are dropped, so the file reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep the fact visible
+    return value
+
+
+def truncate_after(path: str, step: int) -> None:
+    """Drop metrics rows with step > `step` (atomically rewritten)."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    def __init__(self, run_dir: str, *, tensorboard: bool = True, resume_step: int | None = None):
+        self.writer_process = jax.process_index() == 0
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self._tb = None
+        if not self.writer_process:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        truncate_after(self.path, resume_step or 0)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        if not self.writer_process:
+            return
+        row = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if not self.writer_process:
+            return
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def device_memory() -> dict[str, float]:
+    """Peak and current bytes in use on the first local device, where the platform reports them
+    (GPU/TPU; the CPU backend does not)."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory stats
+        return {}
+    out = {}
+    if "peak_bytes_in_use" in stats:
+        out["memory_peak_bytes"] = float(stats["peak_bytes_in_use"])
+    if "bytes_in_use" in stats:
+        out["memory_bytes"] = float(stats["bytes_in_use"])
+    return out
