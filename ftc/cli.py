@@ -120,5 +120,62 @@ def verify(source, batch, seq_len, tol, seed, cache_dir):
     raise SystemExit(0 if result.ok else 1)
 
 
+def _load_spec_or_exit(spec_path, overrides):
+    from ftc.spec import SpecError, load_spec
+
+    try:
+        return load_spec(spec_path, overrides)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        raise SystemExit(1)
+
+
+@main.command(short_help="Show what a spec will do, allocating nothing.")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema).")
+@click.option("--devices", type=click.IntRange(min=1), default=None,
+              help="Plan for this many devices (default: the devices jax sees here).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON document.")
+def plan(spec_path, overrides, devices, as_json):
+    """Compile SPEC into a plan: model summary, parameter counts, per-device memory estimate,
+    batch geometry, steps, schedule, mesh and the partition of every parameter.
+
+    Reads only the base model's config.json: planning a 70B model allocates nothing.
+    """
+    import json
+
+    spec = _load_spec_or_exit(spec_path, overrides)
+    from ftc.backends.jax.run import plan_spec
+    from ftc.compiler.plan import format_plan
+
+    try:
+        result = plan_spec(spec, device_count=devices)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
+
+
+@main.command(short_help="Train a spec (resumes from the run's latest checkpoint).")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema).")
+def run(spec_path, overrides):
+    """Train SPEC into <output_dir>/<name>: spec.resolved.json, metrics.jsonl, tensorboard/,
+    checkpoints/. Running it again resumes from the latest checkpoint; a changed training-relevant
+    key is refused. SIGTERM/SIGINT save a checkpoint and exit non-zero."""
+    spec = _load_spec_or_exit(spec_path, overrides)
+    from ftc.backends.jax.checkpoint import ResumeRefusedError
+    from ftc.backends.jax.run import run as run_spec
+    from ftc.backends.jax.train_step import NonFiniteLossError
+    from ftc.compiler.sharding_rules import PlanError
+
+    try:
+        summary = run_spec(spec, echo=click.echo)
+    except (ResumeRefusedError, NonFiniteLossError, NotImplementedError, PlanError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    click.echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
+
+
 if __name__ == "__main__":
     main()
