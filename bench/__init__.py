@@ -1,0 +1,1 @@
+"""Benchmarks of ftc against the PyTorch stack (run as modules: python -m bench.train_speed)."""

@@ -1,0 +1,161 @@
+"""The ftc side of the benchmark, in its own process: the model loaded from the same Hugging Face
+directory (hf_checkpoint.load_model), the optimizer from optimizer.make_optimizer, and the jitted
+train step from train_step.build_steps on a 1-device mesh -- the pieces `ftc run` assembles.
+
+    python -m bench.ftc_worker JOB.json RESULT.json
+
+Compilation is timed on its own: the jitted step is lowered and compiled ahead of time, and that
+same executable runs every step.
+"""
+
+from __future__ import annotations
+
+import time
+
+_T_START = time.perf_counter()
+
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+
+def _method(job: common.Job, family, arch, module, params):
+    """(module, params, trainable path predicate) for the job's method."""
+    if job.method == "full":
+        return module, params, lambda path: True
+    raise NotImplementedError(f"method {job.method!r} is not wired into the ftc benchmark yet")
+
+
+@dataclasses.dataclass
+class Program:
+    """ftc's training program for a job, ready to step: the AOT-compiled train step, its state,
+    and a host batch for step i (the same token array the PyTorch worker reads)."""
+
+    compiled: Any
+    state: Any
+    put_batch: Callable[[int], dict]
+    trainable_params: int
+    device: Any
+    timings: dict          # import_s, load_s, lower_s, compile_s
+    rss_after_import: int
+    versions: dict
+
+
+def build(job: common.Job) -> Program:
+    t0 = time.perf_counter()
+    import flax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from ftc.backends.jax import hf_checkpoint
+    from ftc.backends.jax import mesh as mesh_lib
+    from ftc.backends.jax import optimizer as opt_lib
+    from ftc.backends.jax import shapes
+    from ftc.backends.jax import train_step as ts
+    from ftc.compiler import plan as plan_lib
+    from ftc.compiler import sharding_rules
+
+    c = job.config
+    device = jax.devices()[0]
+    if c.device == "gpu" and device.platform != "gpu":
+        raise RuntimeError(f"config asks for a GPU but jax's first device is {device} (install jax[cuda12])")
+    versions = {"jax": jax.__version__, "flax": flax.__version__}
+    timings = {"import_s": time.perf_counter() - t0}
+    rss_after_import = common.rss_bytes()
+
+    # ---- load: weights from the HF directory, method transformation, optimizer state
+    t0 = time.perf_counter()
+    loaded = hf_checkpoint.load_model(job.model_dir, dtype=jnp.float32)
+    arch = loaded.arch
+    if job.remat != "none":
+        arch = dataclasses.replace(arch, remat=job.remat)
+    module = loaded.family.build(arch, jnp.dtype(c.dtype))
+    module, params, trainable = _method(job, loaded.family, arch, module, loaded.params)
+
+    mesh = mesh_lib.make_mesh(1, 1, 1, devices=[device])
+    infos = shapes.param_infos(shapes.abstract_boxed_params(module))
+    mesh_shape = {"data": 1, "fsdp": 1, "tensor": 1}
+    partitions = {i.path: sharding_rules.param_partition(i.axes, i.shape, mesh_shape)[0] for i in infos}
+    mask = opt_lib.trainable_mask(params, trainable)
+    schedule = opt_lib.make_schedule(plan_lib.SchedulePlan("constant", c.learning_rate, 0, None, 0.0), job.steps)
+    tx = opt_lib.make_optimizer(plan_lib.OptimizerPlan("adamw", 0.0, 0.9, 0.999, 1e-8, None, c.grad_clip),
+                                schedule, {i.path: i.axes for i in infos})
+    state_abs = ts.abstract_state(jax.eval_shape(lambda p: p, params), tx, mask)
+    state_sh = ts.state_shardings(mesh, state_abs, partitions)
+    init = jax.jit(lambda p: ts.init_state(p, tx, mask, 0), out_shardings=state_sh, donate_argnums=(0,))
+    state = jax.block_until_ready(init(params))
+    del params, loaded
+    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=1)
+    tokens = np.load(job.tokens_path)
+    B, T = c.batch, c.seq_len
+    fixed = {"weights": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32),
+             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))}
+
+    def put_batch(i: int) -> dict:
+        ids = tokens[i % len(tokens)]
+        return steps.put_train_batch({"input_ids": ids[:, :-1], "targets": ids[:, 1:], **fixed})
+
+    timings["load_s"] = time.perf_counter() - t0
+
+    # ---- compile (trace + lower + XLA compile) ahead of time, timed on its own
+    t0 = time.perf_counter()
+    lowered = steps.train.lower(state, put_batch(0))
+    timings["lower_s"] = time.perf_counter() - t0
+    compiled = lowered.compile()
+    timings["compile_s"] = time.perf_counter() - t0
+    trainable = opt_lib.split_params(state["params"], mask)[0]
+    n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    return Program(compiled, state, put_batch, n_trainable, device, timings, rss_after_import, versions)
+
+
+def run(job: common.Job) -> dict:
+    p = build(job)
+    losses, times = [], []
+    state = p.state
+    p.state = None  # donated by the first step
+    for i in range(job.steps):
+        t0 = time.perf_counter()
+        state, metrics = p.compiled(state, p.put_batch(i))
+        losses.append(float(metrics["loss"]))  # waits for the step
+        times.append(time.perf_counter() - t0)
+
+    out = {
+        "stack": "ftc", "method": job.method, "versions": p.versions, "trainable_params": p.trainable_params,
+        **p.timings, "first_step_s": times[0], "step_times_s": times, "losses": losses,
+        "rss_after_import_bytes": p.rss_after_import, "peak_rss_bytes": common.peak_rss_bytes(),
+        "device_name": getattr(p.device, "device_kind", str(p.device)),
+        "optimizer": "optax.adamw (optimizer.make_optimizer)",
+    }
+    stats = p.device.memory_stats() if job.config.device == "gpu" else None
+    if stats:
+        out["peak_device_bytes"] = int(stats.get("peak_bytes_in_use", 0))
+    cost = p.compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax returned one dict per computation
+        cost = cost[0] if cost else None
+    if cost and "flops" in cost:
+        out["xla_flops_per_step"] = float(cost["flops"])
+    return out
+
+
+def main(argv: list[str]) -> int:
+    job_path, result_path = argv
+    with open(job_path) as f:
+        job = common.Job.from_json(f.read())
+    result = run(job)
+    steady = result["step_times_s"][job.warmup:] or result["step_times_s"][-1:]
+    result["step_median_s"] = statistics.median(steady)
+    result["process_s"] = time.perf_counter() - _T_START
+    common.write_json(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
