@@ -142,10 +142,17 @@ def test_import_export_import_is_bitwise(loaded, cls_name, tmp_path):
     assert sorted(exported) == sorted(names)
     for name in names:
         assert exported[name].dtype == original[name].dtype and np.array_equal(exported[name], original[name]), name
-    if cls_name == "BertModel":
-        again = hf_checkpoint.load_model(out)
-        assert again.arch == lm.arch
-        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), again.params, lm.params)
+    # The export keeps the source's tensor names ("bert." under a head) but is written as a BertModel:
+    # ftc reads it back by resolving that base-model prefix, as transformers does.
+    if not lm.arch.pooler:
+        # Known limit: a BERT without pooler weights exports as a BertModel that lacks them, and neither
+        # ftc nor transformers can tell from config.json that the pooler is absent.
+        with pytest.raises(ValueError, match="lacks 2 tensor"):
+            hf_checkpoint.load_model(out)
+        return
+    again = hf_checkpoint.load_model(out)
+    assert dataclasses.replace(again.arch, hf_prefix="") == dataclasses.replace(lm.arch, hf_prefix="")
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), again.params, lm.params)
 
 
 def test_every_param_has_logical_axes_and_adapters_find_the_output_projections(loaded):

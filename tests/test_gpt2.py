@@ -197,3 +197,11 @@ def test_bfloat16_compute_stays_close_to_float32(loaded):
     bf16 = gpt2.build(lm.arch, jnp.bfloat16).apply({"params": lm.params}, ids)
     assert bf16.dtype == jnp.bfloat16
     assert np.abs(np.asarray(bf16, np.float32) - f32).max() < 0.1
+
+
+def test_bare_gpt2model_export_is_read_back_by_resolving_the_transformer_prefix(tmp_path):
+    model = _hf_model("tied", "GPT2Model")
+    model.save_pretrained(tmp_path / "src")
+    lm = hf_checkpoint.load_model(tmp_path / "src")
+    again = hf_checkpoint.load_model(hf_checkpoint.save_hf(tmp_path / "export", lm, dtype="float32"))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), again.params, lm.params)

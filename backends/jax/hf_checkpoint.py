@@ -103,9 +103,31 @@ class _Checkpoint:
         else:
             raise FileNotFoundError(_no_safetensors_message(model_dir))
         self.files = files
+        self.aliases: dict[str, str] = {}  # wanted name -> stored name, see resolve_base_prefix
+
+    def file_of(self, name: str) -> str:
+        return self.where[self.aliases.get(name, name)]
 
     def get(self, name: str) -> np.ndarray:
-        return self.files[self.where[name]].tensor(name)
+        stored = self.aliases.get(name, name)
+        return self.files[self.where[stored]].tensor(stored)
+
+    def resolve_base_prefix(self, wanted: list[str]) -> list[str]:
+        """Names in `wanted` still missing after trying one base-model prefix ("bert.", "transformer.")
+        added to or stripped from the missing names, as transformers does when a head model's checkpoint
+        is read as its base model or the reverse. Records the renames that resolve in `aliases`."""
+        missing = [name for name in wanted if name not in self.where]
+        if not missing:
+            return []
+        candidates = sorted({n.split(".", 1)[0] + "." for n in list(self.where) + wanted if "." in n})
+        best: dict[str, str] = {}
+        for prefix in candidates:
+            for to_stored in (lambda n: prefix + n, lambda n: n[len(prefix):] if n.startswith(prefix) else None):
+                found = {n: to_stored(n) for n in missing if to_stored(n) in self.where}
+                if len(found) > len(best):
+                    best = found
+        self.aliases = best
+        return [n for n in missing if n not in best]
 
 
 def _no_safetensors_message(model_dir: Path) -> str:
@@ -228,13 +250,13 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
             f"only in hf_tensors {sorted(set(specs) - set(expected))}, only in params {sorted(set(expected) - set(specs))}"
         )
     wanted = [name for spec in specs.values() for name in spec.names]
-    missing = [name for name in wanted if name not in checkpoint.where]
+    missing = checkpoint.resolve_base_prefix(wanted)
     if missing:
         raise ValueError(
             f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) that config.json "
             f"(model_type={hf_config.get('model_type')!r}) requires, e.g. {missing[:5]}"
         )
-    unused = sorted(set(checkpoint.where) - set(wanted))
+    unused = sorted(set(checkpoint.where) - {checkpoint.aliases.get(n, n) for n in wanted})
     if unused:
         log.info("%s: ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", model_dir, len(unused), unused[:5])
 
@@ -251,7 +273,7 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
         got = (len(spec.names),) + tuple(first.shape) if stacked else tuple(first.shape)
         if got != tuple(shape):
             raise ValueError(
-                f"{model_dir}: tensor {spec.names[0]} (file {checkpoint.where[spec.names[0]]}) gives param {path} "
+                f"{model_dir}: tensor {spec.names[0]} (file {checkpoint.file_of(spec.names[0])}) gives param {path} "
                 f"shape {got}, but config.json implies {tuple(shape)}"
             )
         read = _slice_reader(checkpoint, spec, stacked, np_dtype)
