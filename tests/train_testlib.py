@@ -32,16 +32,19 @@ def tiny_llama_config() -> dict:
 
 
 def spec(overrides: dict | None = None, *, base: str = "/nonexistent/model", train: str = "/nonexistent/train.jsonl"):
-    """A Spec dict merged with nested `overrides` (dicts merge, values replace)."""
+    """A Spec from a small default dict merged with nested `overrides`."""
     data = {"ftc": 1, "name": "t", "model": {"base": base, "max_seq_len": SEQ, "dtype": "float32"},
             "data": {"format": "chat", "train": train},
             "training": {"steps": 3, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-2,
                          "schedule": {"kind": "constant"}},
             "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
 
-    def merge(a, b):
+    def merge(a, b):  # dicts merge, None removes a key, other values replace
         for k, v in b.items():
-            a[k] = merge(dict(a.get(k) or {}), v) if isinstance(v, dict) else v
+            if v is None:
+                a.pop(k, None)
+            else:
+                a[k] = merge(dict(a.get(k) or {}), v) if isinstance(v, dict) else v
         return a
 
     return spec_from_dict(merge(data, overrides or {}))
