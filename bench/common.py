@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import resource
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class BenchConfig:
     grad_clip: float = 1.0
     lora_rank: int = 16
     lora_alpha: int = 32
+    quant_block_size: int = 64   # QLoRA NF4 block (bitsandbytes' fixed 64); must divide every input dim
     description: str = ""
 
     def hf_config_kwargs(self) -> dict:
@@ -65,9 +67,10 @@ class BenchConfig:
 
 
 CONFIGS = {
-    # NOTES.md's reference figure: Llama 7.1M params, batch 8 x seq 256, AdamW, float32, 2 threads.
+    # NOTES.md's reference figure (Llama ~7.1M params: hidden 256, 4 layers, vocab 8192; batch 8 x seq
+    # 256, AdamW, float32, 2 threads). Intermediate 704 = 64 * 11, so QLoRA's 64-blocks divide it.
     "cpu": BenchConfig(
-        name="cpu", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688, vocab=8192,
+        name="cpu", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, vocab=8192,
         batch=8, seq_len=256, dtype="float32", device="cpu", steps=20, warmup=3,
         description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 8 x seq 256, float32",
     ),
@@ -84,6 +87,7 @@ CONFIGS = {
     "smoke": BenchConfig(
         name="smoke", hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=256,
         batch=2, seq_len=32, dtype="float32", device="cpu", steps=2, warmup=1, lora_rank=4, lora_alpha=8,
+        quant_block_size=32,
         description="Llama 2-layer hidden 32 (harness smoke test)",
     ),
 }
@@ -137,6 +141,20 @@ def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def steady_state(result: dict, warmup: int) -> dict:
+    """Median step time after the warm-up steps, and the CPU seconds those steps used per wall
+    second (about the core count when the step keeps every core busy)."""
+    times = result["step_times_s"][warmup:] or result["step_times_s"][-1:]
+    cpu = result["step_cpu_s"][warmup:] or result["step_cpu_s"][-1:]
+    return {"step_median_s": statistics.median(times), "cpu_util": sum(cpu) / max(sum(times), 1e-9)}
 
 
 # ------------------------------------------------------------------ FLOPs and MFU

@@ -16,7 +16,6 @@ _T_START = time.perf_counter()
 
 import dataclasses  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -30,7 +29,16 @@ def _method(job: common.Job, family, arch, module, params):
     """(module, params, trainable path predicate) for the job's method."""
     if job.method == "full":
         return module, params, lambda path: True
-    raise NotImplementedError(f"method {job.method!r} is not wired into the ftc benchmark yet")
+    import jax
+
+    from ftc.backends.jax import lora
+
+    c = job.config
+    # PEFT's LoraConfig(r, lora_alpha, target_modules="all-linear", lora_dropout=0) on the torch side.
+    config = lora.LoraConfig(rank=c.lora_rank, alpha=float(c.lora_alpha), dropout=0.0, targets=lora.ALL_LINEAR)
+    quant = lora.QuantConfig(block_size=c.quant_block_size, double_quant=False) if job.method == "qlora" else None
+    model = lora.adapt(family, arch, module, config, quant=quant)
+    return model, lora.init_params(model, params, jax.random.key(0)), lora.is_trainable
 
 
 @dataclasses.dataclass
@@ -121,16 +129,18 @@ def run(job: common.Job) -> dict:
     losses, times = [], []
     state = p.state
     p.state = None  # donated by the first step
+    cpu = []
     for i in range(job.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), common.cpu_seconds()
         state, metrics = p.compiled(state, p.put_batch(i))
         losses.append(float(metrics["loss"]))  # waits for the step
         times.append(time.perf_counter() - t0)
+        cpu.append(common.cpu_seconds() - c0)
 
     out = {
         "stack": "ftc", "method": job.method, "versions": p.versions, "trainable_params": p.trainable_params,
-        **p.timings, "first_step_s": times[0], "step_times_s": times, "losses": losses,
-        "rss_after_import_bytes": p.rss_after_import, "peak_rss_bytes": common.peak_rss_bytes(),
+        **p.timings, "first_step_s": times[0], "step_times_s": times, "step_cpu_s": cpu,
+        "losses": losses, "rss_after_import_bytes": p.rss_after_import, "peak_rss_bytes": common.peak_rss_bytes(),
         "device_name": getattr(p.device, "device_kind", str(p.device)),
         "optimizer": "optax.adamw (optimizer.make_optimizer)",
     }
@@ -150,8 +160,7 @@ def main(argv: list[str]) -> int:
     with open(job_path) as f:
         job = common.Job.from_json(f.read())
     result = run(job)
-    steady = result["step_times_s"][job.warmup:] or result["step_times_s"][-1:]
-    result["step_median_s"] = statistics.median(steady)
+    result.update(common.steady_state(result, job.warmup))
     result["process_s"] = time.perf_counter() - _T_START
     common.write_json(result_path, result)
     return 0

@@ -19,7 +19,7 @@ def measure(dtype: str = "bfloat16", n: int | None = None, repeats: int = 10) ->
 
     device = jax.devices()[0]
     if n is None:
-        n = 8192 if device.platform == "gpu" else 1024
+        n = 8192 if device.platform == "gpu" else 2048
     key_a, key_b = jax.random.split(jax.random.key(0))
     a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
     b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)

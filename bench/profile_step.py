@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -92,11 +91,6 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 # ------------------------------------------------------------------ workers
 
 
-def _cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def profile_ftc(job: common.Job, trace_steps: int) -> dict:
     import jax
 
@@ -108,12 +102,12 @@ def profile_ftc(job: common.Job, trace_steps: int) -> dict:
     for i in range(2):
         state, m = p.compiled(state, p.put_batch(i))
         float(m["loss"])
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    cpu0, t0 = common.cpu_seconds(), time.perf_counter()
     for i in range(trace_steps):
         state, m = p.compiled(state, p.put_batch(i))
         float(m["loss"])
     wall = (time.perf_counter() - t0) / trace_steps
-    cpu_util = (_cpu_seconds() - cpu0) / (wall * trace_steps)
+    cpu_util = (common.cpu_seconds() - cpu0) / (wall * trace_steps)
 
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
@@ -149,11 +143,11 @@ def profile_torch(job: common.Job, trace_steps: int) -> dict:
     p = torch_worker.build(job)
     for i in range(2):
         p.step(i)
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    cpu0, t0 = common.cpu_seconds(), time.perf_counter()
     for i in range(trace_steps):
         p.step(i)
     wall = (time.perf_counter() - t0) / trace_steps
-    cpu_util = (_cpu_seconds() - cpu0) / (wall * trace_steps)
+    cpu_util = (common.cpu_seconds() - cpu0) / (wall * trace_steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if p.cuda else [])
     with profile(activities=activities) as prof:
         for i in range(trace_steps):

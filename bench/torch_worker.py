@@ -14,7 +14,6 @@ _T_START = time.perf_counter()
 
 import dataclasses  # noqa: E402
 import os  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -113,15 +112,18 @@ def run(job: common.Job) -> dict:
 
     p = build(job)
     losses, times = [], []
+    cpu = []
     for i in range(job.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), common.cpu_seconds()
         losses.append(p.step(i))
         times.append(time.perf_counter() - t0)
+        cpu.append(common.cpu_seconds() - c0)
 
     out = {
         "stack": "pytorch", "method": job.method, "versions": p.versions,
         "trainable_params": sum(x.numel() for x in p.params),
-        **p.timings, "compile_s": 0.0, "first_step_s": times[0], "step_times_s": times, "losses": losses,
+        **p.timings, "compile_s": 0.0, "first_step_s": times[0], "step_times_s": times,
+        "step_cpu_s": cpu, "losses": losses,
         "rss_after_import_bytes": p.rss_after_import, "peak_rss_bytes": common.peak_rss_bytes(),
         "threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW(fused=True)",
         "attention": getattr(p.model.config, "_attn_implementation", None),
@@ -137,8 +139,7 @@ def main(argv: list[str]) -> int:
     with open(job_path) as f:
         job = common.Job.from_json(f.read())
     result = run(job)
-    steady = result["step_times_s"][job.warmup:] or result["step_times_s"][-1:]
-    result["step_median_s"] = statistics.median(steady)
+    result.update(common.steady_state(result, job.warmup))
     result["process_s"] = time.perf_counter() - _T_START
     common.write_json(result_path, result)
     return 0
