@@ -160,6 +160,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: d}
 
 
+# A key left out of a resolved spec (because another key excludes it) that means a value.
+_UNSET_MEANS = {"data.validation_split": 0.0}
+
+
 def _may_change(key: str) -> bool:
     return any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES)
 
@@ -167,7 +171,7 @@ def _may_change(key: str) -> bool:
 def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     """(key, old value, new value) for every training-relevant key that differs between two
     resolved spec dicts (a key present on one side only counts, shown as <unset>)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = _UNSET_MEANS | _flatten(old), _UNSET_MEANS | _flatten(new)
     unset = "<unset>"
     return [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))
             if not _may_change(k) and a.get(k, unset) != b.get(k, unset)]
