@@ -202,3 +202,32 @@ def test_lora_works_under_remat(models):
     a1 = flat(g1)["layers/self_attn/q_proj/ftc_lora/a"]
     np.testing.assert_allclose(flat(g2)["layers/self_attn/q_proj/ftc_lora/a"], a1, rtol=1e-5, atol=1e-6)
     assert np.abs(a1).max() > 0
+
+
+def test_bert_encoder_adapter_loads_in_peft_as_feature_extraction(tmp_path):
+    """An encoder family: all-linear skips the pooler (outside the blocks); PEFT's target names
+    must not pick it up either ("output.dense", not "dense")."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64)
+    transformers.BertModel(config).eval().save_pretrained(tmp_path / "bert")
+    from ftc.backends.jax import hf_checkpoint
+
+    loaded = hf_checkpoint.load_model(tmp_path / "bert")
+    method = lora.init_method(loaded, lora.LoraConfig(rank=4, alpha=8), jax.random.key(0))
+    params = randomize_factors(method.params, seed=1)
+    ids, mask = batch()
+    ours = np.asarray(method.apply(params, ids, attention_mask=mask, output="hidden"))
+    lora.save_peft_adapter(tmp_path / "adapter", loaded.family, loaded.arch, method.plan, params,
+                           base_model_name_or_path=str(tmp_path / "bert"), task_type="FEATURE_EXTRACTION")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
+    base = transformers.BertModel.from_pretrained(tmp_path / "bert").eval()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert not any("pooler" in n and "lora" in n for n, _ in peft_model.named_parameters())
+    with torch.no_grad():
+        theirs = peft_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
+    diff = np.abs(theirs.numpy() - ours)[mask.astype(bool)].max()
+    assert diff < 1e-4, diff

@@ -45,7 +45,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
