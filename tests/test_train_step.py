@@ -129,3 +129,17 @@ def test_eval_is_token_weighted_over_batches(params):
     for key in ("loss", "perplexity", "token_accuracy", "loss_weight", "tokens"):
         assert split[key] == pytest.approx(joined[key], rel=1e-6), key
     assert split["perplexity"] == pytest.approx(math.exp(split["loss"]))
+
+
+def test_remat_changes_memory_not_arithmetic_and_bf16_compute_keeps_float32_master_params(params):
+    base = {"mesh": {"data": 1, "fsdp": 2, "tensor": 1}}
+    batches = _batches(n=1)
+    _, _, plain = _train(tl.spec(base), params, 2, batches)
+    _, _, full = _train(tl.spec(base | {"training": {"remat": "full"}}), params, 2, batches)
+    for key in ("loss", "grad_norm"):
+        assert full[0][key] == pytest.approx(plain[0][key], rel=1e-6), key
+    _, state, bf16 = _train(tl.spec(base | {"model": {"dtype": "bfloat16"}}), params, 2, batches)
+    assert {x.dtype for x in jax.tree.leaves(state["params"])} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {jnp.dtype("float32")}
+    assert bf16[0]["loss"] == pytest.approx(plain[0]["loss"], rel=2e-2)  # bfloat16 logits, float32 loss
+    assert bf16[0]["loss"] != plain[0]["loss"]  # the forward really ran in bfloat16
