@@ -165,13 +165,16 @@ def run(spec_path, overrides):
     key is refused. SIGTERM/SIGINT save a checkpoint and exit non-zero."""
     spec = _load_spec_or_exit(spec_path, overrides)
     from ftc.backends.jax.checkpoint import ResumeRefusedError
+    from ftc.backends.jax.data_read import DataError
+    from ftc.backends.jax.model_source import ModelSourceError
     from ftc.backends.jax.run import run as run_spec
     from ftc.backends.jax.train_step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
     try:
         summary = run_spec(spec, echo=click.echo)
-    except (ResumeRefusedError, NonFiniteLossError, NotImplementedError, PlanError) as e:
+    except (ResumeRefusedError, NonFiniteLossError, NotImplementedError, PlanError, ModelSourceError, DataError,
+            FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1)
     click.echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
