@@ -40,11 +40,13 @@ def test_plan_llama3_70b_from_config_json_alone_counts_params_and_allocates_noth
         '[data]\nformat = "chat"\ntrain = "x.jsonl"\n'
         '[training]\nsteps = 100\nbatch_size = 64\nmicro_batch_size = 16\nremat = "full"\n[mesh]\ntensor = 8\n')
     # A fresh process, so its peak RSS measures planning alone (the 70B float32 weights are 282 GB).
-    code = ("import json, resource, sys; from click.testing import CliRunner; from ftc.cli import main; "
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so the child would report the peak
+    # of the (large, forked) pytest process that started it.
+    code = ("import json, re, sys; from click.testing import CliRunner; from ftc.cli import main; "
             "r = CliRunner().invoke(main, ['plan', sys.argv[1], '--devices', '64', '--json']); "
             "assert r.exit_code == 0, r.output; "
-            "print(json.dumps({'plan': json.loads(r.output), "
-            "'rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+            "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1); "
+            "print(json.dumps({'plan': json.loads(r.output), 'rss_mb': int(hwm) / 1024}))")
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.toml")], capture_output=True, text=True,
                          cwd=tmp_path, timeout=120)
