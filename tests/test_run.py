@@ -117,7 +117,13 @@ def test_run_writes_resolved_spec_metrics_tensorboard_and_checkpoints(root, unin
         assert np.isfinite(r["loss"]) and r["tokens_per_second"] > 0
     assert train[0]["learning_rate"] == 0.0 and train[1]["learning_rate"] == pytest.approx(5e-4)  # warmup 2
     assert train[-1]["loss"] < train[0]["loss"]
-    assert [r["step"] for r in val] == [4, 8]
+    assert [r["step"] for r in val] == [0, 4, 8]  # the starting loss, then every eval_every steps
+    assert val[-1]["loss"] < val[0]["loss"]
+    with open(os.path.join(run_dir, "data_stats.json")) as f:
+        stats = json.load(f)
+    assert stats["train_clean"]["seen"] == 48 and stats["train_clean"]["kept"] == 48
+    assert stats["validation_from"] == "file" and stats["validation_clean"]["kept"] == 6
+    assert stats["packing"] and 0 < stats["packing_efficiency"] <= 1
     assert all(r["perplexity"] == pytest.approx(np.exp(r["loss"])) for r in val)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(run_dir, "tensorboard")))
     reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), read_only=True)

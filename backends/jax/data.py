@@ -138,11 +138,12 @@ class Datasets:
         """A checkpointable iterator: `get_state()` -> small dict, `set_state(state)` resumes exactly."""
         return data_loader.iterate(self.train_dataset(), state)
 
-    def validation_batches(self) -> Iterator[dict]:
-        """This process's share of every validation batch, in order (`validation_steps` of them)."""
+    def validation_batches(self, batch_size: int | None = None) -> Iterator[dict]:
+        """This process's share of every validation batch, in order (`validation_steps` of them
+        at the default `batch_size`; a run evaluates in micro-batches to bound memory)."""
         if self.validation_rows is None:
             return iter(())
-        return iter(data_loader.eval_dataset(self.validation_rows, batch_size=self.batch_size,
+        return iter(data_loader.eval_dataset(self.validation_rows, batch_size=batch_size or self.batch_size,
                                              process_index=self.process_index,
                                              process_count=self.process_count))
 

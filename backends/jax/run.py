@@ -1,6 +1,7 @@
 """`ftc run`: spec -> plan -> program -> run directory.
 
-    load spec -> resolve the base model -> config.json -> data -> plan -> mesh
+    load spec -> resolve the base model -> config.json -> data (data.build_datasets; its stats go to
+    the log and data_stats.json) -> plan -> mesh
     -> params (from the base, `model.init_from`, or the latest checkpoint) -> optimizer
     -> loop (progress bar, metrics.jsonl, TensorBoard, eval, checkpoints) -> final checkpoint
 
@@ -34,6 +35,7 @@ from ftc.backends.jax import train_step as ts
 from ftc.compiler import plan as plan_lib
 
 RESOLVED_SPEC = "spec.resolved.json"
+DATA_STATS = "data_stats.json"
 
 
 class Interrupted(SystemExit):
@@ -121,54 +123,33 @@ def load_tokenizer(directory: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
-@dataclasses.dataclass(frozen=True)
-class LmData:
-    train: dict  # [N, T] arrays (data_pack layout)
-    validation: dict | None
-    summary: str
-
-
-def prepare_lm_data(spec, tokenizer) -> LmData:
-    """Causal-LM rows for sft: read -> clean -> (hold out validation) -> tokenize -> cap lengths
-    -> shuffle with the seed -> pack."""
-    from ftc.backends.jax import data_clean, data_pack, data_read, data_tokenize
+def build_data(spec, tokenizer):
+    """The run's `data.Datasets` (read -> clean -> validation hold-out -> tokenise -> pack ->
+    grain), from the spec's [data] keys; this process's share of every batch."""
+    from ftc.backends.jax import data as data_lib
 
     d = spec.data
-    if spec.training.objective != "sft" or d.format not in ("chat", "completion", "text"):
-        raise NotImplementedError(f"ftc run trains training.objective='sft' on chat/completion/text data; "
-                                  f"objective={spec.training.objective!r} with data.format={d.format!r} is "
-                                  f"not wired in yet")
     clean = d.clean
-    clean_kw = dict(format=d.format, dedupe=clean.dedupe, drop_empty=clean.drop_empty, roles=clean.roles,
-                    unknown_roles=clean.unknown_roles, train_on=d.train_on or "all")
-    read = data_read.read_rows(d.train_sources, format=d.format, on_bad_row=d.on_bad_row)
-    rows, report = data_clean.clean_rows(read.rows, **clean_kw)
-    val_rows: list = []
-    if d.validation:
-        val_read = data_read.read_rows(d.validation, format=d.format, on_bad_row=d.on_bad_row)
-        exclude = {data_clean.row_hash(r.data) for r in rows}
-        val_rows, _ = data_clean.clean_rows(val_read.rows, **clean_kw, exclude=exclude)
-    elif d.validation_split:
-        order = np.random.default_rng(spec.training.seed).permutation(len(rows))
-        n_val = max(1, int(round(d.validation_split * len(rows))))
-        val_rows = [rows[i] for i in sorted(order[:n_val])]
-        rows = [rows[i] for i in sorted(order[n_val:])]
+    return data_lib.build_datasets(
+        format=d.format, train=d.train_sources, tokenizer=tokenizer, max_seq_len=spec.model.max_seq_len,
+        batch_size=spec.training.batch_size, validation=d.validation, validation_split=d.validation_split or 0.0,
+        packing=bool(d.packing), train_on=d.train_on or "assistant", shuffle=d.shuffle,
+        clean={"dedupe": clean.dedupe, "drop_empty": clean.drop_empty, "roles": clean.roles,
+               "unknown_roles": clean.unknown_roles, "overlong": clean.overlong},
+        on_bad_row=d.on_bad_row, labels=d.labels, seed=spec.training.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
-    def lm_rows(rs, shuffle: bool):
-        items = data_tokenize.tokenize_rows(rs, format=d.format, tokenizer=tokenizer, train_on=d.train_on or "all")
-        items, rep = data_clean.clean_lengths(items, max_seq_len=spec.model.max_seq_len, overlong=clean.overlong)
-        if shuffle:
-            items = [items[i] for i in np.random.default_rng(spec.training.seed).permutation(len(items))]
-        return data_pack.pack_lm(items, seq_len=spec.model.max_seq_len, packing=bool(d.packing)), rep
 
-    train, len_report = lm_rows(rows, d.shuffle)
-    if train.rows == 0:
-        raise ValueError(f"no training rows left after cleaning ({report.then(len_report).summary()})")
-    validation = lm_rows(val_rows, False)[0].arrays if val_rows else None
-    summary = (f"train: {report.then(len_report).summary()}; {train.rows} rows of {spec.model.max_seq_len} "
-               f"tokens, {100 * train.efficiency:.1f}% filled"
-               + (f"; validation: {len(val_rows)} examples" if val_rows else ""))
-    return LmData(train.arrays, validation, summary)
+def write_data_stats(stats, run_dir: str) -> None:
+    """`<run_dir>/data_stats.json`: rows read, kept and dropped per reason, packing efficiency."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, DATA_STATS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(stats.to_dict(), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, os.path.join(run_dir, DATA_STATS))
 
 
 # ------------------------------------------------------------------ stop signals
@@ -207,7 +188,8 @@ class StopSignals:
 class LoopConfig:
     total_steps: int
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # 0: only at the end (and at step 0)
+    eval_at_start: bool = True  # evaluate before the first step: the starting validation loss
     checkpoint_every: int = 0  # 0: only at the end and on interrupt
     progress: bool = True
 
@@ -262,6 +244,8 @@ def train_loop(
         bar.write(f"step {at}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}")
 
     try:
+        if step == 0 and config.eval_at_start:
+            run_eval(0)
         while step < config.total_steps:
             if stop is not None and stop.signum is not None:
                 save(step)
@@ -333,8 +317,6 @@ def _write_resolved_spec(spec, run_dir: str) -> None:
 def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int], None] | None = None) -> dict:
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
     there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`."""
-    from ftc.backends.jax import data_loader
-
     run_dir = os.path.abspath(spec.run_dir)
     model_dir, hf_config = read_model_config(spec.model.base)
     if model_dir is None:
@@ -342,10 +324,9 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     tok_dir = tokenizer_dir(spec, model_dir)
     tokenizer = load_tokenizer(tok_dir)
     tok_hash = tokenizer_hash(tok_dir)
-    data = prepare_lm_data(spec, tokenizer)
-    echo(data.summary)
-    n_train = data_loader.num_rows(data.train)
-    spe = data_loader.steps_per_epoch(n_train, spec.training.batch_size)
+    data = build_data(spec, tokenizer)
+    echo(data.stats.summary())
+    spe = data.steps_per_epoch
 
     family, arch, module = build_module(hf_config, spec)
     boxed = shapes.abstract_boxed_params(module)
@@ -383,16 +364,12 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
                        donate_argnums=(0,))
         state = init(params)
     _write_resolved_spec(spec, run_dir)
+    write_data_stats(data.stats, run_dir)
 
-    pi, pc = jax.process_index(), jax.process_count()
-    train_ds = data_loader.train_dataset(data.train, batch_size=spec.training.batch_size, seed=spec.training.seed,
-                                         shuffle=spec.data.shuffle, process_index=pi, process_count=pc)
-    train_iter = data_loader.iterate(train_ds, data_state)
+    train_iter = data.train_iterator(data_state)  # positioned where the checkpoint left off
     eval_batches = None
-    if data.validation is not None:
-        eval_ds = data_loader.eval_dataset(data.validation, batch_size=spec.training.micro_batch_size,
-                                           process_index=pi, process_count=pc)
-        eval_batches = lambda: iter(eval_ds)
+    if data.validation_rows is not None:
+        eval_batches = lambda: data.validation_batches(spec.training.micro_batch_size)
     logger = run_log.RunLogger(run_dir, tensorboard=spec.logging.tensorboard, resume_step=latest)
     config = LoopConfig(total_steps=total, log_every=spec.training.log_every, eval_every=spec.training.eval_every,
                         checkpoint_every=spec.checkpoint.every, progress=spec.logging.progress)

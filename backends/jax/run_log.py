@@ -51,7 +51,8 @@ class RunLogger:
         if not self.writer_process:
             return
         os.makedirs(run_dir, exist_ok=True)
-        truncate_after(self.path, resume_step or 0)
+        # A fresh start (no checkpoint) drops every earlier row, the step-0 evaluation's included.
+        truncate_after(self.path, -1 if resume_step is None else resume_step)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
