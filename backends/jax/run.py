@@ -36,6 +36,7 @@ from ftc.compiler import plan as plan_lib
 
 RESOLVED_SPEC = "spec.resolved.json"
 DATA_STATS = "data_stats.json"
+SHOWN_VALIDATION = ("loss", "perplexity", "token_accuracy", "reward_accuracy", "reward_margin")
 
 
 class Interrupted(SystemExit):
@@ -236,12 +237,16 @@ def train_loop(
             checkpointer.save(at, state, train_iter.get_state(), metadata)
 
     def run_eval(at: int):
+        nonlocal window_start
         if eval_batches is None:
             return
+        began = time.perf_counter()
         result = ts.evaluate(steps, state, eval_batches())
         if logger:
             logger.log(at, "validation", result)
-        bar.write(f"step {at}: validation loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}")
+        shown = [f"{k.replace('_', ' ')} {result[k]:.4f}" for k in SHOWN_VALIDATION if k in result]
+        bar.write(f"step {at}: validation {', '.join(shown)}")
+        window_start += time.perf_counter() - began  # tokens/s counts training time only
 
     try:
         if step == 0 and config.eval_at_start:
@@ -256,7 +261,7 @@ def train_loop(
             batch = next(train_iter)
             state, metrics = steps.train(state, steps.put_train_batch(batch))
             step += 1
-            window_tokens += float(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+            window_tokens += float(ts.real_tokens(batch)) * jax.process_count()
             if after_step is not None:
                 after_step(step)
             bar.update(1)
@@ -264,10 +269,7 @@ def train_loop(
             if step % max(config.log_every, 1) == 0 or last:
                 host = checked(step)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                row = {"loss": host["loss"], "learning_rate": host["learning_rate"],
-                       "tokens_per_second": window_tokens / elapsed, "grad_norm": host["grad_norm"],
-                       "token_accuracy": host["token_accuracy"], "tokens": host["tokens"],
-                       **run_log.device_memory()}
+                row = {**host, "tokens_per_second": window_tokens / elapsed, **run_log.device_memory()}
                 if logger:
                     logger.log(step, "train", row)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")

@@ -1,13 +1,16 @@
 """The jitted train and eval steps.
 
 Train state is a plain dict pytree: {"step": int32[], "params": tree, "opt_state": tree,
-"rng": uint32[2]}. A batch for one optimizer step is a dict of [accum, micro, T] arrays
-(input_ids, targets, weights, segment_ids, positions); micro-batches are scanned.
+"rng": uint32[2]} plus, for objectives that compare against a frozen copy of the starting
+parameters (DPO of a full fine-tune), "reference": tree. A batch for one optimizer step is a
+tree of [accum, micro, ...] arrays (the data pipeline's batch, see data.py); micro-batches are
+scanned.
 
-The loss is token-weighted over the whole optimizer step: sum(weight * token loss) over every
-micro-batch, divided once by the total weight. So a batch split into 4 micro-batches, packed
-or spread over data-parallel devices gives the same loss and gradient as one full batch (up to
-float reassociation) -- unlike averaging per micro-batch.
+What is computed is an `Objective`: per micro-batch *sums* (e.g. weighted token loss and total
+weight), added over every micro-batch of the step, and metrics that are ratios of those totals.
+The loss is divided once by the total weight of the whole optimizer step. So a batch split into 4
+micro-batches, packed or spread over data-parallel devices gives the same loss and gradient as one
+full batch (up to float reassociation) -- unlike averaging per micro-batch.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ftc.backends.jax.shapes import path_str
 
 BATCH_KEYS = ("input_ids", "targets", "weights", "segment_ids", "positions")
 SUM_KEYS = ("loss_sum", "weight_sum", "correct_sum", "tokens")
+REFERENCE = "reference"  # the train-state key of a frozen reference copy of the parameters
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,10 +42,10 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------ loss
 
 
-def causal_lm_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array
-                   ) -> dict[str, jax.Array]:
+def causal_lm_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
+                   reference: Any = None) -> dict[str, jax.Array]:
     """Sums over one micro-batch: weighted token cross-entropy (float32), total weight, weighted
-    correct next-token predictions, and real (non-padding) tokens."""
+    correct next-token predictions, and real (non-padding) tokens. (`reference` is unused.)"""
     logits_BTV = model.apply(
         {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
         positions=batch["positions"], output="logits", rngs={"dropout": rng},
@@ -59,20 +63,62 @@ def causal_lm_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]
     }
 
 
-LossSums = Callable[[nn.Module, Any, Mapping[str, jax.Array], jax.Array], dict]
+def nonzero(w):
+    """`w`, or 1 where `w` is 0 (a sum over no examples is 0, so the ratio reads 0): arithmetic
+    only, so it works on traced arrays and on host floats alike."""
+    return w + (w == 0)
+
+
+def causal_lm_summary(totals: Mapping[str, Any]) -> dict[str, Any]:
+    w = totals["weight_sum"]
+    return {"loss": totals["loss_sum"] / nonzero(w), "token_accuracy": totals["correct_sum"] / nonzero(w),
+            "tokens": totals["tokens"], "loss_weight": w}
+
+
+LossSums = Callable[..., dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the train and eval steps compute.
+
+    sums(model, params, micro_batch, rng, reference) -> float32 scalar sums over the micro-batch,
+        keyed by `sum_keys`; "loss_sum" (the objective summed over examples or tokens) and
+        "weight_sum" (what the step's loss is divided by) are required. `reference` is the state's
+        frozen reference parameters, or None when the state has none.
+    summarize(totals) -> metrics, from the sums added over a whole step or validation pass. Only
+        arithmetic, so the same function runs in the jitted step and on host floats.
+    batch_keys: the top-level batch keys the steps take (anything else in a host batch is left out).
+    """
+
+    name: str
+    sums: LossSums
+    summarize: Callable[[Mapping[str, Any]], dict]
+    sum_keys: tuple[str, ...]
+    batch_keys: tuple[str, ...]
+    perplexity: bool = False  # validation also reports exp(loss)
+
+
+CAUSAL_LM = Objective("sft", causal_lm_sums, causal_lm_summary, SUM_KEYS, BATCH_KEYS, perplexity=True)
 
 
 # ------------------------------------------------------------------ state
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, mask: Any, seed: int) -> dict:
+def init_state(params: Any, tx: optax.GradientTransformation, mask: Any, seed: int, *,
+               reference: bool = False) -> dict:
+    """The step-0 state; with `reference`, also a frozen copy of `params` (an extra
+    parameter-sized buffer, never updated) under "reference"."""
     trainable, _ = split_params(params, mask)
-    return {
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "opt_state": tx.init(trainable),
         "rng": jax.random.PRNGKey(seed),
     }
+    if reference:
+        state[REFERENCE] = jax.tree.map(jnp.copy, params)
+    return state
 
 
 def state_shardings(mesh: Mesh, abstract_state: dict, partitions: Mapping[str, tuple]) -> dict:
@@ -91,18 +137,21 @@ def state_shardings(mesh: Mesh, abstract_state: dict, partitions: Mapping[str, t
                     best = p
         return mesh_lib.param_sharding(mesh, partitions[best]) if best else mesh_lib.replicated(mesh)
 
-    return {
+    out = {
         "step": mesh_lib.replicated(mesh),
         "params": params_sh,
         "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"]),
         "rng": mesh_lib.replicated(mesh),
     }
+    if REFERENCE in abstract_state:
+        out[REFERENCE] = params_sh
+    return out
 
 
-def abstract_state(abstract_params: Any, tx: optax.GradientTransformation, mask: Any, shardings: dict | None = None
-                   ) -> dict:
+def abstract_state(abstract_params: Any, tx: optax.GradientTransformation, mask: Any, shardings: dict | None = None,
+                   *, reference: bool = False) -> dict:
     """The train state as ShapeDtypeStructs (with shardings when given): a restore target."""
-    shapes = jax.eval_shape(lambda p: init_state(p, tx, mask, 0), abstract_params)
+    shapes = jax.eval_shape(lambda p: init_state(p, tx, mask, 0, reference=reference), abstract_params)
     if shardings is None:
         return shapes
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
@@ -121,16 +170,37 @@ class Steps:
     train_batch_sharding: NamedSharding
     eval_batch_sharding: NamedSharding
     accum_steps: int
+    objective: Objective = CAUSAL_LM
 
-    def put_train_batch(self, batch: Mapping[str, np.ndarray]) -> dict:
-        """[B, T] host arrays -> [accum, B / accum, T] device arrays."""
+    def put_train_batch(self, batch: Mapping[str, Any]) -> dict:
+        """[B, ...] host arrays -> [accum, B / accum, ...] device arrays."""
         a = self.accum_steps
-        shaped = {k: np.asarray(v).reshape((a, v.shape[0] // a) + v.shape[1:]) for k, v in batch.items()
-                  if k in BATCH_KEYS}
-        return mesh_lib.put_batch(shaped, self.train_batch_sharding)
+        shaped = jax.tree.map(lambda v: np.asarray(v).reshape((a, v.shape[0] // a) + v.shape[1:]),
+                              self._keep(batch))
+        return _put(shaped, self.train_batch_sharding)
 
-    def put_eval_batch(self, batch: Mapping[str, np.ndarray]) -> dict:
-        return mesh_lib.put_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, self.eval_batch_sharding)
+    def put_eval_batch(self, batch: Mapping[str, Any]) -> dict:
+        return _put(self._keep(batch), self.eval_batch_sharding)
+
+    def _keep(self, batch: Mapping[str, Any]) -> dict:
+        missing = [k for k in self.objective.batch_keys if k not in batch]
+        if missing:
+            raise KeyError(f"objective {self.objective.name!r} needs batch keys {missing}; the batch has "
+                           f"{sorted(batch)}")
+        return {k: batch[k] for k in self.objective.batch_keys}
+
+
+def _put(batch: Any, sharding: NamedSharding) -> Any:
+    """A tree of host numpy arrays (this process's rows) -> global jax arrays with `sharding`."""
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
+
+
+def real_tokens(batch: Any) -> int:
+    """Real (non-padding) tokens in a host batch: non-zero `segment_ids` wherever they occur."""
+    if isinstance(batch, Mapping):
+        return sum(int(np.count_nonzero(v)) if k == "segment_ids" else real_tokens(v) for k, v in batch.items()
+                   if k == "segment_ids" or isinstance(v, Mapping))
+    return 0
 
 
 def build_steps(
@@ -142,7 +212,7 @@ def build_steps(
     state_sh: dict,
     *,
     accum_steps: int,
-    loss_sums: LossSums = causal_lm_sums,
+    objective: Objective = CAUSAL_LM,
 ) -> Steps:
     """Jit the train step (state donated, explicit in/out shardings) and the eval step."""
     replicated = mesh_lib.replicated(mesh)
@@ -158,16 +228,17 @@ def build_steps(
             micro_batch, i = xs
 
             def loss(tr):
-                sums = loss_sums(model, merge_params(tr, frozen, mask), micro_batch, jax.random.fold_in(rng, i))
+                sums = objective.sums(model, merge_params(tr, frozen, mask), micro_batch, jax.random.fold_in(rng, i),
+                                      state.get(REFERENCE))
                 return sums["loss_sum"], sums
 
             (_, sums), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
             grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-            sums_acc = {k: sums_acc[k] + sums[k] for k in SUM_KEYS}
+            sums_acc = {k: sums_acc[k] + sums[k] for k in objective.sum_keys}
             return (grads_acc, sums_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-        sums0 = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+        sums0 = {k: jnp.zeros((), jnp.float32) for k in objective.sum_keys}
         (grads, sums), _ = jax.lax.scan(micro, (zeros, sums0), (batch, jnp.arange(accum_steps)))
         denom = jnp.maximum(sums["weight_sum"], 1e-8)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -177,25 +248,21 @@ def build_steps(
         # Frozen leaves are passed through untouched, so they stay bitwise equal.
         new_params = merge_params(new_trainable, frozen, mask)
         metrics = {
-            "loss": sums["loss_sum"] / denom,
-            "token_accuracy": sums["correct_sum"] / denom,
-            "tokens": sums["tokens"],
-            "loss_weight": sums["weight_sum"],
+            **objective.summarize(sums),
             "grad_norm": grad_norm,
             "learning_rate": jnp.asarray(schedule(state["step"]), jnp.float32),
         }
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+        new_state = {**state, "step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
         return new_state, metrics
 
     def eval_step(state: dict, batch: dict) -> dict:
-        return loss_sums(model, state["params"], batch, state["rng"])
+        return objective.sums(model, state["params"], batch, state["rng"], state.get(REFERENCE))
 
-    train_batch_tree = {k: train_batch_sh for k in BATCH_KEYS}
-    eval_batch_tree = {k: eval_batch_sh for k in BATCH_KEYS}
-    train = jax.jit(train_step, in_shardings=(state_sh, train_batch_tree),
+    # One sharding for the whole batch tree (a pytree prefix): every leaf splits its batch axis.
+    train = jax.jit(train_step, in_shardings=(state_sh, train_batch_sh),
                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    evaluate = jax.jit(eval_step, in_shardings=(state_sh, eval_batch_tree), out_shardings=replicated)
-    return Steps(train, evaluate, state_sh, train_batch_sh, eval_batch_sh, accum_steps)
+    evaluate = jax.jit(eval_step, in_shardings=(state_sh, eval_batch_sh), out_shardings=replicated)
+    return Steps(train, evaluate, state_sh, train_batch_sh, eval_batch_sh, accum_steps, objective)
 
 
 # ------------------------------------------------------------------ host-side helpers
@@ -216,24 +283,21 @@ def check_finite(metrics: Mapping[str, float], step: int) -> None:
         )
 
 
-def eval_summary(sums: Mapping[str, float]) -> dict[str, float]:
-    """Token-weighted validation metrics from summed eval-step outputs."""
-    w = max(sums["weight_sum"], 1e-8)
-    loss = sums["loss_sum"] / w
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
-        "token_accuracy": sums["correct_sum"] / w,
-        "tokens": sums["tokens"],
-        "loss_weight": sums["weight_sum"],
-    }
+def eval_summary(objective: Objective, totals: Mapping[str, float]) -> dict[str, float]:
+    """Validation metrics from eval-step sums added over the whole pass (host floats)."""
+    out = {k: float(v) for k, v in objective.summarize(totals).items()}
+    if objective.perplexity:
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))
+    return out
 
 
 def evaluate(steps: Steps, state: dict, batches) -> dict[str, float]:
-    """Run the eval step over an iterable of host batches and return token-weighted metrics."""
-    total = {k: 0.0 for k in SUM_KEYS}
+    """Run the eval step over an iterable of host batches; the metrics are ratios of sums over
+    the whole pass (token- or pair-weighted, however the batches are cut)."""
+    keys = steps.objective.sum_keys
+    total = {k: 0.0 for k in keys}
     for batch in batches:
         out = host_metrics(steps.eval(state, steps.put_eval_batch(batch)))
-        for k in SUM_KEYS:
+        for k in keys:
             total[k] += out[k]
-    return eval_summary(total)
+    return eval_summary(steps.objective, total)
