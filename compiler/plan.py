@@ -59,16 +59,18 @@ class ModelSummary:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per device. Activations are an estimate for one micro-batch (see _activation_bytes)."""
+    """Bytes per device. Activations are an estimate for one micro-batch (see _activation_bytes).
+    `reference`: DPO of a full fine-tune keeps a frozen copy of the starting parameters."""
 
     params: int
     grads: int
     optimizer: int
     activations: int
+    reference: int = 0
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.activations + self.reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,11 +319,15 @@ def _memory(params, model: ModelSummary, batch: BatchGeometry, spec, mesh_shape)
     grad_bytes = sum(_nbytes(p, mesh_shape) for p in trainable)
     if batch.accum_steps > 1:
         grad_bytes *= 2  # the running sum over micro-batches and one micro-batch's gradient
+    dpo = spec.training.objective == "dpo"
+    # DPO runs a pair's chosen and rejected rows as one batch: twice the sequences per micro-batch.
+    activations = _activation_bytes(model, batch, spec, mesh_shape) * (2 if dpo else 1)
     return MemoryEstimate(
         params=int(param_bytes),
         grads=int(grad_bytes),
         optimizer=int(sum(_optimizer_bytes(p, spec.training.optimizer, mesh_shape) for p in trainable)),
-        activations=int(_activation_bytes(model, batch, spec, mesh_shape)),
+        activations=int(activations),
+        reference=int(param_bytes) if dpo and spec.method.kind == "full" else 0,
     )
 
 
@@ -404,7 +410,9 @@ def format_plan(plan: Plan, *, max_params: int = 40) -> str:
         f"optimizer {plan.optimizer.kind}, weight decay {plan.optimizer.weight_decay:g}, "
         f"grad clip {plan.optimizer.grad_clip:g}",
         f"memory/device  params {human_bytes(mem.params)} + grads {human_bytes(mem.grads)} + optimizer "
-        f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)} = {human_bytes(mem.total)}",
+        f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)}"
+        + (f" + DPO reference copy {human_bytes(mem.reference)}" if mem.reference else "")
+        + f" = {human_bytes(mem.total)}",
     ]
     if max_params > 0:
         lines.append("parameters (path  shape  logical axes -> partition):")
