@@ -134,6 +134,37 @@ def test_run_writes_resolved_spec_metrics_tensorboard_and_checkpoints(root, unin
     assert meta["plan_fingerprint"]
 
 
+def test_step0_validation_loss_equals_transformers_loss_on_the_same_tokens(root, uninterrupted):
+    """The correctness gate: the starting validation loss `ftc run` logs (on a 4x2 fsdp x tensor
+    mesh, packed rows, micro-batches) is transformers' PyTorch loss on the same tokens and weights:
+    each packed sequence run on its own, token cross-entropy weighted by the pipeline's weights."""
+    import torch
+    import transformers as tf
+
+    spec = load_spec(write_spec(root, "straight"))
+    data = run_lib.build_data(spec, run_lib.load_tokenizer(root / "model"))
+    model = tf.LlamaForCausalLM.from_pretrained(root / "model").eval()
+    loss_sum = weight_sum = 0.0
+    sequences = 0
+    with torch.no_grad():
+        for batch in data.validation_batches(spec.training.micro_batch_size):
+            for row, segments in enumerate(batch["segment_ids"]):
+                for s in np.unique(segments[segments > 0]):
+                    at = segments == s
+                    logits = model(torch.tensor(batch["input_ids"][row][at])[None]).logits[0].double()
+                    nll = torch.nn.functional.cross_entropy(
+                        logits, torch.tensor(batch["targets"][row][at], dtype=torch.long), reduction="none")
+                    weights = torch.tensor(batch["weights"][row][at], dtype=torch.float64)
+                    loss_sum += float((nll * weights).sum())
+                    weight_sum += float(weights.sum())
+                    sequences += 1
+    assert sequences == 6 and weight_sum > 0
+    start = [r for r in metrics(uninterrupted) if r["split"] == "validation" and r["step"] == 0]
+    assert len(start) == 1 and start[0]["loss_weight"] == weight_sum
+    want = loss_sum / weight_sum
+    assert abs(start[0]["loss"] - want) <= 1e-5 * want, (start[0]["loss"], want)
+
+
 def test_resume_after_sigkill_at_a_random_step_matches_uninterrupted_run(root, uninterrupted):
     # From step 5 on, the step-2 checkpoint is surely complete (Orbax starts the step-4 save only
     # once the step-2 one has committed); the step-4 or step-6 save may be cut off mid-write.
