@@ -166,6 +166,7 @@ def run(spec_path, overrides):
     spec = _load_spec_or_exit(spec_path, overrides)
     from ftc.backends.jax.checkpoint import ResumeRefusedError
     from ftc.backends.jax.data_read import DataError
+    from ftc.backends.jax.export import ExportError, VerifyFailedError
     from ftc.backends.jax.model_source import ModelSourceError
     from ftc.backends.jax.run import run as run_spec
     from ftc.backends.jax.train_step import NonFiniteLossError
@@ -174,10 +175,46 @@ def run(spec_path, overrides):
     try:
         summary = run_spec(spec, echo=click.echo)
     except (ResumeRefusedError, NonFiniteLossError, NotImplementedError, PlanError, ModelSourceError, DataError,
-            FileNotFoundError) as e:
+            FileNotFoundError, ExportError, VerifyFailedError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1)
     click.echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
+
+
+@main.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "adapters"]), default=None,
+              help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
+                   "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Dtype of the written weights. Default: the run's export.dtype.")
+@click.option("--verify/--no-verify", default=None,
+              help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
+                   "on a fixed batch. Default: the run's export.verify.")
+@click.option("--tol", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).")
+@click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+def export(run_dir, out, fmt, dtype, verify, tol, step, force):
+    """Export the final checkpoint of RUN_DIR (a run directory of `ftc run`). The model, the method
+    and the base are read from the checkpoint itself; nothing needs re-entering.
+
+    Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
+    the tolerance.
+    """
+    from ftc.backends.jax.export import ExportError, export_run
+    from ftc.backends.jax.model_source import ModelSourceError
+    from ftc.backends.jax.verify import ReferenceUnavailable
+
+    try:
+        _, check = export_run(run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step,
+                              tol=tol, echo=click.echo)
+    except (ExportError, ModelSourceError, ReferenceUnavailable, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1)
+    raise SystemExit(0 if check is None or check.ok else 1)
 
 
 if __name__ == "__main__":

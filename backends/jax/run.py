@@ -60,41 +60,52 @@ def read_model_config(base: str) -> tuple[Path | None, dict]:
     return model_dir, read_hf_config(model_dir)
 
 
-def build_module(hf_config: dict, spec):
-    """(family, arch, flax module) for the base model, with the spec's remat policy when the
-    family's arch carries one (families.py convention)."""
-    from ftc.backends.jax.families import family_for
+def build_model(hf_config: dict, spec, dtype=None):
+    """The program's model for a spec (a `methods.MethodModel`): the base family's module with the
+    spec's remat policy, transformed by `[method]` (LoRA / QLoRA / adapter), plus its plan and
+    trainable predicate. `.module` trains, `.eval_module` evaluates (no LoRA dropout), `.base` is
+    the untransformed family module; `methods.disabled_params(model, params)` makes the method a
+    no-op (its base model, e.g. a DPO reference). `dtype`: compute dtype, default spec.model.dtype."""
+    from ftc.backends.jax import methods
 
-    family = family_for(hf_config)
-    arch = family.config_from_hf(hf_config)
-    remat = spec.training.remat
-    if dataclasses.is_dataclass(arch) and "remat" in {f.name for f in dataclasses.fields(arch)}:
-        arch = dataclasses.replace(arch, remat=remat)
-    elif remat != "none":
-        raise ValueError(f"training.remat={remat!r}: model family {family.name} does not support remat")
-    return family, arch, family.build(arch, jnp.dtype(spec.model.dtype))
+    return methods.build_model(hf_config, spec, dtype)
+
+
+def build_module(hf_config: dict, spec):
+    """(family, arch, flax module that trains) for a spec: see `build_model`."""
+    model = build_model(hf_config, spec)
+    return model.family, model.arch, model.module
 
 
 def trainable_fn(spec) -> Callable[[str], bool]:
-    if spec.method.kind != "full":
-        raise NotImplementedError(
-            f"method.kind={spec.method.kind!r} is not wired into ftc run yet (only 'full' is)")
-    return lambda path: True
+    """"/"-joined param path -> trained? for the spec's method (see methods.py)."""
+    from ftc.backends.jax import methods
+
+    return methods.trainable_predicate(spec.method.kind)
+
+
+def method_plan(spec, hf_config: dict, device_count: int, model=None, steps_per_epoch: int | None = None
+                ) -> tuple[plan_lib.Plan, Any]:
+    """(Plan, abstract params) for a spec's method. The plan's counts are the method's: trainable
+    weights vs every weight of the model (an NF4 kernel counts its logical weights), with a note on
+    the method's settings and, for QLoRA, the frozen base's bytes."""
+    from ftc.backends.jax import methods
+
+    model = model or build_model(hf_config, spec)
+    infos = shapes.param_infos(shapes.abstract_boxed_params(model.module))
+    plan = plan_lib.compile_plan(spec, hf_config, device_count, param_infos=infos, trainable=model.trainable,
+                                 steps_per_epoch=steps_per_epoch)
+    abstract = methods.abstract_params(model, spec.model.param_dtype)
+    counts = methods.method_counts(model, abstract)
+    plan = dataclasses.replace(plan, param_count=counts.total, trainable_count=counts.trainable,
+                               notes=tuple(counts.lines()) + plan.notes)
+    return plan, abstract
 
 
 def plan_spec(spec, device_count: int | None = None, steps_per_epoch: int | None = None) -> plan_lib.Plan:
     """The Plan for a spec: reads only config.json, never weights."""
     _, hf_config = read_model_config(spec.model.base)
-    _, _, module = build_module(hf_config, spec)
-    infos = shapes.param_infos(shapes.abstract_boxed_params(module))
-    trainable = trainable_fn(spec) if spec.method.kind == "full" else None
-    plan = plan_lib.compile_plan(spec, hf_config, device_count or jax.device_count(), param_infos=infos,
-                                 trainable=trainable, steps_per_epoch=steps_per_epoch)
-    if spec.method.kind != "full":
-        plan = dataclasses.replace(plan, notes=plan.notes + (
-            f"method {spec.method.kind}: trainable counts and memory are those of a full fine-tune until the "
-            f"method is wired into the planner",))
-    return plan
+    return method_plan(spec, hf_config, device_count or jax.device_count(), steps_per_epoch=steps_per_epoch)[0]
 
 
 # ------------------------------------------------------------------ tokenizer and data
@@ -151,6 +162,30 @@ def write_data_stats(stats, run_dir: str) -> None:
         json.dump(stats.to_dict(), f, indent=2)
         f.write("\n")
     os.replace(tmp, os.path.join(run_dir, DATA_STATS))
+
+
+# ------------------------------------------------------------------ objective
+
+
+def build_objective(spec, model) -> tuple[ts.Objective, bool]:
+    """(what the steps compute for `training.objective`, whether the train state carries a frozen
+    reference copy of the starting parameters). DPO's reference model: for lora / qlora / adapter
+    the same parameters with the method disabled (no second copy of the base; an `init_from`
+    adapter is disabled too, so the reference is its base); for a full fine-tune a frozen copy
+    of the starting parameters, one extra parameter-sized buffer (the plan's memory counts it)."""
+    t = spec.training
+    if t.objective == "sft":
+        return ts.CAUSAL_LM, False
+    if t.objective == "dpo":
+        from ftc.backends.jax import dpo, methods
+
+        beta = 0.1 if t.dpo_beta is None else t.dpo_beta
+        if model.kind == "full":
+            return dpo.objective(beta), True
+        return dpo.objective(beta, reference_params=lambda params: methods.disabled_params(model, params)), False
+    raise NotImplementedError(f"training.objective={t.objective!r} with method.kind={spec.method.kind!r} is not "
+                              f"something ftc run trains (sft and dpo train a causal LM; classify is method.kind "
+                              f"= 'probe')")
 
 
 # ------------------------------------------------------------------ stop signals
@@ -292,17 +327,73 @@ def _abstract_params_with_shardings(abstract_params, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params, shardings)
 
 
-def _initial_params(spec, model_dir: Path, abstract_params, param_shardings):
-    """Parameters to start from: `model.init_from` (a run dir's latest checkpoint, or an export
-    / HF dir), else the base model's weights; placed by `param_shardings`."""
-    from ftc.backends.jax.hf_checkpoint import load_model
+def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, model=None):
+    """Parameters to start from, placed by `param_shardings` (a tree matching the method's params):
 
+    model.init_from = a run directory   its latest checkpoint: the whole tree when that run trained
+                                        the same method, or a full fine-tune's params as this
+                                        method's base
+    model.init_from = a PEFT LoRA dir   (lora, qlora) base from model.base, factors from the adapter
+    model.init_from = an ftc adapter    (adapter) adapters from the export; the base from the export
+                      export            when it holds one (format hf), else from model.base
+    model.init_from = an HF directory   its weights as the base
+    otherwise                           model.base's weights
+    The method's fresh parameters (LoRA A random and B zero, NF4 storage, adapters with up = 0) are
+    added to a base, so a run starts computing exactly what its base model computes."""
+    from ftc.backends.jax import adapters, lora, methods
+    from ftc.backends.jax.hf_checkpoint import abstract_params as family_abstract, load_model
+
+    if model is None:
+        model = build_model(read_model_config(spec.model.base)[1], spec)
     dtype = jnp.dtype(spec.model.param_dtype)
+    kind = model.kind
     source = spec.model.init_from
+    base_dir, method_dir = model_dir, None
     if source and os.path.isdir(ckpt_lib.checkpoint_dir(source)):
         reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(source), read_only=True)
-        return reader.restore_params(_abstract_params_with_shardings(abstract_params, param_shardings))
-    return load_model(source or model_dir, dtype=dtype, shardings=param_shardings).params
+        earlier = reader.metadata().get("spec", {}).get("method", {}).get("kind", "full")
+        if earlier == kind:
+            return reader.restore_params(_abstract_params_with_shardings(abstract_params, param_shardings))
+        if earlier != "full":
+            raise ValueError(f"model.init_from={source!r} is a {earlier} run; a {kind} run starts from a run of the "
+                             f"same method or of a full fine-tune. Export it first (`ftc export {source} --format hf` "
+                             f"merges a LoRA) and give the export directory as model.init_from")
+        base = reader.restore_params(_abstract_params_with_shardings(
+            family_abstract(model.family, model.arch, dtype), methods.base_shardings(model, param_shardings)))
+    else:
+        if source:
+            source_path = Path(source)
+            adapter_config = source_path / "adapter_config.json"
+            if adapter_config.is_file():
+                found = json.loads(adapter_config.read_text())
+                want = ("lora", "qlora") if found.get("peft_type") else ("adapter",) \
+                    if found.get("format") == adapters.FORMAT else ()
+                if kind not in want:
+                    what = f"a PEFT {found.get('peft_type')} adapter" if found.get("peft_type") else "an adapter export"
+                    raise ValueError(f"model.init_from={source!r} is {what}, which a method.kind={kind!r} run cannot "
+                                     f"start from" + (f" (expected method.kind {' or '.join(want)})" if want else ""))
+                method_dir = source_path
+            elif (source_path / "config.json").is_file():
+                base_dir = source_path
+                nested = source_path / "ftc_adapters"
+                if (nested / "adapter_config.json").is_file():
+                    if kind != "adapter":
+                        raise ValueError(f"model.init_from={source!r} holds bottleneck adapters (ftc_adapters/) "
+                                         f"that a method.kind={kind!r} run would drop; start an adapter run from it, "
+                                         f"or a {kind} run from its base model")
+                    method_dir = nested
+            else:
+                raise ValueError(f"model.init_from={source!r}: expected a run directory (with checkpoints/), a "
+                                 f"Hugging Face directory (config.json), a PEFT adapter or an ftc adapter export")
+        base = load_model(base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings)).params
+    params = methods.init_method_params(model, base, spec.training.seed, shardings=param_shardings, param_dtype=dtype)
+    if method_dir is not None:
+        if kind == "adapter":
+            params = adapters.import_adapters(model.plan, method_dir, params)
+        else:
+            params = lora.load_peft_adapter(method_dir, model.family, model.arch, model.plan, params)
+        params = jax.device_put(params, param_shardings)
+    return params
 
 
 def _write_resolved_spec(spec, run_dir: str) -> None:
@@ -319,6 +410,8 @@ def _write_resolved_spec(spec, run_dir: str) -> None:
 def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int], None] | None = None) -> dict:
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
     there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`."""
+    if spec.method.kind == "probe":
+        return run_probe(spec, echo=echo)
     run_dir = os.path.abspath(spec.run_dir)
     model_dir, hf_config = read_model_config(spec.model.base)
     if model_dir is None:
@@ -330,22 +423,21 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     echo(data.stats.summary())
     spe = data.steps_per_epoch
 
-    family, arch, module = build_module(hf_config, spec)
-    boxed = shapes.abstract_boxed_params(module)
-    infos = shapes.param_infos(boxed)
-    plan = plan_lib.compile_plan(spec, hf_config, jax.device_count(), param_infos=infos,
-                                 trainable=trainable_fn(spec), steps_per_epoch=spe)
+    model = build_model(hf_config, spec)
+    family, module = model.family, model.module
+    # Abstract params as the method creates them: floating leaves in param_dtype, NF4 storage as is.
+    plan, abstract_params = method_plan(spec, hf_config, jax.device_count(), model=model, steps_per_epoch=spe)
     echo(plan_lib.format_plan(plan, max_params=0))
     total = plan.steps.total_steps
     mesh = mesh_lib.mesh_for_plan(plan)
-    abstract_params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(spec.model.param_dtype)),
-                                   nn.unbox(boxed))
-    mask = opt_lib.trainable_mask(abstract_params, trainable_fn(spec))
+    mask = opt_lib.trainable_mask(abstract_params, model.trainable)
     schedule = opt_lib.make_schedule(plan.schedule, total)
-    tx = opt_lib.make_optimizer(plan.optimizer, schedule, {i.path: i.axes for i in infos})
-    state_abs = ts.abstract_state(abstract_params, tx, mask)
+    tx = opt_lib.make_optimizer(plan.optimizer, schedule, {p.path: p.axes for p in plan.params})
+    objective, with_reference = build_objective(spec, model)
+    state_abs = ts.abstract_state(abstract_params, tx, mask, reference=with_reference)
     state_sh = ts.state_shardings(mesh, state_abs, plan.partitions())
-    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps)
+    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps,
+                           eval_model=model.eval_module, objective=objective)
 
     checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), keep=spec.checkpoint.keep,
                                          async_save=spec.checkpoint.async_)
@@ -361,9 +453,9 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
             latest)
         echo(f"resumed from step {latest} ({checkpointer.directory})")
     else:
-        params = _initial_params(spec, model_dir, abstract_params, state_sh["params"])
-        init = jax.jit(lambda p: ts.init_state(p, tx, mask, spec.training.seed), out_shardings=state_sh,
-                       donate_argnums=(0,))
+        params = _initial_params(spec, model_dir, abstract_params, state_sh["params"], model=model)
+        init = jax.jit(lambda p: ts.init_state(p, tx, mask, spec.training.seed, reference=with_reference),
+                       out_shardings=state_sh, donate_argnums=(0,))
         state = init(params)
     _write_resolved_spec(spec, run_dir)
     write_data_stats(data.stats, run_dir)
@@ -382,4 +474,96 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     finally:
         logger.close()
         checkpointer.close()
-    return {"run_dir": run_dir, "step": int(jax.device_get(state["step"])), "total_steps": total}
+    summary = {"run_dir": run_dir, "step": int(jax.device_get(state["step"])), "total_steps": total}
+    del state  # export reads the final checkpoint back, sharded its own way
+    if summary["step"] >= total:
+        summary["export"] = export_at_end(run_dir, echo=echo)
+    return summary
+
+
+def export_at_end(run_dir: str, *, echo: Callable[[str], None] = print) -> str:
+    """The run's export/ (replaced if there), as the spec's [export] asks: `ftc export RUN_DIR`
+    with its defaults. Raises export.VerifyFailedError when export.verify finds a difference."""
+    from ftc.backends.jax import export as export_lib
+
+    result, check = export_lib.export_run(run_dir, force=True, echo=echo)
+    if check is not None and not check.ok:
+        raise export_lib.VerifyFailedError(f"{result.out_dir}: {check.summary()}")
+    echo(f"to export again in another dtype or format: ftc export {run_dir} --out DIR [--dtype ...] [--format ...]")
+    return str(result.out_dir)
+
+
+def run_probe(spec, *, echo: Callable[[str], None] = print) -> dict:
+    """`ftc run` for method.kind = "probe": pooled features of the frozen base over the
+    classification data (cached under RUN_DIR/features), a head trained on them with the spec's
+    optimizer and schedule (probe.run_probe), metrics.jsonl, probe_metrics.json and export/.
+    A finished probe run with the same spec is not redone; a changed training-relevant key is
+    refused as for any run; changed [export] keys run it again (the features come from the cache)."""
+    import shutil
+
+    from ftc.backends.jax import methods, probe
+    from ftc.backends.jax.hf_checkpoint import LoadedModel
+
+    run_dir = os.path.abspath(spec.run_dir)
+    done, resolved = os.path.join(run_dir, "probe_metrics.json"), os.path.join(run_dir, RESOLVED_SPEC)
+    if os.path.exists(done) and os.path.exists(resolved):
+        with open(resolved, encoding="utf-8") as f:
+            old = json.load(f)
+        ckpt_lib.check_resumable({"spec": old}, spec.to_dict(), None, resolved)
+        if old == spec.to_dict():
+            with open(done, encoding="utf-8") as f:
+                metrics = json.load(f)
+            echo(f"probe run already complete in {run_dir} (probe_metrics.json); nothing to do")
+            return {"run_dir": run_dir, "step": metrics["steps"], "total_steps": metrics["steps"], "metrics": metrics,
+                    "export": os.path.join(run_dir, "export")}
+    model_dir, hf_config = read_model_config(spec.model.base)
+    if model_dir is None:
+        raise FileNotFoundError(f"model.base={spec.model.base!r} has a config.json but no *.safetensors weights")
+    tok_dir = tokenizer_dir(spec, model_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    data = build_data(spec, tokenizer)
+    echo(data.stats.summary())
+    model = build_model(hf_config, spec)
+    abstract = methods.abstract_params(model, spec.model.param_dtype)
+    counts = methods.method_counts(model, abstract)
+    for line in counts.lines():
+        echo(line)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = _initial_params(spec, model_dir, abstract, jax.tree.map(lambda _: one, abstract), model=model)
+    loaded = LoadedModel(model.family, model.arch, params, hf_config, Path(model_dir))
+
+    train = probe.ClassificationArrays.from_data_rows(data.train_rows)
+    validation = probe.ClassificationArrays.from_data_rows(data.validation_rows) \
+        if data.validation_rows is not None else None
+    t = spec.training
+    batch_size = min(t.batch_size, len(train.labels))
+    steps = t.steps if t.steps is not None else t.epochs * max(1, len(train.labels) // batch_size)
+    sched = t.schedule
+    schedule = opt_lib.make_schedule(plan_lib.SchedulePlan(sched.kind, t.learning_rate, sched.warmup_steps,
+                                                           sched.warmup_ratio, sched.min_lr_ratio), steps)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else hf_config.get("pad_token_id")
+    if jax.process_index() == 0:  # a re-run (changed [export]) starts these afresh
+        for stale in ("metrics.jsonl", "probe_metrics.json"):
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+        shutil.rmtree(os.path.join(run_dir, "export"), ignore_errors=True)
+    _write_resolved_spec(spec, run_dir)
+    write_data_stats(data.stats, run_dir)
+    result = probe.run_probe(loaded, model.config, train, list(data.label_names), validation=validation,
+                             run_dir=run_dir, dtype=jnp.dtype(spec.model.dtype), pad_token_id=pad_id, steps=steps,
+                             batch_size=batch_size, tx=opt_lib.make_optimizer(t.optimizer, schedule),
+                             seed=t.seed, log_every=t.log_every, export=True, export_dtype=spec.export.dtype,
+                             tokenizer_dir=str(tok_dir) if tokenizer_hash(tok_dir) else None)
+    m = result.metrics
+    for split in ("train", "validation"):
+        if split in m:
+            r = m[split]
+            echo(f"probe {split}: accuracy {r['accuracy']:.4f} (majority baseline {r['majority_accuracy']:.4f}), "
+                 f"macro-F1 {r['macro_f1']:.4f} (baseline {r['majority_macro_f1']:.4f}) on {r['examples']} examples")
+    if result.export:
+        echo(f"exported {result.export['kind']} ({result.export['architecture']}) to {result.export['dir']}"
+             + (f"; note: {m['export_note']}" if m.get("export_note") else ""))
+    if spec.export.verify:
+        echo("note: export.verify does not apply to probes (their export format is checked by ftc's tests)")
+    return {"run_dir": run_dir, "step": steps, "total_steps": steps, "metrics": m,
+            "export": result.export["dir"] if result.export else None}

@@ -213,8 +213,11 @@ def build_steps(
     *,
     accum_steps: int,
     objective: Objective = CAUSAL_LM,
+    eval_model: nn.Module | None = None,
 ) -> Steps:
-    """Jit the train step (state donated, explicit in/out shardings) and the eval step."""
+    """Jit the train step (state donated, explicit in/out shardings) and the eval step.
+    `eval_model` (default `model`) is what the eval step runs: the same parameters without
+    training-only randomness (e.g. LoRA dropout: methods.MethodModel.eval_module)."""
     replicated = mesh_lib.replicated(mesh)
     train_batch_sh = mesh_lib.batch_sharding(mesh, leading=1)
     eval_batch_sh = mesh_lib.batch_sharding(mesh)
@@ -256,7 +259,8 @@ def build_steps(
         return new_state, metrics
 
     def eval_step(state: dict, batch: dict) -> dict:
-        return objective.sums(model, state["params"], batch, state["rng"], state.get(REFERENCE))
+        evaluated = model if eval_model is None else eval_model
+        return objective.sums(evaluated, state["params"], batch, state["rng"], state.get(REFERENCE))
 
     # One sharding for the whole batch tree (a pytree prefix): every leaf splits its batch axis.
     train = jax.jit(train_step, in_shardings=(state_sh, train_batch_sh),
