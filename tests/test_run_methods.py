@@ -69,6 +69,7 @@ def test_lora_validation_runs_without_dropout():
     assert abs(loss(trained.model.module) - logged) > 1e-4  # with dropout it would have read differently
 
 
+@pytest.mark.slow  # ~30 s: a QLoRA run of its own (the plan test above checks QLoRA's counts quickly)
 def test_qlora_run_keeps_nf4_storage_and_unquantised_weights_bitwise():
     run = mr.trained("qlora")
     trained, params, base = restored("qlora")
@@ -154,3 +155,33 @@ def test_probe_run_on_tiny_bert_writes_accuracy_majority_baseline_and_export():
     assert any("already complete" in l for l in again.log) and again.summary["metrics"] == m
     with pytest.raises(ckpt_lib.ResumeRefusedError, match="training.learning_rate"):
         run_lib.run(load_spec(mr.write_probe_spec(lr=0.01)), echo=lambda s: None)
+
+
+def test_lora_starts_from_a_full_fine_tune_run_or_an_earlier_lora_run():
+    full_run, lora_run = mr.trained("full"), mr.trained("lora")
+    full_params = tl.flat(export_lib.load_run(full_run.run_dir).params)
+    lora_params = tl.flat(export_lib.load_run(lora_run.run_dir).params)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def start(spec):
+        model = run_lib.build_model(hf_checkpoint.read_hf_config(full_run.model_dir), spec)
+        abstract = methods.abstract_params(model, "float32")
+        return tl.flat(run_lib._initial_params(spec, full_run.model_dir, abstract,
+                                               jax.tree.map(lambda _: one, abstract), model=model))
+
+    spec = load_spec(mr.write_spec("lora", "lora-on-full", init_from=str(full_run.run_dir)))
+    params = start(spec)
+    for path, value in params.items():  # the full run's final weights are the base; fresh factors on top
+        if lora.is_trainable(path):
+            assert not path.endswith("/b") or not value.any(), path
+        else:
+            assert value.tobytes() == full_params[path].tobytes(), path
+    # Its PEFT export names the full run's export (float32, written at the end of that run) as base.
+    assert export_lib.base_source(spec, full_run.model_dir)[:2] == (str(full_run.run_dir / "export"),
+                                                                     full_run.run_dir / "export")
+
+    again = start(load_spec(mr.write_spec("lora", "lora-on-lora", init_from=str(lora_run.run_dir))))
+    assert set(again) == set(lora_params)
+    assert all(again[p].tobytes() == lora_params[p].tobytes() for p in again)  # the whole tree, factors too
+    with pytest.raises(ValueError, match="is a lora run; a method.kind='adapter' run starts from"):
+        start(load_spec(mr.write_spec("adapter", "adapter-on-lora", init_from=str(lora_run.run_dir))))

@@ -417,8 +417,8 @@ def verify_export(trained: TrainedRun, result: ExportResult, *, tol: float | Non
             base_dir = trained.base_dir
             if kind == "qlora":  # the base QLoRA trained against: NF4 dequantised
                 base_dir = Path(scratch) / "dequantised"
-                hf_checkpoint.save_hf(base_dir, _loaded(trained, lora.merged_params(m.plan, params, include_lora=False)),
-                                      dtype="float32")
+                dequantised = lora.merged_params(m.plan, params, include_lora=False)
+                hf_checkpoint.save_hf(base_dir, _loaded(trained, dequantised), dtype="float32")
             if base_dir is None:
                 raise ExportError(f"cannot verify: {trained.base_note}")
             reference = verify.load_reference(base_dir, causal=causal)
@@ -454,8 +454,8 @@ def verify_export(trained: TrainedRun, result: ExportResult, *, tol: float | Non
     max_diff, scale = verify.compare(ftc_out, ref_out, fixed)
     return verify.VerifyResult(model_dir=out, output=output, max_abs_diff=max_diff, max_abs_reference=scale, tol=tol,
                                shape=tuple(ref_out.shape), real_tokens=int(fixed.attention_mask.sum()),
-                               ftc_load_seconds=trained.load_seconds, ftc_forward_seconds=ftc_forward, torch_load_seconds=torch_load,
-                               torch_forward_seconds=torch_forward)
+                               ftc_load_seconds=trained.load_seconds, ftc_forward_seconds=ftc_forward,
+                               torch_load_seconds=torch_load, torch_forward_seconds=torch_forward)
 
 
 # ---------------------------------------------------------------- one call

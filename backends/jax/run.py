@@ -355,9 +355,9 @@ def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, mod
         if earlier == kind:
             return reader.restore_params(_abstract_params_with_shardings(abstract_params, param_shardings))
         if earlier != "full":
-            raise ValueError(f"model.init_from={source!r} is a {earlier} run; a {kind} run starts from a run of the "
-                             f"same method or of a full fine-tune. Export it first (`ftc export {source} --format hf` "
-                             f"merges a LoRA) and give the export directory as model.init_from")
+            raise ValueError(f"model.init_from={source!r} is a {earlier} run; a method.kind={kind!r} run starts "
+                             f"from a run of the same method or of a full fine-tune. Export it first (`ftc export "
+                             f"{source} --format hf` merges a LoRA) and give the export directory as model.init_from")
         base = reader.restore_params(_abstract_params_with_shardings(
             family_abstract(model.family, model.arch, dtype), methods.base_shardings(model, param_shardings)))
     else:
