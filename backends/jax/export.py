@@ -247,7 +247,7 @@ def _np_dtype(dtype: str):
 
 
 def _copy_tokenizer(tok_dir: Path | None, out: Path) -> None:
-    if tok_dir is None:
+    if tok_dir is None or jax.process_index() != 0:
         return
     for name in hf_checkpoint.TOKENIZER_FILES:
         if (tok_dir / name).is_file():
@@ -281,7 +281,7 @@ def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str
         lora.save_peft_adapter(out, m.family, m.arch, m.plan, params, base_model_name_or_path=trained.base_name,
                                task_type=_task_type(trained), dtype=_np_dtype(dtype))
         revision = trained.spec.model.base.partition("@")[2].split("/")[0] if "@" in trained.spec.model.base else ""
-        if revision and trained.base_name == trained.spec.model.base.split("@")[0]:
+        if revision and trained.base_name == trained.spec.model.base.split("@")[0] and jax.process_index() == 0:
             config = json.loads((out / lora.CONFIG_FILE).read_text())
             config["revision"] = revision
             (out / lora.CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
