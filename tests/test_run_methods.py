@@ -185,3 +185,18 @@ def test_lora_starts_from_a_full_fine_tune_run_or_an_earlier_lora_run():
     assert all(again[p].tobytes() == lora_params[p].tobytes() for p in again)  # the whole tree, factors too
     with pytest.raises(ValueError, match="is a lora run; a method.kind='adapter' run starts from"):
         start(load_spec(mr.write_spec("adapter", "adapter-on-lora", init_from=str(lora_run.run_dir))))
+
+
+@pytest.mark.slow  # two more LoRA runs (~30 s)
+def test_lora_run_resumed_midway_equals_the_uninterrupted_run():
+    """Resume restores the LoRA tree as saved: no second LoRA init on top (a trap other tools hit)."""
+    whole = tl.flat(export_lib.load_run(mr.trained("lora").run_dir).params)
+    path = mr.write_spec("lora", "lora-halves", steps=2)
+    first = mr.run_spec(path, "lora")
+    assert first.summary["step"] == 2
+    second = run_lib.run(load_spec(path, ["training.steps=4"]), echo=lambda s: None)
+    assert second["step"] == 4
+    resumed = tl.flat(export_lib.load_run(first.run_dir).params)
+    assert set(resumed) == set(whole)
+    for name, value in resumed.items():  # constant schedule: 2 + 2 steps are the 4 steps
+        assert value.tobytes() == whole[name].tobytes(), name
