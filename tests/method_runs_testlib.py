@@ -74,7 +74,7 @@ train = "{root}/cls_train.jsonl"
 validation = "{root}/cls_valid.jsonl"
 [method]
 kind = "probe"
-pooling = "mean"
+pooling = "{pooling}"
 [training]
 objective = "classify"
 steps = 60
@@ -179,10 +179,11 @@ def probe_root() -> Path:
     return r
 
 
-def write_probe_spec(name: str = "probe", lr: float = 0.05) -> Path:
+def write_probe_spec(name: str = "probe", lr: float = 0.05, pooling: str = "mean") -> Path:
+    """mean pooling exports the generic ftc-probe format; cls on BERT a BertForSequenceClassification."""
     r = probe_root()
     path = r / f"{name}.toml"
-    path.write_text(PROBE_SPEC.format(name=name, root=r, lr=lr))
+    path.write_text(PROBE_SPEC.format(name=name, root=r, lr=lr, pooling=pooling))
     return path
 
 

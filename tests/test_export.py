@@ -209,13 +209,32 @@ def test_export_of_a_directory_without_checkpoints_is_refused(tmp_path):
     assert result.exit_code == 1 and "no checkpoints/" in result.output
 
 
-def test_probe_export_is_copied_and_its_dtype_is_the_runs(tmp_path):
+def test_probe_export_is_copied_verified_and_its_dtype_is_the_runs(tmp_path):
     run = mr.run_spec(mr.write_probe_spec("probe-export"), "probe")
-    result = cli(run.run_dir, "--out", tmp_path / "copy")
+    result = cli(run.run_dir, "--out", tmp_path / "copy", "--verify")
     assert result.exit_code == 0, result.output
+    assert "verify: OK" in result.output and "torch_probe.load_probe" in result.output
     source = run.run_dir / "export"
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in source.iterdir())
     assert (tmp_path / "copy" / "probe_head.safetensors").read_bytes() == \
         (source / "probe_head.safetensors").read_bytes()
     result = cli(run.run_dir, "--out", tmp_path / "bf16", "--dtype", "bfloat16")
     assert result.exit_code == 1 and "export.dtype" in result.output
+
+
+def test_probe_with_an_exact_transformers_head_verifies_at_the_end_of_its_run():
+    """BERT + cls pooling exports BertForSequenceClassification; export.verify checks it in ftc run."""
+    from ftc.backends.jax import run as run_lib
+    from ftc.spec import load_spec
+
+    log = []
+    spec = load_spec(mr.write_probe_spec("probe-cls", pooling="cls"), ["export.verify=true"])
+    run_lib.run(spec, echo=log.append)
+    with open(f"{spec.run_dir}/export/config.json") as f:
+        config = json.load(f)
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert any(l.startswith("verify: OK: max |class logits ftc - transformers|") for l in log), log
+    # The check can fail: a head that is not the trained one reads differently.
+    head = load_file(f"{spec.run_dir}/{export_lib.PROBE_HEAD}")
+    save_file({k: v * 1.01 for k, v in head.items()}, f"{spec.run_dir}/{export_lib.PROBE_HEAD}")
+    assert not export_lib.verify_probe_export(spec.run_dir, f"{spec.run_dir}/export").ok

@@ -17,7 +17,8 @@ adapter  hf         the base as an HF checkpoint + ftc_adapters/ (the bottleneck
                       (a subdirectory: transformers would read a top-level adapter_config.json
                       as a PEFT adapter)
 adapter  adapters   the adapters only (ftc.backends.torch_adapters.load_adapters on the base)
-probe    -          written by `ftc run` (probe.run_probe) into RUN_DIR/export; copied elsewhere
+probe    hf         written by `ftc run` (probe.run_probe) into RUN_DIR/export; copied elsewhere;
+                      `verify_probe_export` checks it against the trained head (RUN_DIR/probe_head.ftc.safetensors)
 
 Every export also holds ftc_export.json (run, step, method, format, dtype, base).
 
@@ -458,6 +459,81 @@ def verify_export(trained: TrainedRun, result: ExportResult, *, tol: float | Non
                                torch_load_seconds=torch_load, torch_forward_seconds=torch_forward)
 
 
+PROBE_HEAD = "probe_head.ftc.safetensors"  # the trained head in ftc's layout, beside probe_metrics.json
+
+
+def verify_probe_export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tol: float | None = None,
+                        batch: int = 4, seq_len: int = 12, seed: int = 0):
+    """A probe's export against the probe ftc trained: the base's pooled features under ftc (float32,
+    weights rounded to the export dtype) through the trained head (RUN_DIR/probe_head.ftc.safetensors),
+    vs the export loaded in PyTorch (AutoModelForSequenceClassification, or torch_probe.load_probe
+    for the generic format), on fixed right-padded rows that avoid the pad id. Compares class logits."""
+    from safetensors.numpy import load_file
+
+    from ftc.backends.jax import probe, verify
+    from ftc.backends.jax.run import read_model_config
+    from ftc.spec import spec_from_dict
+
+    verify.require_torch()
+    import torch
+
+    tol = verify.DEFAULT_TOL if tol is None else tol
+    run_dir, out = Path(run_dir).absolute(), Path(out_dir).absolute()
+    if not (run_dir / PROBE_HEAD).is_file():
+        raise ExportError(f"{run_dir}: no {PROBE_HEAD} (the trained head); run the spec again to write it")
+    started = time.perf_counter()
+    spec = spec_from_dict(json.loads((run_dir / "spec.resolved.json").read_text()))
+    model_dir, hf_config = read_model_config(spec.model.base)
+    loaded = hf_checkpoint.load_model(model_dir)
+    config = methods.method_config(spec.method)
+    generic = (out / probe.PROBE_CONFIG_FILE).is_file()
+    dtype = spec.export.dtype
+    params = _as_float32(_round_leaves(loaded.params, dtype, lambda path: True))
+    head = {k: np.asarray(v, np.float32) for k, v in load_file(run_dir / PROBE_HEAD).items()}
+    if not generic:  # the exact export stores the head in the export dtype too
+        head = {k: np.asarray(jnp.asarray(v).astype(dtype).astype(jnp.float32)) for k, v in head.items()}
+    ftc_load = time.perf_counter() - started
+
+    exported = json.loads((out / "config.json").read_text())
+    pad = exported.get("pad_token_id")
+    pad = 0 if pad is None else int(pad)
+    rng = np.random.default_rng(seed)
+    vocab = int(hf_config["vocab_size"])
+    rows = [[int(t) for t in rng.integers(0, vocab - 1, size=max(1, seq_len - 3 * i))] for i in range(batch)]
+    rows = [[t + 1 if t >= pad else t for t in row] for row in rows]  # ids in [0, vocab) without the pad id
+    data = probe.ClassificationArrays.from_token_lists(rows, [0] * batch, pad_id=pad)
+
+    started = time.perf_counter()
+    module = loaded.family.build(loaded.arch, jnp.float32)
+    feats = probe.compute_features(module, params, data, pooling=config.pooling, batch_size=batch,
+                                   pooled_output=probe.uses_pooler(loaded.family.model_types[0], config))
+    ours = probe.predict_logits(head, feats)
+    ftc_forward = time.perf_counter() - started
+    started = time.perf_counter()
+    if generic:
+        from ftc.backends import torch_probe
+
+        reference = torch_probe.load_probe(out, dtype=torch.float32).eval()
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        reference = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32, local_files_only=True,
+                                                                        trust_remote_code=False).eval()
+    torch_load = time.perf_counter() - started
+    started = time.perf_counter()
+    with torch.no_grad():
+        theirs = reference(torch.as_tensor(data.input_ids, dtype=torch.long),
+                           attention_mask=torch.as_tensor(data.attention_mask, dtype=torch.long)).logits.float().numpy()
+    torch_forward = time.perf_counter() - started
+    diff = float(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max())
+    return verify.VerifyResult(model_dir=out, output="class logits", max_abs_diff=diff,
+                               max_abs_reference=float(np.abs(theirs).max()), tol=tol,
+                               shape=(theirs.shape[0], data.input_ids.shape[1], theirs.shape[1]),
+                               real_tokens=int(data.attention_mask.sum()), ftc_load_seconds=ftc_load,
+                               ftc_forward_seconds=ftc_forward, torch_load_seconds=torch_load,
+                               torch_forward_seconds=torch_forward)
+
+
 # ---------------------------------------------------------------- one call
 
 
@@ -473,11 +549,12 @@ def export_run(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = No
         kind = json.loads(resolved.read_text()).get("method", {}).get("kind")
         if kind == "probe":
             result = copy_probe_export(run_dir, out, format=format, dtype=dtype, force=force)
-            echo(f"probe export: {result.out_dir} (written by ftc run)")
-            if verify:
-                echo("note: --verify is not available for probe exports; the probe's tests check its export "
-                     "against transformers")
-            return result, None
+            echo(f"probe export: {result.out_dir} (written by ftc run)\n  load with: {result.how_to_load}")
+            check = None
+            if verify if verify is not None else json.loads(resolved.read_text()).get("export", {}).get("verify"):
+                check = verify_probe_export(run_dir, result.out_dir, tol=tol)
+                echo("verify: " + check.summary())
+            return result, check
     trained = load_run(run_dir, step)
     e = trained.spec.export
     format, dtype = format or e.format, dtype or e.dtype

@@ -501,6 +501,7 @@ def run_probe(spec, *, echo: Callable[[str], None] = print) -> dict:
     refused as for any run; changed [export] keys run it again (the features come from the cache)."""
     import shutil
 
+    from ftc.backends.jax import export as export_lib
     from ftc.backends.jax import methods, probe
     from ftc.backends.jax.hf_checkpoint import LoadedModel
 
@@ -543,7 +544,7 @@ def run_probe(spec, *, echo: Callable[[str], None] = print) -> dict:
                                                            sched.warmup_ratio, sched.min_lr_ratio), steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else hf_config.get("pad_token_id")
     if jax.process_index() == 0:  # a re-run (changed [export]) starts these afresh
-        for stale in ("metrics.jsonl", "probe_metrics.json"):
+        for stale in ("metrics.jsonl", "probe_metrics.json", export_lib.PROBE_HEAD):
             if os.path.exists(os.path.join(run_dir, stale)):
                 os.remove(os.path.join(run_dir, stale))
         shutil.rmtree(os.path.join(run_dir, "export"), ignore_errors=True)
@@ -563,7 +564,15 @@ def run_probe(spec, *, echo: Callable[[str], None] = print) -> dict:
     if result.export:
         echo(f"exported {result.export['kind']} ({result.export['architecture']}) to {result.export['dir']}"
              + (f"; note: {m['export_note']}" if m.get("export_note") else ""))
-    if spec.export.verify:
-        echo("note: export.verify does not apply to probes (their export format is checked by ftc's tests)")
+    if jax.process_index() == 0:  # the trained head as ftc holds it: what `ftc export --verify` checks against
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in result.head.items()},
+                  os.path.join(run_dir, export_lib.PROBE_HEAD))
+    if spec.export.verify and result.export:
+        check = export_lib.verify_probe_export(run_dir, result.export["dir"])
+        echo("verify: " + check.summary())
+        if not check.ok:
+            raise export_lib.VerifyFailedError(f"{result.export['dir']}: {check.summary()}")
     return {"run_dir": run_dir, "step": steps, "total_steps": steps, "metrics": m,
             "export": result.export["dir"] if result.export else None}
