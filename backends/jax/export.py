@@ -268,7 +268,7 @@ def _loaded(trained: TrainedRun, params) -> hf_checkpoint.LoadedModel:
 
 
 def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str, ...]:
-    """Write the export into `out` (an empty directory); returns the how-to-load line's pieces."""
+    """Write the export into `out` (an empty directory); returns the names written there."""
     m, params = trained.model, trained.params
     kind = m.kind
     if kind == "full":
@@ -310,18 +310,19 @@ def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str
     return tuple(sorted(p.name for p in out.iterdir())) if jax.process_index() == 0 else ()
 
 
-def how_to_load(kind: str, format: str, out: Path, base_name: str | None) -> str:
+def how_to_load(kind: str, format: str, out: Path, base_name: str | None, causal: bool = True) -> str:
+    auto = "AutoModelForCausalLM" if causal else "AutoModel"
     if kind in ("lora", "qlora") and format == "peft":
-        return (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base_name!r}), {str(out)!r})"
+        return (f"PeftModel.from_pretrained({auto}.from_pretrained({base_name!r}), {str(out)!r})"
                 + (" -- trained against the NF4-dequantised base; on the original base it differs by the "
                    "quantisation error" if kind == "qlora" else ""))
     if kind == "adapter" and format == "hf":
-        return (f"model = AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+        return (f"model = {auto}.from_pretrained({str(out)!r}); "
                 f"ftc.backends.torch_adapters.load_adapters(model, {str(out / ADAPTER_SUBDIR)!r})")
     if kind == "adapter":
-        return (f"model = AutoModelForCausalLM.from_pretrained({base_name!r}); "
+        return (f"model = {auto}.from_pretrained({base_name!r}); "
                 f"ftc.backends.torch_adapters.load_adapters(model, {str(out)!r})")
-    return f"AutoModelForCausalLM.from_pretrained({str(out)!r})  (AutoModel for an encoder)"
+    return f"{auto}.from_pretrained({str(out)!r})"
 
 
 def write_export(trained: TrainedRun, out_dir: str | os.PathLike, *, format: str, dtype: str,
@@ -331,7 +332,7 @@ def write_export(trained: TrainedRun, out_dir: str | os.PathLike, *, format: str
     out = Path(out_dir).absolute()
     files = publish(out, lambda tmp: _write(trained, tmp, format, dtype), force=force)
     return ExportResult(out, trained.kind, format, dtype, trained.step, files,
-                        how_to_load(trained.kind, format, out, trained.base_name))
+                        how_to_load(trained.kind, format, out, trained.base_name, _task_type(trained) == "CAUSAL_LM"))
 
 
 def copy_probe_export(run_dir: Path, out_dir: str | os.PathLike, *, format: str | None, dtype: str | None,
