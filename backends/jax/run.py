@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
