@@ -1,9 +1,12 @@
 """backends/jax/dpo.py: the DPO loss and reward metrics against TRL's DPOTrainer (PyTorch) on the
-same tokens, exact accumulation over micro-batches with padding pairs."""
+same tokens, exact accumulation over micro-batches with padding pairs, and `ftc run` with
+training.objective = "dpo" (full fine-tune: a frozen reference copy in the train state)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +18,7 @@ import train_testlib as tl
 from data_testlib import make_tokenizer, write_jsonl
 from ftc.backends.jax import dpo
 from ftc.backends.jax import mesh as mesh_lib
+from ftc.backends.jax import shapes
 from ftc.backends.jax import train_step as ts
 from ftc.backends.jax.data import build_datasets
 from ftc.backends.jax.hf_checkpoint import load_model
@@ -176,3 +180,117 @@ def test_dpo_step_is_the_same_for_any_micro_batching_and_leaves_the_reference_fr
             np.testing.assert_allclose(got_params[name], value, rtol=1e-4, atol=1e-6, err_msg=f"{accum} {name}")
         for name, value in tl.flat(params).items():  # the reference copy never moves
             assert got_reference[name].tobytes() == np.asarray(value).tobytes(), name
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_method_reference_is_the_base_model_with_no_second_copy(setup, kind):
+    """With lora / adapter params moved away from their start, DPO with the method disabled as the
+    reference gives exactly the sums of DPO against the base model's own parameters."""
+    from ftc.backends.jax import methods
+    from ftc.backends.jax.hf_checkpoint import read_hf_config
+
+    root, batch = setup
+    method = {"kind": kind, "rank": 4, "alpha": 8, "targets": "all-linear"} if kind == "lora" else \
+        {"kind": kind, "reduction_factor": 4}
+    spec = tl.spec({"method": method, "model": {"max_seq_len": SEQ}})
+    model = methods.build_model(read_hf_config(root / "base"), spec)
+    base = load_model(root / "base").params
+    params = methods.init_method_params(model, base, seed=0)
+    noise = iter(jax.random.split(jax.random.key(1), 1000))
+    moved = jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.05 * jax.random.normal(next(noise), x.shape) if model.trainable(shapes.path_str(p))
+        else x, params)
+    disabled = jax.jit(lambda p, b: dpo.dpo_sums(model.eval_module, p, b, jax.random.key(0), beta=BETA,
+                                                 reference_params=lambda q: methods.disabled_params(model, q)))
+    # The base model's own module and params as an explicit reference: the same policy logps.
+    explicit = jax.jit(lambda p, b: dpo.dpo_sums(
+        model.eval_module, p, b, jax.random.key(0), methods.init_method_params(model, base, seed=0), beta=BETA))
+    got, want = ts.host_metrics(disabled(moved, batch)), ts.host_metrics(explicit(moved, batch))
+    assert abs(got["loss_sum"] / got["weight_sum"] - math.log(2)) > 1e-3  # the policy really moved
+    for key in dpo.SUM_KEYS:
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+
+
+DPO_SPEC = """ftc = 1
+name = "dpo"
+output_dir = "{root}/runs"
+[model]
+base = "{root}/base"
+max_seq_len = {seq}
+dtype = "float32"
+[data]
+format = "preference"
+train = "{root}/train_pairs.jsonl"
+validation = "{root}/valid_pairs.jsonl"
+[training]
+objective = "dpo"
+dpo_beta = {beta}
+steps = 6
+batch_size = 8
+micro_batch_size = 4
+learning_rate = 3e-3
+log_every = 1
+eval_every = 3
+schedule = {{ kind = "constant", warmup_steps = 0 }}
+[mesh]
+fsdp = 4
+tensor = 2
+[checkpoint]
+every = 100
+[logging]
+progress = false
+"""
+
+
+def test_ftc_run_trains_dpo_from_a_frozen_reference_copy(setup):
+    from ftc.backends.jax import checkpoint as ckpt_lib
+    from ftc.backends.jax import run as run_lib
+    from ftc.spec import load_spec
+
+    root, _ = setup
+    write_jsonl(root / "train_pairs.jsonl", _pairs(8, seed=2))
+    write_jsonl(root / "valid_pairs.jsonl", _pairs(4, seed=3))
+    path = root / "dpo.toml"
+    path.write_text(DPO_SPEC.format(root=root, seq=SEQ, beta=BETA))
+    spec = load_spec(str(path))
+    lines = []
+    summary = run_lib.run(spec, echo=lines.append)
+    assert summary["step"] == 6
+    assert any("DPO reference copy" in line for line in lines)  # the plan counts the extra buffer
+    with open(os.path.join(spec.run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    train = [r for r in rows if r["split"] == "train"]
+    val = [r for r in rows if r["split"] == "validation"]
+    assert [r["step"] for r in val] == [0, 3, 6]
+    assert val[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and val[0]["reward_margin"] == 0.0
+    with open(os.path.join(spec.run_dir, "data_stats.json")) as f:
+        kept = json.load(f)["train_clean"]["kept"]  # pairs left after cleaning (e.g. chosen == rejected)
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["pairs"] == kept
+    assert train[-1]["loss"] < train[0]["loss"] and train[-1]["reward_margin"] > 0
+    for r in train:
+        assert {"reward_accuracy", "chosen_reward", "rejected_reward", "tokens_per_second", "grad_norm"} <= set(r)
+    meta = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(spec.run_dir), read_only=True).metadata()
+    assert meta["spec"]["training"]["objective"] == "dpo"
+
+
+def test_ftc_run_trains_dpo_with_lora_against_its_disabled_base(setup):
+    from ftc.backends.jax import run as run_lib
+    from ftc.spec import load_spec
+
+    root, _ = setup
+    write_jsonl(root / "train_pairs.jsonl", _pairs(8, seed=2))
+    write_jsonl(root / "valid_pairs.jsonl", _pairs(4, seed=3))
+    path = root / "dpo_lora.toml"
+    text = DPO_SPEC.format(root=root, seq=SEQ, beta=BETA).replace('name = "dpo"', 'name = "dpo-lora"')
+    path.write_text(text.replace("[training]", '[method]\nkind = "lora"\nrank = 4\nalpha = 8\n'
+                                 'targets = "all-linear"\n[training]').replace("3e-3", "3e-2"))
+    spec = load_spec(str(path))
+    lines = []
+    assert run_lib.run(spec, echo=lines.append)["step"] == 6
+    assert not any("DPO reference copy" in line for line in lines)  # no second copy of the base
+    with open(os.path.join(spec.run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    train = [r for r in rows if r["split"] == "train"]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy == reference
+    # The policy moves away from a reference that stays the base: the margin grows, loss falls.
+    assert train[-1]["loss"] < train[0]["loss"] - 0.01 and train[-1]["reward_margin"] > 0
