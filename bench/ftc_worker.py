@@ -54,6 +54,7 @@ class Program:
     timings: dict          # import_s, load_s, lower_s, compile_s
     rss_after_import: int
     versions: dict
+    memory: dict           # rss_after_load_bytes, peak_rss_after_load_bytes, peak_rss_after_compile_bytes
 
 
 def build(job: common.Job) -> Program:
@@ -112,6 +113,7 @@ def build(job: common.Job) -> Program:
         return steps.put_train_batch({"input_ids": ids[:, :-1], "targets": ids[:, 1:], **fixed})
 
     timings["load_s"] = time.perf_counter() - t0
+    memory = {"rss_after_load_bytes": common.rss_bytes(), "peak_rss_after_load_bytes": common.peak_rss_bytes()}
 
     # ---- compile (trace + lower + XLA compile) ahead of time, timed on its own
     t0 = time.perf_counter()
@@ -119,9 +121,10 @@ def build(job: common.Job) -> Program:
     timings["lower_s"] = time.perf_counter() - t0
     compiled = lowered.compile()
     timings["compile_s"] = time.perf_counter() - t0
+    memory["peak_rss_after_compile_bytes"] = common.peak_rss_bytes()
     trainable = opt_lib.split_params(state["params"], mask)[0]
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-    return Program(compiled, state, put_batch, n_trainable, device, timings, rss_after_import, versions)
+    return Program(compiled, state, put_batch, n_trainable, device, timings, rss_after_import, versions, memory)
 
 
 def run(job: common.Job) -> dict:
@@ -140,7 +143,8 @@ def run(job: common.Job) -> dict:
     out = {
         "stack": "ftc", "method": job.method, "versions": p.versions, "trainable_params": p.trainable_params,
         **p.timings, "first_step_s": times[0], "step_times_s": times, "step_cpu_s": cpu,
-        "losses": losses, "rss_after_import_bytes": p.rss_after_import, "peak_rss_bytes": common.peak_rss_bytes(),
+        "losses": losses, "rss_after_import_bytes": p.rss_after_import, **p.memory,
+        "peak_rss_bytes": common.peak_rss_bytes(),
         "device_name": getattr(p.device, "device_kind", str(p.device)),
         "optimizer": "optax.adamw (optimizer.make_optimizer)",
     }

@@ -46,7 +46,9 @@ FTC_SCOPES = (
     ("embedding (gather, scatter-add grad)", r"embed_tokens|Embedding|/take|gather|scatter"),
     ("loss, accuracy (outside the model)", r"jvp\(\)|softmax_cross_entropy|argmax|log_softmax|transpose\(jvp\(\)\)"),
     ("layer scan bookkeeping (slices, stacking)", r"Decoder.*/while/|dynamic_slice|dynamic_update_slice"),
-    ("optimizer, clipping, accumulation", r"^jit\(train_step\)"),
+    # The micro-batch scan's own body: buffers it fills (saved activations), gradient sums.
+    ("micro-batch scan: buffer fills, grad accumulation", r"^jit\(train_step\)/while/"),
+    ("optimizer, clipping", r"^jit\(train_step\)"),
 )
 
 KINDS = (

@@ -34,6 +34,7 @@ class Program:
     rss_after_import: int
     versions: dict
     cuda: bool
+    memory: dict           # rss_after_load_bytes, peak_rss_after_load_bytes
 
 
 def build(job: common.Job) -> Program:
@@ -89,6 +90,7 @@ def build(job: common.Job) -> Program:
     if cuda:
         torch.cuda.synchronize()
     timings["load_s"] = time.perf_counter() - t0
+    memory = {"rss_after_load_bytes": common.rss_bytes(), "peak_rss_after_load_bytes": common.peak_rss_bytes()}
 
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=c.dtype == "bfloat16")
 
@@ -104,7 +106,7 @@ def build(job: common.Job) -> Program:
         opt.zero_grad(set_to_none=True)
         return float(loss.item())  # waits for the step (CPU ops are synchronous anyway)
 
-    return Program(step, model, params, timings, rss_after_import, versions, cuda)
+    return Program(step, model, params, timings, rss_after_import, versions, cuda, memory)
 
 
 def run(job: common.Job) -> dict:
@@ -124,7 +126,7 @@ def run(job: common.Job) -> dict:
         "trainable_params": sum(x.numel() for x in p.params),
         **p.timings, "compile_s": 0.0, "first_step_s": times[0], "step_times_s": times,
         "step_cpu_s": cpu, "losses": losses,
-        "rss_after_import_bytes": p.rss_after_import, "peak_rss_bytes": common.peak_rss_bytes(),
+        "rss_after_import_bytes": p.rss_after_import, **p.memory, "peak_rss_bytes": common.peak_rss_bytes(),
         "threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW(fused=True)",
         "attention": getattr(p.model.config, "_attn_implementation", None),
     }
