@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .families import Family, HfTensor, linear_t
-from .layers import Dense, LayerNorm, default_positions, dot_product_attention, make_attention_mask, param_with_axes
+from .layers import Dense, LayerNorm, default_positions, dot_product_attention, make_attention_mask, param_with_axes, remat_block
 
 Dtype = Any
 
@@ -249,7 +249,7 @@ class Bert(nn.Module):
             attention_mask=attention_mask, segment_ids=segment_ids, causal=False, q_len=T, kv_len=T
         )
         layers = nn.scan(
-            _remat(BertLayer, a.remat),
+            remat_block(BertLayer, a.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,),
@@ -263,15 +263,6 @@ class Bert(nn.Module):
             dense = Dense((a.hidden_size,), ("embed",), (None,), use_bias=True, dtype=self.dtype, name="pooler")
             pooled_BD = jnp.tanh(dense(x_BTD[:, 0]))
         return x_BTD if output == "hidden" else pooled_BD
-
-
-def _remat(block_cls, policy: str):
-    if policy == "none":
-        return block_cls
-    # "full" saves nothing inside a layer; "dots" keeps the weight matmuls (no batch dims) and
-    # recomputes attention scores and elementwise work.
-    checkpoint_policy = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=False)
 
 
 def build(arch: BertArch, dtype=jnp.float32) -> Bert:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .families import Family, HfTensor, linear_t
-from .layers import Dense, LayerNorm, default_positions, dot_product_attention, make_attention_mask, param_with_axes
+from .layers import Dense, LayerNorm, default_positions, dot_product_attention, make_attention_mask, param_with_axes, remat_block
 
 Dtype = Any
 
@@ -225,7 +225,7 @@ class GPT2(nn.Module):
             attention_mask=attention_mask, segment_ids=segment_ids, causal=True, q_len=T, kv_len=T
         )
         blocks = nn.scan(
-            _remat(GPT2Block, a.remat),
+            remat_block(GPT2Block, a.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
@@ -239,15 +239,6 @@ class GPT2(nn.Module):
         if a.tie_word_embeddings:
             return jnp.einsum("btd,vd->btv", x_BTD, wte_VD.astype(self.dtype))
         return Dense((a.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, name="lm_head")(x_BTD)
-
-
-def _remat(block_cls, policy: str):
-    if policy == "none":
-        return block_cls
-    # "full" saves nothing inside a block; "dots" keeps the weight matmuls (no batch dims) and
-    # recomputes attention scores and elementwise work.
-    checkpoint_policy = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=False)
 
 
 def build(arch: GPT2Arch, dtype=jnp.float32) -> GPT2:

@@ -295,3 +295,15 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=implementation
     )
+
+
+def remat_block(block_cls, policy: str):
+    """The block class wrapped for rematerialisation by the spec's `training.remat` policy.
+
+    "full" saves nothing inside a block; "dots" keeps the weight matmuls (no batch dims) and
+    recomputes attention scores and elementwise work; "none" returns the class unchanged.
+    """
+    if policy == "none":
+        return block_cls
+    checkpoint_policy = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=False)

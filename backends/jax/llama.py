@@ -282,15 +282,6 @@ class DecoderBlock(nn.Module):
         return x_BTD, None
 
 
-def _remat(block_cls, policy: str):
-    if policy == "none":
-        return block_cls
-    # "full" saves nothing inside a block; "dots" keeps the weight matmuls (no batch dims) and
-    # recomputes attention scores and elementwise work.
-    checkpoint_policy = None if policy == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return nn.remat(block_cls, policy=checkpoint_policy, prevent_cse=False)
-
-
 class Decoder(nn.Module):
     arch: DecoderArch
     dtype: Any = jnp.float32
@@ -317,7 +308,7 @@ class Decoder(nn.Module):
         )
 
         Stack = nn.scan(
-            _remat(DecoderBlock, a.remat),
+            layers.remat_block(DecoderBlock, a.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
