@@ -138,7 +138,11 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux: ru_maxrss is in KiB)."""
+    """Peak resident memory of this process so far. VmHWM, not ru_maxrss: Linux carries
+    ru_maxrss across exec, so a worker would report at least its parent's peak."""
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
