@@ -12,6 +12,7 @@ Resuming with a spec whose training-relevant keys changed is refused (`check_res
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from typing import Any
 
@@ -33,6 +34,15 @@ RESUMABLE_CHANGES = (
 )
 
 
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    # Orbax logs a warning every time a manager is opened read-only, which export and
+    # inspection always do on purpose; it reads to users as if something were wrong.
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_not_read_only_notice)
+
+
 class ResumeRefusedError(RuntimeError):
     pass
 
@@ -43,7 +53,9 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep if keep and keep > 0 else None,
+            # A read-only manager must say it keeps everything and saves never, or Orbax warns.
+            max_to_keep=keep if keep and keep > 0 and not read_only else None,
+            save_interval_steps=0 if read_only else 1,
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
