@@ -159,11 +159,44 @@ def plan(spec_path, overrides, devices, as_json):
 @main.command(short_help="Train a spec (resumes from the run's latest checkpoint).")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema).")
-def run(spec_path, overrides):
+@click.option("--coordinator", default=None, envvar="FTC_COORDINATOR", metavar="HOST:PORT",
+              help="Multi-process: address of process 0, the same for every process [env FTC_COORDINATOR].")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None, envvar="FTC_NUM_PROCESSES",
+              help="Multi-process: how many processes join the run [env FTC_NUM_PROCESSES].")
+@click.option("--process-id", type=click.IntRange(min=0), default=None, envvar="FTC_PROCESS_ID",
+              help="Multi-process: this process's id, 0 .. N-1 [env FTC_PROCESS_ID].")
+@click.option("--distributed", is_flag=True, envvar="FTC_DISTRIBUTED",
+              help="Multi-process: read coordinator, count and id from the cluster (TPU pod, SLURM, Open MPI, "
+                   "Kubernetes) [env FTC_DISTRIBUTED=1].")
+def run(spec_path, overrides, coordinator, num_processes, process_id, distributed):
     """Train SPEC into <output_dir>/<name>: spec.resolved.json, metrics.jsonl, tensorboard/,
     checkpoints/. Running it again resumes from the latest checkpoint; a changed training-relevant
-    key is refused. SIGTERM/SIGINT save a checkpoint and exit non-zero."""
+    key is refused. SIGTERM/SIGINT save a checkpoint and exit non-zero.
+
+    \b
+    Several hosts (or one process per GPU) train one run together: start the same command on
+    each, with the same --coordinator and --num-processes and its own --process-id:
+      ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 0   # host 0
+      ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 1   # host 1
+    The mesh spans every device of every process; the output directory must be shared storage."""
     spec = _load_spec_or_exit(spec_path, overrides)
+    from ftc.backends.jax import distributed as dist
+
+    launch = dist.Launch(coordinator, num_processes, process_id, distributed)
+    problem = launch.problem()
+    if problem is None and launch.multi_process and spec.method.kind == "probe":
+        problem = ("method.kind = probe runs in one process (its features and head fit one device); "
+                   "start it without --coordinator / --distributed")
+    if problem:
+        click.echo(f"error: {problem}", err=True)
+        raise SystemExit(2)
+    try:
+        dist.initialize(launch)
+    except (RuntimeError, ValueError) as e:  # coordinator unreachable, timeout, cluster not detected
+        where = launch.coordinator or "the cluster's coordinator"
+        click.echo(f"error: could not join the multi-process run at {where}: {e}", err=True)
+        raise SystemExit(1)
+
     from ftc.backends.jax.checkpoint import ResumeRefusedError
     from ftc.backends.jax.data_read import DataError
     from ftc.backends.jax.export import ExportError, VerifyFailedError
@@ -172,13 +205,14 @@ def run(spec_path, overrides):
     from ftc.backends.jax.train_step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
+    echo = click.echo if dist.is_writer() else (lambda *_a, **_k: None)
     try:
-        summary = run_spec(spec, echo=click.echo)
+        summary = run_spec(spec, echo=echo)
     except (ResumeRefusedError, NonFiniteLossError, NotImplementedError, PlanError, ModelSourceError, DataError,
             FileNotFoundError, ExportError, VerifyFailedError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1)
-    click.echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
+    echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
 
 
 @main.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")

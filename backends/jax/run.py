@@ -279,7 +279,8 @@ def train_loop(
         if logger:
             logger.log(at, "validation", result)
         shown = [f"{k.replace('_', ' ')} {result[k]:.4f}" for k in SHOWN_VALIDATION if k in result]
-        bar.write(f"step {at}: validation {', '.join(shown)}")
+        if jax.process_index() == 0:
+            bar.write(f"step {at}: validation {', '.join(shown)}")
         window_start += time.perf_counter() - began  # tokens/s counts training time only
 
     try:
