@@ -16,6 +16,7 @@ import json
 import math
 from typing import Any, Callable, Sequence
 
+from ftc.compiler import flops as flops_lib
 from ftc.compiler import sharding_rules
 from ftc.compiler.sharding_rules import PlanError
 
@@ -142,6 +143,7 @@ class Plan:
     optimizer: OptimizerPlan
     mesh: MeshPlan
     notes: tuple[str, ...]  # parameters left replicated, and other things worth knowing
+    flops_per_token: float = 0.0  # model FLOPs to train one token (compiler/flops.py), for MFU
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -177,6 +179,7 @@ def compile_plan(
     param_infos: Sequence[ParamInfo] | None = None,
     trainable: Callable[[str], bool] | None = None,
     steps_per_epoch: int | None = None,
+    matmul_weights: flops_lib.MatmulWeights | None = None,
 ) -> Plan:
     """The Plan for `spec` (an ftc.spec.Spec) on `device_count` devices.
 
@@ -185,6 +188,8 @@ def compile_plan(
         model family with `jax.eval_shape` (nothing is allocated).
     trainable: "/"-joined parameter path -> whether it is trained; default: all (full fine-tune).
     steps_per_epoch: optimizer steps in one pass over the training data, once known.
+    matmul_weights: what the FLOP count needs to know of the method's weights; by default read
+        from `param_infos` (every "kernel" trains or not per `trainable`; no adapter weights).
     Raises ValueError with the spec key at fault when the spec cannot run on this mesh.
     """
     mesh_shape = _resolve_mesh(spec, device_count)
@@ -217,6 +222,11 @@ def compile_plan(
         warmup = int(round((sched.warmup_ratio or 0.0) * steps.total_steps))
     opt = spec.training.optimizer
     plan_mesh = sharding_rules.MESH_AXES
+    if matmul_weights is None:
+        matmul_weights = _matmul_weights(params, model)
+    flops_per_token = flops_lib.train_flops_per_token(
+        matmul_weights, layers=model.layers, seq_len=seq_len, attention_width=model.heads * model.head_dim,
+        reference_forward=spec.training.objective == "dpo")
     return Plan(
         name=spec.name,
         model=model,
@@ -237,7 +247,21 @@ def compile_plan(
                                 opt.grad_clip),
         mesh=MeshPlan(*(mesh_shape[a] for a in plan_mesh), device_count=device_count),
         notes=tuple(notes),
+        flops_per_token=flops_per_token,
     )
+
+
+def _matmul_weights(params: Sequence[ParamPlan], model: ModelSummary) -> flops_lib.MatmulWeights:
+    """Matmul weights of a plain family tree: its dense kernels, plus the LM head when it is the
+    (tied) embedding table."""
+    kernels = [p for p in params if p.path.rsplit("/", 1)[-1] == "kernel"]
+    base = sum(math.prod(p.shape) for p in kernels)
+    trained = sum(math.prod(p.shape) for p in kernels if p.trainable)
+    if model.tied_embeddings:
+        table = model.vocab * model.hidden
+        base += table
+        trained += table if any(p.trainable and tuple(p.shape) == (model.vocab, model.hidden) for p in params) else 0
+    return flops_lib.MatmulWeights(base, trained, 0)
 
 
 def _resolve_mesh(spec, device_count: int) -> dict[str, int]:
@@ -413,6 +437,8 @@ def format_plan(plan: Plan, *, max_params: int = 40) -> str:
         f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)}"
         + (f" + DPO reference copy {human_bytes(mem.reference)}" if mem.reference else "")
         + f" = {human_bytes(mem.total)}",
+        f"compute   {plan.flops_per_token / 1e9:,.3f} GFLOP per trained token (model FLOPs, the MFU numerator), "
+        f"{plan.flops_per_token * b.tokens_per_step / 1e12:,.3f} TFLOP per step",
     ]
     if max_params > 0:
         lines.append("parameters (path  shape  logical axes -> partition):")

@@ -136,6 +136,7 @@ class ExportSpec:
 class LoggingSpec:
     tensorboard: bool
     progress: bool
+    peak_tflops: float | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -220,3 +220,15 @@ def test_init_from_an_earlier_run_starts_from_its_final_parameters(root, uninter
     assert set(tl.flat(params)) == set(want)
     for name, value in tl.flat(params).items():
         assert value.tobytes() == want[name].tobytes(), name
+
+
+def test_runs_keep_compiled_steps_in_the_persistent_cache(monkeypatch, tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("FTC_CACHE", str(tmp_path / "ftc-cache"))
+        assert run_lib.use_compilation_cache() == str(tmp_path / "ftc-cache" / "jax")
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # the user's own choice stays
+        assert run_lib.use_compilation_cache() == str(tmp_path / "mine")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -15,7 +15,7 @@ SCHEMA = load_schema()
 # Keys with no default: required, or unset until given (None in the Spec).
 NO_DEFAULT = {"$schema", "name", "model", "data", "description", "extends", "model.base", "model.tokenizer", "model.init_from",
               "data.format", "data.train", "data.validation", "data.labels", "training.steps",
-              "training.micro_batch_size", "training.schedule.warmup_steps"}
+              "training.micro_batch_size", "training.schedule.warmup_steps", "logging.peak_tflops"}
 
 
 def _leaves():

@@ -15,22 +15,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ftc.backends.jax import checkpoint as ckpt_lib
+from ftc.backends.jax import device_peak
 from ftc.backends.jax import mesh as mesh_lib
 from ftc.backends.jax import optimizer as opt_lib
 from ftc.backends.jax import run_log
 from ftc.backends.jax import shapes
 from ftc.backends.jax import train_step as ts
+from ftc.compiler import flops as flops_lib
 from ftc.compiler import plan as plan_lib
 
 RESOLVED_SPEC = "spec.resolved.json"
@@ -92,13 +96,36 @@ def method_plan(spec, hf_config: dict, device_count: int, model=None, steps_per_
 
     model = model or build_model(hf_config, spec)
     infos = shapes.param_infos(shapes.abstract_boxed_params(model.module))
-    plan = plan_lib.compile_plan(spec, hf_config, device_count, param_infos=infos, trainable=model.trainable,
-                                 steps_per_epoch=steps_per_epoch)
     abstract = methods.abstract_params(model, spec.model.param_dtype)
+    plan = plan_lib.compile_plan(spec, hf_config, device_count, param_infos=infos, trainable=model.trainable,
+                                 steps_per_epoch=steps_per_epoch,
+                                 matmul_weights=matmul_weights(model, abstract, plan_lib.model_summary(hf_config)))
     counts = methods.method_counts(model, abstract)
     plan = dataclasses.replace(plan, param_count=counts.total, trainable_count=counts.trainable,
                                notes=tuple(counts.lines()) + plan.notes)
     return plan, abstract
+
+
+def matmul_weights(model, method_params, summary: plan_lib.ModelSummary) -> flops_lib.MatmulWeights:
+    """What the FLOP count needs of a method's weights: the family's dense kernels (whatever the
+    method stores them as, NF4 included) and which of them train, plus the trainable matmul
+    weights the method adds (LoRA factors, adapter kernels)."""
+    from flax import traverse_util
+
+    from ftc.backends.jax.hf_checkpoint import abstract_params as family_abstract
+
+    base = traverse_util.flatten_dict(nn.unbox(family_abstract(model.family, model.arch, "float32")), sep="/")
+    added = traverse_util.flatten_dict(nn.unbox(method_params), sep="/")
+    kernels = {k: math.prod(v.shape) for k, v in base.items() if k.rsplit("/", 1)[-1] == "kernel"}
+    n = sum(kernels.values())
+    trained = sum(size for k, size in kernels.items() if k in added and model.trainable(k))
+    adapter = sum(math.prod(v.shape) for k, v in added.items()
+                  if k not in base and len(v.shape) >= 2 and model.trainable(k))
+    if summary.tied_embeddings:
+        table = [k for k, v in base.items() if tuple(v.shape) == (summary.vocab, summary.hidden)]
+        n += summary.vocab * summary.hidden
+        trained += summary.vocab * summary.hidden if any(k in added and model.trainable(k) for k in table) else 0
+    return flops_lib.MatmulWeights(n, trained, adapter)
 
 
 def plan_spec(spec, device_count: int | None = None, steps_per_epoch: int | None = None) -> plan_lib.Plan:
@@ -227,6 +254,8 @@ class LoopConfig:
     eval_at_start: bool = True  # evaluate before the first step: the starting validation loss
     checkpoint_every: int = 0  # 0: only at the end and on interrupt
     progress: bool = True
+    flops_per_step: float = 0.0  # model FLOPs of one optimizer step (plan); 0: no MFU
+    peak_flops: float = 0.0      # peak FLOP/s of every device of the run together
 
 
 def train_loop(
@@ -253,7 +282,7 @@ def train_loop(
     step = int(jax.device_get(state["step"]))
     bar = tqdm(total=config.total_steps, initial=step, disable=not config.progress or jax.process_index() != 0,
                unit="step", dynamic_ncols=True)
-    window_tokens, window_start = 0.0, time.perf_counter()
+    window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
     metrics = None  # the last step's metrics (device arrays), checked before any save
 
     def checked(at: int) -> dict | None:
@@ -297,6 +326,7 @@ def train_loop(
             state, metrics = steps.train(state, steps.put_train_batch(batch))
             step += 1
             window_tokens += float(ts.real_tokens(batch)) * jax.process_count()
+            window_steps += 1
             if after_step is not None:
                 after_step(step)
             bar.update(1)
@@ -304,11 +334,15 @@ def train_loop(
             if step % max(config.log_every, 1) == 0 or last:
                 host = checked(step)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
-                row = {**host, "tokens_per_second": window_tokens / elapsed, **run_log.device_memory()}
+                row = {**host, "tokens_per_second": window_tokens / elapsed}
+                if config.flops_per_step and config.peak_flops:
+                    row["mfu"] = config.flops_per_step * window_steps / elapsed / config.peak_flops
+                row.update(run_log.device_memory())
+                row.update(run_log.host_memory())
                 if logger:
                     logger.log(step, "train", row)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                window_tokens, window_start = 0.0, time.perf_counter()
+                window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
             if last or (config.eval_every and step % config.eval_every == 0):
                 run_eval(step)
             if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
@@ -407,9 +441,21 @@ def _write_resolved_spec(spec, run_dir: str) -> None:
     os.replace(tmp, os.path.join(run_dir, RESOLVED_SPEC))
 
 
+def use_compilation_cache() -> str | None:
+    """Keep compiled steps in JAX's persistent cache (`$FTC_CACHE/jax`, or the user's own
+    `JAX_COMPILATION_CACHE_DIR`), so a resumed or repeated run skips XLA compilation (measured on
+    CPU: 7.5 s -> 0.95 s for the bench step). Returns the directory in use."""
+    if not jax.config.jax_compilation_cache_dir:
+        from ftc.backends.jax.gguf_import import default_cache_root
+
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_root() / "jax"))
+    return jax.config.jax_compilation_cache_dir
+
+
 def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int], None] | None = None) -> dict:
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
     there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`."""
+    use_compilation_cache()
     if spec.method.kind == "probe":
         return run_probe(spec, echo=echo)
     run_dir = os.path.abspath(spec.run_dir)
@@ -465,8 +511,15 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     if data.validation_rows is not None:
         eval_batches = lambda: data.validation_batches(spec.training.micro_batch_size)
     logger = run_log.RunLogger(run_dir, tensorboard=spec.logging.tensorboard, resume_step=latest)
+    peak, peak_source = device_peak.peak_flops(spec.model.dtype, spec.logging.peak_tflops)
+    # CPU "devices" forced by XLA_FLAGS share the host's cores: the peak is per host there.
+    peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
+    echo(f"MFU: model FLOPs over {peak / 1e12:.4g} TFLOP/s x {peak_units} "
+         f"{'host' if jax.devices()[0].platform == 'cpu' else 'device'}(s) ({peak_source})")
     config = LoopConfig(total_steps=total, log_every=spec.training.log_every, eval_every=spec.training.eval_every,
-                        checkpoint_every=spec.checkpoint.every, progress=spec.logging.progress)
+                        checkpoint_every=spec.checkpoint.every, progress=spec.logging.progress,
+                        flops_per_step=plan.flops_per_token * plan.batch.tokens_per_step,
+                        peak_flops=peak * peak_units)
     try:
         with StopSignals() as stop:
             state = train_loop(steps, state, train_iter, config, checkpointer=checkpointer, metadata=metadata,

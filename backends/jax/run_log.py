@@ -1,7 +1,9 @@
 """Run logging: metrics.jsonl (one JSON object per logged step), TensorBoard, a progress bar.
 
 metrics.jsonl rows: {"step", "split": "train" | "validation", "loss", "learning_rate",
-"tokens_per_second", "grad_norm", "token_accuracy", ...}; validation rows carry "perplexity".
+"tokens_per_second", "grad_norm", "token_accuracy", ...}; validation rows carry "perplexity";
+train rows also "mfu", "host_memory_bytes" / "host_memory_peak_bytes" and, where the device
+reports them (GPU, TPU), "memory_bytes" / "memory_peak_bytes".
 Only process 0 writes. On resume, rows past the restored step (written by the interrupted run
 after its last checkpoint, and about to be redone) are dropped, so the file reads as one run.
 """
@@ -90,4 +92,24 @@ def device_memory() -> dict[str, float]:
         out["memory_peak_bytes"] = float(stats["peak_bytes_in_use"])
     if "bytes_in_use" in stats:
         out["memory_bytes"] = float(stats["bytes_in_use"])
+    return out
+
+
+def host_memory() -> dict[str, float]:
+    """This process's resident memory now and at its peak (Linux /proc; elsewhere the peak from
+    getrusage). The peak is VmHWM, not ru_maxrss: ru_maxrss carries a parent's peak across exec."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out["host_memory_bytes" if key == "VmRSS" else "host_memory_peak_bytes"] = \
+                        float(value.split()[0]) * 1024
+    except OSError:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["host_memory_peak_bytes"] = float(peak if sys.platform == "darwin" else peak * 1024)
     return out
