@@ -139,3 +139,19 @@ def test_template_refusing_a_conversation_is_reported_with_the_row():
     tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations must start with user') }}{% endif %}" + tok.chat_template
     with pytest.raises(DataError, match=r"d.jsonl:3: the tokenizer's chat template refused this conversation: .*must start with user"):
         tokenize_rows([Row("d.jsonl:3", {"messages": CONVERSATION})], format="chat", tokenizer=tok)
+
+
+def test_large_inputs_tokenize_in_chunks_to_the_same_items(monkeypatch):
+    """Past CHUNK_ROWS rows, tokenising goes chunk by chunk (for a progress bar with ETA); the items
+    are those of one call over every row."""
+    import ftc.backends.jax.data_tokenize as dt
+
+    tok = make_tokenizer()
+    rows = [Row(f"f.jsonl:{i}", {"messages": CONVERSATION[: 2 + i % 3]}) for i in range(23)]
+    whole = tokenize_rows(rows, format="chat", tokenizer=tok)
+    monkeypatch.setattr(dt, "CHUNK_ROWS", 4)
+    chunked = tokenize_rows(rows, format="chat", tokenizer=tok, progress="tokenizing train")
+    assert [t.where for t in chunked] == [t.where for t in whole] == [r.where for r in rows]
+    for a, b in zip(chunked, whole):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.weights, b.weights)

@@ -232,9 +232,9 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
 
     names = data_tokenize.label_names_of(train_rows, labels) if format == "classification" else None
 
-    def prepare_items(rows):
+    def prepare_items(rows, split="train"):
         items = data_tokenize.tokenize_rows(rows, format=format, tokenizer=tokenizer, train_on=train_on,
-                                            label_names=names)
+                                            label_names=names, progress=f"tokenizing {split}")
         return data_clean.clean_lengths(items, max_seq_len=max_seq_len, overlong=clean["overlong"])
 
     train_items, length_report = prepare_items(train_rows)
@@ -243,7 +243,7 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
         raise DataError(f"no training sequences left after cleaning ({train_report.summary()})")
     if val_rows is not None:
         split_report = data_clean.CleanReport(len(val_rows), len(val_rows)) if val_report is None else val_report
-        val_items, val_lengths = prepare_items(val_rows)
+        val_items, val_lengths = prepare_items(val_rows, "validation")
         val_report = split_report.then(val_lengths)
     if shuffle:  # the order packing sees; the loader reshuffles rows every epoch
         order = np.random.default_rng([seed, 2]).permutation(len(train_items))

@@ -55,9 +55,31 @@ class Labelled:
     label: int
 
 
+CHUNK_ROWS = 2048  # rows per tokenizer call: large enough for the fast tokenizer's batching
+
+
 def tokenize_rows(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on: str = "assistant",
-                  label_names: Sequence[str] | None = None) -> list[Tokens | Pair | Labelled]:
-    """One tokenised item per row, in order."""
+                  label_names: Sequence[str] | None = None, progress: str | None = None
+                  ) -> list[Tokens | Pair | Labelled]:
+    """One tokenised item per row, in order. `progress`: a label for a progress bar with ETA,
+    shown once tokenising has taken more than 2 s (about 3,000 chat rows/s on one CPU core)."""
+    if len(rows) <= CHUNK_ROWS:
+        return _tokenize_chunk(rows, format=format, tokenizer=tokenizer, train_on=train_on, label_names=label_names)
+    from tqdm import tqdm
+
+    out: list = []
+    with tqdm(total=len(rows), desc=progress or "tokenizing", unit="row", delay=2.0, leave=False,
+              disable=progress is None, dynamic_ncols=True) as bar:
+        for start in range(0, len(rows), CHUNK_ROWS):
+            chunk = rows[start:start + CHUNK_ROWS]
+            out += _tokenize_chunk(chunk, format=format, tokenizer=tokenizer, train_on=train_on,
+                                   label_names=label_names)
+            bar.update(len(chunk))
+    return out
+
+
+def _tokenize_chunk(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on: str,
+                    label_names: Sequence[str] | None) -> list[Tokens | Pair | Labelled]:
     if train_on not in ("assistant", "all"):
         raise ValueError(f"train_on {train_on!r} is not 'assistant' or 'all'")
     if not getattr(tokenizer, "is_fast", False):
