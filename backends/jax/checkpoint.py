@@ -1,8 +1,13 @@
 """Checkpoints: Orbax CheckpointManager over <run_dir>/checkpoints/<step>/ with three items:
 
-  state  the train state (params, opt_state, step, rng), sharded arrays (StandardSave)
+  state  the train state (step, rng, opt_state, params), sharded arrays (StandardSave); of the
+         params only the leaves the Checkpointer's `saved_params` mask keeps (a run keeps those it
+         trains: frozen_base.saved_mask), and never a frozen reference copy (train_step.REFERENCE)
   data   the data iterator's position (grain get_state, as JSON)
-  meta   what the checkpoint is: the resolved spec dict, tokenizer hash, plan fingerprint
+  meta   what the checkpoint is: the resolved spec dict, tokenizer hash, plan fingerprint, and how
+         the params it leaves out are rebuilt and checked (frozen_base.py)
+
+Format 1 (before the frozen base was left out) held the whole train state; it still restores.
 
 A checkpoint describes itself, so resume and export need no settings re-entered. Restoring goes
 through abstract arrays carrying shardings, so a run saved on one mesh restores onto another.
@@ -19,8 +24,11 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ftc.backends.jax.shapes import path_str
+from ftc.backends.jax.train_step import REFERENCE  # a frozen copy of the starting params: never saved
+
 CHECKPOINT_DIR = "checkpoints"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: the whole train state; 2: params' saved leaves only, no reference copy
 
 # Spec keys (dotted prefixes) that may change between a checkpoint and the run resuming it:
 # they change how long, how often, where to and on what devices, not what the optimizer computes.
@@ -48,10 +56,15 @@ class ResumeRefusedError(RuntimeError):
 
 
 class Checkpointer:
-    """Saves and restores train state + data position + metadata under `directory`."""
+    """Saves and restores train state + data position + metadata under `directory`.
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+    `saved_params`: a tree of bools matching the params (True: the checkpoint holds the leaf), or
+    None for every leaf. The caller rebuilds the rest on restore (frozen_base.restore_state)."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
+                 saved_params: Any = None):
         self.directory = os.path.abspath(directory)
+        self.saved_params = saved_params
         options = ocp.CheckpointManagerOptions(
             # A read-only manager must say it keeps everything and saves never, or Orbax warns.
             max_to_keep=keep if keep and keep > 0 and not read_only else None,
@@ -81,7 +94,7 @@ class Checkpointer:
         return self._manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=ocp.args.StandardSave(saved_state(state, self.saved_params)),
                 data=ocp.args.JsonSave(encode_data_state(data_state)),
                 meta=ocp.args.JsonSave(meta),
             ),
@@ -90,8 +103,12 @@ class Checkpointer:
 
     def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, Any, dict]:
         """(state, data_state, metadata) of `step` (default: latest), arrays placed by the
-        shardings on `abstract_state`'s ShapeDtypeStructs."""
+        shardings on `abstract_state`'s ShapeDtypeStructs (the whole train state's). From a format 1
+        checkpoint the whole state; from format 2 what it holds: params reduced to the
+        `saved_params` leaves and no reference copy, for the caller to complete."""
         step = self._step(step)
+        if self.metadata(step).get("format_version", 1) >= 2:
+            abstract_state = saved_state(abstract_state, self.saved_params)
         out = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -103,7 +120,9 @@ class Checkpointer:
         return out["state"], decode_data_state(out["data"]), out["meta"]
 
     def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
-        """Only the parameters of a checkpoint (to start a new run from an earlier run)."""
+        """The leaves of a checkpoint's params that `abstract_params` names (a sub-tree of what it
+        holds: of a format 2 checkpoint, only its saved leaves; frozen_base.restore_params
+        gives a run's whole params tree)."""
         step = self._step(step)
         target = {"params": abstract_params}
         restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
@@ -111,6 +130,14 @@ class Checkpointer:
         out = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
         return out["state"]["params"]
+
+    def saved_arrays(self, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+        """"/"-joined path -> (shape, dtype) of every array the "state" item of `step` holds, read
+        from Orbax's metadata (no array is read)."""
+        step = self._step(step)
+        tree = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+        return {path_str(p): (tuple(m.shape), str(m.dtype))
+                for p, m in jax.tree_util.tree_flatten_with_path(tree)[0] if m is not None}
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -125,6 +152,43 @@ class Checkpointer:
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return int(step)
+
+
+def prune(tree: Any, keep: Any) -> Any:
+    """The nested dict `tree` with only the leaves where the matching `keep` tree of bools is
+    True; dicts left empty are dropped."""
+    if not isinstance(tree, dict):
+        raise TypeError(f"prune expects nested dicts of arrays, got {type(tree).__name__}")
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = prune(v, keep[k])
+            if sub:
+                out[k] = sub
+        elif keep[k]:
+            out[k] = v
+    return out
+
+
+def saved_state(state: dict, saved_params: Any) -> dict:
+    """What a checkpoint holds of a train state (or its abstract twin): everything but the
+    reference copy, with params pruned to `saved_params` (None: all of them)."""
+    out = {k: v for k, v in state.items() if k != REFERENCE}
+    if saved_params is not None:
+        out["params"] = prune(state["params"], saved_params)
+    return out
+
+
+def overlay(base: Any, leaves: Any) -> Any:
+    """`base` (a nested dict) with every leaf that the sub-tree `leaves` holds put in its place."""
+    if not isinstance(leaves, dict):
+        return leaves
+    out = dict(base)
+    for k, v in leaves.items():
+        if k not in base:
+            raise KeyError(f"checkpoint leaf {k!r} is not in the model's params (keys: {sorted(base)[:8]})")
+        out[k] = overlay(base[k], v)
+    return out
 
 
 def checkpoint_dir(run_dir: str) -> str:

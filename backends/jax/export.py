@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftc.backends.jax import adapters, hf_checkpoint, lora, methods, shapes
+from ftc.backends.jax import adapters, frozen_base, hf_checkpoint, lora, methods, shapes
 from ftc.backends.jax import checkpoint as ckpt_lib
 
 FORMATS = {"full": ("hf",), "lora": ("hf", "peft"), "qlora": ("hf", "peft"), "adapter": ("hf", "adapters"),
@@ -172,8 +172,13 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     model = methods.build_model(hf_config, spec, dtype=jnp.float32, remat="none")
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     shardings = export_shardings(model, abstract)
-    params = reader.restore_params(jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                                abstract, shardings), step)
+    # The checkpoint holds what trained; the frozen base is rebuilt from its source (frozen_base.py).
+    try:
+        params = frozen_base.restore_params(reader, step, meta, model, jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings), model_dir,
+            what=f"cannot export {run_dir} (step {step})")
+    except ckpt_lib.ResumeRefusedError as e:  # its base changed or is gone
+        raise ExportError(str(e)) from e
     tok_dir = tokenizer_dir(spec, model_dir)
     saved_hash = meta.get("tokenizer_hash")
     if saved_hash is None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from ftc.backends.jax import checkpoint as ckpt_lib
 from ftc.backends.jax import device_peak
+from ftc.backends.jax import frozen_base
 from ftc.backends.jax import mesh as mesh_lib
 from ftc.backends.jax import optimizer as opt_lib
 from ftc.backends.jax import run_log
@@ -361,10 +362,13 @@ def _abstract_params_with_shardings(abstract_params, shardings):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params, shardings)
 
 
-def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, model=None):
+def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, model=None, *,
+                    init_step: int | None = None, method_weights: bool = True):
     """Parameters to start from, placed by `param_shardings` (a tree matching the method's params):
 
-    model.init_from = a run directory   its latest checkpoint: the whole tree when that run trained
+    model.init_from = a run directory   its checkpoint (`init_step`, default its latest; a checkpoint
+                                        that leaves its frozen base out has it rebuilt, see
+                                        frozen_base.py): the whole tree when that run trained
                                         the same method, or a full fine-tune's params as this
                                         method's base
     model.init_from = a PEFT LoRA dir   (lora, qlora) base from model.base, factors from the adapter
@@ -373,7 +377,9 @@ def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, mod
     model.init_from = an HF directory   its weights as the base
     otherwise                           model.base's weights
     The method's fresh parameters (LoRA A random and B zero, NF4 storage, adapters with up = 0) are
-    added to a base, so a run starts computing exactly what its base model computes."""
+    added to a base, so a run starts computing exactly what its base model computes.
+    Deterministic: resume and export rebuild a checkpoint's frozen part with it (frozen_base.py),
+    where `method_weights=False` skips reading the trained weights of a PEFT / adapter init_from."""
     from ftc.backends.jax import adapters, lora, methods
     from ftc.backends.jax.hf_checkpoint import abstract_params as family_abstract, load_model
 
@@ -385,15 +391,25 @@ def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, mod
     base_dir, method_dir = model_dir, None
     if source and os.path.isdir(ckpt_lib.checkpoint_dir(source)):
         reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(source), read_only=True)
-        earlier = reader.metadata().get("spec", {}).get("method", {}).get("kind", "full")
+        step = reader.latest_step() if init_step is None else init_step
+        if step is None:
+            raise FileNotFoundError(f"model.init_from={source!r}: no complete checkpoint in {reader.directory}")
+        if step not in reader.all_steps():
+            raise ckpt_lib.ResumeRefusedError(
+                f"model.init_from={source!r}: its checkpoint at step {step}, which this run started from, is gone "
+                f"(there are: {', '.join(map(str, reader.all_steps())) or 'none'})")
+        meta = reader.metadata(step)
+        earlier = meta.get("spec", {}).get("method", {}).get("kind", "full")
         if earlier == kind:
-            return reader.restore_params(_abstract_params_with_shardings(abstract_params, param_shardings))
+            return frozen_base.restore_params(reader, step, meta, model,
+                                              _abstract_params_with_shardings(abstract_params, param_shardings),
+                                              what=f"model.init_from={source!r}")
         if earlier != "full":
             raise ValueError(f"model.init_from={source!r} is a {earlier} run; a method.kind={kind!r} run starts "
                              f"from a run of the same method or of a full fine-tune. Export it first (`ftc export "
                              f"{source} --format hf` merges a LoRA) and give the export directory as model.init_from")
         base = reader.restore_params(_abstract_params_with_shardings(
-            family_abstract(model.family, model.arch, dtype), methods.base_shardings(model, param_shardings)))
+            family_abstract(model.family, model.arch, dtype), methods.base_shardings(model, param_shardings)), step)
     else:
         if source:
             source_path = Path(source)
@@ -419,9 +435,10 @@ def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, mod
             else:
                 raise ValueError(f"model.init_from={source!r}: expected a run directory (with checkpoints/), a "
                                  f"Hugging Face directory (config.json), a PEFT adapter or an ftc adapter export")
-        base = load_model(base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings)).params
+        base = load_model(base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings),
+                          lazy=methods.lazy_base(model)).params
     params = methods.init_method_params(model, base, spec.training.seed, shardings=param_shardings, param_dtype=dtype)
-    if method_dir is not None:
+    if method_dir is not None and method_weights:
         if kind == "adapter":
             params = adapters.import_adapters(model.plan, method_dir, params)
         else:
@@ -485,8 +502,10 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps,
                            eval_model=model.eval_module, objective=objective)
 
+    # Checkpoints hold what trains; the frozen base and a reference copy are rebuilt on resume.
+    saved_params = frozen_base.saved_mask(abstract_params, model.trainable)
     checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), keep=spec.checkpoint.keep,
-                                         async_save=spec.checkpoint.async_)
+                                         async_save=spec.checkpoint.async_, saved_params=saved_params)
     metadata = {"spec": spec.to_dict(), "tokenizer_hash": tok_hash, "plan_fingerprint": plan.fingerprint(),
                 "family": family.name, "model_dir": str(model_dir)}
     latest = checkpointer.latest_step()
@@ -494,15 +513,27 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     if latest is not None:
         saved = checkpointer.metadata(latest)
         ckpt_lib.check_resumable(saved, metadata["spec"], tok_hash, f"{checkpointer.directory}/{latest}")
-        state, data_state, _ = checkpointer.restore(
-            jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, state_sh),
-            latest)
+        state, data_state = frozen_base.restore_state(
+            checkpointer, latest, saved, model_dir, model,
+            jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, state_sh))
+        if saved.get("format_version", 1) >= 2:
+            frozen = saved.get("frozen")
+        else:  # format 1 held the whole state: record its frozen part for the checkpoints to come
+            from ftc.spec import spec_from_dict
+
+            started = spec_from_dict(saved["spec"])
+            frozen = frozen_base.record(started, model_dir, state, saved_params, frozen_base.init_from_step(started))
         echo(f"resumed from step {latest} ({checkpointer.directory})")
     else:
-        params = _initial_params(spec, model_dir, abstract_params, state_sh["params"], model=model)
+        init_step = frozen_base.init_from_step(spec)
+        params = _initial_params(spec, model_dir, abstract_params, state_sh["params"], model=model,
+                                 init_step=init_step)
         init = jax.jit(lambda p: ts.init_state(p, tx, mask, spec.training.seed, reference=with_reference),
                        out_shardings=state_sh, donate_argnums=(0,))
         state = init(params)
+        frozen = frozen_base.record(spec, model_dir, state, saved_params, init_step)
+    if frozen is not None:
+        metadata["frozen"] = frozen
     _write_resolved_spec(spec, run_dir)
     write_data_stats(data.stats, run_dir)
 
