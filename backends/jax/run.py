@@ -435,8 +435,7 @@ def _initial_params(spec, model_dir: Path, abstract_params, param_shardings, mod
             else:
                 raise ValueError(f"model.init_from={source!r}: expected a run directory (with checkpoints/), a "
                                  f"Hugging Face directory (config.json), a PEFT adapter or an ftc adapter export")
-        base = load_model(base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings),
-                          lazy=methods.lazy_base(model)).params
+        base = load_model(base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings)).params
     params = methods.init_method_params(model, base, spec.training.seed, shardings=param_shardings, param_dtype=dtype)
     if method_dir is not None and method_weights:
         if kind == "adapter":
