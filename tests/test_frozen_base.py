@@ -277,6 +277,36 @@ def test_lora_resume_rebuilds_the_frozen_base_and_equals_the_uninterrupted_run_a
     assert_bitwise(whole_state(first.run_dir)[0], whole_state(mr.trained("lora").run_dir)[0], "lora from format 1")
 
 
+KILL_DRIVER = """
+import os, signal, sys
+from ftc.spec import load_spec
+from ftc.backends.jax.run import run
+kill_at = int(sys.argv[2])
+run(load_spec(sys.argv[1]), echo=lambda s: None,
+    after_step=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None)
+"""
+
+
+@pytest.mark.slow  # ~25 s
+def test_lora_run_killed_with_sigkill_resumes_to_the_uninterrupted_state():
+    """Killed after step 3 with a checkpoint every step: step 1's save has surely committed (Orbax
+    starts the step-2 save only after it), step 2's may be cut off mid-write."""
+    import signal
+    import subprocess
+    import sys
+
+    path = mr.write_spec("lora", "lora-killed")
+    path.write_text(path.read_text() + "[checkpoint]\nevery = 1\n")
+    driver = mr.root() / "kill_driver.py"
+    driver.write_text(KILL_DRIVER)
+    out = subprocess.run([sys.executable, str(driver), str(path), "3"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    run_dir = Path(load_spec(path).run_dir)
+    assert ckpt_lib.latest_step(str(run_dir)) in (1, 2)
+    assert run_lib.run(load_spec(path), echo=lambda s: None)["step"] == mr.STEPS
+    assert_bitwise(whole_state(run_dir)[0], whole_state(mr.trained("lora").run_dir)[0], "lora killed at step 3")
+
+
 @pytest.mark.slow  # ~30 s
 def test_qlora_resume_rebuilds_the_nf4_base_and_equals_the_uninterrupted_run():
     run_dir = resumed_equals_uninterrupted("qlora", "qlora-split")
