@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from ftc.spec import schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.load import Document, read_document
 from ftc.spec.paths import resolve_paths
@@ -79,8 +80,18 @@ def _bases(doc: Document, issues: list) -> list[tuple[tuple, str]]:
 
 
 def merge(base: dict, base_locs: dict, top: dict, top_locs: dict, prefix: tuple = ()) -> tuple[dict, dict]:
-    """Deep-merge `top` over `base`, carrying key locations along."""
+    """Deep-merge `top` over `base`, carrying key locations along. Of a pair of exclusive keys
+    (training.steps / training.epochs, ...), the one `top` sets replaces the other in `base`:
+    `--set training.steps=2` on a spec with epochs means steps. One layer setting both stays an
+    error for validation to report."""
     out, locs = dict(base), dict(base_locs)
+    node = schema_walk.node_at(prefix) if all(isinstance(p, str) for p in prefix) else None
+    for a, b in schema_walk.exclusive_pairs(node or {}):
+        for mine, other in ((a, b), (b, a)):
+            if mine in top and other not in top and other in out:
+                del out[other]
+                gone = prefix + (other,)
+                locs = {p: l for p, l in locs.items() if p[: len(gone)] != gone}
     for key, value in top.items():
         path = prefix + (key,)
         if isinstance(value, dict) and isinstance(out.get(key), dict):

@@ -55,3 +55,22 @@ def test_an_override_that_breaks_a_rule_is_located_at_the_override(spec_file):
     [issue] = info.value.issues
     assert issue.file == "--set training.micro_batch_size=3" and "multiple of micro_batch_size" in issue.message
     assert str(issue).startswith("--set training.micro_batch_size=3: error: training.micro_batch_size: ")
+
+
+def test_setting_one_of_an_exclusive_pair_replaces_the_other(tmp_path):
+    """`--set training.steps=2` on a spec that trains for epochs (or an extending file that sets
+    steps) means steps: the later layer's choice replaces the earlier one. One layer that sets
+    both is still an error."""
+    base = tmp_path / "base.toml"
+    base.write_text(SPEC + '[training]\nepochs = 3\nschedule = { kind = "cosine", warmup_ratio = 0.1 }\n')
+    spec = load_spec(base, ["training.steps=2", "training.schedule.warmup_steps=1"])
+    assert (spec.training.steps, spec.training.epochs) == (2, None)
+    assert (spec.training.schedule.warmup_steps, spec.training.schedule.warmup_ratio) == (1, None)
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\n[training]\nsteps = 5\n')
+    assert load_spec(child).training.steps == 5 and load_spec(child).training.epochs is None
+    both = tmp_path / "both.toml"
+    both.write_text('extends = "base.toml"\n[training]\nsteps = 5\nepochs = 1\n')
+    issues = lint_file(both)
+    assert any("set either 'epochs' or 'steps', not both" in i.message or
+               "set either 'steps' or 'epochs', not both" in i.message for i in issues), issues
