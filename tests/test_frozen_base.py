@@ -122,8 +122,7 @@ def test_file_fingerprint_hashes_a_small_file_whole_and_samples_a_large_one(tmp_
 
     monkeypatch.setattr(frozen_base, "WHOLE_FILE_BYTES", 0)
     sampled = frozen_base.file_fingerprint(path)
-    last = len(data) - frozen_base.SAMPLE_BYTES
-    starts = [last * i // (frozen_base.SAMPLES - 1) for i in range(frozen_base.SAMPLES)]
+    starts = frozen_base.sample_offsets(len(data))
     inside, outside = starts[5] + 10, starts[5] + frozen_base.SAMPLE_BYTES + 10
     assert not any(s <= outside < s + frozen_base.SAMPLE_BYTES for s in starts)
     for offset, caught in ((inside, True), (outside, False)):  # the documented blind spot
@@ -223,9 +222,7 @@ def test_a_changed_base_is_refused_on_resume_and_export_naming_the_file_or_the_p
     # One flipped bit between the sampled ranges: the files read the same, the rebuilt leaf does not.
     data = bytearray(original)
     header = 8 + int.from_bytes(data[:8], "little")
-    last = len(data) - frozen_base.SAMPLE_BYTES
-    sampled = [(s, s + frozen_base.SAMPLE_BYTES) for s in [last * i // (frozen_base.SAMPLES - 1)
-                                                           for i in range(frozen_base.SAMPLES)] + [last]]
+    sampled = [(s, s + frozen_base.SAMPLE_BYTES) for s in frozen_base.sample_offsets(len(data))]
     offset = next(o for o in range(header, len(data) - 4, 4) if not any(a <= o < b for a, b in sampled))
     data[offset] ^= 1  # the lowest bit of a float32's mantissa: a value 1 ulp away
     weights.write_bytes(bytes(data))
@@ -386,3 +383,22 @@ def test_dpo_of_a_full_fine_tune_saves_no_reference_copy_and_resumes_bitwise():
     assert_bitwise(whole_state(split)[0], whole_state(whole)[0], "dpo")
     losses = lambda run_dir: [(r["step"], r["split"], r["loss"]) for r in mr.metrics(run_dir)]
     assert losses(split) == losses(whole)
+
+
+@pytest.mark.slow  # ~35 s: three LoRA runs on a full fine-tune's checkpoint
+def test_lora_started_from_a_full_run_resumes_bitwise_with_its_base_rebuilt_from_that_runs_checkpoint():
+    full = mr.trained("full")
+    whole = mr.run_spec(mr.write_spec("lora", "lora-on-full-whole", init_from=str(full.run_dir)), "lora")
+    path = mr.write_spec("lora", "lora-on-full-split", steps=2, init_from=str(full.run_dir))
+    first = mr.run_spec(path, "lora")
+    meta = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(str(first.run_dir)), read_only=True).metadata()
+    source = meta["frozen"]["source"]
+    assert meta["frozen"]["init_from_step"] == mr.STEPS and source["dir"].endswith(f"checkpoints/{mr.STEPS}")
+    assert any(name.startswith("state/") for name in source["files"])
+    # model.init_from may change on resume; the base still comes from where the run started.
+    assert run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", "model.init_from=/nowhere"]),
+                       echo=lambda s: None)["step"] == mr.STEPS
+    assert_bitwise(whole_state(first.run_dir)[0], whole_state(whole.run_dir)[0], "lora on a full run")
+    full_params = tl.flat(export_lib.load_run(full.run_dir).params)
+    rebuilt = tl.flat(export_lib.load_run(first.run_dir).params)
+    assert all(rebuilt[p].tobytes() == full_params[p].tobytes() for p in full_params)  # the base: the full run's

@@ -13,8 +13,8 @@ the starting params. A full fine-tune's checkpoint holds every parameter (everyt
 Two guards against a base that changed under a run, recorded in the checkpoint's metadata
 (meta["frozen"], written by `record`) and checked before anything resumes or exports:
   source     each file the frozen base is read from (the base's *.safetensors, or the checkpoint
-             of a `model.init_from` run): its size and a sha256 of its safetensors header, 16
-             evenly spaced 4 KiB ranges and its last 4 KiB (the whole file under 1 MiB). Checked
+             of a `model.init_from` run): its size and a sha256 of its safetensors header and 16
+             evenly spaced 4 KiB ranges from its start to its end (the whole file under 1 MiB). Checked
              before the rebuild, naming the file. Not caught here: a same-size rewrite that
              changes only bytes outside the sampled ranges (e.g. one tensor inside a large shard).
   checksums  each rebuilt leaf's bits, hashed on the devices into two position-weighted 32-bit
@@ -81,7 +81,8 @@ def needs_rebuild(mask: Any, with_reference: bool) -> bool:
 
 def file_fingerprint(path: str | os.PathLike) -> dict:
     """{"size", "sha256"}: sha256 of the whole file up to WHOLE_FILE_BYTES, else of its
-    safetensors header (length + JSON), SAMPLES evenly spaced SAMPLE_BYTES ranges and its tail."""
+    safetensors header (length + JSON) and SAMPLES evenly spaced SAMPLE_BYTES ranges, the first at
+    its start and the last at its end."""
     path = Path(path)
     size = path.stat().st_size
     h = hashlib.sha256()
@@ -94,11 +95,16 @@ def file_fingerprint(path: str | os.PathLike) -> dict:
             h.update(head)
             if path.suffix == ".safetensors" and len(head) == 8:
                 h.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
-            last = size - SAMPLE_BYTES
-            for offset in [last * i // (SAMPLES - 1) for i in range(SAMPLES)] + [last]:
+            for offset in sample_offsets(size):
                 f.seek(offset)
                 h.update(f.read(SAMPLE_BYTES))
     return {"size": size, "sha256": h.hexdigest()}
+
+
+def sample_offsets(size: int) -> list[int]:
+    """Where file_fingerprint's sampled ranges of a file of `size` bytes start."""
+    last = max(size - SAMPLE_BYTES, 0)
+    return [last * i // (SAMPLES - 1) for i in range(SAMPLES)]
 
 
 def init_from_run(spec) -> str | None:
@@ -269,8 +275,8 @@ def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: An
             f"{what}: the frozen parameters rebuilt from {frozen['source']['what']} are not the ones the run "
             f"trained with:\n" + "\n".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20
                                                             else "")
-            + "\nIts files read the same in the sampled places, so the weights changed elsewhere in them. Put the "
-              "original files back, or start a new run.")
+            + "\nIts files read the same where sampled: they changed elsewhere, or this ftc or device computes the "
+              "rebuild (e.g. NF4 quantisation) differently. Put the original files back, or start a new run.")
     return jax.tree.map(lambda x, s: x if x.dtype == s.dtype else x.astype(s.dtype), initial, abstract_params)
 
 
