@@ -31,7 +31,7 @@ def _method(job: common.Job, family, arch, module, params):
         return module, params, lambda path: True
     import jax
 
-    from ftc.backends.jax import lora
+    from ftc.backends.jax.methods import lora
 
     c = job.config
     # PEFT's LoraConfig(r, lora_alpha, target_modules="all-linear", lora_dropout=0) on the torch side.
@@ -64,11 +64,11 @@ def build(job: common.Job) -> Program:
     import jax.numpy as jnp
     import numpy as np
 
-    from ftc.backends.jax import hf_checkpoint
-    from ftc.backends.jax import mesh as mesh_lib
-    from ftc.backends.jax import optimizer as opt_lib
-    from ftc.backends.jax import shapes
-    from ftc.backends.jax import train_step as ts
+    from ftc.backends.jax.io import hf_checkpoint
+    from ftc.backends.jax.train import mesh as mesh_lib
+    from ftc.backends.jax.train import optimizer as opt_lib
+    from ftc.backends.jax.models import shapes
+    from ftc.backends.jax.train import step as ts
     from ftc.compiler import plan as plan_lib
     from ftc.compiler import sharding_rules
 

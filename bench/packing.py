@@ -27,7 +27,7 @@ TRAIN = common.REPO_ROOT / "examples" / "data" / "chatterbot_train.jsonl"
 def load_tokenizer(source: str = MODEL):
     from transformers import AutoTokenizer
 
-    from ftc.backends.jax.model_source import resolve_model_source
+    from ftc.backends.jax.io.model_source import resolve_model_source
 
     model_dir = resolve_model_source(source)
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
@@ -36,7 +36,7 @@ def load_tokenizer(source: str = MODEL):
 def measure(tokenizer, seq_lens, train=TRAIN, batch_size: int = 16) -> list[dict]:
     import numpy as np
 
-    from ftc.backends.jax.data import build_datasets
+    from ftc.backends.jax.data.datasets import build_datasets
 
     rows = []
     for seq_len in seq_lens:

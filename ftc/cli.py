@@ -106,8 +106,8 @@ def verify(source, batch, seq_len, tol, seed, cache_dir):
     package:NAME/path. Exit status: 0 within tolerance, 1 above it, 2 when the check cannot run
     (bad source, or PyTorch not installed).
     """
-    from ftc.backends.jax.model_source import ModelSourceError, resolve_model_source
-    from ftc.backends.jax.verify import ReferenceUnavailable, verify_model
+    from ftc.backends.jax.io.model_source import ModelSourceError, resolve_model_source
+    from ftc.backends.jax.io.verify import ReferenceUnavailable, verify_model
 
     try:
         model_dir = resolve_model_source(source, cache_dir=cache_dir)
@@ -145,7 +145,7 @@ def plan(spec_path, overrides, devices, as_json):
     import json
 
     spec = _load_spec_or_exit(spec_path, overrides)
-    from ftc.backends.jax.run import plan_spec
+    from ftc.backends.jax.pipeline import plan_spec
     from ftc.compiler.plan import format_plan
 
     try:
@@ -180,7 +180,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
       ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 1   # host 1
     The mesh spans every device of every process; the output directory must be shared storage."""
     spec = _load_spec_or_exit(spec_path, overrides)
-    from ftc.backends.jax import distributed as dist
+    from ftc.backends.jax.train import distributed as dist
 
     launch = dist.Launch(coordinator, num_processes, process_id, distributed)
     problem = launch.problem()
@@ -197,12 +197,12 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
         click.echo(f"error: could not join the multi-process run at {where}: {e}", err=True)
         raise SystemExit(1)
 
-    from ftc.backends.jax.checkpoint import ResumeRefusedError
-    from ftc.backends.jax.data_read import DataError
-    from ftc.backends.jax.export import ExportError, VerifyFailedError
-    from ftc.backends.jax.model_source import ModelSourceError
-    from ftc.backends.jax.run import run as run_spec
-    from ftc.backends.jax.train_step import NonFiniteLossError
+    from ftc.backends.jax.state.checkpoint import ResumeRefusedError
+    from ftc.backends.jax.data.read import DataError
+    from ftc.backends.jax.io.export import ExportError, VerifyFailedError
+    from ftc.backends.jax.io.model_source import ModelSourceError
+    from ftc.backends.jax.pipeline import run as run_spec
+    from ftc.backends.jax.train.step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
     echo = click.echo if dist.is_writer() else (lambda *_a, **_k: None)
@@ -238,9 +238,9 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
     Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
     the tolerance.
     """
-    from ftc.backends.jax.export import ExportError, export_run
-    from ftc.backends.jax.model_source import ModelSourceError
-    from ftc.backends.jax.verify import ReferenceUnavailable
+    from ftc.backends.jax.io.export import ExportError, export_run
+    from ftc.backends.jax.io.model_source import ModelSourceError
+    from ftc.backends.jax.io.verify import ReferenceUnavailable
 
     try:
         _, check = export_run(run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 import train_testlib as tl
-from ftc.backends.jax import checkpoint as ckpt_lib
-from ftc.backends.jax import run as run_lib
-from ftc.backends.jax import shapes
+from ftc.backends.jax.state import checkpoint as ckpt_lib
+from ftc.backends.jax import pipeline as run_lib
+from ftc.backends.jax.models import shapes
 from ftc.spec import load_spec, spec_from_dict
 
 STEPS = 8
@@ -53,7 +53,7 @@ progress = false
 DRIVER = """
 import os, signal, sys
 from ftc.spec import load_spec
-from ftc.backends.jax.run import run
+from ftc.backends.jax.pipeline import run
 spec = load_spec(sys.argv[1])
 kill_at, sig = int(sys.argv[2]), getattr(signal, sys.argv[3])
 run(spec, echo=lambda s: None, after_step=lambda step: os.kill(os.getpid(), sig) if step == kill_at else None)

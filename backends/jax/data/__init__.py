@@ -1,0 +1,1 @@
+"""Data: read, clean, tokenise, pack and load training rows (datasets.py wires them)."""

@@ -1,0 +1,309 @@
+"""The data entry point: files in, fixed-shape per-process numpy batches out.
+
+    datasets = build_datasets(format="chat", train="data/train.jsonl", tokenizer=tok,
+                              max_seq_len=2048, batch_size=64, seed=0, ...)
+    it = datasets.train_iterator()            # endless; it.get_state() / it.set_state(state)
+    batch = next(it)                          # nested dict of numpy arrays, see below
+    for batch in datasets.validation_batches(): ...
+
+read (data_read) -> clean rows (data_clean) -> split off validation -> tokenise (data_tokenize)
+-> cap lengths (data_clean) -> shuffle with the seed, pack (data_pack) -> grain (data_loader).
+Everything up to the packed arrays is cached in-process by a fingerprint of the inputs (files'
+paths, sizes and mtimes, the tokenizer's vocabulary and template, every option that changes the
+arrays), so calling build_datasets again (plan, then run) does not tokenise again.
+
+Batches (per process: B = batch_size / process_count rows, T = max_seq_len):
+  chat | completion | text (kind "lm"):
+    input_ids   int32   [B, T]   tokens fed to the model
+    targets     int32   [B, T]   next token: targets[b, t] = input_ids[b, t + 1] inside a segment
+    weights     float32 [B, T]   loss weight on predicting targets[b, t]; 0 on padding, at the
+                                 last token of every segment, and on unsupervised tokens
+    segment_ids int32   [B, T]   1..k per packed sequence, 0 = padding
+    positions   int32   [B, T]   0.. restarting at every segment
+    (see data_pack for the shift convention). Loss = sum(weights * nll) / sum(weights), summed
+    over the whole global batch before dividing.
+  preference (kind "preference", never packed):
+    chosen   {the five lm keys above, [B, T]}
+    rejected {the five lm keys above, [B, T]}
+    weights  float32 [B]     1 for a real pair, 0 for a padding row (mask the DPO loss with it)
+  classification (kind "classification", never packed):
+    input_ids, segment_ids (1 on tokens, 0 padding), positions   int32 [B, T]
+    labels   int32   [B]     index into Datasets.label_names
+    weights  float32 [B]     1 for a real example, 0 for a padding row
+An epoch is `steps_per_epoch` global batches; the last is topped up with all-zero rows (weight 0)
+so no row is ever dropped. Shuffling is per epoch from the seed; the processes' shares of a global
+batch are disjoint and together the same global batch for any process count (data_loader).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from ftc.backends.jax.data import clean as data_clean, loader as data_loader, pack as data_pack, read as data_read, tokenize as data_tokenize
+from ftc.backends.jax.data.read import DataError
+
+KINDS = {"chat": "lm", "completion": "lm", "text": "lm", "preference": "preference",
+         "classification": "classification"}
+CLEAN_DEFAULTS = {"dedupe": True, "drop_empty": True, "roles": data_clean.DEFAULT_ROLES,
+                  "unknown_roles": "error", "overlong": "truncate"}
+_CACHE: dict[str, "_Prepared"] = {}
+_CACHE_SIZE = 4
+
+__all__ = ["build_datasets", "Datasets", "DataStats", "ArraySpec", "DataError"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """Shape and dtype of one batch array (a leaf: `jax.ShapeDtypeStruct(s.shape, s.dtype)`)."""
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    format: str
+    train_files: tuple[str, ...]
+    validation_files: tuple[str, ...]
+    rows_read: int                      # train rows read well-formed (validation file: below)
+    bad_rows_skipped: int               # malformed rows left out (on_bad_row="skip"), train + validation
+    bad_row_examples: tuple[str, ...]   # the first few of those, "file:line: problem"
+    train_clean: data_clean.CleanReport
+    validation_clean: data_clean.CleanReport | None
+    validation_from: str                # "file", "split" or "none"
+    train_sequences: int
+    train_rows: int                     # rows after packing (= sequences when not packed)
+    validation_sequences: int
+    validation_rows: int
+    packing: bool                       # whether sequences were packed
+    packing_efficiency: float           # share of train positions holding real tokens
+    validation_packing_efficiency: float
+    supervised_tokens: int              # train positions with weight > 0 (examples for classification)
+    label_names: tuple[str, ...] | None
+
+    def summary(self) -> str:
+        lines = [f"data: {self.format}, {len(self.train_files)} train source(s), {self.rows_read} rows read"
+                 + (f", {self.bad_rows_skipped} malformed rows skipped" if self.bad_rows_skipped else "")]
+        lines.append(f"  train clean: {self.train_clean.summary()}")
+        if self.validation_clean is not None:
+            lines.append(f"  validation ({self.validation_from}) clean: {self.validation_clean.summary()}")
+        lines.append(f"  train: {self.train_sequences} sequences in {self.train_rows} rows, "
+                     f"{self.supervised_tokens} supervised, "
+                     + (f"packing efficiency {self.packing_efficiency:.1%}" if self.packing
+                        else f"not packed, {self.packing_efficiency:.1%} of positions are tokens"))
+        if self.validation_from != "none":
+            lines.append(f"  validation: {self.validation_sequences} sequences in {self.validation_rows} rows")
+        if self.label_names is not None:
+            lines.append(f"  labels ({len(self.label_names)}): {', '.join(self.label_names)}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        for key in ("train_clean", "validation_clean"):
+            report = getattr(self, key)
+            out[key] = None if report is None else {"seen": report.seen, "kept": report.kept,
+                                                    "truncated": report.truncated,
+                                                    "dropped": report.dropped_by_reason}
+        return out
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Datasets:
+    kind: str                       # "lm" | "preference" | "classification"
+    seq_len: int                    # T
+    batch_size: int                 # global rows per step
+    per_process_batch_size: int     # B = batch_size / process_count
+    process_index: int
+    process_count: int
+    seed: int
+    shuffle: bool
+    steps_per_epoch: int            # global batches per epoch (last one topped up with empty rows)
+    validation_steps: int           # 0 when there is no validation data
+    label_names: tuple[str, ...] | None
+    stats: DataStats
+    train_rows: dict                # all rows, [N, ...] numpy (every process holds the index)
+    validation_rows: dict | None
+
+    def train_dataset(self):
+        """The grain MapDataset of this process's batches (endless)."""
+        return data_loader.train_dataset(self.train_rows, batch_size=self.batch_size, seed=self.seed,
+                                         shuffle=self.shuffle, process_index=self.process_index,
+                                         process_count=self.process_count)
+
+    def train_iterator(self, state: dict | None = None):
+        """A checkpointable iterator: `get_state()` -> small dict, `set_state(state)` resumes exactly."""
+        return data_loader.iterate(self.train_dataset(), state)
+
+    def validation_batches(self, batch_size: int | None = None) -> Iterator[dict]:
+        """This process's share of every validation batch, in order (`validation_steps` of them
+        at the default `batch_size`; a run evaluates in micro-batches to bound memory)."""
+        if self.validation_rows is None:
+            return iter(())
+        return iter(data_loader.eval_dataset(self.validation_rows, batch_size=batch_size or self.batch_size,
+                                             process_index=self.process_index,
+                                             process_count=self.process_count))
+
+    def batch_spec(self) -> dict:
+        """The per-process batch as a tree of ArraySpec (same nesting as a batch)."""
+        def spec(tree):
+            if isinstance(tree, dict):
+                return {k: spec(v) for k, v in tree.items()}
+            return ArraySpec((self.per_process_batch_size,) + tuple(tree.shape[1:]), tree.dtype)
+        return spec(self.train_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    train: data_pack.Packed
+    validation: data_pack.Packed | None
+    stats: DataStats
+
+
+def build_datasets(*, format: str, train: str | Sequence[str], tokenizer: Any, max_seq_len: int,
+                   batch_size: int, validation: str | Sequence[str] | None = None,
+                   validation_split: float = 0.0, packing: bool = True, train_on: str = "assistant",
+                   shuffle: bool = True, clean: dict | None = None, on_bad_row: str = "error",
+                   labels: Sequence[str] | None = None, seed: int = 0, process_index: int = 0,
+                   process_count: int = 1, tfds_data_dir: str | None = None) -> Datasets:
+    """Datasets for one run (see module docstring). Raises DataError for data the options refuse."""
+    if format not in KINDS:
+        raise ValueError(f"data format {format!r} is not one of {', '.join(KINDS)}")
+    unknown = set(clean or {}) - set(CLEAN_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown data.clean keys {sorted(unknown)}; expected {sorted(CLEAN_DEFAULTS)}")
+    clean = {**CLEAN_DEFAULTS, **(clean or {})}
+    if validation is not None and validation_split:
+        raise ValueError("give data.validation or data.validation_split, not both")
+    if not 0.0 <= validation_split < 1.0:
+        raise ValueError(f"validation_split {validation_split} must be in [0, 1)")
+    if max_seq_len < 2:
+        raise ValueError(f"max_seq_len {max_seq_len} must be at least 2")
+    options = dict(format=format, train=train, validation=validation, validation_split=validation_split,
+                   max_seq_len=max_seq_len, packing=packing, train_on=train_on, shuffle=shuffle,
+                   clean=clean, on_bad_row=on_bad_row, labels=labels, seed=seed, tfds_data_dir=tfds_data_dir)
+    key = _fingerprint(options, tokenizer)
+    prepared = _CACHE.get(key)
+    if prepared is None:
+        prepared = _prepare(tokenizer=tokenizer, **options)
+        _CACHE[key] = prepared
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+    per_process = data_loader._per_process(batch_size, process_index, process_count)
+    val = prepared.validation
+    return Datasets(kind=KINDS[format], seq_len=max_seq_len, batch_size=batch_size,
+                    per_process_batch_size=per_process, process_index=process_index,
+                    process_count=process_count, seed=seed, shuffle=shuffle,
+                    steps_per_epoch=data_loader.steps_per_epoch(prepared.train.rows, batch_size),
+                    validation_steps=data_loader.steps_per_epoch(val.rows, batch_size) if val else 0,
+                    label_names=prepared.stats.label_names, stats=prepared.stats,
+                    train_rows=prepared.train.arrays, validation_rows=val.arrays if val else None)
+
+
+def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_len, packing, train_on,
+             shuffle, clean, on_bad_row, labels, seed, tfds_data_dir) -> _Prepared:
+    read = data_read.read_rows(train, format=format, on_bad_row=on_bad_row, tfds_data_dir=tfds_data_dir)
+    row_options = dict(format=format, dedupe=clean["dedupe"], drop_empty=clean["drop_empty"],
+                       roles=clean["roles"], unknown_roles=clean["unknown_roles"], train_on=train_on)
+    train_rows, train_report = data_clean.clean_rows(read.rows, **row_options)
+    if not train_rows:
+        raise DataError(f"no training rows left after cleaning ({train_report.summary()})")
+
+    val_rows, val_report, val_from, val_files, skipped = None, None, "none", (), list(read.skipped)
+    val_items: list = []
+    if validation is not None:
+        val_read = data_read.read_rows(validation, format=format, on_bad_row=on_bad_row, tfds_data_dir=tfds_data_dir)
+        skipped += val_read.skipped
+        exclude = {data_clean.row_hash(r.data) for r in train_rows} if clean["dedupe"] else ()
+        val_rows, val_report = data_clean.clean_rows(val_read.rows, exclude=exclude, **row_options)
+        val_from, val_files = "file", val_read.files
+    elif validation_split:
+        n_val = max(1, round(validation_split * len(train_rows)))
+        if n_val >= len(train_rows):
+            raise DataError(f"validation_split {validation_split} leaves no training rows of {len(train_rows)}")
+        order = np.random.default_rng([seed, 1]).permutation(len(train_rows))
+        chosen = set(order[:n_val].tolist())
+        val_rows = [r for i, r in enumerate(train_rows) if i in chosen]
+        train_rows = [r for i, r in enumerate(train_rows) if i not in chosen]
+        val_from = "split"
+
+    names = data_tokenize.label_names_of(train_rows, labels) if format == "classification" else None
+
+    def prepare_items(rows, split="train"):
+        items = data_tokenize.tokenize_rows(rows, format=format, tokenizer=tokenizer, train_on=train_on,
+                                            label_names=names, progress=f"tokenizing {split}")
+        return data_clean.clean_lengths(items, max_seq_len=max_seq_len, overlong=clean["overlong"])
+
+    train_items, length_report = prepare_items(train_rows)
+    train_report = train_report.then(length_report)
+    if not train_items:
+        raise DataError(f"no training sequences left after cleaning ({train_report.summary()})")
+    if val_rows is not None:
+        split_report = data_clean.CleanReport(len(val_rows), len(val_rows)) if val_report is None else val_report
+        val_items, val_lengths = prepare_items(val_rows, "validation")
+        val_report = split_report.then(val_lengths)
+    if shuffle:  # the order packing sees; the loader reshuffles rows every epoch
+        order = np.random.default_rng([seed, 2]).permutation(len(train_items))
+        train_items = [train_items[i] for i in order]
+
+    kind = KINDS[format]
+    do_pack = packing and kind == "lm"
+
+    def lay_out(items):
+        if kind == "lm":
+            return data_pack.pack_lm(items, seq_len=max_seq_len, packing=do_pack)
+        if kind == "preference":
+            return data_pack.pad_pairs(items, seq_len=max_seq_len)
+        return data_pack.pad_labelled(items, seq_len=max_seq_len)
+
+    train_packed = lay_out(train_items)
+    val_packed = lay_out(val_items) if val_items else None
+    stats = DataStats(
+        format=format, train_files=read.files, validation_files=tuple(val_files), rows_read=len(read.rows),
+        bad_rows_skipped=len(skipped), bad_row_examples=tuple(skipped[:5]),
+        train_clean=train_report, validation_clean=val_report, validation_from=val_from,
+        train_sequences=train_packed.sequences, train_rows=train_packed.rows,
+        validation_sequences=val_packed.sequences if val_packed else 0,
+        validation_rows=val_packed.rows if val_packed else 0, packing=do_pack,
+        packing_efficiency=train_packed.efficiency,
+        validation_packing_efficiency=val_packed.efficiency if val_packed else 0.0,
+        supervised_tokens=train_packed.supervised, label_names=names)
+    return _Prepared(train_packed, val_packed, stats)
+
+
+def _fingerprint(options: dict, tokenizer: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(*parts):
+        for p in parts:
+            h.update(repr(p).encode("utf-8"))
+            h.update(b"\0")
+
+    feed(sorted((k, v) for k, v in options.items() if k not in ("train", "validation")))
+    for group in ("train", "validation"):
+        sources = options[group]
+        feed(group)
+        if sources is None:
+            continue
+        for source in data_read.resolve_sources(sources):
+            if source.startswith(data_read.TFDS_PREFIX):
+                feed(source)  # prepared tfds datasets are immutable by version
+            else:
+                st = os.stat(source)
+                feed(os.path.abspath(source), st.st_size, st.st_mtime_ns)
+    feed(tokenizer_fingerprint(tokenizer))
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Changes when anything that decides token ids does: vocabulary, merges, template, specials."""
+    h = hashlib.blake2b(digest_size=16)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode("utf-8") if backend is not None else repr(tokenizer).encode("utf-8"))
+    for part in (getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.bos_token_id,
+                 tokenizer.pad_token_id, sorted(getattr(tokenizer, "added_tokens_encoder", {}).items())):
+        h.update(repr(part).encode("utf-8"))
+    return h.hexdigest()

@@ -1,0 +1,70 @@
+"""Abstract parameters: shapes, dtypes and logical axes from `jax.eval_shape`, never allocating.
+
+The compiler plans from these; the program builds shardings and restore targets from them.
+Paths are "/"-joined flax parameter paths without the leading "params" collection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftc.compiler.plan import ParamInfo
+
+
+def path_str(path) -> str:
+    """A jax key path as "a/b/c" (dict keys, attribute names and indices)."""
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            parts.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            parts.append(k.name)
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            parts.append(str(k.idx))
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def abstract_boxed_params(module: nn.Module, seq_len: int = 1) -> Any:
+    """`module`'s parameters as ShapeDtypeStructs, still boxed in nn.LogicallyPartitioned."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    variables = jax.eval_shape(lambda i: module.init(jax.random.key(0), i), ids)
+    return variables["params"]
+
+
+def param_infos(boxed_params: Any) -> list[ParamInfo]:
+    """One ParamInfo per leaf of a (boxed, abstract or concrete) parameter tree. A leaf without
+    logical axis names is an error: the compiler would not know how to shard it."""
+    axes_tree = nn.get_partition_spec(boxed_params)
+    values = nn.unbox(boxed_params)
+    flat_axes = dict(jax.tree_util.tree_flatten_with_path(
+        axes_tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+    infos = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]:
+        axes = flat_axes.get(path)
+        name = path_str(path)
+        shape = tuple(int(d) for d in leaf.shape)
+        if axes is None or len(tuple(axes)) != len(shape):
+            if len(shape) == 0:
+                axes = ()
+            else:
+                raise ValueError(f"parameter {name} {shape} carries no logical axis names "
+                                 f"(create it with nn.with_logical_partitioning)")
+        infos.append(ParamInfo(name, shape, str(np.dtype(leaf.dtype)), tuple(axes)))
+    return infos
+
+
+def param_infos_for_config(hf_config: dict, param_dtype: str = "float32") -> list[ParamInfo]:
+    """The parameters of the family that reads `hf_config` (config.json as a dict)."""
+    from ftc.backends.jax.models.family import family_for
+
+    family = family_for(hf_config)
+    arch = family.config_from_hf(hf_config)
+    module = family.build(arch, jnp.dtype(param_dtype))
+    return param_infos(abstract_boxed_params(module))

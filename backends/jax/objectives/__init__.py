@@ -1,0 +1,1 @@
+"""Objectives: what the train and eval steps compute (sft, dpo)."""

@@ -1,0 +1,112 @@
+"""Direct preference optimisation (Rafailov et al. 2023) as a train_step `Objective`.
+
+A batch holds preference pairs (data_pack.pad_pairs): `chosen` and `rejected` are causal-LM rows
+[B, T] (prompt with weight 0, response with weight 1) and `weights` [B] is 1 for a real pair, 0
+for a padding row. Per pair i:
+
+    log pi(y | x) = sum_t weights[t] * log p(targets[t] | input_ids[:t + 1])    (response tokens)
+    chosen reward   c_i = beta * (log pi(chosen)   - log pi_ref(chosen))
+    rejected reward r_i = beta * (log pi(rejected) - log pi_ref(rejected))
+    loss_i = -log sigmoid(c_i - r_i)
+
+which is TRL's `loss_type="sigmoid"` (no label smoothing). The step's loss is
+sum_i w_i loss_i / sum_i w_i over every pair of the optimizer step, so splitting a batch into
+micro-batches or over devices changes nothing. Metrics are pair-weighted means: reward accuracy
+(c_i > r_i), reward margin (c_i - r_i), chosen / rejected rewards and policy log-probs.
+
+The reference model pi_ref is either
+  - `reference_params(params)`: for LoRA / QLoRA / adapters, the same parameters with the method
+    disabled (methods.disabled_params: trainable leaves zeroed), so no second copy of the base; or
+  - the train state's frozen copy of the starting parameters (train_step.REFERENCE), for a full
+    fine-tune: one extra parameter-sized buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from ftc.backends.jax.train import step as ts
+
+SUM_KEYS = ("loss_sum", "weight_sum", "accuracy_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum",
+            "chosen_logp_sum", "rejected_logp_sum", "tokens")
+BATCH_KEYS = ("chosen", "rejected", "weights")
+
+
+def sequence_logps(model: nn.Module, params: Any, rows: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
+    """[B] summed log-probabilities of each row's weighted (response) targets, in float32."""
+    logits_BTV = model.apply(
+        {"params": params}, rows["input_ids"], segment_ids=rows["segment_ids"], positions=rows["positions"],
+        output="logits", rngs={"dropout": rng},
+    ).astype(jnp.float32)
+    logps_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, rows["targets"])
+    return jnp.sum(logps_BT * rows["weights"].astype(jnp.float32), axis=-1)
+
+
+def dpo_sums(model: nn.Module, params: Any, batch: Mapping[str, Any], rng: jax.Array, reference: Any = None, *,
+             beta: float, reference_params: Callable[[Any], Any] | None = None) -> dict[str, jax.Array]:
+    """Pair-weighted sums over one micro-batch (see module docstring). `reference` is the state's
+    frozen copy, used when `reference_params` is None."""
+    if reference_params is not None:
+        reference = reference_params(params)
+    if reference is None:
+        raise ValueError("DPO needs a reference model: give reference_params, or a train state built with "
+                         "init_state(..., reference=True)")
+    n = batch["weights"].shape[0]
+    # Chosen and rejected rows go through the model as one [2B, T] batch.
+    both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), dict(batch["chosen"]), dict(batch["rejected"]))
+    policy_2B = sequence_logps(model, params, both, rng)
+    ref_2B = jax.lax.stop_gradient(sequence_logps(model, jax.lax.stop_gradient(reference), both, rng))
+    chosen_B, rejected_B = policy_2B[:n], policy_2B[n:]
+    chosen_reward_B = beta * (chosen_B - ref_2B[:n])
+    rejected_reward_B = beta * (rejected_B - ref_2B[n:])
+    margin_B = chosen_reward_B - rejected_reward_B
+    losses_B = -jax.nn.log_sigmoid(margin_B)
+    w_B = batch["weights"].astype(jnp.float32)
+
+    def wsum(x_B):
+        return jnp.sum(w_B * x_B)
+
+    return {
+        "loss_sum": wsum(losses_B),
+        "weight_sum": jnp.sum(w_B),
+        "accuracy_sum": wsum((chosen_reward_B > rejected_reward_B).astype(jnp.float32)),
+        "margin_sum": wsum(jax.lax.stop_gradient(margin_B)),
+        "chosen_reward_sum": wsum(jax.lax.stop_gradient(chosen_reward_B)),
+        "rejected_reward_sum": wsum(jax.lax.stop_gradient(rejected_reward_B)),
+        "chosen_logp_sum": wsum(jax.lax.stop_gradient(chosen_B)),
+        "rejected_logp_sum": wsum(jax.lax.stop_gradient(rejected_B)),
+        "tokens": (jnp.sum(both["segment_ids"] > 0)).astype(jnp.float32),
+    }
+
+
+def summarize(totals: Mapping[str, Any]) -> dict[str, Any]:
+    """Pair-weighted means from sums over a step or a validation pass."""
+    pairs = ts.nonzero(totals["weight_sum"])
+    return {
+        "loss": totals["loss_sum"] / pairs,
+        "reward_accuracy": totals["accuracy_sum"] / pairs,
+        "reward_margin": totals["margin_sum"] / pairs,
+        "chosen_reward": totals["chosen_reward_sum"] / pairs,
+        "rejected_reward": totals["rejected_reward_sum"] / pairs,
+        "chosen_logp": totals["chosen_logp_sum"] / pairs,
+        "rejected_logp": totals["rejected_logp_sum"] / pairs,
+        "pairs": totals["weight_sum"],
+        "tokens": totals["tokens"],
+    }
+
+
+def objective(beta: float, reference_params: Callable[[Any], Any] | None = None) -> ts.Objective:
+    """The DPO objective with temperature `beta`. Without `reference_params` the train state
+    must carry the frozen reference (`ts.init_state(..., reference=True)`)."""
+    if not beta > 0:
+        raise ValueError(f"training.dpo_beta must be > 0, got {beta}")
+
+    def sums(model, params, batch, rng, reference=None):
+        return dpo_sums(model, params, batch, rng, reference, beta=beta, reference_params=reference_params)
+
+    return ts.Objective("dpo", sums, summarize, SUM_KEYS, BATCH_KEYS)

@@ -1,0 +1,1 @@
+"""Run state: Orbax checkpoints and the frozen base rebuilt on resume."""

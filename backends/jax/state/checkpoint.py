@@ -1,0 +1,272 @@
+"""Checkpoints: Orbax CheckpointManager over <run_dir>/checkpoints/<step>/ with three items:
+
+  state  the train state (step, rng, opt_state, params), sharded arrays (StandardSave); of the
+         params only the leaves the Checkpointer's `saved_params` mask keeps (a run keeps those it
+         trains: frozen_base.saved_mask), and never a frozen reference copy (train_step.REFERENCE)
+  data   the data iterator's position (grain get_state, as JSON)
+  meta   what the checkpoint is: the resolved spec dict, tokenizer hash, plan fingerprint, and how
+         the params it leaves out are rebuilt and checked (frozen_base.py)
+
+Format 1 (before the frozen base was left out) held the whole train state; it still restores.
+
+A checkpoint describes itself, so resume and export need no settings re-entered. Restoring goes
+through abstract arrays carrying shardings, so a run saved on one mesh restores onto another.
+Resuming with a spec whose training-relevant keys changed is refused (`check_resumable`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ftc.backends.jax.models.shapes import path_str
+from ftc.backends.jax.train.step import REFERENCE  # a frozen copy of the starting params: never saved
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT_VERSION = 2  # 1: the whole train state; 2: params' saved leaves only, no reference copy
+
+# Spec keys (dotted prefixes) that may change between a checkpoint and the run resuming it:
+# they change how long, how often, where to and on what devices, not what the optimizer computes.
+# training.micro_batch_size and remat only change memory use: the loss is token-weighted over
+# the whole batch. Everything else is training-relevant.
+RESUMABLE_CHANGES = (
+    "description", "output_dir", "name",
+    "training.steps", "training.epochs", "training.eval_every", "training.log_every",
+    "training.micro_batch_size", "training.remat",
+    "data.validation", "model.init_from", "mesh", "checkpoint", "logging", "export",
+)
+
+
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    # Orbax logs a warning every time a manager is opened read-only, which export and
+    # inspection always do on purpose; it reads to users as if something were wrong.
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_not_read_only_notice)
+
+
+class ResumeRefusedError(RuntimeError):
+    pass
+
+
+class Checkpointer:
+    """Saves and restores train state + data position + metadata under `directory`.
+
+    `saved_params`: a tree of bools matching the params (True: the checkpoint holds the leaf), or
+    None for every leaf. The caller rebuilds the rest on restore (frozen_base.restore_state)."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
+                 saved_params: Any = None):
+        self.directory = os.path.abspath(directory)
+        self.saved_params = saved_params
+        options = ocp.CheckpointManagerOptions(
+            # A read-only manager must say it keeps everything and saves never, or Orbax warns.
+            max_to_keep=keep if keep and keep > 0 and not read_only else None,
+            save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+            cleanup_tmp_directories=not read_only,  # leftovers of a save killed midway
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    # ---- queries
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def metadata(self, step: int | None = None) -> dict:
+        step = self._step(step)
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    # ---- save / restore
+    def save(self, step: int, state: dict, data_state: Any, metadata: dict, *, force: bool = True) -> bool:
+        """Start saving (async unless disabled); returns whether a save was started."""
+        meta = dict(metadata, step=int(step), format_version=FORMAT_VERSION)
+        return self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(saved_state(state, self.saved_params)),
+                data=ocp.args.JsonSave(encode_data_state(data_state)),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=force,
+        )
+
+    def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, Any, dict]:
+        """(state, data_state, metadata) of `step` (default: latest), arrays placed by the
+        shardings on `abstract_state`'s ShapeDtypeStructs (the whole train state's). From a format 1
+        checkpoint the whole state; from format 2 what it holds: params reduced to the
+        `saved_params` leaves and no reference copy, for the caller to complete."""
+        step = self._step(step)
+        if self.metadata(step).get("format_version", 1) >= 2:
+            abstract_state = saved_state(abstract_state, self.saved_params)
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["state"], decode_data_state(out["data"]), out["meta"]
+
+    def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+        """The leaves of a checkpoint's params that `abstract_params` names (a sub-tree of what it
+        holds: of a format 2 checkpoint, only its saved leaves; frozen_base.restore_params
+        gives a run's whole params tree)."""
+        step = self._step(step)
+        target = {"params": abstract_params}
+        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
+                                                                    dtype=s.dtype), target)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+        return out["state"]["params"]
+
+    def saved_arrays(self, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
+        """"/"-joined path -> (shape, dtype) of every array the "state" item of `step` holds, read
+        from Orbax's metadata (no array is read)."""
+        step = self._step(step)
+        tree = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
+        return {path_str(p): (tuple(m.shape), str(m.dtype))
+                for p, m in jax.tree_util.tree_flatten_with_path(tree)[0] if m is not None}
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return int(step)
+
+
+def prune(tree: Any, keep: Any) -> Any:
+    """The nested dict `tree` with only the leaves where the matching `keep` tree of bools is
+    True; dicts left empty are dropped."""
+    if not isinstance(tree, dict):
+        raise TypeError(f"prune expects nested dicts of arrays, got {type(tree).__name__}")
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            sub = prune(v, keep[k])
+            if sub:
+                out[k] = sub
+        elif keep[k]:
+            out[k] = v
+    return out
+
+
+def saved_state(state: dict, saved_params: Any) -> dict:
+    """What a checkpoint holds of a train state (or its abstract twin): everything but the
+    reference copy, with params pruned to `saved_params` (None: all of them)."""
+    out = {k: v for k, v in state.items() if k != REFERENCE}
+    if saved_params is not None:
+        out["params"] = prune(state["params"], saved_params)
+    return out
+
+
+def overlay(base: Any, leaves: Any) -> Any:
+    """`base` (a nested dict) with every leaf that the sub-tree `leaves` holds put in its place."""
+    if not isinstance(leaves, dict):
+        return leaves
+    out = dict(base)
+    for k, v in leaves.items():
+        if k not in base:
+            raise KeyError(f"checkpoint leaf {k!r} is not in the model's params (keys: {sorted(base)[:8]})")
+        out[k] = overlay(base[k], v)
+    return out
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, CHECKPOINT_DIR)
+
+
+def latest_step(run_dir: str) -> int | None:
+    """The newest complete checkpoint step of a run directory, or None."""
+    directory = checkpoint_dir(run_dir)
+    if not os.path.isdir(directory):
+        return None
+    return Checkpointer(directory, read_only=True).latest_step()
+
+
+# ------------------------------------------------------------------ data iterator state
+
+
+def encode_data_state(state: Any) -> dict:
+    """grain iterator state as JSON: DataLoader iterators give bytes, dataset iterators dicts."""
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, (bytes, bytearray)):
+        return {"kind": "bytes", "value": base64.b64encode(bytes(state)).decode("ascii")}
+    return {"kind": "json", "value": state}
+
+
+def decode_data_state(data: dict) -> Any:
+    kind = data.get("kind")
+    if kind == "bytes":
+        return base64.b64decode(data["value"])
+    if kind == "json":
+        return data["value"]
+    return None
+
+
+# ------------------------------------------------------------------ resume compatibility
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+# A key left out of a resolved spec (because another key excludes it) that means a value.
+_UNSET_MEANS = {"data.validation_split": 0.0}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUMABLE_CHANGES)
+
+
+def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every training-relevant key that differs between two
+    resolved spec dicts (a key present on one side only counts, shown as <unset>)."""
+    a, b = _UNSET_MEANS | _flatten(old), _UNSET_MEANS | _flatten(new)
+    unset = "<unset>"
+    return [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))
+            if not _may_change(k) and a.get(k, unset) != b.get(k, unset)]
+
+
+def check_resumable(metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str) -> None:
+    """Raise ResumeRefusedError naming each training-relevant key that changed since the
+    checkpoint at `where` was written, with its old and new value."""
+    problems = [f"  {k}: {old!r} -> {new!r}" for k, old, new in spec_changes(metadata.get("spec", {}), spec_dict)]
+    saved_hash = metadata.get("tokenizer_hash")
+    if saved_hash and tokenizer_hash and saved_hash != tokenizer_hash:
+        problems.append(f"  tokenizer: hash {saved_hash} -> {tokenizer_hash}")
+    if metadata.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        problems.append(f"  checkpoint format {metadata['format_version']} is newer than this ftc reads "
+                        f"({FORMAT_VERSION})")
+    if problems:
+        raise ResumeRefusedError(
+            f"refusing to resume from {where}: training-relevant settings changed since it was saved:\n"
+            + "\n".join(problems)
+            + "\nRestore the old values to resume, or start a new run (another name or output_dir). "
+              f"Keys that may change on resume: {', '.join(RESUMABLE_CHANGES)}."
+        )

@@ -1,0 +1,315 @@
+"""The frozen part of a run's parameters: left out of its checkpoints, rebuilt from its source.
+
+A LoRA / QLoRA / adapter run trains a small part of its params tree; the rest (the base's
+weights, QLoRA's NF4 codes and scales) never changes. A DPO run of a full fine-tune keeps a frozen
+copy of its starting params (train_step.REFERENCE). A checkpoint holds only the `saved_mask`
+leaves (what trains, plus QLoRA's double-quantisation statistics, whose float32 mean depends on the
+mesh that computed it) and no reference copy, so a LoRA checkpoint of a 70B model is adapter-sized.
+Resume and export rebuild the rest as the run started: `run._initial_params` with the run's own
+spec (base from model.base or model.init_from, method params by seed, NF4 quantisation), which is
+deterministic; frozen leaves at any step equal those starting leaves bitwise, and the reference is
+the starting params. A full fine-tune's checkpoint holds every parameter (everything trains).
+
+Two guards against a base that changed under a run, recorded in the checkpoint's metadata
+(meta["frozen"], written by `record`) and checked before anything resumes or exports:
+  source     each file the frozen base is read from (the base's *.safetensors, or the checkpoint
+             of a `model.init_from` run): its size and a sha256 of its safetensors header and 16
+             evenly spaced 4 KiB ranges from its start to its end (the whole file under 1 MiB). Checked
+             before the rebuild, naming the file. Not caught here: a same-size rewrite that
+             changes only bytes outside the sampled ranges (e.g. one tensor inside a large shard).
+  checksums  each rebuilt leaf's bits, hashed on the devices into two position-weighted 32-bit
+             sums (one pass over the frozen params). Checked after the rebuild, naming the
+             parameter. Catches any changed value, whatever the files look like: one changed
+             element always changes the first sum; several cancel in both with odds about 2**-64.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftc.backends.jax.state import checkpoint as ckpt_lib
+from ftc.backends.jax.methods.lora import QUANT_CHILD
+from ftc.backends.jax.models.shapes import path_str
+
+SECOND_LEVEL = frozenset({"absmax_q", "absmax_scale", "absmax_offset"})  # nf4 double quantisation
+SAMPLES = 16
+SAMPLE_BYTES = 4096
+WHOLE_FILE_BYTES = 1 << 20  # files up to this size are hashed whole
+
+
+class BaseChangedError(ckpt_lib.ResumeRefusedError):
+    """The frozen base a checkpoint leaves out cannot be rebuilt as it was (source gone or changed)."""
+
+
+# ---------------------------------------------------------------- which leaves a checkpoint holds
+
+
+def saved_leaf(path: str, trainable: Callable[[str], bool]) -> bool:
+    """Whether a checkpoint holds the param at "/"-joined `path`: what trains, and the second level
+    of NF4 double quantisation (its float32 mean is summed in an order that depends on the mesh,
+    so a rebuild on another mesh could differ in the last bit; it is 1 byte per NF4 block)."""
+    parts = path.split("/")
+    return bool(trainable(path)) or (QUANT_CHILD in parts and parts[-1] in SECOND_LEVEL)
+
+
+def saved_mask(abstract_params: Any, trainable: Callable[[str], bool]) -> Any:
+    """A tree of bools matching the params: True where a checkpoint holds the leaf."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: saved_leaf(path_str(p), trainable), abstract_params)
+
+
+def rebuilt_part(tree: dict, mask: Any, with_reference: bool) -> dict:
+    """What a restore takes from the rebuild: the whole starting tree when a reference copy is
+    rebuilt from it, else the leaves the checkpoint leaves out."""
+    if with_reference:
+        return tree
+    return ckpt_lib.prune(tree, jax.tree.map(lambda keep: not keep, mask))
+
+
+def needs_rebuild(mask: Any, with_reference: bool) -> bool:
+    return with_reference or not all(jax.tree.leaves(mask))
+
+
+# ---------------------------------------------------------------- the source's files
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict:
+    """{"size", "sha256"}: sha256 of the whole file up to WHOLE_FILE_BYTES, else of its
+    safetensors header (length + JSON) and SAMPLES evenly spaced SAMPLE_BYTES ranges, the first at
+    its start and the last at its end."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            head = f.read(8)
+            h.update(head)
+            if path.suffix == ".safetensors" and len(head) == 8:
+                h.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+            for offset in sample_offsets(size):
+                f.seek(offset)
+                h.update(f.read(SAMPLE_BYTES))
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def sample_offsets(size: int) -> list[int]:
+    """Where file_fingerprint's sampled ranges of a file of `size` bytes start."""
+    last = max(size - SAMPLE_BYTES, 0)
+    return [last * i // (SAMPLES - 1) for i in range(SAMPLES)]
+
+
+def init_from_run(spec) -> str | None:
+    """`model.init_from` when it names a run directory (one with checkpoints/), else None."""
+    init = spec.model.init_from
+    return init if init and os.path.isdir(ckpt_lib.checkpoint_dir(init)) else None
+
+
+def init_from_step(spec) -> int | None:
+    """The checkpoint step of a `model.init_from` run a fresh run starts from (its latest)."""
+    run = init_from_run(spec)
+    return ckpt_lib.latest_step(run) if run else None
+
+
+def source_files(spec, model_dir: str | os.PathLike, init_step: int | None) -> tuple[str, Path, list[Path]]:
+    """(what, directory, files) the frozen base is read from, as run._initial_params reads it:
+    an init_from run's checkpoint at `init_step`, an init_from HF directory, else the base's own
+    directory (model_dir). An init_from PEFT adapter or adapter export brings trained weights only."""
+    run = init_from_run(spec)
+    if run:
+        directory = Path(ckpt_lib.checkpoint_dir(run)) / str(init_step)
+        files = sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []
+        return f"model.init_from {run} (its checkpoint at step {init_step})", directory, files
+    init = spec.model.init_from
+    if init and not (Path(init) / "adapter_config.json").is_file() and (Path(init) / "config.json").is_file():
+        directory, what = Path(init), f"model.init_from {init}"
+    else:
+        directory = Path(model_dir)
+        what = f"model.base {spec.model.base}" + ("" if Path(spec.model.base) == directory else f" (read from {directory})")
+    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.safetensors.index.json"))
+    return what, directory, files
+
+
+def source_fingerprint(spec, model_dir: str | os.PathLike, init_step: int | None) -> dict:
+    what, directory, files = source_files(spec, model_dir, init_step)
+    return {"what": what, "dir": str(directory), "exists": directory.is_dir(),
+            "files": {str(p.relative_to(directory)): file_fingerprint(p) for p in files}}
+
+
+def source_changes(saved: dict, now: dict) -> list[str]:
+    """One line per file of the frozen base's source that is gone, new, or changed."""
+    where = now["dir"]
+    if not now.get("exists", True):
+        return [f"  {where}: gone"]
+    a, b = saved["files"], now["files"]
+    out = []
+    for name in sorted(set(a) | set(b)):
+        path = os.path.join(where, name)
+        if name not in b:
+            out.append(f"  {path}: gone")
+        elif name not in a:
+            out.append(f"  {path}: a new file")
+        elif a[name]["size"] != b[name]["size"]:
+            out.append(f"  {path}: size {a[name]['size']} -> {b[name]['size']} bytes")
+        elif a[name]["sha256"] != b[name]["sha256"]:
+            out.append(f"  {path}: content changed (same size; sha256 of "
+                       f"{'the file' if b[name]['size'] <= WHOLE_FILE_BYTES else 'its header and sampled ranges'} "
+                       f"{a[name]['sha256'][:12]} -> {b[name]['sha256'][:12]})")
+    return out
+
+
+# ---------------------------------------------------------------- checksums of the rebuilt leaves
+
+
+def _mix(v):
+    """murmur3's 32-bit finaliser: a bijection of uint32 that spreads every input bit."""
+    v = v ^ (v >> 16)
+    v = v * jnp.uint32(0x85EBCA6B)
+    v = v ^ (v >> 13)
+    v = v * jnp.uint32(0xC2B2AE35)
+    return v ^ (v >> 16)
+
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """[2] uint32: sums (mod 2**32, so in any order, on any mesh) of each element's bits mixed with
+    its flat position, and of that mixed again."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
+        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[d]
+    h = _mix(bits ^ _mix(index + jnp.uint32(0x9E3779B9)))
+    return jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(_mix(h + jnp.uint32(0x27D4EB2F)), dtype=jnp.uint32)])
+
+
+def checksums(tree: dict) -> dict[str, str]:
+    """"/"-joined path -> 16 hex digits for every leaf of `tree` (sharded arrays welcome)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not flat:
+        return {}
+    sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])([x for _, x in flat])
+    out = {}
+    for (path, _), s in zip(flat, sums):
+        a, b = (int(v) for v in np.asarray(s.addressable_data(0)))
+        out[path_str(path)] = f"{a:08x}{b:08x}"
+    return out
+
+
+def checksum_changes(saved: dict[str, str], now: dict[str, str]) -> list[str]:
+    out = []
+    for name in sorted(set(saved) | set(now)):
+        if saved.get(name) != now.get(name):
+            out.append(f"  {name}: " + ("not rebuilt" if name not in now else "not in the checkpoint's record"
+                                        if name not in saved else "the rebuilt values differ from the run's"))
+    return out
+
+
+# ---------------------------------------------------------------- recording and rebuilding
+
+
+def record(spec, model_dir: str | os.PathLike, state: dict, mask: Any, init_step: int | None) -> dict | None:
+    """meta["frozen"] for a run's checkpoints, from its train state (fresh or restored whole): how
+    the left-out part is rebuilt and what it must equal. None when nothing is left out."""
+    with_reference = ckpt_lib.REFERENCE in state
+    if not needs_rebuild(mask, with_reference):
+        return None
+    tree = rebuilt_part(state[ckpt_lib.REFERENCE] if with_reference else state["params"], mask, with_reference)
+    return {"rebuilt": "reference" if with_reference else "frozen params",
+            "init_from": spec.model.init_from, "init_from_step": init_step,
+            "source": source_fingerprint(spec, model_dir, init_step), "checksums": checksums(tree)}
+
+
+def run_model_dir(meta: dict, spec) -> Path:
+    """The base model's HF directory of a checkpointed run: the one it recorded, when still there."""
+    saved = meta.get("model_dir")
+    if saved and (Path(saved) / "config.json").is_file():
+        return Path(saved)
+    from ftc.backends.jax.pipeline import read_model_config
+
+    return Path(read_model_config(spec.model.base)[0])
+
+
+def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: Any, *, with_reference: bool,
+            mask: Any, what: str) -> Any:
+    """The run's starting params (placed by the shardings on `abstract_params`), after checking
+    that its frozen base's source and the rebuilt leaves are what the checkpoint recorded.
+    `meta`: the checkpoint's metadata; `what`: how refusals start ("refusing to resume from X")."""
+    from ftc.backends.jax.pipeline import _initial_params
+    from ftc.spec import spec_from_dict
+
+    frozen = meta.get("frozen")
+    if not frozen:
+        raise BaseChangedError(f"{what}: the checkpoint leaves its frozen parameters out but has no record of "
+                               f"where they come from (metadata 'frozen'); it was not written by ftc")
+    # The run's spec, with the model.init_from it started from (a resume may have changed it since).
+    spec_dict = dict(meta["spec"], model={**meta["spec"]["model"], "init_from": frozen.get("init_from")})
+    if spec_dict["model"]["init_from"] is None:
+        del spec_dict["model"]["init_from"]
+    spec = spec_from_dict(spec_dict)
+    init_step = frozen.get("init_from_step")
+    problems = source_changes(frozen["source"], source_fingerprint(spec, model_dir, init_step))
+    if problems:
+        raise BaseChangedError(
+            f"{what}: the frozen base it was trained on changed since it was saved:\n" + "\n".join(problems)
+            + f"\nThe checkpoint holds only the trained parameters; the rest is rebuilt from "
+              f"{frozen['source']['what']}. Put the original files back, or start a new run.")
+    shardings = jax.tree.map(lambda s: s.sharding, abstract_params)
+    initial = _initial_params(spec, Path(model_dir), abstract_params, shardings, model=model, init_step=init_step,
+                              method_weights=False)
+    problems = checksum_changes(frozen["checksums"], checksums(rebuilt_part(initial, mask, with_reference)))
+    if problems:
+        raise BaseChangedError(
+            f"{what}: the frozen parameters rebuilt from {frozen['source']['what']} are not the ones the run "
+            f"trained with:\n" + "\n".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20
+                                                            else "")
+            + "\nIts files read the same where sampled: they changed elsewhere, or this ftc or device computes the "
+              "rebuild (e.g. NF4 quantisation) differently. Put the original files back, or start a new run.")
+    return jax.tree.map(lambda x, s: x if x.dtype == s.dtype else x.astype(s.dtype), initial, abstract_params)
+
+
+def restore_params(reader: ckpt_lib.Checkpointer, step: int, meta: dict, model, abstract_params: Any,
+                   model_dir: str | os.PathLike | None = None, *, what: str | None = None) -> Any:
+    """A checkpointed run's whole params tree (the method's, placed by the shardings on
+    `abstract_params`): the leaves the checkpoint holds over its rebuilt frozen base. `model`: the
+    run's methods.MethodModel; `meta`: the checkpoint's metadata."""
+    mask = saved_mask(abstract_params, model.trainable)
+    if meta.get("format_version", 1) < 2 or all(jax.tree.leaves(mask)):
+        return reader.restore_params(abstract_params, step)
+    from ftc.spec import spec_from_dict
+
+    model_dir = model_dir or run_model_dir(meta, spec_from_dict(meta["spec"]))
+    what = what or f"cannot read {reader.directory}/{step}"
+    initial = rebuild(meta, model_dir, model, abstract_params, with_reference=False, mask=mask, what=what)
+    return ckpt_lib.overlay(initial, reader.restore_params(ckpt_lib.prune(abstract_params, mask), step))
+
+
+def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, meta: dict, model_dir: str | os.PathLike, model,
+                  abstract_state: dict) -> tuple[dict, Any]:
+    """(train state, data state) of checkpoint `step` of a run, placed by the shardings on
+    `abstract_state` (the whole state's ShapeDtypeStructs): what it holds, completed by the rebuilt
+    frozen params and reference copy (format 2), or all of it (format 1)."""
+    state, data_state, _ = checkpointer.restore(abstract_state, step)
+    with_reference = ckpt_lib.REFERENCE in abstract_state
+    mask = checkpointer.saved_params
+    if meta.get("format_version", 1) < 2 or mask is None or not needs_rebuild(mask, with_reference):
+        return state, data_state
+    initial = rebuild(meta, model_dir, model, abstract_state["params"], with_reference=with_reference, mask=mask,
+                      what=f"refusing to resume from {checkpointer.directory}/{step}")
+    state = dict(state, params=ckpt_lib.overlay(initial, state["params"]))
+    if with_reference:  # its own buffers: the train step donates the state
+        state[ckpt_lib.REFERENCE] = jax.tree.map(jnp.copy, initial)
+    shardings = jax.tree.map(lambda s: s.sharding, abstract_state)
+    return jax.device_put(state, shardings), data_state

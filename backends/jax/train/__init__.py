@@ -1,0 +1,1 @@
+"""Training: the jitted step, optimizer, mesh, multi-process launch and run logging."""

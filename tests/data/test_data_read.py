@@ -1,0 +1,128 @@
+import os
+import sys
+
+import pytest
+import tensorflow_datasets as tfds
+
+from data_testlib import chat, write_jsonl
+from ftc.backends.jax.data.read import DataError, read_rows, resolve_sources
+
+
+def test_every_format_reads_and_normalises(tmp_path):
+    cases = {
+        "chat": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
+                               {"role": "assistant", "content": "yo", "weight": 1}], "tools": []},
+                 {"messages": [{"role": "user", "content": "hi you"}, {"role": "assistant", "content": "yo", "weight": 1}]}),
+        "completion": ({"prompt": "2+2=", "completion": "4", "id": 7}, {"prompt": "2+2=", "completion": "4"}),
+        "text": ({"text": "plain"}, {"text": "plain"}),
+        "classification": ({"text": "t", "label": 3}, {"text": "t", "label": 3}),
+    }
+    for format, (raw, normal) in cases.items():
+        path = write_jsonl(tmp_path / f"{format}.jsonl", [raw])
+        result = read_rows(path, format=format)
+        assert [r.data for r in result.rows] == [normal]
+        assert result.rows[0].where == f"{path}:1"
+
+
+def test_preference_openai_and_trl_styles_normalise_alike(tmp_path):
+    openai = {"input": {"messages": [{"role": "user", "content": "q"}]},
+              "preferred_output": [{"role": "assistant", "content": "good"}],
+              "non_preferred_output": [{"role": "assistant", "content": "bad"}]}
+    trl_messages = {"prompt": [{"role": "user", "content": "q"}],
+                    "chosen": [{"role": "assistant", "content": "good"}],
+                    "rejected": [{"role": "assistant", "content": "bad"}]}
+    trl_mixed = {"prompt": "q", "chosen": [{"role": "assistant", "content": "good"}], "rejected": "bad"}
+    trl_implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+                    "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]}
+    trl_strings = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    path = write_jsonl(tmp_path / "p.jsonl", [openai, trl_messages, trl_mixed, trl_implicit, trl_strings])
+    rows = read_rows(path, format="preference").rows
+    assert rows[0].data == rows[1].data == rows[2].data == rows[3].data == trl_messages
+    assert rows[4].data == trl_strings
+
+
+def test_malformed_rows_are_named_by_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        chat("user", "fine", "assistant", "ok"),
+        "{not json",
+        "",  # blank lines are not rows (and do not shift line numbers)
+        {"messages": [{"role": "user"}]},
+        {"messages": "hello"},
+        {"messages": [{"role": "assistant", "content": "x", "weight": 2}]},
+        [1, 2],
+        {"msgs": []},
+    ])
+    with pytest.raises(DataError) as e:
+        read_rows(path, format="chat")
+    problems = e.value.problems
+    assert [p.split(": ")[0] for p in problems] == [f"{path}:{n}" for n in (2, 4, 5, 6, 7, 8)]
+    assert "invalid JSON" in problems[0] and "expected one JSON object per line" in problems[0]
+    assert "missing key 'messages[0].content', expected a string" in problems[1]
+    assert "'messages' is a string, expected a non-empty array of messages" in problems[2]
+    assert "'messages[0].weight' is 2, expected 0 or 1" in problems[3]
+    assert "row is an array, expected a JSON object" in problems[4]
+    assert f"{path}:2" in str(e.value)  # the message itself lists them
+
+
+def test_skip_leaves_bad_rows_out_and_counts_them(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 5},
+                                              {"prompt": "c", "completion": "d"}, b"\xff\xfe".decode("latin-1")])
+    with open(path, "ab") as f:
+        f.write(b'{"prompt": "\xff", "completion": "x"}\n')
+    result = read_rows(path, format="completion", on_bad_row="skip")
+    assert [r.data["prompt"] for r in result.rows] == ["a", "c"]
+    assert [r.where for r in result.rows] == [f"{path}:1", f"{path}:3"]
+    assert len(result.skipped) == 3
+    assert result.skipped[0] == f"{path}:2: 'completion' is an integer, expected a string"
+    assert result.skipped[2].startswith(f"{path}:5: not valid UTF-8")
+
+
+def test_classification_label_must_be_string_or_non_negative_int(tmp_path):
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": -1}, {"text": "a", "label": True}, {"text": "a"}])
+    with pytest.raises(DataError) as e:
+        read_rows(path, format="classification")
+    assert len(e.value.problems) == 3
+    assert "expected a string or a non-negative integer" in e.value.problems[0]
+
+
+def test_globs_and_lists_read_in_order(tmp_path):
+    for name in ("b", "a", "c"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
+    (tmp_path / "sub").mkdir()
+    write_jsonl(tmp_path / "sub" / "d.jsonl", [{"text": "d"}])
+    result = read_rows([str(tmp_path / "*.jsonl"), str(tmp_path / "sub" / "d.jsonl")], format="text")
+    assert [r.data["text"] for r in result.rows] == ["a", "b", "c", "d"]
+    with pytest.raises(DataError, match="no files match"):
+        resolve_sources(str(tmp_path / "*.json"))
+    with pytest.raises(DataError, match="no such file"):
+        resolve_sources(str(tmp_path / "missing.jsonl"))
+
+
+class TinyChatForFtc(tfds.core.GeneratorBasedBuilder):
+    """A local tfds dataset, prepared as array_record (no TensorFlow, no download)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(3)}
+
+    def _generate_examples(self, n):
+        for i in range(n):
+            yield i, {"messages": [{"role": "user", "content": f"question {i}"},
+                                   {"role": "assistant", "content": f"answer {i}"}]}
+
+
+def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
+    TinyChatForFtc(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    result = read_rows("tfds:tiny_chat_for_ftc:train", format="chat", tfds_data_dir=str(tmp_path))
+    assert [r.data for r in result.rows] == [
+        {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
+        for i in range(3)]
+    assert result.rows[1].where == "tfds:tiny_chat_for_ftc:train[1]"
+    assert "tensorflow" not in sys.modules
+    with pytest.raises(DataError, match="cannot open it through tfds.data_source"):
+        read_rows("tfds:tiny_chat_for_ftc:test", format="chat", tfds_data_dir=str(tmp_path))

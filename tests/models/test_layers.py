@@ -1,0 +1,122 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from ftc.backends.jax.models import layers
+
+
+def _naive_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
+    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
+    k_BSNH = np.repeat(k_BSKH, N // K, axis=2)
+    v_BSNH = np.repeat(v_BSKH, N // K, axis=2)
+    logits_BNTS = np.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / np.sqrt(q_BTNH.shape[-1])
+    logits_BNTS = np.where(mask_B1TS, logits_BNTS, -1e30)
+    probs_BNTS = np.exp(logits_BNTS - logits_BNTS.max(-1, keepdims=True))
+    probs_BNTS /= probs_BNTS.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
+
+
+def test_gqa_attention_matches_naive_softmax_attention():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 6, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
+    v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
+    mask = layers.make_attention_mask(attention_mask=jnp.array([[1] * 6, [1] * 4 + [0] * 2]), causal=True, q_len=6, kv_len=6)
+    out = np.asarray(layers.dot_product_attention(q, k, v, mask))
+    expected = _naive_attention(q, k, v, np.asarray(mask))
+    np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, :4], expected[1, :4], atol=1e-5)
+
+
+def test_padding_rows_attend_nothing_and_give_no_nan():
+    q = jnp.ones((1, 4, 2, 8))
+    kv = jnp.ones((1, 4, 1, 8))
+    mask = layers.make_attention_mask(segment_ids=jnp.array([[1, 1, 0, 0]]), causal=True, q_len=4, kv_len=4)
+    assert not np.asarray(mask[0, 0, 2:]).any() and not np.asarray(mask[0, 0, :, 2:]).any()
+    assert np.isfinite(np.asarray(layers.dot_product_attention(q, kv, kv, mask))).all()
+
+
+def test_segments_never_attend_across_each_other():
+    seg = jnp.array([[1, 1, 2, 2, 2, 3]])
+    mask = np.asarray(layers.make_attention_mask(segment_ids=seg, causal=False, q_len=6, kv_len=6))[0, 0]
+    same = np.asarray(seg[0][:, None] == seg[0][None, :])
+    np.testing.assert_array_equal(mask, same)
+
+
+def test_sliding_window_matches_transformers_rule():
+    mask = np.asarray(layers.make_attention_mask(causal=True, sliding_window=2, q_len=5, kv_len=5))[0, 0]
+    t, s = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
+    np.testing.assert_array_equal(mask, (s <= t) & (s > t - 2))
+
+
+def test_positions_restart_per_segment():
+    pos = layers.positions_from_segments(jnp.array([[1, 1, 1, 2, 2, 0, 0]]))
+    np.testing.assert_array_equal(np.asarray(pos), [[0, 1, 2, 0, 1, 0, 1]])
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ],
+)
+def test_rope_inverse_frequencies_match_transformers(rope_parameters):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, rope_parameters=dict(rope_parameters))
+    expected = LlamaRotaryEmbedding(config).inv_freq.numpy()
+    rope = layers.Rope.from_hf(config.to_dict())
+    np.testing.assert_allclose(rope.inv_freq(64), expected, rtol=1e-6)
+    assert layers.Rope.from_hf({"rope_parameters": rope.to_hf()}) == rope
+
+
+def test_rope_reads_legacy_rope_theta_and_rope_scaling():
+    rope = layers.Rope.from_hf({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert rope == layers.Rope(theta=1e6, kind="linear", factor=2.0)
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        layers.Rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_rotary_application_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rng = np.random.default_rng(1)
+    x_BTNH = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)
+    positions = np.array([[0, 1, 2, 3, 4], [3, 4, 5, 0, 1]])
+    inv_freq = layers.Rope().inv_freq(8)
+    cos, sin = layers.rope_cos_sin(jnp.asarray(positions), inv_freq, jnp.float32)
+    ours = np.asarray(layers.apply_rope(jnp.asarray(x_BTNH), cos, sin))
+    x_t = torch.from_numpy(x_BTNH).transpose(1, 2)
+    theirs, _ = apply_rotary_pos_emb(x_t, x_t, torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin)))
+    np.testing.assert_allclose(ours, theirs.transpose(1, 2).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+def test_rms_norm_matches_transformers(unit_offset):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    w = rng.normal(size=(16,)).astype(np.float32)
+    ref = GemmaRMSNorm(16, eps=1e-6) if unit_offset else LlamaRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(w))
+        expected = ref(torch.from_numpy(x)).numpy()
+    ours = layers.RMSNorm(eps=1e-6, unit_offset=unit_offset).apply({"params": {"weight": jnp.asarray(w)}}, x)
+    np.testing.assert_allclose(np.asarray(ours), expected, atol=1e-6)
+
+
+def test_parameters_carry_logical_axes():
+    variables = layers.Dense((4, 8), in_axes=("embed",), out_axes=("heads", "head_dim"), use_bias=True).init(
+        jax.random.key(0), jnp.ones((1, 2, 16))
+    )
+    kernel = variables["params"]["kernel"]
+    assert kernel.names == ("embed", "heads", "head_dim") and kernel.value.shape == (16, 4, 8)
+    assert variables["params"]["bias"].names == ("heads", "head_dim")

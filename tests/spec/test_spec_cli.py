@@ -1,0 +1,111 @@
+"""`ftc lint`, `ftc schema`, `ftc init`, `ftc --version` as a user runs them."""
+
+import json
+import pathlib
+
+import pytest
+from click.testing import CliRunner
+
+from ftc import __version__
+from ftc.cli import main
+from ftc.schemas import SCHEMA_PATH
+
+GOOD = 'name = "ok"\n[model]\nbase = "o/m"\n[data]\nformat = "chat"\ntrain = "tfds:a/b:train"\n'
+BAD = 'name = "bad"\n[model]\nbase = "o/m"\n[data]\nformat = "chat"\ntrain = "tfds:a/b:train"\n' \
+      '[training]\nlerning_rate = 1e-4\n'
+
+
+def _run(args, cwd):
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=cwd):
+        pathlib.Path("good.toml").write_text(GOOD)
+        pathlib.Path("bad.toml").write_text(BAD)
+        return runner.invoke(main, args)
+
+
+def test_lint_exits_0_when_all_valid_1_when_any_invalid_2_on_usage_errors(tmp_path):
+    ok = _run(["lint", "good.toml"], tmp_path)
+    assert ok.exit_code == 0 and "1 spec checked: all valid" in ok.output
+    bad = _run(["lint", "good.toml", "bad.toml"], tmp_path)
+    assert bad.exit_code == 1
+    assert "bad.toml:8:1: error: training.lerning_rate: unknown key 'lerning_rate'; did you mean 'learning_rate'?" \
+        in bad.output
+    assert _run(["lint", "missing.toml"], tmp_path).exit_code == 2
+    assert _run(["lint"], tmp_path).exit_code == 2
+    assert _run(["lint", "--format", "xml", "good.toml"], tmp_path).exit_code == 2
+
+
+def test_lint_set_overrides_apply_to_every_file(tmp_path):
+    result = _run(["lint", "--set", "training.steps=0", "good.toml"], tmp_path)
+    assert result.exit_code == 1
+    assert "--set training.steps=0: error: training.steps: must be >= 1, got 0" in result.output
+
+
+def test_lint_json_format_is_one_document(tmp_path):
+    result = _run(["lint", "--format", "json", "good.toml", "bad.toml"], tmp_path)
+    doc = json.loads(result.output)
+    assert result.exit_code == 1 and doc["valid"] is False
+    assert [f["valid"] for f in doc["files"]] == [True, False]
+    assert doc["files"][1]["issues"] == [{"file": "bad.toml", "line": 8, "col": 1, "key_path": "training.lerning_rate",
+                                          "severity": "error",
+                                          "message": "unknown key 'lerning_rate'; did you mean 'learning_rate'?"}]
+
+
+def test_lint_github_format_prints_workflow_annotations(tmp_path):
+    result = _run(["lint", "--format", "github", "bad.toml"], tmp_path)
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "::error file=bad.toml,line=8,col=1,title=ftc lint%3A training.lerning_rate::"
+        "unknown key 'lerning_rate'; did you mean 'learning_rate'?")
+
+
+def test_schema_prints_the_schema_file():
+    result = CliRunner().invoke(main, ["schema"])
+    assert result.exit_code == 0
+    assert json.loads(result.output) == json.loads(SCHEMA_PATH.read_text())
+
+
+@pytest.mark.parametrize("method, objective", [("full", None), ("lora", None), ("qlora", None), ("adapter", None),
+                                               ("probe", None), ("lora", "dpo"), ("full", "classify")])
+def test_init_writes_a_commented_spec_that_lints_clean(tmp_path, method, objective):
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path):
+        args = ["init", "specs-bot.toml", "--method", method] + (["--objective", objective] if objective else [])
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, result.output
+        text = pathlib.Path("specs-bot.toml").read_text()
+        assert text.count("#") > 10 and 'name = "specs-bot"' in text
+        lint = runner.invoke(main, ["lint", "specs-bot.toml"])
+        assert lint.exit_code == 0 and "error" not in lint.output, lint.output
+        assert runner.invoke(main, args).exit_code == 2  # exists: refuses without --force
+        assert runner.invoke(main, args + ["--force"]).exit_code == 0
+
+
+def test_init_refuses_a_probe_with_a_generative_objective(tmp_path):
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "p.toml"), "--method", "probe", "--objective", "sft"])
+    assert result.exit_code == 2 and "probe" in result.output
+
+
+def test_version_and_help():
+    assert CliRunner().invoke(main, ["--version"]).output.strip() == f"ftc, version {__version__}"
+    help_text = CliRunner().invoke(main, ["lint", "--help"]).output
+    assert "--set KEY=VALUE" in help_text and "github" in help_text and "Exit status" in help_text
+
+
+def test_pre_commit_hook_runs_ftc_lint():
+    yaml = pytest.importorskip("yaml")
+    [hook] = yaml.safe_load((pathlib.Path(__file__).parents[2] / ".pre-commit-hooks.yaml").read_text())
+    assert hook["id"] == "ftc-lint" and hook["entry"] == "ftc lint" and hook["language"] == "python"
+
+
+def test_init_checks_the_name_and_makes_missing_folders(tmp_path):
+    assert CliRunner().invoke(main, ["init", str(tmp_path / "a.toml"), "--name", "Bad Name"]).exit_code == 2
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "specs" / "Support Bot.toml")])
+    assert result.exit_code == 0 and 'name = "support-bot"' in (tmp_path / "specs" / "Support Bot.toml").read_text()
+
+
+def test_starter_name_pattern_is_the_schemas():
+    from ftc.schemas import load_schema
+    from ftc.spec.starter import NAME_PATTERN
+
+    assert load_schema()["properties"]["name"]["pattern"] == f"^{NAME_PATTERN}$"
