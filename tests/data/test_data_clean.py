@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data_testlib import chat
+from data_testlib import chat, spec_row_clean_options
 from ftc.backends.jax.data.clean import clean_lengths, clean_rows, row_hash
 from ftc.backends.jax.data.read import DataError, Row
 from ftc.backends.jax.data.tokenize import Labelled, Pair, Tokens
@@ -21,7 +21,7 @@ def test_chat_counts_duplicates_empty_no_assistant_and_unknown_roles():
         chat("user", "hi", "tool", "42", "assistant", "ok"),  # unknown role
         chat("user", "hi", "assistant", "hello!"),
     )
-    kept, report = clean_rows(rows, format="chat", unknown_roles="drop")
+    kept, report = clean_rows(rows, format="chat", **spec_row_clean_options("chat", unknown_roles="drop"))
     assert [r.where for r in kept] == ["f.jsonl:1", "f.jsonl:7"]
     assert report.dropped_by_reason == {"duplicate": 1, "empty": 1, "no_assistant_turn": 2, "unknown_role": 1}
     assert (report.seen, report.kept) == (7, 2)
@@ -30,30 +30,30 @@ def test_chat_counts_duplicates_empty_no_assistant_and_unknown_roles():
 def test_options_turn_checks_off():
     rows = rows_of(chat("user", "hi", "assistant", "hello"), chat("user", "hi", "assistant", "hello"),
                    chat("user", "q"), chat("user", "hi", "tool", "x", "assistant", "a"))
-    kept, report = clean_rows(rows, format="chat", dedupe=False, drop_empty=False,
-                              roles=("user", "assistant", "tool"))
+    kept, report = clean_rows(rows, format="chat", **spec_row_clean_options(
+        "chat", dedupe=False, drop_empty=False, roles=("user", "assistant", "tool")))
     assert len(kept) == 4 and report.dropped == ()
 
 
 def test_unknown_roles_error_names_every_row():
     rows = rows_of(chat("user", "hi", "assistant", "a"), chat("user", "hi", "bot", "a"), chat("human", "hi", "assistant", "a"))
     with pytest.raises(DataError) as e:
-        clean_rows(rows, format="chat")
+        clean_rows(rows, format="chat", **spec_row_clean_options("chat"))
     assert e.value.problems == ("f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'user'",
                                 "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'user'")
 
 
 def test_other_formats_empty_rows_and_validation_rows_seen_in_train():
     kept, report = clean_rows(rows_of({"prompt": "p", "completion": " \n"}, {"prompt": "", "completion": "x"}),
-                              format="completion")
+                              format="completion", **spec_row_clean_options("completion"))
     assert len(kept) == 1 and report.dropped_by_reason == {"empty": 1}
     pairs = rows_of({"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "", "rejected": "b"},
                     {"prompt": "p", "chosen": "a", "rejected": "b"})
-    kept, report = clean_rows(pairs, format="preference")
+    kept, report = clean_rows(pairs, format="preference", **spec_row_clean_options("preference"))
     assert len(kept) == 1 and report.dropped_by_reason == {"same_pair": 1, "empty": 1}
     train = {"text": "seen", "label": "x"}
     kept, report = clean_rows(rows_of(train, {"text": "new", "label": "x"}), format="classification",
-                              exclude={row_hash(train)})
+                              exclude={row_hash(train)}, **spec_row_clean_options("classification"))
     assert [r.data["text"] for r in kept] == ["new"] and report.dropped_by_reason == {"in_train": 1}
 
 
@@ -86,14 +86,15 @@ def test_overlong_truncate_drop_and_error_counts():
 
 def test_overlong_applies_to_both_sides_of_a_pair_and_to_classification():
     pair = Pair("p:1", toks("p:1", 3, 2), toks("p:1", 3, 8))
-    kept, report = clean_lengths([pair], max_seq_len=6)
+    kept, report = clean_lengths([pair], max_seq_len=6, overlong="truncate")
     assert len(kept[0].chosen.ids) == 5 and len(kept[0].rejected.ids) == 6 and report.truncated == 1
-    kept, _ = clean_lengths([Labelled("c:1", np.arange(10, dtype=np.int32), 1)], max_seq_len=4)
+    kept, _ = clean_lengths([Labelled("c:1", np.arange(10, dtype=np.int32), 1)], max_seq_len=4, overlong="truncate")
     assert kept[0].ids.tolist() == [0, 1, 2, 3]
 
 
 def test_reports_chain_across_passes():
-    _, rows_report = clean_rows(rows_of({"text": "a"}, {"text": "a"}, {"text": "b"}), format="text")
+    _, rows_report = clean_rows(rows_of({"text": "a"}, {"text": "a"}, {"text": "b"}), format="text",
+                                  **spec_row_clean_options("text"))
     _, len_report = clean_lengths([toks("x", 0, 20), toks("y", 0, 3)], max_seq_len=4, overlong="drop")
     both = rows_report.then(len_report)
     assert (both.seen, both.kept) == (3, 1)

@@ -19,7 +19,7 @@ def test_every_format_reads_and_normalises(tmp_path):
     }
     for format, (raw, normal) in cases.items():
         path = write_jsonl(tmp_path / f"{format}.jsonl", [raw])
-        result = read_rows(path, format=format)
+        result = read_rows(path, format=format, on_bad_row="error")
         assert [r.data for r in result.rows] == [normal]
         assert result.rows[0].where == f"{path}:1"
 
@@ -36,7 +36,7 @@ def test_preference_openai_and_trl_styles_normalise_alike(tmp_path):
                     "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]}
     trl_strings = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     path = write_jsonl(tmp_path / "p.jsonl", [openai, trl_messages, trl_mixed, trl_implicit, trl_strings])
-    rows = read_rows(path, format="preference").rows
+    rows = read_rows(path, format="preference", on_bad_row="error").rows
     assert rows[0].data == rows[1].data == rows[2].data == rows[3].data == trl_messages
     assert rows[4].data == trl_strings
 
@@ -53,7 +53,7 @@ def test_malformed_rows_are_named_by_file_and_line(tmp_path):
         {"msgs": []},
     ])
     with pytest.raises(DataError) as e:
-        read_rows(path, format="chat")
+        read_rows(path, format="chat", on_bad_row="error")
     problems = e.value.problems
     assert [p.split(": ")[0] for p in problems] == [f"{path}:{n}" for n in (2, 4, 5, 6, 7, 8)]
     assert "invalid JSON" in problems[0] and "expected one JSON object per line" in problems[0]
@@ -80,7 +80,7 @@ def test_skip_leaves_bad_rows_out_and_counts_them(tmp_path):
 def test_classification_label_must_be_string_or_non_negative_int(tmp_path):
     path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": -1}, {"text": "a", "label": True}, {"text": "a"}])
     with pytest.raises(DataError) as e:
-        read_rows(path, format="classification")
+        read_rows(path, format="classification", on_bad_row="error")
     assert len(e.value.problems) == 3
     assert "expected a string or a non-negative integer" in e.value.problems[0]
 
@@ -90,7 +90,8 @@ def test_globs_and_lists_read_in_order(tmp_path):
         write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
     (tmp_path / "sub").mkdir()
     write_jsonl(tmp_path / "sub" / "d.jsonl", [{"text": "d"}])
-    result = read_rows([str(tmp_path / "*.jsonl"), str(tmp_path / "sub" / "d.jsonl")], format="text")
+    result = read_rows([str(tmp_path / "*.jsonl"), str(tmp_path / "sub" / "d.jsonl")], format="text",
+                       on_bad_row="error")
     assert [r.data["text"] for r in result.rows] == ["a", "b", "c", "d"]
     with pytest.raises(DataError, match="no files match"):
         resolve_sources(str(tmp_path / "*.json"))
@@ -118,11 +119,11 @@ class TinyChatForFtc(tfds.core.GeneratorBasedBuilder):
 
 def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
     TinyChatForFtc(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
-    result = read_rows("tfds:tiny_chat_for_ftc:train", format="chat", tfds_data_dir=str(tmp_path))
+    result = read_rows("tfds:tiny_chat_for_ftc:train", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))
     assert [r.data for r in result.rows] == [
         {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
         for i in range(3)]
     assert result.rows[1].where == "tfds:tiny_chat_for_ftc:train[1]"
     assert "tensorflow" not in sys.modules
     with pytest.raises(DataError, match="cannot open it through tfds.data_source"):
-        read_rows("tfds:tiny_chat_for_ftc:test", format="chat", tfds_data_dir=str(tmp_path))
+        read_rows("tfds:tiny_chat_for_ftc:test", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))

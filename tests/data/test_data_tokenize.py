@@ -3,7 +3,8 @@ import pytest
 
 from data_testlib import make_tokenizer
 from ftc.backends.jax.data.read import DataError, Row
-from ftc.backends.jax.data.tokenize import Labelled, label_names_of, tokenize_rows
+from ftc.backends.jax.data.formats.classification import label_names_of
+from ftc.backends.jax.data.tokenize import Labelled, tokenize_rows
 
 CONVERSATION = [
     {"role": "system", "content": "be nice"},
@@ -28,7 +29,8 @@ def supervised_runs(item) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("eos_is_pad", [False, True])
 def test_every_assistant_turn_is_trained_and_no_user_or_system_token(eos_is_pad):
     tok = make_tokenizer(eos_is_pad=eos_is_pad)
-    (item,) = tokenize_rows([Row("x:1", {"messages": CONVERSATION})], format="chat", tokenizer=tok)
+    (item,) = tokenize_rows([Row("x:1", {"messages": CONVERSATION})], format="chat", tokenizer=tok,
+                            train_on="assistant")
     runs = [tok.decode(item.ids[a:b]) for a, b in supervised_runs(item)]
     # each assistant turn exactly, closed by its end-of-turn token, which is trained even when pad == eos
     assert runs == ["I am fine<|im_end|>", "blue<|im_end|>"]
@@ -43,7 +45,7 @@ def test_weight_zero_turn_is_not_trained():
     tok = make_tokenizer()
     messages = [dict(m) for m in CONVERSATION]
     messages[2]["weight"] = 0
-    (item,) = tokenize_rows([Row("x:1", {"messages": messages})], format="chat", tokenizer=tok)
+    (item,) = tokenize_rows([Row("x:1", {"messages": messages})], format="chat", tokenizer=tok, train_on="assistant")
     assert supervised_text(tok, item) == "blue<|im_end|>"
 
 
@@ -63,12 +65,14 @@ def test_template_that_rewrites_earlier_turns_is_refused_with_the_row():
     # renders only the last message: messages[:2] does not extend messages[:1]
     tok.chat_template = "{{ messages[-1]['role'] + ': ' + messages[-1]['content'] + '\n' }}"
     with pytest.raises(DataError, match=r"data.jsonl:7: the chat template does not render conversations prefix by prefix"):
-        tokenize_rows([Row("data.jsonl:7", {"messages": CONVERSATION[1:3]})], format="chat", tokenizer=tok)
+        tokenize_rows([Row("data.jsonl:7", {"messages": CONVERSATION[1:3]})], format="chat", tokenizer=tok,
+                      train_on="assistant")
 
 
 def test_completion_trains_completion_and_eos_not_prompt():
     tok = make_tokenizer(bos=True)
-    (item,) = tokenize_rows([Row("x:1", {"prompt": "what colour? ", "completion": "blue"})], format="completion", tokenizer=tok)
+    (item,) = tokenize_rows([Row("x:1", {"prompt": "what colour? ", "completion": "blue"})], format="completion",
+                            tokenizer=tok, train_on="assistant")
     assert item.ids[0] == tok.bos_token_id and item.weights[0] == 0
     assert supervised_text(tok, item) == "blue<|im_end|>"
     assert tok.decode(item.ids[item.weights == 0]) == "<|endoftext|>what colour? "
@@ -127,8 +131,8 @@ def test_smollm2_template_on_chatterbot_trains_exactly_the_assistant_turns():
     tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     assert tok.pad_token_id == tok.eos_token_id
     root = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "data")
-    rows = read_rows(os.path.join(root, "chatterbot_train.jsonl"), format="chat").rows
-    items = tokenize_rows(rows, format="chat", tokenizer=tok)
+    rows = read_rows(os.path.join(root, "chatterbot_train.jsonl"), format="chat", on_bad_row="error").rows
+    items = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant")
     for row, item in zip(rows, items):
         expected = [m["content"] + "<|im_end|>" for m in row.data["messages"] if m["role"] == "assistant"]
         assert [tok.decode(item.ids[a:b]) for a, b in supervised_runs(item)] == expected, row.where
@@ -138,7 +142,8 @@ def test_template_refusing_a_conversation_is_reported_with_the_row():
     tok = make_tokenizer()
     tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations must start with user') }}{% endif %}" + tok.chat_template
     with pytest.raises(DataError, match=r"d.jsonl:3: the tokenizer's chat template refused this conversation: .*must start with user"):
-        tokenize_rows([Row("d.jsonl:3", {"messages": CONVERSATION})], format="chat", tokenizer=tok)
+        tokenize_rows([Row("d.jsonl:3", {"messages": CONVERSATION})], format="chat", tokenizer=tok,
+                      train_on="assistant")
 
 
 def test_large_inputs_tokenize_in_chunks_to_the_same_items(monkeypatch):
@@ -148,9 +153,10 @@ def test_large_inputs_tokenize_in_chunks_to_the_same_items(monkeypatch):
 
     tok = make_tokenizer()
     rows = [Row(f"f.jsonl:{i}", {"messages": CONVERSATION[: 2 + i % 3]}) for i in range(23)]
-    whole = tokenize_rows(rows, format="chat", tokenizer=tok)
+    whole = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant")
     monkeypatch.setattr(dt, "CHUNK_ROWS", 4)
-    chunked = tokenize_rows(rows, format="chat", tokenizer=tok, progress="tokenizing train")
+    chunked = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant",
+                            progress="tokenizing train")
     assert [t.where for t in chunked] == [t.where for t in whole] == [r.where for r in rows]
     for a, b in zip(chunked, whole):
         np.testing.assert_array_equal(a.ids, b.ids)

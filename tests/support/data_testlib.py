@@ -1,4 +1,5 @@
-"""Shared pieces for the tests/test_data_*.py files: a tiny offline tokenizer and JSONL writing."""
+"""Shared pieces for the data tests: a tiny offline tokenizer, JSONL writing, and build_datasets'
+spec-supplied keywords as the schema's defaults resolve them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from ftc.spec import schema_walk
+from ftc.spec.validate import fill_defaults
 
 # ChatML, as SmolLM2 renders it (without its default system message).
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
@@ -54,3 +58,22 @@ def chat(*turns, **extra) -> dict:
     """chat("user", "hi", "assistant", "hello") -> {"messages": [...]}."""
     messages = [{"role": r, "content": c} for r, c in zip(turns[::2], turns[1::2])]
     return {"messages": messages, **extra}
+
+
+def spec_data_options(format: str, **given) -> dict:
+    """build_datasets' keywords that come from the spec, as a spec setting only data.format
+    resolves them (the schema's defaults, its x-ftc-when applied), with `given` on top."""
+    data = fill_defaults({"format": format}, schema_walk.node_at(("data",)), ("data",))
+    options = dict(format=format, validation=None, validation_split=data["validation_split"],
+                   packing=data.get("packing"), train_on=data.get("train_on"), shuffle=data["shuffle"],
+                   clean=data["clean"], on_bad_row=data["on_bad_row"], labels=None,
+                   seed=schema_walk.node_at(("training", "seed"))["default"])
+    return {**options, **given}
+
+
+def spec_row_clean_options(format: str, **given) -> dict:
+    """clean_rows' keywords (the data.clean keys it reads, and data.train_on) as the schema's
+    defaults resolve them for `format`, with `given` on top."""
+    options = spec_data_options(format)
+    clean = {k: v for k, v in options["clean"].items() if k != "overlong"}
+    return {**clean, "train_on": options["train_on"], **given}

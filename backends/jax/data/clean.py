@@ -1,7 +1,7 @@
 """Clean rows before training: exact duplicates, empty rows, unknown roles, over-long sequences.
 
 Two passes, each returning what it kept and a `CleanReport` of counts per reason (the run logs it):
-- `clean_rows` on read rows (see data_read for their normalised shapes), in this order per row:
+- `clean_rows` on read rows (see data/formats/ for their normalised shapes), in this order per row:
   unknown role (drop, or collect and raise), empty, duplicate. A row dropped for one reason is not
   counted again for a later one.
 - `clean_lengths` on tokenised items (data_tokenize): over-long (truncate | drop | error), then
@@ -29,10 +29,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ftc.backends.jax.data import formats
 from ftc.backends.jax.data.read import DataError, Row
 from ftc.backends.jax.data.tokenize import Labelled, Pair, Tokens
 
-DEFAULT_ROLES = ("system", "user", "assistant")
+# The data.clean keys (their defaults are the schema's; the spec resolves them).
+CLEAN_KEYS = ("dedupe", "drop_empty", "roles", "unknown_roles", "overlong")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +73,14 @@ def row_hash(data: dict) -> str:
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool = True, drop_empty: bool = True,
-               roles: Iterable[str] = DEFAULT_ROLES, unknown_roles: str = "error",
-               train_on: str = "assistant", exclude: Iterable[str] = ()) -> tuple[list[Row], CleanReport]:
+def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool, drop_empty: bool, roles: Iterable[str],
+               unknown_roles: str, train_on: str | None = None,
+               exclude: Iterable[str] = ()) -> tuple[list[Row], CleanReport]:
     """Rows kept, in order, and the counts of those dropped. `exclude` holds `row_hash`es of rows
-    that must not appear (the training rows, when cleaning a validation file)."""
+    that must not appear (the training rows, when cleaning a validation file). `train_on` is
+    data.train_on, for the formats it applies to (None for the others)."""
+    fmt = formats.get(format)
+    fmt.check_train_on(train_on)
     if unknown_roles not in ("drop", "error"):
         raise ValueError(f"unknown_roles {unknown_roles!r} is not 'drop' or 'error'")
     roles = frozenset(roles)
@@ -84,7 +89,7 @@ def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool = True, drop_em
     counts = dict.fromkeys(("unknown_role", "empty", "no_assistant_turn", "same_pair", "duplicate", "in_train"), 0)
     bad_roles, kept = [], []
     for row in rows:
-        unknown = sorted({m["role"] for m in _messages_of(row.data, format)} - roles)
+        unknown = sorted({m["role"] for m in fmt.messages(row.data)} - roles)
         if unknown:
             if unknown_roles == "error":
                 bad_roles.append(f"{row.where}: role {', '.join(map(repr, unknown))} is not one of "
@@ -92,7 +97,7 @@ def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool = True, drop_em
             counts["unknown_role"] += 1
             continue
         if drop_empty:
-            reason = _empty_reason(row.data, format, train_on)
+            reason = fmt.empty_reason(row.data, train_on)
             if reason:
                 counts[reason] += 1
                 continue
@@ -112,45 +117,12 @@ def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool = True, drop_em
     return kept, _report(len(rows), len(kept), counts)
 
 
-def _messages_of(data: dict, format: str) -> list[dict]:
-    if format == "chat":
-        return data["messages"]
-    if format == "preference" and isinstance(data["prompt"], list):
-        return data["prompt"] + data["chosen"] + data["rejected"]
-    return []
-
-
-def _blank(text: str) -> bool:
-    return not text.strip()
-
-
-def _empty_reason(data: dict, format: str, train_on: str) -> str | None:
-    if format == "chat":
-        messages = data["messages"]
-        if all(_blank(m["content"]) for m in messages):
-            return "empty"
-        trained = [m for m in messages if (train_on == "all" or m["role"] == "assistant")
-                   and m.get("weight", 1) and not _blank(m["content"])]
-        return None if trained else "no_assistant_turn"
-    if format == "completion":
-        return "empty" if _blank(data["completion"]) else None
-    if format in ("text", "classification"):
-        return "empty" if _blank(data["text"]) else None
-    if format == "preference":
-        def response_blank(r):
-            return _blank(r) if isinstance(r, str) else all(_blank(m["content"]) for m in r)
-        if response_blank(data["chosen"]) or response_blank(data["rejected"]):
-            return "empty"
-        return "same_pair" if data["chosen"] == data["rejected"] else None
-    raise ValueError(f"unknown format {format!r}")
-
-
 # ---------------------------------------------------------------------------- lengths
 
 Item = Tokens | Pair | Labelled
 
 
-def clean_lengths(items: Sequence[Item], *, max_seq_len: int, overlong: str = "truncate") -> tuple[list[Item], CleanReport]:
+def clean_lengths(items: Sequence[Item], *, max_seq_len: int, overlong: str) -> tuple[list[Item], CleanReport]:
     """Items no longer than `max_seq_len` tokens (each side of a pair), and the counts."""
     if overlong not in ("truncate", "drop", "error"):
         raise ValueError(f"overlong {overlong!r} is not 'truncate', 'drop' or 'error'")

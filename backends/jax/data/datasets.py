@@ -1,7 +1,7 @@
 """The data entry point: files in, fixed-shape per-process numpy batches out.
 
     datasets = build_datasets(format="chat", train="data/train.jsonl", tokenizer=tok,
-                              max_seq_len=2048, batch_size=64, seed=0, ...)
+                              max_seq_len=2048, batch_size=64, seed=0, ...)   # every [data] key
     it = datasets.train_iterator()            # endless; it.get_state() / it.set_state(state)
     batch = next(it)                          # nested dict of numpy arrays, see below
     for batch in datasets.validation_batches(): ...
@@ -12,8 +12,11 @@ Everything up to the packed arrays is cached in-process by a fingerprint of the 
 paths, sizes and mtimes, the tokenizer's vocabulary and template, every option that changes the
 arrays), so calling build_datasets again (plan, then run) does not tokenise again.
 
+What differs between formats is each format's `Format` (data/formats/); the batch layout is
+the format's `layout` (pack.py), and `Datasets.kind` names it.
+
 Batches (per process: B = batch_size / process_count rows, T = max_seq_len):
-  chat | completion | text (kind "lm"):
+  kind "lm" (chat, completion, text):
     input_ids   int32   [B, T]   tokens fed to the model
     targets     int32   [B, T]   next token: targets[b, t] = input_ids[b, t + 1] inside a segment
     weights     float32 [B, T]   loss weight on predicting targets[b, t]; 0 on padding, at the
@@ -22,11 +25,11 @@ Batches (per process: B = batch_size / process_count rows, T = max_seq_len):
     positions   int32   [B, T]   0.. restarting at every segment
     (see data_pack for the shift convention). Loss = sum(weights * nll) / sum(weights), summed
     over the whole global batch before dividing.
-  preference (kind "preference", never packed):
+  kind "preference" (preference; never packed):
     chosen   {the five lm keys above, [B, T]}
     rejected {the five lm keys above, [B, T]}
     weights  float32 [B]     1 for a real pair, 0 for a padding row (mask the DPO loss with it)
-  classification (kind "classification", never packed):
+  kind "classification" (classification; never packed):
     input_ids, segment_ids (1 on tokens, 0 padding), positions   int32 [B, T]
     labels   int32   [B]     index into Datasets.label_names
     weights  float32 [B]     1 for a real example, 0 for a padding row
@@ -44,13 +47,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ftc.backends.jax.data import clean as data_clean, loader as data_loader, pack as data_pack, read as data_read, tokenize as data_tokenize
+from ftc.backends.jax.data import clean as data_clean, formats, loader as data_loader, pack as data_pack
+from ftc.backends.jax.data import read as data_read, tokenize as data_tokenize
 from ftc.backends.jax.data.read import DataError
 
-KINDS = {"chat": "lm", "completion": "lm", "text": "lm", "preference": "preference",
-         "classification": "classification"}
-CLEAN_DEFAULTS = {"dedupe": True, "drop_empty": True, "roles": data_clean.DEFAULT_ROLES,
-                  "unknown_roles": "error", "overlong": "truncate"}
 _CACHE: dict[str, "_Prepared"] = {}
 _CACHE_SIZE = 4
 
@@ -113,7 +113,7 @@ class DataStats:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Datasets:
-    kind: str                       # "lm" | "preference" | "classification"
+    kind: str                       # the format's layout: "lm" | "preference" | "classification"
     seq_len: int                    # T
     batch_size: int                 # global rows per step
     per_process_batch_size: int     # B = batch_size / process_count
@@ -164,18 +164,24 @@ class _Prepared:
 
 
 def build_datasets(*, format: str, train: str | Sequence[str], tokenizer: Any, max_seq_len: int,
-                   batch_size: int, validation: str | Sequence[str] | None = None,
-                   validation_split: float = 0.0, packing: bool = True, train_on: str = "assistant",
-                   shuffle: bool = True, clean: dict | None = None, on_bad_row: str = "error",
-                   labels: Sequence[str] | None = None, seed: int = 0, process_index: int = 0,
-                   process_count: int = 1, tfds_data_dir: str | None = None) -> Datasets:
-    """Datasets for one run (see module docstring). Raises DataError for data the options refuse."""
-    if format not in KINDS:
-        raise ValueError(f"data format {format!r} is not one of {', '.join(KINDS)}")
-    unknown = set(clean or {}) - set(CLEAN_DEFAULTS)
+                   batch_size: int, validation: str | Sequence[str] | None, validation_split: float | None,
+                   packing: bool | None, train_on: str | None, shuffle: bool, clean: dict, on_bad_row: str,
+                   labels: Sequence[str] | None, seed: int, process_index: int = 0, process_count: int = 1,
+                   tfds_data_dir: str | None = None) -> Datasets:
+    """Datasets for one run (see module docstring). Raises DataError for data the options refuse.
+
+    The keyword arguments named like [data] keys take the resolved Spec's values (its defaults are
+    the schema's): `clean` has every data.clean key; `packing`, `train_on` and `labels` are None
+    where they do not apply to the format, `validation_split` None or 0 for no split."""
+    fmt = formats.get(format)
+    fmt.check_train_on(train_on)
+    unknown = set(clean) - set(data_clean.CLEAN_KEYS)
     if unknown:
-        raise ValueError(f"unknown data.clean keys {sorted(unknown)}; expected {sorted(CLEAN_DEFAULTS)}")
-    clean = {**CLEAN_DEFAULTS, **(clean or {})}
+        raise ValueError(f"unknown data.clean keys {sorted(unknown)}; expected {sorted(data_clean.CLEAN_KEYS)}")
+    missing = set(data_clean.CLEAN_KEYS) - set(clean)
+    if missing:
+        raise ValueError(f"missing data.clean keys {sorted(missing)}; the resolved spec has every one")
+    validation_split = validation_split or 0.0
     if validation is not None and validation_split:
         raise ValueError("give data.validation or data.validation_split, not both")
     if not 0.0 <= validation_split < 1.0:
@@ -194,7 +200,7 @@ def build_datasets(*, format: str, train: str | Sequence[str], tokenizer: Any, m
             _CACHE.pop(next(iter(_CACHE)))
     per_process = data_loader._per_process(batch_size, process_index, process_count)
     val = prepared.validation
-    return Datasets(kind=KINDS[format], seq_len=max_seq_len, batch_size=batch_size,
+    return Datasets(kind=fmt.layout.name, seq_len=max_seq_len, batch_size=batch_size,
                     per_process_batch_size=per_process, process_index=process_index,
                     process_count=process_count, seed=seed, shuffle=shuffle,
                     steps_per_epoch=data_loader.steps_per_epoch(prepared.train.rows, batch_size),
@@ -230,7 +236,8 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
         train_rows = [r for i, r in enumerate(train_rows) if i not in chosen]
         val_from = "split"
 
-    names = data_tokenize.label_names_of(train_rows, labels) if format == "classification" else None
+    fmt = formats.get(format)
+    names = fmt.label_names(train_rows, labels) if fmt.label_names else None
 
     def prepare_items(rows, split="train"):
         items = data_tokenize.tokenize_rows(rows, format=format, tokenizer=tokenizer, train_on=train_on,
@@ -249,18 +256,9 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
         order = np.random.default_rng([seed, 2]).permutation(len(train_items))
         train_items = [train_items[i] for i in order]
 
-    kind = KINDS[format]
-    do_pack = packing and kind == "lm"
-
-    def lay_out(items):
-        if kind == "lm":
-            return data_pack.pack_lm(items, seq_len=max_seq_len, packing=do_pack)
-        if kind == "preference":
-            return data_pack.pad_pairs(items, seq_len=max_seq_len)
-        return data_pack.pad_labelled(items, seq_len=max_seq_len)
-
-    train_packed = lay_out(train_items)
-    val_packed = lay_out(val_items) if val_items else None
+    do_pack = bool(packing) and fmt.layout.packs
+    train_packed = fmt.layout.lay_out(train_items, max_seq_len, do_pack)
+    val_packed = fmt.layout.lay_out(val_items, max_seq_len, do_pack) if val_items else None
     stats = DataStats(
         format=format, train_files=read.files, validation_files=tuple(val_files), rows_read=len(read.rows),
         bad_rows_skipped=len(skipped), bad_row_examples=tuple(skipped[:5]),

@@ -24,7 +24,7 @@ Classification items are never packed: `input_ids`, `segment_ids` (1 on tokens),
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -126,6 +126,31 @@ def pad_labelled(items: Sequence[Labelled], *, seq_len: int) -> Packed:
         arrays["segment_ids"][row, :k] = 1
         arrays["positions"][row, :k] = np.arange(k, dtype=np.int32)
     return Packed(arrays, n, n, _efficiency(arrays["segment_ids"]), n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one kind of tokenised item becomes rows; a format names the layout it uses."""
+    name: str       # Datasets.kind: what the objective reads from a batch
+    packs: bool     # whether data.packing can put several items in one row
+    lay_out: Callable[[Sequence, int, bool], Packed]  # (items, seq_len, packing) -> Packed
+
+
+def _lay_out_lm(items: Sequence[Tokens], seq_len: int, packing: bool) -> Packed:
+    return pack_lm(items, seq_len=seq_len, packing=packing)
+
+
+def _lay_out_pairs(items: Sequence[Pair], seq_len: int, packing: bool) -> Packed:
+    return pad_pairs(items, seq_len=seq_len)
+
+
+def _lay_out_labelled(items: Sequence[Labelled], seq_len: int, packing: bool) -> Packed:
+    return pad_labelled(items, seq_len=seq_len)
+
+
+LM = Layout("lm", True, _lay_out_lm)
+PAIRS = Layout("preference", False, _lay_out_pairs)
+LABELLED = Layout("classification", False, _lay_out_labelled)
 
 
 def _efficiency(segment_ids: np.ndarray) -> float:

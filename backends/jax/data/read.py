@@ -8,19 +8,8 @@ so every later problem can name it. A row of the wrong shape is a problem
 `where: what was wrong, expected what`; with on_bad_row="error" the read raises one `DataError`
 listing the first problems, with "skip" the row is left out and counted.
 
-Formats and the normalised `Row.data` each yields (later stages see only these shapes):
-- chat: `{"messages": [{"role", "content", optional "weight": 0|1}]}` (OpenAI). Content may be a
-  string or a list of `{"type": "text", "text": ...}` parts (joined). Columns of equal length
-  (`{"role": [...], "content": [...]}`, how tfds returns a Sequence feature) are read as rows.
-  -> `{"messages": [{"role": str, "content": str, "weight"?: int}]}`
-- completion: `{"prompt", "completion"}` -> same keys, strings.
-- text: `{"text"}` -> same key, string.
-- preference: OpenAI `{"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}`
-  or TRL `{"prompt", "chosen", "rejected"}` with strings or message lists (a missing prompt is the
-  messages `chosen` and `rejected` share at the start)
-  -> `{"prompt", "chosen", "rejected"}`, all strings or all message lists (a string prompt with
-  message responses becomes one user message; string responses one assistant message).
-- classification: `{"text", "label"}` with label a string or a non-negative int -> same keys.
+Each format's normalised `Row.data` (what later stages see) is described in its module under
+data/formats/; the checks they share (an object, a string, a list of messages) are here.
 """
 
 from __future__ import annotations
@@ -31,7 +20,8 @@ import json
 import os
 from typing import Any, Iterable, Iterator, Sequence
 
-FORMATS = ("chat", "completion", "text", "preference", "classification")
+from ftc.backends.jax.data import formats
+
 TFDS_PREFIX = "tfds:"
 MAX_LISTED = 20  # problems quoted in one DataError; the rest are counted
 
@@ -61,27 +51,25 @@ class ReadResult:
     skipped: tuple[str, ...] = ()   # problems of rows left out under on_bad_row="skip"
 
 
-class _Bad(Exception):
+class BadRow(Exception):
     """One row's problem; caught per row and turned into a `where: message` line."""
 
 
-def read_rows(sources: str | Sequence[str], *, format: str, on_bad_row: str = "error",
+def read_rows(sources: str | Sequence[str], *, format: str, on_bad_row: str,
               tfds_data_dir: str | None = None) -> ReadResult:
-    """Every row of every source, in order, normalised for `format` (see module docstring)."""
-    if format not in FORMATS:
-        raise ValueError(f"data format {format!r} is not one of {', '.join(FORMATS)}")
+    """Every row of every source, in order, normalised by `format`'s module (data/formats/)."""
+    normalise = formats.get(format).normalise
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row {on_bad_row!r} is not 'error' or 'skip'")
-    normalise = _NORMALISERS[format]
     rows, problems, files = [], [], []
     for name, records in _open_sources(sources, tfds_data_dir):
         files.append(name)
         for where, record in records:
             try:
-                if isinstance(record, _Bad):
+                if isinstance(record, BadRow):
                     raise record
                 rows.append(Row(where, normalise(record)))
-            except _Bad as bad:
+            except BadRow as bad:
                 problems.append(f"{where}: {bad}")
     if problems and on_bad_row == "error":
         raise DataError(f"{len(problems)} malformed {format} row(s) (set data.on_bad_row = \"skip\" "
@@ -131,14 +119,14 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                yield where, _Bad(f"not valid UTF-8 ({e.reason} at byte {e.start}), expected UTF-8 JSON")
+                yield where, BadRow(f"not valid UTF-8 ({e.reason} at byte {e.start}), expected UTF-8 JSON")
                 continue
             if not line.strip():
                 continue  # blank lines (a trailing newline) are not rows
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                yield where, _Bad(f"invalid JSON ({e.msg} at column {e.colno}), expected one JSON object per line")
+                yield where, BadRow(f"invalid JSON ({e.msg} at column {e.colno}), expected one JSON object per line")
 
 
 def parse_tfds(source: str) -> tuple[str, str]:
@@ -176,9 +164,9 @@ def _from_tfds(value: Any) -> Any:
     return value
 
 
-# ---------------------------------------------------------------------------- formats
+# ---------------------------------------------------------------------------- row checks the formats share
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     """'a string', 'an array', ... for messages."""
     if value is None:
         return "null"
@@ -188,32 +176,32 @@ def _kind(value: Any) -> str:
             float: "a number"}.get(type(value), "a " + type(value).__name__)
 
 
-def _object(record: Any) -> dict:
+def expect_object(record: Any) -> dict:
     if not isinstance(record, dict):
-        raise _Bad(f"row is {_kind(record)}, expected a JSON object")
+        raise BadRow(f"row is {kind_of(record)}, expected a JSON object")
     return record
 
 
-def _string(obj: dict, key: str, path: str = "") -> str:
+def expect_string(obj: dict, key: str, path: str = "") -> str:
     if key not in obj:
-        raise _Bad(f"missing key {path + key!r}, expected a string")
+        raise BadRow(f"missing key {path + key!r}, expected a string")
     value = obj[key]
     if not isinstance(value, str):
-        raise _Bad(f"{path + key!r} is {_kind(value)}, expected a string")
+        raise BadRow(f"{path + key!r} is {kind_of(value)}, expected a string")
     return value
 
 
-def _content(value: Any, path: str) -> str:
+def expect_content(value: Any, path: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                        and isinstance(p.get("text"), str) for p in value):
         return "".join(p["text"] for p in value)
-    raise _Bad(f"{path!r} is {_kind(value)}, expected a string (or a list of "
-               f"{{\"type\": \"text\", \"text\": ...}} parts)")
+    raise BadRow(f"{path!r} is {kind_of(value)}, expected a string (or a list of "
+                 f"{{\"type\": \"text\", \"text\": ...}} parts)")
 
 
-def _columns_to_rows(value: Any) -> Any:
+def columns_to_rows(value: Any) -> Any:
     """tfds `Sequence({"role", "content"})` features come back as columns of equal length."""
     if (isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
             and len({len(v) for v in value.values()}) == 1):
@@ -222,105 +210,24 @@ def _columns_to_rows(value: Any) -> Any:
     return value
 
 
-def _messages(value: Any, path: str) -> list[dict]:
-    value = _columns_to_rows(value)
+def expect_messages(value: Any, path: str) -> list[dict]:
+    value = columns_to_rows(value)
     if not isinstance(value, list) or not value:
-        what = "an empty array" if value == [] else _kind(value)
-        raise _Bad(f"{path!r} is {what}, expected a non-empty array of messages")
+        what = "an empty array" if value == [] else kind_of(value)
+        raise BadRow(f"{path!r} is {what}, expected a non-empty array of messages")
     out = []
     for i, message in enumerate(value):
         here = f"{path}[{i}]"
         if not isinstance(message, dict):
-            raise _Bad(f"{here!r} is {_kind(message)}, expected a message object {{\"role\", \"content\"}}")
-        role = _string(message, "role", here + ".")
+            raise BadRow(f"{here!r} is {kind_of(message)}, expected a message object {{\"role\", \"content\"}}")
+        role = expect_string(message, "role", here + ".")
         if "content" not in message:
-            raise _Bad(f"missing key {here + '.content'!r}, expected a string")
-        normal = {"role": role, "content": _content(message["content"], here + ".content")}
+            raise BadRow(f"missing key {here + '.content'!r}, expected a string")
+        normal = {"role": role, "content": expect_content(message["content"], here + ".content")}
         if "weight" in message:
             weight = message["weight"]
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
-                raise _Bad(f"{here + '.weight'!r} is {json.dumps(weight)}, expected 0 or 1")
+                raise BadRow(f"{here + '.weight'!r} is {json.dumps(weight)}, expected 0 or 1")
             normal["weight"] = int(weight)
         out.append(normal)
     return out
-
-
-def _chat(record: Any) -> dict:
-    record = _object(record)
-    if "messages" not in record:
-        raise _Bad("missing key 'messages', expected an array of {\"role\", \"content\"} messages")
-    return {"messages": _messages(record["messages"], "messages")}
-
-
-def _completion(record: Any) -> dict:
-    record = _object(record)
-    return {"prompt": _string(record, "prompt"), "completion": _string(record, "completion")}
-
-
-def _text(record: Any) -> dict:
-    return {"text": _string(_object(record), "text")}
-
-
-def _classification(record: Any) -> dict:
-    record = _object(record)
-    text = _string(record, "text")
-    if "label" not in record:
-        raise _Bad("missing key 'label', expected a string or a non-negative integer")
-    label = record["label"]
-    if isinstance(label, bool) or not (isinstance(label, str) or isinstance(label, int) and label >= 0):
-        raise _Bad(f"'label' is {json.dumps(label)}, expected a string or a non-negative integer")
-    return {"text": text, "label": label}
-
-
-def _str_or_messages(record: dict, key: str) -> str | list[dict]:
-    if key not in record:
-        raise _Bad(f"missing key {key!r}, expected a string or an array of messages")
-    value = record[key]
-    return value if isinstance(value, str) else _messages(value, key)
-
-
-def _preference(record: Any) -> dict:
-    record = _object(record)
-    if "input" in record or "preferred_output" in record:  # OpenAI preference format
-        inp = record.get("input")
-        if not isinstance(inp, dict):
-            raise _Bad("'input' is " + ("missing" if inp is None else _kind(inp))
-                       + ", expected an object {\"messages\": [...]}")
-        if "messages" not in inp:
-            raise _Bad("missing key 'input.messages', expected an array of messages")
-        prompt = _messages(inp["messages"], "input.messages")
-        chosen = _messages(record.get("preferred_output"), "preferred_output")
-        rejected = _messages(record.get("non_preferred_output"), "non_preferred_output")
-    elif "chosen" in record or "rejected" in record:  # TRL
-        chosen = _str_or_messages(record, "chosen")
-        rejected = _str_or_messages(record, "rejected")
-        if "prompt" in record:
-            prompt = _str_or_messages(record, "prompt")
-        elif isinstance(chosen, list) and isinstance(rejected, list):
-            prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
-        else:
-            raise _Bad("missing key 'prompt', expected a string or an array of messages "
-                       "(it may be left out only when 'chosen' and 'rejected' are message arrays)")
-    else:
-        raise _Bad("missing keys, expected {\"input\", \"preferred_output\", \"non_preferred_output\"} "
-                   "(OpenAI) or {\"prompt\", \"chosen\", \"rejected\"} (TRL)")
-    if any(isinstance(v, list) for v in (prompt, chosen, rejected)):
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        chosen, rejected = ([{"role": "assistant", "content": v}] if isinstance(v, str) else v
-                            for v in (chosen, rejected))
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def _split_shared_prefix(chosen: list[dict], rejected: list[dict]):
-    n = 0
-    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
-        n += 1
-    if n == 0:
-        raise _Bad("'chosen' and 'rejected' share no leading messages and there is no 'prompt', "
-                   "expected a prompt (shared first messages or a 'prompt' key)")
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
-_NORMALISERS = {"chat": _chat, "completion": _completion, "text": _text,
-                "preference": _preference, "classification": _classification}

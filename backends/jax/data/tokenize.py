@@ -15,13 +15,8 @@ non-space character of the turn, so the end-of-turn token (`<|im_end|>`, `<|eot_
 trained and the newline the template writes after it is not. Nothing is masked by comparing
 ids with pad, so pad == eos still trains the end of every turn.
 
-- chat: train_on="assistant" trains every assistant turn with weight != 0, never system/user
-  tokens; train_on="all" trains every token of every turn except turns with weight 0.
-- completion: [bos if the tokenizer adds one] + prompt (weight 0) + completion + eos (weight 1).
-- text: tokenizer(text) with its own special tokens (bos/eos as its config says), all weight 1.
-- classification: tokenizer(text) with its special tokens, and the label's index in `label_names`.
-- preference: chosen and rejected each as prompt (weight 0) + response (weight 1), built like
-  chat (message prompts) or completion (string prompts).
+What each format supervises is in its module (data/formats/); this module holds the shared
+machinery (chat turns, prompt + completion) and runs a format's `tokenize` in chunks.
 """
 
 from __future__ import annotations
@@ -31,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ftc.backends.jax.data import formats
 from ftc.backends.jax.data.read import DataError, Row
 
 
@@ -58,13 +54,19 @@ class Labelled:
 CHUNK_ROWS = 2048  # rows per tokenizer call: large enough for the fast tokenizer's batching
 
 
-def tokenize_rows(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on: str = "assistant",
+def tokenize_rows(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on: str | None = None,
                   label_names: Sequence[str] | None = None, progress: str | None = None
                   ) -> list[Tokens | Pair | Labelled]:
     """One tokenised item per row, in order. `progress`: a label for a progress bar with ETA,
-    shown once tokenising has taken more than 2 s (about 3,000 chat rows/s on one CPU core)."""
+    shown once tokenising has taken more than 2 s (about 3,000 chat rows/s on one CPU core).
+    `train_on` is data.train_on, for the formats it applies to (None for the others)."""
+    fmt = formats.get(format)
+    fmt.check_train_on(train_on)
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) "
+                        "tokenizer; ftc needs character offsets to find assistant turns")
     if len(rows) <= CHUNK_ROWS:
-        return _tokenize_chunk(rows, format=format, tokenizer=tokenizer, train_on=train_on, label_names=label_names)
+        return fmt.tokenize(tokenizer, rows, train_on, label_names)
     from tqdm import tqdm
 
     out: list = []
@@ -72,39 +74,17 @@ def tokenize_rows(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on:
               disable=progress is None, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start:start + CHUNK_ROWS]
-            out += _tokenize_chunk(chunk, format=format, tokenizer=tokenizer, train_on=train_on,
-                                   label_names=label_names)
+            out += fmt.tokenize(tokenizer, chunk, train_on, label_names)
             bar.update(len(chunk))
     return out
 
 
-def _tokenize_chunk(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on: str,
-                    label_names: Sequence[str] | None) -> list[Tokens | Pair | Labelled]:
-    if train_on not in ("assistant", "all"):
-        raise ValueError(f"train_on {train_on!r} is not 'assistant' or 'all'")
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) "
-                        "tokenizer; ftc needs character offsets to find assistant turns")
-    if format == "chat":
-        return _chat_batch(tokenizer, [(r.where, r.data["messages"], None) for r in rows], train_on)
-    if format == "completion":
-        return [_completion_tokens(tokenizer, r.where, r.data["prompt"], r.data["completion"]) for r in rows]
-    if format == "text":
-        encoded = tokenizer([r.data["text"] for r in rows], add_special_tokens=True)["input_ids"] if rows else []
-        return [Tokens(r.where, _i32(ids), np.ones(len(ids), np.float32)) for r, ids in zip(rows, encoded)]
-    if format == "classification":
-        if label_names is None:
-            raise ValueError("classification needs label_names (see label_names_of)")
-        index = label_indexer(label_names)
-        labels = [index(r) for r in rows]
-        encoded = tokenizer([r.data["text"] for r in rows], add_special_tokens=True)["input_ids"] if rows else []
-        return [Labelled(r.where, _i32(ids), y) for r, ids, y in zip(rows, encoded, labels)]
-    if format == "preference":
-        return [_pair(tokenizer, r) for r in rows]
-    raise ValueError(f"unknown format {format!r}")
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text with the tokenizer's own special tokens (bos/eos as its config says)."""
+    return tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
 
 
-def _i32(ids) -> np.ndarray:
+def i32(ids) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32)
 
 
@@ -163,7 +143,7 @@ def _weights_from_spans(offsets, spans) -> np.ndarray:
     return weights
 
 
-def _chat_batch(tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]],
+def chat_tokens(tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]],
                 train_on: str) -> list[Tokens]:
     """(where, messages, trained-or-None) each -> Tokens; one tokenizer call for all texts."""
     rendered = []
@@ -174,7 +154,7 @@ def _chat_batch(tokenizer, conversations: Sequence[tuple[str, list[dict], Sequen
     if not rendered:
         return []
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [Tokens(where, _i32(ids), _weights_from_spans(offsets, spans))
+    return [Tokens(where, i32(ids), _weights_from_spans(offsets, spans))
             for (where, _, _), (_, spans), ids, offsets
             in zip(conversations, rendered, enc["input_ids"], enc["offset_mapping"])]
 
@@ -198,65 +178,8 @@ def _eos_id(tokenizer, where: str) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _completion_tokens(tokenizer, where: str, prompt: str, completion: str) -> Tokens:
+def completion_tokens(tokenizer, where: str, prompt: str, completion: str) -> Tokens:
     head = _bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     tail = tokenizer(completion, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer, where)]
     weights = np.concatenate([np.zeros(len(head), np.float32), np.ones(len(tail), np.float32)])
-    return Tokens(where, _i32(head + tail), weights)
-
-
-# ---------------------------------------------------------------------------- preference
-
-def _pair(tokenizer, row: Row) -> Pair:
-    prompt = row.data["prompt"]
-
-    def side(response) -> Tokens:
-        if isinstance(prompt, str):
-            return _completion_tokens(tokenizer, row.where, prompt, response)
-        messages = prompt + response
-        trained = [False] * len(prompt) + [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in response]
-        return _chat_batch(tokenizer, [(row.where, messages, trained)], "assistant")[0]
-
-    return Pair(row.where, side(row.data["chosen"]), side(row.data["rejected"]))
-
-
-# ---------------------------------------------------------------------------- labels
-
-def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Class names: `labels` when given, else the sorted string labels of `rows`, or "0".."max"
-    when the rows' labels are integers."""
-    if labels is not None:
-        names = tuple(str(x) for x in labels)
-        if len(set(names)) != len(names):
-            raise DataError(f"data.labels has duplicates: {list(names)}")
-        return names
-    values = [r.data["label"] for r in rows]
-    if not values:
-        raise DataError("no classification rows to take label names from")
-    strings = [v for v in values if isinstance(v, str)]
-    if strings and len(strings) != len(values):
-        first_int = next(r for r in rows if not isinstance(r.data["label"], str))
-        raise DataError("labels mix strings and integers; give data.labels to name the integers",
-                        [f"{first_int.where}: label {first_int.data['label']} is an integer, "
-                         f"other rows' labels are strings"])
-    if strings:
-        return tuple(sorted(set(strings)))
-    return tuple(str(i) for i in range(max(values) + 1))
-
-
-def label_indexer(label_names: Sequence[str]):
-    index = {name: i for i, name in enumerate(label_names)}
-
-    def label_of(row: Row) -> int:
-        label = row.data["label"]
-        if isinstance(label, int):
-            if label < len(label_names):
-                return label
-            raise DataError(f"{row.where}: label {label} is out of range, expected 0..{len(label_names) - 1} "
-                            f"({len(label_names)} labels)")
-        if label in index:
-            return index[label]
-        raise DataError(f"{row.where}: label {label!r} is not one of the labels "
-                        f"{list(label_names)[:20]}{' ...' if len(label_names) > 20 else ''}")
-
-    return label_of
+    return Tokens(where, i32(head + tail), weights)

@@ -1,0 +1,89 @@
+"""classification: a text and its class.
+
+Row: `{"text", "label"}` with label a string or a non-negative int; normalised to the same keys.
+Tokens: tokenizer(text) with its special tokens, and the label's index in the class names
+(`data.labels` when given, else taken from the training rows: see `label_names_of`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from ftc.backends.jax.data import pack, tokenize
+from ftc.backends.jax.data.formats.base import Format, blank
+from ftc.backends.jax.data.read import BadRow, DataError, Row, expect_object, expect_string
+
+
+def normalise(record) -> dict:
+    record = expect_object(record)
+    text = expect_string(record, "text")
+    if "label" not in record:
+        raise BadRow("missing key 'label', expected a string or a non-negative integer")
+    label = record["label"]
+    if isinstance(label, bool) or not (isinstance(label, str) or isinstance(label, int) and label >= 0):
+        raise BadRow(f"'label' is {json.dumps(label)}, expected a string or a non-negative integer")
+    return {"text": text, "label": label}
+
+
+def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Class names: `labels` when given, else the sorted string labels of `rows`, or "0".."max"
+    when the rows' labels are integers."""
+    if labels is not None:
+        names = tuple(str(x) for x in labels)
+        if len(set(names)) != len(names):
+            raise DataError(f"data.labels has duplicates: {list(names)}")
+        return names
+    values = [r.data["label"] for r in rows]
+    if not values:
+        raise DataError("no classification rows to take label names from")
+    strings = [v for v in values if isinstance(v, str)]
+    if strings and len(strings) != len(values):
+        first_int = next(r for r in rows if not isinstance(r.data["label"], str))
+        raise DataError("labels mix strings and integers; give data.labels to name the integers",
+                        [f"{first_int.where}: label {first_int.data['label']} is an integer, "
+                         f"other rows' labels are strings"])
+    if strings:
+        return tuple(sorted(set(strings)))
+    return tuple(str(i) for i in range(max(values) + 1))
+
+
+def label_indexer(label_names: Sequence[str]):
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def label_of(row: Row) -> int:
+        label = row.data["label"]
+        if isinstance(label, int):
+            if label < len(label_names):
+                return label
+            raise DataError(f"{row.where}: label {label} is out of range, expected 0..{len(label_names) - 1} "
+                            f"({len(label_names)} labels)")
+        if label in index:
+            return index[label]
+        raise DataError(f"{row.where}: label {label!r} is not one of the labels "
+                        f"{list(label_names)[:20]}{' ...' if len(label_names) > 20 else ''}")
+
+    return label_of
+
+
+def tokenize_rows(tokenizer, rows, train_on, label_names):
+    if label_names is None:
+        raise ValueError("classification needs label_names (see label_names_of)")
+    index = label_indexer(label_names)
+    labels = [index(r) for r in rows]
+    encoded = tokenize.encode_texts(tokenizer, [r.data["text"] for r in rows])
+    return [tokenize.Labelled(r.where, tokenize.i32(ids), y) for r, ids, y in zip(rows, encoded, labels)]
+
+
+def empty_reason(data: dict, train_on: str | None) -> str | None:
+    return "empty" if blank(data["text"]) else None
+
+
+FORMAT = Format(
+    name="classification",
+    layout=pack.LABELLED,
+    normalise=normalise,
+    tokenize=tokenize_rows,
+    empty_reason=empty_reason,
+    label_names=label_names_of,
+)
