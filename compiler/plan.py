@@ -283,7 +283,7 @@ def model_summary(hf_config: dict) -> ModelSummary:
     hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0))
     heads = int(_first(cfg, "num_attention_heads", "n_head", default=1))
     try:
-        from ftc.backends.jax.models.family import family_for
+        from ftc.backends.jax.models import family_for
 
         family = family_for(hf_config).name
     except Exception:  # noqa: BLE001 - family modules may be absent; the summary is still useful

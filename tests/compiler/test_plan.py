@@ -113,7 +113,7 @@ def test_indivisible_dims_stay_replicated_and_the_plan_says_so():
 
 def _tiny_plan(overrides=None, devices=8, **kw):
     from ftc.backends.jax.models import shapes
-    from ftc.backends.jax.models.family import family_for
+    from ftc.backends.jax.models import family_for
 
     cfg = tl.tiny_llama_config()
     family = family_for(cfg)

@@ -8,7 +8,7 @@ import torch
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.io import hf_checkpoint, safetensors_read
 
 from ftc.backends.jax.models import llama
 from hf_decoders import CASES, hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
@@ -54,7 +54,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(saved, case, tmp_pa
     assert max_diff_on_real_tokens(hf_logits(reloaded, input_ids, mask, positions), theirs, mask) == 0.0
     assert max_diff_on_real_tokens(_logits(lm, input_ids, attention_mask=mask, positions=positions), theirs, mask) <= 1e-4
     if model.config.tie_word_embeddings:
-        header = hf_checkpoint._SafetensorsFile(tmp_path / "model.safetensors").header
+        header = safetensors_read.SafetensorsFile(tmp_path / "model.safetensors").header
         assert "lm_head.weight" not in header
 
 
@@ -70,8 +70,8 @@ def test_import_export_import_is_bitwise(saved, case, tmp_path):
     for key in a:
         np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=key)
     # The exported tensors are byte-identical to the ones transformers wrote.
-    ours = hf_checkpoint._Checkpoint(tmp_path)
-    theirs = hf_checkpoint._Checkpoint(path)
+    ours = safetensors_read.SafetensorsCheckpoint(tmp_path)
+    theirs = safetensors_read.SafetensorsCheckpoint(path)
     assert set(ours.where) == set(theirs.where)
     for name in theirs.where:
         np.testing.assert_array_equal(ours.get(name), theirs.get(name), err_msg=name)
@@ -82,7 +82,7 @@ def test_bfloat16_export_loads_in_transformers(saved, tmp_path):
 
     model, path = saved["llama-tied-llama3-rope"]
     hf_checkpoint.save_hf(tmp_path, hf_checkpoint.load_model(path), dtype="bfloat16")
-    header = hf_checkpoint._SafetensorsFile(tmp_path / "model.safetensors").header
+    header = safetensors_read.SafetensorsFile(tmp_path / "model.safetensors").header
     assert {entry["dtype"] for entry in header.values()} == {"BF16"}
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").eval()
@@ -152,7 +152,7 @@ def test_shardings_place_each_param_on_a_device_mesh(saved, tmp_path):
     np.testing.assert_allclose(_logits(sharded, ids), _logits(plain, ids), atol=1e-5)
     # ...and export gathers its params back into the original checkpoint, bitwise.
     hf_checkpoint.save_hf(tmp_path, sharded, dtype="float32")
-    exported, original = hf_checkpoint._Checkpoint(tmp_path), hf_checkpoint._Checkpoint(path)
+    exported, original = safetensors_read.SafetensorsCheckpoint(tmp_path), safetensors_read.SafetensorsCheckpoint(path)
     for name in original.where:
         np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
 
@@ -200,7 +200,7 @@ def test_missing_tensor_is_named(saved, tmp_path):
 
     model, path = saved["llama"]
     model.config.save_pretrained(tmp_path)
-    checkpoint = hf_checkpoint._Checkpoint(path)
+    checkpoint = safetensors_read.SafetensorsCheckpoint(path)
     tensors = {n: np.array(checkpoint.get(n)) for n in checkpoint.where if n != "model.layers.1.mlp.up_proj.weight"}
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):

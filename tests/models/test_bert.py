@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from ftc.backends.jax.methods import adapter as adapters
 
-from ftc.backends.jax.models import bert, family as families
+from ftc.backends.jax.models import bert, family_for
 
 from ftc.backends.jax.io import hf_checkpoint
 from hf_decoders import max_diff_on_real_tokens
@@ -77,7 +77,7 @@ def _hf_outputs(model, input_ids, mask=None, token_types=None):
 @pytest.mark.parametrize("cls_name", ARCHITECTURES)
 def test_hidden_states_and_pooler_match_transformers_with_padding(loaded, cls_name):
     model, _, lm = loaded[cls_name]
-    assert lm.family is families.family_for({"model_type": "bert"})
+    assert lm.family is family_for({"model_type": "bert"})
     input_ids, mask, token_types = _batch()
     hidden, pooled = _hf_outputs(model, input_ids, mask, token_types)
     kw = dict(attention_mask=mask, token_type_ids=token_types)

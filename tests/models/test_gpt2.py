@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 from ftc.backends.jax.methods import adapter as adapters
 
-from ftc.backends.jax.models import family as families, gpt2
+from ftc.backends.jax.models import family_for, gpt2
 
 from ftc.backends.jax.io import hf_checkpoint
 from hf_decoders import max_diff_on_real_tokens, padded_batch
@@ -66,7 +66,7 @@ def _hf_logits(model, input_ids, mask=None, positions=None):
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers_with_left_and_right_padding(loaded, case):
     model, _, lm = loaded[case]
-    assert lm.family is families.family_for({"model_type": "gpt2"})
+    assert lm.family is family_for({"model_type": "gpt2"})
     input_ids, mask, positions = padded_batch()
     diff = max_diff_on_real_tokens(_apply(lm, input_ids, attention_mask=mask, positions=positions),
                                    _hf_logits(model, input_ids, mask, positions), mask)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ftc.backends.jax.models import family as families, llama
+from ftc.backends.jax.models import family_for, llama
 
 from ftc.backends.jax.io import hf_checkpoint
 from hf_decoders import hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
@@ -66,7 +66,7 @@ def test_config_picks_each_model_types_differences(loaded):
     assert arch["qwen2"].sliding_layers == (False, True) and arch["qwen2"].qkv_bias and not arch["qwen2"].o_bias
     assert arch["qwen3"].qk_norm and arch["qwen3"].head_dim == 32
     assert "lm_head" not in loaded["llama-tied-llama3-rope"][1].params
-    assert families.family_for({"model_type": "mistral"}).hf_architecture == "MistralForCausalLM"
+    assert family_for({"model_type": "mistral"}).hf_architecture == "MistralForCausalLM"
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])

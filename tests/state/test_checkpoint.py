@@ -18,7 +18,7 @@ CFG = tl.tiny_llama_config()
 
 @pytest.fixture(scope="module")
 def params():
-    from ftc.backends.jax.models.family import family_for
+    from ftc.backends.jax.models import family_for
 
     family = family_for(CFG)
     module = family.build(family.config_from_hf(CFG))

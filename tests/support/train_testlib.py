@@ -16,7 +16,7 @@ from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train import optimizer as opt_lib
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.train import step as ts
-from ftc.backends.jax.models.family import family_for
+from ftc.backends.jax.models import family_for
 from ftc.compiler import plan as plan_lib
 from ftc.spec import spec_from_dict
 

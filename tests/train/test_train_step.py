@@ -19,7 +19,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def params():
-    from ftc.backends.jax.models.family import family_for
+    from ftc.backends.jax.models import family_for
 
     family = family_for(CFG)
     module = family.build(family.config_from_hf(CFG))

@@ -10,7 +10,6 @@ current shard file. Pickle checkpoints and custom code (`auto_map`) are refused.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -27,19 +26,15 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
-from ftc.backends.jax.models import family as families
+from ftc.backends.jax.io.safetensors_read import SAFETENSORS_DTYPES, SafetensorsCheckpoint
+from ftc.backends.jax.models import family_for, supported_model_types
 from ftc.backends.jax.models.family import Family, HfTensor
+from ftc.backends.jax.models.shapes import abstract_params, logical_axes  # part of this module's API
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
-_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.bin")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -55,93 +50,6 @@ class LoadedModel:
     model_dir: Path
 
 
-# ---------------------------------------------------------------- safetensors, read side
-
-
-class _SafetensorsFile:
-    """One .safetensors file: its header, and tensors as read-only views of a memory map."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            try:
-                header = json.loads(f.read(header_len))
-            except ValueError as e:
-                raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
-        header.pop("__metadata__", None)
-        self.header = header
-        self.data_start = 8 + header_len
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
-
-    def tensor(self, name: str) -> np.ndarray:
-        entry = self.header[name]
-        if entry["dtype"] not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        raw = self._map[self.data_start + begin : self.data_start + end]
-        return raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-
-
-class _Checkpoint:
-    """All safetensors files of a model directory, by tensor name."""
-
-    def __init__(self, model_dir: Path):
-        index_path = model_dir / "model.safetensors.index.json"
-        single = model_dir / "model.safetensors"
-        if single.exists():
-            files = {single.name: _SafetensorsFile(single)}
-            self.where = {name: single.name for name in files[single.name].header}
-        elif index_path.exists():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            files = {}
-            for file_name in sorted(set(weight_map.values())):
-                if not (model_dir / file_name).exists():
-                    raise FileNotFoundError(f"{index_path} names {file_name}, which is not in {model_dir}")
-                files[file_name] = _SafetensorsFile(model_dir / file_name)
-            self.where = dict(weight_map)
-        else:
-            raise FileNotFoundError(_no_safetensors_message(model_dir))
-        self.files = files
-        self.aliases: dict[str, str] = {}  # wanted name -> stored name, see resolve_base_prefix
-
-    def file_of(self, name: str) -> str:
-        return self.where[self.aliases.get(name, name)]
-
-    def get(self, name: str) -> np.ndarray:
-        stored = self.aliases.get(name, name)
-        return self.files[self.where[stored]].tensor(stored)
-
-    def resolve_base_prefix(self, wanted: list[str]) -> list[str]:
-        """Names in `wanted` still missing after trying one base-model prefix ("bert.", "transformer.")
-        added to or stripped from the missing names, as transformers does when a head model's checkpoint
-        is read as its base model or the reverse. Records the renames that resolve in `aliases`."""
-        missing = [name for name in wanted if name not in self.where]
-        if not missing:
-            return []
-        candidates = sorted({n.split(".", 1)[0] + "." for n in list(self.where) + wanted if "." in n})
-        best: dict[str, str] = {}
-        for prefix in candidates:
-            for to_stored in (lambda n: prefix + n, lambda n: n[len(prefix):] if n.startswith(prefix) else None):
-                found = {n: to_stored(n) for n in missing if to_stored(n) in self.where}
-                if len(found) > len(best):
-                    best = found
-        self.aliases = best
-        return [n for n in missing if n not in best]
-
-
-def _no_safetensors_message(model_dir: Path) -> str:
-    pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in model_dir.glob(pattern)})
-    if pickles:
-        return (
-            f"{model_dir}: found only pickle checkpoint file(s) {', '.join(pickles)}; ftc loads weights from "
-            "safetensors only (model.safetensors or model.safetensors.index.json), because unpickling can run "
-            "arbitrary code. Convert them once in a trusted environment, e.g. "
-            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
-        )
-    return f"{model_dir}: no model.safetensors or model.safetensors.index.json found"
-
-
 def read_hf_config(model_dir: str | os.PathLike) -> dict:
     """config.json of a local HF directory, refusing custom code (auto_map / trust_remote_code)."""
     config_path = Path(model_dir) / "config.json"
@@ -151,35 +59,12 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict:
     if "auto_map" in config:
         raise ValueError(
             f"{config_path}: key 'auto_map' asks for custom model code (trust_remote_code); ftc never runs code "
-            f"from a checkpoint. Supported built-in model_type values: {', '.join(families.supported_model_types())}"
+            f"from a checkpoint. Supported built-in model_type values: {', '.join(supported_model_types())}"
         )
     return config
 
 
-# ---------------------------------------------------------------- abstract shapes and axes
-
-
-def _init_variables(family: Family, arch):
-    """Shapes and logical axes of the params (boxed ShapeDtypeStructs); nothing is allocated."""
-    try:
-        hash((family, arch))
-    except TypeError:  # an arch with unhashable fields: trace every time
-        return _trace_init(family, arch)
-    return _trace_init_cached(family, arch)
-
-
-def _trace_init(family: Family, arch):
-    module = family.build(arch, jnp.float32)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-
-
-_trace_init_cached = functools.lru_cache(maxsize=16)(_trace_init)
-
-
-def abstract_params(family: Family, arch, dtype=jnp.float32):
-    """Params as jax.ShapeDtypeStruct (same tree as `load_model(...).params`), without allocating."""
-    params = nn.meta.unbox(_init_variables(family, arch)["params"])
-    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype)), params)
+# ---------------------------------------------------------------- scanned stacks
 
 
 def _stacked_paths(family: Family, arch) -> set[str]:
@@ -192,20 +77,6 @@ def _flat_axes(axes_tree) -> dict[str, tuple]:
     return traverse_util.flatten_dict(axes_tree, sep="/", is_leaf=lambda k, v: isinstance(v, tuple))
 
 
-def logical_axes(family: Family, arch):
-    """Logical axis names of every param: a tuple of str per param, same dict structure as params.
-
-    Tuples are pytree nodes: map over this tree with `is_leaf=lambda x: isinstance(x, tuple)`.
-    """
-    params = _init_variables(family, arch)["params"]
-    is_boxed = lambda x: isinstance(x, nn.Partitioned)
-    missing = [k for k, v in traverse_util.flatten_dict(params, sep="/", is_leaf=lambda k, v: is_boxed(v)).items()
-               if not is_boxed(v)]
-    if missing:
-        raise ValueError(f"family {family.name}: params without logical axes: {missing}")
-    return jax.tree.map(lambda p: tuple(p.names), params, is_leaf=is_boxed)
-
-
 # ---------------------------------------------------------------- import
 
 
@@ -213,7 +84,7 @@ def _flat(tree) -> dict[str, Any]:
     return traverse_util.flatten_dict(tree, sep="/")
 
 
-def _slice_reader(checkpoint: _Checkpoint, spec: HfTensor, stacked: bool, dtype) -> Callable:
+def _slice_reader(checkpoint: SafetensorsCheckpoint, spec: HfTensor, stacked: bool, dtype) -> Callable:
     """index (tuple of slices over the flax shape) -> np.ndarray of that block, in `dtype`."""
 
     def read(index: tuple) -> np.ndarray:
@@ -237,9 +108,9 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
     """
     model_dir = Path(model_dir)
     hf_config = read_hf_config(model_dir)
-    family = families.family_for(hf_config)
+    family = family_for(hf_config)
     arch = family.config_from_hf(hf_config)
-    checkpoint = _Checkpoint(model_dir)
+    checkpoint = SafetensorsCheckpoint(model_dir)
     np_dtype = np.dtype(dtype)
 
     expected = _flat(abstract_params(family, arch, dtype))

@@ -106,7 +106,7 @@ def build_model(hf_config: dict, spec, dtype=None, remat: str | None = None) -> 
 
     dtype: compute dtype (default `spec.model.dtype`); remat: default `spec.training.remat`, set on
     the family's arch when it carries a `remat` field (families.py convention)."""
-    from ftc.backends.jax.models.family import family_for
+    from ftc.backends.jax.models import family_for
 
     family = family_for(hf_config)
     arch = family.config_from_hf(hf_config)

@@ -23,25 +23,14 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ftc.backends.jax.models.family import Family, HfTensor, linear_t
-from ftc.backends.jax.models.layers import Dense, LayerNorm, default_positions, dot_product_attention, make_attention_mask, param_with_axes, remat_block
+from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
+from ftc.backends.jax.models.layers import (ACTIVATIONS, Dense, LayerNorm, check_activation, check_remat,
+                                            default_positions, dot_product_attention, make_attention_mask,
+                                            param_with_axes, remat_block)
 
 Dtype = Any
-
-REMAT_POLICIES = ("none", "full", "dots")
-
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 
 # transformers builds these with BertModel(config, add_pooling_layer=False): no pooler weights.
 _NO_POOLER_ARCHITECTURES = frozenset(
@@ -67,12 +56,11 @@ class BertArch:
     pooler: bool = True
     # Where the encoder's tensors live in the HF state dict: "" for BertModel, "bert." for heads.
     hf_prefix: str = ""
-    # Training-time choice, not part of the checkpoint: none | full | dots (see families.py).
+    # Training-time choice, not part of the checkpoint: none | full | dots (layers.REMAT_POLICIES).
     remat: str = "none"
 
     def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        check_remat(self.remat)
 
     @property
     def head_dim(self) -> int:
@@ -89,10 +77,7 @@ def config_from_hf(cfg: dict) -> BertArch:
             f"config.json position_embedding_type={position_type!r} is not supported; ftc reads 'absolute'"
         )
     activation = cfg.get("hidden_act", "gelu")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"config.json hidden_act={activation!r} is not supported; ftc supports: {', '.join(sorted(_ACTIVATIONS))}"
-        )
+    check_activation(activation, "hidden_act")
     hidden, heads = int(cfg.get("hidden_size", 768)), int(cfg.get("num_attention_heads", 12))
     if hidden % heads:
         raise ValueError(f"config.json hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
@@ -180,7 +165,7 @@ class BertIntermediate(nn.Module):
     def __call__(self, x_BTD):
         F = self.arch.intermediate_size
         h_BTF = Dense((F,), ("embed",), ("mlp",), use_bias=True, dtype=self.dtype, name="dense")(x_BTD)
-        return _ACTIVATIONS[self.arch.hidden_act](h_BTF)
+        return ACTIVATIONS[self.arch.hidden_act](h_BTF)
 
 
 class BertLayer(nn.Module):
@@ -273,25 +258,14 @@ def build(arch: BertArch, dtype=jnp.float32) -> Bert:
 
 
 def hf_tensors(arch: BertArch) -> dict[str, HfTensor]:
-    D, N, H, L = arch.hidden_size, arch.num_attention_heads, arch.head_dim, arch.num_hidden_layers
+    N, H, L = arch.num_attention_heads, arch.head_dim, arch.num_hidden_layers
     p = arch.hf_prefix
 
     def per_layer(suffix: str, **fns) -> HfTensor:
         return HfTensor(tuple(f"{p}encoder.layer.{i}.{suffix}" for i in range(L)), **fns)
 
     # torch Linear (out, in) <-> kernel (in, *out) with the heads split out of the feature axis.
-    to_heads = {  # (N*H, D) <-> (D, N, H)
-        "to_flax": lambda a: np.ascontiguousarray(a.T.reshape(D, N, H)),
-        "to_hf": lambda a: np.ascontiguousarray(a.reshape(D, N * H).T),
-    }
-    from_heads = {  # (D, N*H) <-> (N, H, D)
-        "to_flax": lambda a: np.ascontiguousarray(a.T.reshape(N, H, D)),
-        "to_hf": lambda a: np.ascontiguousarray(a.reshape(N * H, D).T),
-    }
-    head_bias = {
-        "to_flax": lambda a: np.ascontiguousarray(a.reshape(N, H)),
-        "to_hf": lambda a: np.ascontiguousarray(a.reshape(N * H)),
-    }
+    to_heads, from_heads, head_bias = heads_in(N, H), heads_out(N, H), heads_bias(N, H)
 
     tensors = {
         "embeddings/word_embeddings": HfTensor((f"{p}embeddings.word_embeddings.weight",)),

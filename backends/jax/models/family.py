@@ -1,17 +1,15 @@
-"""The contract every model family implements, and the registry that finds one for a config.
+"""The contract every model family implements.
 
 A family module (llama.py, gpt2.py, bert.py, ...) defines a `FAMILY = Family(...)` and one line in
-`_FAMILY_MODULES` below makes it known. A module that reads several model types and must export
-each under its own name ("architectures", "model_type") may instead define
-`FAMILIES = {model_type: Family(...)}` (llama.py does: llama, mistral, qwen2, qwen3).
-Everything generic (HF import/export, GGUF, sharding, methods such as LoRA) works through this
-contract and never imports a family directly.
+the registry (`FAMILY_MODULES` in models/__init__.py) makes it known. Everything generic (HF
+import/export, GGUF, sharding, methods such as LoRA) works through this contract and never
+imports a family directly.
 
 Conventions every family keeps:
 - Parameters are float32 unless asked otherwise; the compute dtype is given to `build`.
 - Every parameter is created with `flax.linen.with_logical_partitioning` over the logical axis
   names in `LOGICAL_AXES`, so the compiler can shard it by rules without knowing the family.
-- An architecture dataclass may carry a `remat: str` field ("none" | "full" | "dots"); the training
+- An architecture dataclass may carry a `remat: str` field (one of layers.REMAT_POLICIES); the training
   core sets it with `dataclasses.replace(arch, remat=...)` before `build`. It is a training
   choice: `hf_config` ignores it.
 - `hf_tensors` may leave out tensors a checkpoint carries (rotary buffers, a tied `lm_head`,
@@ -30,7 +28,6 @@ Conventions every family keeps:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable
 
 import numpy as np
@@ -58,6 +55,28 @@ def linear_t() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return {"to_flax": lambda a: np.ascontiguousarray(a.T), "to_hf": lambda a: np.ascontiguousarray(a.T)}
 
 
+# Attention projections keep their heads as kernel axes (layers.Dense with in/out shapes).
+def heads_in(n_heads: int, head_dim: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """torch Linear (n*h, D) <-> flax kernel (D, n, h)."""
+    return dict(
+        to_flax=lambda a: np.ascontiguousarray(a.T).reshape(a.shape[1], n_heads, head_dim),
+        to_hf=lambda a: np.ascontiguousarray(a.reshape(a.shape[0], n_heads * head_dim).T),
+    )
+
+
+def heads_out(n_heads: int, head_dim: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """torch Linear (D, n*h) <-> flax kernel (n, h, D)."""
+    return dict(
+        to_flax=lambda a: np.ascontiguousarray(a.T).reshape(n_heads, head_dim, a.shape[0]),
+        to_hf=lambda a: np.ascontiguousarray(a.reshape(n_heads * head_dim, a.shape[-1]).T),
+    )
+
+
+def heads_bias(n_heads: int, head_dim: int) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """torch bias (n*h,) <-> flax bias (n, h)."""
+    return dict(to_flax=lambda a: a.reshape(n_heads, head_dim), to_hf=lambda a: a.reshape(n_heads * head_dim))
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: str                                   # "llama"
@@ -67,37 +86,3 @@ class Family:
     hf_tensors: Callable[[Any], dict[str, HfTensor]]  # "/"-joined param path -> its HF source
     hf_config: Callable[[Any], dict]            # arch -> config.json transformers reads on export
     hf_architecture: str = ""                   # e.g. "LlamaForCausalLM", written on export
-
-
-_FAMILY_MODULES = {
-    # model_type -> module in this package defining FAMILY
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma": "gemma",
-    "gpt2": "gpt2",
-    "bert": "bert",
-}
-
-
-def supported_model_types() -> tuple[str, ...]:
-    return tuple(sorted(_FAMILY_MODULES))
-
-
-def family_for(hf_config: dict) -> Family:
-    """The family that reads this HF config, or a ValueError naming what is supported."""
-    model_type = hf_config.get("model_type")
-    if model_type not in _FAMILY_MODULES:
-        raise ValueError(
-            f"unsupported architecture model_type={model_type!r} "
-            f"(architectures={hf_config.get('architectures')}); "
-            f"ftc supports model_type in: {', '.join(supported_model_types())}"
-        )
-    module = importlib.import_module(f"{__package__}.{_FAMILY_MODULES[model_type]}")
-    family = getattr(module, "FAMILIES", {}).get(model_type)
-    if family is None and model_type in module.FAMILY.model_types:
-        family = module.FAMILY
-    if family is None:
-        raise ValueError(f"module {module.__name__} does not read model_type={model_type!r}")
-    return family

@@ -21,28 +21,15 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ftc.backends.jax.models.family import Family, HfTensor, linear_t
-from ftc.backends.jax.models.layers import Dense, LayerNorm, default_positions, dot_product_attention, make_attention_mask, param_with_axes, remat_block
+from ftc.backends.jax.models.layers import (ACTIVATIONS, Dense, LayerNorm, check_activation, check_remat,
+                                            default_positions, dot_product_attention, make_attention_mask,
+                                            param_with_axes, remat_block)
 
 Dtype = Any
-
-REMAT_POLICIES = ("none", "full", "dots")
-
-# transformers' ACT2FN names for the activations GPT-2 checkpoints use.
-_ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +52,11 @@ class GPT2Arch:
     # Where the model's tensors live in the HF state dict: "transformer." under a head
     # (GPT2LMHeadModel, GPT2ForSequenceClassification, ...), "" for a bare GPT2Model.
     hf_prefix: str = "transformer."
-    # Training-time choice, not part of the checkpoint: none | full | dots (see families.py).
+    # Training-time choice, not part of the checkpoint: none | full | dots (layers.REMAT_POLICIES).
     remat: str = "none"
 
     def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        check_remat(self.remat)
 
     @property
     def head_dim(self) -> int:
@@ -82,11 +68,7 @@ def config_from_hf(cfg: dict) -> GPT2Arch:
     if cfg.get("add_cross_attention"):
         raise ValueError("config.json add_cross_attention=true: GPT-2 cross-attention is not supported")
     activation = cfg.get("activation_function", "gelu_new")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(
-            f"config.json activation_function={activation!r} is not supported; "
-            f"ftc supports: {', '.join(sorted(_ACTIVATIONS))}"
-        )
+    check_activation(activation, "activation_function")
     n_embd, n_head = int(cfg.get("n_embd", 768)), int(cfg.get("n_head", 12))
     if n_embd % n_head:
         raise ValueError(f"config.json n_embd={n_embd} is not a multiple of n_head={n_head}")
@@ -172,7 +154,7 @@ class GPT2MLP(nn.Module):
     def __call__(self, x_BTD):
         a = self.arch
         h_BTF = Dense((a.n_inner,), ("embed",), ("mlp",), use_bias=True, dtype=self.dtype, name="c_fc")(x_BTD)
-        h_BTF = _ACTIVATIONS[a.activation_function](h_BTF)
+        h_BTF = ACTIVATIONS[a.activation_function](h_BTF)
         return Dense((a.n_embd,), ("mlp",), ("embed",), use_bias=True, dtype=self.dtype, name="c_proj")(h_BTF)
 
 

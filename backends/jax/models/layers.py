@@ -4,7 +4,7 @@ Shape suffixes: B batch, T query length, S key/value length, D embed, N query he
 K key/value heads, H head dim, F mlp hidden, V vocab.
 
 Every parameter is created through `nn.with_logical_partitioning` with names from
-`families.LOGICAL_AXES`, so the compiler shards it by rules. Parameters are stored in
+`family.LOGICAL_AXES`, so the compiler shards it by rules. Parameters are stored in
 `param_dtype` (float32 by default) and cast to the compute `dtype` where they are used.
 """
 
@@ -295,6 +295,36 @@ def dot_product_attention(
     return jax.nn.dot_product_attention(
         q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=implementation
     )
+
+
+# ---------------------------------------------------------------- activations and remat
+
+# transformers' ACT2FN names for the activations the families' checkpoints use, computed as
+# transformers computes them (gelu_new / gelu_fast / gelu_pytorch_tanh are the tanh form).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+# The spec's `training.remat` values (schema enum); an arch dataclass carries one as `remat`.
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def check_activation(name: str, key: str) -> None:
+    """Refuses a config.json activation (`key` = its config key) that ACTIVATIONS does not compute."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"config.json {key}={name!r} is not supported; ftc supports: {', '.join(sorted(ACTIVATIONS))}")
+
+
+def check_remat(policy: str) -> None:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat={policy!r}; expected one of {REMAT_POLICIES}")
 
 
 def remat_block(block_cls, policy: str):

@@ -28,14 +28,10 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftc.backends.jax.models import layers
-from ftc.backends.jax.models.family import Family, HfTensor, linear_t
-
-REMAT_POLICIES = ("none", "full", "dots")
+from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
 
 # Class defaults of the transformers config for each model_type, for configs that omit keys.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -60,15 +56,6 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                   max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
                   attention_bias=False, use_bidirectional_attention=None),
 }
-
-_ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class DecoderArch:
@@ -100,10 +87,8 @@ class DecoderArch:
     remat: str = "none"
 
     def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"config.json hidden_act={self.hidden_act!r}; supported: {', '.join(_ACTIVATIONS)}")
+        layers.check_remat(self.remat)
+        layers.check_activation(self.hidden_act, "hidden_act")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
@@ -253,7 +238,7 @@ class GatedMlp(nn.Module):
 
         gate_BTF = dense(a.intermediate_size, "embed", "mlp", "gate_proj")(x_BTD)
         up_BTF = dense(a.intermediate_size, "embed", "mlp", "up_proj")(x_BTD)
-        h_BTF = _ACTIVATIONS[a.hidden_act](gate_BTF) * up_BTF
+        h_BTF = layers.ACTIVATIONS[a.hidden_act](gate_BTF) * up_BTF
         return dense(a.hidden_size, "mlp", "embed", "down_proj")(h_BTF)
 
 
@@ -349,26 +334,6 @@ def build(arch: DecoderArch, dtype=jnp.float32) -> Decoder:
 # ---------------------------------------------------------------- HF tensor map
 
 
-def _heads_in(n_heads: int, head_dim: int):
-    """torch Linear (n*h, D) <-> flax kernel (D, n, h)."""
-    return dict(
-        to_flax=lambda a: np.ascontiguousarray(a.T).reshape(a.shape[1], n_heads, head_dim),
-        to_hf=lambda a: np.ascontiguousarray(a.reshape(a.shape[0], n_heads * head_dim).T),
-    )
-
-
-def _heads_bias(n_heads: int, head_dim: int):
-    return dict(to_flax=lambda a: a.reshape(n_heads, head_dim), to_hf=lambda a: a.reshape(n_heads * head_dim))
-
-
-def _heads_out(n_heads: int, head_dim: int):
-    """torch Linear (D, n*h) <-> flax kernel (n, h, D)."""
-    return dict(
-        to_flax=lambda a: np.ascontiguousarray(a.T).reshape(n_heads, head_dim, a.shape[0]),
-        to_hf=lambda a: np.ascontiguousarray(a.reshape(n_heads * head_dim, a.shape[-1]).T),
-    )
-
-
 def hf_tensors(arch: DecoderArch) -> dict[str, HfTensor]:
     N, K, H = arch.num_heads, arch.num_kv_heads, arch.head_dim
 
@@ -380,19 +345,19 @@ def hf_tensors(arch: DecoderArch) -> dict[str, HfTensor]:
         "norm/weight": HfTensor(("model.norm.weight",)),
         "layers/input_layernorm/weight": HfTensor(per_layer("input_layernorm.weight")),
         "layers/post_attention_layernorm/weight": HfTensor(per_layer("post_attention_layernorm.weight")),
-        "layers/self_attn/q_proj/kernel": HfTensor(per_layer("self_attn.q_proj.weight"), **_heads_in(N, H)),
-        "layers/self_attn/k_proj/kernel": HfTensor(per_layer("self_attn.k_proj.weight"), **_heads_in(K, H)),
-        "layers/self_attn/v_proj/kernel": HfTensor(per_layer("self_attn.v_proj.weight"), **_heads_in(K, H)),
-        "layers/self_attn/o_proj/kernel": HfTensor(per_layer("self_attn.o_proj.weight"), **_heads_out(N, H)),
+        "layers/self_attn/q_proj/kernel": HfTensor(per_layer("self_attn.q_proj.weight"), **heads_in(N, H)),
+        "layers/self_attn/k_proj/kernel": HfTensor(per_layer("self_attn.k_proj.weight"), **heads_in(K, H)),
+        "layers/self_attn/v_proj/kernel": HfTensor(per_layer("self_attn.v_proj.weight"), **heads_in(K, H)),
+        "layers/self_attn/o_proj/kernel": HfTensor(per_layer("self_attn.o_proj.weight"), **heads_out(N, H)),
     }
     for name in ("gate_proj", "up_proj", "down_proj"):
         out[f"layers/mlp/{name}/kernel"] = HfTensor(per_layer(f"mlp.{name}.weight"), **linear_t())
         if arch.mlp_bias:
             out[f"layers/mlp/{name}/bias"] = HfTensor(per_layer(f"mlp.{name}.bias"))
     if arch.qkv_bias:
-        out["layers/self_attn/q_proj/bias"] = HfTensor(per_layer("self_attn.q_proj.bias"), **_heads_bias(N, H))
-        out["layers/self_attn/k_proj/bias"] = HfTensor(per_layer("self_attn.k_proj.bias"), **_heads_bias(K, H))
-        out["layers/self_attn/v_proj/bias"] = HfTensor(per_layer("self_attn.v_proj.bias"), **_heads_bias(K, H))
+        out["layers/self_attn/q_proj/bias"] = HfTensor(per_layer("self_attn.q_proj.bias"), **heads_bias(N, H))
+        out["layers/self_attn/k_proj/bias"] = HfTensor(per_layer("self_attn.k_proj.bias"), **heads_bias(K, H))
+        out["layers/self_attn/v_proj/bias"] = HfTensor(per_layer("self_attn.v_proj.bias"), **heads_bias(K, H))
     if arch.o_bias:
         out["layers/self_attn/o_proj/bias"] = HfTensor(per_layer("self_attn.o_proj.bias"))
     if arch.qk_norm:

@@ -1,18 +1,24 @@
 """Abstract parameters: shapes, dtypes and logical axes from `jax.eval_shape`, never allocating.
 
-The compiler plans from these; the program builds shardings and restore targets from them.
+The one place parameters are traced without being created: `abstract_boxed_params` of a module
+(a family's, or a method's transformed one); everything else here derives from it. The compiler
+plans from these; the program builds shardings and restore targets from them.
 Paths are "/"-joined flax parameter paths without the leading "params" collection.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
+from ftc.backends.jax.models import family_for
+from ftc.backends.jax.models.family import Family
 from ftc.compiler.plan import ParamInfo
 
 
@@ -36,6 +42,40 @@ def abstract_boxed_params(module: nn.Module, seq_len: int = 1) -> Any:
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     variables = jax.eval_shape(lambda i: module.init(jax.random.key(0), i), ids)
     return variables["params"]
+
+
+@functools.lru_cache(maxsize=16)
+def _family_boxed_params_cached(family: Family, arch) -> Any:
+    return abstract_boxed_params(family.build(arch, jnp.float32))
+
+
+def family_boxed_params(family: Family, arch) -> Any:
+    """The family's parameters for `arch`, boxed with their logical axes (traced once per arch)."""
+    try:
+        hash((family, arch))
+    except TypeError:  # an arch with unhashable fields: trace every time
+        return abstract_boxed_params(family.build(arch, jnp.float32))
+    return _family_boxed_params_cached(family, arch)
+
+
+def abstract_params(family: Family, arch, dtype=jnp.float32):
+    """Params as jax.ShapeDtypeStruct (the tree `hf_checkpoint.load_model` gives), without allocating."""
+    params = nn.meta.unbox(family_boxed_params(family, arch))
+    return jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.dtype(dtype)), params)
+
+
+def logical_axes(family: Family, arch):
+    """Logical axis names of every param: a tuple of str per param, same dict structure as params.
+
+    Tuples are pytree nodes: map over this tree with `is_leaf=lambda x: isinstance(x, tuple)`.
+    """
+    params = family_boxed_params(family, arch)
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)
+    missing = [k for k, v in traverse_util.flatten_dict(params, sep="/", is_leaf=lambda k, v: is_boxed(v)).items()
+               if not is_boxed(v)]
+    if missing:
+        raise ValueError(f"family {family.name}: params without logical axes: {missing}")
+    return jax.tree.map(lambda p: tuple(p.names), params, is_leaf=is_boxed)
 
 
 def param_infos(boxed_params: Any) -> list[ParamInfo]:
@@ -62,8 +102,6 @@ def param_infos(boxed_params: Any) -> list[ParamInfo]:
 
 def param_infos_for_config(hf_config: dict, param_dtype: str = "float32") -> list[ParamInfo]:
     """The parameters of the family that reads `hf_config` (config.json as a dict)."""
-    from ftc.backends.jax.models.family import family_for
-
     family = family_for(hf_config)
     arch = family.config_from_hf(hf_config)
     module = family.build(arch, jnp.dtype(param_dtype))

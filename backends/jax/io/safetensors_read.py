@@ -1,0 +1,106 @@
+"""Reading a Hugging Face checkpoint's safetensors: tensors by name, as memory-mapped views.
+
+A directory holds model.safetensors, or shards named by model.safetensors.index.json. Nothing is
+copied until a caller slices a tensor (hf_checkpoint.load_model reads one layer at a time).
+Pickle checkpoints are refused with how to convert them.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.bin")
+
+
+class SafetensorsFile:
+    """One .safetensors file: its header, and tensors as read-only views of a memory map."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError as e:
+                raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        header.pop("__metadata__", None)
+        self.header = header
+        self.data_start = 8 + header_len
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+
+    def tensor(self, name: str) -> np.ndarray:
+        entry = self.header[name]
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        raw = self._map[self.data_start + begin : self.data_start + end]
+        return raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+class SafetensorsCheckpoint:
+    """All safetensors files of a model directory, by tensor name."""
+
+    def __init__(self, model_dir: Path):
+        index_path = model_dir / "model.safetensors.index.json"
+        single = model_dir / "model.safetensors"
+        if single.exists():
+            files = {single.name: SafetensorsFile(single)}
+            self.where = {name: single.name for name in files[single.name].header}
+        elif index_path.exists():
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            files = {}
+            for file_name in sorted(set(weight_map.values())):
+                if not (model_dir / file_name).exists():
+                    raise FileNotFoundError(f"{index_path} names {file_name}, which is not in {model_dir}")
+                files[file_name] = SafetensorsFile(model_dir / file_name)
+            self.where = dict(weight_map)
+        else:
+            raise FileNotFoundError(no_safetensors_message(model_dir))
+        self.files = files
+        self.aliases: dict[str, str] = {}  # wanted name -> stored name, see resolve_base_prefix
+
+    def file_of(self, name: str) -> str:
+        return self.where[self.aliases.get(name, name)]
+
+    def get(self, name: str) -> np.ndarray:
+        stored = self.aliases.get(name, name)
+        return self.files[self.where[stored]].tensor(stored)
+
+    def resolve_base_prefix(self, wanted: list[str]) -> list[str]:
+        """Names in `wanted` still missing after trying one base-model prefix ("bert.", "transformer.")
+        added to or stripped from the missing names, as transformers does when a head model's checkpoint
+        is read as its base model or the reverse. Records the renames that resolve in `aliases`."""
+        missing = [name for name in wanted if name not in self.where]
+        if not missing:
+            return []
+        candidates = sorted({n.split(".", 1)[0] + "." for n in list(self.where) + wanted if "." in n})
+        best: dict[str, str] = {}
+        for prefix in candidates:
+            for to_stored in (lambda n: prefix + n, lambda n: n[len(prefix):] if n.startswith(prefix) else None):
+                found = {n: to_stored(n) for n in missing if to_stored(n) in self.where}
+                if len(found) > len(best):
+                    best = found
+        self.aliases = best
+        return [n for n in missing if n not in best]
+
+
+def no_safetensors_message(model_dir: Path) -> str:
+    pickles = sorted({p.name for pattern in _PICKLE_PATTERNS for p in model_dir.glob(pattern)})
+    if pickles:
+        return (
+            f"{model_dir}: found only pickle checkpoint file(s) {', '.join(pickles)}; ftc loads weights from "
+            "safetensors only (model.safetensors or model.safetensors.index.json), because unpickling can run "
+            "arbitrary code. Convert them once in a trusted environment, e.g. "
+            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
+        )
+    return f"{model_dir}: no model.safetensors or model.safetensors.index.json found"
