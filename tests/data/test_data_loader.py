@@ -17,33 +17,33 @@ def ids_of(it, steps):
 
 
 def test_each_epoch_is_a_fresh_permutation_of_every_row():
-    it = iterate(train_dataset(rows(), batch_size=B, seed=3))
+    it = iterate(train_dataset(rows(), batch_size=B, seed=3, shuffle=True))
     spe = steps_per_epoch(N, B)
     epochs = [sum(ids_of(it, spe), []) for _ in range(3)]
     for epoch in epochs:
         assert sorted(epoch) == [0, 0] + list(range(1, N + 1))
     assert epochs[0] != epochs[1] != epochs[2]
-    batch = next(iterate(train_dataset(rows(), batch_size=B, seed=3)))
+    batch = next(iterate(train_dataset(rows(), batch_size=B, seed=3, shuffle=True)))
     assert batch["id"].shape == (B,) and batch["nested"]["x"].shape == (B, 4)
     assert (batch["nested"]["x"] == batch["id"][:, None]).all()
 
 
 def test_order_is_set_by_the_seed():
-    first = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=1)), 6)
-    assert first == ids_of(iterate(train_dataset(rows(), batch_size=B, seed=1)), 6)
-    assert first != ids_of(iterate(train_dataset(rows(), batch_size=B, seed=2)), 6)
+    first = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=1, shuffle=True)), 6)
+    assert first == ids_of(iterate(train_dataset(rows(), batch_size=B, seed=1, shuffle=True)), 6)
+    assert first != ids_of(iterate(train_dataset(rows(), batch_size=B, seed=2, shuffle=True)), 6)
     unshuffled = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=1, shuffle=False)), 3)
     assert sum(unshuffled, []) == list(range(1, N + 1)) + [0, 0]
 
 
 @pytest.mark.parametrize("taken", [1, 3, 4])  # mid-epoch, at an epoch boundary, into the second epoch
 def test_resume_from_state_matches_continuing(taken):
-    ds = train_dataset(rows(), batch_size=B, seed=5)
+    ds = train_dataset(rows(), batch_size=B, seed=5, shuffle=True)
     it = iterate(ds)
     ids_of(it, taken)
     state = it.get_state()
     continued = ids_of(it, 5)
-    resumed = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=5), state), 5)
+    resumed = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=5, shuffle=True), state), 5)
     assert resumed == continued
     other = iterate(ds)
     other.set_state(state)
@@ -53,8 +53,9 @@ def test_resume_from_state_matches_continuing(taken):
 @pytest.mark.parametrize("processes", [2, 4])
 def test_process_shares_are_disjoint_and_make_up_the_global_batch(processes):
     steps = 7  # past two epochs
-    whole = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=9)), steps)
-    shares = [ids_of(iterate(train_dataset(rows(), batch_size=B, seed=9, process_index=p, process_count=processes)), steps)
+    whole = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=9, shuffle=True)), steps)
+    shares = [ids_of(iterate(train_dataset(rows(), batch_size=B, seed=9, shuffle=True, process_index=p,
+                                           process_count=processes)), steps)
               for p in range(processes)]
     for step in range(steps):
         parts = [shares[p][step] for p in range(processes)]
@@ -74,4 +75,4 @@ def test_eval_is_one_ordered_pass_padded_to_whole_batches_and_split_by_process()
 
 def test_batch_size_must_split_over_processes():
     with pytest.raises(ValueError, match="multiple of the process count"):
-        train_dataset(rows(), batch_size=6, seed=0, process_count=4)
+        train_dataset(rows(), batch_size=6, seed=0, shuffle=True, process_count=4)

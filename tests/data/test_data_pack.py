@@ -32,7 +32,7 @@ def test_first_fit_puts_each_item_in_the_first_bin_with_room():
 def test_packing_never_mixes_segments_and_weights_are_zero_across_boundaries():
     items = sequences([5, 17, 3, 9, 2, 12, 8, 30, 4, 6])
     T = 32
-    packed = pack_lm(items, seq_len=T)
+    packed = pack_lm(items, seq_len=T, packing=True)
     a = packed.arrays
     assert set(a) == set(LM_KEYS) and all(a[k].shape == (packed.rows, T) for k in LM_KEYS)
     assert a["weights"].dtype == np.float32 and all(a[k].dtype == np.int32 for k in LM_KEYS if k != "weights")

@@ -69,7 +69,7 @@ def test_keep_n_deletes_older_checkpoints_and_restore_params_reads_params_only(t
 
 def test_data_iterator_position_round_trips_through_a_checkpoint(tmp_path):
     rows = tl.random_batch(np.random.default_rng(0), 20)
-    ds = data_loader.train_dataset(rows, batch_size=4, seed=3)
+    ds = data_loader.train_dataset(rows, batch_size=4, seed=3, shuffle=True)
     it = data_loader.iterate(ds)
     for _ in range(7):  # past the end of the first epoch (5 batches)
         next(it)

@@ -80,7 +80,7 @@ def _per_process(batch_size: int, process_index: int, process_count: int) -> int
     return batch_size // process_count
 
 
-def train_dataset(rows: dict, *, batch_size: int, seed: int, shuffle: bool = True,
+def train_dataset(rows: dict, *, batch_size: int, seed: int, shuffle: bool,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """Endless per-process batches (nested dicts of [batch_size / process_count, ...] arrays)."""
     per_process = _per_process(batch_size, process_index, process_count)

@@ -86,7 +86,7 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_lm(items: Sequence[Tokens], *, seq_len: int, packing: bool = True) -> Packed:
+def pack_lm(items: Sequence[Tokens], *, seq_len: int, packing: bool) -> Packed:
     """Causal-LM rows [N, seq_len] from sequences of at most seq_len + 1 tokens each."""
     lengths = [len(t.ids) - 1 for t in items]
     if any(n < 1 for n in lengths):
