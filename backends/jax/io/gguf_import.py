@@ -9,7 +9,8 @@
 Tensors are read and dequantised with the `gguf` package (numpy; no torch); config.json comes
 from gguf_config.py, the tokenizer files from gguf_tokenizer.py (transformers' own conversion).
 A conversion is written into a temporary directory and renamed into place, so an interrupted one
-never leaves a half-written model in the cache, and the cache key (file hash + converter version) makes a second call free.
+never leaves a half-written model in the cache, and the cache key (file hash + converter version)
+makes a second call free.
 """
 
 from __future__ import annotations
