@@ -146,7 +146,7 @@ def plan(spec_path, overrides, devices, as_json):
 
     spec = _load_spec_or_exit(spec_path, overrides)
     from ftc.backends.jax.pipeline import plan_spec
-    from ftc.compiler.plan import format_plan
+    from ftc.compiler.report import format_plan
 
     try:
         result = plan_spec(spec, device_count=devices)

@@ -77,7 +77,7 @@ def write_spec(root, output_dir: str, name: str = "tiny", steps: int = STEPS) ->
 
 def abstract_params_on_one_device(spec):
     _, hf_config = run_lib.read_model_config(spec.model.base)
-    _, _, module = run_lib.build_module(hf_config, spec)
+    module = run_lib.build_model(hf_config, spec).module
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
                         nn.unbox(shapes.abstract_boxed_params(module)))
@@ -215,7 +215,7 @@ def test_init_from_an_earlier_run_starts_from_its_final_parameters(root, uninter
     spec = load_spec(write_spec(root, "second"), [f"model.init_from={uninterrupted}"])
     abstract = abstract_params_on_one_device(spec)
     shardings = jax.tree.map(lambda s: s.sharding, abstract)
-    params = run_lib._initial_params(spec, spec.model.base, abstract, shardings)
+    params = run_lib.initial_params(spec, spec.model.base, abstract, shardings)
     want = final_params(uninterrupted)
     assert set(tl.flat(params)) == set(want)
     for name, value in tl.flat(params).items():

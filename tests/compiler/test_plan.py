@@ -118,7 +118,7 @@ def _tiny_plan(overrides=None, devices=8, **kw):
     cfg = tl.tiny_llama_config()
     family = family_for(cfg)
     infos = shapes.param_infos(shapes.abstract_boxed_params(family.build(family.config_from_hf(cfg))))
-    return plan_lib.compile_plan(tl.spec(overrides), cfg, devices, param_infos=infos, **kw)
+    return plan_lib.compile_plan(tl.spec(overrides), cfg, devices, family=family.name, param_infos=infos, **kw)
 
 
 def test_micro_batch_that_does_not_split_over_data_and_fsdp_is_an_error_naming_the_keys():
