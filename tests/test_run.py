@@ -1,4 +1,4 @@
-"""backends/jax/run.py end to end: a tiny Llama saved by transformers, chat JSONL data, `ftc run`."""
+"""backends/jax/pipeline.py end to end: a tiny Llama saved by transformers, chat JSONL data, `ftc run`."""
 
 from __future__ import annotations
 

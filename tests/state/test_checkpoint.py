@@ -1,4 +1,4 @@
-"""backends/jax/checkpoint.py: Orbax save/restore across meshes, data position, resume checks."""
+"""backends/jax/state/checkpoint.py: Orbax save/restore across meshes, data position, resume checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""backends/jax/frozen_base.py: checkpoints of LoRA / QLoRA / adapter (and DPO) runs hold what
+"""backends/jax/state/frozen_base.py: checkpoints of LoRA / QLoRA / adapter (and DPO) runs hold what
 trains, not the frozen base; resume and export rebuild it bitwise, refuse a base that changed, and
 still read format 1 checkpoints (the whole train state)."""
 

@@ -1,4 +1,4 @@
-"""backends/jax/optimizer.py: schedules, optimizers, the trainable/frozen split."""
+"""backends/jax/train/optimizer.py: schedules, optimizers, the trainable/frozen split."""
 
 from __future__ import annotations
 

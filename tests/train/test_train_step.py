@@ -1,4 +1,4 @@
-"""backends/jax/train_step.py on ftc's tiny Llama, on meshes of the 8 fake CPU devices."""
+"""backends/jax/train/step.py on ftc's tiny Llama, on meshes of the 8 fake CPU devices."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Direct preference optimisation (Rafailov et al. 2023) as a train_step `Objective`.
+"""Direct preference optimisation (Rafailov et al. 2023) as an `Objective` (objectives/contract.py).
 
 A batch holds preference pairs (data_pack.pad_pairs): `chosen` and `rejected` are causal-LM rows
 [B, T] (prompt with weight 0, response with weight 1) and `weights` [B] is 1 for a real pair, 0

@@ -2,7 +2,7 @@
 
   state  the train state (step, rng, opt_state, params), sharded arrays (StandardSave); of the
          params only the leaves the Checkpointer's `saved_params` mask keeps (a run keeps those it
-         trains: frozen_base.saved_mask), and never a frozen reference copy (train_step.REFERENCE)
+         trains: frozen_base.saved_mask), and never a frozen reference copy (train/step.py REFERENCE)
   data   the data iterator's position (grain get_state, as JSON)
   meta   what the checkpoint is: the resolved spec dict, tokenizer hash, plan fingerprint, and how
          the params it leaves out are rebuilt and checked (frozen_base.py)

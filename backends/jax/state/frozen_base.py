@@ -2,7 +2,7 @@
 
 A LoRA / QLoRA / adapter run trains a small part of its params tree; the rest (the base's
 weights, QLoRA's NF4 codes and scales) never changes. A DPO run of a full fine-tune keeps a frozen
-copy of its starting params (train_step.REFERENCE). A checkpoint holds only the `saved_mask`
+copy of its starting params (train/step.py REFERENCE). A checkpoint holds only the `saved_mask`
 leaves (what trains, plus QLoRA's double-quantisation statistics, whose float32 mean depends on the
 mesh that computed it) and no reference copy, so a LoRA checkpoint of a 70B model is adapter-sized.
 Resume and export rebuild the rest as the run started: `initial_params` with the run's own spec
