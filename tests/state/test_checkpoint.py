@@ -11,7 +11,6 @@ import pytest
 import train_testlib as tl
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.data import loader as data_loader
-from ftc.backends.jax.train import step as ts
 
 CFG = tl.tiny_llama_config()
 

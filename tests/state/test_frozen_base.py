@@ -4,7 +4,6 @@ still read format 1 checkpoints (the whole train state)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
