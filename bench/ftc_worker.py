@@ -1,6 +1,6 @@
 """The ftc side of the benchmark, in its own process: the model loaded from the same Hugging Face
 directory (hf_checkpoint.load_model), the optimizer from optimizer.make_optimizer, and the jitted
-train step from train_step.build_steps on a 1-device mesh -- the pieces `ftc run` assembles.
+train step from train/step.py build_steps on a 1-device mesh -- the pieces `ftc run` assembles.
 
     python -m bench.ftc_worker JOB.json RESULT.json
 

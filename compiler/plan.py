@@ -1,11 +1,15 @@
-"""Spec + model config + device count -> Plan: what a run will do, as pure data.
+"""Spec + model facts + device count -> Plan: what a run will do, as pure data.
 
 A Plan holds no arrays and no JAX objects: shapes, counts, byte estimates, batch geometry,
 steps, schedule, mesh and one partition per parameter. It serialises to JSON (`to_dict`), prints
-(`format_plan`), and its `fingerprint` names the training program it describes.
+(compiler/report.py), and its `fingerprint` names the training program it describes: resume
+checks it (with the spec's own keys, RESUMABLE_CHANGES below is the one rule of what may change).
 
-Parameter shapes come from the model family through `jax.eval_shape` (see
-backends/jax/shapes.py) unless given: planning a 70B model allocates nothing.
+The compiler imports no backend. What it needs of the model, the method and the objective comes
+in as data, computed by the backend that runs the plan (backends/jax/pipeline.py `plan_for`):
+the parameters' shapes and logical axes (from `jax.eval_shape`, so planning a 70B model
+allocates nothing), the family's name, the method's counts, the FLOP count's matmul weights and
+what the objective costs. Nothing patches a Plan afterwards.
 """
 
 from __future__ import annotations
@@ -14,13 +18,25 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from ftc.compiler import flops as flops_lib
+from ftc.compiler import memory as memory_lib
 from ftc.compiler import sharding_rules
+from ftc.compiler.memory import MemoryEstimate
 from ftc.compiler.sharding_rules import PlanError
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int4": 0.5}
+# Spec keys (dotted prefixes) that may change between a checkpoint and the run resuming it:
+# they change how long, how often, where to and on what devices, not what the optimizer computes.
+# training.micro_batch_size and remat only change memory use: the loss is token-weighted over
+# the whole batch. Everything else is training-relevant, and so is everything Plan.fingerprint
+# covers (none of it depends on these keys).
+RESUMABLE_CHANGES = (
+    "description", "output_dir", "name",
+    "training.steps", "training.epochs", "training.eval_every", "training.log_every",
+    "training.micro_batch_size", "training.remat",
+    "data.validation", "model.init_from", "mesh", "checkpoint", "logging", "export",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,19 +75,24 @@ class ModelSummary:
 
 
 @dataclasses.dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes per device. Activations are an estimate for one micro-batch (see _activation_bytes).
-    `reference`: DPO of a full fine-tune keeps a frozen copy of the starting parameters."""
+class Counts:
+    """What a method counts of its model: the weights it trains, every weight of the model (an NF4
+    kernel counts its logical weights), and notes on its settings for the plan to print."""
 
-    params: int
-    grads: int
-    optimizer: int
-    activations: int
-    reference: int = 0
+    total: int
+    trainable: int
+    notes: tuple[str, ...] = ()
 
-    @property
-    def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.reference
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveCost:
+    """What an objective adds to a step: model rows per example (DPO: chosen and rejected), a
+    frozen reference model's forward pass, and a frozen reference copy of the parameters (DPO of a
+    full fine-tune; a method that can be disabled needs none)."""
+
+    sequences_per_example: int = 1
+    reference_forward: bool = False
+    reference_copy: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +173,16 @@ class Plan:
         return json.loads(json.dumps(out))  # tuples -> lists: plain JSON data
 
     def fingerprint(self) -> str:
-        """sha256 over what determines the compiled training program's arithmetic: parameter
-        shapes/dtypes/trainability, dtypes, batch geometry, optimizer. Not the mesh (a run may
-        resume on another mesh) nor the step count (a run may be extended)."""
+        """sha256 over what a checkpoint's arrays and the step's arithmetic depend on: parameter
+        paths/shapes/dtypes/trainability, dtypes, method, objective, global batch and sequence
+        length, optimizer. Nothing a RESUMABLE_CHANGES key sets: not the mesh, the step count, the
+        micro-batch split nor remat (a run may resume with any of them changed)."""
+        b = self.batch
         key = {
             "params": [(p.path, p.shape, p.dtype, p.trainable) for p in self.params],
-            "compute_dtype": self.compute_dtype, "param_dtype": self.param_dtype, "remat": self.remat,
+            "compute_dtype": self.compute_dtype, "param_dtype": self.param_dtype,
             "method": self.method, "objective": self.objective,
-            "batch": dataclasses.asdict(self.batch) | {"micro_batch_per_device": None},
+            "batch": {"global_batch": b.global_batch, "seq_len": b.seq_len, "tokens_per_step": b.tokens_per_step},
             "optimizer": dataclasses.asdict(self.optimizer),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -176,30 +199,31 @@ def compile_plan(
     hf_config: dict,
     device_count: int,
     *,
-    param_infos: Sequence[ParamInfo] | None = None,
+    family: str,
+    param_infos: Sequence[ParamInfo],
     trainable: Callable[[str], bool] | None = None,
-    steps_per_epoch: int | None = None,
+    counts: Counts | None = None,
     matmul_weights: flops_lib.MatmulWeights | None = None,
+    objective: ObjectiveCost = ObjectiveCost(),
+    steps_per_epoch: int | None = None,
 ) -> Plan:
     """The Plan for `spec` (an ftc.spec.Spec) on `device_count` devices.
 
-    hf_config: the base model's config.json as a dict.
-    param_infos: the parameters (after any method transformation); by default read from the
-        model family with `jax.eval_shape` (nothing is allocated).
+    hf_config: the base model's config.json as a dict (the architecture numbers the plan prints).
+    family: the name of the model family that runs it.
+    param_infos: the parameters (after any method transformation), as jax.eval_shape gives them.
     trainable: "/"-joined parameter path -> whether it is trained; default: all (full fine-tune).
-    steps_per_epoch: optimizer steps in one pass over the training data, once known.
-    matmul_weights: what the FLOP count needs to know of the method's weights; by default read
+    counts: the method's weight counts and notes; default: counted from `param_infos`.
+    matmul_weights: what the FLOP count needs to know of the method's weights; default: read
         from `param_infos` (every "kernel" trains or not per `trainable`; no adapter weights).
+    objective: what the spec's objective adds to a step (rows, reference forward, reference copy).
+    steps_per_epoch: optimizer steps in one pass over the training data, once known.
     Raises ValueError with the spec key at fault when the spec cannot run on this mesh.
     """
     mesh_shape = _resolve_mesh(spec, device_count)
-    if param_infos is None:
-        from ftc.backends.jax.models.shapes import param_infos_for_config
-
-        param_infos = param_infos_for_config(hf_config, spec.model.param_dtype)
     trainable = trainable or (lambda path: True)
 
-    notes: list[str] = []
+    notes: list[str] = list(counts.notes) if counts else []
     params = []
     for info in param_infos:
         partition, why = sharding_rules.param_partition(info.axes, info.shape, mesh_shape)
@@ -208,25 +232,23 @@ def compile_plan(
                                 if info.dtype in ("float32", "bfloat16", "float16") else info.dtype,
                                 tuple(info.axes), partition, bool(trainable(info.path))))
     params = tuple(params)
+    if counts is None:
+        counts = Counts(sum(math.prod(p.shape) for p in params),
+                        sum(math.prod(p.shape) for p in params if p.trainable))
 
-    model = model_summary(hf_config)
+    model = model_summary(hf_config, family)
     batch = _batch_geometry(spec, mesh_shape)
     seq_len = batch.seq_len
     if model.max_position_embeddings and seq_len > model.max_position_embeddings:
         notes.append(f"model.max_seq_len={seq_len} exceeds the model's max_position_embeddings="
                      f"{model.max_position_embeddings}")
-    steps = _steps(spec, steps_per_epoch)
-    sched = spec.training.schedule
-    warmup = sched.warmup_steps
-    if warmup is None and steps.total_steps is not None:
-        warmup = int(round((sched.warmup_ratio or 0.0) * steps.total_steps))
+    steps = step_plan(spec.training, steps_per_epoch)
     opt = spec.training.optimizer
-    plan_mesh = sharding_rules.MESH_AXES
     if matmul_weights is None:
         matmul_weights = _matmul_weights(params, model)
     flops_per_token = flops_lib.train_flops_per_token(
         matmul_weights, layers=model.layers, seq_len=seq_len, attention_width=model.heads * model.head_dim,
-        reference_forward=spec.training.objective == "dpo")
+        reference_forward=objective.reference_forward)
     return Plan(
         name=spec.name,
         model=model,
@@ -236,19 +258,47 @@ def compile_plan(
         method=spec.method.kind,
         objective=spec.training.objective,
         params=params,
-        param_count=sum(math.prod(p.shape) for p in params),
-        trainable_count=sum(math.prod(p.shape) for p in params if p.trainable),
-        memory=_memory(params, model, batch, spec, mesh_shape),
+        param_count=counts.total,
+        trainable_count=counts.trainable,
+        memory=memory_lib.estimate(params, model, batch, spec, mesh_shape, objective),
         batch=batch,
         steps=steps,
-        schedule=SchedulePlan(sched.kind, spec.training.learning_rate, warmup, sched.warmup_ratio,
-                              sched.min_lr_ratio),
+        schedule=schedule_plan(spec.training, steps.total_steps),
         optimizer=OptimizerPlan(opt.kind, opt.weight_decay, opt.beta1, opt.beta2, opt.eps, opt.momentum,
                                 opt.grad_clip),
-        mesh=MeshPlan(*(mesh_shape[a] for a in plan_mesh), device_count=device_count),
+        mesh=MeshPlan(*(mesh_shape[a] for a in sharding_rules.MESH_AXES), device_count=device_count),
         notes=tuple(notes),
         flops_per_token=flops_per_token,
     )
+
+
+def step_plan(training, steps_per_epoch: int | None) -> StepPlan:
+    """Optimizer steps of a run from the spec's [training] (`steps`, or `epochs` once the number of
+    steps in one pass over the data is known): the one place a run's length is computed."""
+    t = training
+    if t.steps is not None:
+        return StepPlan(t.steps, steps_per_epoch, None, "training.steps")
+    if steps_per_epoch is not None:
+        return StepPlan(t.epochs * steps_per_epoch, steps_per_epoch, t.epochs,
+                        f"{t.epochs} epochs x {steps_per_epoch} steps")
+    return StepPlan(None, None, t.epochs, f"{t.epochs} epochs; steps unknown until the data is read")
+
+
+def schedule_plan(training, total_steps: int | None) -> SchedulePlan:
+    """The learning-rate schedule of the spec's [training], its warmup resolved once the total
+    steps are known."""
+    sched = training.schedule
+    warmup = sched.warmup_steps
+    if warmup is None and total_steps is not None:
+        warmup = resolve_warmup(None, sched.warmup_ratio, total_steps)
+    return SchedulePlan(sched.kind, training.learning_rate, warmup, sched.warmup_ratio, sched.min_lr_ratio)
+
+
+def resolve_warmup(warmup_steps: int | None, warmup_ratio: float, total_steps: int) -> int:
+    """Warmup steps: as given, else `warmup_ratio` of the run's steps (rounded)."""
+    if warmup_steps is not None:
+        return warmup_steps
+    return int(round(warmup_ratio * total_steps))
 
 
 def _matmul_weights(params: Sequence[ParamPlan], model: ModelSummary) -> flops_lib.MatmulWeights:
@@ -276,18 +326,13 @@ def _first(cfg: dict, *keys, default=None):
     return default
 
 
-def model_summary(hf_config: dict) -> ModelSummary:
-    """The architecture numbers the plan prints, read from config.json (HF key aliases)."""
+def model_summary(hf_config: dict, family: str) -> ModelSummary:
+    """The architecture numbers the plan prints, read from config.json (HF key aliases), for a
+    model of the named family."""
     text = hf_config.get("text_config") or {}
     cfg = {**text, **hf_config}
     hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0))
     heads = int(_first(cfg, "num_attention_heads", "n_head", default=1))
-    try:
-        from ftc.backends.jax.models import family_for
-
-        family = family_for(hf_config).name
-    except Exception:  # noqa: BLE001 - family modules may be absent; the summary is still useful
-        family = str(hf_config.get("model_type"))
     return ModelSummary(
         family=family,
         model_type=str(hf_config.get("model_type")),
@@ -318,140 +363,3 @@ def _batch_geometry(spec, mesh_shape: dict[str, int]) -> BatchGeometry:
     seq = spec.model.max_seq_len
     return BatchGeometry(t.batch_size, t.micro_batch_size, t.batch_size // t.micro_batch_size, seq,
                          t.batch_size * seq, t.micro_batch_size // shards)
-
-
-def _steps(spec, steps_per_epoch: int | None) -> StepPlan:
-    t = spec.training
-    if t.steps is not None:
-        return StepPlan(t.steps, steps_per_epoch, None, "training.steps")
-    if steps_per_epoch is not None:
-        return StepPlan(t.epochs * steps_per_epoch, steps_per_epoch, t.epochs,
-                        f"{t.epochs} epochs x {steps_per_epoch} steps")
-    return StepPlan(None, None, t.epochs, f"{t.epochs} epochs; steps unknown until the data is read")
-
-
-# ------------------------------------------------------------------ memory
-
-
-def _nbytes(p: ParamPlan, mesh_shape, dtype: str | None = None) -> float:
-    return math.prod(p.shape) * DTYPE_BYTES[dtype or p.dtype] / sharding_rules.shard_factor(p.partition, mesh_shape)
-
-
-def _memory(params, model: ModelSummary, batch: BatchGeometry, spec, mesh_shape) -> MemoryEstimate:
-    param_bytes = sum(_nbytes(p, mesh_shape) for p in params)
-    trainable = [p for p in params if p.trainable]
-    grad_bytes = sum(_nbytes(p, mesh_shape) for p in trainable)
-    if batch.accum_steps > 1:
-        grad_bytes *= 2  # the running sum over micro-batches and one micro-batch's gradient
-    dpo = spec.training.objective == "dpo"
-    # DPO runs a pair's chosen and rejected rows as one batch: twice the sequences per micro-batch.
-    activations = _activation_bytes(model, batch, spec, mesh_shape) * (2 if dpo else 1)
-    return MemoryEstimate(
-        params=int(param_bytes),
-        grads=int(grad_bytes),
-        optimizer=int(sum(_optimizer_bytes(p, spec.training.optimizer, mesh_shape) for p in trainable)),
-        activations=int(activations),
-        reference=int(param_bytes) if dpo and spec.method.kind == "full" else 0,
-    )
-
-
-def _optimizer_bytes(p: ParamPlan, opt, mesh_shape) -> float:
-    full = _nbytes(p, mesh_shape, "float32")
-    if opt.kind == "adamw":
-        return 2 * full
-    if opt.kind == "sgd":
-        return full if opt.momentum else 0.0
-    # adafactor (optax defaults): the two largest dims factored when both are >= 128, no momentum.
-    dims = sorted(p.shape)[-2:]
-    if len(dims) == 2 and dims[0] >= 128:
-        return full / dims[1] + full / dims[0]
-    return full
-
-
-def _activation_bytes(model: ModelSummary, batch: BatchGeometry, spec, mesh_shape) -> float:
-    """Rough bytes kept for the backward pass of one micro-batch on one device.
-
-    Per token per layer, in compute-dtype elements (t = tensor-parallel size):
-      none: norms and residuals 4h, q/k/v/o h+2kv+h, attention probabilities N*T/t, mlp 4I/t;
-      dots: only matmul outputs (2h + 2kv + 3I/t);  full: only the layer input h, plus one
-      layer's worth recomputed during the backward pass.
-    Logits (and their float32 log-softmax) dominate at large vocabularies and are counted once.
-    """
-    t = mesh_shape["tensor"]
-    tokens = batch.micro_batch_per_device * batch.seq_len
-    h, kv, inter = model.hidden, model.kv_heads * model.head_dim, model.intermediate
-    per_layer_none = 4 * h + (2 * h + 2 * kv) / t + model.heads * batch.seq_len / t + 4 * inter / t
-    c = DTYPE_BYTES[spec.model.dtype]
-    remat = spec.training.remat
-    if remat == "full":
-        per_token = h * model.layers + per_layer_none
-    elif remat == "dots":
-        per_token = (2 * h + (2 * kv + 3 * inter) / t) * model.layers
-    else:
-        per_token = per_layer_none * model.layers
-    logits = tokens * model.vocab / t * (c + 4 + 4)  # logits, float32 copy, its gradient
-    return tokens * per_token * c + logits
-
-
-# ------------------------------------------------------------------ printing
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
-
-
-def human_count(n: int) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
-def format_plan(plan: Plan, *, max_params: int = 40) -> str:
-    """A readable summary (what `ftc plan` prints)."""
-    m, b, s, mem, mesh = plan.model, plan.batch, plan.steps, plan.memory, plan.mesh
-    pct = 100.0 * plan.trainable_count / max(plan.param_count, 1)
-    lines = [
-        f"plan for {plan.name}   (fingerprint {plan.fingerprint()})",
-        f"model     {m.family} ({m.model_type}): {m.layers} layers, hidden {m.hidden}, heads {m.heads}"
-        f" (kv {m.kv_heads}, dim {m.head_dim}), mlp {m.intermediate}, vocab {m.vocab}"
-        + (", tied embeddings" if m.tied_embeddings else ""),
-        f"params    {plan.param_count:,} total ({human_count(plan.param_count)}), "
-        f"{plan.trainable_count:,} trainable ({pct:.2f}%)   method {plan.method}, objective {plan.objective}",
-        f"dtypes    compute {plan.compute_dtype}, params {plan.param_dtype}, remat {plan.remat}",
-        f"mesh      data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} on {mesh.device_count} device(s)",
-        f"batch     {b.global_batch} sequences x {b.seq_len} tokens = {b.tokens_per_step:,} tokens/step; "
-        f"micro-batch {b.micro_batch} ({b.micro_batch_per_device}/device) x {b.accum_steps} accumulation step(s)",
-        f"steps     {s.total_steps if s.total_steps is not None else 'unknown'}   ({s.note})",
-        f"schedule  {plan.schedule.kind}, lr {plan.schedule.learning_rate:g}, warmup "
-        + (f"{plan.schedule.warmup_steps} steps" if plan.schedule.warmup_steps is not None
-           else f"ratio {plan.schedule.warmup_ratio}")
-        + f", min_lr_ratio {plan.schedule.min_lr_ratio:g}",
-        f"optimizer {plan.optimizer.kind}, weight decay {plan.optimizer.weight_decay:g}, "
-        f"grad clip {plan.optimizer.grad_clip:g}",
-        f"memory/device  params {human_bytes(mem.params)} + grads {human_bytes(mem.grads)} + optimizer "
-        f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)}"
-        + (f" + DPO reference copy {human_bytes(mem.reference)}" if mem.reference else "")
-        + f" = {human_bytes(mem.total)}",
-        f"compute   {plan.flops_per_token / 1e9:,.3f} GFLOP per trained token (model FLOPs, the MFU numerator), "
-        f"{plan.flops_per_token * b.tokens_per_step / 1e12:,.3f} TFLOP per step",
-    ]
-    if max_params > 0:
-        lines.append("parameters (path  shape  logical axes -> partition):")
-    for p in plan.params[:max_params]:
-        mark = "" if p.trainable else "  [frozen]"
-        lines.append(f"  {p.path}  {list(p.shape)}  {_axes(p.axes)} -> {_axes(p.partition)}{mark}")
-    if 0 < max_params < len(plan.params):
-        lines.append(f"  ... {len(plan.params) - max_params} more (--json lists all)")
-    if plan.notes:
-        lines.append("notes:")
-        lines += [f"  {n}" for n in plan.notes]
-    return "\n".join(lines)
-
-
-def _axes(axes: Sequence[Any]) -> str:
-    return "(" + ", ".join("-" if a is None else str(a) for a in axes) + ")"

@@ -1,9 +1,11 @@
 """The `ftc` command line. Command bodies import their implementation lazily so that
-`ftc lint` and `ftc schema` never import jax, flax, torch or transformers."""
+`ftc lint` and `ftc schema` never import jax, flax, torch or transformers. Choices (method kinds,
+objectives, export formats) are the schema's (spec/choices.py)."""
 
 import click
 
 from ftc import __version__
+from ftc.spec import choices
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,10 +55,10 @@ def schema():
 
 @main.command(short_help="Write a commented starter spec.")
 @click.argument("path", default="spec.toml", type=click.Path(dir_okay=False))
-@click.option("--method", type=click.Choice(["full", "lora", "qlora", "adapter", "probe"]), default="lora",
-              show_default=True, help="What to train.")
-@click.option("--objective", type=click.Choice(["sft", "dpo", "classify"]), default=None,
-              help="Training objective (default: classify for a probe, else sft).")
+@click.option("--method", type=click.Choice(choices.method_kinds()), default="lora", show_default=True,
+              help="What to train.")
+@click.option("--objective", type=click.Choice(choices.objectives()), default=None,
+              help="Training objective (default: the method's first: classify for a probe, else sft).")
 @click.option("--base", default=None, help="Base model: HF id, local directory or .gguf file.")
 @click.option("--name", default=None, help="Run name (default: from the file name).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
@@ -68,8 +70,10 @@ def init(path, method, objective, base, name, force):
     from ftc.spec import lint_file
     from ftc.spec.starter import NAME_PATTERN, name_from_file, starter_spec
 
-    if method == "probe" and objective not in (None, "classify"):
-        raise click.UsageError("a probe trains a classification head: --objective must be classify")
+    only = choices.method_info(method).get("objectives")
+    if only and objective not in (None, *only):
+        raise click.UsageError(f"{choices.method_info(method)['objectives_why']}: --objective must be "
+                               f"{' or '.join(only)}")
     if name is not None and not re.fullmatch(NAME_PATTERN, name):
         raise click.UsageError(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
     if os.path.exists(path) and not force:
@@ -146,7 +150,7 @@ def plan(spec_path, overrides, devices, as_json):
 
     spec = _load_spec_or_exit(spec_path, overrides)
     from ftc.backends.jax.pipeline import plan_spec
-    from ftc.compiler.plan import format_plan
+    from ftc.compiler.report import format_plan
 
     try:
         result = plan_spec(spec, device_count=devices)
@@ -184,8 +188,9 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
 
     launch = dist.Launch(coordinator, num_processes, process_id, distributed)
     problem = launch.problem()
-    if problem is None and launch.multi_process and spec.method.kind == "probe":
-        problem = ("method.kind = probe runs in one process (its features and head fit one device); "
+    single = choices.method_info(spec.method.kind).get("single_process")
+    if problem is None and launch.multi_process and single:
+        problem = (f"method.kind = {spec.method.kind} runs in one process ({single}); "
                    "start it without --coordinator / --distributed")
     if problem:
         click.echo(f"error: {problem}", err=True)
@@ -219,7 +224,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "peft", "adapters"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(choices.export_formats()), default=None,
               help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
                    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,

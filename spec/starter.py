@@ -3,33 +3,19 @@ exist yet: that is a warning)."""
 
 from __future__ import annotations
 
+import json
 import re
 
-NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"  # the schema's `name` pattern
-DEFAULT_BASES = {"classify": "sentence-transformers/all-MiniLM-L6-v2"}
-DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_FORMATS = {"sft": "chat", "dpo": "preference", "classify": "classification"}
-_LEARNING_RATES = {"full": "2e-5", "lora": "2e-4", "qlora": "2e-4", "adapter": "1e-4", "probe": "1e-3"}
+from ftc.spec import choices, schema_walk
 
-_METHOD_BLOCKS = {
-    "full": """kind = "full"                         # full | lora | qlora | adapter | probe: every weight trains""",
-    "lora": """kind = "lora"                         # full | lora | qlora | adapter | probe
-rank = 16                             # low-rank update size r
-alpha = 32                            # updates scaled by alpha / rank
-dropout = 0.0
-targets = "all-linear"                # or a list of module names / regexes: ["q_proj", "v_proj"]""",
-    "qlora": """kind = "qlora"                        # LoRA over a 4-bit quantized, frozen base
-rank = 16
-alpha = 32
-targets = "all-linear"
-quant_block_size = 64                 # weights per quantization block""",
-    "adapter": """kind = "adapter"                      # bottleneck adapters
-placement = "pfeiffer"                # pfeiffer (after the MLP) | houlsby (after attention and MLP)
-reduction_factor = 16                 # hidden size / bottleneck size
-non_linearity = "relu\"""",
-    "probe": """kind = "probe"                        # a classification head on frozen features
-pooling = "mean"                      # mean | cls | last
-head = "linear"                       # linear | mlp""",
+NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"  # the schema's `name` pattern
+DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_MAX_SEQ_LEN = 2048
+# The data keys worth showing per data format (the rest keep their defaults quietly).
+_DATA_EXTRA = {
+    "chat": 'packing = true                        # several conversations per sequence\n'
+            'train_on = "assistant"               # loss on assistant turns only (or "all")\n',
+    "classification": '# labels = ["negative", "positive"]  # class order; default: sorted labels in train\n',
 }
 
 _TEMPLATE = """\
@@ -77,36 +63,55 @@ format = "{export_format}"{export_comment}
 dtype = "bfloat16"
 """
 
-_FORMAT_COMMENTS = {
-    "chat": '                     # rows: {"messages": [{"role": ..., "content": ...}]}',
-    "preference": '               # rows: {"prompt": ..., "chosen": ..., "rejected": ...}',
-    "classification": '           # rows: {"text": ..., "label": ...}',
-}
-
 
 def starter_spec(file: str, name: str, method: str = "full", objective: str | None = None,
                  base: str | None = None) -> str:
-    objective = objective or ("classify" if method == "probe" else "sft")
-    fmt = _FORMATS[objective]
-    data_extra = {
-        "chat": 'packing = true                        # several conversations per sequence\n'
-                'train_on = "assistant"               # loss on assistant turns only (or "all")\n',
-        "preference": "",
-        "classification": '# labels = ["negative", "positive"]  # class order; default: sorted labels in train\n',
-    }[fmt]
-    peft = method in ("lora", "qlora")
+    """The starter spec for a method kind and objective (default: the method's first, sft unless
+    it trains only another), from what the schema says of them (spec/choices.py)."""
+    objective = objective or choices.objectives_for(method)[0]
+    about = choices.objective_info(objective)
+    fmt = choices.data_formats_for(objective)[0]
+    export = choices.export_formats_for(method)[0]
     return _align_comments(_TEMPLATE.format(
         file=file, name=name, description=f"{method} fine-tune ({objective})",
-        base=base or DEFAULT_BASES.get(objective, DEFAULT_BASE),
-        max_seq_len=256 if fmt == "classification" else 2048,
-        format=fmt, format_comment=_FORMAT_COMMENTS[fmt], data_extra=data_extra,
-        method=_METHOD_BLOCKS[method], objective=objective,
-        objective_extra='\ndpo_beta = 0.1                        # DPO temperature' if objective == "dpo" else "",
-        micro=4, learning_rate=_LEARNING_RATES[method],
-        export_format="peft" if peft else "hf",
-        export_comment="                       # PEFT adapter directory (hf = merged model)" if peft else
-                       "                         # a transformers checkpoint",
+        base=base or about.get("starter_base", DEFAULT_BASE),
+        max_seq_len=about.get("starter_max_seq_len", DEFAULT_MAX_SEQ_LEN),
+        format=fmt, format_comment=_comment(choices.comment(("data", "format"), fmt)),
+        data_extra=_DATA_EXTRA.get(fmt, ""), method=_method_block(method), objective=objective,
+        objective_extra="".join("\n" + line for line in _objective_lines(objective)),
+        micro=4, learning_rate=_scientific(choices.method_info(method)["learning_rate"]),
+        export_format=export, export_comment=_comment(choices.comment(("export", "format"), export)),
     ))
+
+
+def _comment(text: str) -> str:
+    return f"  # {text}" if text else ""
+
+
+def _scientific(x: float) -> str:
+    """2e-05 as a person writes it: 2e-5."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _value(value) -> str:
+    return json.dumps(value)  # TOML writes these scalars (strings, numbers, booleans) as JSON does
+
+
+def _method_block(method: str) -> str:
+    """`kind = ...` and the keys of the method the schema marks for the starter, at their defaults."""
+    info = choices.method_info(method)
+    lines = [f'kind = "{method}"' + _comment(f"{' | '.join(choices.method_kinds())}: {info['comment']}")]
+    for key in info.get("starter_keys", ()):
+        lines.append(f"{key} = {_value(choices.default('method', key))}" + _comment(choices.comment(("method", key))))
+    return "\n".join(lines)
+
+
+def _objective_lines(objective: str) -> list[str]:
+    """The [training] keys that apply only to `objective` (e.g. dpo_beta), at their defaults."""
+    training = schema_walk.node_at(("training",))["properties"]
+    return [f"{key} = {_value(node['default'])}" + _comment(choices.comment(("training", key)))
+            for key, node in training.items() if objective in node.get("x-ftc-when", {}).get("objective", ())]
 
 
 def _align_comments(text: str, column: int = 40) -> str:

@@ -15,7 +15,7 @@ import os
 
 import jsonschema
 
-from ftc.spec import schema_walk
+from ftc.spec import choices, schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.overrides import did_you_mean
 from ftc.spec.paths import PACKAGE_PREFIX, TFDS_PREFIX, is_hub_id, package_problem
@@ -244,9 +244,6 @@ def applicability_issues(filled: dict, where: Where) -> list[SpecIssue]:
 
 # ---- semantic checks ----------------------------------------------------------------------
 
-_OBJECTIVE_FORMATS = {"sft": ("chat", "completion", "text"), "dpo": ("preference",), "classify": ("classification",)}
-
-
 def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
 
@@ -268,22 +265,27 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     objective = get(("training", "objective"), (str,))
     fmt = get(("data", "format"), (str,))
     method = get(("method", "kind"), (str,))
-    if method == "probe" and (fmt not in (None, "classification") or objective not in (None, "classify")):
-        add(("method", "kind"), "a probe trains a classification head: it needs data.format = 'classification' "
-            f"and training.objective = 'classify' (here {fmt!r} and {objective!r})")
-    elif objective in _OBJECTIVE_FORMATS and fmt and fmt in _ALL_FORMATS and fmt not in _OBJECTIVE_FORMATS[objective]:
-        wanted = " or ".join(map(repr, _OBJECTIVE_FORMATS[objective]))
-        right = next(o for o, fs in _OBJECTIVE_FORMATS.items() if fmt in fs)
+    # What each method kind, objective and export format allows: the schema's annotations (choices.py).
+    only = choices.method_info(method).get("objectives") if method else None
+    if only and (fmt not in (None, *_formats_of(only)) or objective not in (None, *only)):
+        add(("method", "kind"), f"{choices.method_info(method)['objectives_why']}: it needs data.format = "
+            f"{' or '.join(map(repr, _formats_of(only)))} and training.objective = {' or '.join(map(repr, only))} "
+            f"(here {fmt!r} and {objective!r})")
+    elif objective in choices.objectives() and fmt in choices.data_formats() \
+            and fmt not in choices.data_formats_for(objective):
+        wanted = " or ".join(map(repr, choices.data_formats_for(objective)))
+        right = next(o for o in choices.objectives() if fmt in choices.data_formats_for(o))
         # Point at what the user wrote: a defaulted objective has no text of its own.
         path = ("training", "objective") if where.has(("training", "objective")) else ("data", "format")
         add(path, f"objective {objective!r} needs data.format {wanted}, but data.format is {fmt!r} "
             f"(for {fmt!r} data use training.objective = {right!r})")
 
     export = get(("export", "format"), (str,))
-    needs = {"peft": ("lora", "qlora"), "adapters": ("adapter",)}
-    if export in needs and method and method not in needs[export]:
+    if export in choices.export_formats() and method in choices.method_kinds() \
+            and export not in choices.export_formats_for(method):
+        writers = [k for k in choices.method_kinds() if export in choices.export_formats_for(k)]
         add(("export", "format"), f"export format {export!r} is for method.kind "
-            f"{' or '.join(map(repr, needs[export]))}, not {method!r}; use 'hf'")
+            f"{' or '.join(map(repr, writers))}, not {method!r}; use {choices.default('export', 'format')!r}")
 
     mesh = get(("mesh",), (dict,)) or {}
     rest = [a for a in ("data", "fsdp", "tensor") if mesh.get(a) == -1]
@@ -302,7 +304,8 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     return issues
 
 
-_ALL_FORMATS = ("chat", "completion", "text", "preference", "classification")
+def _formats_of(objectives) -> tuple[str, ...]:
+    return tuple(f for o in objectives for f in choices.data_formats_for(o))
 
 
 def _missing_file_warnings(s: dict, where: Where) -> list[SpecIssue]:

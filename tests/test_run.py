@@ -1,4 +1,4 @@
-"""backends/jax/run.py end to end: a tiny Llama saved by transformers, chat JSONL data, `ftc run`."""
+"""backends/jax/pipeline.py end to end: a tiny Llama saved by transformers, chat JSONL data, `ftc run`."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def write_spec(root, output_dir: str, name: str = "tiny", steps: int = STEPS) ->
 
 def abstract_params_on_one_device(spec):
     _, hf_config = run_lib.read_model_config(spec.model.base)
-    _, _, module = run_lib.build_module(hf_config, spec)
+    module = run_lib.build_model(hf_config, spec).module
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
                         nn.unbox(shapes.abstract_boxed_params(module)))
@@ -215,7 +215,7 @@ def test_init_from_an_earlier_run_starts_from_its_final_parameters(root, uninter
     spec = load_spec(write_spec(root, "second"), [f"model.init_from={uninterrupted}"])
     abstract = abstract_params_on_one_device(spec)
     shardings = jax.tree.map(lambda s: s.sharding, abstract)
-    params = run_lib._initial_params(spec, spec.model.base, abstract, shardings)
+    params = run_lib.initial_params(spec, spec.model.base, abstract, shardings)
     want = final_params(uninterrupted)
     assert set(tl.flat(params)) == set(want)
     for name, value in tl.flat(params).items():
@@ -232,3 +232,27 @@ def test_runs_keep_compiled_steps_in_the_persistent_cache(monkeypatch, tmp_path)
         assert run_lib.use_compilation_cache() == str(tmp_path / "mine")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_resume_takes_a_new_micro_batch_and_remat_but_refuses_a_base_whose_config_changed(root, tmp_path):
+    """The one resume rule: keys in RESUMABLE_CHANGES may change (the plan's fingerprint stays);
+    with the spec the same, a changed plan fingerprint (here the base's config.json) is refused."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    path = tmp_path / "short.toml"
+    path.write_text(SPEC.format(name="short", output_dir=tmp_path / "runs", root=root, steps=2)
+                    .replace(f'base = "{root}/model"', f'base = "{model}"'))
+    assert run_lib.run(load_spec(str(path)), echo=lambda s: None)["step"] == 2
+    run_dir = load_spec(str(path)).run_dir
+    first = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), read_only=True).metadata()
+    longer = load_spec(str(path), ["training.steps=4", "training.micro_batch_size=8", "training.remat=full"])
+    assert run_lib.run(longer, echo=lambda s: None)["step"] == 4
+    second = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), read_only=True).metadata()
+    assert second["plan_fingerprint"] == first["plan_fingerprint"]
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"intermediate_size": 2 * config["intermediate_size"]}))
+    with pytest.raises(ckpt_lib.ResumeRefusedError, match=r"plan fingerprint: \w+ -> \w+ \(the same spec compiles to"):
+        run_lib.run(load_spec(str(path), ["training.steps=6"]), echo=lambda s: None)

@@ -77,10 +77,10 @@ def test_adapters_count_their_bottleneck_weights_as_trained_matmuls(bench_model_
 
 
 def test_plan_prints_the_flop_count():
-    from ftc.compiler.plan import format_plan
+    from ftc.compiler.report import format_plan
 
     spec = tl.spec()
-    plan = run_lib.method_plan(spec, tl.tiny_llama_config(), 1)[0]
+    plan = run_lib.plan_for(spec, tl.tiny_llama_config(), 1)[0]
     assert f"{plan.flops_per_token / 1e9:,.3f} GFLOP per trained token" in format_plan(plan)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -118,7 +117,7 @@ def _tiny_plan(overrides=None, devices=8, **kw):
     cfg = tl.tiny_llama_config()
     family = family_for(cfg)
     infos = shapes.param_infos(shapes.abstract_boxed_params(family.build(family.config_from_hf(cfg))))
-    return plan_lib.compile_plan(tl.spec(overrides), cfg, devices, param_infos=infos, **kw)
+    return plan_lib.compile_plan(tl.spec(overrides), cfg, devices, family=family.name, param_infos=infos, **kw)
 
 
 def test_micro_batch_that_does_not_split_over_data_and_fsdp_is_an_error_naming_the_keys():
@@ -153,3 +152,50 @@ def test_fingerprint_ignores_mesh_and_step_count_but_not_learning_rate_or_batch(
     assert _tiny_plan({"training": {"batch_size": 16, "micro_batch_size": 16}}).fingerprint() != a.fingerprint()
     assert _tiny_plan({"training": {"optimizer": {"weight_decay": 0.1}}}).fingerprint() != a.fingerprint()
     json.dumps(a.to_dict())  # plain JSON data
+
+
+def test_fingerprint_holds_nothing_that_a_resume_may_change():
+    """One rule for resume: every RESUMABLE_CHANGES key may change and the plan's fingerprint,
+    which resume also checks, stays the same; keys outside it do change the fingerprint."""
+    one = {"mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "training": {"batch_size": 8, "micro_batch_size": 8}}
+    base = _tiny_plan(one, devices=1)
+    resumable = {
+        "training.micro_batch_size": {"training": {"micro_batch_size": 2}},
+        "training.remat": {"training": {"remat": "full"}},
+        "training.steps": {"training": {"steps": 300}},
+        "training.epochs": {"training": {"steps": None, "epochs": 2}},
+        "training.eval_every": {"training": {"eval_every": 0}},
+        "training.log_every": {"training": {"log_every": 1}},
+        "mesh": {"mesh": {"data": 1, "fsdp": 2, "tensor": 2}},
+        "name": {"name": "other"}, "description": {"description": "x"}, "output_dir": {"output_dir": "/elsewhere"},
+        "checkpoint": {"checkpoint": {"every": 3}}, "logging": {"logging": {"progress": False}},
+        "export": {"export": {"format": "hf", "dtype": "float32"}}, "model.init_from": {"model": {"init_from": "/x"}},
+        "data.validation": {"data": {"validation": "/v.jsonl"}},
+    }
+    assert set(resumable) == set(plan_lib.RESUMABLE_CHANGES)
+    for key, change in resumable.items():
+        changed = _tiny_plan(_merged(one, change), devices=4 if key == "mesh" else 1, steps_per_epoch=5)
+        assert changed.fingerprint() == base.fingerprint(), key
+    for change in ({"model": {"param_dtype": "bfloat16"}}, {"model": {"max_seq_len": 8}},
+                   {"training": {"optimizer": {"grad_clip": 0.5}}}, {"method": {"kind": "lora"}}):
+        assert _tiny_plan(_merged(one, change), devices=1).fingerprint() != base.fingerprint(), change
+
+
+def _merged(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_the_compiler_imports_no_backend_and_takes_the_models_facts_as_given():
+    code = ("import sys; import ftc.compiler.plan, ftc.compiler.report; "
+            "print(sorted(m for m in sys.modules if m.startswith(('ftc.backends', 'jax', 'flax', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    infos = [plan_lib.ParamInfo("w/kernel", (4, 8), "float32", ("embed", "mlp"))]
+    cfg = {"model_type": "toy", "hidden_size": 4, "num_hidden_layers": 1, "vocab_size": 8}
+    plan = plan_lib.compile_plan(tl.spec({"mesh": {"fsdp": 1}}), cfg, 1, family="toyfamily", param_infos=infos,
+                                 counts=plan_lib.Counts(total=40, trainable=7, notes=("method toy: 7 of 40",)))
+    assert (plan.model.family, plan.param_count, plan.trainable_count) == ("toyfamily", 40, 7)
+    assert plan.notes[0] == "method toy: 7 of 40"

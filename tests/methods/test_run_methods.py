@@ -15,7 +15,7 @@ from ftc.backends.jax.methods import adapter as adapters, lora, base as methods,
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.io import export as export_lib, hf_checkpoint
 from ftc.backends.jax import pipeline as run_lib
-from ftc.backends.jax.train import step as ts
+from ftc.backends.jax.objectives import sft
 from ftc.spec import load_spec
 
 
@@ -63,7 +63,7 @@ def test_lora_validation_runs_without_dropout():
     logged = [r for r in mr.metrics(run.run_dir) if r["split"] == "validation" and r["step"] == mr.STEPS][0]["loss"]
 
     def loss(module):
-        sums_fn = jax.jit(lambda params, batch: ts.causal_lm_sums(module, params, batch, jax.random.key(3)))
+        sums_fn = jax.jit(lambda params, batch: sft.causal_lm_sums(module, params, batch, jax.random.key(3)))
         sums = [sums_fn(trained.params, b) for b in data.validation_batches(spec.training.micro_batch_size)]
         return float(sum(s["loss_sum"] for s in sums) / sum(s["weight_sum"] for s in sums))
 
@@ -129,14 +129,14 @@ def test_lora_starts_from_a_peft_adapter_given_as_init_from(tmp_path):
     model = run_lib.build_model(trained.hf_config, spec)
     abstract = methods.abstract_params(model, "float32")
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    start = tl.flat(run_lib._initial_params(spec, trained.model_dir, abstract, jax.tree.map(lambda _: one, abstract),
-                                            model=model))
+    start = tl.flat(run_lib.initial_params(spec, trained.model_dir, abstract, jax.tree.map(lambda _: one, abstract),
+                                           model=model))
     assert set(start) == set(params)
     for path, value in start.items():  # factors from the adapter, base from model.base: all bitwise
         assert value.tobytes() == params[path].tobytes(), path
     with pytest.raises(ValueError, match="PEFT LORA adapter, which a method.kind='adapter' run cannot start"):
         spec = load_spec(mr.write_spec("adapter", "adapter-from-peft", init_from=str(result.out_dir)))
-        run_lib._initial_params(spec, trained.model_dir, None, None)
+        run_lib.initial_params(spec, trained.model_dir, None, None)
 
 
 def test_probe_run_on_tiny_bert_writes_accuracy_majority_baseline_and_export():
@@ -168,8 +168,8 @@ def test_lora_starts_from_a_full_fine_tune_run_or_an_earlier_lora_run():
     def start(spec):
         model = run_lib.build_model(hf_checkpoint.read_hf_config(full_run.model_dir), spec)
         abstract = methods.abstract_params(model, "float32")
-        return tl.flat(run_lib._initial_params(spec, full_run.model_dir, abstract,
-                                               jax.tree.map(lambda _: one, abstract), model=model))
+        return tl.flat(run_lib.initial_params(spec, full_run.model_dir, abstract,
+                                              jax.tree.map(lambda _: one, abstract), model=model))
 
     spec = load_spec(mr.write_spec("lora", "lora-on-full", init_from=str(full_run.run_dir)))
     params = start(spec)

@@ -1,4 +1,4 @@
-"""backends/jax/dpo.py: the DPO loss and reward metrics against TRL's DPOTrainer (PyTorch) on the
+"""backends/jax/objectives/dpo.py: the DPO loss and reward metrics against TRL's DPOTrainer (PyTorch) on the
 same tokens, exact accumulation over micro-batches with padding pairs, and `ftc run` with
 training.objective = "dpo" (full fine-tune: a frozen reference copy in the train state)."""
 

@@ -1,4 +1,4 @@
-"""backends/jax/checkpoint.py: Orbax save/restore across meshes, data position, resume checks."""
+"""backends/jax/state/checkpoint.py: Orbax save/restore across meshes, data position, resume checks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 import train_testlib as tl
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.data import loader as data_loader
-from ftc.backends.jax.train import step as ts
 
 CFG = tl.tiny_llama_config()
 
@@ -109,3 +108,19 @@ def test_resume_allows_longer_runs_other_meshes_and_logging_but_not_data_or_toke
         ckpt_lib.check_resumable({"spec": old}, changed, None, "here")
     with pytest.raises(ckpt_lib.ResumeRefusedError, match="tokenizer: hash t -> u"):
         ckpt_lib.check_resumable({"spec": old, "tokenizer_hash": "t"}, old, "u", "here")
+
+
+def test_resume_with_the_same_spec_but_another_plan_fingerprint_is_refused():
+    spec = tl.spec().to_dict()
+    meta = {"spec": spec, **ckpt_lib.fingerprint_metadata("aaaa")}
+    ckpt_lib.check_resumable(meta, spec, None, "here", plan_fingerprint="aaaa")
+    with pytest.raises(ckpt_lib.ResumeRefusedError, match=r"plan fingerprint: aaaa -> bbbb \(the same spec compiles"):
+        ckpt_lib.check_resumable(meta, spec, None, "here", plan_fingerprint="bbbb")
+    # A changed key explains a changed program: it alone is reported.
+    lr = tl.spec({"training": {"learning_rate": 0.5}}).to_dict()
+    with pytest.raises(ckpt_lib.ResumeRefusedError) as e:
+        ckpt_lib.check_resumable(meta, lr, None, "here", plan_fingerprint="bbbb")
+    assert "training.learning_rate" in str(e.value) and "fingerprint" not in str(e.value)
+    # Checkpoints from before resume checked fingerprints (no version) resume on their spec.
+    old = {"spec": spec, "plan_fingerprint": "aaaa"}
+    ckpt_lib.check_resumable(old, spec, None, "here", plan_fingerprint="bbbb")

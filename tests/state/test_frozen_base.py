@@ -1,10 +1,9 @@
-"""backends/jax/frozen_base.py: checkpoints of LoRA / QLoRA / adapter (and DPO) runs hold what
+"""backends/jax/state/frozen_base.py: checkpoints of LoRA / QLoRA / adapter (and DPO) runs hold what
 trains, not the frozen base; resume and export rebuild it bitwise, refuse a base that changed, and
 still read format 1 checkpoints (the whole train state)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import method_runs_testlib as mr
 import train_testlib as tl
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.io import export as export_lib
+from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.state import frozen_base
 from ftc.backends.jax.train import optimizer as opt_lib
 from ftc.backends.jax import pipeline as run_lib
@@ -48,7 +48,7 @@ def whole_state(run_dir: Path, step: int | None = None) -> tuple[dict, object, d
     spec = spec_from_dict(meta["spec"])
     model_dir, hf_config = run_lib.read_model_config(spec.model.base)
     model = run_lib.build_model(hf_config, spec)
-    plan, abstract = run_lib.method_plan(spec, hf_config, jax.device_count(), model=model)
+    plan, abstract = run_lib.plan_for(spec, hf_config, jax.device_count(), model=model)
     mask = opt_lib.trainable_mask(abstract, model.trainable)
     tx = opt_lib.make_optimizer(plan.optimizer, opt_lib.make_schedule(plan.schedule, plan.steps.total_steps),
                                 {p.path: p.axes for p in plan.params})
@@ -135,7 +135,7 @@ def test_file_fingerprint_hashes_a_small_file_whole_and_samples_a_large_one(tmp_
 
 
 def test_saved_mask_keeps_what_trains_and_nf4_double_quantisation_statistics():
-    trainable = run_lib.trainable_fn(tl.spec({"method": {"kind": "lora"}}))
+    trainable = methods.trainable_predicate("lora")
     tree = {"q": {"kernel": 0, "ftc_lora": {"a": 0, "b": 0}},
             "o": {"ftc_nf4": {"codes": 0, "absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}},
             "k": {"ftc_nf4": {"codes": 0, "absmax": 0}}}
@@ -181,7 +181,7 @@ def test_export_from_the_new_checkpoint_equals_export_from_a_format_1_checkpoint
     """A format 1 checkpoint of the same state (the whole state, written as ftc wrote it before)
     exports the same bytes as the run's own checkpoint, which holds only what trained."""
     run = mr.trained(kind)
-    assert all(frozen_base.saved_leaf(p, run_lib.trainable_fn(load_spec(run.spec_path)))
+    assert all(frozen_base.saved_leaf(p, methods.trainable_predicate(load_spec(run.spec_path).method.kind))
                for p in saved_params(run.run_dir))
     state, data_state, meta = whole_state(run.run_dir)
     assert meta["format_version"] == 2 and meta["frozen"]["rebuilt"] == "frozen params"

@@ -61,14 +61,17 @@ class Program:
     state: dict
 
 
-def program(spec_, hf_config: dict, n_devices: int, params=None, trainable=None, seed: int = 0) -> Program:
-    """Everything `run` builds between the plan and the loop, on the first `n_devices` devices."""
+def program(spec_, hf_config: dict, n_devices: int, params=None, trainable=None, seed: int = 0,
+            objective=None) -> Program:
+    """Everything `run` builds between the plan and the loop, on the first `n_devices` devices;
+    `objective`: what the steps compute (default: sft's causal-LM loss)."""
     family = family_for(hf_config)
     arch = dataclasses.replace(family.config_from_hf(hf_config), remat=spec_.training.remat)
     module = family.build(arch, jnp.dtype(spec_.model.dtype))
     boxed = shapes.abstract_boxed_params(module)
     infos = shapes.param_infos(boxed)
-    plan = plan_lib.compile_plan(spec_, hf_config, n_devices, param_infos=infos, trainable=trainable)
+    plan = plan_lib.compile_plan(spec_, hf_config, n_devices, family=family.name, param_infos=infos,
+                                 trainable=trainable)
     mesh = mesh_lib.mesh_for_plan(plan, jax.devices()[:n_devices])
     if params is None:
         params = nn.unbox(module.init(jax.random.key(seed), jnp.zeros((1, SEQ), jnp.int32))["params"])
@@ -77,7 +80,8 @@ def program(spec_, hf_config: dict, n_devices: int, params=None, trainable=None,
     tx = opt_lib.make_optimizer(plan.optimizer, schedule, {i.path: i.axes for i in infos})
     abstract = ts.abstract_state(jax.eval_shape(lambda: params), tx, mask)
     state_sh = ts.state_shardings(mesh, abstract, plan.partitions())
-    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps)
+    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps,
+                           **({} if objective is None else {"objective": objective}))
     state = jax.device_put(ts.init_state(params, tx, mask, spec_.training.seed), state_sh)
     return Program(plan, mesh, module, mask, tx, steps, state)
 

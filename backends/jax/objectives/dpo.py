@@ -1,4 +1,4 @@
-"""Direct preference optimisation (Rafailov et al. 2023) as a train_step `Objective`.
+"""Direct preference optimisation (Rafailov et al. 2023) as an `Objective` (objectives/contract.py).
 
 A batch holds preference pairs (data_pack.pad_pairs): `chosen` and `rejected` are causal-LM rows
 [B, T] (prompt with weight 0, response with weight 1) and `weights` [B] is 1 for a real pair, 0
@@ -17,7 +17,7 @@ micro-batches or over devices changes nothing. Metrics are pair-weighted means: 
 The reference model pi_ref is either
   - `reference_params(params)`: for LoRA / QLoRA / adapters, the same parameters with the method
     disabled (methods.disabled_params: trainable leaves zeroed), so no second copy of the base; or
-  - the train state's frozen copy of the starting parameters (train_step.REFERENCE), for a full
+  - the train state's frozen copy of the starting parameters (train/step.py REFERENCE), for a full
     fine-tune: one extra parameter-sized buffer.
 """
 
@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ftc.backends.jax.train import step as ts
+from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.objectives.contract import Built, Objective, Registered, nonzero
 
 SUM_KEYS = ("loss_sum", "weight_sum", "accuracy_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum",
             "chosen_logp_sum", "rejected_logp_sum", "tokens")
@@ -86,7 +87,7 @@ def dpo_sums(model: nn.Module, params: Any, batch: Mapping[str, Any], rng: jax.A
 
 def summarize(totals: Mapping[str, Any]) -> dict[str, Any]:
     """Pair-weighted means from sums over a step or a validation pass."""
-    pairs = ts.nonzero(totals["weight_sum"])
+    pairs = nonzero(totals["weight_sum"])
     return {
         "loss": totals["loss_sum"] / pairs,
         "reward_accuracy": totals["accuracy_sum"] / pairs,
@@ -100,13 +101,29 @@ def summarize(totals: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def objective(beta: float, reference_params: Callable[[Any], Any] | None = None) -> ts.Objective:
+def objective(beta: float, reference_params: Callable[[Any], Any] | None = None) -> Objective:
     """The DPO objective with temperature `beta`. Without `reference_params` the train state
-    must carry the frozen reference (`ts.init_state(..., reference=True)`)."""
+    must carry the frozen reference (train/step.py `init_state(..., reference=True)`)."""
     if not beta > 0:
         raise ValueError(f"training.dpo_beta must be > 0, got {beta}")
 
     def sums(model, params, batch, rng, reference=None):
         return dpo_sums(model, params, batch, rng, reference, beta=beta, reference_params=reference_params)
 
-    return ts.Objective("dpo", sums, summarize, SUM_KEYS, BATCH_KEYS)
+    return Objective("dpo", sums, summarize, SUM_KEYS, BATCH_KEYS)
+
+
+def build(spec, model) -> Built:
+    """DPO for a run: beta from `training.dpo_beta`; the reference is the starting model. For lora /
+    qlora / adapter the same parameters with the method disabled (no second copy of the base; an
+    `init_from` adapter is disabled too, so the reference is its base); for a full fine-tune a
+    frozen copy of the starting parameters, one extra parameter-sized buffer (the plan counts it)."""
+    beta = spec.training.dpo_beta
+    # Method-specific: whether disabling the method gives the base model (methods.disabled_params);
+    # a full fine-tune has nothing to disable. A method registry hook replaces this test.
+    if model.kind == "full":
+        return Built(objective(beta), reference_copy=True)
+    return Built(objective(beta, reference_params=lambda params: methods.disabled_params(model, params)))
+
+
+RECORD = Registered("dpo", build, sequences_per_example=2, reference_forward=True)

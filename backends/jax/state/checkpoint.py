@@ -2,7 +2,7 @@
 
   state  the train state (step, rng, opt_state, params), sharded arrays (StandardSave); of the
          params only the leaves the Checkpointer's `saved_params` mask keeps (a run keeps those it
-         trains: frozen_base.saved_mask), and never a frozen reference copy (train_step.REFERENCE)
+         trains: frozen_base.saved_mask), and never a frozen reference copy (train/step.py REFERENCE)
   data   the data iterator's position (grain get_state, as JSON)
   meta   what the checkpoint is: the resolved spec dict, tokenizer hash, plan fingerprint, and how
          the params it leaves out are rebuilt and checked (frozen_base.py)
@@ -11,7 +11,9 @@ Format 1 (before the frozen base was left out) held the whole train state; it st
 
 A checkpoint describes itself, so resume and export need no settings re-entered. Restoring goes
 through abstract arrays carrying shardings, so a run saved on one mesh restores onto another.
-Resuming with a spec whose training-relevant keys changed is refused (`check_resumable`).
+Resuming is refused (`check_resumable`) when a training-relevant key of the spec changed (any key
+but compiler.plan.RESUMABLE_CHANGES), the tokenizer changed, or, with the same spec, the plan's
+fingerprint did (the base's config.json or ftc's parameter layout changed under the run).
 """
 
 from __future__ import annotations
@@ -26,20 +28,13 @@ import orbax.checkpoint as ocp
 
 from ftc.backends.jax.models.shapes import path_str
 from ftc.backends.jax.train.step import REFERENCE  # a frozen copy of the starting params: never saved
+from ftc.compiler.plan import RESUMABLE_CHANGES
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 2  # 1: the whole train state; 2: params' saved leaves only, no reference copy
-
-# Spec keys (dotted prefixes) that may change between a checkpoint and the run resuming it:
-# they change how long, how often, where to and on what devices, not what the optimizer computes.
-# training.micro_batch_size and remat only change memory use: the loss is token-weighted over
-# the whole batch. Everything else is training-relevant.
-RESUMABLE_CHANGES = (
-    "description", "output_dir", "name",
-    "training.steps", "training.epochs", "training.eval_every", "training.log_every",
-    "training.micro_batch_size", "training.remat",
-    "data.validation", "model.init_from", "mesh", "checkpoint", "logging", "export",
-)
+# meta["plan_fingerprint_version"]: checkpoints without it were written when the fingerprint also
+# covered remat and the micro-batch split and resume did not check it; they resume on their spec.
+FINGERPRINT_VERSION = 2
 
 
 def _not_read_only_notice(record: logging.LogRecord) -> bool:
@@ -253,10 +248,23 @@ def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
             if not _may_change(k) and a.get(k, unset) != b.get(k, unset)]
 
 
-def check_resumable(metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str) -> None:
+def fingerprint_metadata(plan_fingerprint: str) -> dict:
+    """What a run's checkpoints record of its plan for `check_resumable`."""
+    return {"plan_fingerprint": plan_fingerprint, "plan_fingerprint_version": FINGERPRINT_VERSION}
+
+
+def check_resumable(metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str,
+                    plan_fingerprint: str | None = None) -> None:
     """Raise ResumeRefusedError naming each training-relevant key that changed since the
-    checkpoint at `where` was written, with its old and new value."""
+    checkpoint at `where` was written, with its old and new value; with the spec unchanged, a
+    changed `plan_fingerprint` (compiler.plan.Plan.fingerprint of the resuming run)."""
     problems = [f"  {k}: {old!r} -> {new!r}" for k, old, new in spec_changes(metadata.get("spec", {}), spec_dict)]
+    saved_fingerprint = metadata.get("plan_fingerprint")
+    if (not problems and plan_fingerprint and saved_fingerprint != plan_fingerprint
+            and metadata.get("plan_fingerprint_version") == FINGERPRINT_VERSION):
+        problems.append(f"  plan fingerprint: {saved_fingerprint} -> {plan_fingerprint} (the same spec compiles to "
+                        f"another training program: the base model's config.json, or how this ftc lays out the "
+                        f"parameters, changed; `ftc plan` prints the parameters)")
     saved_hash = metadata.get("tokenizer_hash")
     if saved_hash and tokenizer_hash and saved_hash != tokenizer_hash:
         problems.append(f"  tokenizer: hash {saved_hash} -> {tokenizer_hash}")

@@ -2,11 +2,11 @@
 
 A LoRA / QLoRA / adapter run trains a small part of its params tree; the rest (the base's
 weights, QLoRA's NF4 codes and scales) never changes. A DPO run of a full fine-tune keeps a frozen
-copy of its starting params (train_step.REFERENCE). A checkpoint holds only the `saved_mask`
+copy of its starting params (train/step.py REFERENCE). A checkpoint holds only the `saved_mask`
 leaves (what trains, plus QLoRA's double-quantisation statistics, whose float32 mean depends on the
 mesh that computed it) and no reference copy, so a LoRA checkpoint of a 70B model is adapter-sized.
-Resume and export rebuild the rest as the run started: `run._initial_params` with the run's own
-spec (base from model.base or model.init_from, method params by seed, NF4 quantisation), which is
+Resume and export rebuild the rest as the run started: `initial_params` with the run's own spec
+(base from model.base or model.init_from, method params by seed, NF4 quantisation), which is
 deterministic; frozen leaves at any step equal those starting leaves bitwise, and the reference is
 the starting params. A full fine-tune's checkpoint holds every parameter (everything trains).
 
@@ -34,9 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftc.backends.jax.state import checkpoint as ckpt_lib
+from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract, load_model
+from ftc.backends.jax.methods import adapter as adapters, base as methods, lora
 from ftc.backends.jax.methods.lora import QUANT_CHILD
 from ftc.backends.jax.models.shapes import path_str
+from ftc.backends.jax.state import checkpoint as ckpt_lib
+from ftc.backends.jax.state import init_from
+from ftc.spec import spec_from_dict
 
 SECOND_LEVEL = frozenset({"absmax_q", "absmax_scale", "absmax_offset"})  # nf4 double quantisation
 SAMPLES = 16
@@ -107,30 +111,17 @@ def sample_offsets(size: int) -> list[int]:
     return [last * i // (SAMPLES - 1) for i in range(SAMPLES)]
 
 
-def init_from_run(spec) -> str | None:
-    """`model.init_from` when it names a run directory (one with checkpoints/), else None."""
-    init = spec.model.init_from
-    return init if init and os.path.isdir(ckpt_lib.checkpoint_dir(init)) else None
-
-
-def init_from_step(spec) -> int | None:
-    """The checkpoint step of a `model.init_from` run a fresh run starts from (its latest)."""
-    run = init_from_run(spec)
-    return ckpt_lib.latest_step(run) if run else None
-
-
 def source_files(spec, model_dir: str | os.PathLike, init_step: int | None) -> tuple[str, Path, list[Path]]:
-    """(what, directory, files) the frozen base is read from, as run._initial_params reads it:
-    an init_from run's checkpoint at `init_step`, an init_from HF directory, else the base's own
+    """(what, directory, files) the frozen base is read from, as `initial_params` reads it: an
+    init_from run's checkpoint at `init_step`, an init_from HF directory, else the base's own
     directory (model_dir). An init_from PEFT adapter or adapter export brings trained weights only."""
-    run = init_from_run(spec)
-    if run:
-        directory = Path(ckpt_lib.checkpoint_dir(run)) / str(init_step)
+    source = init_from.resolve(spec, model_dir, init_step)
+    if source.kind == init_from.RUN:
+        directory = Path(ckpt_lib.checkpoint_dir(source.path)) / str(init_step)
         files = sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []
-        return f"model.init_from {run} (its checkpoint at step {init_step})", directory, files
-    init = spec.model.init_from
-    if init and not (Path(init) / "adapter_config.json").is_file() and (Path(init) / "config.json").is_file():
-        directory, what = Path(init), f"model.init_from {init}"
+        return f"model.init_from {source.path} (its checkpoint at step {init_step})", directory, files
+    if source.kind == init_from.HF_DIR:
+        directory, what = source.base_dir, f"model.init_from {source.path}"
     else:
         directory = Path(model_dir)
         what = f"model.base {spec.model.base}" + ("" if Path(spec.model.base) == directory else f" (read from {directory})")
@@ -217,6 +208,68 @@ def checksum_changes(saved: dict[str, str], now: dict[str, str]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- the starting params
+
+
+def initial_params(spec, model_dir: str | os.PathLike, abstract_params, param_shardings, model=None, *,
+                   init_step: int | None = None, method_weights: bool = True):
+    """Parameters a run starts from, placed by `param_shardings` (a tree matching the method's
+    params), from what init_from.resolve says its source is:
+
+    RUN             its checkpoint (`init_step`, default its latest; one that leaves its frozen base
+                    out has it rebuilt): the whole tree when that run trained the same method, or a
+                    full fine-tune's params as this method's base
+    PEFT_ADAPTER    (lora, qlora) base from model.base, factors from the adapter
+    ADAPTER_EXPORT  (adapter) adapters from the export; the base from the export when it holds one
+    / HF_DIR        (format hf), else from model.base; a plain HF directory: its weights as the base
+    BASE            model.base's weights
+    The method's fresh parameters (LoRA A random and B zero, NF4 storage, adapters with up = 0) are
+    added to a base, so a run starts computing exactly what its base model computes.
+    Deterministic: resume and export rebuild a checkpoint's frozen part with it (`rebuild`), where
+    `method_weights=False` skips reading the trained weights of a PEFT / adapter init_from."""
+    if model is None:
+        model = methods.build_model(init_from.read_model_config(spec.model.base)[1], spec)
+    dtype = jnp.dtype(spec.model.param_dtype)
+    source = init_from.resolve(spec, model_dir, init_step)
+    if source.kind == init_from.RUN:
+        reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(source.path), read_only=True)
+        step = source.step
+        if step is None:
+            raise FileNotFoundError(f"model.init_from={source.path!r}: no complete checkpoint in {reader.directory}")
+        if step not in reader.all_steps():
+            raise ckpt_lib.ResumeRefusedError(
+                f"model.init_from={source.path!r}: its checkpoint at step {step}, which this run started from, is "
+                f"gone (there are: {', '.join(map(str, reader.all_steps())) or 'none'})")
+        meta = reader.metadata(step)
+        earlier = meta.get("spec", {}).get("method", {}).get("kind", "full")
+        if earlier == model.kind:
+            return restore_params(reader, step, meta, model, _placed(abstract_params, param_shardings),
+                                  what=f"model.init_from={source.path!r}")
+        if earlier != "full":
+            raise ValueError(f"model.init_from={source.path!r} is a {earlier} run; a method.kind={model.kind!r} run "
+                             f"starts from a run of the same method or of a full fine-tune. Export it first (`ftc "
+                             f"export {source.path} --format hf` merges a LoRA) and give the export directory as "
+                             f"model.init_from")
+        base = reader.restore_params(_placed(family_abstract(model.family, model.arch, dtype),
+                                             methods.base_shardings(model, param_shardings)), step)
+    else:
+        init_from.check_method(source, model.kind)
+        base = load_model(source.base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings)).params
+    params = methods.init_method_params(model, base, spec.training.seed, shardings=param_shardings, param_dtype=dtype)
+    if source.method_dir is not None and method_weights:
+        # Method-specific: how trained method weights load (a method registry hook replaces this).
+        if model.kind == "adapter":
+            params = adapters.import_adapters(model.plan, source.method_dir, params)
+        else:
+            params = lora.load_peft_adapter(source.method_dir, model.family, model.arch, model.plan, params)
+        params = jax.device_put(params, param_shardings)
+    return params
+
+
+def _placed(abstract_params, shardings):
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_params, shardings)
+
+
 # ---------------------------------------------------------------- recording and rebuilding
 
 
@@ -237,9 +290,7 @@ def run_model_dir(meta: dict, spec) -> Path:
     saved = meta.get("model_dir")
     if saved and (Path(saved) / "config.json").is_file():
         return Path(saved)
-    from ftc.backends.jax.pipeline import read_model_config
-
-    return Path(read_model_config(spec.model.base)[0])
+    return Path(init_from.read_model_config(spec.model.base)[0])
 
 
 def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: Any, *, with_reference: bool,
@@ -247,9 +298,6 @@ def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: An
     """The run's starting params (placed by the shardings on `abstract_params`), after checking
     that its frozen base's source and the rebuilt leaves are what the checkpoint recorded.
     `meta`: the checkpoint's metadata; `what`: how refusals start ("refusing to resume from X")."""
-    from ftc.backends.jax.pipeline import _initial_params
-    from ftc.spec import spec_from_dict
-
     frozen = meta.get("frozen")
     if not frozen:
         raise BaseChangedError(f"{what}: the checkpoint leaves its frozen parameters out but has no record of "
@@ -267,8 +315,8 @@ def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: An
             + f"\nThe checkpoint holds only the trained parameters; the rest is rebuilt from "
               f"{frozen['source']['what']}. Put the original files back, or start a new run.")
     shardings = jax.tree.map(lambda s: s.sharding, abstract_params)
-    initial = _initial_params(spec, Path(model_dir), abstract_params, shardings, model=model, init_step=init_step,
-                              method_weights=False)
+    initial = initial_params(spec, Path(model_dir), abstract_params, shardings, model=model, init_step=init_step,
+                             method_weights=False)
     problems = checksum_changes(frozen["checksums"], checksums(rebuilt_part(initial, mask, with_reference)))
     if problems:
         raise BaseChangedError(
@@ -288,8 +336,6 @@ def restore_params(reader: ckpt_lib.Checkpointer, step: int, meta: dict, model, 
     mask = saved_mask(abstract_params, model.trainable)
     if meta.get("format_version", 1) < 2 or all(jax.tree.leaves(mask)):
         return reader.restore_params(abstract_params, step)
-    from ftc.spec import spec_from_dict
-
     model_dir = model_dir or run_model_dir(meta, spec_from_dict(meta["spec"]))
     what = what or f"cannot read {reader.directory}/{step}"
     initial = rebuild(meta, model_dir, model, abstract_params, with_reference=False, mask=mask, what=what)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from ftc.backends.jax.models.shapes import path_str
+from ftc.compiler.plan import resolve_warmup
 
 
 def make_schedule(schedule, total_steps: int) -> optax.Schedule:
@@ -23,10 +24,7 @@ def make_schedule(schedule, total_steps: int) -> optax.Schedule:
     if total_steps < 1:
         raise ValueError(f"total steps must be >= 1, got {total_steps}")
     peak = float(schedule.learning_rate)
-    warmup = schedule.warmup_steps
-    if warmup is None:
-        warmup = int(round((schedule.warmup_ratio or 0.0) * total_steps))
-    warmup = min(int(warmup), total_steps)
+    warmup = min(int(resolve_warmup(schedule.warmup_steps, schedule.warmup_ratio, total_steps)), total_steps)
     end = peak * float(schedule.min_lr_ratio)
     decay_steps = max(total_steps - warmup, 1)
     if schedule.kind == "constant":
@@ -56,19 +54,19 @@ def decay_mask(params: Any, axes_by_path: dict[str, tuple]) -> Any:
 
 def make_optimizer(opt, schedule: optax.Schedule, axes_by_path: dict[str, tuple] | None = None
                    ) -> optax.GradientTransformation:
-    """`opt` is a compiler.plan.OptimizerPlan (or the spec's OptimizerSpec). Gradient clipping
-    by global norm comes first (grad_clip 0 = off)."""
+    """`opt` is a compiler.plan.OptimizerPlan (or the spec's OptimizerSpec), its values as the
+    resolved spec gives them (the schema holds the defaults). Gradient clipping by global norm
+    comes first (grad_clip 0 = off)."""
     axes_by_path = axes_by_path or {}
     mask: Callable[[Any], Any] = lambda params: decay_mask(params, axes_by_path)
-    wd = float(opt.weight_decay or 0.0)
+    wd = float(opt.weight_decay)
     if opt.kind == "adamw":
-        base = optax.adamw(schedule, b1=opt.beta1 if opt.beta1 is not None else 0.9,
-                           b2=opt.beta2 if opt.beta2 is not None else 0.999,
-                           eps=opt.eps if opt.eps is not None else 1e-8, weight_decay=wd, mask=mask)
+        base = optax.adamw(schedule, b1=opt.beta1, b2=opt.beta2, eps=opt.eps, weight_decay=wd, mask=mask)
     elif opt.kind == "adafactor":
         base = optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=mask if wd else None)
     elif opt.kind == "sgd":
         parts = [optax.add_decayed_weights(wd, mask)] if wd else []
+        # optax takes no momentum as None; the spec's 0 means none
         base = optax.chain(*parts, optax.sgd(schedule, momentum=opt.momentum or None))
     else:
         raise ValueError(f"training.optimizer.kind={opt.kind!r}: expected adamw, adafactor or sgd")

@@ -17,6 +17,8 @@ from typing import Any
 
 import jax
 
+from ftc.backends.jax.state.files import write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -39,10 +41,7 @@ def truncate_after(path: str, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 class RunLogger:

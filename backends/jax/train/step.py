@@ -3,14 +3,12 @@
 Train state is a plain dict pytree: {"step": int32[], "params": tree, "opt_state": tree,
 "rng": uint32[2]} plus, for objectives that compare against a frozen copy of the starting
 parameters (DPO of a full fine-tune), "reference": tree. A batch for one optimizer step is a
-tree of [accum, micro, ...] arrays (the data pipeline's batch, see data.py); micro-batches are
+tree of [accum, micro, ...] arrays (the data pipeline's batch, see data/pack.py); micro-batches are
 scanned.
 
-What is computed is an `Objective`: per micro-batch *sums* (e.g. weighted token loss and total
-weight), added over every micro-batch of the step, and metrics that are ratios of those totals.
-The loss is divided once by the total weight of the whole optimizer step. So a batch split into 4
-micro-batches, packed or spread over data-parallel devices gives the same loss and gradient as one
-full batch (up to float reassociation) -- unlike averaging per micro-batch.
+What is computed is an `Objective` (objectives/contract.py): per micro-batch *sums*, added over
+every micro-batch of the step, and metrics that are ratios of those totals; the loss is divided
+once by the total weight of the whole optimizer step.
 """
 
 from __future__ import annotations
@@ -26,90 +24,17 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from ftc.backends.jax.models.shapes import path_str
+from ftc.backends.jax.objectives.contract import Objective
+from ftc.backends.jax.objectives.sft import CAUSAL_LM
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train.optimizer import merge_params, split_params
-from ftc.backends.jax.models.shapes import path_str
 
-BATCH_KEYS = ("input_ids", "targets", "weights", "segment_ids", "positions")
-SUM_KEYS = ("loss_sum", "weight_sum", "correct_sum", "tokens")
 REFERENCE = "reference"  # the train-state key of a frozen reference copy of the parameters
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-# ------------------------------------------------------------------ loss
-
-
-def cross_entropy_and_hits(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Token cross-entropy (optax's formula: log-sum-exp minus the target's logit) and whether the
-    target is the top prediction (1.0 / 0.0). Both read one max over the vocabulary: an argmax is
-    a second full pass over [tokens, vocab] logits (about 4% of a CPU step in bench/). A target tied
-    with another token for the top logit counts as a hit."""
-    max_BT = jax.lax.stop_gradient(jnp.max(logits_BTV, axis=-1))
-    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    lse_BT = jnp.log(jnp.sum(jnp.exp(logits_BTV - max_BT[..., None]), axis=-1)) + max_BT
-    return lse_BT - target_BT, (target_BT >= max_BT).astype(jnp.float32)
-
-
-def causal_lm_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
-                   reference: Any = None) -> dict[str, jax.Array]:
-    """Sums over one micro-batch: weighted token cross-entropy (float32), total weight, weighted
-    correct next-token predictions, and real (non-padding) tokens. (`reference` is unused.)"""
-    logits_BTV = model.apply(
-        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"], output="logits", rngs={"dropout": rng},
-    )
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    targets_BT = batch["targets"]
-    weights_BT = batch["weights"].astype(jnp.float32)
-    losses_BT, correct_BT = cross_entropy_and_hits(logits_BTV, targets_BT)
-    return {
-        "loss_sum": jnp.sum(losses_BT * weights_BT),
-        "weight_sum": jnp.sum(weights_BT),
-        "correct_sum": jnp.sum(correct_BT * weights_BT),
-        "tokens": jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32),
-    }
-
-
-def nonzero(w):
-    """`w`, or 1 where `w` is 0 (a sum over no examples is 0, so the ratio reads 0): arithmetic
-    only, so it works on traced arrays and on host floats alike."""
-    return w + (w == 0)
-
-
-def causal_lm_summary(totals: Mapping[str, Any]) -> dict[str, Any]:
-    w = totals["weight_sum"]
-    return {"loss": totals["loss_sum"] / nonzero(w), "token_accuracy": totals["correct_sum"] / nonzero(w),
-            "tokens": totals["tokens"], "loss_weight": w}
-
-
-LossSums = Callable[..., dict]
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """What the train and eval steps compute.
-
-    sums(model, params, micro_batch, rng, reference) -> float32 scalar sums over the micro-batch,
-        keyed by `sum_keys`; "loss_sum" (the objective summed over examples or tokens) and
-        "weight_sum" (what the step's loss is divided by) are required. `reference` is the state's
-        frozen reference parameters, or None when the state has none.
-    summarize(totals) -> metrics, from the sums added over a whole step or validation pass. Only
-        arithmetic, so the same function runs in the jitted step and on host floats.
-    batch_keys: the top-level batch keys the steps take (anything else in a host batch is left out).
-    """
-
-    name: str
-    sums: LossSums
-    summarize: Callable[[Mapping[str, Any]], dict]
-    sum_keys: tuple[str, ...]
-    batch_keys: tuple[str, ...]
-    perplexity: bool = False  # validation also reports exp(loss)
-
-
-CAUSAL_LM = Objective("sft", causal_lm_sums, causal_lm_summary, SUM_KEYS, BATCH_KEYS, perplexity=True)
 
 
 # ------------------------------------------------------------------ state

@@ -1,0 +1,81 @@
+"""The inputs both runners (pipeline.py's train steps, probe_runner.py) read and the run-directory
+files they write: the base model's directory, the tokenizer, the data, spec.resolved.json and
+data_stats.json."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import jax
+
+from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
+from ftc.backends.jax.state.files import write_json_atomic
+from ftc.backends.jax.state.init_from import read_model_config
+
+RESOLVED_SPEC = "spec.resolved.json"
+DATA_STATS = "data_stats.json"
+
+
+def model_with_weights(spec) -> tuple[Path, dict]:
+    """(model directory, config.json) of `model.base`, which training needs weights of."""
+    model_dir, hf_config = read_model_config(spec.model.base)
+    if model_dir is None:
+        raise FileNotFoundError(f"model.base={spec.model.base!r} has a config.json but no *.safetensors weights")
+    return model_dir, hf_config
+
+
+def tokenizer_dir(spec, model_dir: Path) -> Path:
+    return Path(spec.model.tokenizer) if spec.model.tokenizer else Path(model_dir)
+
+
+def tokenizer_hash(directory: str | os.PathLike) -> str | None:
+    """sha256 over the tokenizer files present (names and bytes), or None when there are none."""
+    h = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            found = True
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16] if found else None
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    from transformers import AutoTokenizer  # transformers is slow to import; `ftc plan` never needs it
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+
+
+def build_data(spec, tokenizer):
+    """The run's `data.Datasets` (read -> clean -> validation hold-out -> tokenise -> pack ->
+    grain), from the spec's [data] keys; this process's share of every batch."""
+    from ftc.backends.jax.data import datasets as data_lib  # grain and tfds load only when data is read
+
+    d = spec.data
+    clean = d.clean
+    return data_lib.build_datasets(
+        format=d.format, train=d.train_sources, tokenizer=tokenizer, max_seq_len=spec.model.max_seq_len,
+        batch_size=spec.training.batch_size, validation=d.validation, validation_split=d.validation_split or 0.0,
+        packing=bool(d.packing), train_on=d.train_on or "assistant", shuffle=d.shuffle,
+        clean={"dedupe": clean.dedupe, "drop_empty": clean.drop_empty, "roles": clean.roles,
+               "unknown_roles": clean.unknown_roles, "overlong": clean.overlong},
+        on_bad_row=d.on_bad_row, labels=d.labels, seed=spec.training.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def write_data_stats(stats, run_dir: str) -> None:
+    """`<run_dir>/data_stats.json`: rows read, kept and dropped per reason, packing efficiency."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, DATA_STATS), stats.to_dict())
+
+
+def write_resolved_spec(spec, run_dir: str) -> None:
+    """`<run_dir>/spec.resolved.json`: the spec as it ran (extends, overrides and defaults applied)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, RESOLVED_SPEC), spec.to_dict())
