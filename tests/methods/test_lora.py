@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 
-from ftc.backends.jax.methods import lora
+from ftc.backends.jax.methods import lora, lora_params
 from lora_testlib import CLASSES, batch, flat, lora_config, make_model, randomize_factors, torch_logits, train
 
 CASES = ("llama", "qwen2", "gpt2")
@@ -113,7 +113,7 @@ def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal
     diff = np.abs(torch_logits(peft_model, ids, mask) - ours)[real].max()
     assert diff < 1e-4, diff
 
-    lora.save_merged(tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config,
+    lora_params.save_merged(tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config,
                      dtype="float32")
     merged = CLASSES[case].from_pretrained(tmp_path / "merged").eval()
     diff = np.abs(torch_logits(merged, ids, mask) - ours)[real].max()

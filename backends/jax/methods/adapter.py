@@ -12,8 +12,9 @@ ftc does not: its adapter sees exactly the projection output, which is what the 
 model starts equal to its base.
 
 How it transforms a model: `adapt` wraps the base module in `intercept.Intercepted` with an
-interceptor that adds an adapter to the output of each planned projection's `__call__`. The adapter's weights are created as a child
-`ftc_adapter` of that projection, in the ordinary "params" collection, e.g.
+interceptor that adds an adapter to the output of each planned projection's `__call__`. The
+adapter's weights are created as a child `ftc_adapter` of that projection, in the ordinary
+"params" collection, e.g.
     layers/mlp/down_proj/ftc_adapter/{down,up}/{kernel,bias}
 so the family's `nn.scan` stacks them per layer like any other parameter, and the training core
 (one params tree + a path predicate, see optimizer.trainable_mask) trains them with
