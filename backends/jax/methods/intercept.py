@@ -35,7 +35,7 @@ class Intercepted(nn.Module):
             return self.base(*args, **kwargs)
 
 
-def deterministic(module: Intercepted) -> Intercepted:
+def deterministic_clone(module: Intercepted) -> Intercepted:
     """The same model without training-only noise: what evaluation, export checks and reference models run."""
     return module.clone(deterministic=True)
 

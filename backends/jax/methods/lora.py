@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from ftc.backends.jax.methods import lora_export, nf4
 from ftc.backends.jax.methods.contract import Method
-from ftc.backends.jax.methods.intercept import Intercepted, deterministic, layer_count
+from ftc.backends.jax.methods.intercept import Intercepted, deterministic_clone, layer_count
 from ftc.backends.jax.methods.lora_params import (base_params, expected_trainable, init_params, lora_a_init,
                                                   merged_params, method_summary)
 from ftc.backends.jax.methods.lora_sites import (ALL_LINEAR, CHILD, QUANT_CHILD, LoraConfig, LoraPlan, QuantConfig,
@@ -167,7 +167,7 @@ METHOD = Method(
     transform=adapt,
     init_params=init_params,
     base_params=base_params,
-    eval_module=deterministic,
+    eval_module=deterministic_clone,
     zero_is_base=True,  # (x A) B * s = 0 with A, B = 0
     summary=method_summary,
     reads_init_dir=lambda adapter_config: bool(adapter_config.get("peft_type")),
