@@ -17,6 +17,8 @@ from ftc.backends.jax import methods as registry
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.methods import adapter as adapters, base as methods, lora
 from ftc.backends.jax.methods.intercept import Intercepted
+from ftc.backends.jax.models.shapes import path_str
+from ftc.backends.jax.state import frozen_base
 from ftc.spec import SpecError, schema_walk, spec_from_dict
 from ftc.spec.model import MethodSpec
 from method_testlib import config as method_config, method_spec
@@ -150,3 +152,17 @@ def test_method_configs_take_every_value_from_the_resolved_spec():
         lora.LoraConfig()  # no defaults of its own
     with pytest.raises(TypeError):
         adapters.AdapterConfig()
+
+
+def test_qlora_record_names_the_leaves_kept_in_their_own_dtype_and_in_checkpoints():
+    """NF4 storage keeps its dtypes (abstract_params); its second level is saved like what trains,
+    as frozen_base.saved_leaf decides today."""
+    spec = dataclasses.replace(tl.spec(), method=method_spec("qlora", quant_block_size=32, double_quant=True))
+    model = methods.build_model(tl.tiny_llama_config(), spec)
+    record = model.method
+    leaves = jax.tree_util.tree_flatten_with_path(methods.abstract_params(model, "bfloat16"))[0]
+    assert any(record.saved_frozen(path_str(p)) for p, _ in leaves)
+    for p, leaf in leaves:
+        path = path_str(p)
+        assert (leaf.dtype != np.dtype("bfloat16")) == record.own_dtype(path), path
+        assert frozen_base.saved_leaf(path, record.trainable) == (record.trainable(path) or record.saved_frozen(path))

@@ -61,7 +61,8 @@ class Method:
     eval_module: Callable[[Any], Any] = _same       # the module without training-only noise (LoRA dropout)
     zero_is_base: bool = False                      # trainable leaves set to zero compute the base model exactly
     own_dtype: Callable[[str], bool] = _never       # leaves stored in their own dtypes, not param_dtype (NF4)
-    saved_frozen: Callable[[str], bool] = _never    # frozen leaves a checkpoint holds all the same
+    saved_frozen: Callable[[str], bool] = _never    # frozen leaves a checkpoint holds all the same (a rebuild
+    #                                                 could differ in the last bit: NF4's second level)
     summary: Callable[[Any], Any] | None = None     # params -> counts (.trainable, .total, .base_bytes,
     #                                                 .quantized_weights, .quantized_bytes); None: by `trainable`
     # model.init_from directories: does this method read one with this adapter_config.json, and how
