@@ -35,7 +35,8 @@ def _method(job: common.Job, family, arch, module, params):
 
     c = job.config
     # PEFT's LoraConfig(r, lora_alpha, target_modules="all-linear", lora_dropout=0) on the torch side.
-    config = lora.LoraConfig(rank=c.lora_rank, alpha=float(c.lora_alpha), dropout=0.0, targets=lora.ALL_LINEAR)
+    config = lora.LoraConfig(rank=c.lora_rank, alpha=float(c.lora_alpha), dropout=0.0, rslora=False,
+                             targets=lora.ALL_LINEAR)
     quant = lora.QuantConfig(block_size=c.quant_block_size, double_quant=False) if job.method == "qlora" else None
     model = lora.adapt(family, arch, module, config, quant=quant)
     return model, lora.init_params(model, params, jax.random.key(0)), lora.is_trainable

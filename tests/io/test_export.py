@@ -21,7 +21,7 @@ import method_runs_testlib as mr
 from ftc.backends import torch_adapters
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io import hf_checkpoint, verify
-from ftc.backends.jax.methods import lora
+from ftc.backends.jax.methods import adapter as adapters, lora
 from ftc.cli import main
 
 BATCH = verify.fixed_batch(320, batch=3, seq_len=12, seed=5)
@@ -143,7 +143,7 @@ def test_adapter_exports_reload_through_torch_hooks_with_ftc_logits(runs, tmp_pa
     result = cli(trained.run_dir, "--out", tmp_path / "hf", "--format", "hf", "--verify")
     assert result.exit_code == 0 and "verify: OK" in result.output, result.output
     model = hf(tmp_path / "hf")
-    torch_adapters.load_adapters(model, tmp_path / "hf" / export_lib.ADAPTER_SUBDIR)
+    torch_adapters.load_adapters(model, tmp_path / "hf" / adapters.HF_SUBDIR)
     assert max_diff(torch_logits(model), ours) < TOL
 
     result = cli(trained.run_dir, "--out", tmp_path / "peft", "--format", "peft")

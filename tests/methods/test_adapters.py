@@ -20,6 +20,12 @@ from ftc.backends.jax.train import step as ts
 from ftc.backends.jax.train.optimizer import merge_params, split_params, trainable_mask
 from ftc.backends.jax.models.shapes import abstract_boxed_params, param_infos
 from ftc.compiler import sharding_rules
+from method_testlib import config as method_config
+
+
+def adapter_config(**keys) -> adapters.AdapterConfig:
+    """[method] kind = "adapter" with `keys`, the rest the schema's defaults."""
+    return method_config(adapters.AdapterConfig, "adapter", **keys)
 
 
 def _llama(tmp_path):
@@ -81,7 +87,7 @@ def _train(adapted, params, ids, mask, output, steps=4):
 def test_adapted_llama_starts_equal_to_base_and_counts_by_formula(tmp_path, placement):
     _, loaded = _llama(tmp_path)
     module = loaded.family.build(loaded.arch, jnp.float32)
-    config = adapters.AdapterConfig(placement=placement, reduction_factor=8)
+    config = adapter_config(placement=placement, reduction_factor=8)
     adapted = adapters.adapt(loaded.family, loaded.arch, module, config)
     params = adapters.init_params(adapted, loaded.params, jax.random.key(0))
     ids, mask = _batch()
@@ -109,7 +115,7 @@ def test_llama_adapters_train_in_the_training_core_on_a_2x2x2_mesh_and_reload_in
     adapters' trainable predicate; then the export reloads through PyTorch hooks."""
     torch_model, loaded = _llama(tmp_path)
     module = loaded.family.build(loaded.arch, jnp.float32)
-    config = adapters.AdapterConfig(placement="houlsby", reduction_factor=8, non_linearity="gelu")
+    config = adapter_config(placement="houlsby", reduction_factor=8, non_linearity="gelu")
     adapted = adapters.adapt(loaded.family, loaded.arch, module, config)
 
     infos = param_infos(abstract_boxed_params(adapted))
@@ -165,7 +171,7 @@ def test_llama_adapters_train_in_the_training_core_on_a_2x2x2_mesh_and_reload_in
 def test_bert_pfeiffer_adapters_reload_into_bert_model_hooks(tmp_path):
     torch_model, loaded = _bert(tmp_path)
     module = loaded.family.build(loaded.arch, jnp.float32)
-    config = adapters.AdapterConfig(placement="pfeiffer", reduction_factor=4, non_linearity="relu")
+    config = adapter_config(placement="pfeiffer", reduction_factor=4, non_linearity="relu")
     adapted = adapters.adapt(loaded.family, loaded.arch, module, config)
     assert [s.hf_modules[0] for s in adapted.plan.sites] == ["encoder.layer.0.output.dense"]
     params = adapters.init_params(adapted, loaded.params, jax.random.key(2))
@@ -193,8 +199,8 @@ def test_bert_pfeiffer_adapters_reload_into_bert_model_hooks(tmp_path):
 
 def test_adapter_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"\[method\].placement='parallel'"):
-        adapters.AdapterConfig(placement="parallel")
+        adapter_config(placement="parallel")
     with pytest.raises(ValueError, match=r"\[method\].non_linearity"):
-        adapters.AdapterConfig(non_linearity="softmax")
+        adapter_config(non_linearity="softmax")
     with pytest.raises(ValueError, match=r"reduction_factor=128 leaves no bottleneck for hidden size 64"):
-        adapters.AdapterConfig(reduction_factor=128).bottleneck(64)
+        adapter_config(reduction_factor=128).bottleneck(64)

@@ -10,8 +10,8 @@ import peft
 import pytest
 import torch
 
-from ftc.backends.jax.methods import lora
-from lora_testlib import CLASSES, batch, flat, make_model, randomize_factors, torch_logits, train
+from ftc.backends.jax.methods import lora, lora_params
+from lora_testlib import CLASSES, batch, flat, lora_config, make_model, randomize_factors, torch_logits, train
 
 CASES = ("llama", "qwen2", "gpt2")
 
@@ -33,7 +33,7 @@ def _base_logits(loaded, ids, mask):
 @pytest.mark.parametrize("case", CASES)
 def test_fresh_lora_model_equals_its_base_exactly(models, case):
     _, loaded = models[case]
-    method = lora.init_method(loaded, lora.LoraConfig(rank=4, alpha=8), jax.random.key(0))
+    method = lora.init_method(loaded, lora_config(rank=4, alpha=8), jax.random.key(0))
     ids, mask = batch()
     ours = np.asarray(method.apply(method.params, ids, attention_mask=mask))
     np.testing.assert_array_equal(ours, _base_logits(loaded, ids, mask))
@@ -48,7 +48,7 @@ def test_trainable_count_is_rank_times_in_plus_out_per_adapted_layer(models, cas
     """Counted against the PyTorch model's own nn.Linear / Conv1D shapes."""
     path, loaded = models[case]
     r = 4
-    method = lora.init_method(loaded, lora.LoraConfig(rank=r, alpha=8), jax.random.key(0))
+    method = lora.init_method(loaded, lora_config(rank=r, alpha=8), jax.random.key(0))
     torch_model = CLASSES[case].from_pretrained(path)
     expected = 0
     for name, module in torch_model.named_modules():
@@ -68,7 +68,7 @@ def test_trainable_count_is_rank_times_in_plus_out_per_adapted_layer(models, cas
 
 def test_training_moves_only_the_lora_factors(models):
     _, loaded = models["llama"]
-    method = lora.init_method(loaded, lora.LoraConfig(rank=4, alpha=8, dropout=0.1), jax.random.key(0))
+    method = lora.init_method(loaded, lora_config(rank=4, alpha=8, dropout=0.1), jax.random.key(0))
     ids, mask = batch()
     before = flat(method.params)
     trained, losses = train(method, method.params, ids, mask)
@@ -92,7 +92,7 @@ def test_training_moves_only_the_lora_factors(models):
 def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal_logits(
         models, tmp_path, case, targets, rslora):
     path, loaded = models[case]
-    config = lora.LoraConfig(rank=4, alpha=12, rslora=rslora, targets=targets)
+    config = lora_config(rank=4, alpha=12, rslora=rslora, targets=targets)
     method = lora.init_method(loaded, config, jax.random.key(0))
     params = randomize_factors(method.params, seed=3)
     ids, mask = batch(seed=1)
@@ -113,7 +113,7 @@ def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal
     diff = np.abs(torch_logits(peft_model, ids, mask) - ours)[real].max()
     assert diff < 1e-4, diff
 
-    lora.save_merged(tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config,
+    lora_params.save_merged(tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config,
                      dtype="float32")
     merged = CLASSES[case].from_pretrained(tmp_path / "merged").eval()
     diff = np.abs(torch_logits(merged, ids, mask) - ours)[real].max()
@@ -122,25 +122,25 @@ def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal
 
 def test_peft_adapter_reads_back_bitwise(models, tmp_path):
     _, loaded = models["gpt2"]
-    method = lora.init_method(loaded, lora.LoraConfig(rank=3, alpha=6), jax.random.key(0))
+    method = lora.init_method(loaded, lora_config(rank=3, alpha=6), jax.random.key(0))
     params = randomize_factors(method.params, seed=5)
     lora.save_peft_adapter(tmp_path, loaded.family, loaded.arch, method.plan, params, base_model_name_or_path="x")
     back = lora.load_peft_adapter(tmp_path, loaded.family, loaded.arch, method.plan, method.params)
     jax.tree.map(np.testing.assert_array_equal, flat(params), flat(back))
-    other = lora.plan_lora(loaded.family, loaded.arch, lora.LoraConfig(rank=3, alpha=7))
+    other = lora.plan_lora(loaded.family, loaded.arch, lora_config(rank=3, alpha=7))
     with pytest.raises(ValueError, match="lora_alpha"):
         lora.load_peft_adapter(tmp_path, loaded.family, loaded.arch, other, method.params)
 
 
 def test_rslora_scales_by_alpha_over_sqrt_rank(models):
     _, loaded = models["llama"]
-    assert lora.LoraConfig(rank=16, alpha=32).scale == 2.0
-    assert lora.LoraConfig(rank=16, alpha=32, rslora=True).scale == 8.0
+    assert lora_config(rank=16, alpha=32).scale == 2.0
+    assert lora_config(rank=16, alpha=32, rslora=True).scale == 8.0
     ids, mask = batch()
     base = _base_logits(loaded, ids, mask)
     deltas = {}
     for rslora in (False, True):
-        method = lora.init_method(loaded, lora.LoraConfig(rank=16, alpha=1e-3, rslora=rslora, targets=("v_proj",)),
+        method = lora.init_method(loaded, lora_config(rank=16, alpha=1e-3, rslora=rslora, targets=("v_proj",)),
                                   jax.random.key(0))
         params = randomize_factors(method.params, seed=1)
         deltas[rslora] = np.asarray(method.apply(params, ids, attention_mask=mask)) - base
@@ -154,7 +154,7 @@ def test_targets_select_by_name_path_or_regex_and_report_what_exists(models):
     family, arch = loaded.family, loaded.arch
 
     def chosen(targets):
-        return sorted(s.param_path for s in lora.plan_lora(family, arch, lora.LoraConfig(targets=targets)).lora_sites)
+        return sorted(s.param_path for s in lora.plan_lora(family, arch, lora_config(targets=targets)).lora_sites)
 
     all_linear = chosen("all-linear")
     assert len(all_linear) == 7 and not any("lm_head" in p for p in all_linear)
@@ -173,7 +173,7 @@ def test_targets_select_by_name_path_or_regex_and_report_what_exists(models):
 
 def test_lora_dropout_touches_only_the_lora_branch_and_only_when_training(models):
     _, loaded = models["llama"]
-    method = lora.init_method(loaded, lora.LoraConfig(rank=4, alpha=8, dropout=0.5), jax.random.key(0))
+    method = lora.init_method(loaded, lora_config(rank=4, alpha=8, dropout=0.5), jax.random.key(0))
     ids, mask = batch()
     base = _base_logits(loaded, ids, mask)
     rngs = {"dropout": jax.random.key(1)}
@@ -190,7 +190,7 @@ def test_lora_dropout_touches_only_the_lora_branch_and_only_when_training(models
 
 def test_lora_works_under_remat(models):
     _, loaded = models["llama"]
-    config = lora.LoraConfig(rank=4, alpha=8)
+    config = lora_config(rank=4, alpha=8)
     method = lora.init_method(loaded, config, jax.random.key(0))
     params = randomize_factors(method.params, seed=4)
     arch = dataclasses.replace(loaded.arch, remat="full")
@@ -216,7 +216,7 @@ def test_bert_encoder_adapter_loads_in_peft_as_feature_extraction(tmp_path):
     from ftc.backends.jax.io import hf_checkpoint
 
     loaded = hf_checkpoint.load_model(tmp_path / "bert")
-    method = lora.init_method(loaded, lora.LoraConfig(rank=4, alpha=8), jax.random.key(0))
+    method = lora.init_method(loaded, lora_config(rank=4, alpha=8), jax.random.key(0))
     params = randomize_factors(method.params, seed=1)
     ids, mask = batch()
     ours = np.asarray(method.apply(params, ids, attention_mask=mask, output="hidden"))

@@ -15,7 +15,14 @@ from sklearn.preprocessing import StandardScaler
 
 from ftc.backends import torch_probe
 from ftc.backends.jax.io import hf_checkpoint
-from ftc.backends.jax.methods import probe
+from ftc.backends.jax.methods import probe, probe_features, probe_head
+from method_testlib import config as method_config
+
+
+def probe_config(**keys) -> probe.ProbeConfig:
+    """[method] kind = "probe" with `keys`, the rest the schema's defaults that apply."""
+    return method_config(probe.ProbeConfig, "probe", **keys)
+
 
 LABELS = ("red", "green", "blue")
 
@@ -80,15 +87,15 @@ def _sklearn_accuracy(train_x, train_y, valid_x, valid_y):
 def test_macro_f1_matches_scikit_learn():
     rs = np.random.RandomState(0)
     y_true, y_pred = rs.randint(0, 5, 200), rs.randint(0, 6, 200)  # label 5 is never true
-    assert probe.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
+    assert probe_head.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
     y_pred[:] = 2  # a constant prediction: F1 is 0 for every other label present
-    assert probe.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
+    assert probe_head.macro_f1(y_true, y_pred) == pytest.approx(f1_score(y_true, y_pred, average="macro"), abs=1e-12)
 
 
 def test_probe_on_separable_data_matches_sklearn_beats_majority_and_caches(tmp_path):
     loaded = _tiny_bert(tmp_path)
     train, valid = _separable(240, seed=0), _separable(120, seed=1)
-    config = probe.ProbeConfig(pooling="mean", head="linear")
+    config = probe_config(pooling="mean", head="linear")
     l2 = 1.0 / len(train.labels)  # scikit-learn's C=1 objective, in mean-loss form
     run_dir = str(tmp_path / "run")
     result = probe.run_probe(loaded, config, train, LABELS, validation=valid, run_dir=run_dir, steps=300,
@@ -112,11 +119,11 @@ def test_probe_on_separable_data_matches_sklearn_beats_majority_and_caches(tmp_p
     assert len(os.listdir(os.path.join(run_dir, "features"))) == 2
 
     # Same model and data again: features come from memory, then (memory cleared) from disk.
-    mlp = probe.ProbeConfig(pooling="mean", head="mlp", head_hidden=32)
+    mlp = probe_config(pooling="mean", head="mlp", head_hidden=32)
     again = probe.run_probe(loaded, mlp, train, LABELS, validation=valid, run_dir=run_dir, steps=100,
                             batch_size=60, tx=optax.adam(1e-2))
     assert again.metrics["features_from"] == {"train": "memory", "validation": "memory"}
-    probe._MEMORY_CACHE.clear()
+    probe_features._MEMORY_CACHE.clear()
     cached, where = probe.cached_features(module, loaded.params, train, pooling="mean", pooled_output=False,
                                           model_key=probe.model_fingerprint(loaded.params, "bert", repr(loaded.arch),
                                                                             "float32"),
@@ -134,7 +141,7 @@ def test_probe_on_separable_data_matches_sklearn_beats_majority_and_caches(tmp_p
 def test_bert_cls_probe_exports_as_bert_for_sequence_classification(tmp_path):
     loaded = _tiny_bert(tmp_path)
     train, valid = _separable(96, seed=2), _separable(32, seed=3)
-    config = probe.ProbeConfig(pooling="cls", head="linear")
+    config = probe_config(pooling="cls", head="linear")
     result = probe.run_probe(loaded, config, train, LABELS, validation=valid, run_dir=str(tmp_path / "run"),
                              steps=60, batch_size=32, tx=optax.adam(1e-2))
     assert result.export["kind"] == "hf" and result.metrics["features"] == "pooler_output"
@@ -148,7 +155,7 @@ def test_bert_cls_probe_exports_as_bert_for_sequence_classification(tmp_path):
 def test_llama_last_token_probe_exports_as_llama_for_sequence_classification(tmp_path):
     loaded = _tiny_llama(tmp_path, pad_token_id=0)
     train, valid = _separable(96, seed=4), _separable(32, seed=5)
-    config = probe.ProbeConfig(pooling="last", head="linear")
+    config = probe_config(pooling="last", head="linear")
     result = probe.run_probe(loaded, config, train, LABELS, validation=valid, run_dir=str(tmp_path / "run"),
                              steps=60, batch_size=32, tx=optax.adam(1e-2))
     assert "out_bias" not in result.head  # HF's score layer has no bias
@@ -170,9 +177,9 @@ def test_llama_last_token_probe_exports_as_llama_for_sequence_classification(tmp
 
 def test_probe_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"\[method\].pooling='max'"):
-        probe.ProbeConfig(pooling="max")
+        probe_config(pooling="max")
     with pytest.raises(ValueError, match=r"\[method\].head="):
-        probe.ProbeConfig(head="transformer")
+        probe_config(head="transformer")
 
 
 @pytest.mark.slow
@@ -191,7 +198,7 @@ def test_minilm_probe_on_chatterbot_topics_matches_sklearn(tmp_path):
     train = probe.ClassificationArrays.from_data_rows(data.train_rows)
     valid = probe.ClassificationArrays.from_data_rows(data.validation_rows)
     loaded = hf_checkpoint.load_model(model_dir)
-    config = probe.ProbeConfig(pooling="mean", head="linear")
+    config = probe_config(pooling="mean", head="linear")
     result = probe.run_probe(loaded, config, train, data.label_names, validation=valid, run_dir=str(tmp_path / "run"),
                              steps=500, batch_size=len(train.labels), tx=optax.adam(0.05), l2=1.0 / len(train.labels),
                              tokenizer_dir=str(model_dir))

@@ -18,7 +18,8 @@ from ftc.backends.jax.train import step as ts
 from ftc.backends.jax.train.optimizer import trainable_mask
 from ftc.backends.jax.models.shapes import abstract_boxed_params, param_infos
 from ftc.compiler import sharding_rules
-from lora_testlib import CLASSES, batch, flat, make_model, randomize_factors, torch_logits, train
+from ftc.spec import schema_walk
+from lora_testlib import CLASSES, batch, flat, make_model, qlora_config, randomize_factors, torch_logits, train
 
 # Largest distance from a point of [-1, 1] to its nearest NF4 level: half the widest gap (-1 .. -0.696).
 HALF_GAP = float(np.max(np.diff(nf4.NF4)) / 2)
@@ -96,7 +97,7 @@ def test_double_quantised_scales_stay_within_their_int8_step():
 @pytest.mark.parametrize("double_quant,bound", [(False, 0.29), (True, 0.26)])
 def test_quantised_base_takes_under_0_3_of_its_bf16_bytes(models, double_quant, bound):
     _, loaded = models["llama"]
-    config = qlora.QLoraConfig(rank=4, alpha=8, double_quant=double_quant)
+    config = qlora_config(rank=4, alpha=8, double_quant=double_quant)
     method = qlora.init_method(loaded, config, jax.random.key(0), dtype=jnp.float32)
     stored = {p: x for p, x in flat(method.params).items() if lora.QUANT_CHILD in p.split("/")}
     measured = sum(x.nbytes for x in stored.values())
@@ -118,7 +119,7 @@ def test_quantised_base_takes_under_0_3_of_its_bf16_bytes(models, double_quant, 
 
 def test_qlora_model_computes_the_dequantised_base_and_stays_near_the_original(models):
     _, loaded = models["llama"]
-    method = qlora.init_method(loaded, qlora.QLoraConfig(rank=4, alpha=8), jax.random.key(0), dtype=jnp.float32)
+    method = qlora.init_method(loaded, qlora_config(rank=4, alpha=8), jax.random.key(0), dtype=jnp.float32)
     ids, mask = batch()
     real = mask.astype(bool)
     ours = np.asarray(method.apply(method.params, ids, attention_mask=mask))
@@ -134,8 +135,9 @@ def test_qlora_model_computes_the_dequantised_base_and_stays_near_the_original(m
     # A random 2-layer net carries the ~9% weight error (rms / std, NF4 on normal weights) into its
     # logits; smaller blocks must shrink it.
     assert 0 < rel < 0.3
-    finer = qlora.init_method(loaded, qlora.QLoraConfig(rank=4, alpha=8, quant_block_size=8), jax.random.key(0),
-                              dtype=jnp.float32)
+    # Block 8 is below the schema's sizes (the spec's choice); NF4 storage itself takes any even size.
+    finer = lora.init_method(loaded, qlora_config(rank=4, alpha=8).lora, jax.random.key(0), dtype=jnp.float32,
+                             quant=lora.QuantConfig(block_size=8, double_quant=False))
     out8 = np.asarray(finer.apply(finer.params, ids, attention_mask=mask))
     rel8 = float(np.linalg.norm((out8 - original)[real]) / np.linalg.norm(original[real]))
     print(f"  block 8: relative L2 {rel8:.4f}")
@@ -143,14 +145,14 @@ def test_qlora_model_computes_the_dequantised_base_and_stays_near_the_original(m
 
     # bfloat16 compute runs and stays near the float32 result.
     bf16 = qlora.adapt(loaded.family, loaded.arch, loaded.family.build(loaded.arch, jnp.bfloat16),
-                       qlora.QLoraConfig(rank=4, alpha=8))
+                       qlora_config(rank=4, alpha=8))
     out16 = np.asarray(bf16.apply({"params": method.params}, ids, attention_mask=mask), np.float32)
     assert np.linalg.norm((out16 - ours)[real]) / np.linalg.norm(ours[real]) < 0.05
 
 
 def test_qlora_training_moves_only_the_lora_factors(models):
     _, loaded = models["llama"]
-    config = qlora.QLoraConfig(rank=4, alpha=8, double_quant=True, targets=("q_proj", "v_proj", "down_proj"))
+    config = qlora_config(rank=4, alpha=8, double_quant=True, targets=("q_proj", "v_proj", "down_proj"))
     method = qlora.init_method(loaded, config, jax.random.key(0), dtype=jnp.float32)
     ids, mask = batch()
     before = flat(method.params)
@@ -169,7 +171,7 @@ def test_qlora_training_moves_only_the_lora_factors(models):
 @pytest.mark.parametrize("case", ["llama", "gpt2"])
 def test_qlora_adapter_loads_in_peft_on_the_dequantised_base_and_merges(models, tmp_path, case):
     _, loaded = models[case]
-    config = qlora.QLoraConfig(rank=4, alpha=8, double_quant=case == "gpt2")
+    config = qlora_config(rank=4, alpha=8, double_quant=case == "gpt2")
     method = qlora.init_method(loaded, config, jax.random.key(0), dtype=jnp.float32)
     params = randomize_factors(method.params, seed=3)
     ids, mask = batch(seed=2)
@@ -193,18 +195,34 @@ def test_qlora_adapter_loads_in_peft_on_the_dequantised_base_and_merges(models, 
 
 
 def test_block_size_that_does_not_divide_a_layer_is_refused_with_the_layer_named(models):
-    _, loaded = models["llama"]
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*not a multiple.*quant_block_size=48"):
-        qlora.plan_qlora(loaded.family, loaded.arch, qlora.QLoraConfig(quant_block_size=48))
+    _, loaded = models["llama"]  # its down_proj reads 128 inputs
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj.*not a multiple.*quant_block_size=256"):
+        qlora.plan_qlora(loaded.family, loaded.arch, qlora_config(quant_block_size=256))
     with pytest.raises(ValueError, match="quant_block_size"):
-        qlora.QLoraConfig(quant_block_size=63)
+        qlora_config(quant_block_size=63)
+
+
+def test_qlora_block_sizes_are_the_schemas_enum():
+    """The config takes exactly the sizes the spec contract allows (a hand-built 48 or 16 too)."""
+    allowed = schema_walk.node_at(("method", "quant_block_size"))["enum"]
+    assert [b for b in (8, 16, 32, 48, 64, 96, 128, 256, 512) if _accepted(b)] == allowed == [32, 64, 128, 256]
+    with pytest.raises(ValueError, match=r"quant_block_size=48: expected one of 32, 64, 128, 256"):
+        qlora_config(quant_block_size=48)
+
+
+def _accepted(block_size: int) -> bool:
+    try:
+        qlora_config(quant_block_size=block_size)
+    except ValueError:
+        return False
+    return True
 
 
 def test_qlora_trains_in_the_training_core_on_a_2x2x2_mesh(models):
     """Plan partitions from the transformed model's logical axes, NF4 storage sharded like its
     kernel, build_steps with the LoRA predicate: the uint8/int8 base passes through untouched."""
     _, loaded = models["llama"]
-    config = qlora.QLoraConfig(rank=4, alpha=8, double_quant=True)
+    config = qlora_config(rank=4, alpha=8, double_quant=True)
     model = qlora.adapt(loaded.family, loaded.arch, loaded.family.build(loaded.arch, jnp.float32), config)
     boxed = abstract_boxed_params(model)
     infos = param_infos(boxed)

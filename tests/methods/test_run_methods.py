@@ -12,6 +12,7 @@ import pytest
 import method_runs_testlib as mr
 import train_testlib as tl
 from ftc.backends.jax.methods import adapter as adapters, lora, base as methods, nf4
+from ftc.backends.jax.methods.intercept import node
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.io import export as export_lib, hf_checkpoint
 from ftc.backends.jax import pipeline as run_lib
@@ -81,7 +82,7 @@ def test_qlora_run_keeps_nf4_storage_and_unquantised_weights_bitwise():
     assert_base_bitwise(trained.model, params, base, skip=[s.param_path + "/kernel" for s in sites])
     loaded = hf_checkpoint.load_model(run.model_dir).params
     for s in sites:  # what the run stores is the base kernel quantised once, untouched by training
-        want = nf4.quantize(lora._get(loaded, s.module_path)["kernel"], 1, s.n_in, block_size=32)
+        want = nf4.quantize(node(loaded, s.module_path)["kernel"], 1, s.n_in, block_size=32)
         for name, value in want.items():
             got = params[f"{s.param_path}/{lora.QUANT_CHILD}/{name}"]
             assert got.tobytes() == np.asarray(value).tobytes(), (s.param_path, name)
@@ -105,7 +106,7 @@ def test_adapter_run_trains_only_the_adapters_and_counts_by_formula():
     plan = run_lib.plan_spec(load_spec(run.spec_path))
     assert plan.trainable_count == expected == sum(v.size for p, v in params.items() if adapters.is_trainable(p))
     assert plan.param_count == sum(v.size for v in base.values()) + expected
-    assert (run.run_dir / "export" / export_lib.ADAPTER_SUBDIR / "adapter_config.json").is_file()
+    assert (run.run_dir / "export" / adapters.HF_SUBDIR / "adapter_config.json").is_file()
 
 
 def test_ftc_plan_prints_method_counts_not_full_model_counts():

@@ -164,7 +164,8 @@ def test_every_param_has_logical_axes_and_adapters_find_the_output_projections(l
     axes = hf_checkpoint.logical_axes(lm.family, lm.arch)
     assert axes["layers"]["attention"]["self"]["query"]["kernel"] == ("layers", "embed", "heads", "head_dim")
     assert axes["embeddings"]["word_embeddings"] == ("vocab", "embed")
-    plan = adapters.plan_adapters(lm.family, lm.arch, adapters.AdapterConfig(placement="houlsby"))
+    config = adapters.AdapterConfig(placement="houlsby", reduction_factor=16, non_linearity="relu")
+    plan = adapters.plan_adapters(lm.family, lm.arch, config)
     assert {s.module_path for s in plan.sites} == {("layers", "attention", "output", "dense"),
                                                    ("layers", "output", "dense")}
 

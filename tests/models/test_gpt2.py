@@ -162,7 +162,8 @@ def test_every_param_has_logical_axes_and_fused_qkv_is_split_by_head(loaded):
     assert axes["wte"] == ("vocab", "embed") and axes["wpe"] == ("position", "embed")
     assert lm.params["layers"]["attn"]["c_attn"]["kernel"].shape == (2, 32, 3, 4, 8)
     # Adapters find GPT-2's output projections by their HF names.
-    plan = adapters.plan_adapters(lm.family, lm.arch, adapters.AdapterConfig(placement="houlsby"))
+    config = adapters.AdapterConfig(placement="houlsby", reduction_factor=16, non_linearity="relu")
+    plan = adapters.plan_adapters(lm.family, lm.arch, config)
     assert {s.module_path for s in plan.sites} == {("layers", "attn", "c_proj"), ("layers", "mlp", "c_proj")}
 
 

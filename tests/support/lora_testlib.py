@@ -1,4 +1,4 @@
-"""Helpers shared by test_lora.py and test_qlora.py: tiny saved HF models, logits, training steps."""
+"""Helpers shared by test_lora.py and test_qlora.py: tiny saved HF models, configs, logits, training steps."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import transformers
 
 from ftc.backends.jax.io import hf_checkpoint
 
-from ftc.backends.jax.methods import lora
+from ftc.backends.jax.methods import lora, qlora
 from ftc.backends.jax.train.optimizer import merge_params, split_params, trainable_mask
 from hf_decoders import make_hf_model
+from method_testlib import config as method_config
 
 CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
            "gpt2": transformers.GPT2LMHeadModel}
@@ -33,6 +34,15 @@ def make_model(case: str, path):
         model = make_hf_model(case)
     model.save_pretrained(path)
     return hf_checkpoint.load_model(path)
+
+
+def lora_config(**keys) -> lora.LoraConfig:
+    """[method] kind = "lora" with `keys`, the rest the schema's defaults."""
+    return method_config(lora.LoraConfig, "lora", **keys)
+
+
+def qlora_config(**keys) -> qlora.QLoraConfig:
+    return method_config(qlora.QLoraConfig, "qlora", **keys)
 
 
 def torch_logits(model, ids, mask=None) -> np.ndarray:
@@ -60,7 +70,7 @@ def randomize_factors(params, seed: int, std: float = 0.1):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def train(method: lora.Method, params, ids, mask, steps=4, lr=3e-2):
+def train(method: lora.Initialized, params, ids, mask, steps=4, lr=3e-2):
     """A few AdamW steps (weight decay would move any leaked base weight) the way the training
     core takes them: gradients of the trainable subtree only, frozen leaves passed through."""
     mask_tree = trainable_mask(params, lora.is_trainable)

@@ -11,10 +11,10 @@ ftc does not: its adapter sees exactly the projection output, which is what the 
 `down` maps D -> D // reduction_factor, `up` maps back; `up` is zero-initialised, so an adapted
 model starts equal to its base.
 
-How it transforms a model: `Adapted(base_module, plan)` shares the base module's scope (same
-parameter paths) and runs it under an `nn.intercept_methods` interceptor that adds an adapter to
-the output of each planned projection's `__call__`. The adapter's weights are created as a child
-`ftc_adapter` of that projection, in the ordinary "params" collection, e.g.
+How it transforms a model: `adapt` wraps the base module in `intercept.Intercepted` with an
+interceptor that adds an adapter to the output of each planned projection's `__call__`. The
+adapter's weights are created as a child `ftc_adapter` of that projection, in the ordinary
+"params" collection, e.g.
     layers/mlp/down_proj/ftc_adapter/{down,up}/{kernel,bias}
 so the family's `nn.scan` stacks them per layer like any other parameter, and the training core
 (one params tree + a path predicate, see optimizer.trainable_mask) trains them with
@@ -26,7 +26,8 @@ kernel maps to an HF module named like an attention output (`self_attn.o_proj`,
 `layer.N.output.dense`, `mlp.c_proj`) gets an adapter. A family with HF-standard module names
 needs no change here.
 
-Export (`export_adapters`) writes a directory a PyTorch user loads without ftc's JAX side:
+Export (`export_adapters`, the `adapters` format; format `hf` writes the base as an HF checkpoint
+with this directory as its `ftc_adapters/`) is a directory a PyTorch user loads without JAX:
   adapter_config.json          {"format": "ftc-bottleneck-adapter", "version": 1, placement,
                                 reduction_factor, non_linearity, hidden_size, bottleneck_size,
                                 base_model_type, modules: [HF module names]}
@@ -45,6 +46,7 @@ import functools
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -52,12 +54,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftc.backends.jax.io import export_common as ex, verify
+from ftc.backends.jax.methods.contract import ExportFormat, Method
+from ftc.backends.jax.methods.intercept import Intercepted, layer_count, merge, node, only_child, without_child
+
 CHILD = "ftc_adapter"
 FORMAT = "ftc-bottleneck-adapter"
 FORMAT_VERSION = 1
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PLACEMENTS = ("houlsby", "pfeiffer")
+HF_SUBDIR = "ftc_adapters"  # in an `hf` export (transformers would read a top-level adapter_config.json as PEFT's)
 
 # gelu is the exact (erf) form, which is torch.nn.functional.gelu's default.
 NON_LINEARITIES: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -75,11 +82,11 @@ _DOWN_INIT_STDDEV = 1e-2
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """The spec's [method] keys for kind = "adapter"."""
+    """The spec's [method] keys for kind = "adapter" (their defaults are the schema's)."""
 
-    placement: str = "pfeiffer"
-    reduction_factor: int = 16
-    non_linearity: str = "relu"
+    placement: str
+    reduction_factor: int
+    non_linearity: str
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -91,6 +98,11 @@ class AdapterConfig:
         if not isinstance(self.reduction_factor, int) or isinstance(self.reduction_factor, bool) \
                 or self.reduction_factor < 1:
             raise ValueError(f"[method].reduction_factor={self.reduction_factor!r}: expected an integer >= 1")
+
+    @classmethod
+    def from_spec(cls, method) -> "AdapterConfig":
+        """From an ftc.spec MethodSpec (spec validation fills every key)."""
+        return cls(**{f.name: getattr(method, f.name) for f in dataclasses.fields(cls)})
 
     def bottleneck(self, hidden_size: int) -> int:
         size = hidden_size // self.reduction_factor
@@ -173,8 +185,9 @@ class Bottleneck(nn.Module):
         return y_BTD + up(NON_LINEARITIES[self.non_linearity](down(y_BTD)))
 
 
-def interceptor(plan: AdapterPlan):
-    """The `nn.intercept_methods` interceptor that adds adapters to the planned sites' outputs."""
+def interceptor(plan: AdapterPlan, deterministic: bool = False):
+    """The `nn.intercept_methods` interceptor that adds adapters to the planned sites' outputs
+    (they have no training-only noise: `deterministic` changes nothing)."""
     by_path = {site.module_path: site for site in plan.sites}
 
     def intercept(next_fun, args, kwargs, context):
@@ -188,23 +201,9 @@ def interceptor(plan: AdapterPlan):
     return intercept
 
 
-class Adapted(nn.Module):
-    """`base` with adapters: same call signature, same parameter paths plus `.../ftc_adapter/...`."""
-
-    base: nn.Module
-    plan: AdapterPlan
-
-    def setup(self):
-        nn.share_scope(self, self.base)  # no extra "base/" level in parameter paths
-
-    def __call__(self, *args, **kwargs):
-        with nn.intercept_methods(interceptor(self.plan)):
-            return self.base(*args, **kwargs)
-
-
-def adapt(family, arch, module: nn.Module, config: AdapterConfig) -> Adapted:
+def adapt(family, arch, module: nn.Module, config: AdapterConfig) -> Intercepted:
     """The transformed model: what the training core builds instead of `family.build(arch, dtype)`."""
-    return Adapted(module, plan_adapters(family, arch, config))
+    return Intercepted(module, plan_adapters(family, arch, config), interceptor)
 
 
 def is_trainable(path: str) -> bool:
@@ -212,7 +211,7 @@ def is_trainable(path: str) -> bool:
     return CHILD in path.split("/")
 
 
-def init_params(adapted: Adapted, base_params, rng: jax.Array, *, seq_len: int = 8, shardings=None,
+def init_params(adapted: Intercepted, base_params, rng: jax.Array, *, seq_len: int = 8, shardings=None,
                 param_dtype=jnp.float32):
     """Base params plus freshly initialised adapter weights (unboxed); base leaves are passed through.
 
@@ -224,41 +223,19 @@ def init_params(adapted: Adapted, base_params, rng: jax.Array, *, seq_len: int =
 
     def create(base, rng):
         _, variables = adapted.apply({"params": base}, input_ids, mutable=["params"], rngs={"params": rng})
-        new = _adapter_subtree(nn.unbox(variables["params"]))
+        new = only_child(nn.unbox(variables["params"]), CHILD)
         return jax.tree.map(lambda x: x.astype(param_dtype), new)
 
-    out_shardings = _adapter_subtree(shardings) if shardings is not None else None
+    out_shardings = only_child(shardings, CHILD) if shardings is not None else None
     new = jax.jit(create, out_shardings=out_shardings)(base_params, rng)
     if not new:
         raise ValueError("adapters: the forward pass never reached a planned site (module paths changed?)")
-    return _merge(nn.unbox(base_params), new)
-
-
-def _adapter_subtree(tree) -> dict:
-    """Only the `ftc_adapter` branches of a nested dict (and the path down to them)."""
-    out = {}
-    for key, value in tree.items():
-        if key == CHILD:
-            out[key] = value
-        elif isinstance(value, dict):
-            sub = _adapter_subtree(value)
-            if sub:
-                out[key] = sub
-    return out
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(a[key], value) if key in a and isinstance(value, dict) else value
-    return out
+    return merge(nn.unbox(base_params), new)
 
 
 def base_params(params) -> Any:
     """`params` without the adapter subtrees (what save_hf exports for the base model)."""
-    if isinstance(params, dict):
-        return {k: base_params(v) for k, v in params.items() if k != CHILD}
-    return params
+    return without_child(params, CHILD)
 
 
 def num_trainable(plan: AdapterPlan, hidden_size: int) -> int:
@@ -266,12 +243,6 @@ def num_trainable(plan: AdapterPlan, hidden_size: int) -> int:
     r = plan.config.bottleneck(hidden_size)
     per_layer = 2 * hidden_size * r + r + hidden_size
     return per_layer * sum(len(site.hf_modules) for site in plan.sites)
-
-
-def _node(tree: dict, path: tuple[str, ...]) -> dict:
-    for name in path:
-        tree = tree[name]
-    return tree
 
 
 def export_adapters(plan: AdapterPlan, params, out_dir: str | os.PathLike, *, dtype=np.float32) -> str:
@@ -283,7 +254,7 @@ def export_adapters(plan: AdapterPlan, params, out_dir: str | os.PathLike, *, dt
     hidden = bottleneck = None
     modules = []
     for site in plan.sites:
-        adapter = _node(params, site.module_path + (CHILD,))
+        adapter = node(params, site.module_path + (CHILD,))
         host = {f"{g}.{k}": np.asarray(jax.device_get(v), np.float32) for g in ("down", "up")
                 for k, v in adapter[g].items()}
         stacked = host["down.kernel"].ndim == 3
@@ -332,7 +303,7 @@ def import_adapters(plan: AdapterPlan, adapter_dir: str | os.PathLike, params) -
     tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
     out = jax.tree.map(lambda x: x, nn.unbox(params))  # fresh containers; leaves shared
     for site in plan.sites:
-        adapter = _node(out, site.module_path + (CHILD,))
+        adapter = node(out, site.module_path + (CHILD,))
         for g in ("down", "up"):
             for k, torch_name in (("kernel", "weight"), ("bias", "bias")):
                 layers = [tensors[f"{m}.{CHILD}.{g}.{torch_name}"] for m in site.hf_modules]
@@ -345,3 +316,70 @@ def import_adapters(plan: AdapterPlan, adapter_dir: str | os.PathLike, params) -
                                      f"{value.shape}, the model expects {like.shape}")
                 adapter[g][k] = jnp.asarray(value, like.dtype)
     return out
+
+
+# ---------------------------------------------------------------- the method record
+
+
+def detail(model) -> str:
+    c, sites = model.plan.config, model.plan.sites
+    return (f"{c.placement} placement, reduction factor {c.reduction_factor}, {c.non_linearity}, "
+            f"{len(sites)} site(s) x {layer_count(sites)} layer(s)")
+
+
+def _write_hf(trained, out: Path, dtype: str) -> None:
+    """The base as an HF checkpoint, the adapters in its ftc_adapters/ (served on that base: ".")."""
+    ex.save_hf(trained, out, base_params(nn.unbox(trained.params)), dtype)
+    export_adapters(trained.model.plan, trained.params, out / HF_SUBDIR, dtype=ex.np_dtype(dtype))
+    ex.update_json(out / HF_SUBDIR / CONFIG_FILE, base_model_name_or_path=".")
+
+
+def _write_adapters(trained, out: Path, dtype: str) -> None:
+    ex.copy_tokenizer(trained.tokenizer_dir, out)
+    export_adapters(trained.model.plan, trained.params, out, dtype=ex.np_dtype(dtype))
+    ex.update_json(out / CONFIG_FILE, base_model_name_or_path=trained.base_name)
+
+
+def _reload_hf(trained, out: Path, scratch, causal: bool):
+    from ftc.backends import torch_adapters  # torch: only when verifying
+
+    reference = verify.load_reference(out, causal=causal)
+    torch_adapters.load_adapters(reference, out / HF_SUBDIR)
+    return reference
+
+
+def _reload_adapters(trained, out: Path, scratch, causal: bool):
+    from ftc.backends import torch_adapters
+
+    reference = verify.load_reference(ex.base_dir(trained), causal=causal)
+    torch_adapters.load_adapters(reference, out)
+    return reference
+
+
+METHOD = Method(
+    kind="adapter",
+    config=AdapterConfig.from_spec,
+    trainable=is_trainable,
+    detail=detail,
+    formats={
+        "hf": ExportFormat(
+            write=_write_hf, ftc_side=ex.every_weight_exported, reload=_reload_hf,
+            how_to_load=lambda out, base_name, auto: (f"model = {auto}.from_pretrained({str(out)!r}); "
+                                                      f"ftc.backends.torch_adapters.load_adapters(model, "
+                                                      f"{str(out / HF_SUBDIR)!r})")),
+        "adapters": ExportFormat(
+            write=_write_adapters, ftc_side=ex.trained_weights_exported, reload=_reload_adapters,
+            how_to_load=lambda out, base_name, auto: (f"model = {auto}.from_pretrained({base_name!r}); "
+                                                      f"ftc.backends.torch_adapters.load_adapters(model, "
+                                                      f"{str(out)!r})")),
+    },
+    format_hint="bottleneck adapters cannot be merged into the base weights; 'hf' writes the base plus "
+                "ftc_adapters/, 'adapters' the adapters only",
+    transform=adapt,
+    init_params=init_params,
+    base_params=base_params,
+    zero_is_base=True,  # up(act(down(y))) = 0 with up = 0 (and act(0) = 0 for every NON_LINEARITIES entry)
+    reads_init_dir=lambda adapter_config: adapter_config.get("format") == FORMAT,
+    load_trained=lambda model, directory, params: import_adapters(model.plan, directory, params),
+    init_subdir=HF_SUBDIR,
+)
