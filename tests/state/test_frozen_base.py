@@ -15,7 +15,7 @@ import pytest
 
 import method_runs_testlib as mr
 import train_testlib as tl
-from ftc.backends.jax import methods
+from ftc.backends.jax import methods as method_registry
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.methods import base as methods
@@ -188,7 +188,7 @@ def test_export_from_the_new_checkpoint_equals_export_from_a_format_1_checkpoint
     assert meta["format_version"] == 2 and meta["frozen"]["rebuilt"] == "frozen params"
     old = tmp_path / "old-run"
     write_format_1(old, mr.STEPS, state, data_state, meta)
-    for fmt in methods.get(kind).formats:
+    for fmt in method_registry.get(kind).formats:
         new_out, old_out = tmp_path / f"new-{fmt}", tmp_path / f"old-{fmt}"
         export_lib.export_run(run.run_dir, out=new_out, format=fmt, dtype="float32", verify=False, echo=print)
         export_lib.export_run(old, out=old_out, format=fmt, dtype="float32", verify=False, echo=print)
