@@ -160,7 +160,7 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
                            eval_model=model.eval_module, objective=objective)
 
     # Checkpoints hold what trains; the frozen base and a reference copy are rebuilt on resume.
-    saved_params = frozen_base.saved_mask(abstract_params, model.trainable)
+    saved_params = frozen_base.saved_mask(abstract_params, model.method)
     checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), keep=spec.checkpoint.keep,
                                          async_save=spec.checkpoint.async_, saved_params=saved_params)
     metadata = {"spec": spec.to_dict(), "tokenizer_hash": tok_hash, **ckpt_lib.fingerprint_metadata(plan.fingerprint()),

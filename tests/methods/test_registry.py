@@ -156,7 +156,7 @@ def test_method_configs_take_every_value_from_the_resolved_spec():
 
 def test_qlora_record_names_the_leaves_kept_in_their_own_dtype_and_in_checkpoints():
     """NF4 storage keeps its dtypes (abstract_params); its second level is saved like what trains,
-    as frozen_base.saved_leaf decides today."""
+    as frozen_base.saved_leaf reads it."""
     spec = dataclasses.replace(tl.spec(), method=method_spec("qlora", quant_block_size=32, double_quant=True))
     model = methods.build_model(tl.tiny_llama_config(), spec)
     record = model.method
@@ -165,4 +165,4 @@ def test_qlora_record_names_the_leaves_kept_in_their_own_dtype_and_in_checkpoint
     for p, leaf in leaves:
         path = path_str(p)
         assert (leaf.dtype != np.dtype("bfloat16")) == record.own_dtype(path), path
-        assert frozen_base.saved_leaf(path, record.trainable) == (record.trainable(path) or record.saved_frozen(path))
+        assert frozen_base.saved_leaf(path, record) == (record.trainable(path) or record.saved_frozen(path))

@@ -20,6 +20,7 @@ from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.state import frozen_base
+from ftc.backends.jax.methods import qlora as qlora_lib
 from ftc.backends.jax.train import optimizer as opt_lib
 from ftc.backends.jax import pipeline as run_lib
 from ftc.backends.jax.train import step as ts
@@ -57,7 +58,7 @@ def whole_state(run_dir: Path, step: int | None = None) -> tuple[dict, object, d
     state_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=ONE),
                              ts.abstract_state(abstract, tx, mask, reference=with_reference))
     reader = ckpt_lib.Checkpointer(reader.directory, read_only=True,
-                                   saved_params=frozen_base.saved_mask(abstract, model.trainable))
+                                   saved_params=frozen_base.saved_mask(abstract, model.method))
     state, data_state = frozen_base.restore_state(reader, step, meta, model_dir, model, state_abs)
     return state, data_state, meta
 
@@ -136,11 +137,11 @@ def test_file_fingerprint_hashes_a_small_file_whole_and_samples_a_large_one(tmp_
 
 
 def test_saved_mask_keeps_what_trains_and_nf4_double_quantisation_statistics():
-    trainable = methods.trainable_predicate("lora")
+    qlora = method_registry.get("qlora")
     tree = {"q": {"kernel": 0, "ftc_lora": {"a": 0, "b": 0}},
             "o": {"ftc_nf4": {"codes": 0, "absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}},
             "k": {"ftc_nf4": {"codes": 0, "absmax": 0}}}
-    mask = frozen_base.saved_mask(tree, trainable)
+    mask = frozen_base.saved_mask(tree, qlora)
     assert ckpt_lib.prune(tree, mask) == {"q": {"ftc_lora": {"a": 0, "b": 0}},
                                           "o": {"ftc_nf4": {"absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}}}
     assert ckpt_lib.overlay(tree, {"q": {"ftc_lora": {"a": 1}}})["q"] == {"kernel": 0, "ftc_lora": {"a": 1, "b": 0}}
@@ -182,7 +183,7 @@ def test_export_from_the_new_checkpoint_equals_export_from_a_format_1_checkpoint
     """A format 1 checkpoint of the same state (the whole state, written as ftc wrote it before)
     exports the same bytes as the run's own checkpoint, which holds only what trained."""
     run = mr.trained(kind)
-    assert all(frozen_base.saved_leaf(p, methods.trainable_predicate(load_spec(run.spec_path).method.kind))
+    assert all(frozen_base.saved_leaf(p, method_registry.get(load_spec(run.spec_path).method.kind))
                for p in saved_params(run.run_dir))
     state, data_state, meta = whole_state(run.run_dir)
     assert meta["format_version"] == 2 and meta["frozen"]["rebuilt"] == "frozen params"
@@ -326,11 +327,11 @@ def test_qlora_with_double_quantisation_resumes_on_another_mesh_with_its_nf4_sto
     first = mr.run_spec(path, "qlora")
     before = tl.flat(whole_state(first.run_dir)[0]["params"])
     saved = saved_params(first.run_dir)
-    assert {p.rsplit("/", 1)[1] for p in saved if "/ftc_nf4/" in p} == set(frozen_base.SECOND_LEVEL)
+    assert {p.rsplit("/", 1)[1] for p in saved if "/ftc_nf4/" in p} == set(qlora_lib.SECOND_LEVEL)
     run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
                 echo=lambda s: None)
     after = tl.flat(whole_state(first.run_dir)[0]["params"])
-    frozen = [p for p in before if not frozen_base.saved_leaf(p, lambda q: "/ftc_lora/" in q) or "/ftc_nf4/" in p]
+    frozen = [p for p in before if not method_registry.get("lora").trainable(p) or "/ftc_nf4/" in p]
     assert frozen and all(after[p].tobytes() == before[p].tobytes() for p in frozen)
 
 

@@ -33,7 +33,7 @@ def test_resolve_tells_runs_adapters_exports_and_hf_directories_apart(tmp_path):
     assert init_from.resolve(_spec(tmp_path / "run"), base, init_step=7).step == 7
     got = {p.name: init_from.resolve(_spec(p), base) for p in (peft, ours, odd, hf, tmp_path / "nothing")}
     assert {name: (s.kind, s.base_dir, s.method_dir) for name, s in got.items()} == {
-        "peft": (init_from.PEFT_ADAPTER, base, peft), "ours": (init_from.ADAPTER_EXPORT, base, ours),
+        "peft": (init_from.METHOD_DIR, base, peft), "ours": (init_from.METHOD_DIR, base, ours),
         "odd": (init_from.UNKNOWN, base, odd), "hf": (init_from.HF_DIR, hf, None),
         "nothing": (init_from.UNKNOWN, base, None)}
     (hf / "ftc_adapters" / "adapter_config.json").write_text("{}")  # an adapter export in format hf

@@ -41,7 +41,8 @@ from ftc.backends.jax.io.export_common import (DTYPES, EXPORT_DIR, MANIFEST, Exp
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
 from ftc.backends.jax.models import shapes
-from ftc.backends.jax.state import checkpoint as ckpt_lib, frozen_base
+from ftc.backends.jax import stages
+from ftc.backends.jax.state import checkpoint as ckpt_lib, files, frozen_base, init_from
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.compiler import sharding_rules
 from ftc.spec import spec_from_dict
@@ -80,27 +81,22 @@ class TrainedRun:
 def base_source(spec, model_dir: Path) -> tuple[str | None, Path | None, str]:
     """(name PEFT writes as base_model_name_or_path, local HF dir of the frozen base, note).
 
-    The frozen base is `model.base`, unless `model.init_from` started the run from other weights:
-    an HF directory (that one), a full fine-tune's run directory (its export/, when it holds an HF
-    checkpoint), or an earlier run of the same method (that run's base)."""
-    init = spec.model.init_from
-    if init:
-        init_path = Path(init)
-        if os.path.isdir(ckpt_lib.checkpoint_dir(init)):
-            reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(init), read_only=True)
-            meta = reader.metadata()
-            from ftc.spec import spec_from_dict
-
-            earlier = spec_from_dict(meta["spec"])
-            if earlier.method.kind != "full":
-                return base_source(earlier, Path(meta.get("model_dir") or model_dir))
-            export = init_path / EXPORT_DIR
-            if (export / "config.json").is_file() and any(export.glob("*.safetensors")):
-                return str(export), export, f"the full fine-tune {init} (its export/)"
-            return None, None, (f"the frozen base is the final checkpoint of the full fine-tune {init}, which has no "
-                                f"HF export; run `ftc export {init}` first, then export this run again")
-        if (init_path / "config.json").is_file():
-            return str(init_path), init_path, f"model.init_from {init}"
+    The frozen base is `model.base`, unless `model.init_from` (init_from.resolve) started the run
+    from other weights: an HF directory (that one), a full fine-tune's run directory (its export/,
+    when it holds an HF checkpoint), or an earlier run of the same method (that run's base)."""
+    source = init_from.resolve(spec, model_dir)
+    if source.kind == init_from.RUN:
+        meta = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(source.path), read_only=True).metadata()
+        earlier = spec_from_dict(meta["spec"])
+        if registry.get(earlier.method.kind).transform is not None:  # its base is that run's base
+            return base_source(earlier, Path(meta.get("model_dir") or model_dir))
+        export = Path(source.path) / EXPORT_DIR
+        if (export / "config.json").is_file() and any(export.glob("*.safetensors")):
+            return str(export), export, f"the full fine-tune {source.path} (its export/)"
+        return None, None, (f"the frozen base is the final checkpoint of the full fine-tune {source.path}, which has "
+                            f"no HF export; run `ftc export {source.path}` first, then export this run again")
+    if source.kind == init_from.HF_DIR:
+        return str(source.base_dir), source.base_dir, f"model.init_from {source.path}"
     base = spec.model.base
     local = Path(base).expanduser()
     if local.is_dir():
@@ -127,7 +123,6 @@ def export_shardings(model: methods.MethodModel, abstract_params, devices=None) 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     """The parameters of a run's latest (or `step`) checkpoint and everything needed to export them."""
-    from ftc.backends.jax.pipeline import read_model_config, tokenizer_dir, tokenizer_hash  # lazy: all of `ftc run`
 
     started = time.perf_counter()
     run_dir = Path(run_dir).absolute()
@@ -148,7 +143,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
         model_dir = Path(saved_dir)
         hf_config = hf_checkpoint.read_hf_config(model_dir)
     else:
-        model_dir, hf_config = read_model_config(spec.model.base)
+        model_dir, hf_config = init_from.read_model_config(spec.model.base)
     model = methods.build_model(hf_config, spec, dtype=jnp.float32, remat="none")
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     shardings = export_shardings(model, abstract)
@@ -159,12 +154,12 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
             what=f"cannot export {run_dir} (step {step})")
     except ckpt_lib.ResumeRefusedError as e:  # its base changed or is gone
         raise ExportError(str(e)) from e
-    tok_dir = tokenizer_dir(spec, model_dir)
+    tok_dir = stages.tokenizer_dir(spec, model_dir)
     saved_hash = meta.get("tokenizer_hash")
     if saved_hash is None:
         tok_dir = None
     else:
-        now = tokenizer_hash(tok_dir)
+        now = stages.tokenizer_hash(tok_dir)
         if now != saved_hash:
             raise ExportError(f"{tok_dir}: the tokenizer files {'are gone' if now is None else 'changed'} since "
                               f"the run (hash {saved_hash} in the checkpoint, now {now}); the export would ship a "
@@ -197,7 +192,7 @@ def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str
                 "step": trained.step, "base_model_name_or_path": trained.base_name,
                 "model_type": trained.hf_config.get("model_type")}
     if jax.process_index() == 0:
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        files.write_json_atomic(out / MANIFEST, manifest)
     return tuple(sorted(p.name for p in out.iterdir())) if jax.process_index() == 0 else ()
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ftc.backends.jax.io import hf_checkpoint, verify
 from ftc.backends.jax.models import shapes
+from ftc.backends.jax.state import files
 from ftc.spec import schema_walk
 
 DTYPES = tuple(schema_walk.node_at(("export", "dtype"))["enum"])
@@ -93,7 +94,7 @@ def update_json(path: Path, **changes) -> None:
         return
     config = json.loads(path.read_text())
     config.update(changes)
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    files.write_json_atomic(path, config)
 
 
 def is_causal(family) -> bool:

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.state import files
 from ftc.backends.jax.methods.contract import Method
 from ftc.backends.jax.methods.probe_export import PROBE_FORMAT, export_from_run, export_probe
 from ftc.backends.jax.methods.probe_features import (ClassificationArrays, ProbeConfig, cached_features,
@@ -121,9 +122,9 @@ def run_probe(model: hf_checkpoint.LoadedModel, config: ProbeConfig, train: Clas
     log({"event": "probe_eval", **{f"{split}/{k}": v for split in ("train", "validation") if split in metrics
                                    for k, v in metrics[split].items()}})
     if run_dir and jax.process_index() == 0:
-        with open(os.path.join(run_dir, "probe_metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
-            f.write("\n")
+        # The runner reads this file as "the probe run is complete": written whole or not at all.
+        files.write_text_atomic(os.path.join(run_dir, "probe_metrics.json"),
+                                json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return ProbeResult(metrics, head, exported)
 
 

@@ -119,9 +119,8 @@ def build(spec, model) -> Built:
     `init_from` adapter is disabled too, so the reference is its base); for a full fine-tune a
     frozen copy of the starting parameters, one extra parameter-sized buffer (the plan counts it)."""
     beta = spec.training.dpo_beta
-    # Method-specific: whether disabling the method gives the base model (methods.disabled_params);
-    # a full fine-tune has nothing to disable. A method registry hook replaces this test.
-    if model.kind == "full":
+    # A method whose zeroed trainables compute its base needs no copy; a full fine-tune has none.
+    if not model.method.zero_is_base:
         return Built(objective(beta), reference_copy=True)
     return Built(objective(beta, reference_params=lambda params: methods.disabled_params(model, params)))
 

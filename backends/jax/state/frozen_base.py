@@ -28,21 +28,20 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract, load_model
-from ftc.backends.jax.methods import adapter as adapters, base as methods, lora
-from ftc.backends.jax.methods.lora import QUANT_CHILD
+from ftc.backends.jax import methods as method_registry
+from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.models.shapes import path_str
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import init_from
 from ftc.spec import spec_from_dict
 
-SECOND_LEVEL = frozenset({"absmax_q", "absmax_scale", "absmax_offset"})  # nf4 double quantisation
 SAMPLES = 16
 SAMPLE_BYTES = 4096
 WHOLE_FILE_BYTES = 1 << 20  # files up to this size are hashed whole
@@ -55,17 +54,16 @@ class BaseChangedError(ckpt_lib.ResumeRefusedError):
 # ---------------------------------------------------------------- which leaves a checkpoint holds
 
 
-def saved_leaf(path: str, trainable: Callable[[str], bool]) -> bool:
-    """Whether a checkpoint holds the param at "/"-joined `path`: what trains, and the second level
-    of NF4 double quantisation (its float32 mean is summed in an order that depends on the mesh,
-    so a rebuild on another mesh could differ in the last bit; it is 1 byte per NF4 block)."""
-    parts = path.split("/")
-    return bool(trainable(path)) or (QUANT_CHILD in parts and parts[-1] in SECOND_LEVEL)
+def saved_leaf(path: str, method) -> bool:
+    """Whether a checkpoint holds the param at "/"-joined `path`, for a method record: what trains,
+    and the frozen leaves the record says a rebuild might not reproduce bitwise (`saved_frozen`:
+    NF4's double-quantisation statistics, whose float32 mean sums in a mesh-dependent order)."""
+    return bool(method.trainable(path)) or bool(method.saved_frozen(path))
 
 
-def saved_mask(abstract_params: Any, trainable: Callable[[str], bool]) -> Any:
+def saved_mask(abstract_params: Any, method) -> Any:
     """A tree of bools matching the params: True where a checkpoint holds the leaf."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: saved_leaf(path_str(p), trainable), abstract_params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: saved_leaf(path_str(p), method), abstract_params)
 
 
 def rebuilt_part(tree: dict, mask: Any, with_reference: bool) -> dict:
@@ -219,9 +217,9 @@ def initial_params(spec, model_dir: str | os.PathLike, abstract_params, param_sh
     RUN             its checkpoint (`init_step`, default its latest; one that leaves its frozen base
                     out has it rebuilt): the whole tree when that run trained the same method, or a
                     full fine-tune's params as this method's base
-    PEFT_ADAPTER    (lora, qlora) base from model.base, factors from the adapter
-    ADAPTER_EXPORT  (adapter) adapters from the export; the base from the export when it holds one
-    / HF_DIR        (format hf), else from model.base; a plain HF directory: its weights as the base
+    METHOD_DIR      base from model.base, trained weights from the directory (the method record's
+                    `load_trained`: PEFT factors, adapter exports)
+    HF_DIR          its weights as the base, plus the method weights an export keeps beside them
     BASE            model.base's weights
     The method's fresh parameters (LoRA A random and B zero, NF4 storage, adapters with up = 0) are
     added to a base, so a run starts computing exactly what its base model computes.
@@ -245,7 +243,7 @@ def initial_params(spec, model_dir: str | os.PathLike, abstract_params, param_sh
         if earlier == model.kind:
             return restore_params(reader, step, meta, model, _placed(abstract_params, param_shardings),
                                   what=f"model.init_from={source.path!r}")
-        if earlier != "full":
+        if method_registry.get(earlier).transform is not None:  # only an untransformed tree is a base
             raise ValueError(f"model.init_from={source.path!r} is a {earlier} run; a method.kind={model.kind!r} run "
                              f"starts from a run of the same method or of a full fine-tune. Export it first (`ftc "
                              f"export {source.path} --format hf` merges a LoRA) and give the export directory as "
@@ -257,11 +255,7 @@ def initial_params(spec, model_dir: str | os.PathLike, abstract_params, param_sh
         base = load_model(source.base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings)).params
     params = methods.init_method_params(model, base, spec.training.seed, shardings=param_shardings, param_dtype=dtype)
     if source.method_dir is not None and method_weights:
-        # Method-specific: how trained method weights load (a method registry hook replaces this).
-        if model.kind == "adapter":
-            params = adapters.import_adapters(model.plan, source.method_dir, params)
-        else:
-            params = lora.load_peft_adapter(source.method_dir, model.family, model.arch, model.plan, params)
+        params = methods.load_trained_weights(model, source.method_dir, params)
         params = jax.device_put(params, param_shardings)
     return params
 
@@ -333,7 +327,7 @@ def restore_params(reader: ckpt_lib.Checkpointer, step: int, meta: dict, model, 
     """A checkpointed run's whole params tree (the method's, placed by the shardings on
     `abstract_params`): the leaves the checkpoint holds over its rebuilt frozen base. `model`: the
     run's methods.MethodModel; `meta`: the checkpoint's metadata."""
-    mask = saved_mask(abstract_params, model.trainable)
+    mask = saved_mask(abstract_params, model.method)
     if meta.get("format_version", 1) < 2 or all(jax.tree.leaves(mask)):
         return reader.restore_params(abstract_params, step)
     model_dir = model_dir or run_model_dir(meta, spec_from_dict(meta["spec"]))

@@ -3,12 +3,12 @@
 `resolve` is the one place that decides what a `model.init_from` path is:
 
     RUN             a run directory (with checkpoints/): its checkpoint at a step (default the latest)
-    PEFT_ADAPTER    a PEFT adapter directory (adapter_config.json with peft_type): the trained
-                    factors; the base is model.base
-    ADAPTER_EXPORT  an ftc adapter export in format "adapters" (adapter_config.json of ftc's
-                    bottleneck adapters): the trained adapters; the base is model.base
-    HF_DIR          a Hugging Face directory (config.json): the base; an adapter export in format
-                    "hf" holds its adapters in ftc_adapters/ (`method_dir`)
+    METHOD_DIR      a directory of trained method weights (adapter_config.json: a PEFT LoRA adapter,
+                    an ftc adapter export); the methods whose records read it load them over a base
+                    from model.base
+    HF_DIR          a Hugging Face directory (config.json): the base; an export that keeps a method's
+                    weights beside its base (a method record's `init_subdir`, e.g. ftc_adapters/) has
+                    them as `method_dir`
     UNKNOWN         anything else (a fresh run refuses it; a rebuild finds its files gone)
     BASE            no model.init_from: model.base's own weights
 
@@ -25,26 +25,25 @@ from pathlib import Path
 
 from ftc.backends.jax.io.hf_checkpoint import read_hf_config
 from ftc.backends.jax.io.model_source import resolve_model_source
-from ftc.backends.jax.methods import adapter as adapters
+from ftc.backends.jax import methods as method_registry
+from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 
-BASE, RUN, PEFT_ADAPTER, ADAPTER_EXPORT, HF_DIR, UNKNOWN = (
-    "base", "run", "peft adapter", "adapter export", "hf directory", "unknown")
-NESTED_ADAPTERS = "ftc_adapters"  # an adapter export in format "hf": the base beside its adapters
+BASE, RUN, METHOD_DIR, HF_DIR, UNKNOWN = ("base", "run", "method weights", "hf directory", "unknown")
 
 
 @dataclasses.dataclass(frozen=True)
 class InitSource:
     """What a run starts from. `base_dir`: the HF directory its base weights are read from (None
     for RUN: the run's checkpoint holds them); `method_dir`: trained method weights to load over
-    the fresh method params (PEFT_ADAPTER, ADAPTER_EXPORT, an HF_DIR adapter export)."""
+    the fresh method params (METHOD_DIR, or an HF_DIR export holding a method's weights)."""
 
     kind: str
     path: str | None            # model.init_from as written (None for BASE)
     base_dir: Path | None
     method_dir: Path | None = None
     step: int | None = None     # RUN: the checkpoint step it starts from
-    adapter_config: dict | None = None  # PEFT_ADAPTER / ADAPTER_EXPORT: its adapter_config.json
+    adapter_config: dict | None = None  # METHOD_DIR: its adapter_config.json
 
     @property
     def what(self) -> str:
@@ -89,32 +88,38 @@ def resolve(spec, model_dir: str | os.PathLike | None, init_step: int | None = N
     config = path / "adapter_config.json"
     if config.is_file():
         found = json.loads(config.read_text())
-        kind = PEFT_ADAPTER if found.get("peft_type") else ADAPTER_EXPORT if found.get("format") == adapters.FORMAT \
-            else UNKNOWN
+        kind = METHOD_DIR if methods.kinds_reading(found) else UNKNOWN
         return InitSource(kind, init, base_dir, method_dir=path, adapter_config=found)
     if (path / "config.json").is_file():
-        nested = path / NESTED_ADAPTERS
-        return InitSource(HF_DIR, init, path, method_dir=nested if (nested / "adapter_config.json").is_file() else None)
+        return InitSource(HF_DIR, init, path, method_dir=_nested_method_dir(path))
     return InitSource(UNKNOWN, init, base_dir)
 
 
+def _nested_method_dir(path: Path) -> Path | None:
+    """The method weights an HF export keeps beside its base (a record's `init_subdir`), if any."""
+    for kind in method_registry.kinds():
+        sub = method_registry.get(kind).init_subdir
+        if sub and (path / sub / "adapter_config.json").is_file():
+            return path / sub
+    return None
+
+
 def check_method(source: InitSource, kind: str) -> None:
-    """Raise ValueError when a method.kind=`kind` run cannot start from `source` (a PEFT adapter
-    or adapter export of another method, an unrecognised path). A RUN is checked once its
-    checkpoint's method is read (frozen_base.initial_params)."""
+    """Raise ValueError when a method.kind=`kind` run cannot start from `source` (trained weights
+    of another method, an unrecognised path). A RUN is checked once its checkpoint's method is
+    read (frozen_base.initial_params). Which methods read which directories is each method
+    record's `reads_init_dir` / `init_subdir`."""
     init = source.path
-    # Method-specific: which methods load which trained weights (a method registry hook replaces it).
     if source.adapter_config is not None:
         found = source.adapter_config
-        want = ("lora", "qlora") if source.kind == PEFT_ADAPTER else ("adapter",) if source.kind == ADAPTER_EXPORT \
-            else ()
+        want = methods.kinds_reading(found)
         if kind not in want:
             what = f"a PEFT {found.get('peft_type')} adapter" if found.get("peft_type") else "an adapter export"
             raise ValueError(f"model.init_from={init!r} is {what}, which a method.kind={kind!r} run cannot "
                              f"start from" + (f" (expected method.kind {' or '.join(want)})" if want else ""))
-    elif source.kind == HF_DIR and source.method_dir is not None and kind != "adapter":
-        raise ValueError(f"model.init_from={init!r} holds bottleneck adapters ({NESTED_ADAPTERS}/) "
-                         f"that a method.kind={kind!r} run would drop; start an adapter run from it, "
+    elif source.kind == HF_DIR and source.method_dir is not None and method_registry.get(kind).init_subdir != source.method_dir.name:
+        raise ValueError(f"model.init_from={init!r} holds method weights ({source.method_dir.name}/) "
+                         f"that a method.kind={kind!r} run would drop; start a run of their method from it, "
                          f"or a {kind} run from its base model")
     elif source.kind == UNKNOWN:
         raise ValueError(f"model.init_from={init!r}: expected a run directory (with checkpoints/), a "
