@@ -49,7 +49,7 @@ def _resolve(model: torch.nn.Module, name: str) -> torch.nn.Module:
     prefix = getattr(model, "base_model_prefix", "")
     candidates = [name]
     if prefix:
-        candidates += [f"{prefix}.{name}", name[len(prefix) + 1:] if name.startswith(prefix + ".") else None]
+        candidates += [f"{prefix}.{name}", name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None]
     for candidate in candidates:
         if candidate and candidate in modules:
             return modules[candidate]

@@ -42,7 +42,7 @@ class ProbeModel(torch.nn.Module):
             self.hidden = None
         out_features, in_features = head["out.weight"].shape
         self.out = torch.nn.Linear(in_features, out_features, bias="out.bias" in head)
-        self.out.load_state_dict({k[len("out."):]: v for k, v in head.items() if k.startswith("out.")})
+        self.out.load_state_dict({k[len("out.") :]: v for k, v in head.items() if k.startswith("out.")})
 
     def pooled(self, input_ids, attention_mask=None, **kwargs) -> torch.Tensor:
         if attention_mask is None:
@@ -73,7 +73,8 @@ def load_probe(export_dir: str | os.PathLike, **from_pretrained_kwargs) -> Probe
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"{export_dir}: no probe_config.json; if config.json names a *ForSequenceClassification "
-            "architecture, load it with transformers.AutoModelForSequenceClassification instead")
+            "architecture, load it with transformers.AutoModelForSequenceClassification instead"
+        )
     with open(path) as f:
         config = json.load(f)
     if config.get("format") != FORMAT:

@@ -30,10 +30,10 @@ class BenchConfig:
     vocab: int
     batch: int
     seq_len: int
-    dtype: str                   # compute dtype; parameters and optimizer state stay float32
-    device: str                  # "cpu" | "gpu"
-    steps: int                   # default step count (each stack)
-    warmup: int                  # steps left out of the steady-state figures (the first included)
+    dtype: str  # compute dtype; parameters and optimizer state stay float32
+    device: str  # "cpu" | "gpu"
+    steps: int  # default step count (each stack)
+    warmup: int  # steps left out of the steady-state figures (the first included)
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
@@ -42,16 +42,23 @@ class BenchConfig:
     grad_clip: float = 1.0
     lora_rank: int = 16
     lora_alpha: int = 32
-    quant_block_size: int = 64   # QLoRA NF4 block (bitsandbytes' fixed 64); must divide every input dim
+    quant_block_size: int = 64  # QLoRA NF4 block (bitsandbytes' fixed 64); must divide every input dim
     description: str = ""
 
     def hf_config_kwargs(self) -> dict:
         """transformers.LlamaConfig keyword arguments for this shape."""
         kw = dict(
-            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_embeddings,
-            rope_theta=self.rope_theta, rms_norm_eps=1e-5, attention_dropout=0.0,
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_embeddings,
+            rope_theta=self.rope_theta,
+            rms_norm_eps=1e-5,
+            attention_dropout=0.0,
         )
         if self.rope_scaling:
             kw["rope_scaling"] = dict(self.rope_scaling, rope_theta=self.rope_theta)
@@ -70,23 +77,65 @@ CONFIGS = {
     # NOTES.md's reference figure (Llama ~7.1M params: hidden 256, 4 layers, vocab 8192; batch 8 x seq
     # 256, AdamW, float32, 2 threads). Intermediate 704 = 64 * 11, so QLoRA's 64-blocks divide it.
     "cpu": BenchConfig(
-        name="cpu", hidden=256, layers=4, heads=8, kv_heads=4, intermediate=704, vocab=8192,
-        batch=8, seq_len=256, dtype="float32", device="cpu", steps=20, warmup=3,
+        name="cpu",
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=4,
+        intermediate=704,
+        vocab=8192,
+        batch=8,
+        seq_len=256,
+        dtype="float32",
+        device="cpu",
+        steps=20,
+        warmup=3,
         description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 8 x seq 256, float32",
     ),
     # Llama-3.2-1B's shape (1.24B params, tied embeddings, GQA 32/8, llama3 RoPE), bf16 compute.
     "gpu-1b": BenchConfig(
-        name="gpu-1b", hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
-        batch=4, seq_len=2048, dtype="bfloat16", device="gpu", steps=30, warmup=5, tie_embeddings=True,
-        rope_theta=500000.0, max_position_embeddings=131072,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
+        name="gpu-1b",
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        intermediate=8192,
+        vocab=128256,
+        batch=4,
+        seq_len=2048,
+        dtype="bfloat16",
+        device="gpu",
+        steps=30,
+        warmup=5,
+        tie_embeddings=True,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
         description="Llama-3.2-1B shape (1.24B), batch 4 x seq 2048, bf16 compute, fp32 params",
     ),
     # The smoke test's: seconds, not minutes; only checks the harness and that both stacks agree.
     "smoke": BenchConfig(
-        name="smoke", hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=256,
-        batch=2, seq_len=32, dtype="float32", device="cpu", steps=2, warmup=1, lora_rank=4, lora_alpha=8,
+        name="smoke",
+        hidden=32,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=64,
+        vocab=256,
+        batch=2,
+        seq_len=32,
+        dtype="float32",
+        device="cpu",
+        steps=2,
+        warmup=1,
+        lora_rank=4,
+        lora_alpha=8,
         quant_block_size=32,
         description="Llama 2-layer hidden 32 (harness smoke test)",
     ),
@@ -102,7 +151,7 @@ class Job:
     config: BenchConfig
     method: str
     model_dir: str
-    tokens_path: str       # int32 [steps, batch, seq_len + 1]: inputs are [:, :, :-1], targets [:, :, 1:]
+    tokens_path: str  # int32 [steps, batch, seq_len + 1]: inputs are [:, :, :-1], targets [:, :, 1:]
     steps: int
     warmup: int
     threads: int
@@ -112,7 +161,7 @@ class Job:
         return json.dumps(dataclasses.asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> "Job":
+    def from_json(cls, text: str) -> Job:
         raw = json.loads(text)
         return cls(**{**raw, "config": BenchConfig(**raw["config"])})
 
@@ -176,8 +225,7 @@ def matmul_params(c: BenchConfig) -> int:
 def lora_params(c: BenchConfig) -> int:
     """LoRA A and B over every linear layer of the blocks (PEFT's "all-linear": not the head)."""
     d, f, hd, r = c.hidden, c.intermediate, c.head_dim, c.lora_rank
-    shapes = [(d, c.heads * hd), (d, c.kv_heads * hd), (d, c.kv_heads * hd), (c.heads * hd, d),
-              (d, f), (d, f), (f, d)]
+    shapes = [(d, c.heads * hd), (d, c.kv_heads * hd), (d, c.kv_heads * hd), (c.heads * hd, d), (d, f), (d, f), (f, d)]
     return c.layers * sum(r * (i + o) for i, o in shapes)
 
 

@@ -17,7 +17,8 @@ _T_START = time.perf_counter()
 import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,8 +36,9 @@ def _method(job: common.Job, family, arch, module, params):
 
     c = job.config
     # PEFT's LoraConfig(r, lora_alpha, target_modules="all-linear", lora_dropout=0) on the torch side.
-    config = lora.LoraConfig(rank=c.lora_rank, alpha=float(c.lora_alpha), dropout=0.0, rslora=False,
-                             targets=lora.ALL_LINEAR)
+    config = lora.LoraConfig(
+        rank=c.lora_rank, alpha=float(c.lora_alpha), dropout=0.0, rslora=False, targets=lora.ALL_LINEAR
+    )
     quant = lora.QuantConfig(block_size=c.quant_block_size, double_quant=False) if job.method == "qlora" else None
     model = lora.adapt(family, arch, module, config, quant=quant)
     return model, lora.init_params(model, params, jax.random.key(0)), lora.is_trainable
@@ -52,10 +54,10 @@ class Program:
     put_batch: Callable[[int], dict]
     trainable_params: int
     device: Any
-    timings: dict          # import_s, load_s, lower_s, compile_s
+    timings: dict  # import_s, load_s, lower_s, compile_s
     rss_after_import: int
     versions: dict
-    memory: dict           # rss_after_load_bytes, peak_rss_after_load_bytes, peak_rss_after_compile_bytes
+    memory: dict  # rss_after_load_bytes, peak_rss_after_load_bytes, peak_rss_after_compile_bytes
 
 
 def build(job: common.Job) -> Program:
@@ -66,9 +68,9 @@ def build(job: common.Job) -> Program:
     import numpy as np
 
     from ftc.backends.jax.io import hf_checkpoint
+    from ftc.backends.jax.models import shapes
     from ftc.backends.jax.train import mesh as mesh_lib
     from ftc.backends.jax.train import optimizer as opt_lib
-    from ftc.backends.jax.models import shapes
     from ftc.backends.jax.train import step as ts
     from ftc.compiler import plan as plan_lib
     from ftc.compiler import sharding_rules
@@ -96,8 +98,11 @@ def build(job: common.Job) -> Program:
     partitions = {i.path: sharding_rules.param_partition(i.axes, i.shape, mesh_shape)[0] for i in infos}
     mask = opt_lib.trainable_mask(params, trainable)
     schedule = opt_lib.make_schedule(plan_lib.SchedulePlan("constant", c.learning_rate, 0, None, 0.0), job.steps)
-    tx = opt_lib.make_optimizer(plan_lib.OptimizerPlan("adamw", 0.0, 0.9, 0.999, 1e-8, None, c.grad_clip),
-                                schedule, {i.path: i.axes for i in infos})
+    tx = opt_lib.make_optimizer(
+        plan_lib.OptimizerPlan("adamw", 0.0, 0.9, 0.999, 1e-8, None, c.grad_clip),
+        schedule,
+        {i.path: i.axes for i in infos},
+    )
     state_abs = ts.abstract_state(jax.eval_shape(lambda p: p, params), tx, mask)
     state_sh = ts.state_shardings(mesh, state_abs, partitions)
     init = jax.jit(lambda p: ts.init_state(p, tx, mask, 0), out_shardings=state_sh, donate_argnums=(0,))
@@ -106,8 +111,11 @@ def build(job: common.Job) -> Program:
     steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=1)
     tokens = np.load(job.tokens_path)
     B, T = c.batch, c.seq_len
-    fixed = {"weights": np.ones((B, T), np.float32), "segment_ids": np.ones((B, T), np.int32),
-             "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T))}
+    fixed = {
+        "weights": np.ones((B, T), np.float32),
+        "segment_ids": np.ones((B, T), np.int32),
+        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)),
+    }
 
     def put_batch(i: int) -> dict:
         ids = tokens[i % len(tokens)]
@@ -142,9 +150,17 @@ def run(job: common.Job) -> dict:
         cpu.append(common.cpu_seconds() - c0)
 
     out = {
-        "stack": "ftc", "method": job.method, "versions": p.versions, "trainable_params": p.trainable_params,
-        **p.timings, "first_step_s": times[0], "step_times_s": times, "step_cpu_s": cpu,
-        "losses": losses, "rss_after_import_bytes": p.rss_after_import, **p.memory,
+        "stack": "ftc",
+        "method": job.method,
+        "versions": p.versions,
+        "trainable_params": p.trainable_params,
+        **p.timings,
+        "first_step_s": times[0],
+        "step_times_s": times,
+        "step_cpu_s": cpu,
+        "losses": losses,
+        "rss_after_import_bytes": p.rss_after_import,
+        **p.memory,
         "peak_rss_bytes": common.peak_rss_bytes(),
         "device_name": getattr(p.device, "device_kind", str(p.device)),
         "optimizer": "optax.adamw (optimizer.make_optimizer)",

@@ -46,36 +46,65 @@ def measure(tokenizer, seq_lens, train=TRAIN, batch_size: int = 16) -> list[dict
     rows = []
     for seq_len in seq_lens:
         for packing in (False, True):
-            ds = build_datasets(format=d.format, train=str(train), tokenizer=tokenizer, max_seq_len=seq_len,
-                                batch_size=batch_size, validation=None, validation_split=None, packing=packing,
-                                train_on=d.train_on, shuffle=d.shuffle, clean=dataclasses.asdict(d.clean),
-                                on_bad_row=d.on_bad_row, labels=None, seed=0)
+            ds = build_datasets(
+                format=d.format,
+                train=str(train),
+                tokenizer=tokenizer,
+                max_seq_len=seq_len,
+                batch_size=batch_size,
+                validation=None,
+                validation_split=None,
+                packing=packing,
+                train_on=d.train_on,
+                shuffle=d.shuffle,
+                clean=dataclasses.asdict(d.clean),
+                on_bad_row=d.on_bad_row,
+                labels=None,
+                seed=0,
+            )
             seg = ds.train_rows["segment_ids"]
             weights = ds.train_rows["weights"]
             lengths = [int(np.count_nonzero(row == s)) for row in seg for s in range(1, int(row.max()) + 1)]
-            rows.append({
-                "max_seq_len": seq_len, "packing": packing, "sequences": ds.stats.train_sequences,
-                "rows": ds.stats.train_rows, "steps_per_epoch": ds.steps_per_epoch,
-                "non_pad_share": ds.stats.packing_efficiency,
-                "supervised_share": float(np.count_nonzero(weights) / weights.size),
-                "mean_sequence_len": float(np.mean(lengths)), "max_sequence_len": int(np.max(lengths)),
-                "truncated": ds.stats.train_clean.truncated,
-            })
+            rows.append(
+                {
+                    "max_seq_len": seq_len,
+                    "packing": packing,
+                    "sequences": ds.stats.train_sequences,
+                    "rows": ds.stats.train_rows,
+                    "steps_per_epoch": ds.steps_per_epoch,
+                    "non_pad_share": ds.stats.packing_efficiency,
+                    "supervised_share": float(np.count_nonzero(weights) / weights.size),
+                    "mean_sequence_len": float(np.mean(lengths)),
+                    "max_sequence_len": int(np.max(lengths)),
+                    "truncated": ds.stats.train_clean.truncated,
+                }
+            )
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     head = ["max_seq_len", "layout", "sequences", "rows", "steps/epoch (b=16)", "non-pad share", "supervised share"]
-    body = [[str(r["max_seq_len"]), "packed" if r["packing"] else "one per row", str(r["sequences"]), str(r["rows"]),
-             str(r["steps_per_epoch"]), f"{100 * r['non_pad_share']:.1f}%", f"{100 * r['supervised_share']:.1f}%"]
-            for r in rows]
+    body = [
+        [
+            str(r["max_seq_len"]),
+            "packed" if r["packing"] else "one per row",
+            str(r["sequences"]),
+            str(r["rows"]),
+            str(r["steps_per_epoch"]),
+            f"{100 * r['non_pad_share']:.1f}%",
+            f"{100 * r['supervised_share']:.1f}%",
+        ]
+        for r in rows
+    ]
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [head] + body]
     for r in rows:
         if not r["packing"]:
-            lines.append(f"max_seq_len {r['max_seq_len']}: {r['sequences']} conversations, mean "
-                         f"{r['mean_sequence_len']:.1f} positions, longest {r['max_sequence_len']}, "
-                         f"{r['truncated']} truncated")
+            lines.append(
+                f"max_seq_len {r['max_seq_len']}: {r['sequences']} conversations, mean "
+                f"{r['mean_sequence_len']:.1f} positions, longest {r['max_sequence_len']}, "
+                f"{r['truncated']} truncated"
+            )
     return "\n".join(lines)
 
 

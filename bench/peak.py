@@ -41,9 +41,15 @@ def measure(dtype: str = "bfloat16", n: int | None = None, repeats: int = 10) ->
         times.append(time.perf_counter() - t0)
     best = min(times)
     flops = 2.0 * n**3 * chain
-    return {"dtype": dtype, "n": n, "chain": chain, "flops_per_s": flops / best,
-            "median_flops_per_s": flops / statistics.median(times),
-            "device": getattr(device, "device_kind", str(device)), "platform": device.platform}
+    return {
+        "dtype": dtype,
+        "n": n,
+        "chain": chain,
+        "flops_per_s": flops / best,
+        "median_flops_per_s": flops / statistics.median(times),
+        "device": getattr(device, "device_kind", str(device)),
+        "platform": device.platform,
+    }
 
 
 if __name__ == "__main__":

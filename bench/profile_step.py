@@ -132,8 +132,14 @@ def profile_ftc(job: common.Job, trace_steps: int) -> dict:
         by_scope[scope] += ms
         by_kind[classify(name, KINDS)] += ms
         by_op[f"{name}  [{op_names[name].split('/', 1)[-1][-70:]}]"] += ms
-    return {"stack": "ftc", "step_ms": wall * 1e3, "cpu_util": cpu_util, "by_scope": dict(by_scope),
-            "by_kind": dict(by_kind), "top_ops": by_op.most_common(60)}
+    return {
+        "stack": "ftc",
+        "step_ms": wall * 1e3,
+        "cpu_util": cpu_util,
+        "by_scope": dict(by_scope),
+        "by_kind": dict(by_kind),
+        "top_ops": by_op.most_common(60),
+    }
 
 
 def profile_torch(job: common.Job, trace_steps: int) -> dict:
@@ -164,8 +170,13 @@ def profile_torch(job: common.Job, trace_steps: int) -> dict:
         by_kind[classify(avg.key, TORCH_KINDS)] += ms
         by_op[avg.key] += ms
     del torch
-    return {"stack": "pytorch", "step_ms": wall * 1e3, "cpu_util": cpu_util, "by_kind": dict(by_kind),
-            "top_ops": by_op.most_common(60)}
+    return {
+        "stack": "pytorch",
+        "step_ms": wall * 1e3,
+        "cpu_util": cpu_util,
+        "by_kind": dict(by_kind),
+        "top_ops": by_op.most_common(60),
+    }
 
 
 # ------------------------------------------------------------------ report
@@ -221,14 +232,25 @@ def main(argv: list[str] | None = None) -> int:
         train_speed.make_tokens(config, args.steps + 2, work / "tokens.npy")
         threads = len(os.sched_getaffinity(0))
         for stack in stacks:
-            job = common.Job(config, args.method, str(work / "model"), str(work / "tokens.npy"), args.steps + 2, 2,
-                             threads)
+            job = common.Job(
+                config, args.method, str(work / "model"), str(work / "tokens.npy"), args.steps + 2, 2, threads
+            )
             (work / "job.json").write_text(job.to_json())
             out = work / f"{stack}.json"
-            cmd = [sys.executable, "-m", "bench.profile_step", "--steps", str(args.steps),
-                   "--worker", stack, str(work / "job.json"), str(out)]
-            proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=train_speed.worker_env(config),
-                                  capture_output=True, text=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.profile_step",
+                "--steps",
+                str(args.steps),
+                "--worker",
+                stack,
+                str(work / "job.json"),
+                str(out),
+            ]
+            proc = subprocess.run(
+                cmd, cwd=common.REPO_ROOT, env=train_speed.worker_env(config), capture_output=True, text=True
+            )
             if proc.returncode != 0:
                 print(f"{stack} profile failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1

@@ -15,7 +15,8 @@ _T_START = time.perf_counter()
 import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,11 +31,11 @@ class Program:
     step: Callable[[int], float]
     model: Any
     params: list
-    timings: dict          # import_s, load_s
+    timings: dict  # import_s, load_s
     rss_after_import: int
     versions: dict
     cuda: bool
-    memory: dict           # rss_after_load_bytes, peak_rss_after_load_bytes
+    memory: dict  # rss_after_load_bytes, peak_rss_after_load_bytes
 
 
 def build(job: common.Job) -> Program:
@@ -68,8 +69,11 @@ def build(job: common.Job) -> Program:
         import bitsandbytes  # noqa: F401  (a clear ImportError when missing)
 
         load_kw["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=False)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=False,
+        )
         load_kw["device_map"] = {"": 0}
     model = transformers.AutoModelForCausalLM.from_pretrained(job.model_dir, local_files_only=True, **load_kw)
     if job.method != "qlora":
@@ -79,13 +83,18 @@ def build(job: common.Job) -> Program:
     if job.method in ("lora", "qlora"):
         if job.method == "qlora":
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=job.remat != "none")
-        lora = peft.LoraConfig(r=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=0.0, bias="none",
-                               target_modules="all-linear", task_type="CAUSAL_LM")
+        lora = peft.LoraConfig(
+            r=c.lora_rank,
+            lora_alpha=c.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = peft.get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                            fused=True)
+    opt = torch.optim.AdamW(params, lr=c.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     tokens = np.load(job.tokens_path)
     if cuda:
         torch.cuda.synchronize()
@@ -122,12 +131,21 @@ def run(job: common.Job) -> dict:
         cpu.append(common.cpu_seconds() - c0)
 
     out = {
-        "stack": "pytorch", "method": job.method, "versions": p.versions,
+        "stack": "pytorch",
+        "method": job.method,
+        "versions": p.versions,
         "trainable_params": sum(x.numel() for x in p.params),
-        **p.timings, "compile_s": 0.0, "first_step_s": times[0], "step_times_s": times,
-        "step_cpu_s": cpu, "losses": losses,
-        "rss_after_import_bytes": p.rss_after_import, **p.memory, "peak_rss_bytes": common.peak_rss_bytes(),
-        "threads": torch.get_num_threads(), "optimizer": "torch.optim.AdamW(fused=True)",
+        **p.timings,
+        "compile_s": 0.0,
+        "first_step_s": times[0],
+        "step_times_s": times,
+        "step_cpu_s": cpu,
+        "losses": losses,
+        "rss_after_import_bytes": p.rss_after_import,
+        **p.memory,
+        "peak_rss_bytes": common.peak_rss_bytes(),
+        "threads": torch.get_num_threads(),
+        "optimizer": "torch.optim.AdamW(fused=True)",
         "attention": getattr(p.model.config, "_attn_implementation", None),
     }
     if p.cuda:

@@ -77,7 +77,9 @@ def worker_env(config: common.BenchConfig) -> dict:
     if config.device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
         env["CUDA_VISIBLE_DEVICES"] = ""
-    env["PYTHONPATH"] = os.pathsep.join([str(common.REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(common.REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
@@ -91,8 +93,9 @@ def run_worker(stack: str, job: common.Job, work_dir: Path, timeout: float) -> d
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", WORKERS[stack], str(job_path), str(result_path)]
     try:
-        proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=worker_env(job.config), capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=common.REPO_ROOT, env=worker_env(job.config), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"stack": stack, "method": job.method, "error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0 or not result_path.exists():
@@ -103,8 +106,9 @@ def run_worker(stack: str, job: common.Job, work_dir: Path, timeout: float) -> d
 
 def measure_peak(config: common.BenchConfig, timeout: float) -> dict:
     cmd = [sys.executable, "-m", "bench.peak", config.dtype]
-    proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=worker_env(config), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=common.REPO_ROOT, env=worker_env(config), capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -167,9 +171,13 @@ def machine_info() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": cpu or platform.processor(), "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "load_avg_start": list(os.getloadavg())}
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu or platform.processor(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "load_avg_start": list(os.getloadavg()),
+    }
 
 
 def _gb(n) -> str:
@@ -197,10 +205,26 @@ def format_table(report: dict) -> str:
     ]
     peak = report.get("peak") or {}
     if "flops_per_s" in peak:
-        lines.append(f"measured {peak['dtype']} matmul peak: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s "
-                     f"({peak['n']}x{peak['n']} matmul on {peak['device']})")
-    head = ["method", "stack", "loss@1", f"loss@{report['steps']}", "start-up s", "(import", "load", "compile",
-            "1st step)", "step s", "tokens/s", "MFU", "cores busy", "peak RSS"]
+        lines.append(
+            f"measured {peak['dtype']} matmul peak: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s "
+            f"({peak['n']}x{peak['n']} matmul on {peak['device']})"
+        )
+    head = [
+        "method",
+        "stack",
+        "loss@1",
+        f"loss@{report['steps']}",
+        "start-up s",
+        "(import",
+        "load",
+        "compile",
+        "1st step)",
+        "step s",
+        "tokens/s",
+        "MFU",
+        "cores busy",
+        "peak RSS",
+    ]
     if gpu:
         head.append("peak GPU mem")
     rows = [head]
@@ -212,19 +236,44 @@ def format_table(report: dict) -> str:
             if "error" in r or "skipped" in r:
                 rows.append([method, stack, (r.get("skipped") or "FAILED: " + r["error"])[:100]])
                 continue
-            row = [method, stack, f"{r['losses'][0]:.5f}", f"{r['losses'][-1]:.5f}", _s(r["startup_s"]),
-                   _s(r["import_s"]), _s(r["load_s"]), _s(r["compile_s"]), _s(r["first_step_s"]),
-                   _s(r["step_median_s"], 3), f"{r['tokens_per_s']:,.0f}",
-                   f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-", _s(r.get("cpu_util")), _gb(r["peak_rss_bytes"])]
+            row = [
+                method,
+                stack,
+                f"{r['losses'][0]:.5f}",
+                f"{r['losses'][-1]:.5f}",
+                _s(r["startup_s"]),
+                _s(r["import_s"]),
+                _s(r["load_s"]),
+                _s(r["compile_s"]),
+                _s(r["first_step_s"]),
+                _s(r["step_median_s"], 3),
+                f"{r['tokens_per_s']:,.0f}",
+                f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
+                _s(r.get("cpu_util")),
+                _gb(r["peak_rss_bytes"]),
+            ]
             if gpu:
                 row.append(_gb(r.get("peak_device_bytes")))
             rows.append(row)
         q = entry.get("ratio")
         if q:
             chk = entry["loss_check"]
-            row = [method, "ftc/pt", f"d={chk['abs_diff']:.1e}" + ("" if chk["agree"] else " !"), "",
-                   _x(q.get("startup_s")), "", "", "", "", _x(q.get("step_median_s")), _x(q.get("tokens_per_s")),
-                   "", "", _x(q.get("peak_rss_bytes"))]
+            row = [
+                method,
+                "ftc/pt",
+                f"d={chk['abs_diff']:.1e}" + ("" if chk["agree"] else " !"),
+                "",
+                _x(q.get("startup_s")),
+                "",
+                "",
+                "",
+                "",
+                _x(q.get("step_median_s")),
+                _x(q.get("tokens_per_s")),
+                "",
+                "",
+                _x(q.get("peak_rss_bytes")),
+            ]
             if gpu:
                 row.append(_x(q.get("peak_device_bytes")))
             rows.append(row)
@@ -241,13 +290,31 @@ def format_table(report: dict) -> str:
 # ------------------------------------------------------------------ main
 
 
-def run(config: common.BenchConfig, methods: list[str], steps: int, warmup: int, *, stacks=STACKS,
-        threads: int | None = None, remat: str = "none", peak: bool = True, rounds: int = 1,
-        timeout: float = 1800.0) -> dict:
+def run(
+    config: common.BenchConfig,
+    methods: list[str],
+    steps: int,
+    warmup: int,
+    *,
+    stacks=STACKS,
+    threads: int | None = None,
+    remat: str = "none",
+    peak: bool = True,
+    rounds: int = 1,
+    timeout: float = 1800.0,
+) -> dict:
     threads = threads or len(os.sched_getaffinity(0))
-    report: dict = {"config": dataclasses.asdict(config), "steps": steps, "warmup": warmup, "rounds": rounds,
-                    "threads": threads,
-                    "remat": remat, "machine": machine_info(), "methods": {}, "versions": {}}
+    report: dict = {
+        "config": dataclasses.asdict(config),
+        "steps": steps,
+        "warmup": warmup,
+        "rounds": rounds,
+        "threads": threads,
+        "remat": remat,
+        "machine": machine_info(),
+        "methods": {},
+        "versions": {},
+    }
     with tempfile.TemporaryDirectory(prefix="ftc-bench-") as tmp:
         work = Path(tmp)
         model_dir, tokens_path = work / "model", work / "tokens.npy"
@@ -285,18 +352,28 @@ def run(config: common.BenchConfig, methods: list[str], steps: int, warmup: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", choices=sorted(common.CONFIGS), default="cpu")
     p.add_argument("--method", choices=[*common.METHODS, "all"], default="all")
     p.add_argument("--steps", type=int, default=None, help="steps per stack (default: the config's)")
     p.add_argument("--warmup", type=int, default=None, help="steps left out of the median (default: the config's)")
     p.add_argument("--stack", choices=[*STACKS, "both"], default="both")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--remat", choices=["none", "full"], default="none",
-                   help="activation checkpointing on both sides (ftc remat=full, HF gradient checkpointing)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run each stack this many times, alternating which goes first; report the round with "
-                        "the fastest median step (for a machine shared with other work)")
+    p.add_argument(
+        "--remat",
+        choices=["none", "full"],
+        default="none",
+        help="activation checkpointing on both sides (ftc remat=full, HF gradient checkpointing)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each stack this many times, alternating which goes first; report the round with "
+        "the fastest median step (for a machine shared with other work)",
+    )
     p.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak (no MFU column)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the full report here")
     args = p.parse_args(argv)
@@ -308,13 +385,23 @@ def main(argv: list[str] | None = None) -> int:
     if steps < 2:
         p.error("--steps must be at least 2 (one warm-up step, one timed)")
     stacks = STACKS if args.stack == "both" else (args.stack,)
-    report = run(config, methods, steps, warmup, stacks=stacks, threads=args.threads, remat=args.remat,
-                 peak=not args.no_peak, rounds=args.rounds)
+    report = run(
+        config,
+        methods,
+        steps,
+        warmup,
+        stacks=stacks,
+        threads=args.threads,
+        remat=args.remat,
+        peak=not args.no_peak,
+        rounds=args.rounds,
+    )
     print(format_table(report))
     if args.json_out:
         common.write_json(args.json_out, report)
-    failed = [f"{m}/{s}" for m, e in report["methods"].items() for s, r in e.items()
-              if isinstance(r, dict) and "error" in r]
+    failed = [
+        f"{m}/{s}" for m, e in report["methods"].items() for s, r in e.items() if isinstance(r, dict) and "error" in r
+    ]
     disagree = [m for m, e in report["methods"].items() if "loss_check" in e and not e["loss_check"]["agree"]]
     for m in disagree:
         print(f"first-step losses disagree for {m}: {report['methods'][m]['loss_check']}", file=sys.stderr)

@@ -22,13 +22,14 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class MatmulWeights:
-    base: int            # N: the model's matmul weights (projections + LM head)
-    base_trained: int    # of those, how many train (all for a full fine-tune, 0 for LoRA)
-    adapter: int         # weights a method adds that train and take part in matmuls (LoRA A/B)
+    base: int  # N: the model's matmul weights (projections + LM head)
+    base_trained: int  # of those, how many train (all for a full fine-tune, 0 for LoRA)
+    adapter: int  # weights a method adds that train and take part in matmuls (LoRA A/B)
 
 
-def train_flops_per_token(weights: MatmulWeights, *, layers: int, seq_len: int, attention_width: int,
-                          reference_forward: bool = False) -> float:
+def train_flops_per_token(
+    weights: MatmulWeights, *, layers: int, seq_len: int, attention_width: int, reference_forward: bool = False
+) -> float:
     """Model FLOPs to train on one token (forward + backward) under the convention above.
     `attention_width` = heads * head_dim; `reference_forward`: the objective also runs a frozen
     reference model forward (DPO)."""
@@ -43,7 +44,7 @@ def train_flops_per_token(weights: MatmulWeights, *, layers: int, seq_len: int, 
 # TPU v4 and v5p devices are whole chips (megacore); v5e and v6e have one core per chip.
 PEAK_BF16_TFLOPS = (
     ("h100 pcie", 756.0),
-    ("h100", 989.4),   # SXM / HBM3
+    ("h100", 989.4),  # SXM / HBM3
     ("h200", 989.4),
     ("gh200", 989.4),
     ("b200", 2250.0),

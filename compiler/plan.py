@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from ftc.compiler import flops as flops_lib
 from ftc.compiler import memory as memory_lib
@@ -32,10 +32,21 @@ from ftc.compiler.sharding_rules import PlanError
 # the whole batch. Everything else is training-relevant, and so is everything Plan.fingerprint
 # covers (none of it depends on these keys).
 RESUMABLE_CHANGES = (
-    "description", "output_dir", "name",
-    "training.steps", "training.epochs", "training.eval_every", "training.log_every",
-    "training.micro_batch_size", "training.remat",
-    "data.validation", "model.init_from", "mesh", "checkpoint", "logging", "export",
+    "description",
+    "output_dir",
+    "name",
+    "training.steps",
+    "training.epochs",
+    "training.eval_every",
+    "training.log_every",
+    "training.micro_batch_size",
+    "training.remat",
+    "data.validation",
+    "model.init_from",
+    "mesh",
+    "checkpoint",
+    "logging",
+    "export",
 )
 
 
@@ -180,8 +191,10 @@ class Plan:
         b = self.batch
         key = {
             "params": [(p.path, p.shape, p.dtype, p.trainable) for p in self.params],
-            "compute_dtype": self.compute_dtype, "param_dtype": self.param_dtype,
-            "method": self.method, "objective": self.objective,
+            "compute_dtype": self.compute_dtype,
+            "param_dtype": self.param_dtype,
+            "method": self.method,
+            "objective": self.objective,
             "batch": {"global_batch": b.global_batch, "seq_len": b.seq_len, "tokens_per_step": b.tokens_per_step},
             "optimizer": dataclasses.asdict(self.optimizer),
         }
@@ -228,27 +241,38 @@ def compile_plan(
     for info in param_infos:
         partition, why = sharding_rules.param_partition(info.axes, info.shape, mesh_shape)
         notes += [f"{info.path}: {w}" for w in why]
-        params.append(ParamPlan(info.path, tuple(info.shape), spec.model.param_dtype
-                                if info.dtype in ("float32", "bfloat16", "float16") else info.dtype,
-                                tuple(info.axes), partition, bool(trainable(info.path))))
+        params.append(
+            ParamPlan(
+                info.path,
+                tuple(info.shape),
+                spec.model.param_dtype if info.dtype in ("float32", "bfloat16", "float16") else info.dtype,
+                tuple(info.axes),
+                partition,
+                bool(trainable(info.path)),
+            )
+        )
     params = tuple(params)
     if counts is None:
-        counts = Counts(sum(math.prod(p.shape) for p in params),
-                        sum(math.prod(p.shape) for p in params if p.trainable))
+        counts = Counts(sum(math.prod(p.shape) for p in params), sum(math.prod(p.shape) for p in params if p.trainable))
 
     model = model_summary(hf_config, family)
     batch = _batch_geometry(spec, mesh_shape)
     seq_len = batch.seq_len
     if model.max_position_embeddings and seq_len > model.max_position_embeddings:
-        notes.append(f"model.max_seq_len={seq_len} exceeds the model's max_position_embeddings="
-                     f"{model.max_position_embeddings}")
+        notes.append(
+            f"model.max_seq_len={seq_len} exceeds the model's max_position_embeddings={model.max_position_embeddings}"
+        )
     steps = step_plan(spec.training, steps_per_epoch)
     opt = spec.training.optimizer
     if matmul_weights is None:
         matmul_weights = _matmul_weights(params, model)
     flops_per_token = flops_lib.train_flops_per_token(
-        matmul_weights, layers=model.layers, seq_len=seq_len, attention_width=model.heads * model.head_dim,
-        reference_forward=objective.reference_forward)
+        matmul_weights,
+        layers=model.layers,
+        seq_len=seq_len,
+        attention_width=model.heads * model.head_dim,
+        reference_forward=objective.reference_forward,
+    )
     return Plan(
         name=spec.name,
         model=model,
@@ -264,8 +288,7 @@ def compile_plan(
         batch=batch,
         steps=steps,
         schedule=schedule_plan(spec.training, steps.total_steps),
-        optimizer=OptimizerPlan(opt.kind, opt.weight_decay, opt.beta1, opt.beta2, opt.eps, opt.momentum,
-                                opt.grad_clip),
+        optimizer=OptimizerPlan(opt.kind, opt.weight_decay, opt.beta1, opt.beta2, opt.eps, opt.momentum, opt.grad_clip),
         mesh=MeshPlan(*(mesh_shape[a] for a in sharding_rules.MESH_AXES), device_count=device_count),
         notes=tuple(notes),
         flops_per_token=flops_per_token,
@@ -279,8 +302,9 @@ def step_plan(training, steps_per_epoch: int | None) -> StepPlan:
     if t.steps is not None:
         return StepPlan(t.steps, steps_per_epoch, None, "training.steps")
     if steps_per_epoch is not None:
-        return StepPlan(t.epochs * steps_per_epoch, steps_per_epoch, t.epochs,
-                        f"{t.epochs} epochs x {steps_per_epoch} steps")
+        return StepPlan(
+            t.epochs * steps_per_epoch, steps_per_epoch, t.epochs, f"{t.epochs} epochs x {steps_per_epoch} steps"
+        )
     return StepPlan(None, None, t.epochs, f"{t.epochs} epochs; steps unknown until the data is read")
 
 
@@ -351,8 +375,9 @@ def model_summary(hf_config: dict, family: str) -> ModelSummary:
 def _batch_geometry(spec, mesh_shape: dict[str, int]) -> BatchGeometry:
     t = spec.training
     if t.batch_size % t.micro_batch_size:
-        raise PlanError(f"training.batch_size={t.batch_size} is not a multiple of "
-                         f"training.micro_batch_size={t.micro_batch_size}")
+        raise PlanError(
+            f"training.batch_size={t.batch_size} is not a multiple of training.micro_batch_size={t.micro_batch_size}"
+        )
     shards = sharding_rules.batch_shards(mesh_shape)
     if t.micro_batch_size % shards:
         raise PlanError(
@@ -361,5 +386,11 @@ def _batch_geometry(spec, mesh_shape: dict[str, int]) -> BatchGeometry:
             f"raise the micro-batch or move devices to mesh.tensor"
         )
     seq = spec.model.max_seq_len
-    return BatchGeometry(t.batch_size, t.micro_batch_size, t.batch_size // t.micro_batch_size, seq,
-                         t.batch_size * seq, t.micro_batch_size // shards)
+    return BatchGeometry(
+        t.batch_size,
+        t.micro_batch_size,
+        t.batch_size // t.micro_batch_size,
+        seq,
+        t.batch_size * seq,
+        t.micro_batch_size // shards,
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def human_bytes(n: float) -> str:
@@ -37,8 +38,11 @@ def format_plan(plan, *, max_params: int = 40) -> str:
         f"micro-batch {b.micro_batch} ({b.micro_batch_per_device}/device) x {b.accum_steps} accumulation step(s)",
         f"steps     {s.total_steps if s.total_steps is not None else 'unknown'}   ({s.note})",
         f"schedule  {plan.schedule.kind}, lr {plan.schedule.learning_rate:g}, warmup "
-        + (f"{plan.schedule.warmup_steps} steps" if plan.schedule.warmup_steps is not None
-           else f"ratio {plan.schedule.warmup_ratio}")
+        + (
+            f"{plan.schedule.warmup_steps} steps"
+            if plan.schedule.warmup_steps is not None
+            else f"ratio {plan.schedule.warmup_ratio}"
+        )
         + f", min_lr_ratio {plan.schedule.min_lr_ratio:g}",
         f"optimizer {plan.optimizer.kind}, weight decay {plan.optimizer.weight_decay:g}, "
         f"grad clip {plan.optimizer.grad_clip:g}",

@@ -14,7 +14,7 @@ plans on any mesh. Pure Python: no jax, so a plan is data that prints without a 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -39,7 +39,9 @@ PartitionTuple = tuple
 
 class PlanError(ValueError):
     """A spec that cannot run as asked on these devices; the message names the spec keys."""
-  # one entry per dimension: a mesh axis name or None
+
+
+# one entry per dimension: a mesh axis name or None
 
 
 def param_partition(
@@ -95,11 +97,11 @@ def resolve_mesh(data: int, fsdp: int, tensor: int, device_count: int) -> dict[s
     if rest:
         if device_count % fixed:
             raise PlanError(
-                f"mesh ({given}): the fixed axes multiply to {fixed}, which does not divide the "
-                f"{device_count} devices"
+                f"mesh ({given}): the fixed axes multiply to {fixed}, which does not divide the {device_count} devices"
             )
         sizes[rest[0]] = device_count // fixed
     elif fixed != device_count:
-        raise PlanError(f"mesh ({given}) has {fixed} devices but {device_count} are available; "
-                         f"set one axis to -1 to take the rest")
+        raise PlanError(
+            f"mesh ({given}) has {fixed} devices but {device_count} are available; set one axis to -1 to take the rest"
+        )
     return sizes

@@ -35,6 +35,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 def corpus_dir() -> str:
     import chatterbot_corpus  # the data package; imported only to find its files
+
     return os.path.join(os.path.dirname(chatterbot_corpus.__file__), "data", "english")
 
 
@@ -67,8 +68,9 @@ def chat_rows(topics: dict[str, list[list[str]]]) -> list[dict]:
 
 
 def topic_rows(topics: dict[str, list[list[str]]], rng: random.Random) -> dict[str, list[str]]:
-    lines_by_topic = {t: sorted({c[i] for c in convs for i in range(0, len(c), 2) if c[i]})
-                      for t, convs in topics.items()}
+    lines_by_topic = {
+        t: sorted({c[i] for c in convs for i in range(0, len(c), 2) if c[i]}) for t, convs in topics.items()
+    }
     where = collections.Counter(line for lines in lines_by_topic.values() for line in lines)
     out = {}
     for topic, lines in lines_by_topic.items():

@@ -23,10 +23,21 @@ def main():
 
 @main.command(short_help="Check specs against the schema and rules.")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a key in every spec, typed by the schema: --set training.learning_rate=1e-4")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text", show_default=True,
-              help="text: file:line:col lines; json: one document; github: GitHub Actions annotations.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a key in every spec, typed by the schema: --set training.learning_rate=1e-4",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+    help="text: file:line:col lines; json: one document; github: GitHub Actions annotations.",
+)
 def lint(files, overrides, fmt):
     """Check spec files (TOML or JSON) against the schema and the semantic rules.
 
@@ -55,10 +66,15 @@ def schema():
 
 @main.command(short_help="Write a commented starter spec.")
 @click.argument("path", default="spec.toml", type=click.Path(dir_okay=False))
-@click.option("--method", type=click.Choice(choices.method_kinds()), default="lora", show_default=True,
-              help="What to train.")
-@click.option("--objective", type=click.Choice(choices.objectives()), default=None,
-              help="Training objective (default: the method's first: classify for a probe, else sft).")
+@click.option(
+    "--method", type=click.Choice(choices.method_kinds()), default="lora", show_default=True, help="What to train."
+)
+@click.option(
+    "--objective",
+    type=click.Choice(choices.objectives()),
+    default=None,
+    help="Training objective (default: the method's first: classify for a probe, else sft).",
+)
 @click.option("--base", default=None, help="Base model: HF id, local directory or .gguf file.")
 @click.option("--name", default=None, help="Run name (default: from the file name).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
@@ -72,8 +88,9 @@ def init(path, method, objective, base, name, force):
 
     only = choices.method_info(method).get("objectives")
     if only and objective not in (None, *only):
-        raise click.UsageError(f"{choices.method_info(method)['objectives_why']}: --objective must be "
-                               f"{' or '.join(only)}")
+        raise click.UsageError(
+            f"{choices.method_info(method)['objectives_why']}: --objective must be {' or '.join(only)}"
+        )
     if name is not None and not re.fullmatch(NAME_PATTERN, name):
         raise click.UsageError(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
     if os.path.exists(path) and not force:
@@ -97,11 +114,20 @@ def model():
 @click.argument("source")
 @click.option("--batch", default=2, show_default=True, type=click.IntRange(min=1), help="Sequences in the test batch.")
 @click.option("--seq-len", default=16, show_default=True, type=click.IntRange(min=1), help="Tokens per sequence.")
-@click.option("--tol", default=1e-4, show_default=True, type=click.FloatRange(min=0),
-              help="Allowed max |difference|, scaled by max(1, max |transformers output|).")
+@click.option(
+    "--tol",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Allowed max |difference|, scaled by max(1, max |transformers output|).",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the token ids.")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="ftc cache for converted GGUF files (default $FTC_CACHE or ~/.cache/ftc).")
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="ftc cache for converted GGUF files (default $FTC_CACHE or ~/.cache/ftc).",
+)
 def verify(source, batch, seq_len, tol, seed, cache_dir):
     """Load SOURCE in ftc (JAX) and in transformers (PyTorch), both float32, run one fixed padded
     batch through both and print the largest difference of the logits (hidden states for encoders).
@@ -119,7 +145,7 @@ def verify(source, batch, seq_len, tol, seed, cache_dir):
         result = verify_model(model_dir, batch=batch, seq_len=seq_len, tol=tol, seed=seed)
     except (ModelSourceError, ReferenceUnavailable, ValueError, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)  # the check could not run: not the same as failing it
-        raise SystemExit(2)
+        raise SystemExit(2) from None
     click.echo(result.summary())
     raise SystemExit(0 if result.ok else 1)
 
@@ -131,14 +157,20 @@ def _load_spec_or_exit(spec_path, overrides):
         return load_spec(spec_path, overrides)
     except SpecError as e:
         click.echo(str(e), err=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
 
 @main.command(short_help="Show what a spec will do, allocating nothing.")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema).")
-@click.option("--devices", type=click.IntRange(min=1), default=None,
-              help="Plan for this many devices (default: the devices jax sees here).")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema)."
+)
+@click.option(
+    "--devices",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Plan for this many devices (default: the devices jax sees here).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON document.")
 def plan(spec_path, overrides, devices, as_json):
     """Compile SPEC into a plan: model summary, parameter counts, per-device memory estimate,
@@ -156,22 +188,43 @@ def plan(spec_path, overrides, devices, as_json):
         result = plan_spec(spec, device_count=devices)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         click.echo(f"error: {e}", err=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
 
 
 @main.command(short_help="Train a spec (resumes from the run's latest checkpoint).")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(exists=True, dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema).")
-@click.option("--coordinator", default=None, envvar="FTC_COORDINATOR", metavar="HOST:PORT",
-              help="Multi-process: address of process 0, the same for every process [env FTC_COORDINATOR].")
-@click.option("--num-processes", type=click.IntRange(min=1), default=None, envvar="FTC_NUM_PROCESSES",
-              help="Multi-process: how many processes join the run [env FTC_NUM_PROCESSES].")
-@click.option("--process-id", type=click.IntRange(min=0), default=None, envvar="FTC_PROCESS_ID",
-              help="Multi-process: this process's id, 0 .. N-1 [env FTC_PROCESS_ID].")
-@click.option("--distributed", is_flag=True, envvar="FTC_DISTRIBUTED",
-              help="Multi-process: read coordinator, count and id from the cluster (TPU pod, SLURM, Open MPI, "
-                   "Kubernetes) [env FTC_DISTRIBUTED=1].")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec key (typed by the schema)."
+)
+@click.option(
+    "--coordinator",
+    default=None,
+    envvar="FTC_COORDINATOR",
+    metavar="HOST:PORT",
+    help="Multi-process: address of process 0, the same for every process [env FTC_COORDINATOR].",
+)
+@click.option(
+    "--num-processes",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="FTC_NUM_PROCESSES",
+    help="Multi-process: how many processes join the run [env FTC_NUM_PROCESSES].",
+)
+@click.option(
+    "--process-id",
+    type=click.IntRange(min=0),
+    default=None,
+    envvar="FTC_PROCESS_ID",
+    help="Multi-process: this process's id, 0 .. N-1 [env FTC_PROCESS_ID].",
+)
+@click.option(
+    "--distributed",
+    is_flag=True,
+    envvar="FTC_DISTRIBUTED",
+    help="Multi-process: read coordinator, count and id from the cluster (TPU pod, SLURM, Open MPI, "
+    "Kubernetes) [env FTC_DISTRIBUTED=1].",
+)
 def run(spec_path, overrides, coordinator, num_processes, process_id, distributed):
     """Train SPEC into <output_dir>/<name>: spec.resolved.json, metrics.jsonl, tensorboard/,
     checkpoints/. Running it again resumes from the latest checkpoint; a changed training-relevant
@@ -190,8 +243,10 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     problem = launch.problem()
     single = choices.method_info(spec.method.kind).get("single_process")
     if problem is None and launch.multi_process and single:
-        problem = (f"method.kind = {spec.method.kind} runs in one process ({single}); "
-                   "start it without --coordinator / --distributed")
+        problem = (
+            f"method.kind = {spec.method.kind} runs in one process ({single}); "
+            "start it without --coordinator / --distributed"
+        )
     if problem:
         click.echo(f"error: {problem}", err=True)
         raise SystemExit(2)
@@ -200,40 +255,71 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     except (RuntimeError, ValueError) as e:  # coordinator unreachable, timeout, cluster not detected
         where = launch.coordinator or "the cluster's coordinator"
         click.echo(f"error: could not join the multi-process run at {where}: {e}", err=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
 
-    from ftc.backends.jax.state.checkpoint import ResumeRefusedError
     from ftc.backends.jax.data.read import DataError
     from ftc.backends.jax.io.export import ExportError, VerifyFailedError
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.pipeline import run as run_spec
+    from ftc.backends.jax.state.checkpoint import ResumeRefusedError
     from ftc.backends.jax.train.step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
     echo = click.echo if dist.is_writer() else (lambda *_a, **_k: None)
     try:
         summary = run_spec(spec, echo=echo)
-    except (ResumeRefusedError, NonFiniteLossError, NotImplementedError, PlanError, ModelSourceError, DataError,
-            FileNotFoundError, ExportError, VerifyFailedError, ValueError) as e:
+    except (
+        ResumeRefusedError,
+        NonFiniteLossError,
+        NotImplementedError,
+        PlanError,
+        ModelSourceError,
+        DataError,
+        FileNotFoundError,
+        ExportError,
+        VerifyFailedError,
+        ValueError,
+    ) as e:
         click.echo(f"error: {e}", err=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
 
 
 @main.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.")
-@click.option("--format", "fmt", type=click.Choice(choices.export_formats()), default=None,
-              help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
-                   "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Dtype of the written weights. Default: the run's export.dtype.")
-@click.option("--verify/--no-verify", default=None,
-              help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
-                   "on a fixed batch. Default: the run's export.verify.")
-@click.option("--tol", default=1e-4, show_default=True, type=click.FloatRange(min=0),
-              help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(choices.export_formats()),
+    default=None,
+    help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
+    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Dtype of the written weights. Default: the run's export.dtype.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=None,
+    help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
+    "on a fixed batch. Default: the run's export.verify.",
+)
+@click.option(
+    "--tol",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).",
+)
 @click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 def export(run_dir, out, fmt, dtype, verify, tol, step, force):
@@ -248,11 +334,12 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
     from ftc.backends.jax.io.verify import ReferenceUnavailable
 
     try:
-        _, check = export_run(run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step,
-                              tol=tol, echo=click.echo)
+        _, check = export_run(
+            run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step, tol=tol, echo=click.echo
+        )
     except (ExportError, ModelSourceError, ReferenceUnavailable, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     raise SystemExit(0 if check is None or check.ok else 1)
 
 

@@ -11,15 +11,43 @@ and the semantic rules, filling defaults (validate.py); build the frozen Spec (m
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from ftc.spec.errors import SpecError, SpecIssue
-from ftc.spec.model import (CheckpointSpec, CleanSpec, DataSpec, ExportSpec, LoggingSpec, MeshSpec, MethodSpec,
-                            ModelSpec, OptimizerSpec, ScheduleSpec, Spec, TrainingSpec)
+from ftc.spec.model import (
+    CheckpointSpec,
+    CleanSpec,
+    DataSpec,
+    ExportSpec,
+    LoggingSpec,
+    MeshSpec,
+    MethodSpec,
+    ModelSpec,
+    OptimizerSpec,
+    ScheduleSpec,
+    Spec,
+    TrainingSpec,
+)
 
-__all__ = ["load_spec", "lint_file", "spec_from_dict", "Spec", "SpecError", "SpecIssue", "ModelSpec", "DataSpec",
-           "CleanSpec", "MethodSpec", "TrainingSpec", "ScheduleSpec", "OptimizerSpec", "MeshSpec",
-           "CheckpointSpec", "ExportSpec", "LoggingSpec"]
+__all__ = [
+    "load_spec",
+    "lint_file",
+    "spec_from_dict",
+    "Spec",
+    "SpecError",
+    "SpecIssue",
+    "ModelSpec",
+    "DataSpec",
+    "CleanSpec",
+    "MethodSpec",
+    "TrainingSpec",
+    "ScheduleSpec",
+    "OptimizerSpec",
+    "MeshSpec",
+    "CheckpointSpec",
+    "ExportSpec",
+    "LoggingSpec",
+]
 
 
 def load_spec(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Spec:
@@ -63,7 +91,8 @@ def _load(name: str, overrides: tuple) -> tuple[Spec | None, list[SpecIssue]]:
 
 
 def _finish(data, locs, name, source, extends, overrides, issues) -> tuple[Spec | None, list[SpecIssue]]:
-    from ftc.spec import model, overrides as _overrides, validate
+    from ftc.spec import model, validate
+    from ftc.spec import overrides as _overrides
 
     parsed, override_issues = _overrides.parse_overrides(overrides)
     issues += override_issues

@@ -74,8 +74,11 @@ def _bases(doc: Document, issues: list) -> list[tuple[tuple, str]]:
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
         return [(("extends", i), v) for i, v in enumerate(value)]
     line, col = doc.where(("extends",))
-    issues.append(SpecIssue(doc.name, line, col, "extends",
-                            f"expected a file path or a non-empty list of file paths, got {value!r}"))
+    issues.append(
+        SpecIssue(
+            doc.name, line, col, "extends", f"expected a file path or a non-empty list of file paths, got {value!r}"
+        )
+    )
     return []
 
 

@@ -37,7 +37,9 @@ def read_document(name: str) -> tuple[Document | None, list[SpecIssue]]:
     """Parse the file at `name`. Returns (None, issues) when it cannot be read or parsed."""
     suffix = os.path.splitext(name)[1].lower()
     if suffix not in SUFFIXES:
-        return None, [SpecIssue(name, 0, 0, "", f"a spec is a .toml or .json file, not {suffix or 'a file without suffix'!r}")]
+        return None, [
+            SpecIssue(name, 0, 0, "", f"a spec is a .toml or .json file, not {suffix or 'a file without suffix'!r}")
+        ]
     try:
         with open(name, "rb") as f:
             text = f.read().decode("utf-8-sig")
@@ -83,8 +85,10 @@ def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
     if not isinstance(data, dict):
         return None, [SpecIssue(name, 1, 1, "", f"a spec is a JSON object, not {type(data).__name__}")]
     positions, problems = _positions.json_positions(text)
-    issues = [SpecIssue(name, line, col, format_key_path(path), f"invalid JSON: {problem}")
-              for path, (line, col), problem in problems]
+    issues = [
+        SpecIssue(name, line, col, format_key_path(path), f"invalid JSON: {problem}")
+        for path, (line, col), problem in problems
+    ]
     return Document(name, data, positions), issues
 
 

@@ -101,5 +101,11 @@ def _typed(node: dict, raw: str) -> tuple[object, str | None]:
     return None, f"expected {expected}, got {raw!r}"
 
 
-_TYPE_WORDS = {"integer": "an integer", "number": "a number", "boolean": "true or false",
-               "string": "a string", "array": "a list", "object": "a table"}
+_TYPE_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "string": "a string",
+    "array": "a list",
+    "object": "a table",
+}

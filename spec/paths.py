@@ -29,8 +29,12 @@ def resolve(kind: str, value: str, base_dir: str) -> str:
     if kind == "model" and value.startswith(PACKAGE_PREFIX):
         return value
     local = os.path.abspath(os.path.join(base_dir, os.path.expanduser(value)))
-    if kind == "model" and not value.startswith(("./", "../", "/", "~")) and not os.path.exists(local) \
-            and _HF_ID.fullmatch(value):
+    if (
+        kind == "model"
+        and not value.startswith(("./", "../", "/", "~"))
+        and not os.path.exists(local)
+        and _HF_ID.fullmatch(value)
+    ):
         return value
     return local
 
@@ -44,7 +48,7 @@ def package_problem(value: str) -> str | None:
     """Why a `package:NAME/rel/path` source cannot be found, without importing the package."""
     import importlib.util
 
-    name, _, rel = value[len(PACKAGE_PREFIX):].partition("/")
+    name, _, rel = value[len(PACKAGE_PREFIX) :].partition("/")
     if not name.isidentifier():
         return f"expected 'package:IMPORT_NAME/relative/path', got {value!r}"
     found = importlib.util.find_spec(name)  # a top-level name: reads the import path, runs no code

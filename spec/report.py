@@ -29,9 +29,23 @@ def _text(results) -> str:
 def _json(results) -> str:
     out = {"valid": not any(i.severity == "error" for issues in results.values() for i in issues), "files": []}
     for name, issues in results.items():
-        out["files"].append({"file": name, "valid": not any(i.severity == "error" for i in issues),
-                             "issues": [{"file": i.file, "line": i.line, "col": i.col, "key_path": i.key_path,
-                                         "severity": i.severity, "message": i.message} for i in issues]})
+        out["files"].append(
+            {
+                "file": name,
+                "valid": not any(i.severity == "error" for i in issues),
+                "issues": [
+                    {
+                        "file": i.file,
+                        "line": i.line,
+                        "col": i.col,
+                        "key_path": i.key_path,
+                        "severity": i.severity,
+                        "message": i.message,
+                    }
+                    for i in issues
+                ],
+            }
+        )
     return json.dumps(out, indent=2)
 
 

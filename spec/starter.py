@@ -13,8 +13,8 @@ DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MAX_SEQ_LEN = 2048
 # The data keys worth showing per data format (the rest keep their defaults quietly).
 _DATA_EXTRA = {
-    "chat": 'packing = true                        # several conversations per sequence\n'
-            'train_on = "assistant"               # loss on assistant turns only (or "all")\n',
+    "chat": "packing = true                        # several conversations per sequence\n"
+    'train_on = "assistant"               # loss on assistant turns only (or "all")\n',
     "classification": '# labels = ["negative", "positive"]  # class order; default: sorted labels in train\n',
 }
 
@@ -64,24 +64,34 @@ dtype = "bfloat16"
 """
 
 
-def starter_spec(file: str, name: str, method: str = "full", objective: str | None = None,
-                 base: str | None = None) -> str:
+def starter_spec(
+    file: str, name: str, method: str = "full", objective: str | None = None, base: str | None = None
+) -> str:
     """The starter spec for a method kind and objective (default: the method's first, sft unless
     it trains only another), from what the schema says of them (spec/choices.py)."""
     objective = objective or choices.objectives_for(method)[0]
     about = choices.objective_info(objective)
     fmt = choices.data_formats_for(objective)[0]
     export = choices.export_formats_for(method)[0]
-    return _align_comments(_TEMPLATE.format(
-        file=file, name=name, description=f"{method} fine-tune ({objective})",
-        base=base or about.get("starter_base", DEFAULT_BASE),
-        max_seq_len=about.get("starter_max_seq_len", DEFAULT_MAX_SEQ_LEN),
-        format=fmt, format_comment=_comment(choices.comment(("data", "format"), fmt)),
-        data_extra=_DATA_EXTRA.get(fmt, ""), method=_method_block(method), objective=objective,
-        objective_extra="".join("\n" + line for line in _objective_lines(objective)),
-        micro=4, learning_rate=_scientific(choices.method_info(method)["learning_rate"]),
-        export_format=export, export_comment=_comment(choices.comment(("export", "format"), export)),
-    ))
+    return _align_comments(
+        _TEMPLATE.format(
+            file=file,
+            name=name,
+            description=f"{method} fine-tune ({objective})",
+            base=base or about.get("starter_base", DEFAULT_BASE),
+            max_seq_len=about.get("starter_max_seq_len", DEFAULT_MAX_SEQ_LEN),
+            format=fmt,
+            format_comment=_comment(choices.comment(("data", "format"), fmt)),
+            data_extra=_DATA_EXTRA.get(fmt, ""),
+            method=_method_block(method),
+            objective=objective,
+            objective_extra="".join("\n" + line for line in _objective_lines(objective)),
+            micro=4,
+            learning_rate=_scientific(choices.method_info(method)["learning_rate"]),
+            export_format=export,
+            export_comment=_comment(choices.comment(("export", "format"), export)),
+        )
+    )
 
 
 def _comment(text: str) -> str:
@@ -110,8 +120,11 @@ def _method_block(method: str) -> str:
 def _objective_lines(objective: str) -> list[str]:
     """The [training] keys that apply only to `objective` (e.g. dpo_beta), at their defaults."""
     training = schema_walk.node_at(("training",))["properties"]
-    return [f"{key} = {_value(node['default'])}" + _comment(choices.comment(("training", key)))
-            for key, node in training.items() if objective in node.get("x-ftc-when", {}).get("objective", ())]
+    return [
+        f"{key} = {_value(node['default'])}" + _comment(choices.comment(("training", key)))
+        for key, node in training.items()
+        if objective in node.get("x-ftc-when", {}).get("objective", ())
+    ]
 
 
 def _align_comments(text: str, column: int = 40) -> str:

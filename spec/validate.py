@@ -52,6 +52,7 @@ def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
 
 # ---- schema -------------------------------------------------------------------------------
 
+
 @functools.cache
 def _validator():
     return jsonschema.Draft202012Validator(schema_walk.schema())
@@ -81,11 +82,15 @@ def _convert(error, path: tuple, where: Where) -> list[SpecIssue]:
     kind, expected, value, node = error.validator, error.validator_value, error.instance, error.schema
     if kind == "additionalProperties":
         known = [k for k in node.get("properties", {}) if k != "$schema"]
-        return [_issue(where, path + (key,), f"unknown key {key!r}{_hint(path, key, known)}")
-                for key in value if key not in node.get("properties", {})]
+        return [
+            _issue(where, path + (key,), f"unknown key {key!r}{_hint(path, key, known)}")
+            for key in value
+            if key not in node.get("properties", {})
+        ]
     if kind == "required":
-        return [_issue(where, path + (key,), f"required key {key!r} is missing")
-                for key in expected if key not in value]
+        return [
+            _issue(where, path + (key,), f"required key {key!r} is missing") for key in expected if key not in value
+        ]
     if kind == "not" and "required" in expected:
         first, second = expected["required"]
         return [_issue(where, path + (second,), f"set either {first!r} or {second!r}, not both")]
@@ -101,16 +106,24 @@ def _convert(error, path: tuple, where: Where) -> list[SpecIssue]:
     if kind in _BOUNDS:
         return [_issue(where, path, f"must be {_BOUNDS[kind]} {_show(expected)}, got {_show(value)}")]
     if kind == "minLength":
-        return [_issue(where, path, "must not be empty" if expected == 1 else f"must be at least {expected} characters")]
+        return [
+            _issue(where, path, "must not be empty" if expected == 1 else f"must be at least {expected} characters")
+        ]
     if kind == "maxLength":
         return [_issue(where, path, f"must be at most {expected} characters, got {len(value)}")]
     if kind == "minItems":
-        return [_issue(where, path, f"must have at least {expected} item{'s' if expected > 1 else ''}, got {len(value)}")]
+        return [
+            _issue(where, path, f"must have at least {expected} item{'s' if expected > 1 else ''}, got {len(value)}")
+        ]
     if kind == "uniqueItems":
         dupes = sorted({_show(v) for i, v in enumerate(value) if v in value[:i]})
         return [_issue(where, path, f"items must be unique; repeated: {', '.join(dupes)}")]
     if kind == "pattern":
-        return [_issue(where, path, f"{_show(value)} does not match {expected!r}: {node.get('description', '')}".rstrip(": "))]
+        return [
+            _issue(
+                where, path, f"{_show(value)} does not match {expected!r}: {node.get('description', '')}".rstrip(": ")
+            )
+        ]
     if kind in ("anyOf", "oneOf"):
         # Report the branch of the value's own type (a list with a bad element points at the
         # element); with no such branch, say which types would do.
@@ -125,8 +138,15 @@ def _convert(error, path: tuple, where: Where) -> list[SpecIssue]:
 
 
 _BOUNDS = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
-_TYPE_WORD = {"integer": "an integer", "number": "a number", "boolean": "true or false", "string": "a string",
-              "array": "a list", "object": "a table", "null": "null"}
+_TYPE_WORD = {
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "string": "a string",
+    "array": "a list",
+    "object": "a table",
+    "null": "null",
+}
 
 
 def _type_words(types) -> str:
@@ -188,6 +208,7 @@ def _hint(path: tuple, key: str, known: list) -> str:
 
 # ---- defaults -----------------------------------------------------------------------------
 
+
 def fill_defaults(data: dict, node: dict | None = None, prefix: tuple = ()) -> dict:
     """`data` with every applicable default filled in (a copy; `data` is not changed)."""
     node = schema_walk.schema() if node is None else node
@@ -220,6 +241,7 @@ def fill_defaults(data: dict, node: dict | None = None, prefix: tuple = ()) -> d
 
 # ---- keys that do not apply ----------------------------------------------------------------
 
+
 def applicability_issues(filled: dict, where: Where) -> list[SpecIssue]:
     issues = []
     for path, node in schema_walk.object_paths().items():
@@ -235,14 +257,19 @@ def applicability_issues(filled: dict, where: Where) -> list[SpecIssue]:
             if any(obj.get(k) not in props[k].get("enum", [obj.get(k)]) for k in when):
                 continue  # the condition's own value is invalid and reported already
             need = " and ".join(
-                f"{format_key_path(path + (k,))} is {' or '.join(map(_show, allowed))}" for k, allowed in when.items())
-            have = ", ".join(f"{format_key_path(path + (k,))} is {_show(obj.get(k))}"
-                             for k, allowed in when.items() if obj.get(k) not in allowed)
+                f"{format_key_path(path + (k,))} is {' or '.join(map(_show, allowed))}" for k, allowed in when.items()
+            )
+            have = ", ".join(
+                f"{format_key_path(path + (k,))} is {_show(obj.get(k))}"
+                for k, allowed in when.items()
+                if obj.get(k) not in allowed
+            )
             issues.append(_issue(where, path + (key,), f"applies only when {need} (here {have}); remove it"))
     return issues
 
 
 # ---- semantic checks ----------------------------------------------------------------------
+
 
 def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     issues: list[SpecIssue] = []
@@ -256,11 +283,9 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
             return None
         return value if isinstance(value, types) else None
 
-
     batch, micro = get(("training", "batch_size"), (int,)), get(("training", "micro_batch_size"), (int,))
     if batch and micro and batch % micro:
-        add(("training", "micro_batch_size"),
-            f"batch_size ({batch}) must be a multiple of micro_batch_size ({micro})")
+        add(("training", "micro_batch_size"), f"batch_size ({batch}) must be a multiple of micro_batch_size ({micro})")
 
     objective = get(("training", "objective"), (str,))
     fmt = get(("data", "format"), (str,))
@@ -268,24 +293,39 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     # What each method kind, objective and export format allows: the schema's annotations (choices.py).
     only = choices.method_info(method).get("objectives") if method else None
     if only and (fmt not in (None, *_formats_of(only)) or objective not in (None, *only)):
-        add(("method", "kind"), f"{choices.method_info(method)['objectives_why']}: it needs data.format = "
+        add(
+            ("method", "kind"),
+            f"{choices.method_info(method)['objectives_why']}: it needs data.format = "
             f"{' or '.join(map(repr, _formats_of(only)))} and training.objective = {' or '.join(map(repr, only))} "
-            f"(here {fmt!r} and {objective!r})")
-    elif objective in choices.objectives() and fmt in choices.data_formats() \
-            and fmt not in choices.data_formats_for(objective):
+            f"(here {fmt!r} and {objective!r})",
+        )
+    elif (
+        objective in choices.objectives()
+        and fmt in choices.data_formats()
+        and fmt not in choices.data_formats_for(objective)
+    ):
         wanted = " or ".join(map(repr, choices.data_formats_for(objective)))
         right = next(o for o in choices.objectives() if fmt in choices.data_formats_for(o))
         # Point at what the user wrote: a defaulted objective has no text of its own.
         path = ("training", "objective") if where.has(("training", "objective")) else ("data", "format")
-        add(path, f"objective {objective!r} needs data.format {wanted}, but data.format is {fmt!r} "
-            f"(for {fmt!r} data use training.objective = {right!r})")
+        add(
+            path,
+            f"objective {objective!r} needs data.format {wanted}, but data.format is {fmt!r} "
+            f"(for {fmt!r} data use training.objective = {right!r})",
+        )
 
     export = get(("export", "format"), (str,))
-    if export in choices.export_formats() and method in choices.method_kinds() \
-            and export not in choices.export_formats_for(method):
+    if (
+        export in choices.export_formats()
+        and method in choices.method_kinds()
+        and export not in choices.export_formats_for(method)
+    ):
         writers = [k for k in choices.method_kinds() if export in choices.export_formats_for(k)]
-        add(("export", "format"), f"export format {export!r} is for method.kind "
-            f"{' or '.join(map(repr, writers))}, not {method!r}; use {choices.default('export', 'format')!r}")
+        add(
+            ("export", "format"),
+            f"export format {export!r} is for method.kind "
+            f"{' or '.join(map(repr, writers))}, not {method!r}; use {choices.default('export', 'format')!r}",
+        )
 
     mesh = get(("mesh",), (dict,)) or {}
     rest = [a for a in ("data", "fsdp", "tensor") if mesh.get(a) == -1]
@@ -294,7 +334,9 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
 
     eval_every = get(("training", "eval_every"), (int,))
     if eval_every and not get(("data", "validation"), (str,)) and not get(("data", "validation_split"), (int, float)):
-        add(("training", "eval_every"), "evaluation needs validation data: set data.validation or data.validation_split")
+        add(
+            ("training", "eval_every"), "evaluation needs validation data: set data.validation or data.validation_split"
+        )
 
     steps, warmup = get(("training", "steps"), (int,)), get(("training", "schedule", "warmup_steps"), (int,))
     if steps and warmup and warmup > steps:
@@ -312,8 +354,13 @@ def _missing_file_warnings(s: dict, where: Where) -> list[SpecIssue]:
     """Local files that do not exist (yet): warnings, so specs can be reviewed before data lands."""
     issues = []
     train = _get(s, ("data", "train"))
-    sources = [(("data", "train"), train)] if isinstance(train, str) else [
-        (("data", "train", i), v) for i, v in enumerate(train) if isinstance(v, str)] if isinstance(train, list) else []
+    sources = (
+        [(("data", "train"), train)]
+        if isinstance(train, str)
+        else [(("data", "train", i), v) for i, v in enumerate(train) if isinstance(v, str)]
+        if isinstance(train, list)
+        else []
+    )
     validation = _get(s, ("data", "validation"))
     if isinstance(validation, str):
         sources.append((("data", "validation"), validation))
@@ -351,4 +398,3 @@ def _get(data, path: tuple):
         else:
             return None
     return data
-

@@ -14,8 +14,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _run_bench(tmp_path, method: str) -> dict:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "bench.train_speed", "--config", "smoke", "--method", method, "--steps", "2",
-           "--no-peak", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.train_speed",
+        "--config",
+        "smoke",
+        "--method",
+        method,
+        "--steps",
+        "2",
+        "--no-peak",
+        "--json",
+        str(out),
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -10,9 +10,8 @@ import json
 import subprocess
 import sys
 
-from packaging.requirements import Requirement
-
 import train_testlib as tl
+from packaging.requirements import Requirement
 
 # Runs `ftc run` as a base install would: every package outside the base requirements is hidden
 # (no module spec, no distribution metadata), so libraries that use torch when it is there take
@@ -101,13 +100,18 @@ def test_ftc_run_and_export_need_nothing_beyond_the_base_install(tmp_path):
     closure = base_requirement_closure()
     assert {"jax", "transformers", "jinja2", "grain"} <= closure
     provided_by = {module: {norm(d) for d in dists} for module, dists in md.packages_distributions().items()}
-    hidden_modules = sorted(m for m, dists in provided_by.items()
-                            if not dists & closure and m not in sys.stdlib_module_names)
+    hidden_modules = sorted(
+        m for m, dists in provided_by.items() if not dists & closure and m not in sys.stdlib_module_names
+    )
     hidden_dists = sorted({norm(d.metadata["Name"]) for d in md.distributions()} - closure)
     assert "torch" in hidden_modules and "torch" in hidden_dists  # the test env has extras to hide
 
-    done = subprocess.run([sys.executable, "-c", RUN_AS_BASE_INSTALL, str(spec),
-                           json.dumps([hidden_modules, hidden_dists])], capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_AS_BASE_INSTALL, str(spec), json.dumps([hidden_modules, hidden_dists])],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "runs" / "deps" / "export" / "config.json").is_file()
     imported = set(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -20,9 +20,22 @@ SHORT = ["--set", "training.steps=2", "--set", "training.schedule.warmup_steps=0
 @pytest.mark.parametrize("example", ["lora.toml", "dpo.toml", "adapter.json", "probe.toml"])
 def test_example_runs_as_written_for_two_steps_and_exports(example, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    done = subprocess.run([sys.executable, "-c", "import sys; from ftc.cli import main; sys.exit(main())", "run",
-                           str(EXAMPLES / example), *SHORT, "--set", f"output_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=1200, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from ftc.cli import main; sys.exit(main())",
+            "run",
+            str(EXAMPLES / example),
+            *SHORT,
+            "--set",
+            f"output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     export = run_dir / "export"

@@ -13,11 +13,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
 import train_testlib as tl
-from ftc.backends.jax.state import checkpoint as ckpt_lib
+
 from ftc.backends.jax import pipeline as run_lib
 from ftc.backends.jax.models import shapes
+from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.spec import load_spec, spec_from_dict
 
 STEPS = 8
@@ -79,8 +79,9 @@ def abstract_params_on_one_device(spec):
     _, hf_config = run_lib.read_model_config(spec.model.base)
     module = run_lib.build_model(hf_config, spec).module
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one),
-                        nn.unbox(shapes.abstract_boxed_params(module)))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one), nn.unbox(shapes.abstract_boxed_params(module))
+    )
 
 
 def final_params(run_dir: str) -> dict[str, np.ndarray]:
@@ -153,7 +154,8 @@ def test_step0_validation_loss_equals_transformers_loss_on_the_same_tokens(root,
                     at = segments == s
                     logits = model(torch.tensor(batch["input_ids"][row][at])[None]).logits[0].double()
                     nll = torch.nn.functional.cross_entropy(
-                        logits, torch.tensor(batch["targets"][row][at], dtype=torch.long), reduction="none")
+                        logits, torch.tensor(batch["targets"][row][at], dtype=torch.long), reduction="none"
+                    )
                     weights = torch.tensor(batch["weights"][row][at], dtype=torch.float64)
                     loss_sum += float((nll * weights).sum())
                     weight_sum += float(weights.sum())
@@ -172,8 +174,9 @@ def test_resume_after_sigkill_at_a_random_step_matches_uninterrupted_run(root, u
     spec_path = write_spec(root, "killed")
     driver = root / "driver.py"
     driver.write_text(DRIVER)
-    out = subprocess.run([sys.executable, str(driver), spec_path, str(kill_at), "SIGKILL"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(driver), spec_path, str(kill_at), "SIGKILL"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == -signal.SIGKILL, f"kill_at={kill_at}\n{out.stderr[-3000:]}"
     run_dir = load_spec(spec_path).run_dir
     saved = ckpt_lib.latest_step(run_dir)
@@ -193,8 +196,11 @@ def test_sigterm_saves_a_checkpoint_then_exits_nonzero(root):
     spec = load_spec(write_spec(root, "stopped"))
     handler_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(run_lib.Interrupted, match="SIGTERM: saved a checkpoint at step 3") as e:
-        run_lib.run(spec, echo=lambda s: None,
-                    after_step=lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None)
+        run_lib.run(
+            spec,
+            echo=lambda s: None,
+            after_step=lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None,
+        )
     assert isinstance(e.value, SystemExit) and e.value.code  # a non-zero exit status
     assert ckpt_lib.latest_step(spec.run_dir) == 3  # not a multiple of checkpoint.every: the interrupt's save
     assert signal.getsignal(signal.SIGTERM) is handler_before
@@ -242,8 +248,11 @@ def test_resume_takes_a_new_micro_batch_and_remat_but_refuses_a_base_whose_confi
     model = tmp_path / "model"
     shutil.copytree(root / "model", model)
     path = tmp_path / "short.toml"
-    path.write_text(SPEC.format(name="short", output_dir=tmp_path / "runs", root=root, steps=2)
-                    .replace(f'base = "{root}/model"', f'base = "{model}"'))
+    path.write_text(
+        SPEC.format(name="short", output_dir=tmp_path / "runs", root=root, steps=2).replace(
+            f'base = "{root}/model"', f'base = "{model}"'
+        )
+    )
     assert run_lib.run(load_spec(str(path)), echo=lambda s: None)["step"] == 2
     run_dir = load_spec(str(path)).run_dir
     first = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), read_only=True).metadata()

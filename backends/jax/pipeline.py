@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,20 +25,26 @@ from flax import traverse_util
 from ftc.backends.jax import objectives, probe_runner
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
-from ftc.backends.jax.methods.base import build_model
 from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.methods.base import build_model
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.objectives import contract
-from ftc.backends.jax.stages import (build_data, load_tokenizer, model_with_weights, tokenizer_dir, tokenizer_hash,
-                                     write_data_stats, write_resolved_spec)
+from ftc.backends.jax.stages import (
+    build_data,
+    load_tokenizer,
+    model_with_weights,
+    tokenizer_dir,
+    tokenizer_hash,
+    write_data_stats,
+    write_resolved_spec,
+)
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import frozen_base
 from ftc.backends.jax.state.frozen_base import initial_params
 from ftc.backends.jax.state.init_from import init_from_step, read_model_config
-from ftc.backends.jax.train import device_peak
+from ftc.backends.jax.train import device_peak, run_log
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train import optimizer as opt_lib
-from ftc.backends.jax.train import run_log
 from ftc.backends.jax.train import step as ts
 from ftc.backends.jax.train.loop import Interrupted, LoopConfig, StopSignals, train_loop
 from ftc.compiler import flops as flops_lib
@@ -45,9 +52,25 @@ from ftc.compiler import plan as plan_lib
 from ftc.compiler.report import format_plan
 from ftc.spec import spec_from_dict
 
-__all__ = ["run", "plan_spec", "plan_for", "build_objective", "build_model", "initial_params", "read_model_config",
-           "build_data", "load_tokenizer", "tokenizer_dir", "tokenizer_hash", "export_at_end", "use_compilation_cache",
-           "Interrupted", "LoopConfig", "StopSignals", "train_loop"]
+__all__ = [
+    "run",
+    "plan_spec",
+    "plan_for",
+    "build_objective",
+    "build_model",
+    "initial_params",
+    "read_model_config",
+    "build_data",
+    "load_tokenizer",
+    "tokenizer_dir",
+    "tokenizer_hash",
+    "export_at_end",
+    "use_compilation_cache",
+    "Interrupted",
+    "LoopConfig",
+    "StopSignals",
+    "train_loop",
+]
 
 
 # ------------------------------------------------------------------ objective and plan
@@ -59,8 +82,10 @@ def build_objective(spec, model) -> tuple[contract.Objective, bool]:
     method's `model` (objectives/)."""
     registered = objectives.get(spec.training.objective)
     if registered.build is None:
-        raise NotImplementedError(f"training.objective={registered.name!r} is not trained by ftc run's train steps "
-                                  f"(its runner: {registered.trainer})")
+        raise NotImplementedError(
+            f"training.objective={registered.name!r} is not trained by ftc run's train steps "
+            f"(its runner: {registered.trainer})"
+        )
     built = registered.build(spec, model)
     return built.objective, built.reference_copy
 
@@ -72,8 +97,9 @@ def objective_cost(spec, model) -> plan_lib.ObjectiveCost:
     return plan_lib.ObjectiveCost(registered.sequences_per_example, registered.reference_forward, reference_copy)
 
 
-def plan_for(spec, hf_config: dict, device_count: int, model=None, steps_per_epoch: int | None = None
-             ) -> tuple[plan_lib.Plan, Any]:
+def plan_for(
+    spec, hf_config: dict, device_count: int, model=None, steps_per_epoch: int | None = None
+) -> tuple[plan_lib.Plan, Any]:
     """(Plan, abstract params) for a spec's method: the compiler's Plan from the facts only the
     backend knows -- the method's parameters (shapes and logical axes), its counts (trainable
     weights vs every weight, an NF4 kernel counting its logical weights; a note on its settings),
@@ -85,10 +111,17 @@ def plan_for(spec, hf_config: dict, device_count: int, model=None, steps_per_epo
     counts = methods.method_counts(model, abstract)
     summary = plan_lib.model_summary(hf_config, model.family.name)
     plan = plan_lib.compile_plan(
-        spec, hf_config, device_count, family=model.family.name, param_infos=infos, trainable=model.trainable,
+        spec,
+        hf_config,
+        device_count,
+        family=model.family.name,
+        param_infos=infos,
+        trainable=model.trainable,
         counts=plan_lib.Counts(counts.total, counts.trainable, tuple(counts.lines())),
-        matmul_weights=matmul_weights(model, abstract, summary), objective=objective_cost(spec, model),
-        steps_per_epoch=steps_per_epoch)
+        matmul_weights=matmul_weights(model, abstract, summary),
+        objective=objective_cost(spec, model),
+        steps_per_epoch=steps_per_epoch,
+    )
     return plan, abstract
 
 
@@ -101,8 +134,9 @@ def matmul_weights(model, method_params, summary: plan_lib.ModelSummary) -> flop
     kernels = {k: math.prod(v.shape) for k, v in base.items() if k.rsplit("/", 1)[-1] == "kernel"}
     n = sum(kernels.values())
     trained = sum(size for k, size in kernels.items() if k in added and model.trainable(k))
-    adapter = sum(math.prod(v.shape) for k, v in added.items()
-                  if k not in base and len(v.shape) >= 2 and model.trainable(k))
+    adapter = sum(
+        math.prod(v.shape) for k, v in added.items() if k not in base and len(v.shape) >= 2 and model.trainable(k)
+    )
     if summary.tied_embeddings:
         table = [k for k, v in base.items() if tuple(v.shape) == (summary.vocab, summary.hidden)]
         n += summary.vocab * summary.hidden
@@ -146,8 +180,9 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
 
     model = build_model(hf_config, spec)
     objective, with_reference = build_objective(spec, model)
-    plan, abstract_params = plan_for(spec, hf_config, jax.device_count(), model=model,
-                                     steps_per_epoch=data.steps_per_epoch)
+    plan, abstract_params = plan_for(
+        spec, hf_config, jax.device_count(), model=model, steps_per_epoch=data.steps_per_epoch
+    )
     echo(format_plan(plan, max_params=0))
     total = plan.steps.total_steps
     mesh = mesh_lib.mesh_for_plan(plan)
@@ -156,24 +191,48 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     tx = opt_lib.make_optimizer(plan.optimizer, schedule, {p.path: p.axes for p in plan.params})
     state_abs = ts.abstract_state(abstract_params, tx, mask, reference=with_reference)
     state_sh = ts.state_shardings(mesh, state_abs, plan.partitions())
-    steps = ts.build_steps(model.module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps,
-                           eval_model=model.eval_module, objective=objective)
+    steps = ts.build_steps(
+        model.module,
+        tx,
+        schedule,
+        mask,
+        mesh,
+        state_sh,
+        accum_steps=plan.batch.accum_steps,
+        eval_model=model.eval_module,
+        objective=objective,
+    )
 
     # Checkpoints hold what trains; the frozen base and a reference copy are rebuilt on resume.
     saved_params = frozen_base.saved_mask(abstract_params, model.method)
-    checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), keep=spec.checkpoint.keep,
-                                         async_save=spec.checkpoint.async_, saved_params=saved_params)
-    metadata = {"spec": spec.to_dict(), "tokenizer_hash": tok_hash, **ckpt_lib.fingerprint_metadata(plan.fingerprint()),
-                "family": model.family.name, "model_dir": str(model_dir)}
+    checkpointer = ckpt_lib.Checkpointer(
+        ckpt_lib.checkpoint_dir(run_dir),
+        keep=spec.checkpoint.keep,
+        async_save=spec.checkpoint.async_,
+        saved_params=saved_params,
+    )
+    metadata = {
+        "spec": spec.to_dict(),
+        "tokenizer_hash": tok_hash,
+        **ckpt_lib.fingerprint_metadata(plan.fingerprint()),
+        "family": model.family.name,
+        "model_dir": str(model_dir),
+    }
     latest = checkpointer.latest_step()
     data_state = None
     if latest is not None:
         saved = checkpointer.metadata(latest)
-        ckpt_lib.check_resumable(saved, metadata["spec"], tok_hash, f"{checkpointer.directory}/{latest}",
-                                 plan_fingerprint=plan.fingerprint())
+        ckpt_lib.check_resumable(
+            saved, metadata["spec"], tok_hash, f"{checkpointer.directory}/{latest}", plan_fingerprint=plan.fingerprint()
+        )
         state, data_state = frozen_base.restore_state(
-            checkpointer, latest, saved, model_dir, model,
-            jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, state_sh))
+            checkpointer,
+            latest,
+            saved,
+            model_dir,
+            model,
+            jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, state_sh),
+        )
         if saved.get("format_version", 1) >= 2:
             frozen = saved.get("frozen")
         else:  # format 1 held the whole state: record its frozen part for the checkpoints to come
@@ -183,8 +242,11 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     else:
         init_step = init_from_step(spec)
         params = initial_params(spec, model_dir, abstract_params, state_sh["params"], model=model, init_step=init_step)
-        init = jax.jit(lambda p: ts.init_state(p, tx, mask, spec.training.seed, reference=with_reference),
-                       out_shardings=state_sh, donate_argnums=(0,))
+        init = jax.jit(
+            lambda p: ts.init_state(p, tx, mask, spec.training.seed, reference=with_reference),
+            out_shardings=state_sh,
+            donate_argnums=(0,),
+        )
         state = init(params)
         frozen = frozen_base.record(spec, model_dir, state, saved_params, init_step)
     if frozen is not None:
@@ -200,16 +262,33 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     peak, peak_source = device_peak.peak_flops(spec.model.dtype, spec.logging.peak_tflops)
     # CPU "devices" forced by XLA_FLAGS share the host's cores: the peak is per host there.
     peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
-    echo(f"MFU: model FLOPs over {peak / 1e12:.4g} TFLOP/s x {peak_units} "
-         f"{'host' if jax.devices()[0].platform == 'cpu' else 'device'}(s) ({peak_source})")
-    config = LoopConfig(total_steps=total, log_every=spec.training.log_every, eval_every=spec.training.eval_every,
-                        checkpoint_every=spec.checkpoint.every, progress=spec.logging.progress,
-                        flops_per_step=plan.flops_per_token * plan.batch.tokens_per_step,
-                        peak_flops=peak * peak_units)
+    echo(
+        f"MFU: model FLOPs over {peak / 1e12:.4g} TFLOP/s x {peak_units} "
+        f"{'host' if jax.devices()[0].platform == 'cpu' else 'device'}(s) ({peak_source})"
+    )
+    config = LoopConfig(
+        total_steps=total,
+        log_every=spec.training.log_every,
+        eval_every=spec.training.eval_every,
+        checkpoint_every=spec.checkpoint.every,
+        progress=spec.logging.progress,
+        flops_per_step=plan.flops_per_token * plan.batch.tokens_per_step,
+        peak_flops=peak * peak_units,
+    )
     try:
         with StopSignals() as stop:
-            state = train_loop(steps, state, train_iter, config, checkpointer=checkpointer, metadata=metadata,
-                               logger=logger, eval_batches=eval_batches, stop=stop, after_step=after_step)
+            state = train_loop(
+                steps,
+                state,
+                train_iter,
+                config,
+                checkpointer=checkpointer,
+                metadata=metadata,
+                logger=logger,
+                eval_batches=eval_batches,
+                stop=stop,
+                after_step=after_step,
+            )
     finally:
         logger.close()
         checkpointer.close()

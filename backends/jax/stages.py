@@ -56,13 +56,29 @@ def build_data(spec, tokenizer):
     d = spec.data
     clean = d.clean
     return data_lib.build_datasets(
-        format=d.format, train=d.train_sources, tokenizer=tokenizer, max_seq_len=spec.model.max_seq_len,
-        batch_size=spec.training.batch_size, validation=d.validation, validation_split=d.validation_split or 0.0,
-        packing=bool(d.packing), train_on=d.train_on or "assistant", shuffle=d.shuffle,
-        clean={"dedupe": clean.dedupe, "drop_empty": clean.drop_empty, "roles": clean.roles,
-               "unknown_roles": clean.unknown_roles, "overlong": clean.overlong},
-        on_bad_row=d.on_bad_row, labels=d.labels, seed=spec.training.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
+        format=d.format,
+        train=d.train_sources,
+        tokenizer=tokenizer,
+        max_seq_len=spec.model.max_seq_len,
+        batch_size=spec.training.batch_size,
+        validation=d.validation,
+        validation_split=d.validation_split or 0.0,
+        packing=bool(d.packing),
+        train_on=d.train_on or "assistant",
+        shuffle=d.shuffle,
+        clean={
+            "dedupe": clean.dedupe,
+            "drop_empty": clean.drop_empty,
+            "roles": clean.roles,
+            "unknown_roles": clean.unknown_roles,
+            "overlong": clean.overlong,
+        },
+        on_bad_row=d.on_bad_row,
+        labels=d.labels,
+        seed=spec.training.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
 
 
 def write_data_stats(stats, run_dir: str) -> None:

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import transformers as tf
-
 import train_testlib as tl
+import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not installed: run from the repo
 from bench import common as bench_common  # noqa: E402
-from ftc.backends.jax.train import device_peak
 from ftc.backends.jax import pipeline as run_lib
+from ftc.backends.jax.train import device_peak
 from ftc.compiler import flops as flops_lib
 
 
@@ -36,17 +35,25 @@ def bench_model_dir(tmp_path_factory):
 
 def _plan(model_dir, method: dict, objective: str = "sft"):
     c = bench_common.CONFIGS["cpu"]
-    spec = tl.spec({"model": {"base": str(model_dir), "max_seq_len": c.seq_len},
-                    "training": {"objective": objective, "batch_size": c.batch, "micro_batch_size": c.batch},
-                    "data": {"format": "preference" if objective == "dpo" else "chat"}, "method": method})
+    spec = tl.spec(
+        {
+            "model": {"base": str(model_dir), "max_seq_len": c.seq_len},
+            "training": {"objective": objective, "batch_size": c.batch, "micro_batch_size": c.batch},
+            "data": {"format": "preference" if objective == "dpo" else "chat"},
+            "method": method,
+        }
+    )
     return run_lib.plan_spec(spec, device_count=1)
 
 
-@pytest.mark.parametrize("method,bench_method", [
-    ({"kind": "full"}, "full"),
-    ({"kind": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lora"),
-    ({"kind": "qlora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "qlora"),
-])
+@pytest.mark.parametrize(
+    "method,bench_method",
+    [
+        ({"kind": "full"}, "full"),
+        ({"kind": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "lora"),
+        ({"kind": "qlora", "rank": 16, "alpha": 32, "targets": "all-linear"}, "qlora"),
+    ],
+)
 def test_plan_flops_equal_the_benchmarks_count_from_the_shape(bench_model_dir, method, bench_method):
     plan = _plan(bench_model_dir[False], method)
     want = bench_common.train_flops_per_token(bench_common.CONFIGS["cpu"], bench_method)
@@ -60,8 +67,10 @@ def test_full_fine_tune_is_6n_plus_attention_with_the_tied_head_counted(bench_mo
     n = c.layers * per_layer + d * c.vocab  # the head's matmul costs the same tied or not
     attention = 12 * c.layers * c.seq_len * c.heads * hd
     assert _plan(bench_model_dir[True], {"kind": "full"}).flops_per_token == 6 * n + attention
-    assert _plan(bench_model_dir[True], {"kind": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}
-                 ).flops_per_token < 6 * n  # frozen weights: no weight gradient
+    assert (
+        _plan(bench_model_dir[True], {"kind": "lora", "rank": 16, "alpha": 32, "targets": "all-linear"}).flops_per_token
+        < 6 * n
+    )  # frozen weights: no weight gradient
     dpo = _plan(bench_model_dir[True], {"kind": "full"}, objective="dpo").flops_per_token
     assert dpo == 6 * n + attention + 2 * n + attention / 3  # plus the reference model's forward
 
@@ -84,12 +93,20 @@ def test_plan_prints_the_flop_count():
     assert f"{plan.flops_per_token / 1e9:,.3f} GFLOP per trained token" in format_plan(plan)
 
 
-@pytest.mark.parametrize("kind,dtype,tflops", [
-    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4), ("NVIDIA H100 PCIe", "bfloat16", 756.0),
-    ("NVIDIA H200", "float16", 989.4), ("NVIDIA A100-SXM4-40GB", "bfloat16", 312.0),
-    ("TPU v5 lite", "bfloat16", 197.0), ("TPU v5p", "bfloat16", 459.0), ("TPU v4", "bfloat16", 275.0),
-    ("NVIDIA H100 80GB HBM3", "float32", None), ("cpu", "bfloat16", None),
-])
+@pytest.mark.parametrize(
+    "kind,dtype,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", "bfloat16", 989.4),
+        ("NVIDIA H100 PCIe", "bfloat16", 756.0),
+        ("NVIDIA H200", "float16", 989.4),
+        ("NVIDIA A100-SXM4-40GB", "bfloat16", 312.0),
+        ("TPU v5 lite", "bfloat16", 197.0),
+        ("TPU v5p", "bfloat16", 459.0),
+        ("TPU v4", "bfloat16", 275.0),
+        ("NVIDIA H100 80GB HBM3", "float32", None),
+        ("cpu", "bfloat16", None),
+    ],
+)
 def test_datasheet_peaks_only_for_known_devices_in_16_bit(kind, dtype, tflops):
     got = flops_lib.datasheet_peak_flops(kind, dtype)
     assert got == (None if tflops is None else tflops * 1e12)
@@ -111,10 +128,16 @@ def test_run_logs_mfu_and_host_memory_on_train_rows(tmp_path):
     through tokens/s, and the process's resident memory."""
     tl.make_model_dir(tmp_path / "model")
     tl.write_chat_data(tmp_path / "train.jsonl", 16)
-    spec = tl.spec({"name": "mfu", "output_dir": str(tmp_path / "runs"),
-                    "model": {"base": str(tmp_path / "model"), "max_seq_len": 48},
-                    "data": {"train": str(tmp_path / "train.jsonl")},
-                    "training": {"steps": 2, "log_every": 1}, "logging": {"progress": False, "peak_tflops": 2.0}})
+    spec = tl.spec(
+        {
+            "name": "mfu",
+            "output_dir": str(tmp_path / "runs"),
+            "model": {"base": str(tmp_path / "model"), "max_seq_len": 48},
+            "data": {"train": str(tmp_path / "train.jsonl")},
+            "training": {"steps": 2, "log_every": 1},
+            "logging": {"progress": False, "peak_tflops": 2.0},
+        }
+    )
     run_lib.run(spec, echo=lambda s: None)
     rows = [json.loads(line) for line in open(tmp_path / "runs" / "mfu" / "metrics.jsonl")]
     train = [r for r in rows if r["split"] == "train"]
@@ -123,6 +146,7 @@ def test_run_logs_mfu_and_host_memory_on_train_rows(tmp_path):
     for r in train:  # log_every = 1: each row's window is its own step
         assert 0 < r["mfu"] < 1
         steps_per_second = r["tokens_per_second"] / r["tokens"]
-        assert r["mfu"] == pytest.approx(plan.flops_per_token * plan.batch.tokens_per_step * steps_per_second / 2e12,
-                                         rel=1e-6)
+        assert r["mfu"] == pytest.approx(
+            plan.flops_per_token * plan.batch.tokens_per_step * steps_per_second / 2e12, rel=1e-6
+        )
         assert r["host_memory_peak_bytes"] >= r["host_memory_bytes"] > 50e6

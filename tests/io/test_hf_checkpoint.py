@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hf_decoders import CASES, hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ftc.backends.jax.io import hf_checkpoint, safetensors_read
-
 from ftc.backends.jax.models import llama
-from hf_decoders import CASES, hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
 
 
 def _logits(lm, input_ids, **kw):
@@ -52,7 +52,9 @@ def test_export_reloads_in_transformers_with_the_same_logits(saved, case, tmp_pa
     input_ids, mask, positions = padded_batch(seed=2)
     theirs = hf_logits(model, input_ids, mask, positions)
     assert max_diff_on_real_tokens(hf_logits(reloaded, input_ids, mask, positions), theirs, mask) == 0.0
-    assert max_diff_on_real_tokens(_logits(lm, input_ids, attention_mask=mask, positions=positions), theirs, mask) <= 1e-4
+    assert (
+        max_diff_on_real_tokens(_logits(lm, input_ids, attention_mask=mask, positions=positions), theirs, mask) <= 1e-4
+    )
     if model.config.tie_word_embeddings:
         header = safetensors_read.SafetensorsFile(tmp_path / "model.safetensors").header
         assert "lm_head.weight" not in header
@@ -137,8 +139,11 @@ def test_shardings_place_each_param_on_a_device_mesh(saved, tmp_path):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("fsdp", "tensor"))
     rules = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": "tensor"}
     axes = hf_checkpoint.logical_axes(plain.family, plain.arch)
-    shardings = jax.tree.map(lambda names: NamedSharding(mesh, P(*(rules.get(n) for n in names))), axes,
-                             is_leaf=lambda x: isinstance(x, tuple))
+    shardings = jax.tree.map(
+        lambda names: NamedSharding(mesh, P(*(rules.get(n) for n in names))),
+        axes,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
     sharded = hf_checkpoint.load_model(path, shardings=shardings)
     flat_sharded, flat_shardings = _flat(sharded.params), _flat(shardings)
     q = flat_sharded["layers/self_attn/q_proj/kernel"]
@@ -162,7 +167,8 @@ def test_abstract_params_and_logical_axes_describe_the_loaded_params(saved):
     lm = hf_checkpoint.load_model(path)
     abstract = hf_checkpoint.abstract_params(lm.family, lm.arch, jnp.bfloat16)
     axes = traverse_util.flatten_dict(
-        hf_checkpoint.logical_axes(lm.family, lm.arch), sep="/", is_leaf=lambda k, v: isinstance(v, tuple))
+        hf_checkpoint.logical_axes(lm.family, lm.arch), sep="/", is_leaf=lambda k, v: isinstance(v, tuple)
+    )
     flat = _flat(lm.params)
     assert _flat(abstract).keys() == flat.keys() == axes.keys()
     for key, value in flat.items():
@@ -191,7 +197,9 @@ def test_custom_code_configs_are_refused(saved, tmp_path):
 
 def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "falcon", "architectures": ["FalconForCausalLM"]}))
-    with pytest.raises(ValueError, match=r"model_type='falcon'.*supports model_type in: .*gemma.*llama.*mistral.*qwen2.*qwen3"):
+    with pytest.raises(
+        ValueError, match=r"model_type='falcon'.*supports model_type in: .*gemma.*llama.*mistral.*qwen2.*qwen3"
+    ):
         hf_checkpoint.load_model(tmp_path)
 
 
@@ -212,7 +220,9 @@ def test_export_writes_generation_config_and_tokenizer(saved, tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["hello world", "fine tuning compiler"] * 20, vocab_size=300, special_tokens=["<s>", "</s>"])
+    bpe.train_from_iterator(
+        ["hello world", "fine tuning compiler"] * 20, vocab_size=300, special_tokens=["<s>", "</s>"]
+    )
     tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>")
     tokenizer.save_pretrained(tmp_path / "tok")
     _, path = saved["llama"]

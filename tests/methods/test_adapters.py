@@ -7,20 +7,18 @@ import optax
 import pytest
 import torch
 import transformers
-
-from ftc.backends import torch_adapters
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
+from method_testlib import config as method_config
 
-from ftc.backends.jax.methods import adapter as adapters
-
+from ftc.backends import torch_adapters
 from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.methods import adapter as adapters
+from ftc.backends.jax.models.shapes import abstract_boxed_params, param_infos
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train import step as ts
 from ftc.backends.jax.train.optimizer import merge_params, split_params, trainable_mask
-from ftc.backends.jax.models.shapes import abstract_boxed_params, param_infos
 from ftc.compiler import sharding_rules
-from method_testlib import config as method_config
 
 
 def adapter_config(**keys) -> adapters.AdapterConfig:
@@ -31,8 +29,14 @@ def adapter_config(**keys) -> adapters.AdapterConfig:
 def _llama(tmp_path):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "llama")
     return model, hf_checkpoint.load_model(tmp_path / "llama")
@@ -41,8 +45,13 @@ def _llama(tmp_path):
 def _bert(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64)
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     model = transformers.BertModel(config).eval()
     model.save_pretrained(tmp_path / "bert")
     return model, hf_checkpoint.load_model(tmp_path / "bert")
@@ -52,7 +61,7 @@ def _batch(seed=0, B=2, T=12):
     rs = np.random.RandomState(seed)
     ids = rs.randint(3, 256, (B, T)).astype(np.int32)
     mask = np.ones((B, T), np.int32)
-    mask[1, T - 4:] = 0  # one padded row
+    mask[1, T - 4 :] = 0  # one padded row
     return ids, mask
 
 
@@ -67,8 +76,11 @@ def _train(adapted, params, ids, mask, output, steps=4):
     def loss_fn(tr):
         out = adapted.apply({"params": merge_params(tr, frozen, mask_tree)}, ids, attention_mask=mask, output=output)
         # An encoder has no LM loss: push one hidden feature up (LayerNorm keeps the rest bounded).
-        return -jnp.mean(out[..., 0].astype(jnp.float32)) if output == "hidden" else \
-            optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], ids[:, 1:]).mean()
+        return (
+            -jnp.mean(out[..., 0].astype(jnp.float32))
+            if output == "hidden"
+            else optax.softmax_cross_entropy_with_integer_labels(out[:, :-1], ids[:, 1:]).mean()
+        )
 
     @jax.jit
     def step(trainable, opt_state):
@@ -134,8 +146,13 @@ def test_llama_adapters_train_in_the_training_core_on_a_2x2x2_mesh_and_reload_in
     steps = ts.build_steps(adapted, tx, optax.constant_schedule(3e-2), mask, mesh, state_sh, accum_steps=1)
 
     ids = np.random.RandomState(0).randint(3, 256, (8, 13)).astype(np.int32)
-    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((8, 12), np.float32),
-             "segment_ids": np.ones((8, 12), np.int32), "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1))}
+    batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "weights": np.ones((8, 12), np.float32),
+        "segment_ids": np.ones((8, 12), np.int32),
+        "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1)),
+    }
     losses = []
     for _ in range(4):
         state, metrics = steps.train(state, steps.put_train_batch(batch))
@@ -187,8 +204,9 @@ def test_bert_pfeiffer_adapters_reload_into_bert_model_hooks(tmp_path):
     out_dir = adapters.export_adapters(adapted.plan, trained, tmp_path / "export")
     torch_adapters.load_adapters(torch_model, out_dir)
     with torch.no_grad():
-        theirs = torch_model(torch.tensor(ids, dtype=torch.long),
-                             attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+        theirs = torch_model(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
+        ).last_hidden_state.numpy()
     real = mask.astype(bool)
     assert np.abs(theirs - ours)[real].max() < 1e-4
 

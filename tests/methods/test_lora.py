@@ -9,9 +9,9 @@ import numpy as np
 import peft
 import pytest
 import torch
+from lora_testlib import CLASSES, batch, flat, lora_config, make_model, randomize_factors, torch_logits, train
 
 from ftc.backends.jax.methods import lora, lora_params
-from lora_testlib import CLASSES, batch, flat, lora_config, make_model, randomize_factors, torch_logits, train
 
 CASES = ("llama", "qwen2", "gpt2")
 
@@ -82,15 +82,19 @@ def test_training_moves_only_the_lora_factors(models):
             np.testing.assert_array_equal(after[path], before[path], err_msg=path)  # bitwise
 
 
-@pytest.mark.parametrize("case,targets,rslora", [
-    ("llama", "all-linear", False),
-    ("llama", ("q_proj", "self_attn.o_proj", "mlp/down_proj"), True),
-    ("qwen2", "all-linear", True),          # q/k/v carry biases
-    ("gpt2", "all-linear", False),          # Conv1D weights ([in, out]) and a fused [D, 3, N, H] c_attn
-    ("gpt2", ("c_attn", "attn.c_proj"), False),  # attn.c_proj without mlp.c_proj
-])
+@pytest.mark.parametrize(
+    "case,targets,rslora",
+    [
+        ("llama", "all-linear", False),
+        ("llama", ("q_proj", "self_attn.o_proj", "mlp/down_proj"), True),
+        ("qwen2", "all-linear", True),  # q/k/v carry biases
+        ("gpt2", "all-linear", False),  # Conv1D weights ([in, out]) and a fused [D, 3, N, H] c_attn
+        ("gpt2", ("c_attn", "attn.c_proj"), False),  # attn.c_proj without mlp.c_proj
+    ],
+)
 def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal_logits(
-        models, tmp_path, case, targets, rslora):
+    models, tmp_path, case, targets, rslora
+):
     path, loaded = models[case]
     config = lora_config(rank=4, alpha=12, rslora=rslora, targets=targets)
     method = lora.init_method(loaded, config, jax.random.key(0))
@@ -100,11 +104,16 @@ def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal
     real = mask.astype(bool)
     assert np.abs(ours - _base_logits(loaded, ids, mask))[real].max() > 1e-2  # the adapter matters
 
-    adapter_dir = lora.save_peft_adapter(tmp_path / "adapter", loaded.family, loaded.arch, method.plan, params,
-                                         base_model_name_or_path=str(path))
+    adapter_dir = lora.save_peft_adapter(
+        tmp_path / "adapter", loaded.family, loaded.arch, method.plan, params, base_model_name_or_path=str(path)
+    )
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert (written["r"], written["lora_alpha"], written["use_rslora"], written["task_type"]) == (4, 12, rslora,
-                                                                                                  "CAUSAL_LM")
+    assert (written["r"], written["lora_alpha"], written["use_rslora"], written["task_type"]) == (
+        4,
+        12,
+        rslora,
+        "CAUSAL_LM",
+    )
     assert set(written) <= set(peft.LoraConfig().to_dict())  # every key is one PEFT knows
     base = CLASSES[case].from_pretrained(path).eval()
     peft_model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -113,8 +122,9 @@ def test_peft_adapter_loads_in_peft_and_merged_export_in_transformers_with_equal
     diff = np.abs(torch_logits(peft_model, ids, mask) - ours)[real].max()
     assert diff < 1e-4, diff
 
-    lora_params.save_merged(tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config,
-                     dtype="float32")
+    lora_params.save_merged(
+        tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config, dtype="float32"
+    )
     merged = CLASSES[case].from_pretrained(tmp_path / "merged").eval()
     diff = np.abs(torch_logits(merged, ids, mask) - ours)[real].max()
     assert diff < 1e-4, diff
@@ -140,8 +150,9 @@ def test_rslora_scales_by_alpha_over_sqrt_rank(models):
     base = _base_logits(loaded, ids, mask)
     deltas = {}
     for rslora in (False, True):
-        method = lora.init_method(loaded, lora_config(rank=16, alpha=1e-3, rslora=rslora, targets=("v_proj",)),
-                                  jax.random.key(0))
+        method = lora.init_method(
+            loaded, lora_config(rank=16, alpha=1e-3, rslora=rslora, targets=("v_proj",)), jax.random.key(0)
+        )
         params = randomize_factors(method.params, seed=1)
         deltas[rslora] = np.asarray(method.apply(params, ids, attention_mask=mask)) - base
     # A tiny alpha keeps the model in its linear regime: the change scales with the LoRA scale (4x).
@@ -184,8 +195,9 @@ def test_lora_dropout_touches_only_the_lora_branch_and_only_when_training(models
     dropped = np.asarray(method.apply(params, ids, attention_mask=mask, rngs=rngs))
     assert np.abs(dropped - plain).max() > 1e-3
     evaluating = method.module.clone(deterministic=True)
-    np.testing.assert_array_equal(np.asarray(evaluating.apply({"params": params}, ids, attention_mask=mask,
-                                                              rngs=rngs)), plain)
+    np.testing.assert_array_equal(
+        np.asarray(evaluating.apply({"params": params}, ids, attention_mask=mask, rngs=rngs)), plain
+    )
 
 
 def test_lora_works_under_remat(models):
@@ -210,8 +222,14 @@ def test_bert_encoder_adapter_loads_in_peft_as_feature_extraction(tmp_path):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).eval().save_pretrained(tmp_path / "bert")
     from ftc.backends.jax.io import hf_checkpoint
 
@@ -220,8 +238,15 @@ def test_bert_encoder_adapter_loads_in_peft_as_feature_extraction(tmp_path):
     params = randomize_factors(method.params, seed=1)
     ids, mask = batch()
     ours = np.asarray(method.apply(params, ids, attention_mask=mask, output="hidden"))
-    lora.save_peft_adapter(tmp_path / "adapter", loaded.family, loaded.arch, method.plan, params,
-                           base_model_name_or_path=str(tmp_path / "bert"), task_type="FEATURE_EXTRACTION")
+    lora.save_peft_adapter(
+        tmp_path / "adapter",
+        loaded.family,
+        loaded.arch,
+        method.plan,
+        params,
+        base_model_name_or_path=str(tmp_path / "bert"),
+        task_type="FEATURE_EXTRACTION",
+    )
     written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert written["target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
     base = transformers.BertModel.from_pretrained(tmp_path / "bert").eval()

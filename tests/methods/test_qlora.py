@@ -8,18 +8,17 @@ import peft
 import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
+from lora_testlib import CLASSES, batch, flat, make_model, qlora_config, randomize_factors, torch_logits, train
 from scipy.stats import norm
 
 from ftc.backends.jax.io import hf_checkpoint
-
 from ftc.backends.jax.methods import lora, nf4, qlora
+from ftc.backends.jax.models.shapes import abstract_boxed_params, param_infos
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train import step as ts
 from ftc.backends.jax.train.optimizer import trainable_mask
-from ftc.backends.jax.models.shapes import abstract_boxed_params, param_infos
 from ftc.compiler import sharding_rules
 from ftc.spec import schema_walk
-from lora_testlib import CLASSES, batch, flat, make_model, qlora_config, randomize_factors, torch_logits, train
 
 # Largest distance from a point of [-1, 1] to its nearest NF4 level: half the widest gap (-1 .. -0.696).
 HALF_GAP = float(np.max(np.diff(nf4.NF4)) / 2)
@@ -57,8 +56,10 @@ def test_nf4_round_trip_error_is_within_half_a_level_gap_of_each_block_absmax():
     err = np.abs(back - w).reshape(3, 2, 64, 2, 24)
     assert (err <= HALF_GAP * absmax * (1 + 1e-6)).all()
     rel_rms = float(np.sqrt(np.mean((back - w) ** 2)) / np.std(w))
-    print(f"NF4 block 64: max |err| / block absmax = {float((err / absmax).max()):.4f} "
-          f"(bound {HALF_GAP:.4f}), rms err / std = {rel_rms:.4f}")
+    print(
+        f"NF4 block 64: max |err| / block absmax = {float((err / absmax).max()):.4f} "
+        f"(bound {HALF_GAP:.4f}), rms err / std = {rel_rms:.4f}"
+    )
     assert rel_rms < 0.12
     # On normal weights NF4 beats a uniform 4-bit grid over the same [-absmax, absmax] blocks.
     g = rs.randn(64, 512).astype(np.float32)
@@ -106,8 +107,10 @@ def test_quantised_base_takes_under_0_3_of_its_bf16_bytes(models, double_quant, 
     assert (summary.quantized_bytes, summary.quantized_weights) == (measured, weights)
     ratio = measured / (2 * weights)
     whole = summary.base_bytes / (2 * summary.total - 2 * summary.trainable)
-    print(f"double_quant={double_quant}: NF4 kernels {measured} B = {ratio:.4f} x bf16; "
-          f"whole frozen base (embeddings/norms float32) {whole:.4f} x bf16")
+    print(
+        f"double_quant={double_quant}: NF4 kernels {measured} B = {ratio:.4f} x bf16; "
+        f"whole frozen base (embeddings/norms float32) {whole:.4f} x bf16"
+    )
     assert ratio <= bound
     # Every linear layer in the blocks is stored quantised, the float kernel gone; the LM head is not.
     paths = set(flat(method.params))
@@ -125,27 +128,36 @@ def test_qlora_model_computes_the_dequantised_base_and_stays_near_the_original(m
     ours = np.asarray(method.apply(method.params, ids, attention_mask=mask))
     module = loaded.family.build(loaded.arch)
     dequantised = qlora.dequantized_base(method.plan, method.params)
-    np.testing.assert_allclose(ours, np.asarray(module.apply({"params": dequantised}, ids, attention_mask=mask)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ours, np.asarray(module.apply({"params": dequantised}, ids, attention_mask=mask)), rtol=1e-5, atol=1e-5
+    )
     original = np.asarray(module.apply({"params": loaded.params}, ids, attention_mask=mask))
     max_abs = float(np.abs(ours - original)[real].max())
     rel = float(np.linalg.norm((ours - original)[real]) / np.linalg.norm(original[real]))
-    print(f"QLoRA (NF4, block 64) vs unquantised logits: max abs {max_abs:.4f} "
-          f"(logit scale {np.abs(original[real]).max():.3f}), relative L2 {rel:.4f}")
+    print(
+        f"QLoRA (NF4, block 64) vs unquantised logits: max abs {max_abs:.4f} "
+        f"(logit scale {np.abs(original[real]).max():.3f}), relative L2 {rel:.4f}"
+    )
     # A random 2-layer net carries the ~9% weight error (rms / std, NF4 on normal weights) into its
     # logits; smaller blocks must shrink it.
     assert 0 < rel < 0.3
     # Block 8 is below the schema's sizes (the spec's choice); NF4 storage itself takes any even size.
-    finer = lora.init_method(loaded, qlora_config(rank=4, alpha=8).lora, jax.random.key(0), dtype=jnp.float32,
-                             quant=lora.QuantConfig(block_size=8, double_quant=False))
+    finer = lora.init_method(
+        loaded,
+        qlora_config(rank=4, alpha=8).lora,
+        jax.random.key(0),
+        dtype=jnp.float32,
+        quant=lora.QuantConfig(block_size=8, double_quant=False),
+    )
     out8 = np.asarray(finer.apply(finer.params, ids, attention_mask=mask))
     rel8 = float(np.linalg.norm((out8 - original)[real]) / np.linalg.norm(original[real]))
     print(f"  block 8: relative L2 {rel8:.4f}")
     assert rel8 < 0.8 * rel
 
     # bfloat16 compute runs and stays near the float32 result.
-    bf16 = qlora.adapt(loaded.family, loaded.arch, loaded.family.build(loaded.arch, jnp.bfloat16),
-                       qlora_config(rank=4, alpha=8))
+    bf16 = qlora.adapt(
+        loaded.family, loaded.arch, loaded.family.build(loaded.arch, jnp.bfloat16), qlora_config(rank=4, alpha=8)
+    )
     out16 = np.asarray(bf16.apply({"params": method.params}, ids, attention_mask=mask), np.float32)
     assert np.linalg.norm((out16 - ours)[real]) / np.linalg.norm(ours[real]) < 0.05
 
@@ -178,17 +190,27 @@ def test_qlora_adapter_loads_in_peft_on_the_dequantised_base_and_merges(models, 
     real = mask.astype(bool)
     ours = np.asarray(method.apply(params, ids, attention_mask=mask))
 
-    hf_checkpoint.save_hf(tmp_path / "base", (loaded.family, loaded.arch, qlora.dequantized_base(method.plan, params),
-                                              loaded.hf_config), dtype="float32")
-    adapter = qlora.save_peft_adapter(tmp_path / "adapter", loaded.family, loaded.arch, method.plan, params,
-                                      base_model_name_or_path=str(tmp_path / "base"))
+    hf_checkpoint.save_hf(
+        tmp_path / "base",
+        (loaded.family, loaded.arch, qlora.dequantized_base(method.plan, params), loaded.hf_config),
+        dtype="float32",
+    )
+    adapter = qlora.save_peft_adapter(
+        tmp_path / "adapter",
+        loaded.family,
+        loaded.arch,
+        method.plan,
+        params,
+        base_model_name_or_path=str(tmp_path / "base"),
+    )
     base = CLASSES[case].from_pretrained(tmp_path / "base").eval()
     peft_model = peft.PeftModel.from_pretrained(base, adapter).eval()
     diff = np.abs(torch_logits(peft_model, ids, mask) - ours)[real].max()
     assert diff < 1e-4, diff
 
-    qlora.save_merged(tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config,
-                      dtype="float32")
+    qlora.save_merged(
+        tmp_path / "merged", loaded.family, loaded.arch, method.plan, params, loaded.hf_config, dtype="float32"
+    )
     merged = CLASSES[case].from_pretrained(tmp_path / "merged").eval()
     diff = np.abs(torch_logits(merged, ids, mask) - ours)[real].max()
     assert diff < 1e-4, diff
@@ -239,9 +261,13 @@ def test_qlora_trains_in_the_training_core_on_a_2x2x2_mesh(models):
     state = jax.jit(lambda p: ts.init_state(p, tx, mask, 0), out_shardings=state_sh)(params)
     steps = ts.build_steps(model, tx, optax.constant_schedule(3e-2), mask, mesh, state_sh, accum_steps=2)
     ids = np.random.RandomState(0).randint(3, 256, (8, 13)).astype(np.int32)
-    train_batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((8, 12), np.float32),
-                   "segment_ids": np.ones((8, 12), np.int32),
-                   "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1))}
+    train_batch = {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:],
+        "weights": np.ones((8, 12), np.float32),
+        "segment_ids": np.ones((8, 12), np.int32),
+        "positions": np.tile(np.arange(12, dtype=np.int32), (8, 1)),
+    }
     before = flat(jax.device_get(params))
     losses = []
     for _ in range(3):

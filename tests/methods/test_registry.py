@@ -10,18 +10,21 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
-
 import train_testlib as tl
+from flax import traverse_util
+from method_testlib import config as method_config
+from method_testlib import method_spec
+
 from ftc.backends.jax import methods as registry
 from ftc.backends.jax.io import export as export_lib
-from ftc.backends.jax.methods import adapter as adapters, base as methods, lora
+from ftc.backends.jax.methods import adapter as adapters
+from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.methods import lora
 from ftc.backends.jax.methods.intercept import Intercepted
 from ftc.backends.jax.models.shapes import path_str
 from ftc.backends.jax.state import frozen_base
 from ftc.spec import SpecError, schema_walk, spec_from_dict
 from ftc.spec.model import MethodSpec
-from method_testlib import config as method_config, method_spec
 
 
 def test_registry_kinds_are_the_schemas_method_kind_enum_in_order():
@@ -38,9 +41,15 @@ def test_spec_accepts_an_export_format_exactly_when_the_methods_record_lists_it(
     for kind in registry.kinds():
         for fmt in every:
             probe = kind == "probe"
-            data = {"ftc": 1, "name": "x", "model": {"base": "./m"}, "method": {"kind": kind},
-                    "data": {"format": "classification" if probe else "chat", "train": "t.jsonl"},
-                    "training": {"objective": "classify" if probe else "sft"}, "export": {"format": fmt}}
+            data = {
+                "ftc": 1,
+                "name": "x",
+                "model": {"base": "./m"},
+                "method": {"kind": kind},
+                "data": {"format": "classification" if probe else "chat", "train": "t.jsonl"},
+                "training": {"objective": "classify" if probe else "sft"},
+                "export": {"format": fmt},
+            }
             try:
                 spec_from_dict(data, "/nonexistent")
                 refused = False
@@ -145,7 +154,8 @@ def test_method_configs_take_every_value_from_the_resolved_spec():
     c = method_config(lora.LoraConfig, "lora")
     default = {k: v["default"] for k, v in schema_walk.node_at(("method",))["properties"].items() if "default" in v}
     assert (c.rank, c.alpha, c.dropout, c.rslora, c.targets) == tuple(
-        default[k] for k in ("rank", "alpha", "dropout", "rslora", "targets"))
+        default[k] for k in ("rank", "alpha", "dropout", "rslora", "targets")
+    )
     with pytest.raises(ValueError, match=r"\[method\].rank=None"):
         lora.LoraConfig.from_spec(MethodSpec(kind="lora"))
     with pytest.raises(TypeError):

@@ -6,17 +6,20 @@ import json
 import math
 
 import jax
+import method_runs_testlib as mr
 import numpy as np
 import pytest
-
-import method_runs_testlib as mr
 import train_testlib as tl
-from ftc.backends.jax.methods import adapter as adapters, lora, base as methods, nf4
-from ftc.backends.jax.methods.intercept import node
-from ftc.backends.jax.state import checkpoint as ckpt_lib
-from ftc.backends.jax.io import export as export_lib, hf_checkpoint
+
 from ftc.backends.jax import pipeline as run_lib
+from ftc.backends.jax.io import export as export_lib
+from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.methods import adapter as adapters
+from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.methods import lora, nf4
+from ftc.backends.jax.methods.intercept import node
 from ftc.backends.jax.objectives import sft
+from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.spec import load_spec
 
 
@@ -114,8 +117,11 @@ def test_ftc_plan_prints_method_counts_not_full_model_counts():
 
     from ftc.cli import main
 
-    for kind, want in (("lora", "method lora: rank 4, alpha 16, dropout 0.2"), ("qlora", "qlora frozen base"),
-                       ("adapter", "method adapter: houlsby placement")):
+    for kind, want in (
+        ("lora", "method lora: rank 4, alpha 16, dropout 0.2"),
+        ("qlora", "qlora frozen base"),
+        ("adapter", "method adapter: houlsby placement"),
+    ):
         result = CliRunner().invoke(main, ["plan", str(mr.write_spec(kind, f"plan-{kind}"))])
         assert result.exit_code == 0, result.output
         assert want in result.output and "full fine-tune" not in result.output
@@ -130,8 +136,9 @@ def test_lora_starts_from_a_peft_adapter_given_as_init_from(tmp_path):
     model = run_lib.build_model(trained.hf_config, spec)
     abstract = methods.abstract_params(model, "float32")
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    start = tl.flat(run_lib.initial_params(spec, trained.model_dir, abstract, jax.tree.map(lambda _: one, abstract),
-                                           model=model))
+    start = tl.flat(
+        run_lib.initial_params(spec, trained.model_dir, abstract, jax.tree.map(lambda _: one, abstract), model=model)
+    )
     assert set(start) == set(params)
     for path, value in start.items():  # factors from the adapter, base from model.base: all bitwise
         assert value.tobytes() == params[path].tobytes(), path
@@ -169,8 +176,11 @@ def test_lora_starts_from_a_full_fine_tune_run_or_an_earlier_lora_run():
     def start(spec):
         model = run_lib.build_model(hf_checkpoint.read_hf_config(full_run.model_dir), spec)
         abstract = methods.abstract_params(model, "float32")
-        return tl.flat(run_lib.initial_params(spec, full_run.model_dir, abstract,
-                                              jax.tree.map(lambda _: one, abstract), model=model))
+        return tl.flat(
+            run_lib.initial_params(
+                spec, full_run.model_dir, abstract, jax.tree.map(lambda _: one, abstract), model=model
+            )
+        )
 
     spec = load_spec(mr.write_spec("lora", "lora-on-full", init_from=str(full_run.run_dir)))
     params = start(spec)
@@ -180,8 +190,10 @@ def test_lora_starts_from_a_full_fine_tune_run_or_an_earlier_lora_run():
         else:
             assert value.tobytes() == full_params[path].tobytes(), path
     # Its PEFT export names the full run's export (float32, written at the end of that run) as base.
-    assert export_lib.base_source(spec, full_run.model_dir)[:2] == (str(full_run.run_dir / "export"),
-                                                                     full_run.run_dir / "export")
+    assert export_lib.base_source(spec, full_run.model_dir)[:2] == (
+        str(full_run.run_dir / "export"),
+        full_run.run_dir / "export",
+    )
 
     again = start(load_spec(mr.write_spec("lora", "lora-on-lora", init_from=str(lora_run.run_dir))))
     assert set(again) == set(lora_params)

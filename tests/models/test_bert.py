@@ -5,17 +5,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_decoders import max_diff_on_real_tokens
 from safetensors.numpy import load_file
 
+from ftc.backends.jax.io import hf_checkpoint
 from ftc.backends.jax.methods import adapter as adapters
-
 from ftc.backends.jax.models import bert, family_for
 
-from ftc.backends.jax.io import hf_checkpoint
-from hf_decoders import max_diff_on_real_tokens
-
-TINY = dict(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=64, type_vocab_size=2)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    type_vocab_size=2,
+)
 ARCHITECTURES = ("BertModel", "BertForSequenceClassification", "BertForMaskedLM")
 
 
@@ -53,10 +58,10 @@ def _batch(seed: int = 0, T: int = 10):
     rng = np.random.default_rng(seed)
     input_ids = rng.integers(0, 256, (3, T)).astype(np.int32)
     mask = np.ones((3, T), np.int32)
-    mask[1, T - 3:] = 0
+    mask[1, T - 3 :] = 0
     mask[2, :4] = 0
     token_types = np.zeros((3, T), np.int32)
-    token_types[:, T // 2:] = 1
+    token_types[:, T // 2 :] = 1
     return input_ids, mask, token_types
 
 
@@ -166,8 +171,10 @@ def test_every_param_has_logical_axes_and_adapters_find_the_output_projections(l
     assert axes["embeddings"]["word_embeddings"] == ("vocab", "embed")
     config = adapters.AdapterConfig(placement="houlsby", reduction_factor=16, non_linearity="relu")
     plan = adapters.plan_adapters(lm.family, lm.arch, config)
-    assert {s.module_path for s in plan.sites} == {("layers", "attention", "output", "dense"),
-                                                   ("layers", "output", "dense")}
+    assert {s.module_path for s in plan.sites} == {
+        ("layers", "attention", "output", "dense"),
+        ("layers", "output", "dense"),
+    }
 
 
 def test_config_refuses_what_it_does_not_compute():
@@ -208,8 +215,12 @@ def test_all_minilm_l6_v2_matches_transformers_on_real_sentences(monkeypatch):
     model_dir = gt.get_model_path()
     tokenizer = tf.AutoTokenizer.from_pretrained(model_dir)
     model = tf.BertModel.from_pretrained(model_dir).eval()
-    sentences = ["The cat sat on the mat.", "A fine-tuning compiler turns a spec into a training run.",
-                 "Hello!", "Packing sequences must never let tokens attend across documents."]
+    sentences = [
+        "The cat sat on the mat.",
+        "A fine-tuning compiler turns a spec into a training run.",
+        "Hello!",
+        "Packing sequences must never let tokens attend across documents.",
+    ]
     batch = tokenizer(sentences, padding=True, return_tensors="np")
     input_ids, mask, types = (batch[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids"))
     assert mask.min() == 0  # the batch really is padded

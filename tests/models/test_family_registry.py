@@ -5,11 +5,11 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from hf_decoders import make_hf_model
 
 from ftc.backends.jax import models
 from ftc.backends.jax.io import hf_checkpoint, safetensors_read
 from ftc.backends.jax.models import shapes
-from hf_decoders import make_hf_model
 
 TOY_MODULE = '''
 """toyllama: Llama under another model_type, registered the way a new family is."""
@@ -52,8 +52,11 @@ def toy_family(tmp_path, monkeypatch):
 
 
 def test_an_unregistered_model_type_names_the_supported_ones(checkpoints):
-    with pytest.raises(ValueError, match=r"unsupported architecture model_type='toyllama'.*"
-                                         r"ftc supports model_type in: bert, gemma, gpt2, llama, mistral"):
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported architecture model_type='toyllama'.*"
+        r"ftc supports model_type in: bert, gemma, gpt2, llama, mistral",
+    ):
         hf_checkpoint.load_model(checkpoints[1])
 
 

@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from ftc.backends.jax.models import gemma, llama
+from hf_decoders import hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
 
 from ftc.backends.jax.io import hf_checkpoint
-from hf_decoders import hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
+from ftc.backends.jax.models import gemma, llama
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,9 @@ def test_gemma_logits_match_transformers_with_left_and_right_padding(gemma_pair)
     assert diff <= 1e-4
 
 
-@pytest.mark.parametrize("change", [dict(scale_embeddings=False), dict(norm_unit_offset=False), dict(hidden_act="silu")])
+@pytest.mark.parametrize(
+    "change", [dict(scale_embeddings=False), dict(norm_unit_offset=False), dict(hidden_act="silu")]
+)
 def test_each_gemma_difference_is_needed_for_parity(gemma_pair, change):
     """Turning off any one Gemma switch breaks parity, so the parity test pins each of them."""
     model, lm = gemma_pair

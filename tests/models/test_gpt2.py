@@ -5,21 +5,24 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_decoders import max_diff_on_real_tokens, padded_batch
 from safetensors.numpy import load_file
 
-from ftc.backends.jax.methods import adapter as adapters
-
-from ftc.backends.jax.models import family_for, gpt2
-
 from ftc.backends.jax.io import hf_checkpoint
-from hf_decoders import max_diff_on_real_tokens, padded_batch
+from ftc.backends.jax.methods import adapter as adapters
+from ftc.backends.jax.models import family_for, gpt2
 
 TINY = dict(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
 CASES = {
     "tied": dict(),
     # Untied head, per-layer attention scaling, erf gelu, explicit n_inner: every switch flipped.
-    "untied-scaled": dict(tie_word_embeddings=False, scale_attn_by_inverse_layer_idx=True,
-                          activation_function="gelu", n_inner=48, layer_norm_epsilon=1e-6),
+    "untied-scaled": dict(
+        tie_word_embeddings=False,
+        scale_attn_by_inverse_layer_idx=True,
+        activation_function="gelu",
+        n_inner=48,
+        layer_norm_epsilon=1e-6,
+    ),
 }
 
 
@@ -68,14 +71,18 @@ def test_logits_match_transformers_with_left_and_right_padding(loaded, case):
     model, _, lm = loaded[case]
     assert lm.family is family_for({"model_type": "gpt2"})
     input_ids, mask, positions = padded_batch()
-    diff = max_diff_on_real_tokens(_apply(lm, input_ids, attention_mask=mask, positions=positions),
-                                   _hf_logits(model, input_ids, mask, positions), mask)
+    diff = max_diff_on_real_tokens(
+        _apply(lm, input_ids, attention_mask=mask, positions=positions),
+        _hf_logits(model, input_ids, mask, positions),
+        mask,
+    )
     print(f"gpt2 {case}: max |logits diff| = {diff:.2e}")
     assert diff <= 1e-4
     # Without positions both sides count 0..T-1.
     right = mask[:2]
-    diff_default = max_diff_on_real_tokens(_apply(lm, input_ids[:2], attention_mask=right),
-                                           _hf_logits(model, input_ids[:2], right), right)
+    diff_default = max_diff_on_real_tokens(
+        _apply(lm, input_ids[:2], attention_mask=right), _hf_logits(model, input_ids[:2], right), right
+    )
     assert diff_default <= 1e-4
 
 
@@ -84,8 +91,9 @@ def test_token_type_ids_are_embedded_with_the_token_table_like_transformers(load
     ids = np.random.default_rng(1).integers(0, 256, (2, 8)).astype(np.int32)
     types = np.random.default_rng(2).integers(0, 3, (2, 8)).astype(np.int32)
     with torch.no_grad():
-        theirs = model(torch.as_tensor(ids, dtype=torch.long),
-                       token_type_ids=torch.as_tensor(types, dtype=torch.long)).logits.numpy()
+        theirs = model(
+            torch.as_tensor(ids, dtype=torch.long), token_type_ids=torch.as_tensor(types, dtype=torch.long)
+        ).logits.numpy()
     assert np.abs(_apply(lm, ids, token_type_ids=types) - theirs).max() <= 1e-4
 
 
@@ -123,8 +131,11 @@ def test_export_reloads_in_transformers_with_the_same_logits(loaded, case, tmp_p
     assert reloaded.config.architectures == ["GPT2LMHeadModel"]
     assert reloaded.config.tie_word_embeddings == lm.arch.tie_word_embeddings
     input_ids, mask, positions = padded_batch(seed=7)
-    diff = max_diff_on_real_tokens(_apply(lm, input_ids, attention_mask=mask, positions=positions),
-                                   _hf_logits(reloaded, input_ids, mask, positions), mask)
+    diff = max_diff_on_real_tokens(
+        _apply(lm, input_ids, attention_mask=mask, positions=positions),
+        _hf_logits(reloaded, input_ids, mask, positions),
+        mask,
+    )
     assert diff <= 1e-4
 
 

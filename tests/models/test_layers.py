@@ -23,7 +23,9 @@ def test_gqa_attention_matches_naive_softmax_attention():
     q = rng.normal(size=(2, 6, 4, 8)).astype(np.float32)
     k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
     v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
-    mask = layers.make_attention_mask(attention_mask=jnp.array([[1] * 6, [1] * 4 + [0] * 2]), causal=True, q_len=6, kv_len=6)
+    mask = layers.make_attention_mask(
+        attention_mask=jnp.array([[1] * 6, [1] * 4 + [0] * 2]), causal=True, q_len=6, kv_len=6
+    )
     out = np.asarray(layers.dot_product_attention(q, k, v, mask))
     expected = _naive_attention(q, k, v, np.asarray(mask))
     np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
@@ -61,8 +63,14 @@ def test_positions_restart_per_segment():
     [
         {"rope_type": "default", "rope_theta": 10000.0},
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-        {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ],
 )
 def test_rope_inverse_frequencies_match_transformers(rope_parameters):

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from ftc.backends.jax.models import family_for, llama
+from hf_decoders import hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
 
 from ftc.backends.jax.io import hf_checkpoint
-from hf_decoders import hf_logits, make_hf_model, max_diff_on_real_tokens, padded_batch
+from ftc.backends.jax.models import family_for, llama
 
 LLAMA_CASES = ("llama", "llama-tied-llama3-rope", "llama-linear-rope-bias", "mistral", "qwen2", "qwen3")
 MAX_DIFFS = {}
@@ -27,7 +26,7 @@ def loaded(tmp_path_factory):
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted_apply(arch, dtype=jnp.float32):
     return jax.jit(llama.build(arch, dtype).apply, static_argnames=("output",))
 
@@ -49,12 +48,20 @@ def test_logits_match_transformers_with_left_and_right_padding(loaded, case):
     assert diff <= 1e-4
     if lm.arch.sliding_window is not None:
         # The window matters on this batch (T=10 > window 4), so the test would catch its absence.
-        no_window = dataclasses.replace(lm, arch=dataclasses.replace(lm.arch, sliding_window=None, sliding_layers=(False, False)))
-        assert max_diff_on_real_tokens(_logits(no_window, input_ids, attention_mask=mask, positions=positions), theirs, mask) > 1e-3
+        no_window = dataclasses.replace(
+            lm, arch=dataclasses.replace(lm.arch, sliding_window=None, sliding_layers=(False, False))
+        )
+        assert (
+            max_diff_on_real_tokens(
+                _logits(no_window, input_ids, attention_mask=mask, positions=positions), theirs, mask
+            )
+            > 1e-3
+        )
     # Default positions (0..T-1) are what transformers uses without position_ids.
     right = mask[:2]
-    diff_default = max_diff_on_real_tokens(_logits(lm, input_ids[:2], attention_mask=right),
-                                           hf_logits(model, input_ids[:2], right), right)
+    diff_default = max_diff_on_real_tokens(
+        _logits(lm, input_ids[:2], attention_mask=right), hf_logits(model, input_ids[:2], right), right
+    )
     assert diff_default <= 1e-4
 
 
@@ -78,8 +85,15 @@ def test_missing_config_keys_take_transformers_defaults(model_type):
 
 
 def test_explicit_null_config_values_mean_what_transformers_makes_of_them():
-    mistral = llama.config_from_hf({"model_type": "mistral", "sliding_window": None, "num_key_value_heads": None,
-                                    "num_attention_heads": 8, "hidden_size": 64})
+    mistral = llama.config_from_hf(
+        {
+            "model_type": "mistral",
+            "sliding_window": None,
+            "num_key_value_heads": None,
+            "num_attention_heads": 8,
+            "hidden_size": 64,
+        }
+    )
     assert mistral.sliding_window is None and not any(mistral.sliding_layers)
     assert mistral.num_kv_heads == 8 and mistral.head_dim == 8
 

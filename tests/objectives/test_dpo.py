@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 import train_testlib as tl
 from data_testlib import make_tokenizer, spec_data_options, write_jsonl
-from ftc.backends.jax.objectives import dpo
-from ftc.backends.jax.train import mesh as mesh_lib
-from ftc.backends.jax.models import shapes
-from ftc.backends.jax.train import step as ts
+
 from ftc.backends.jax.data.datasets import build_datasets
 from ftc.backends.jax.io.hf_checkpoint import load_model
+from ftc.backends.jax.models import shapes
+from ftc.backends.jax.objectives import dpo
+from ftc.backends.jax.train import mesh as mesh_lib
+from ftc.backends.jax.train import step as ts
 
 BETA = 0.3
 SEQ = 32
@@ -31,9 +31,14 @@ def _pairs(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     words = "the quick brown fox jumps over lazy dog hello there how are you doing today blue".split()
     say = lambda k: " ".join(rng.choice(words, size=k))
-    return [{"prompt": [{"role": "user", "content": f"{i} {say(int(rng.integers(1, 4)))}?"}],
-             "chosen": [{"role": "assistant", "content": say(int(rng.integers(1, 6)))}],
-             "rejected": [{"role": "assistant", "content": say(int(rng.integers(1, 6)))}]} for i in range(n)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"{i} {say(int(rng.integers(1, 4)))}?"}],
+            "chosen": [{"role": "assistant", "content": say(int(rng.integers(1, 6)))}],
+            "rejected": [{"role": "assistant", "content": say(int(rng.integers(1, 6)))}],
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,16 @@ def setup(tmp_path_factory):
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
     policy.save_pretrained(root / "policy")
     make_tokenizer().save_pretrained(root / "policy")
-    data = build_datasets(**spec_data_options("preference", train=write_jsonl(root / "pairs.jsonl", _pairs(6)),
-                                              tokenizer=make_tokenizer(), max_seq_len=SEQ, batch_size=8, shuffle=False))
+    data = build_datasets(
+        **spec_data_options(
+            "preference",
+            train=write_jsonl(root / "pairs.jsonl", _pairs(6)),
+            tokenizer=make_tokenizer(),
+            max_seq_len=SEQ,
+            batch_size=8,
+            shuffle=False,
+        )
+    )
     batch = next(data.train_iterator())  # 6 real pairs + 2 all-zero padding rows (weight 0)
     assert batch["weights"].tolist() == [1.0] * 6 + [0.0] * 2
     return root, batch
@@ -68,8 +81,8 @@ def _full_ids(rows: dict, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         k = int(np.count_nonzero(rows["segment_ids"][b]))  # positions used: k + 1 tokens
         ids[b, :k] = rows["input_ids"][b, :k]
         ids[b, k] = rows["targets"][b, k - 1]
-        attention[b, :k + 1] = 1
-        completion[b, 1:k + 1] = rows["weights"][b, :k]
+        attention[b, : k + 1] = 1
+        completion[b, 1 : k + 1] = rows["weights"][b, :k]
     return ids, attention, completion
 
 
@@ -81,14 +94,27 @@ def _trl_loss_and_metrics(root, batch, n: int) -> tuple[float, dict]:
 
     policy = tf.LlamaForCausalLM.from_pretrained(root / "policy").eval()
     reference = tf.LlamaForCausalLM.from_pretrained(root / "base").eval()
-    args = DPOConfig(output_dir=str(root / "trl"), beta=BETA, loss_type=["sigmoid"], report_to="none",
-                     use_cpu=True, per_device_train_batch_size=2)
-    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, processing_class=make_tokenizer(),
-                         train_dataset=Dataset.from_list([{"prompt": "hi", "chosen": "yes", "rejected": "no"}]))
+    args = DPOConfig(
+        output_dir=str(root / "trl"),
+        beta=BETA,
+        loss_type=["sigmoid"],
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=2,
+    )
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=args,
+        processing_class=make_tokenizer(),
+        train_dataset=Dataset.from_list([{"prompt": "hi", "chosen": "yes", "rejected": "no"}]),
+    )
     trainer.model.eval()  # "eval" mode: no dropout; metrics land in trainer._metrics["eval"]
     sides = [_full_ids(batch[side], n) for side in ("chosen", "rejected")]  # TRL's batch: [chosen; rejected]
-    inputs = {key: torch.tensor(np.concatenate([sides[0][i], sides[1][i]])) for i, key in
-              enumerate(("input_ids", "attention_mask", "completion_mask"))}
+    inputs = {
+        key: torch.tensor(np.concatenate([sides[0][i], sides[1][i]]))
+        for i, key in enumerate(("input_ids", "attention_mask", "completion_mask"))
+    }
     with torch.no_grad():
         loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
     return float(loss), {k: v[-1] for k, v in trainer._metrics["eval"].items()}
@@ -135,8 +161,11 @@ def test_dpo_loss_and_rewards_equal_trl_on_the_same_tokens_padding_pairs_ignored
     assert ours["chosen_reward"] == pytest.approx(np.mean(BETA * (pc - rc)), abs=2e-6)
     assert ours["rejected_reward"] == pytest.approx(np.mean(BETA * (pr - rr)), abs=2e-6)
     assert ours["reward_margin"] == pytest.approx(np.mean(margin), abs=2e-6)
-    for mine, theirs in (("chosen_reward", "rewards/chosen"), ("rejected_reward", "rewards/rejected"),
-                         ("reward_margin", "rewards/margins")):
+    for mine, theirs in (
+        ("chosen_reward", "rewards/chosen"),
+        ("rejected_reward", "rewards/rejected"),
+        ("reward_margin", "rewards/margins"),
+    ):
         assert ours[mine] == pytest.approx(trl[theirs], abs=1e-4), mine
     for mine, theirs in (("chosen_logp", "logps/chosen"), ("rejected_logp", "logps/rejected")):
         assert ours[mine] == pytest.approx(trl[theirs], rel=1e-6), mine
@@ -150,8 +179,9 @@ def _dpo_program(module, params, accum: int, mesh):
     state_abs = ts.abstract_state(jax.eval_shape(lambda: params), tx, mask, reference=True)
     replicated = {path: (None,) * np.ndim(x) for path, x in tl.flat(params).items()}
     state_sh = ts.state_shardings(mesh, state_abs, replicated)
-    steps = ts.build_steps(module, tx, optax.constant_schedule(0.5), mask, mesh, state_sh, accum_steps=accum,
-                           objective=dpo.objective(BETA))
+    steps = ts.build_steps(
+        module, tx, optax.constant_schedule(0.5), mask, mesh, state_sh, accum_steps=accum, objective=dpo.objective(BETA)
+    )
     state = jax.jit(lambda p: ts.init_state(p, tx, mask, 0, reference=True), out_shardings=state_sh)(params)
     return steps, state
 
@@ -186,25 +216,40 @@ def test_dpo_step_is_the_same_for_any_micro_batching_and_leaves_the_reference_fr
 def test_method_reference_is_the_base_model_with_no_second_copy(setup, kind):
     """With lora / adapter params moved away from their start, DPO with the method disabled as the
     reference gives exactly the sums of DPO against the base model's own parameters."""
-    from ftc.backends.jax.methods import base as methods
     from ftc.backends.jax.io.hf_checkpoint import read_hf_config
+    from ftc.backends.jax.methods import base as methods
 
     root, batch = setup
-    method = {"kind": kind, "rank": 4, "alpha": 8, "targets": "all-linear"} if kind == "lora" else \
-        {"kind": kind, "reduction_factor": 4}
+    method = (
+        {"kind": kind, "rank": 4, "alpha": 8, "targets": "all-linear"}
+        if kind == "lora"
+        else {"kind": kind, "reduction_factor": 4}
+    )
     spec = tl.spec({"method": method, "model": {"max_seq_len": SEQ}})
     model = methods.build_model(read_hf_config(root / "base"), spec)
     base = load_model(root / "base").params
     params = methods.init_method_params(model, base, seed=0)
     noise = iter(jax.random.split(jax.random.key(1), 1000))
     moved = jax.tree_util.tree_map_with_path(
-        lambda p, x: x + 0.05 * jax.random.normal(next(noise), x.shape) if model.trainable(shapes.path_str(p))
-        else x, params)
-    disabled = jax.jit(lambda p, b: dpo.dpo_sums(model.eval_module, p, b, jax.random.key(0), beta=BETA,
-                                                 reference_params=lambda q: methods.disabled_params(model, q)))
+        lambda p, x: x + 0.05 * jax.random.normal(next(noise), x.shape) if model.trainable(shapes.path_str(p)) else x,
+        params,
+    )
+    disabled = jax.jit(
+        lambda p, b: dpo.dpo_sums(
+            model.eval_module,
+            p,
+            b,
+            jax.random.key(0),
+            beta=BETA,
+            reference_params=lambda q: methods.disabled_params(model, q),
+        )
+    )
     # The base model's own module and params as an explicit reference: the same policy logps.
-    explicit = jax.jit(lambda p, b: dpo.dpo_sums(
-        model.eval_module, p, b, jax.random.key(0), methods.init_method_params(model, base, seed=0), beta=BETA))
+    explicit = jax.jit(
+        lambda p, b: dpo.dpo_sums(
+            model.eval_module, p, b, jax.random.key(0), methods.init_method_params(model, base, seed=0), beta=BETA
+        )
+    )
     got, want = ts.host_metrics(disabled(moved, batch)), ts.host_metrics(explicit(moved, batch))
     assert abs(got["loss_sum"] / got["weight_sum"] - math.log(2)) > 1e-3  # the policy really moved
     for key in dpo.SUM_KEYS:
@@ -243,8 +288,8 @@ progress = false
 
 
 def test_ftc_run_trains_dpo_from_a_frozen_reference_copy(setup):
-    from ftc.backends.jax.state import checkpoint as ckpt_lib
     from ftc.backends.jax import pipeline as run_lib
+    from ftc.backends.jax.state import checkpoint as ckpt_lib
     from ftc.spec import load_spec
 
     root, _ = setup
@@ -282,8 +327,11 @@ def test_ftc_run_trains_dpo_with_lora_against_its_disabled_base(setup):
     write_jsonl(root / "valid_pairs.jsonl", _pairs(4, seed=3))
     path = root / "dpo_lora.toml"
     text = DPO_SPEC.format(root=root, seq=SEQ, beta=BETA).replace('name = "dpo"', 'name = "dpo-lora"')
-    path.write_text(text.replace("[training]", '[method]\nkind = "lora"\nrank = 4\nalpha = 8\n'
-                                 'targets = "all-linear"\n[training]').replace("3e-3", "3e-2"))
+    path.write_text(
+        text.replace(
+            "[training]", '[method]\nkind = "lora"\nrank = 4\nalpha = 8\ntargets = "all-linear"\n[training]'
+        ).replace("3e-3", "3e-2")
+    )
     spec = load_spec(str(path))
     lines = []
     assert run_lib.run(spec, echo=lines.append)["step"] == 6

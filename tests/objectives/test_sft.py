@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import train_testlib as tl
+
 from ftc.backends.jax import objectives, pipeline
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.objectives import contract, sft
@@ -22,7 +22,7 @@ from ftc.spec import choices
 CFG = tl.tiny_llama_config()
 
 # A toy objective in a module of its own: sft with every token weighing twice as much.
-TOY_OBJECTIVE = '''
+TOY_OBJECTIVE = """
 from ftc.backends.jax.objectives import sft
 from ftc.backends.jax.objectives.contract import Built, Objective, Registered
 
@@ -33,7 +33,7 @@ def sums(model, params, batch, rng, reference=None):
 
 OBJECTIVE = Objective("sft_x2", sums, sft.causal_lm_summary, sft.SUM_KEYS, sft.BATCH_KEYS, perplexity=True)
 RECORD = Registered("sft_x2", lambda spec, model: Built(OBJECTIVE))
-'''
+"""
 
 
 def test_cross_entropy_and_hits_equal_optax_and_argmax_with_the_same_gradient():
@@ -87,8 +87,14 @@ def test_the_registry_holds_the_schemas_objectives_and_classify_is_the_probe_run
 
 def test_dpo_keeps_a_reference_copy_only_for_a_full_fine_tune_and_the_plan_counts_it():
     def spec(kind):
-        return tl.spec({"training": {"objective": "dpo"}, "data": {"format": "preference"},
-                        "method": {"kind": kind}, "mesh": {"fsdp": 1}})
+        return tl.spec(
+            {
+                "training": {"objective": "dpo"},
+                "data": {"format": "preference"},
+                "method": {"kind": kind},
+                "mesh": {"fsdp": 1},
+            }
+        )
 
     for kind, copy in (("full", True), ("lora", False)):
         model = methods.build_model(CFG, spec(kind))

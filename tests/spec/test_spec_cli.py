@@ -11,8 +11,10 @@ from ftc.cli import main
 from ftc.schemas import SCHEMA_PATH
 
 GOOD = 'name = "ok"\n[model]\nbase = "o/m"\n[data]\nformat = "chat"\ntrain = "tfds:a/b:train"\n'
-BAD = 'name = "bad"\n[model]\nbase = "o/m"\n[data]\nformat = "chat"\ntrain = "tfds:a/b:train"\n' \
-      '[training]\nlerning_rate = 1e-4\n'
+BAD = (
+    'name = "bad"\n[model]\nbase = "o/m"\n[data]\nformat = "chat"\ntrain = "tfds:a/b:train"\n'
+    "[training]\nlerning_rate = 1e-4\n"
+)
 
 
 def _run(args, cwd):
@@ -28,8 +30,10 @@ def test_lint_exits_0_when_all_valid_1_when_any_invalid_2_on_usage_errors(tmp_pa
     assert ok.exit_code == 0 and "1 spec checked: all valid" in ok.output
     bad = _run(["lint", "good.toml", "bad.toml"], tmp_path)
     assert bad.exit_code == 1
-    assert "bad.toml:8:1: error: training.lerning_rate: unknown key 'lerning_rate'; did you mean 'learning_rate'?" \
+    assert (
+        "bad.toml:8:1: error: training.lerning_rate: unknown key 'lerning_rate'; did you mean 'learning_rate'?"
         in bad.output
+    )
     assert _run(["lint", "missing.toml"], tmp_path).exit_code == 2
     assert _run(["lint"], tmp_path).exit_code == 2
     assert _run(["lint", "--format", "xml", "good.toml"], tmp_path).exit_code == 2
@@ -46,9 +50,16 @@ def test_lint_json_format_is_one_document(tmp_path):
     doc = json.loads(result.output)
     assert result.exit_code == 1 and doc["valid"] is False
     assert [f["valid"] for f in doc["files"]] == [True, False]
-    assert doc["files"][1]["issues"] == [{"file": "bad.toml", "line": 8, "col": 1, "key_path": "training.lerning_rate",
-                                          "severity": "error",
-                                          "message": "unknown key 'lerning_rate'; did you mean 'learning_rate'?"}]
+    assert doc["files"][1]["issues"] == [
+        {
+            "file": "bad.toml",
+            "line": 8,
+            "col": 1,
+            "key_path": "training.lerning_rate",
+            "severity": "error",
+            "message": "unknown key 'lerning_rate'; did you mean 'learning_rate'?",
+        }
+    ]
 
 
 def test_lint_github_format_prints_workflow_annotations(tmp_path):
@@ -56,7 +67,8 @@ def test_lint_github_format_prints_workflow_annotations(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == (
         "::error file=bad.toml,line=8,col=1,title=ftc lint%3A training.lerning_rate::"
-        "unknown key 'lerning_rate'; did you mean 'learning_rate'?")
+        "unknown key 'lerning_rate'; did you mean 'learning_rate'?"
+    )
 
 
 def test_schema_prints_the_schema_file():
@@ -65,8 +77,18 @@ def test_schema_prints_the_schema_file():
     assert json.loads(result.output) == json.loads(SCHEMA_PATH.read_text())
 
 
-@pytest.mark.parametrize("method, objective", [("full", None), ("lora", None), ("qlora", None), ("adapter", None),
-                                               ("probe", None), ("lora", "dpo"), ("full", "classify")])
+@pytest.mark.parametrize(
+    "method, objective",
+    [
+        ("full", None),
+        ("lora", None),
+        ("qlora", None),
+        ("adapter", None),
+        ("probe", None),
+        ("lora", "dpo"),
+        ("full", "classify"),
+    ],
+)
 def test_init_writes_a_commented_spec_that_lints_clean(tmp_path, method, objective):
     runner = CliRunner()
     with runner.isolated_filesystem(temp_dir=tmp_path):

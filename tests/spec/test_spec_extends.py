@@ -4,7 +4,7 @@ import pytest
 
 from ftc.spec import SpecError, lint_file, load_spec
 
-BASE = '''
+BASE = """
 name = "base"
 [model]
 base = "o/m"
@@ -18,7 +18,7 @@ overlong = "drop"
 [training]
 batch_size = 32
 schedule = { kind = "linear", warmup_steps = 10 }
-'''
+"""
 
 
 @pytest.fixture
@@ -33,7 +33,8 @@ def tree(tmp_path):
 def test_tables_merge_key_by_key_lists_replace_and_the_child_wins(tree):
     (tree / "team" / "child.toml").write_text(
         'extends = "../shared/base.toml"\nname = "child"\n[data.clean]\nroles = ["user", "assistant"]\n'
-        '[training]\nlearning_rate = 1e-4\nschedule = { warmup_steps = 5 }\n')
+        "[training]\nlearning_rate = 1e-4\nschedule = { warmup_steps = 5 }\n"
+    )
     spec = load_spec(tree / "team" / "child.toml")
     assert spec.name == "child" and spec.model.max_seq_len == 1024
     assert spec.data.clean.roles == ("user", "assistant") and spec.data.clean.overlong == "drop"
@@ -48,7 +49,8 @@ def test_tables_merge_key_by_key_lists_replace_and_the_child_wins(tree):
 def test_several_bases_merge_in_order_and_can_be_json(tree):
     (tree / "shared" / "lora.json").write_text('{"method": {"kind": "lora", "rank": 4}, "training": {"batch_size": 8}}')
     (tree / "team" / "child.toml").write_text(
-        'extends = ["../shared/base.toml", "../shared/lora.json"]\nname = "child"\n[method]\nalpha = 8\n')
+        'extends = ["../shared/base.toml", "../shared/lora.json"]\nname = "child"\n[method]\nalpha = 8\n'
+    )
     spec = load_spec(tree / "team" / "child.toml")
     assert (spec.method.kind, spec.method.rank, spec.method.alpha) == ("lora", 4, 8.0)
     assert spec.training.batch_size == 8
@@ -66,14 +68,17 @@ def test_chains_resolve_each_extends_relative_to_its_own_file(tree):
 def test_an_error_in_a_base_points_into_the_base_and_a_fix_in_the_child_clears_it(tree):
     (tree / "shared" / "base.toml").write_text(BASE.replace("batch_size = 32", "batch_size = 30"))
     (tree / "team" / "child.toml").write_text(
-        'extends = "../shared/base.toml"\nname = "child"\n[training]\nmicro_batch_size = 4\n')
+        'extends = "../shared/base.toml"\nname = "child"\n[training]\nmicro_batch_size = 4\n'
+    )
     [issue] = lint_file(tree / "team" / "child.toml")
     assert issue.key_path == "training.micro_batch_size" and issue.file.endswith("team/child.toml")
     (tree / "team" / "child.toml").write_text(
-        'extends = "../shared/base.toml"\nname = "child"\n[training]\nmax_steps = 4\n')
+        'extends = "../shared/base.toml"\nname = "child"\n[training]\nmax_steps = 4\n'
+    )
     issues = lint_file(tree / "team" / "child.toml")
     assert [(i.file.rsplit("/", 2)[-2:], i.line, i.key_path) for i in issues] == [
-        (["team", "child.toml"], 4, "training.max_steps")]
+        (["team", "child.toml"], 4, "training.max_steps")
+    ]
     (tree / "shared" / "base.toml").write_text(BASE.replace("[training]", "[training]\nseed = -1"))
     (tree / "team" / "child.toml").write_text('extends = "../shared/base.toml"\nname = "child"\n')
     [issue] = lint_file(tree / "team" / "child.toml")
@@ -91,7 +96,8 @@ def test_a_spec_extending_itself_is_a_cycle(tree):
 
 def test_an_extends_list_entry_that_is_missing_is_located_by_index(tree):
     (tree / "team" / "child.toml").write_text(
-        'name = "child"\nextends = [\n  "../shared/base.toml",\n  "../shared/gone.toml",\n]\n')
+        'name = "child"\nextends = [\n  "../shared/base.toml",\n  "../shared/gone.toml",\n]\n'
+    )
     [issue] = lint_file(tree / "team" / "child.toml")
     assert (issue.line, issue.col, issue.key_path) == (4, 3, "extends[1]")
     assert "not found" in issue.message

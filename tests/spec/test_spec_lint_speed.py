@@ -23,8 +23,13 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 
 def _run_cli(args, cwd):
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}\n" + WRAPPER, *args], cwd=cwd,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-c", f"HEAVY = {HEAVY!r}\n" + WRAPPER, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     elapsed = time.perf_counter() - start
     return json.loads(proc.stderr.strip().splitlines()[-1]), proc.stdout, elapsed
 
@@ -32,19 +37,27 @@ def _run_cli(args, cwd):
 def _write_specs(tmp_path, n):
     (tmp_path / "base.toml").write_text(
         '[model]\nbase = "HuggingFaceTB/SmolLM2-135M-Instruct"\n[data]\nformat = "chat"\n'
-        'train = "tfds:chat/default:train"\nvalidation_split = 0.05\n')
+        'train = "tfds:chat/default:train"\nvalidation_split = 0.05\n'
+    )
     names = []
     for i in range(n):
         kind = ("full", "lora", "qlora", "adapter")[i % 4]
         name = f"spec{i:03d}.{'json' if i % 5 == 0 else 'toml'}"
         if name.endswith(".json"):
-            text = json.dumps({"extends": "base.toml", "name": f"run-{i}", "method": {"kind": kind},
-                               "training": {"learning_rate": 1e-4 * (i + 1), "batch_size": 16,
-                                            "micro_batch_size": 4}})
+            text = json.dumps(
+                {
+                    "extends": "base.toml",
+                    "name": f"run-{i}",
+                    "method": {"kind": kind},
+                    "training": {"learning_rate": 1e-4 * (i + 1), "batch_size": 16, "micro_batch_size": 4},
+                }
+            )
         else:
-            text = (f'extends = "base.toml"\nname = "run-{i}"\n[method]\nkind = "{kind}"\n'
-                    f'[training]\nlearning_rate = {1e-4 * (i + 1)}\nbatch_size = 16\nmicro_batch_size = 4\n'
-                    'schedule = { kind = "cosine", warmup_ratio = 0.03 }\n[mesh]\nfsdp = -1\n')
+            text = (
+                f'extends = "base.toml"\nname = "run-{i}"\n[method]\nkind = "{kind}"\n'
+                f"[training]\nlearning_rate = {1e-4 * (i + 1)}\nbatch_size = 16\nmicro_batch_size = 4\n"
+                'schedule = { kind = "cosine", warmup_ratio = 0.03 }\n[mesh]\nfsdp = -1\n'
+            )
         (tmp_path / name).write_text(text)
         names.append(name)
     return names

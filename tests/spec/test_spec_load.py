@@ -8,7 +8,7 @@ import pytest
 
 from ftc.spec import Spec, SpecError, lint_file, load_spec, spec_from_dict
 
-TOML = '''
+TOML = """
 ftc = 1
 name = "support-bot"
 
@@ -38,7 +38,7 @@ eval_every = 200
 [checkpoint]
 every = 500
 async = false
-'''
+"""
 
 
 def _write_spec_dir(tmp_path):
@@ -78,7 +78,7 @@ def test_toml_spec_loads_typed_and_frozen_with_defaults_filled(tmp_path):
 def test_paths_are_absolute_relative_to_the_spec_file_and_tfds_sources_stay(tmp_path, monkeypatch):
     specs = _write_spec_dir(tmp_path)
     monkeypatch.chdir(tmp_path)  # not the spec's folder: paths must not depend on the cwd
-    spec = load_spec("specs/bot.toml", overrides=['data.validation=tfds:imdb_reviews/plain_text:test'])
+    spec = load_spec("specs/bot.toml", overrides=["data.validation=tfds:imdb_reviews/plain_text:test"])
     assert spec.data.train == (str(specs / "data" / "a.jsonl"), str(specs / "data" / "*.part.jsonl"))
     assert spec.data.train_sources == spec.data.train
     assert spec.data.validation == "tfds:imdb_reviews/plain_text:test"
@@ -107,17 +107,26 @@ def test_local_model_directory_is_a_path_and_missing_files_are_warnings(tmp_path
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     (tmp_path / "s.toml").write_text(
         'name = "x"\n[model]\nbase = "models/tiny"\ninit_from = "runs/old"\n'
-        '[data]\nformat = "text"\ntrain = "nope/*.jsonl"\n')
+        '[data]\nformat = "text"\ntrain = "nope/*.jsonl"\n'
+    )
     spec = load_spec(tmp_path / "s.toml")
     assert spec.model.base == str(tmp_path / "models" / "tiny")
     assert [(w.key_path, w.severity, w.line) for w in spec.warnings] == [
-        ("model.init_from", "warning", 4), ("data.train", "warning", 7)]
+        ("model.init_from", "warning", 4),
+        ("data.train", "warning", 7),
+    ]
     assert "no file matches" in spec.warnings[1].message
 
 
 def test_gguf_and_dot_slash_values_are_local_paths_even_when_missing(tmp_path):
-    spec = spec_from_dict({"name": "x", "model": {"base": "./org/model", "tokenizer": "tok.gguf"},
-                           "data": {"format": "text", "train": "tfds:lm1b:train"}}, base_dir=tmp_path)
+    spec = spec_from_dict(
+        {
+            "name": "x",
+            "model": {"base": "./org/model", "tokenizer": "tok.gguf"},
+            "data": {"format": "text", "train": "tfds:lm1b:train"},
+        },
+        base_dir=tmp_path,
+    )
     assert spec.model.base == str(tmp_path / "org" / "model")
     assert spec.model.tokenizer == str(tmp_path / "tok.gguf")
     assert {w.key_path for w in spec.warnings} == {"model.base", "model.tokenizer"}
@@ -125,24 +134,37 @@ def test_gguf_and_dot_slash_values_are_local_paths_even_when_missing(tmp_path):
 
 def test_defaults_depend_on_the_chosen_kind_and_exclusive_keys():
     base = {"name": "x", "model": {"base": "o/m"}, "data": {"format": "classification", "train": "tfds:a:train"}}
-    spec = spec_from_dict({**base, "method": {"kind": "probe", "head": "mlp"},
-                           "training": {"objective": "classify", "steps": 10, "batch_size": 4,
-                                        "schedule": {"warmup_steps": 2}, "optimizer": {"kind": "sgd"}},
-                           "mesh": {"data": -1}})
+    spec = spec_from_dict(
+        {
+            **base,
+            "method": {"kind": "probe", "head": "mlp"},
+            "training": {
+                "objective": "classify",
+                "steps": 10,
+                "batch_size": 4,
+                "schedule": {"warmup_steps": 2},
+                "optimizer": {"kind": "sgd"},
+            },
+            "mesh": {"data": -1},
+        }
+    )
     assert (spec.method.pooling, spec.method.head_hidden, spec.method.rank) == ("mean", 256, None)
     assert spec.data.packing is None and spec.data.train_on is None  # chat/completion keys
     assert (spec.training.steps, spec.training.epochs, spec.training.micro_batch_size) == (10, None, 4)
     assert (spec.training.schedule.warmup_steps, spec.training.schedule.warmup_ratio) == (2, None)
     assert (spec.training.optimizer.momentum, spec.training.optimizer.beta1) == (0.0, None)
     assert (spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor) == (-1, 1, 1)  # fsdp gives way to data
-    dpo = spec_from_dict({**base, "data": {"format": "preference", "train": "tfds:a:train"},
-                          "training": {"objective": "dpo"}})
+    dpo = spec_from_dict(
+        {**base, "data": {"format": "preference", "train": "tfds:a:train"}, "training": {"objective": "dpo"}}
+    )
     assert dpo.training.dpo_beta == 0.1 and dpo.training.epochs == 1 and dpo.data.packing is None
 
 
 def test_every_issue_is_reported_at_once(tmp_path):
-    (tmp_path / "s.toml").write_text('name = "X"\n[model]\ndtype = "fp8"\n[data]\nformat = "chat"\n'
-                                     'train = "tfds:a:train"\n[training]\nbatch_size = 0\n')
+    (tmp_path / "s.toml").write_text(
+        'name = "X"\n[model]\ndtype = "fp8"\n[data]\nformat = "chat"\n'
+        'train = "tfds:a:train"\n[training]\nbatch_size = 0\n'
+    )
     keys = [i.key_path for i in lint_file(tmp_path / "s.toml")]
     assert keys == ["name", "model.base", "model.dtype", "training.batch_size"]
 
@@ -155,16 +177,21 @@ def test_a_file_that_is_not_toml_or_json_is_reported(tmp_path):
         load_spec(tmp_path / "spec.yaml")
 
 
-@pytest.mark.parametrize("base", ["org/name", "org/name@v1.0", "org/name/model.Q4_1.gguf",
-                                  "package:json/__init__.py"])
+@pytest.mark.parametrize("base", ["org/name", "org/name@v1.0", "org/name/model.Q4_1.gguf", "package:json/__init__.py"])
 def test_hub_ids_and_package_sources_stay_as_written(tmp_path, base):
-    spec = spec_from_dict({"name": "x", "model": {"base": base}, "data": {"format": "text", "train": "tfds:a:b"}},
-                          base_dir=tmp_path)
+    spec = spec_from_dict(
+        {"name": "x", "model": {"base": base}, "data": {"format": "text", "train": "tfds:a:b"}}, base_dir=tmp_path
+    )
     assert spec.model.base == base and spec.warnings == ()
 
 
-@pytest.mark.parametrize("base, fragment", [("package:no_such_pkg_ftc/m", "no installed Python package"),
-                                            ("package:json/no_such_file", "not found in package 'json'")])
+@pytest.mark.parametrize(
+    "base, fragment",
+    [
+        ("package:no_such_pkg_ftc/m", "no installed Python package"),
+        ("package:json/no_such_file", "not found in package 'json'"),
+    ],
+)
 def test_a_package_source_that_cannot_be_found_is_a_warning(base, fragment):
     spec = spec_from_dict({"name": "x", "model": {"base": base}, "data": {"format": "text", "train": "tfds:a:b"}})
     [warning] = spec.warnings

@@ -15,10 +15,19 @@ def spec_file(tmp_path):
 
 
 def test_values_are_typed_by_the_schema(spec_file):
-    spec = load_spec(spec_file, overrides=[
-        "training.learning_rate=1e-4", "training.steps=100", "data.packing=false", "method.kind=lora",
-        "method.targets=[\"q_proj\", \"v_proj\"]", "training.schedule={kind = \"linear\", warmup_steps = 5}",
-        "name=renamed", "mesh.fsdp=-1"])
+    spec = load_spec(
+        spec_file,
+        overrides=[
+            "training.learning_rate=1e-4",
+            "training.steps=100",
+            "data.packing=false",
+            "method.kind=lora",
+            'method.targets=["q_proj", "v_proj"]',
+            'training.schedule={kind = "linear", warmup_steps = 5}',
+            "name=renamed",
+            "mesh.fsdp=-1",
+        ],
+    )
     assert spec.training.learning_rate == 1e-4 and spec.training.steps == 100 and spec.training.epochs is None
     assert spec.data.packing is False and spec.method.targets == ("q_proj", "v_proj")
     assert spec.training.schedule.kind == "linear" and spec.training.schedule.warmup_steps == 5
@@ -33,16 +42,19 @@ def test_an_override_replaces_a_value_from_the_file_and_paths_are_relative_to_th
     assert spec.data.format == "text" and spec.data.packing is True
 
 
-@pytest.mark.parametrize("override, key, fragment", [
-    ("training.lerning_rate=1e-4", "training.lerning_rate", "did you mean 'learning_rate'"),
-    ("trainig.epochs=2", "trainig.epochs", "did you mean 'training'"),
-    ("training.steps=ten", "training.steps", "expected an integer, got 'ten'"),
-    ("training.learning_rate=fast", "training.learning_rate", "expected a number, got 'fast'"),
-    ("data.packing=maybe", "data.packing", "expected true or false, got 'maybe'"),
-    ("training.epochs.x=1", "training.epochs.x", "training.epochs is not a table"),
-    ("extends=base.toml", "extends", "cannot be overridden"),
-    ("learning_rate", "", "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, key, fragment",
+    [
+        ("training.lerning_rate=1e-4", "training.lerning_rate", "did you mean 'learning_rate'"),
+        ("trainig.epochs=2", "trainig.epochs", "did you mean 'training'"),
+        ("training.steps=ten", "training.steps", "expected an integer, got 'ten'"),
+        ("training.learning_rate=fast", "training.learning_rate", "expected a number, got 'fast'"),
+        ("data.packing=maybe", "data.packing", "expected true or false, got 'maybe'"),
+        ("training.epochs.x=1", "training.epochs.x", "training.epochs is not a table"),
+        ("extends=base.toml", "extends", "cannot be overridden"),
+        ("learning_rate", "", "expected KEY=VALUE"),
+    ],
+)
 def test_a_bad_override_is_an_error_naming_the_override(spec_file, override, key, fragment):
     [issue] = lint_file(spec_file, overrides=[override])
     assert issue.file == f"--set {override}" and issue.line == 0
@@ -72,5 +84,8 @@ def test_setting_one_of_an_exclusive_pair_replaces_the_other(tmp_path):
     both = tmp_path / "both.toml"
     both.write_text('extends = "base.toml"\n[training]\nsteps = 5\nepochs = 1\n')
     issues = lint_file(both)
-    assert any("set either 'epochs' or 'steps', not both" in i.message or
-               "set either 'steps' or 'epochs', not both" in i.message for i in issues), issues
+    assert any(
+        "set either 'epochs' or 'steps', not both" in i.message
+        or "set either 'steps' or 'epochs', not both" in i.message
+        for i in issues
+    ), issues

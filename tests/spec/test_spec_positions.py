@@ -99,7 +99,7 @@ def test_every_key_of_mutated_toml_that_tomllib_accepts_is_found_where_it_is_wri
         text = rng.choice(sources)
         for _ in range(rng.randint(1, 3)):
             i = rng.randrange(len(text) + 1)
-            text = text[:i] + rng.choice(pieces) + text[i:] if rng.random() < 0.5 else text[:i] + text[i + 2:]
+            text = text[:i] + rng.choice(pieces) + text[i:] if rng.random() < 0.5 else text[:i] + text[i + 2 :]
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError:
@@ -115,6 +115,6 @@ def test_every_key_of_mutated_toml_that_tomllib_accepts_is_found_where_it_is_wri
                 assert path + (key,) in pos, (path + (key,), text)
                 if isinstance(key, str):
                     line, col = pos[path + (key,)]
-                    assert lines[line - 1][col - 1:].startswith((key, '"', "'", "[")), (key, text)
+                    assert lines[line - 1][col - 1 :].startswith((key, '"', "'", "[")), (key, text)
                 stack.append((path + (key,), child))
     assert checked > 500

@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import train_testlib as tl
-from ftc.backends.jax.state import checkpoint as ckpt_lib
+
 from ftc.backends.jax.data import loader as data_loader
+from ftc.backends.jax.state import checkpoint as ckpt_lib
 
 CFG = tl.tiny_llama_config()
 
@@ -32,8 +32,11 @@ def _abstract(program):
 def test_state_saved_on_one_mesh_restores_bitwise_onto_another(tmp_path, params):
     saved = tl.program(tl.spec({"mesh": {"data": 8, "fsdp": 1, "tensor": 1}}), CFG, 8, params=params)
     # Make every part of the state non-trivial: optimizer moments, step, rng.
-    state = dict(saved.state, step=jnp.asarray(5, jnp.int32),
-                 opt_state=jax.tree.map(lambda x: x + 0.25 if x.dtype == jnp.float32 else x, saved.state["opt_state"]))
+    state = dict(
+        saved.state,
+        step=jnp.asarray(5, jnp.int32),
+        opt_state=jax.tree.map(lambda x: x + 0.25 if x.dtype == jnp.float32 else x, saved.state["opt_state"]),
+    )
     ck = ckpt_lib.Checkpointer(str(tmp_path / "ck"), keep=2)
     ck.save(5, state, {"pos": 7}, {"spec": {"a": 1}, "tokenizer_hash": "abc"})
     ck.wait()
@@ -96,10 +99,16 @@ def test_resume_with_changed_learning_rate_is_refused_naming_key_and_values():
 
 def test_resume_allows_longer_runs_other_meshes_and_logging_but_not_data_or_tokenizer_changes():
     old = tl.spec().to_dict()
-    allowed = tl.spec({"training": {"steps": 30, "eval_every": 5, "log_every": 1, "micro_batch_size": 4},
-                       "data": {"validation": "/nonexistent/valid.jsonl"},
-                       "mesh": {"data": 2, "fsdp": 2, "tensor": 2}, "checkpoint": {"every": 10, "keep": 1},
-                       "logging": {"tensorboard": False}, "description": "longer"}).to_dict()
+    allowed = tl.spec(
+        {
+            "training": {"steps": 30, "eval_every": 5, "log_every": 1, "micro_batch_size": 4},
+            "data": {"validation": "/nonexistent/valid.jsonl"},
+            "mesh": {"data": 2, "fsdp": 2, "tensor": 2},
+            "checkpoint": {"every": 10, "keep": 1},
+            "logging": {"tensorboard": False},
+            "description": "longer",
+        }
+    ).to_dict()
     ckpt_lib.check_resumable({"spec": old, "tokenizer_hash": "t"}, allowed, "t", "here")
     switched = tl.spec({"training": {"steps": None, "epochs": 2}}).to_dict()
     ckpt_lib.check_resumable({"spec": old}, switched, None, "here")  # steps <-> epochs both may change

@@ -9,20 +9,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import method_runs_testlib as mr
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-import method_runs_testlib as mr
 import train_testlib as tl
+
 from ftc.backends.jax import methods as method_registry
-from ftc.backends.jax.state import checkpoint as ckpt_lib
-from ftc.backends.jax.io import export as export_lib
-from ftc.backends.jax.methods import base as methods
-from ftc.backends.jax.state import frozen_base
-from ftc.backends.jax.methods import qlora as qlora_lib
-from ftc.backends.jax.train import optimizer as opt_lib
 from ftc.backends.jax import pipeline as run_lib
+from ftc.backends.jax.io import export as export_lib
+from ftc.backends.jax.methods import qlora as qlora_lib
+from ftc.backends.jax.state import checkpoint as ckpt_lib
+from ftc.backends.jax.state import fingerprint, frozen_base
+from ftc.backends.jax.train import optimizer as opt_lib
 from ftc.backends.jax.train import step as ts
 from ftc.spec import load_spec, spec_from_dict
 
@@ -52,13 +51,19 @@ def whole_state(run_dir: Path, step: int | None = None) -> tuple[dict, object, d
     model = run_lib.build_model(hf_config, spec)
     plan, abstract = run_lib.plan_for(spec, hf_config, jax.device_count(), model=model)
     mask = opt_lib.trainable_mask(abstract, model.trainable)
-    tx = opt_lib.make_optimizer(plan.optimizer, opt_lib.make_schedule(plan.schedule, plan.steps.total_steps),
-                                {p.path: p.axes for p in plan.params})
+    tx = opt_lib.make_optimizer(
+        plan.optimizer,
+        opt_lib.make_schedule(plan.schedule, plan.steps.total_steps),
+        {p.path: p.axes for p in plan.params},
+    )
     _, with_reference = run_lib.build_objective(spec, model)
-    state_abs = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=ONE),
-                             ts.abstract_state(abstract, tx, mask, reference=with_reference))
-    reader = ckpt_lib.Checkpointer(reader.directory, read_only=True,
-                                   saved_params=frozen_base.saved_mask(abstract, model.method))
+    state_abs = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=ONE),
+        ts.abstract_state(abstract, tx, mask, reference=with_reference),
+    )
+    reader = ckpt_lib.Checkpointer(
+        reader.directory, read_only=True, saved_params=frozen_base.saved_mask(abstract, model.method)
+    )
     state, data_state = frozen_base.restore_state(reader, step, meta, model_dir, model, state_abs)
     return state, data_state, meta
 
@@ -66,12 +71,18 @@ def whole_state(run_dir: Path, step: int | None = None) -> tuple[dict, object, d
 def write_format_1(run_dir: Path, step: int, state: dict, data_state, meta: dict) -> None:
     """A checkpoint as ftc wrote them before format 2: the whole train state in "state"."""
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    manager = ocp.CheckpointManager(ckpt_lib.checkpoint_dir(str(run_dir)), options=options,
-                                    item_names=("state", "data", "meta"))
+    manager = ocp.CheckpointManager(
+        ckpt_lib.checkpoint_dir(str(run_dir)), options=options, item_names=("state", "data", "meta")
+    )
     old_meta = {k: v for k, v in meta.items() if k != "frozen"} | {"step": step, "format_version": 1}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=ocp.args.JsonSave(ckpt_lib.encode_data_state(data_state)),
-                                               meta=ocp.args.JsonSave(old_meta)))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(ckpt_lib.encode_data_state(data_state)),
+            meta=ocp.args.JsonSave(old_meta),
+        ),
+    )
     manager.wait_until_finished()
     manager.close()
 
@@ -99,16 +110,22 @@ def exported_bytes(out: Path) -> dict[str, bytes]:
 
 def test_checksums_are_the_same_on_any_mesh_and_change_with_any_one_element():
     x = jax.random.normal(jax.random.key(0), (4, 16, 8))
-    tree = {"w": x, "codes": (jnp.arange(4 * 16 * 8) % 251).astype(jnp.uint8).reshape(4, 16, 8),
-            "h": x.astype(jnp.bfloat16)}
-    want = frozen_base.checksums(tree)
+    tree = {
+        "w": x,
+        "codes": (jnp.arange(4 * 16 * 8) % 251).astype(jnp.uint8).reshape(4, 16, 8),
+        "h": x.astype(jnp.bfloat16),
+    }
+    want = fingerprint.checksums(tree)
     mesh = jax.make_mesh((2, 4), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharded = jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "a", "b")))
-    assert frozen_base.checksums(sharded) == want
-    for name, changed in (("w", x.at[3, 15, 7].add(1e-7)), ("w", x.at[0, 0, 0].set(x[0, 0, 1])),
-                          ("w", x.at[0, 0, 0].set(x[0, 0, 1]).at[0, 0, 1].set(x[0, 0, 0])),  # two swapped
-                          ("codes", tree["codes"].at[1, 2, 3].add(1))):
-        got = frozen_base.checksums(dict(tree, **{name: changed}))
+    assert fingerprint.checksums(sharded) == want
+    for name, changed in (
+        ("w", x.at[3, 15, 7].add(1e-7)),
+        ("w", x.at[0, 0, 0].set(x[0, 0, 1])),
+        ("w", x.at[0, 0, 0].set(x[0, 0, 1]).at[0, 0, 1].set(x[0, 0, 0])),  # two swapped
+        ("codes", tree["codes"].at[1, 2, 3].add(1)),
+    ):
+        got = fingerprint.checksums(dict(tree, **{name: changed}))
         assert got[name] != want[name] and all(got[k] == want[k] for k in want if k != name), name
 
 
@@ -117,33 +134,37 @@ def test_file_fingerprint_hashes_a_small_file_whole_and_samples_a_large_one(tmp_
     header = b'{"__metadata__":{"format":"pt"}}'
     data = bytearray(len(header).to_bytes(8, "little") + header + np.random.default_rng(0).bytes(200_000))
     path.write_bytes(bytes(data))
-    whole = frozen_base.file_fingerprint(path)
+    whole = fingerprint.file_fingerprint(path)
     data[100_001] ^= 1
     path.write_bytes(bytes(data))
-    assert frozen_base.file_fingerprint(path)["sha256"] != whole["sha256"]  # under 1 MiB: any byte counts
+    assert fingerprint.file_fingerprint(path)["sha256"] != whole["sha256"]  # under 1 MiB: any byte counts
 
-    monkeypatch.setattr(frozen_base, "WHOLE_FILE_BYTES", 0)
-    sampled = frozen_base.file_fingerprint(path)
-    starts = frozen_base.sample_offsets(len(data))
-    inside, outside = starts[5] + 10, starts[5] + frozen_base.SAMPLE_BYTES + 10
-    assert not any(s <= outside < s + frozen_base.SAMPLE_BYTES for s in starts)
+    monkeypatch.setattr(fingerprint, "WHOLE_FILE_BYTES", 0)
+    sampled = fingerprint.file_fingerprint(path)
+    starts = fingerprint.sample_offsets(len(data))
+    inside, outside = starts[5] + 10, starts[5] + fingerprint.SAMPLE_BYTES + 10
+    assert not any(s <= outside < s + fingerprint.SAMPLE_BYTES for s in starts)
     for offset, caught in ((inside, True), (outside, False)):  # the documented blind spot
         data[offset] ^= 1
         path.write_bytes(bytes(data))
-        assert (frozen_base.file_fingerprint(path)["sha256"] != sampled["sha256"]) == caught, offset
+        assert (fingerprint.file_fingerprint(path)["sha256"] != sampled["sha256"]) == caught, offset
         data[offset] ^= 1
     path.write_bytes(bytes(data) + b"\0")
-    assert frozen_base.file_fingerprint(path)["size"] == len(data) + 1
+    assert fingerprint.file_fingerprint(path)["size"] == len(data) + 1
 
 
 def test_saved_mask_keeps_what_trains_and_nf4_double_quantisation_statistics():
     qlora = method_registry.get("qlora")
-    tree = {"q": {"kernel": 0, "ftc_lora": {"a": 0, "b": 0}},
-            "o": {"ftc_nf4": {"codes": 0, "absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}},
-            "k": {"ftc_nf4": {"codes": 0, "absmax": 0}}}
+    tree = {
+        "q": {"kernel": 0, "ftc_lora": {"a": 0, "b": 0}},
+        "o": {"ftc_nf4": {"codes": 0, "absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}},
+        "k": {"ftc_nf4": {"codes": 0, "absmax": 0}},
+    }
     mask = frozen_base.saved_mask(tree, qlora)
-    assert ckpt_lib.prune(tree, mask) == {"q": {"ftc_lora": {"a": 0, "b": 0}},
-                                          "o": {"ftc_nf4": {"absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}}}
+    assert ckpt_lib.prune(tree, mask) == {
+        "q": {"ftc_lora": {"a": 0, "b": 0}},
+        "o": {"ftc_nf4": {"absmax_q": 0, "absmax_scale": 0, "absmax_offset": 0}},
+    }
     assert ckpt_lib.overlay(tree, {"q": {"ftc_lora": {"a": 1}}})["q"] == {"kernel": 0, "ftc_lora": {"a": 1, "b": 0}}
 
 
@@ -154,7 +175,6 @@ def test_saved_mask_keeps_what_trains_and_nf4_double_quantisation_statistics():
 def wide_model():
     """The tiny Llama with a 4096-token vocabulary: embeddings dominate, as in real models."""
     import transformers as tf
-
     from data_testlib import make_tokenizer
 
     path = mr.root() / "wide"
@@ -183,8 +203,10 @@ def test_export_from_the_new_checkpoint_equals_export_from_a_format_1_checkpoint
     """A format 1 checkpoint of the same state (the whole state, written as ftc wrote it before)
     exports the same bytes as the run's own checkpoint, which holds only what trained."""
     run = mr.trained(kind)
-    assert all(frozen_base.saved_leaf(p, method_registry.get(load_spec(run.spec_path).method.kind))
-               for p in saved_params(run.run_dir))
+    assert all(
+        frozen_base.saved_leaf(p, method_registry.get(load_spec(run.spec_path).method.kind))
+        for p in saved_params(run.run_dir)
+    )
     state, data_state, meta = whole_state(run.run_dir)
     assert meta["format_version"] == 2 and meta["frozen"]["rebuilt"] == "frozen params"
     old = tmp_path / "old-run"
@@ -198,7 +220,7 @@ def test_export_from_the_new_checkpoint_equals_export_from_a_format_1_checkpoint
 
 
 def test_a_changed_base_is_refused_on_resume_and_export_naming_the_file_or_the_parameter(tmp_path, monkeypatch):
-    monkeypatch.setattr(frozen_base, "WHOLE_FILE_BYTES", 0)  # sample even this small file, as a large one
+    monkeypatch.setattr(fingerprint, "WHOLE_FILE_BYTES", 0)  # sample even this small file, as a large one
     base = tmp_path / "base"
     shutil.copytree(mr.root() / "model", base)
     path = spec_on(base, "lora", "changed-base", steps=2)
@@ -224,7 +246,7 @@ def test_a_changed_base_is_refused_on_resume_and_export_naming_the_file_or_the_p
     # One flipped bit between the sampled ranges: the files read the same, the rebuilt leaf does not.
     data = bytearray(original)
     header = 8 + int.from_bytes(data[:8], "little")
-    sampled = [(s, s + frozen_base.SAMPLE_BYTES) for s in frozen_base.sample_offsets(len(data))]
+    sampled = [(s, s + fingerprint.SAMPLE_BYTES) for s in fingerprint.sample_offsets(len(data))]
     offset = next(o for o in range(header, len(data) - 4, 4) if not any(a <= o < b for a, b in sampled))
     data[offset] ^= 1  # the lowest bit of a float32's mantissa: a value 1 ulp away
     weights.write_bytes(bytes(data))
@@ -245,13 +267,17 @@ def test_a_changed_base_is_refused_on_resume_and_export_naming_the_file_or_the_p
 def resumed_equals_uninterrupted(kind: str, name: str, *, method: str | None = None, second: tuple = ()) -> Path:
     """Train `kind` for 2 steps, resume to mr.STEPS (with overrides `second`), and check the final
     train state (params, optimizer state, step, rng) and losses equal the uninterrupted run's."""
-    whole = mr.trained(kind) if method is None else mr.run_spec(mr.write_spec(kind, f"{name}-whole", method=method),
-                                                                 kind)
+    whole = (
+        mr.trained(kind) if method is None else mr.run_spec(mr.write_spec(kind, f"{name}-whole", method=method), kind)
+    )
     path = mr.write_spec(kind, name, steps=2, method=method)
     first = mr.run_spec(path, kind)
-    assert first.summary["step"] == 2 and len(saved_params(first.run_dir)) < len(tl.flat(whole_state(
-        first.run_dir)[0]["params"]))
-    assert run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", *second]), echo=lambda s: None)["step"] == mr.STEPS
+    assert first.summary["step"] == 2 and len(saved_params(first.run_dir)) < len(
+        tl.flat(whole_state(first.run_dir)[0]["params"])
+    )
+    assert (
+        run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", *second]), echo=lambda s: None)["step"] == mr.STEPS
+    )
     if not second:
         got, want = whole_state(first.run_dir)[0], whole_state(whole.run_dir)[0]
         assert_bitwise(got, want, kind)
@@ -328,8 +354,10 @@ def test_qlora_with_double_quantisation_resumes_on_another_mesh_with_its_nf4_sto
     before = tl.flat(whole_state(first.run_dir)[0]["params"])
     saved = saved_params(first.run_dir)
     assert {p.rsplit("/", 1)[1] for p in saved if "/ftc_nf4/" in p} == set(qlora_lib.SECOND_LEVEL)
-    run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
-                echo=lambda s: None)
+    run_lib.run(
+        load_spec(path, [f"training.steps={mr.STEPS}", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),
+        echo=lambda s: None,
+    )
     after = tl.flat(whole_state(first.run_dir)[0]["params"])
     frozen = [p for p in before if not method_registry.get("lora").trainable(p) or "/ftc_nf4/" in p]
     assert frozen and all(after[p].tobytes() == before[p].tobytes() for p in frozen)
@@ -367,10 +395,17 @@ def test_dpo_of_a_full_fine_tune_saves_no_reference_copy_and_resumes_bitwise():
     rng = np.random.default_rng(0)
     words = "the quick brown fox jumps over lazy dog hello there".split()
     say = lambda: " ".join(rng.choice(words, size=int(rng.integers(1, 5))))
-    write_jsonl(root / "pairs.jsonl", [{"prompt": [{"role": "user", "content": f"{i} {say()}?"}],
-                                       "chosen": [{"role": "assistant", "content": say()}],
-                                       "rejected": [{"role": "assistant", "content": say() + " no"}]}
-                                      for i in range(16)])
+    write_jsonl(
+        root / "pairs.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": f"{i} {say()}?"}],
+                "chosen": [{"role": "assistant", "content": say()}],
+                "rejected": [{"role": "assistant", "content": say() + " no"}],
+            }
+            for i in range(16)
+        ],
+    )
     paths = {}
     for name, steps in (("dpo-whole", 4), ("dpo-split", 2)):
         paths[name] = root / f"{name}.toml"
@@ -398,8 +433,12 @@ def test_lora_started_from_a_full_run_resumes_bitwise_with_its_base_rebuilt_from
     assert meta["frozen"]["init_from_step"] == mr.STEPS and source["dir"].endswith(f"checkpoints/{mr.STEPS}")
     assert any(name.startswith("state/") for name in source["files"])
     # model.init_from may change on resume; the base still comes from where the run started.
-    assert run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", "model.init_from=/nowhere"]),
-                       echo=lambda s: None)["step"] == mr.STEPS
+    assert (
+        run_lib.run(load_spec(path, [f"training.steps={mr.STEPS}", "model.init_from=/nowhere"]), echo=lambda s: None)[
+            "step"
+        ]
+        == mr.STEPS
+    )
     assert_bitwise(whole_state(first.run_dir)[0], whole_state(whole.run_dir)[0], "lora on a full run")
     full_params = tl.flat(export_lib.load_run(full.run_dir).params)
     rebuilt = tl.flat(export_lib.load_run(first.run_dir).params)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 import train_testlib as tl
+
 from ftc.backends.jax.methods import adapter as adapters
 from ftc.backends.jax.state import init_from
 from ftc.backends.jax.state.files import write_json_atomic
@@ -33,9 +33,12 @@ def test_resolve_tells_runs_adapters_exports_and_hf_directories_apart(tmp_path):
     assert init_from.resolve(_spec(tmp_path / "run"), base, init_step=7).step == 7
     got = {p.name: init_from.resolve(_spec(p), base) for p in (peft, ours, odd, hf, tmp_path / "nothing")}
     assert {name: (s.kind, s.base_dir, s.method_dir) for name, s in got.items()} == {
-        "peft": (init_from.METHOD_DIR, base, peft), "ours": (init_from.METHOD_DIR, base, ours),
-        "odd": (init_from.UNKNOWN, base, odd), "hf": (init_from.HF_DIR, hf, None),
-        "nothing": (init_from.UNKNOWN, base, None)}
+        "peft": (init_from.METHOD_DIR, base, peft),
+        "ours": (init_from.METHOD_DIR, base, ours),
+        "odd": (init_from.UNKNOWN, base, odd),
+        "hf": (init_from.HF_DIR, hf, None),
+        "nothing": (init_from.UNKNOWN, base, None),
+    }
     (hf / "ftc_adapters" / "adapter_config.json").write_text("{}")  # an adapter export in format hf
     assert init_from.resolve(_spec(hf), base).method_dir == hf / "ftc_adapters"
 
@@ -45,8 +48,11 @@ def test_check_method_says_which_method_can_start_from_a_source(tmp_path):
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     peft = init_from.resolve(_spec(tmp_path / "peft"), tmp_path)
     init_from.check_method(peft, "qlora")
-    with pytest.raises(ValueError, match=r"is a PEFT LORA adapter, which a method.kind='adapter' run cannot start "
-                                         r"from \(expected method.kind lora or qlora\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a PEFT LORA adapter, which a method.kind='adapter' run cannot start "
+        r"from \(expected method.kind lora or qlora\)",
+    ):
         init_from.check_method(peft, "adapter")
     with pytest.raises(ValueError, match="expected a run directory"):
         init_from.check_method(init_from.resolve(_spec(tmp_path / "nothing"), tmp_path), "full")

@@ -13,8 +13,10 @@ from ftc.spec import schema_walk
 from ftc.spec.validate import fill_defaults
 
 # ChatML, as SmolLM2 renders it (without its default system message).
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -32,16 +34,25 @@ def make_tokenizer(*, eos_is_pad: bool = False, bos: bool = False) -> PreTrained
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tk.train_from_iterator(_CORPUS * 5, trainer)
     if bos:
         from tokenizers import processors
+
         tk.post_processor = processors.TemplateProcessing(
-            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tk.token_to_id("<|endoftext|>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>",
-                                  pad_token="<|im_end|>" if eos_is_pad else "<pad>",
-                                  bos_token="<|endoftext|>" if bos else None)
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tk.token_to_id("<|endoftext|>"))]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>" if eos_is_pad else "<pad>",
+        bos_token="<|endoftext|>" if bos else None,
+    )
     tok.chat_template = CHATML
     return tok
 
@@ -64,10 +75,18 @@ def spec_data_options(format: str, **given) -> dict:
     """build_datasets' keywords that come from the spec, as a spec setting only data.format
     resolves them (the schema's defaults, its x-ftc-when applied), with `given` on top."""
     data = fill_defaults({"format": format}, schema_walk.node_at(("data",)), ("data",))
-    options = dict(format=format, validation=None, validation_split=data["validation_split"],
-                   packing=data.get("packing"), train_on=data.get("train_on"), shuffle=data["shuffle"],
-                   clean=data["clean"], on_bad_row=data["on_bad_row"], labels=None,
-                   seed=schema_walk.node_at(("training", "seed"))["default"])
+    options = dict(
+        format=format,
+        validation=None,
+        validation_split=data["validation_split"],
+        packing=data.get("packing"),
+        train_on=data.get("train_on"),
+        shuffle=data["shuffle"],
+        clean=data["clean"],
+        on_bad_row=data["on_bad_row"],
+        labels=None,
+        seed=schema_walk.node_at(("training", "seed"))["default"],
+    )
     return {**options, **given}
 
 

@@ -9,8 +9,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=256, intermediate_size=128, max_position_embeddings=128)
+TINY = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    intermediate_size=128,
+    max_position_embeddings=128,
+)
 
 
 def hf_config(case: str):
@@ -20,12 +27,25 @@ def hf_config(case: str):
     if case == "llama":
         return tf.LlamaConfig(**TINY)
     if case == "llama-tied-llama3-rope":
-        return tf.LlamaConfig(**TINY, tie_word_embeddings=True, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        return tf.LlamaConfig(
+            **TINY,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        )
     if case == "llama-linear-rope-bias":
-        return tf.LlamaConfig(**TINY, attention_bias=True, mlp_bias=True,
-                              rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+        return tf.LlamaConfig(
+            **TINY,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        )
     if case == "mistral":
         return tf.MistralConfig(**TINY, sliding_window=4)
     if case == "qwen2":
@@ -57,7 +77,11 @@ def make_hf_model(case: str, seed: int = 0):
 def hf_logits(model, input_ids, attention_mask=None, position_ids=None) -> np.ndarray:
     as_t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
     with torch.no_grad():
-        return model(as_t(input_ids), attention_mask=as_t(attention_mask), position_ids=as_t(position_ids)).logits.float().numpy()
+        return (
+            model(as_t(input_ids), attention_mask=as_t(attention_mask), position_ids=as_t(position_ids))
+            .logits.float()
+            .numpy()
+        )
 
 
 def padded_batch(seed: int = 0, T: int = 10):
@@ -65,7 +89,7 @@ def padded_batch(seed: int = 0, T: int = 10):
     rng = np.random.default_rng(seed)
     input_ids = rng.integers(0, 256, (3, T)).astype(np.int32)
     mask = np.ones((3, T), np.int32)
-    mask[1, T - 3:] = 0
+    mask[1, T - 3 :] = 0
     mask[2, :4] = 0
     # Positions count real tokens (what generate() passes for left padding).
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)

@@ -8,24 +8,27 @@ import numpy as np
 import optax
 import torch
 import transformers
-
-from ftc.backends.jax.io import hf_checkpoint
-
-from ftc.backends.jax.methods import lora, qlora
-from ftc.backends.jax.train.optimizer import merge_params, split_params, trainable_mask
 from hf_decoders import make_hf_model
 from method_testlib import config as method_config
 
-CLASSES = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-           "gpt2": transformers.GPT2LMHeadModel}
+from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.methods import lora, qlora
+from ftc.backends.jax.train.optimizer import merge_params, split_params, trainable_mask
+
+CLASSES = {
+    "llama": transformers.LlamaForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "gpt2": transformers.GPT2LMHeadModel,
+}
 
 
 def make_model(case: str, path):
     """Save a tiny random HF model (every weight perturbed) to `path`; returns its LoadedModel."""
     if case == "gpt2":
         torch.manual_seed(0)
-        config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                         bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
         model = transformers.GPT2LMHeadModel(config).eval()
         with torch.no_grad():
             for p in model.parameters():
@@ -55,7 +58,7 @@ def batch(seed=0, B=2, T=12):
     rs = np.random.RandomState(seed)
     ids = rs.randint(3, 256, (B, T)).astype(np.int32)
     mask = np.ones((B, T), np.int32)
-    mask[1, T - 4:] = 0  # one right-padded row
+    mask[1, T - 4 :] = 0  # one right-padded row
     return ids, mask
 
 
@@ -97,5 +100,7 @@ def train(method: lora.Initialized, params, ids, mask, steps=4, lr=3e-2):
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

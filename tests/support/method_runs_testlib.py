@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-
 import train_testlib as tl
+
 from ftc.backends.jax import pipeline as run_lib
 from ftc.spec import load_spec
 
@@ -24,8 +24,8 @@ STEPS = 4
 METHODS = {
     "full": "",
     # dropout > 0: evaluation must run without it (test_run_methods checks the logged loss)
-    "lora": 'rank = 4\nalpha = 16\ndropout = 0.2',
-    "qlora": 'rank = 4\nalpha = 16\nquant_block_size = 32',
+    "lora": "rank = 4\nalpha = 16\ndropout = 0.2",
+    "qlora": "rank = 4\nalpha = 16\nquant_block_size = 32",
     "adapter": 'placement = "houlsby"\nreduction_factor = 4\nnon_linearity = "gelu"',
 }
 LEARNING_RATE = {"full": 1e-3, "lora": 3e-2, "qlora": 3e-2, "adapter": 3e-2}
@@ -91,7 +91,7 @@ tensorboard = false
 """
 
 _ROOT: Path | None = None
-_RUNS: dict[str, "Trained"] = {}
+_RUNS: dict[str, Trained] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Trained:
     run_dir: Path
     model_dir: Path
     summary: dict
-    log: tuple[str, ...]   # what `ftc run` echoed
+    log: tuple[str, ...]  # what `ftc run` echoed
 
 
 def root() -> Path:
@@ -116,13 +116,28 @@ def root() -> Path:
     return _ROOT
 
 
-def write_spec(kind: str, name: str | None = None, *, init_from: str | None = None, steps: int = STEPS,
-               export: str = "", method: str | None = None) -> Path:
+def write_spec(
+    kind: str,
+    name: str | None = None,
+    *,
+    init_from: str | None = None,
+    steps: int = STEPS,
+    export: str = "",
+    method: str | None = None,
+) -> Path:
     r = root()
     name = name or kind
-    text = SPEC.format(name=name, root=r, model=r / "model", kind=kind,
-                       method=METHODS[kind] if method is None else method, steps=steps, lr=LEARNING_RATE[kind],
-                       init_from=f'init_from = "{init_from}"' if init_from else "", export=export)
+    text = SPEC.format(
+        name=name,
+        root=r,
+        model=r / "model",
+        kind=kind,
+        method=METHODS[kind] if method is None else method,
+        steps=steps,
+        lr=LEARNING_RATE[kind],
+        init_from=f'init_from = "{init_from}"' if init_from else "",
+        export=export,
+    )
     path = r / f"{name}.toml"
     path.write_text(text)
     return path
@@ -145,8 +160,11 @@ def trained(kind: str) -> Trained:
 # ------------------------------------------------------------------ the probe's data and model
 
 
-PROBE_WORDS = {"red": "apple cherry fire blood rose", "green": "grass leaf frog lime moss",
-               "blue": "sky sea ocean water ice"}
+PROBE_WORDS = {
+    "red": "apple cherry fire blood rose",
+    "green": "grass leaf frog lime moss",
+    "blue": "sky sea ocean water ice",
+}
 
 
 def probe_root() -> Path:
@@ -155,12 +173,18 @@ def probe_root() -> Path:
     if not (r / "bert").exists():
         import torch
         import transformers
-
         from data_testlib import make_tokenizer, write_jsonl
 
         torch.manual_seed(0)
-        config = transformers.BertConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=3)
+        config = transformers.BertConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            pad_token_id=3,
+        )
         transformers.BertModel(config).eval().save_pretrained(r / "bert")
         make_tokenizer().save_pretrained(r / "bert")
         rng = np.random.default_rng(0)

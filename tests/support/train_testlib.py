@@ -12,16 +12,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftc.backends.jax.models import family_for, shapes
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train import optimizer as opt_lib
-from ftc.backends.jax.models import shapes
 from ftc.backends.jax.train import step as ts
-from ftc.backends.jax.models import family_for
 from ftc.compiler import plan as plan_lib
 from ftc.spec import spec_from_dict
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=320,
-            intermediate_size=64, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+)
 SEQ = 16
 
 
@@ -33,11 +40,20 @@ def tiny_llama_config() -> dict:
 
 def spec(overrides: dict | None = None, *, base: str = "/nonexistent/model", train: str = "/nonexistent/train.jsonl"):
     """A Spec from a small default dict merged with nested `overrides`."""
-    data = {"ftc": 1, "name": "t", "model": {"base": base, "max_seq_len": SEQ, "dtype": "float32"},
-            "data": {"format": "chat", "train": train},
-            "training": {"steps": 3, "batch_size": 8, "micro_batch_size": 8, "learning_rate": 1e-2,
-                         "schedule": {"kind": "constant"}},
-            "mesh": {"data": 1, "fsdp": -1, "tensor": 1}}
+    data = {
+        "ftc": 1,
+        "name": "t",
+        "model": {"base": base, "max_seq_len": SEQ, "dtype": "float32"},
+        "data": {"format": "chat", "train": train},
+        "training": {
+            "steps": 3,
+            "batch_size": 8,
+            "micro_batch_size": 8,
+            "learning_rate": 1e-2,
+            "schedule": {"kind": "constant"},
+        },
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    }
 
     def merge(a, b):  # dicts merge, None removes a key, other values replace
         for k, v in b.items():
@@ -61,8 +77,9 @@ class Program:
     state: dict
 
 
-def program(spec_, hf_config: dict, n_devices: int, params=None, trainable=None, seed: int = 0,
-            objective=None) -> Program:
+def program(
+    spec_, hf_config: dict, n_devices: int, params=None, trainable=None, seed: int = 0, objective=None
+) -> Program:
     """Everything `run` builds between the plan and the loop, on the first `n_devices` devices;
     `objective`: what the steps compute (default: sft's causal-LM loss)."""
     family = family_for(hf_config)
@@ -70,8 +87,9 @@ def program(spec_, hf_config: dict, n_devices: int, params=None, trainable=None,
     module = family.build(arch, jnp.dtype(spec_.model.dtype))
     boxed = shapes.abstract_boxed_params(module)
     infos = shapes.param_infos(boxed)
-    plan = plan_lib.compile_plan(spec_, hf_config, n_devices, family=family.name, param_infos=infos,
-                                 trainable=trainable)
+    plan = plan_lib.compile_plan(
+        spec_, hf_config, n_devices, family=family.name, param_infos=infos, trainable=trainable
+    )
     mesh = mesh_lib.mesh_for_plan(plan, jax.devices()[:n_devices])
     if params is None:
         params = nn.unbox(module.init(jax.random.key(seed), jnp.zeros((1, SEQ), jnp.int32))["params"])
@@ -80,8 +98,16 @@ def program(spec_, hf_config: dict, n_devices: int, params=None, trainable=None,
     tx = opt_lib.make_optimizer(plan.optimizer, schedule, {i.path: i.axes for i in infos})
     abstract = ts.abstract_state(jax.eval_shape(lambda: params), tx, mask)
     state_sh = ts.state_shardings(mesh, abstract, plan.partitions())
-    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=plan.batch.accum_steps,
-                           **({} if objective is None else {"objective": objective}))
+    steps = ts.build_steps(
+        module,
+        tx,
+        schedule,
+        mask,
+        mesh,
+        state_sh,
+        accum_steps=plan.batch.accum_steps,
+        **({} if objective is None else {"objective": objective}),
+    )
     state = jax.device_put(ts.init_state(params, tx, mask, spec_.training.seed), state_sh)
     return Program(plan, mesh, module, mask, tx, steps, state)
 
@@ -100,12 +126,17 @@ def random_batch(rng: np.random.Generator, batch: int, seq: int = SEQ, vocab: in
     for b in range(batch):
         n_pad = int(rng.integers(0, seq // 3 + 1))
         if n_pad:
-            segment_ids[b, seq - n_pad:] = 0
-            weights[b, seq - n_pad:] = 0.0
-            positions[b, seq - n_pad:] = 0
-            ids[b, seq - n_pad:] = 0
-    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:] * (segment_ids > 0), "weights": weights,
-            "segment_ids": segment_ids, "positions": positions}
+            segment_ids[b, seq - n_pad :] = 0
+            weights[b, seq - n_pad :] = 0.0
+            positions[b, seq - n_pad :] = 0
+            ids[b, seq - n_pad :] = 0
+    return {
+        "input_ids": ids[:, :-1],
+        "targets": ids[:, 1:] * (segment_ids > 0),
+        "weights": weights,
+        "segment_ids": segment_ids,
+        "positions": positions,
+    }
 
 
 def flat(tree) -> dict[str, np.ndarray]:
@@ -119,7 +150,6 @@ def make_model_dir(path) -> str:
     """A tiny random Llama saved by transformers (safetensors) with a byte-level BPE tokenizer."""
     import torch
     import transformers as tf
-
     from data_testlib import make_tokenizer
 
     torch.manual_seed(0)

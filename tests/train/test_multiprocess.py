@@ -12,11 +12,11 @@ import sys
 
 import numpy as np
 import pytest
-
 import train_testlib as tl
 from test_run import final_params
-from ftc.backends.jax.train import distributed as dist
+
 from ftc.backends.jax import pipeline as run_lib
+from ftc.backends.jax.train import distributed as dist
 from ftc.spec import load_spec
 
 SPEC = """ftc = 1
@@ -60,10 +60,29 @@ def launch(spec_path, n: int, *extra: str) -> list[subprocess.CompletedProcess]:
     """`ftc run` in n processes of 8/n CPU devices each, joined at a fresh local port."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // n}")
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", CLI, "run", str(spec_path), "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", str(n), "--process-id", str(i), *extra],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CLI,
+                "run",
+                str(spec_path),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(n),
+                "--process-id",
+                str(i),
+                *extra,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=600)
@@ -121,17 +140,37 @@ def test_two_processes_train_the_same_run_as_one_and_resume(root, one_process):
 
 
 def test_an_incomplete_launch_is_refused_before_waiting_on_anyone(root):
-    done = subprocess.run([sys.executable, "-c", CLI, "run", str(root / "two.toml"), "--coordinator", "127.0.0.1:1",
-                           "--num-processes", "2"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "run",
+            str(root / "two.toml"),
+            "--coordinator",
+            "127.0.0.1:1",
+            "--num-processes",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "needs --coordinator, --num-processes and --process-id together (missing --process-id)" in done.stderr
 
 
-@pytest.mark.parametrize("launch_, message", [
-    (dist.Launch(coordinator="node0", num_processes=2, process_id=0), "expected HOST:PORT of process 0"),
-    (dist.Launch(coordinator="node0:8476", num_processes=2, process_id=2), "--process-id 2 is not in [0, --num-processes 2)"),
-    (dist.Launch(num_processes=2, process_id=0), "missing --coordinator"),
-])
+@pytest.mark.parametrize(
+    "launch_, message",
+    [
+        (dist.Launch(coordinator="node0", num_processes=2, process_id=0), "expected HOST:PORT of process 0"),
+        (
+            dist.Launch(coordinator="node0:8476", num_processes=2, process_id=2),
+            "--process-id 2 is not in [0, --num-processes 2)",
+        ),
+        (dist.Launch(num_processes=2, process_id=0), "missing --coordinator"),
+    ],
+)
 def test_launch_problems_name_the_option(launch_, message):
     assert message in launch_.problem()
     with pytest.raises(ValueError, match="HOST:PORT|not in|missing"):

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import train_testlib as tl
+
 from ftc.backends.jax.train import step as ts
 
 CFG = tl.tiny_llama_config()
@@ -72,13 +72,17 @@ def test_same_losses_and_params_on_every_mesh_as_on_one_device(params, single_de
 
 
 def test_four_micro_batches_equal_one_full_batch(params):
-    sgd = {"training": {"learning_rate": 0.5, "optimizer": {"kind": "sgd", "grad_clip": 0.0}},
-           "mesh": {"data": 1, "fsdp": 2, "tensor": 1}}
+    sgd = {
+        "training": {"learning_rate": 0.5, "optimizer": {"kind": "sgd", "grad_clip": 0.0}},
+        "mesh": {"data": 1, "fsdp": 2, "tensor": 1},
+    }
     batches = _batches(n=2)
-    _, full_state, full = _train(tl.spec(sgd | {"training": sgd["training"] | {"micro_batch_size": 8}}),
-                                 params, 2, batches)
-    p4, acc_state, acc = _train(tl.spec(sgd | {"training": sgd["training"] | {"micro_batch_size": 2}}),
-                                params, 2, batches)
+    _, full_state, full = _train(
+        tl.spec(sgd | {"training": sgd["training"] | {"micro_batch_size": 8}}), params, 2, batches
+    )
+    p4, acc_state, acc = _train(
+        tl.spec(sgd | {"training": sgd["training"] | {"micro_batch_size": 2}}), params, 2, batches
+    )
     assert p4.plan.batch.accum_steps == 4
     for a, f in zip(acc, full):
         for key in ("loss", "token_accuracy", "grad_norm", "loss_weight", "tokens"):
@@ -94,8 +98,12 @@ def test_four_micro_batches_equal_one_full_batch(params):
 
 
 def test_frozen_params_stay_bitwise_equal_and_get_no_optimizer_state(params):
-    spec = tl.spec({"training": {"learning_rate": 1e-2, "optimizer": {"kind": "adamw", "weight_decay": 0.1}},
-                    "mesh": {"data": 1, "fsdp": 2, "tensor": 2}})
+    spec = tl.spec(
+        {
+            "training": {"learning_rate": 1e-2, "optimizer": {"kind": "adamw", "weight_decay": 0.1}},
+            "mesh": {"data": 1, "fsdp": 2, "tensor": 2},
+        }
+    )
     trainable = lambda path: "/mlp/" in path
     _, state, history = _train(spec, params, 4, _batches(n=2), trainable=trainable)
     before, after = tl.flat(params), tl.flat(state["params"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class CleanReport:
     def dropped_by_reason(self) -> dict[str, int]:
         return dict(self.dropped)
 
-    def then(self, later: "CleanReport") -> "CleanReport":
+    def then(self, later: CleanReport) -> CleanReport:
         """This pass followed by `later` (which saw what this one kept)."""
         counts = dict(self.dropped)
         for reason, n in later.dropped:
@@ -73,9 +73,17 @@ def row_hash(data: dict) -> str:
     return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool, drop_empty: bool, roles: Iterable[str],
-               unknown_roles: str, train_on: str | None = None,
-               exclude: Iterable[str] = ()) -> tuple[list[Row], CleanReport]:
+def clean_rows(
+    rows: Sequence[Row],
+    *,
+    format: str,
+    dedupe: bool,
+    drop_empty: bool,
+    roles: Iterable[str],
+    unknown_roles: str,
+    train_on: str | None = None,
+    exclude: Iterable[str] = (),
+) -> tuple[list[Row], CleanReport]:
     """Rows kept, in order, and the counts of those dropped. `exclude` holds `row_hash`es of rows
     that must not appear (the training rows, when cleaning a validation file). `train_on` is
     data.train_on, for the formats it applies to (None for the others)."""
@@ -92,8 +100,10 @@ def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool, drop_empty: bo
         unknown = sorted({m["role"] for m in fmt.messages(row.data)} - roles)
         if unknown:
             if unknown_roles == "error":
-                bad_roles.append(f"{row.where}: role {', '.join(map(repr, unknown))} is not one of "
-                                 f"{', '.join(map(repr, sorted(roles)))}")
+                bad_roles.append(
+                    f"{row.where}: role {', '.join(map(repr, unknown))} is not one of "
+                    f"{', '.join(map(repr, sorted(roles)))}"
+                )
             counts["unknown_role"] += 1
             continue
         if drop_empty:
@@ -112,8 +122,11 @@ def clean_rows(rows: Sequence[Row], *, format: str, dedupe: bool, drop_empty: bo
             seen_hashes.add(h)
         kept.append(row)
     if bad_roles:
-        raise DataError(f"{len(bad_roles)} row(s) with unknown message roles (add them to "
-                        f"data.clean.roles, or set data.clean.unknown_roles = \"drop\")", bad_roles)
+        raise DataError(
+            f"{len(bad_roles)} row(s) with unknown message roles (add them to "
+            f'data.clean.roles, or set data.clean.unknown_roles = "drop")',
+            bad_roles,
+        )
     return kept, _report(len(rows), len(kept), counts)
 
 
@@ -147,8 +160,11 @@ def clean_lengths(items: Sequence[Item], *, max_seq_len: int, overlong: str) -> 
             continue
         kept.append(item)
     if too_long:
-        raise DataError(f"{len(too_long)} sequence(s) longer than model.max_seq_len (set "
-                        f"data.clean.overlong = \"truncate\" or \"drop\", or raise max_seq_len)", too_long)
+        raise DataError(
+            f"{len(too_long)} sequence(s) longer than model.max_seq_len (set "
+            f'data.clean.overlong = "truncate" or "drop", or raise max_seq_len)',
+            too_long,
+        )
     return kept, _report(len(items), len(kept), counts, truncated)
 
 

@@ -43,96 +43,53 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-from ftc.backends.jax.data import clean as data_clean, formats, loader as data_loader, pack as data_pack
-from ftc.backends.jax.data import read as data_read, tokenize as data_tokenize
+from ftc.backends.jax.data import clean as data_clean
+from ftc.backends.jax.data import formats
+from ftc.backends.jax.data import loader as data_loader
+from ftc.backends.jax.data import pack as data_pack
+from ftc.backends.jax.data import read as data_read
+from ftc.backends.jax.data import tokenize as data_tokenize
 from ftc.backends.jax.data.read import DataError
+from ftc.backends.jax.data.stats import ArraySpec, DataStats
 
-_CACHE: dict[str, "_Prepared"] = {}
+_CACHE: dict[str, _Prepared] = {}
 _CACHE_SIZE = 4
 
 __all__ = ["build_datasets", "Datasets", "DataStats", "ArraySpec", "DataError"]
 
 
-@dataclasses.dataclass(frozen=True)
-class ArraySpec:
-    """Shape and dtype of one batch array (a leaf: `jax.ShapeDtypeStruct(s.shape, s.dtype)`)."""
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-@dataclasses.dataclass(frozen=True)
-class DataStats:
-    format: str
-    train_files: tuple[str, ...]
-    validation_files: tuple[str, ...]
-    rows_read: int                      # train rows read well-formed (validation file: below)
-    bad_rows_skipped: int               # malformed rows left out (on_bad_row="skip"), train + validation
-    bad_row_examples: tuple[str, ...]   # the first few of those, "file:line: problem"
-    train_clean: data_clean.CleanReport
-    validation_clean: data_clean.CleanReport | None
-    validation_from: str                # "file", "split" or "none"
-    train_sequences: int
-    train_rows: int                     # rows after packing (= sequences when not packed)
-    validation_sequences: int
-    validation_rows: int
-    packing: bool                       # whether sequences were packed
-    packing_efficiency: float           # share of train positions holding real tokens
-    validation_packing_efficiency: float
-    supervised_tokens: int              # train positions with weight > 0 (examples for classification)
-    label_names: tuple[str, ...] | None
-
-    def summary(self) -> str:
-        lines = [f"data: {self.format}, {len(self.train_files)} train source(s), {self.rows_read} rows read"
-                 + (f", {self.bad_rows_skipped} malformed rows skipped" if self.bad_rows_skipped else "")]
-        lines.append(f"  train clean: {self.train_clean.summary()}")
-        if self.validation_clean is not None:
-            lines.append(f"  validation ({self.validation_from}) clean: {self.validation_clean.summary()}")
-        lines.append(f"  train: {self.train_sequences} sequences in {self.train_rows} rows, "
-                     f"{self.supervised_tokens} supervised, "
-                     + (f"packing efficiency {self.packing_efficiency:.1%}" if self.packing
-                        else f"not packed, {self.packing_efficiency:.1%} of positions are tokens"))
-        if self.validation_from != "none":
-            lines.append(f"  validation: {self.validation_sequences} sequences in {self.validation_rows} rows")
-        if self.label_names is not None:
-            lines.append(f"  labels ({len(self.label_names)}): {', '.join(self.label_names)}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        for key in ("train_clean", "validation_clean"):
-            report = getattr(self, key)
-            out[key] = None if report is None else {"seen": report.seen, "kept": report.kept,
-                                                    "truncated": report.truncated,
-                                                    "dropped": report.dropped_by_reason}
-        return out
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Datasets:
-    kind: str                       # the format's layout: "lm" | "preference" | "classification"
-    seq_len: int                    # T
-    batch_size: int                 # global rows per step
-    per_process_batch_size: int     # B = batch_size / process_count
+    kind: str  # the format's layout: "lm" | "preference" | "classification"
+    seq_len: int  # T
+    batch_size: int  # global rows per step
+    per_process_batch_size: int  # B = batch_size / process_count
     process_index: int
     process_count: int
     seed: int
     shuffle: bool
-    steps_per_epoch: int            # global batches per epoch (last one topped up with empty rows)
-    validation_steps: int           # 0 when there is no validation data
+    steps_per_epoch: int  # global batches per epoch (last one topped up with empty rows)
+    validation_steps: int  # 0 when there is no validation data
     label_names: tuple[str, ...] | None
     stats: DataStats
-    train_rows: dict                # all rows, [N, ...] numpy (every process holds the index)
+    train_rows: dict  # all rows, [N, ...] numpy (every process holds the index)
     validation_rows: dict | None
 
     def train_dataset(self):
         """The grain MapDataset of this process's batches (endless)."""
-        return data_loader.train_dataset(self.train_rows, batch_size=self.batch_size, seed=self.seed,
-                                         shuffle=self.shuffle, process_index=self.process_index,
-                                         process_count=self.process_count)
+        return data_loader.train_dataset(
+            self.train_rows,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=self.shuffle,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
 
     def train_iterator(self, state: dict | None = None):
         """A checkpointable iterator: `get_state()` -> small dict, `set_state(state)` resumes exactly."""
@@ -143,16 +100,23 @@ class Datasets:
         at the default `batch_size`; a run evaluates in micro-batches to bound memory)."""
         if self.validation_rows is None:
             return iter(())
-        return iter(data_loader.eval_dataset(self.validation_rows, batch_size=batch_size or self.batch_size,
-                                             process_index=self.process_index,
-                                             process_count=self.process_count))
+        return iter(
+            data_loader.eval_dataset(
+                self.validation_rows,
+                batch_size=batch_size or self.batch_size,
+                process_index=self.process_index,
+                process_count=self.process_count,
+            )
+        )
 
     def batch_spec(self) -> dict:
         """The per-process batch as a tree of ArraySpec (same nesting as a batch)."""
+
         def spec(tree):
             if isinstance(tree, dict):
                 return {k: spec(v) for k, v in tree.items()}
             return ArraySpec((self.per_process_batch_size,) + tuple(tree.shape[1:]), tree.dtype)
+
         return spec(self.train_rows)
 
 
@@ -163,11 +127,26 @@ class _Prepared:
     stats: DataStats
 
 
-def build_datasets(*, format: str, train: str | Sequence[str], tokenizer: Any, max_seq_len: int,
-                   batch_size: int, validation: str | Sequence[str] | None, validation_split: float | None,
-                   packing: bool | None, train_on: str | None, shuffle: bool, clean: dict, on_bad_row: str,
-                   labels: Sequence[str] | None, seed: int, process_index: int = 0, process_count: int = 1,
-                   tfds_data_dir: str | None = None) -> Datasets:
+def build_datasets(
+    *,
+    format: str,
+    train: str | Sequence[str],
+    tokenizer: Any,
+    max_seq_len: int,
+    batch_size: int,
+    validation: str | Sequence[str] | None,
+    validation_split: float | None,
+    packing: bool | None,
+    train_on: str | None,
+    shuffle: bool,
+    clean: dict,
+    on_bad_row: str,
+    labels: Sequence[str] | None,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    tfds_data_dir: str | None = None,
+) -> Datasets:
     """Datasets for one run (see module docstring). Raises DataError for data the options refuse.
 
     The keyword arguments named like [data] keys take the resolved Spec's values (its defaults are
@@ -188,9 +167,21 @@ def build_datasets(*, format: str, train: str | Sequence[str], tokenizer: Any, m
         raise ValueError(f"validation_split {validation_split} must be in [0, 1)")
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len {max_seq_len} must be at least 2")
-    options = dict(format=format, train=train, validation=validation, validation_split=validation_split,
-                   max_seq_len=max_seq_len, packing=packing, train_on=train_on, shuffle=shuffle,
-                   clean=clean, on_bad_row=on_bad_row, labels=labels, seed=seed, tfds_data_dir=tfds_data_dir)
+    options = dict(
+        format=format,
+        train=train,
+        validation=validation,
+        validation_split=validation_split,
+        max_seq_len=max_seq_len,
+        packing=packing,
+        train_on=train_on,
+        shuffle=shuffle,
+        clean=clean,
+        on_bad_row=on_bad_row,
+        labels=labels,
+        seed=seed,
+        tfds_data_dir=tfds_data_dir,
+    )
     key = _fingerprint(options, tokenizer)
     prepared = _CACHE.get(key)
     if prepared is None:
@@ -200,20 +191,50 @@ def build_datasets(*, format: str, train: str | Sequence[str], tokenizer: Any, m
             _CACHE.pop(next(iter(_CACHE)))
     per_process = data_loader._per_process(batch_size, process_index, process_count)
     val = prepared.validation
-    return Datasets(kind=fmt.layout.name, seq_len=max_seq_len, batch_size=batch_size,
-                    per_process_batch_size=per_process, process_index=process_index,
-                    process_count=process_count, seed=seed, shuffle=shuffle,
-                    steps_per_epoch=data_loader.steps_per_epoch(prepared.train.rows, batch_size),
-                    validation_steps=data_loader.steps_per_epoch(val.rows, batch_size) if val else 0,
-                    label_names=prepared.stats.label_names, stats=prepared.stats,
-                    train_rows=prepared.train.arrays, validation_rows=val.arrays if val else None)
+    return Datasets(
+        kind=fmt.layout.name,
+        seq_len=max_seq_len,
+        batch_size=batch_size,
+        per_process_batch_size=per_process,
+        process_index=process_index,
+        process_count=process_count,
+        seed=seed,
+        shuffle=shuffle,
+        steps_per_epoch=data_loader.steps_per_epoch(prepared.train.rows, batch_size),
+        validation_steps=data_loader.steps_per_epoch(val.rows, batch_size) if val else 0,
+        label_names=prepared.stats.label_names,
+        stats=prepared.stats,
+        train_rows=prepared.train.arrays,
+        validation_rows=val.arrays if val else None,
+    )
 
 
-def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_len, packing, train_on,
-             shuffle, clean, on_bad_row, labels, seed, tfds_data_dir) -> _Prepared:
+def _prepare(
+    *,
+    format,
+    train,
+    validation,
+    validation_split,
+    tokenizer,
+    max_seq_len,
+    packing,
+    train_on,
+    shuffle,
+    clean,
+    on_bad_row,
+    labels,
+    seed,
+    tfds_data_dir,
+) -> _Prepared:
     read = data_read.read_rows(train, format=format, on_bad_row=on_bad_row, tfds_data_dir=tfds_data_dir)
-    row_options = dict(format=format, dedupe=clean["dedupe"], drop_empty=clean["drop_empty"],
-                       roles=clean["roles"], unknown_roles=clean["unknown_roles"], train_on=train_on)
+    row_options = dict(
+        format=format,
+        dedupe=clean["dedupe"],
+        drop_empty=clean["drop_empty"],
+        roles=clean["roles"],
+        unknown_roles=clean["unknown_roles"],
+        train_on=train_on,
+    )
     train_rows, train_report = data_clean.clean_rows(read.rows, **row_options)
     if not train_rows:
         raise DataError(f"no training rows left after cleaning ({train_report.summary()})")
@@ -240,8 +261,14 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
     names = fmt.label_names(train_rows, labels) if fmt.label_names else None
 
     def prepare_items(rows, split="train"):
-        items = data_tokenize.tokenize_rows(rows, format=format, tokenizer=tokenizer, train_on=train_on,
-                                            label_names=names, progress=f"tokenizing {split}")
+        items = data_tokenize.tokenize_rows(
+            rows,
+            format=format,
+            tokenizer=tokenizer,
+            train_on=train_on,
+            label_names=names,
+            progress=f"tokenizing {split}",
+        )
         return data_clean.clean_lengths(items, max_seq_len=max_seq_len, overlong=clean["overlong"])
 
     train_items, length_report = prepare_items(train_rows)
@@ -260,15 +287,25 @@ def _prepare(*, format, train, validation, validation_split, tokenizer, max_seq_
     train_packed = fmt.layout.lay_out(train_items, max_seq_len, do_pack)
     val_packed = fmt.layout.lay_out(val_items, max_seq_len, do_pack) if val_items else None
     stats = DataStats(
-        format=format, train_files=read.files, validation_files=tuple(val_files), rows_read=len(read.rows),
-        bad_rows_skipped=len(skipped), bad_row_examples=tuple(skipped[:5]),
-        train_clean=train_report, validation_clean=val_report, validation_from=val_from,
-        train_sequences=train_packed.sequences, train_rows=train_packed.rows,
+        format=format,
+        train_files=read.files,
+        validation_files=tuple(val_files),
+        rows_read=len(read.rows),
+        bad_rows_skipped=len(skipped),
+        bad_row_examples=tuple(skipped[:5]),
+        train_clean=train_report,
+        validation_clean=val_report,
+        validation_from=val_from,
+        train_sequences=train_packed.sequences,
+        train_rows=train_packed.rows,
         validation_sequences=val_packed.sequences if val_packed else 0,
-        validation_rows=val_packed.rows if val_packed else 0, packing=do_pack,
+        validation_rows=val_packed.rows if val_packed else 0,
+        packing=do_pack,
         packing_efficiency=train_packed.efficiency,
         validation_packing_efficiency=val_packed.efficiency if val_packed else 0.0,
-        supervised_tokens=train_packed.supervised, label_names=names)
+        supervised_tokens=train_packed.supervised,
+        label_names=names,
+    )
     return _Prepared(train_packed, val_packed, stats)
 
 
@@ -301,7 +338,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     h = hashlib.blake2b(digest_size=16)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update(backend.to_str().encode("utf-8") if backend is not None else repr(tokenizer).encode("utf-8"))
-    for part in (getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.bos_token_id,
-                 tokenizer.pad_token_id, sorted(getattr(tokenizer, "added_tokens_encoder", {}).items())):
+    for part in (
+        getattr(tokenizer, "chat_template", None),
+        tokenizer.eos_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.pad_token_id,
+        sorted(getattr(tokenizer, "added_tokens_encoder", {}).items()),
+    ):
         h.update(repr(part).encode("utf-8"))
     return h.hexdigest()

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import numpy as np
@@ -75,13 +76,16 @@ def _per_process(batch_size: int, process_index: int, process_count: int) -> int
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, process_count = {process_count})")
     if batch_size < 1 or batch_size % process_count:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of the process count "
-                         f"{process_count} (each process loads batch_size / process_count rows)")
+        raise ValueError(
+            f"batch_size {batch_size} must be a positive multiple of the process count "
+            f"{process_count} (each process loads batch_size / process_count rows)"
+        )
     return batch_size // process_count
 
 
-def train_dataset(rows: dict, *, batch_size: int, seed: int, shuffle: bool,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(
+    rows: dict, *, batch_size: int, seed: int, shuffle: bool, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
     """Endless per-process batches (nested dicts of [batch_size / process_count, ...] arrays)."""
     per_process = _per_process(batch_size, process_index, process_count)
     n = num_rows(rows)

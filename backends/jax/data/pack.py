@@ -24,7 +24,7 @@ Classification items are never packed: `input_ids`, `segment_ids` (1 on tokens),
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,11 +35,11 @@ LM_KEYS = ("input_ids", "targets", "weights", "segment_ids", "positions")
 
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    arrays: dict          # key -> np.ndarray with a leading [N] rows axis (nested for pairs)
+    arrays: dict  # key -> np.ndarray with a leading [N] rows axis (nested for pairs)
     rows: int
     sequences: int
-    efficiency: float     # share of positions holding a real (non-pad) token
-    supervised: int       # positions with weight > 0 (for causal LMs; items for classification)
+    efficiency: float  # share of positions holding a real (non-pad) token
+    supervised: int  # positions with weight > 0 (for causal LMs; items for classification)
 
 
 def _lm_arrays(n_rows: int, seq_len: int) -> dict[str, np.ndarray]:
@@ -97,8 +97,9 @@ def pack_lm(items: Sequence[Tokens], *, seq_len: int, packing: bool) -> Packed:
         offset = 0
         for segment, i in enumerate(members, start=1):
             offset = _place(arrays, row, offset, segment, items[i])
-    return Packed(arrays, len(bins), len(items), _efficiency(arrays["segment_ids"]),
-                  int(np.count_nonzero(arrays["weights"])))
+    return Packed(
+        arrays, len(bins), len(items), _efficiency(arrays["segment_ids"]), int(np.count_nonzero(arrays["weights"]))
+    )
 
 
 def pad_pairs(items: Sequence[Pair], *, seq_len: int) -> Packed:
@@ -116,10 +117,13 @@ def pad_pairs(items: Sequence[Pair], *, seq_len: int) -> Packed:
 def pad_labelled(items: Sequence[Labelled], *, seq_len: int) -> Packed:
     """Classification rows: token ids [seq_len] padded, one label each."""
     n = len(items)
-    arrays = {"input_ids": np.zeros((n, seq_len), np.int32), "segment_ids": np.zeros((n, seq_len), np.int32),
-              "positions": np.zeros((n, seq_len), np.int32),
-              "labels": np.asarray([x.label for x in items], np.int32).reshape(n),
-              "weights": np.ones(n, np.float32)}
+    arrays = {
+        "input_ids": np.zeros((n, seq_len), np.int32),
+        "segment_ids": np.zeros((n, seq_len), np.int32),
+        "positions": np.zeros((n, seq_len), np.int32),
+        "labels": np.asarray([x.label for x in items], np.int32).reshape(n),
+        "weights": np.ones(n, np.float32),
+    }
     for row, x in enumerate(items):
         k = len(x.ids)
         arrays["input_ids"][row, :k] = x.ids
@@ -131,8 +135,9 @@ def pad_labelled(items: Sequence[Labelled], *, seq_len: int) -> Packed:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How one kind of tokenised item becomes rows; a format names the layout it uses."""
-    name: str       # Datasets.kind: what the objective reads from a batch
-    packs: bool     # whether data.packing can put several items in one row
+
+    name: str  # Datasets.kind: what the objective reads from a batch
+    packs: bool  # whether data.packing can put several items in one row
     lay_out: Callable[[Sequence, int, bool], Packed]  # (items, seq_len, packing) -> Packed
 
 

@@ -18,7 +18,8 @@ import dataclasses
 import glob
 import json
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 from ftc.backends.jax.data import formats
 
@@ -47,16 +48,17 @@ class Row:
 @dataclasses.dataclass(frozen=True)
 class ReadResult:
     rows: tuple[Row, ...]
-    files: tuple[str, ...]          # resolved files (or the tfds source) in reading order
-    skipped: tuple[str, ...] = ()   # problems of rows left out under on_bad_row="skip"
+    files: tuple[str, ...]  # resolved files (or the tfds source) in reading order
+    skipped: tuple[str, ...] = ()  # problems of rows left out under on_bad_row="skip"
 
 
 class BadRow(Exception):
     """One row's problem; caught per row and turned into a `where: message` line."""
 
 
-def read_rows(sources: str | Sequence[str], *, format: str, on_bad_row: str,
-              tfds_data_dir: str | None = None) -> ReadResult:
+def read_rows(
+    sources: str | Sequence[str], *, format: str, on_bad_row: str, tfds_data_dir: str | None = None
+) -> ReadResult:
     """Every row of every source, in order, normalised by `format`'s module (data/formats/)."""
     normalise = formats.get(format).normalise
     if on_bad_row not in ("error", "skip"):
@@ -72,12 +74,14 @@ def read_rows(sources: str | Sequence[str], *, format: str, on_bad_row: str,
             except BadRow as bad:
                 problems.append(f"{where}: {bad}")
     if problems and on_bad_row == "error":
-        raise DataError(f"{len(problems)} malformed {format} row(s) (set data.on_bad_row = \"skip\" "
-                        f"to leave them out)", problems)
+        raise DataError(
+            f'{len(problems)} malformed {format} row(s) (set data.on_bad_row = "skip" to leave them out)', problems
+        )
     return ReadResult(tuple(rows), tuple(files), tuple(problems))
 
 
 # ---------------------------------------------------------------------------- sources
+
 
 def resolve_sources(sources: str | Sequence[str]) -> list[str]:
     """Files (sorted within each glob) and tfds sources named by `sources`, in order."""
@@ -131,7 +135,7 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
 
 def parse_tfds(source: str) -> tuple[str, str]:
     """`tfds:name/config:split` -> ("name/config", "split")."""
-    body = source[len(TFDS_PREFIX):]
+    body = source[len(TFDS_PREFIX) :]
     name, sep, split = body.rpartition(":")
     if not sep or not name or not split:
         raise DataError(f"data source {source!r}: expected tfds:name/config:split (or tfds:name:split)")
@@ -145,8 +149,10 @@ def _tfds_records(source: str, data_dir: str | None) -> Iterator[tuple[str, Any]
     try:
         data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many kinds for a missing/unprepared dataset
-        raise DataError(f"data source {source!r}: cannot open it through tfds.data_source "
-                        f"(prepared with file_format='array_record'?): {type(e).__name__}: {e}") from e
+        raise DataError(
+            f"data source {source!r}: cannot open it through tfds.data_source "
+            f"(prepared with file_format='array_record'?): {type(e).__name__}: {e}"
+        ) from e
     for i in range(len(data)):
         yield f"{source}[{i}]", _from_tfds(data[i])
 
@@ -166,14 +172,16 @@ def _from_tfds(value: Any) -> Any:
 
 # ---------------------------------------------------------------------------- row checks the formats share
 
+
 def kind_of(value: Any) -> str:
     """'a string', 'an array', ... for messages."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    return {dict: "an object", list: "an array", str: "a string", int: "an integer",
-            float: "a number"}.get(type(value), "a " + type(value).__name__)
+    return {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}.get(
+        type(value), "a " + type(value).__name__
+    )
 
 
 def expect_object(record: Any) -> dict:
@@ -194,17 +202,23 @@ def expect_string(obj: dict, key: str, path: str = "") -> str:
 def expect_content(value: Any, path: str) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in value):
+    if isinstance(value, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
+    ):
         return "".join(p["text"] for p in value)
-    raise BadRow(f"{path!r} is {kind_of(value)}, expected a string (or a list of "
-                 f"{{\"type\": \"text\", \"text\": ...}} parts)")
+    raise BadRow(
+        f'{path!r} is {kind_of(value)}, expected a string (or a list of {{"type": "text", "text": ...}} parts)'
+    )
 
 
 def columns_to_rows(value: Any) -> Any:
     """tfds `Sequence({"role", "content"})` features come back as columns of equal length."""
-    if (isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values())
-            and len({len(v) for v in value.values()}) == 1):
+    if (
+        isinstance(value, dict)
+        and value
+        and all(isinstance(v, list) for v in value.values())
+        and len({len(v) for v in value.values()}) == 1
+    ):
         keys = list(value)
         return [dict(zip(keys, items)) for items in zip(*value.values())]
     return value
@@ -219,7 +233,7 @@ def expect_messages(value: Any, path: str) -> list[dict]:
     for i, message in enumerate(value):
         here = f"{path}[{i}]"
         if not isinstance(message, dict):
-            raise BadRow(f"{here!r} is {kind_of(message)}, expected a message object {{\"role\", \"content\"}}")
+            raise BadRow(f'{here!r} is {kind_of(message)}, expected a message object {{"role", "content"}}')
         role = expect_string(message, "role", here + ".")
         if "content" not in message:
             raise BadRow(f"missing key {here + '.content'!r}, expected a string")

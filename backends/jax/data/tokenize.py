@@ -22,7 +22,8 @@ machinery (chat turns, prompt + completion) and runs a format's `tokenize` in ch
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from ftc.backends.jax.data.read import DataError, Row
 @dataclasses.dataclass(frozen=True)
 class Tokens:
     where: str
-    ids: np.ndarray      # int32 [n]
+    ids: np.ndarray  # int32 [n]
     weights: np.ndarray  # float32 [n]; loss weight of token i as a target
 
 
@@ -54,26 +55,41 @@ class Labelled:
 CHUNK_ROWS = 2048  # rows per tokenizer call: large enough for the fast tokenizer's batching
 
 
-def tokenize_rows(rows: Sequence[Row], *, format: str, tokenizer: Any, train_on: str | None = None,
-                  label_names: Sequence[str] | None = None, progress: str | None = None
-                  ) -> list[Tokens | Pair | Labelled]:
+def tokenize_rows(
+    rows: Sequence[Row],
+    *,
+    format: str,
+    tokenizer: Any,
+    train_on: str | None = None,
+    label_names: Sequence[str] | None = None,
+    progress: str | None = None,
+) -> list[Tokens | Pair | Labelled]:
     """One tokenised item per row, in order. `progress`: a label for a progress bar with ETA,
     shown once tokenising has taken more than 2 s (about 3,000 chat rows/s on one CPU core).
     `train_on` is data.train_on, for the formats it applies to (None for the others)."""
     fmt = formats.get(format)
     fmt.check_train_on(train_on)
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) "
-                        "tokenizer; ftc needs character offsets to find assistant turns")
+        raise DataError(
+            f"tokenizer {type(tokenizer).__name__} is not a fast (tokenizers-backed) "
+            "tokenizer; ftc needs character offsets to find assistant turns"
+        )
     if len(rows) <= CHUNK_ROWS:
         return fmt.tokenize(tokenizer, rows, train_on, label_names)
     from tqdm import tqdm
 
     out: list = []
-    with tqdm(total=len(rows), desc=progress or "tokenizing", unit="row", delay=2.0, leave=False,
-              disable=progress is None, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(rows),
+        desc=progress or "tokenizing",
+        unit="row",
+        delay=2.0,
+        leave=False,
+        disable=progress is None,
+        dynamic_ncols=True,
+    ) as bar:
         for start in range(0, len(rows), CHUNK_ROWS):
-            chunk = rows[start:start + CHUNK_ROWS]
+            chunk = rows[start : start + CHUNK_ROWS]
             out += fmt.tokenize(tokenizer, chunk, train_on, label_names)
             bar.update(len(chunk))
     return out
@@ -90,6 +106,7 @@ def i32(ids) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- chat
 
+
 def _render(tokenizer, where: str, messages: list[dict], generation_prompt: bool = False) -> str:
     if not messages and not generation_prompt:
         return ""
@@ -97,15 +114,17 @@ def _render(tokenizer, where: str, messages: list[dict], generation_prompt: bool
     try:
         text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja errors, raise_exception() in templates (e.g. role alternation)
-        raise DataError(f"{where}: the tokenizer's chat template refused this conversation: "
-                        f"{type(e).__name__}: {e}") from e
+        raise DataError(
+            f"{where}: the tokenizer's chat template refused this conversation: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(text, str):
         raise DataError(f"{where}: apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
 
 
-def turn_spans(tokenizer, where: str, messages: list[dict], trained: Sequence[bool],
-               whole_turns: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def turn_spans(
+    tokenizer, where: str, messages: list[dict], trained: Sequence[bool], whole_turns: bool = False
+) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans [start, end) to train.
 
     `trained[i]` says whether turn i is supervised. With `whole_turns` (train_on="all") a span is
@@ -120,7 +139,8 @@ def turn_spans(tokenizer, where: str, messages: list[dict], trained: Sequence[bo
                 f"{where}: the chat template does not render conversations prefix by prefix "
                 f"(rendering messages[:{i + 1}] does not extend messages[:{i}], or is not the start of "
                 f"the whole conversation); ftc finds each turn's tokens from those prefixes. Use a "
-                f"template that renders earlier turns the same whatever follows them.")
+                f"template that renders earlier turns the same whatever follows them."
+            )
         if trained[i] and whole_turns:
             spans.append((len(prev), len(upto)))
         elif trained[i]:
@@ -143,8 +163,9 @@ def _weights_from_spans(offsets, spans) -> np.ndarray:
     return weights
 
 
-def chat_tokens(tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]],
-                train_on: str) -> list[Tokens]:
+def chat_tokens(
+    tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]], train_on: str
+) -> list[Tokens]:
     """(where, messages, trained-or-None) each -> Tokens; one tokenizer call for all texts."""
     rendered = []
     for where, messages, trained in conversations:
@@ -154,27 +175,32 @@ def chat_tokens(tokenizer, conversations: Sequence[tuple[str, list[dict], Sequen
     if not rendered:
         return []
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-    return [Tokens(where, i32(ids), _weights_from_spans(offsets, spans))
-            for (where, _, _), (_, spans), ids, offsets
-            in zip(conversations, rendered, enc["input_ids"], enc["offset_mapping"])]
+    return [
+        Tokens(where, i32(ids), _weights_from_spans(offsets, spans))
+        for (where, _, _), (_, spans), ids, offsets in zip(
+            conversations, rendered, enc["input_ids"], enc["offset_mapping"]
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------- completion
+
 
 def _bos_prefix(tokenizer) -> list[int]:
     """The special tokens the tokenizer puts before a text (e.g. [bos]), from how it encodes one."""
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     for k in range(len(with_specials) - len(plain) + 1):
-        if with_specials[k:k + len(plain)] == plain:
+        if with_specials[k : k + len(plain)] == plain:
             return list(with_specials[:k])
     return []
 
 
 def _eos_id(tokenizer, where: str) -> int:
     if tokenizer.eos_token_id is None:
-        raise DataError(f"{where}: the tokenizer has no eos token; completions end with one so the "
-                        "model learns to stop")
+        raise DataError(
+            f"{where}: the tokenizer has no eos token; completions end with one so the model learns to stop"
+        )
     return int(tokenizer.eos_token_id)
 
 

@@ -25,32 +25,57 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftc.backends.jax import methods as registry
-from ftc.backends.jax.io import hf_checkpoint, verify as verify_lib
-from ftc.backends.jax.io.export_common import (DTYPES, EXPORT_DIR, MANIFEST, ExportError, ExportResult,
-                                               VerifyFailedError, as_float32, is_causal, publish)
+from ftc.backends.jax import stages
+from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.io.export_common import (
+    DTYPES,
+    EXPORT_DIR,
+    MANIFEST,
+    ExportError,
+    ExportResult,
+    VerifyFailedError,
+    is_causal,
+    publish,
+)
+from ftc.backends.jax.io.export_verify import verify_export
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
 from ftc.backends.jax.models import shapes
-from ftc.backends.jax import stages
-from ftc.backends.jax.state import checkpoint as ckpt_lib, files, frozen_base, init_from
+from ftc.backends.jax.state import checkpoint as ckpt_lib
+from ftc.backends.jax.state import files, frozen_base, init_from
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.compiler import sharding_rules
 from ftc.spec import spec_from_dict
 
 # Names other modules import from here (pipeline.py, ftc/cli.py): their homes are export_common and probe_export.
-__all__ = ["DTYPES", "EXPORT_DIR", "MANIFEST", "PROBE_HEAD", "ExportError", "ExportResult", "TrainedRun",
-           "VerifyFailedError", "base_source", "check_format", "export_run", "how_to_load", "load_run", "publish",
-           "verify_export", "verify_probe_export", "write_export"]
+__all__ = [
+    "DTYPES",
+    "EXPORT_DIR",
+    "MANIFEST",
+    "PROBE_HEAD",
+    "ExportError",
+    "ExportResult",
+    "TrainedRun",
+    "VerifyFailedError",
+    "base_source",
+    "check_format",
+    "export_run",
+    "how_to_load",
+    "load_run",
+    "publish",
+    "verify_export",
+    "verify_probe_export",
+    "write_export",
+]
 
 
 # ---------------------------------------------------------------- the trained run
@@ -61,17 +86,17 @@ class TrainedRun:
     """A run's checkpointed model, rebuilt from the checkpoint's own metadata."""
 
     run_dir: Path
-    spec: Any                    # ftc.spec.Spec (the checkpoint's resolved spec)
+    spec: Any  # ftc.spec.Spec (the checkpoint's resolved spec)
     step: int
-    model_dir: Path              # the base model's HF directory
+    model_dir: Path  # the base model's HF directory
     hf_config: dict
-    model: methods.MethodModel   # float32 compute: exports and checks compute in float32
-    params: Any                  # the method's params tree (sharded over this process's devices)
-    tokenizer_dir: Path | None   # None when the run had no tokenizer files
-    base_name: str | None        # PEFT's base_model_name_or_path for the frozen base; None: no HF dir holds it
-    base_dir: Path | None        # local HF directory holding the frozen base weights
-    base_note: str               # why base_name is None, or where it came from
-    load_seconds: float = 0.0    # rebuilding the model and restoring the checkpoint
+    model: methods.MethodModel  # float32 compute: exports and checks compute in float32
+    params: Any  # the method's params tree (sharded over this process's devices)
+    tokenizer_dir: Path | None  # None when the run had no tokenizer files
+    base_name: str | None  # PEFT's base_model_name_or_path for the frozen base; None: no HF dir holds it
+    base_dir: Path | None  # local HF directory holding the frozen base weights
+    base_note: str  # why base_name is None, or where it came from
+    load_seconds: float = 0.0  # rebuilding the model and restoring the checkpoint
 
     @property
     def kind(self) -> str:
@@ -93,8 +118,14 @@ def base_source(spec, model_dir: Path) -> tuple[str | None, Path | None, str]:
         export = Path(source.path) / EXPORT_DIR
         if (export / "config.json").is_file() and any(export.glob("*.safetensors")):
             return str(export), export, f"the full fine-tune {source.path} (its export/)"
-        return None, None, (f"the frozen base is the final checkpoint of the full fine-tune {source.path}, which has "
-                            f"no HF export; run `ftc export {source.path}` first, then export this run again")
+        return (
+            None,
+            None,
+            (
+                f"the frozen base is the final checkpoint of the full fine-tune {source.path}, which has "
+                f"no HF export; run `ftc export {source.path}` first, then export this run again"
+            ),
+        )
     if source.kind == init_from.HF_DIR:
         return str(source.base_dir), source.base_dir, f"model.init_from {source.path}"
     base = spec.model.base
@@ -149,9 +180,15 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     shardings = export_shardings(model, abstract)
     # The checkpoint holds what trained; the frozen base is rebuilt from its source (frozen_base.py).
     try:
-        params = frozen_base.restore_params(reader, step, meta, model, jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings), model_dir,
-            what=f"cannot export {run_dir} (step {step})")
+        params = frozen_base.restore_params(
+            reader,
+            step,
+            meta,
+            model,
+            jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, shardings),
+            model_dir,
+            what=f"cannot export {run_dir} (step {step})",
+        )
     except ckpt_lib.ResumeRefusedError as e:  # its base changed or is gone
         raise ExportError(str(e)) from e
     tok_dir = stages.tokenizer_dir(spec, model_dir)
@@ -161,12 +198,26 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     else:
         now = stages.tokenizer_hash(tok_dir)
         if now != saved_hash:
-            raise ExportError(f"{tok_dir}: the tokenizer files {'are gone' if now is None else 'changed'} since "
-                              f"the run (hash {saved_hash} in the checkpoint, now {now}); the export would ship a "
-                              f"tokenizer the model was not trained with")
+            raise ExportError(
+                f"{tok_dir}: the tokenizer files {'are gone' if now is None else 'changed'} since "
+                f"the run (hash {saved_hash} in the checkpoint, now {now}); the export would ship a "
+                f"tokenizer the model was not trained with"
+            )
     name, base_dir, note = base_source(spec, Path(model_dir))
-    return TrainedRun(run_dir, spec, step, Path(model_dir), hf_config, model, params, tok_dir, name, base_dir, note,
-                      time.perf_counter() - started)
+    return TrainedRun(
+        run_dir,
+        spec,
+        step,
+        Path(model_dir),
+        hf_config,
+        model,
+        params,
+        tok_dir,
+        name,
+        base_dir,
+        note,
+        time.perf_counter() - started,
+    )
 
 
 # ---------------------------------------------------------------- writing
@@ -176,8 +227,10 @@ def check_format(kind: str, format: str, dtype: str) -> None:
     method = registry.get(kind)
     if format not in method.formats:
         hint = method.format_hint
-        raise ExportError(f"export format {format!r} does not apply to method.kind {kind!r}: expected "
-                          f"{' or '.join(map(repr, method.formats))}" + (f" ({hint})" if hint else ""))
+        raise ExportError(
+            f"export format {format!r} does not apply to method.kind {kind!r}: expected "
+            f"{' or '.join(map(repr, method.formats))}" + (f" ({hint})" if hint else "")
+        )
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
 
@@ -188,9 +241,15 @@ def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str
     if written is None:
         raise ExportError(f"method.kind {trained.kind!r} has no checkpoint export")
     written.write(trained, out, dtype)
-    manifest = {"format": format, "dtype": dtype, "method": trained.kind, "run_dir": str(trained.run_dir),
-                "step": trained.step, "base_model_name_or_path": trained.base_name,
-                "model_type": trained.hf_config.get("model_type")}
+    manifest = {
+        "format": format,
+        "dtype": dtype,
+        "method": trained.kind,
+        "run_dir": str(trained.run_dir),
+        "step": trained.step,
+        "base_model_name_or_path": trained.base_name,
+        "model_type": trained.hf_config.get("model_type"),
+    }
     if jax.process_index() == 0:
         files.write_json_atomic(out / MANIFEST, manifest)
     return tuple(sorted(p.name for p in out.iterdir())) if jax.process_index() == 0 else ()
@@ -202,77 +261,36 @@ def how_to_load(kind: str, format: str, out: Path, base_name: str | None, causal
     return registry.get(kind).formats[format].how_to_load(out, base_name, auto)
 
 
-def write_export(trained: TrainedRun, out_dir: str | os.PathLike, *, format: str, dtype: str,
-                 force: bool = False) -> ExportResult:
+def write_export(
+    trained: TrainedRun, out_dir: str | os.PathLike, *, format: str, dtype: str, force: bool = False
+) -> ExportResult:
     """Export `trained` into `out_dir` atomically (see `publish`)."""
     check_format(trained.kind, format, dtype)
     out = Path(out_dir).absolute()
     files = publish(out, lambda tmp: _write(trained, tmp, format, dtype), force=force)
-    return ExportResult(out, trained.kind, format, dtype, trained.step, files,
-                        how_to_load(trained.kind, format, out, trained.base_name, is_causal(trained.model.family)))
+    return ExportResult(
+        out,
+        trained.kind,
+        format,
+        dtype,
+        trained.step,
+        files,
+        how_to_load(trained.kind, format, out, trained.base_name, is_causal(trained.model.family)),
+    )
 
 
-# ---------------------------------------------------------------- verification
-
-
-def verify_export(trained: TrainedRun, result: ExportResult, *, tol: float | None = None, batch: int = 2,
-                  seq_len: int = 16, seed: int = 0, echo: Callable[[str], None] | None = None):
-    """Reload `result` in PyTorch and compare with ftc's model on one fixed padded batch (see the
-    module docstring). Returns a verify.VerifyResult (`.ok`, `.summary()`). With `echo`, a
-    non-float32 export also reports how far rounding to its dtype moved the trained model's outputs."""
-    verify_lib.require_torch()
-    import torch
-
-    tol = verify_lib.DEFAULT_TOL if tol is None else tol
-    m, dtype = trained.model, result.dtype
-    exported = m.method.formats[result.format]
-    causal = is_causal(m.family)
-    output = "logits" if causal else "hidden"
-    params = trained.params
-
-    # ftc's side: the trained model, float32, with the weights the export holds.
-    module, ours = exported.ftc_side(m, params, dtype)
-    ours = as_float32(ours)
-
-    with tempfile.TemporaryDirectory(prefix="ftc-verify-") as scratch:
-        started = time.perf_counter()
-        reference = exported.reload(trained, result.out_dir, Path(scratch), causal)
-        torch_load = time.perf_counter() - started
-
-        fixed = verify_lib.fixed_batch(int(trained.hf_config.get("vocab_size") or m.arch.vocab_size), batch, seq_len,
-                                       seed)
-        started = time.perf_counter()
-        forward = jax.jit(lambda p, ids, mask, pos: module.apply({"params": p}, ids, attention_mask=mask,
-                                                                 positions=pos, output=output))
-        ftc_out = np.asarray(jax.device_get(forward(ours, fixed.input_ids, fixed.attention_mask, fixed.positions)),
-                             np.float32)
-        ftc_forward = time.perf_counter() - started
-        if echo is not None and dtype != "float32":
-            trained_forward = jax.jit(lambda p, ids, mask, pos: m.eval_module.apply(
-                {"params": p}, ids, attention_mask=mask, positions=pos, output=output))
-            trained_out = np.asarray(jax.device_get(trained_forward(
-                as_float32(params), fixed.input_ids, fixed.attention_mask, fixed.positions)), np.float32)
-            moved = float(np.abs(trained_out - ftc_out)[fixed.attention_mask.astype(bool)].max())
-            echo(f"rounding the weights to {dtype} moves ftc's {output} by up to {moved:.3g} (not an export error: "
-                 f"the check below compares transformers with ftc on the {dtype} weights)")
-        started = time.perf_counter()
-        with torch.no_grad():
-            ref_out = verify_lib.reference_outputs(reference, fixed, output)
-        torch_forward = time.perf_counter() - started
-    max_diff, scale = verify_lib.compare(ftc_out, ref_out, fixed)
-    return verify_lib.VerifyResult(model_dir=result.out_dir, output=output, max_abs_diff=max_diff,
-                                   max_abs_reference=scale, tol=tol, shape=tuple(ref_out.shape),
-                                   real_tokens=int(fixed.attention_mask.sum()), ftc_load_seconds=trained.load_seconds,
-                                   ftc_forward_seconds=ftc_forward, torch_load_seconds=torch_load,
-                                   torch_forward_seconds=torch_forward)
-
-
-# ---------------------------------------------------------------- one call
-
-
-def export_run(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None, format: str | None = None,
-               dtype: str | None = None, verify: bool | None = None, force: bool = False, step: int | None = None,
-               tol: float | None = None, echo: Callable[[str], None] = print):
+def export_run(
+    run_dir: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    format: str | None = None,
+    dtype: str | None = None,
+    verify: bool | None = None,
+    force: bool = False,
+    step: int | None = None,
+    tol: float | None = None,
+    echo: Callable[[str], None] = print,
+):
     """`ftc export`: format, dtype and verify default to the run's spec `[export]`; `out` to
     RUN_DIR/export. Returns (ExportResult, VerifyResult or None)."""
     run_dir = Path(run_dir).absolute()
@@ -289,8 +307,10 @@ def export_run(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = No
     verify = e.verify if verify is None else verify
     started = time.perf_counter()
     result = write_export(trained, out, format=format, dtype=dtype, force=force)
-    echo(f"exported step {trained.step} of {run_dir.name} ({trained.kind}, format {format}, {dtype}) to "
-         f"{result.out_dir} in {time.perf_counter() - started:.1f} s\n  load with: {result.how_to_load}")
+    echo(
+        f"exported step {trained.step} of {run_dir.name} ({trained.kind}, format {format}, {dtype}) to "
+        f"{result.out_dir} in {time.perf_counter() - started:.1f} s\n  load with: {result.how_to_load}"
+    )
     check = None
     if verify:
         check = verify_export(trained, result, tol=tol, echo=echo)

@@ -19,19 +19,25 @@ class GgufArch:
 
     model_type: str
     architecture: str
-    permuted_qk: bool               # llama.cpp's converter permutes Q/K rows (Llama only)
-    config_head_dim: bool = True    # the config class has a head_dim field
+    permuted_qk: bool  # llama.cpp's converter permutes Q/K rows (Llama only)
+    config_head_dim: bool = True  # the config class has a head_dim field
     required: tuple[str, ...] = ()  # per-layer HF tensors beyond the Llama core it always has
     extra_config: tuple[tuple[str, Any], ...] = ()
 
 
 ARCHITECTURES = {
     "llama": GgufArch("llama", "LlamaForCausalLM", permuted_qk=True),
-    "qwen2": GgufArch("qwen2", "Qwen2ForCausalLM", permuted_qk=False, config_head_dim=False,
-                      required=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-                      extra_config=(("use_sliding_window", False),)),
-    "qwen3": GgufArch("qwen3", "Qwen3ForCausalLM", permuted_qk=False,
-                      required=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+    "qwen2": GgufArch(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        permuted_qk=False,
+        config_head_dim=False,
+        required=("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+        extra_config=(("use_sliding_window", False),),
+    ),
+    "qwen3": GgufArch(
+        "qwen3", "Qwen3ForCausalLM", permuted_qk=False, required=("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+    ),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
@@ -43,8 +49,13 @@ class GgufImportError(ValueError):
 
 def read_metadata(reader) -> dict[str, Any]:
     """GGUF key/value metadata as Python values; the long tokenizer arrays are left out."""
-    skip = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-            "tokenizer.ggml.scores", "tokenizer.ggml.precompiled_charsmap"}
+    skip = {
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.scores",
+        "tokenizer.ggml.precompiled_charsmap",
+    }
     out = {}
     for key, field in reader.fields.items():
         if key in skip:
@@ -59,8 +70,13 @@ def _float(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *, source: str = "GGUF",
-                     rope_freqs: np.ndarray | None = None) -> dict:
+def config_from_gguf(
+    metadata: dict[str, Any],
+    tensor_names: tuple[str, ...],
+    *,
+    source: str = "GGUF",
+    rope_freqs: np.ndarray | None = None,
+) -> dict:
     """A transformers config dict from llama.cpp metadata (pure; `source` names the file in errors).
 
     `rope_freqs` is the file's `rope_freqs.weight` tensor, when it has one (Llama 3.1+ RoPE scaling).
@@ -69,7 +85,8 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
     if arch not in ARCHITECTURES:
         raise GgufImportError(
             f"{source}: general.architecture={arch!r} is not supported; ftc imports GGUF architectures "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
 
     def key(name: str, default: Any = ...) -> Any:
         full = f"{arch}.{name}"
@@ -80,8 +97,10 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
         return default
 
     if key("expert_count", 0):
-        raise GgufImportError(f"{source}: mixture-of-experts GGUF ({arch}.expert_count="
-                              f"{key('expert_count')}) is not supported; ftc imports dense models")
+        raise GgufImportError(
+            f"{source}: mixture-of-experts GGUF ({arch}.expert_count="
+            f"{key('expert_count')}) is not supported; ftc imports dense models"
+        )
     if "rope_freqs.weight" in tensor_names and rope_freqs is None:
         raise GgufImportError(f"{source}: the rope_freqs.weight tensor is needed to rebuild the RoPE config")
 
@@ -90,12 +109,15 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
     kv_heads = key("attention.head_count_kv", heads)
     head_dim = key("attention.key_length", hidden // heads)
     if key("attention.value_length", head_dim) != head_dim:
-        raise GgufImportError(f"{source}: key_length {head_dim} != value_length "
-                              f"{key('attention.value_length')}; Llama needs them equal")
+        raise GgufImportError(
+            f"{source}: key_length {head_dim} != value_length {key('attention.value_length')}; Llama needs them equal"
+        )
     rope_dims = key("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
-        raise GgufImportError(f"{source}: {arch}.rope.dimension_count={rope_dims} but head_dim={head_dim}; "
-                              "partial rotary embeddings are not a Llama architecture")
+        raise GgufImportError(
+            f"{source}: {arch}.rope.dimension_count={rope_dims} but head_dim={head_dim}; "
+            "partial rotary embeddings are not a Llama architecture"
+        )
     if isinstance(kv_heads, list):  # per-layer head counts (hybrid models)
         raise GgufImportError(f"{source}: per-layer {arch}.attention.head_count_kv is not supported")
 
@@ -110,18 +132,26 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
     if rope_freqs is not None:
         if arch != "llama":
             raise GgufImportError(f"{source}: rope_freqs.weight in a {arch} model is not supported")
-        rope = llama3_rope_from_factors(rope_freqs, rope["rope_theta"], head_dim, source=source,
-                                        original=key("rope.scaling.original_context_length", None))
+        rope = llama3_rope_from_factors(
+            rope_freqs,
+            rope["rope_theta"],
+            head_dim,
+            source=source,
+            original=key("rope.scaling.original_context_length", None),
+        )
     elif scaling == "linear":
         rope.update(rope_type="linear", factor=_float(key("rope.scaling.factor")))
     elif scaling not in ("none", None):
-        raise GgufImportError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported "
-                              "(supported: none, linear)")
+        raise GgufImportError(
+            f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported (supported: none, linear)"
+        )
 
     spec = ARCHITECTURES[arch]
     if not spec.config_head_dim and head_dim != hidden // heads:
-        raise GgufImportError(f"{source}: head_dim {head_dim} != hidden {hidden} / heads {heads}, which "
-                              f"{spec.model_type} configs cannot express")
+        raise GgufImportError(
+            f"{source}: head_dim {head_dim} != hidden {hidden} / heads {heads}, which "
+            f"{spec.model_type} configs cannot express"
+        )
     config = {
         "architectures": [spec.architecture],
         "model_type": spec.model_type,
@@ -160,11 +190,18 @@ def config_from_gguf(metadata: dict[str, Any], tensor_names: tuple[str, ...], *,
 _LLAMA3_ROPE_CANDIDATES = ({"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},)
 
 
-def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_factor: float,
-                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+def llama3_rope_factors(
+    theta: float,
+    head_dim: int,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
     """The per-frequency divisors llama.cpp's converter stores as rope_freqs.weight (float32)."""
-    freqs = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                                      / np.float32(head_dim)))).astype(np.float32)
+    freqs = (
+        np.float32(1.0) / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
+    ).astype(np.float32)
     old = original_max_position_embeddings
     low_wavelen, high_wavelen = old / low_freq_factor, old / high_freq_factor
     out = []
@@ -180,8 +217,9 @@ def llama3_rope_factors(theta: float, head_dim: int, factor: float, low_freq_fac
     return np.asarray(out, dtype=np.float32)
 
 
-def llama3_rope_from_factors(rope_freqs: np.ndarray, theta: float, head_dim: int, *, source: str,
-                             original: int | None = None) -> dict:
+def llama3_rope_from_factors(
+    rope_freqs: np.ndarray, theta: float, head_dim: int, *, source: str, original: int | None = None
+) -> dict:
     """HF `rope_parameters` (rope_type llama3) that give exactly these rope_freqs, or an error.
 
     The file stores only the result, not the parameters: the factor is its largest entry, and the
@@ -189,8 +227,9 @@ def llama3_rope_from_factors(rope_freqs: np.ndarray, theta: float, head_dim: int
     """
     factors = np.asarray(rope_freqs, dtype=np.float32).reshape(-1)
     if factors.shape != (head_dim // 2,):
-        raise GgufImportError(f"{source}: rope_freqs.weight has {factors.size} entries, head_dim {head_dim} "
-                              f"needs {head_dim // 2}")
+        raise GgufImportError(
+            f"{source}: rope_freqs.weight has {factors.size} entries, head_dim {head_dim} needs {head_dim // 2}"
+        )
     if np.all(factors == 1.0):
         return {"rope_type": "default", "rope_theta": theta}
     factor = float(factors.max())
@@ -202,4 +241,5 @@ def llama3_rope_from_factors(rope_freqs: np.ndarray, theta: float, head_dim: int
             return {"rope_type": "llama3", "rope_theta": theta, "factor": _float(factor), **params}
     raise GgufImportError(
         f"{source}: rope_freqs.weight (min {factors.min():.4g}, max {factor:.4g}) matches no Llama 3 RoPE "
-        f"scaling ftc knows ({candidates}); convert the original HF checkpoint instead")
+        f"scaling ftc knows ({candidates}); convert the original HF checkpoint instead"
+    )

@@ -79,8 +79,12 @@ def import_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | 
     try:
         started = time.perf_counter()
         convert_gguf(path, tmp)
-        record = {"gguf_file": str(path.resolve()), "sha256": sha, "converter_version": CONVERTER_VERSION,
-                  "convert_seconds": round(time.perf_counter() - started, 3)}
+        record = {
+            "gguf_file": str(path.resolve()),
+            "sha256": sha,
+            "converter_version": CONVERTER_VERSION,
+            "convert_seconds": round(time.perf_counter() - started, 3),
+        }
         (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         try:
             os.rename(tmp, final)  # atomic: the directory appears complete or not at all
@@ -124,8 +128,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> No
         raise GgufImportError(f"{path}: not a readable GGUF file ({e})") from e
     metadata = read_metadata(reader)
     tensor_names = tuple(t.name for t in reader.tensors)
-    rope_freqs = next((np.asarray(t.data, np.float32).reshape(-1) for t in reader.tensors
-                       if t.name == "rope_freqs.weight"), None)
+    rope_freqs = next(
+        (np.asarray(t.data, np.float32).reshape(-1) for t in reader.tensors if t.name == "rope_freqs.weight"), None
+    )
     config = config_from_gguf(metadata, tensor_names, source=str(path), rope_freqs=rope_freqs)
     _write_config(config, out)
     _write_safetensors(_hf_tensors(reader, config, str(path)), out)
@@ -192,14 +197,26 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     hd = config.get("head_dim", d // config["num_attention_heads"])
     q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
-    layer = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-             "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d),
-             "self_attn.v_proj.weight": (kv, d), "self_attn.o_proj.weight": (d, q),
-             "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-             "self_attn.o_proj.bias": (d,), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
-             "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
-             "mlp.down_proj.weight": (d, f), "mlp.gate_proj.bias": (f,), "mlp.up_proj.bias": (f,),
-             "mlp.down_proj.bias": (d,)}
+    layer = {
+        "input_layernorm.weight": (d,),
+        "post_attention_layernorm.weight": (d,),
+        "self_attn.q_proj.weight": (q, d),
+        "self_attn.k_proj.weight": (kv, d),
+        "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.bias": (d,),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (f, d),
+        "mlp.up_proj.weight": (f, d),
+        "mlp.down_proj.weight": (d, f),
+        "mlp.gate_proj.bias": (f,),
+        "mlp.up_proj.bias": (f,),
+        "mlp.down_proj.bias": (d,),
+    }
     for i in range(config["num_hidden_layers"]):
         shapes.update({f"model.layers.{i}.{k}": s for k, s in layer.items()})
     return shapes
@@ -233,8 +250,11 @@ _OPTIONAL = _ATTENTION_BIASES + _MLP_BIASES + ("self_attn.q_norm.weight", "self_
 def _model_tensors(config: dict) -> set[str]:
     """Exactly the HF tensors this config's model has (lm_head only when untied)."""
     arch = BY_MODEL_TYPE[config["model_type"]]
-    extra = arch.required + (_ATTENTION_BIASES if config.get("attention_bias") else ()) + (
-        _MLP_BIASES if config.get("mlp_bias") else ())
+    extra = (
+        arch.required
+        + (_ATTENTION_BIASES if config.get("attention_bias") else ())
+        + (_MLP_BIASES if config.get("mlp_bias") else ())
+    )
     names = {n for n in _expected_shapes(config) if not n.endswith(_OPTIONAL) or n.endswith(extra)}
     return names - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
 
@@ -251,15 +271,20 @@ def _hf_tensors(reader, config: dict, source: str) -> list[_LazyTensor]:
             continue
         lazy = _LazyTensor(t, hf_name, config)
         if lazy.shape != expected[hf_name]:
-            raise GgufImportError(f"{source}: tensor {t.name!r} ({hf_name}) has shape {lazy.shape}, "
-                                  f"config implies {expected[hf_name]}")
+            raise GgufImportError(
+                f"{source}: tensor {t.name!r} ({hf_name}) has shape {lazy.shape}, config implies {expected[hf_name]}"
+            )
         out.append(lazy)
     if unknown:
-        raise GgufImportError(f"{source}: tensors a {config['model_type']} model has no place for: "
-                              f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+        raise GgufImportError(
+            f"{source}: tensors a {config['model_type']} model has no place for: "
+            f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}"
+        )
     if missing := sorted(wanted - {t.hf_name for t in out}):
-        raise GgufImportError(f"{source}: tensors missing for a {config['model_type']} model: "
-                              f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise GgufImportError(
+            f"{source}: tensors missing for a {config['model_type']} model: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     return out
 
 

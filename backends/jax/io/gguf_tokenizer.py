@@ -18,7 +18,7 @@ def gguf_tokenizer_fields(reader) -> tuple[str, dict, dict]:
     transformers' own reader imports torch; this reads the same fields with the `gguf` package so a
     conversion needs no torch. tests/test_gguf_import.py checks the two agree on a real file.
     """
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, _SPECIAL_TOKENS
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING
 
     def value(key: str):
         field = reader.fields[key]
@@ -48,8 +48,10 @@ def write_tokenizer(reader, path: Path, out: Path) -> None:
     try:
         backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
     except Exception as e:
-        raise GgufImportError(f"{path}: transformers could not build a tokenizer from the GGUF metadata "
-                              f"(tokenizer.ggml.model={tokenizer_dict.get('tokenizer_type')!r}): {e}") from e
+        raise GgufImportError(
+            f"{path}: transformers could not build a tokenizer from the GGUF metadata "
+            f"(tokenizer.ggml.model={tokenizer_dict.get('tokenizer_type')!r}): {e}"
+        ) from e
     kwargs = {k: v for k, v in {**tokenizer_config, **extra}.items() if v is not None}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
     # Keep the chat template inside tokenizer_config.json, where every transformers version and

@@ -16,8 +16,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,8 +37,16 @@ log = logging.getLogger(__name__)
 _DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
 _EXPORT_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
 )
 
 
@@ -45,8 +54,8 @@ TOKENIZER_FILES = (
 class LoadedModel:
     family: Family
     arch: Any
-    params: Any            # nested dict of jax.Array (unboxed), the layout `family.build` creates
-    hf_config: dict        # config.json as read
+    params: Any  # nested dict of jax.Array (unboxed), the layout `family.build` creates
+    hf_config: dict  # config.json as read
     model_dir: Path
 
 
@@ -94,8 +103,7 @@ def _slice_reader(checkpoint: SafetensorsCheckpoint, spec: HfTensor, stacked: bo
         layer_index, rest = index[0], tuple(index[1:])
         layer_ids = range(*layer_index.indices(len(spec.names)))
         # One layer converted at a time; only the requested block is kept.
-        return np.stack([np.asarray(spec.to_flax(checkpoint.get(spec.names[i]))[rest], dtype=dtype)
-                         for i in layer_ids])
+        return np.stack([np.asarray(spec.to_flax(checkpoint.get(spec.names[i]))[rest], dtype=dtype) for i in layer_ids])
 
     return read
 
@@ -118,7 +126,8 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
     if set(specs) != set(expected):
         raise ValueError(
             f"family {family.name}: hf_tensors and module params differ: "
-            f"only in hf_tensors {sorted(set(specs) - set(expected))}, only in params {sorted(set(expected) - set(specs))}"
+            f"only in hf_tensors {sorted(set(specs) - set(expected))}, "
+            f"only in params {sorted(set(expected) - set(specs))}"
         )
     wanted = [name for spec in specs.values() for name in spec.names]
     missing = checkpoint.resolve_base_prefix(wanted)
@@ -129,12 +138,16 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
         )
     unused = sorted(set(checkpoint.where) - {checkpoint.aliases.get(n, n) for n in wanted})
     if unused:
-        log.info("%s: ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", model_dir, len(unused), unused[:5])
+        log.info(
+            "%s: ignoring %d checkpoint tensor(s) the model does not use, e.g. %s", model_dir, len(unused), unused[:5]
+        )
 
     if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
         flat_shardings = _flat(shardings)
         if set(flat_shardings) != set(expected):
-            raise ValueError(f"shardings tree does not match the params: missing {sorted(set(expected) - set(flat_shardings))}")
+            raise ValueError(
+                f"shardings tree does not match the params: missing {sorted(set(expected) - set(flat_shardings))}"
+            )
     stacked_paths = _stacked_paths(family, arch)
     flat_params = {}
     for path, spec in specs.items():
@@ -173,8 +186,10 @@ def _hf_tensors_of(family: Family, arch, params) -> Iterator[tuple[str, np.ndarr
     flat = _flat(nn.meta.unbox(params))
     specs = family.hf_tensors(arch)
     if set(specs) != set(flat):
-        raise ValueError(f"params do not match family {family.name}: missing {sorted(set(specs) - set(flat))}, "
-                         f"unexpected {sorted(set(flat) - set(specs))}")
+        raise ValueError(
+            f"params do not match family {family.name}: missing {sorted(set(specs) - set(flat))}, "
+            f"unexpected {sorted(set(flat) - set(specs))}"
+        )
     stacked_paths = _stacked_paths(family, arch)
     for path, spec in specs.items():
         host = _to_host(flat[path])
@@ -200,8 +215,11 @@ class _ShardWriter:
         if self._data is None or (self._size and self._size + nbytes > self.max_bytes):
             self._open()
         header = self.shards[-1][1]
-        header[name] = {"dtype": _DTYPE_CODES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [self._size, self._size + nbytes]}
+        header[name] = {
+            "dtype": _DTYPE_CODES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [self._size, self._size + nbytes],
+        }
         self._data.write(np.ascontiguousarray(array).tobytes())
         self._size += nbytes
 
@@ -235,10 +253,23 @@ class _ShardWriter:
 
 
 def _export_config(family: Family, arch, hf_config: dict, dtype_name: str) -> dict:
-    config = {k: v for k, v in (hf_config or {}).items()
-              if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "auto_map",
-                           "architectures", "rope_scaling", "rope_theta", "rope_parameters",
-                           "quantization_config")}
+    config = {
+        k: v
+        for k, v in (hf_config or {}).items()
+        if k
+        not in (
+            "_name_or_path",
+            "transformers_version",
+            "torch_dtype",
+            "dtype",
+            "auto_map",
+            "architectures",
+            "rope_scaling",
+            "rope_theta",
+            "rope_parameters",
+            "quantization_config",
+        )
+    }
     config.update(family.hf_config(arch))
     config["architectures"] = [family.hf_architecture]
     config["dtype"] = dtype_name
@@ -273,7 +304,13 @@ def save_hf(
     process must call (gathering a sharded param is collective).
     """
     if isinstance(model, LoadedModel):
-        family, arch, params, hf_config, source_dir = model.family, model.arch, model.params, model.hf_config, model.model_dir
+        family, arch, params, hf_config, source_dir = (
+            model.family,
+            model.arch,
+            model.params,
+            model.hf_config,
+            model.model_dir,
+        )
     else:
         family, arch, params, hf_config = model
         source_dir = None

@@ -35,8 +35,10 @@ def resolve_model_source(base: str, *, cache_dir: str | os.PathLike | None = Non
     `~/.cache/ftc`); the Hugging Face cache is the one `HF_HUB_CACHE` / `HF_HOME` name.
     """
     if not isinstance(base, str) or not base.strip():
-        raise ModelSourceError(f"model source {base!r}: expected a directory, a .gguf file, "
-                               "'package:NAME/path' or a Hugging Face id 'org/name'")
+        raise ModelSourceError(
+            f"model source {base!r}: expected a directory, a .gguf file, "
+            "'package:NAME/path' or a Hugging Face id 'org/name'"
+        )
     base = base.strip()
     if base.startswith(PACKAGE_PREFIX):
         return _from_path(_package_path(base), base, cache_dir)
@@ -47,7 +49,8 @@ def resolve_model_source(base: str, *, cache_dir: str | os.PathLike | None = Non
         return _from_hf_cache(m.group("repo"), m.group("rev"), m.group("file"), base, cache_dir)
     raise ModelSourceError(
         f"model source {base!r}: no such file or directory, and not a Hugging Face id "
-        "('org/name', 'org/name@revision') or 'package:NAME/path'")
+        "('org/name', 'org/name@revision') or 'package:NAME/path'"
+    )
 
 
 def _from_path(path: Path, source: str, cache_dir) -> Path:
@@ -57,8 +60,10 @@ def _from_path(path: Path, source: str, cache_dir) -> Path:
         from ftc.backends.jax.io.gguf_import import import_gguf
 
         return check_hf_dir(import_gguf(path, cache_dir=cache_dir), source)
-    raise ModelSourceError(f"model source {source!r}: {path} is a file but not a .gguf; expected a "
-                           "Hugging Face directory (config.json + *.safetensors) or a .gguf file")
+    raise ModelSourceError(
+        f"model source {source!r}: {path} is a file but not a .gguf; expected a "
+        "Hugging Face directory (config.json + *.safetensors) or a .gguf file"
+    )
 
 
 def check_hf_dir(path: Path, source: str) -> Path:
@@ -67,8 +72,9 @@ def check_hf_dir(path: Path, source: str) -> Path:
     if not config_file.is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"; it holds GGUF files, name one: {source.rstrip('/')}/{ggufs[0]}" if ggufs else ""
-        raise ModelSourceError(f"model source {source!r}: {path} has no config.json (expected a "
-                               f"Hugging Face model directory){hint}")
+        raise ModelSourceError(
+            f"model source {source!r}: {path} has no config.json (expected a Hugging Face model directory){hint}"
+        )
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -78,30 +84,40 @@ def check_hf_dir(path: Path, source: str) -> Path:
     if "auto_map" in config:
         raise ModelSourceError(
             f"model source {source!r}: {config_file} has 'auto_map' {sorted(config['auto_map'])}, i.e. the model "
-            "needs its own Python code (trust_remote_code); ftc never runs code shipped with a model")
+            "needs its own Python code (trust_remote_code); ftc never runs code shipped with a model"
+        )
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        why = (f"it has only pickle weights ({', '.join(pickled[:3])}), which ftc does not load; "
-               "convert them to safetensors first" if pickled else "expected model.safetensors or shards")
+        why = (
+            f"it has only pickle weights ({', '.join(pickled[:3])}), which ftc does not load; "
+            "convert them to safetensors first"
+            if pickled
+            else "expected model.safetensors or shards"
+        )
         raise ModelSourceError(f"model source {source!r}: no *.safetensors in {path}: {why}")
     return path
 
 
 def _package_path(source: str) -> Path:
     """The file `package:NAME/rel/path` names, found without importing the package."""
-    name, _, rel = source[len(PACKAGE_PREFIX):].partition("/")
+    name, _, rel = source[len(PACKAGE_PREFIX) :].partition("/")
     if not name.isidentifier():
-        raise ModelSourceError(f"model source {source!r}: expected 'package:IMPORT_NAME/relative/path' "
-                               f"with a top-level import name, got {name!r}")
+        raise ModelSourceError(
+            f"model source {source!r}: expected 'package:IMPORT_NAME/relative/path' "
+            f"with a top-level import name, got {name!r}"
+        )
     # find_spec of a top-level name reads the import path only; it runs none of the package's code.
     spec = importlib.util.find_spec(name)
     if spec is None:
-        raise ModelSourceError(f"model source {source!r}: no installed Python package {name!r} "
-                               f"(pip install the distribution that provides it)")
+        raise ModelSourceError(
+            f"model source {source!r}: no installed Python package {name!r} "
+            f"(pip install the distribution that provides it)"
+        )
     roots = [Path(p) for p in (spec.submodule_search_locations or [])]
     if not roots:
-        raise ModelSourceError(f"model source {source!r}: {name!r} is a single module, not a package "
-                               "directory that can hold model files")
+        raise ModelSourceError(
+            f"model source {source!r}: {name!r} is a single module, not a package directory that can hold model files"
+        )
     for root in roots:
         target = (root / rel).resolve()
         if not target.is_relative_to(root.resolve()):
@@ -109,8 +125,10 @@ def _package_path(source: str) -> Path:
         if target.exists():
             return target
     listing = sorted(p.name for p in roots[0].iterdir() if not p.name.startswith(("__", ".")))
-    raise ModelSourceError(f"model source {source!r}: {rel!r} not found in package {name!r} at "
-                           f"{', '.join(map(str, roots))}; it contains: {', '.join(listing) or '(nothing)'}")
+    raise ModelSourceError(
+        f"model source {source!r}: {rel!r} not found in package {name!r} at "
+        f"{', '.join(map(str, roots))}; it contains: {', '.join(listing) or '(nothing)'}"
+    )
 
 
 def hf_hub_cache() -> Path:
@@ -141,5 +159,6 @@ def _from_hf_cache(repo: str, revision: str | None, filename: str | None, source
             f"model source {source!r}: no such local path, and {what}Hugging Face model {repo!r}{rev} is not "
             f"in the local cache ({hub}). ftc never downloads. On a machine with network access run "
             f"`hf download {repo}{f' --revision {revision}' if revision else ''}` (with HF_HUB_CACHE pointing at "
-            "the cache this machine uses), or pass a local directory or .gguf file instead") from e
+            "the cache this machine uses), or pass a local directory or .gguf file instead"
+        ) from e
     return check_hf_dir(snapshot, source)

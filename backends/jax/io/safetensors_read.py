@@ -15,9 +15,16 @@ import ml_dtypes
 import numpy as np
 
 SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.bin")
 
@@ -86,7 +93,7 @@ class SafetensorsCheckpoint:
         candidates = sorted({n.split(".", 1)[0] + "." for n in list(self.where) + wanted if "." in n})
         best: dict[str, str] = {}
         for prefix in candidates:
-            for to_stored in (lambda n: prefix + n, lambda n: n[len(prefix):] if n.startswith(prefix) else None):
+            for to_stored in (lambda n, p=prefix: p + n, lambda n, p=prefix: n[len(p) :] if n.startswith(p) else None):
                 found = {n: to_stored(n) for n in missing if to_stored(n) in self.where}
                 if len(found) > len(best):
                     best = found

@@ -33,19 +33,19 @@ class ReferenceUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
-    input_ids: np.ndarray       # int32 [B, T]
+    input_ids: np.ndarray  # int32 [B, T]
     attention_mask: np.ndarray  # int32 [B, T], 1 = real token, right padding
-    positions: np.ndarray       # int32 [B, T]
+    positions: np.ndarray  # int32 [B, T]
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
     model_dir: Path
-    output: str                 # "logits" or "hidden"
-    max_abs_diff: float         # over real (unpadded) tokens
-    max_abs_reference: float    # scale of the reference outputs, to read the difference against
+    output: str  # "logits" or "hidden"
+    max_abs_diff: float  # over real (unpadded) tokens
+    max_abs_reference: float  # scale of the reference outputs, to read the difference against
     tol: float
-    shape: tuple[int, ...]      # [B, T, vocab or hidden]
+    shape: tuple[int, ...]  # [B, T, vocab or hidden]
     real_tokens: int
     ftc_load_seconds: float
     ftc_forward_seconds: float
@@ -64,11 +64,13 @@ class VerifyResult:
     def summary(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
         b, t = self.shape[:2]
-        return (f"{verdict}: max |{self.output} ftc - transformers| = {self.max_abs_diff:.3g} "
-                f"(allowed {self.threshold:.3g} = tol {self.tol:.3g} x max(1, max |reference| "
-                f"{self.max_abs_reference:.3g})) over {self.real_tokens} real tokens in a {b}x{t} padded batch\n"
-                f"  ftc load {self.ftc_load_seconds:.2f} s, forward {self.ftc_forward_seconds:.2f} s; "
-                f"transformers load {self.torch_load_seconds:.2f} s, forward {self.torch_forward_seconds:.2f} s")
+        return (
+            f"{verdict}: max |{self.output} ftc - transformers| = {self.max_abs_diff:.3g} "
+            f"(allowed {self.threshold:.3g} = tol {self.tol:.3g} x max(1, max |reference| "
+            f"{self.max_abs_reference:.3g})) over {self.real_tokens} real tokens in a {b}x{t} padded batch\n"
+            f"  ftc load {self.ftc_load_seconds:.2f} s, forward {self.ftc_forward_seconds:.2f} s; "
+            f"transformers load {self.torch_load_seconds:.2f} s, forward {self.torch_forward_seconds:.2f} s"
+        )
 
 
 def fixed_batch(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> Batch:
@@ -96,8 +98,9 @@ def ftc_outputs(loaded, batch: Batch, output: str) -> np.ndarray:
 
     @jax.jit
     def forward(params, input_ids, attention_mask, positions):
-        return module.apply({"params": params}, input_ids, attention_mask=attention_mask, positions=positions,
-                            output=output)
+        return module.apply(
+            {"params": params}, input_ids, attention_mask=attention_mask, positions=positions, output=output
+        )
 
     out = forward(loaded.params, batch.input_ids, batch.attention_mask, batch.positions)
     return np.asarray(jax.device_get(out), dtype=np.float32)
@@ -109,7 +112,8 @@ def require_torch() -> None:
     except ImportError as e:
         raise ReferenceUnavailable(
             "the transformers reference needs PyTorch, which is not installed; "
-            "install it with `pip install 'ftc[torch]'` (CPU wheel torch==2.13.0)") from e
+            "install it with `pip install 'ftc[torch]'` (CPU wheel torch==2.13.0)"
+        ) from e
 
 
 def load_reference(model_dir: str | os.PathLike, *, causal: bool):
@@ -121,17 +125,18 @@ def load_reference(model_dir: str | os.PathLike, *, causal: bool):
 
     hf_logging.disable_progress_bar()
     auto = AutoModelForCausalLM if causal else AutoModel
-    return auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True,
-                                trust_remote_code=False).eval()
+    return auto.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True, trust_remote_code=False).eval()
 
 
 def reference_outputs(model, batch: Batch, output: str) -> np.ndarray:
     """Outputs of a transformers PyTorch model on `batch`, float32 numpy."""
     import torch
 
-    args = {"input_ids": torch.as_tensor(batch.input_ids, dtype=torch.long),
-            "attention_mask": torch.as_tensor(batch.attention_mask, dtype=torch.long),
-            "position_ids": torch.as_tensor(batch.positions, dtype=torch.long)}
+    args = {
+        "input_ids": torch.as_tensor(batch.input_ids, dtype=torch.long),
+        "attention_mask": torch.as_tensor(batch.attention_mask, dtype=torch.long),
+        "position_ids": torch.as_tensor(batch.positions, dtype=torch.long),
+    }
     with torch.no_grad():
         out = model(**args)
     result = out.logits if output == "logits" else out.last_hidden_state
@@ -147,8 +152,15 @@ def compare(ftc_out: np.ndarray, reference: np.ndarray, batch: Batch) -> tuple[f
     return float(diff.max()), float(np.abs(reference[real]).max())
 
 
-def verify_model(model_dir: str | os.PathLike, *, batch: int = 2, seq_len: int = 16, tol: float = DEFAULT_TOL,
-                 seed: int = 0, loaded=None) -> VerifyResult:
+def verify_model(
+    model_dir: str | os.PathLike,
+    *,
+    batch: int = 2,
+    seq_len: int = 16,
+    tol: float = DEFAULT_TOL,
+    seed: int = 0,
+    loaded=None,
+) -> VerifyResult:
     """Run one fixed batch through ftc and transformers (both float32) and compare.
 
     `model_dir` is a local HF directory (see model_source.resolve_model_source). `loaded` is an
@@ -182,7 +194,16 @@ def verify_model(model_dir: str | os.PathLike, *, batch: int = 2, seq_len: int =
     torch_forward = time.perf_counter() - started
 
     max_diff, scale = compare(ours, reference, fixed)
-    return VerifyResult(model_dir=model_dir, output=output, max_abs_diff=max_diff, max_abs_reference=scale,
-                        tol=tol, shape=tuple(reference.shape), real_tokens=int(fixed.attention_mask.sum()),
-                        ftc_load_seconds=ftc_load, ftc_forward_seconds=ftc_forward,
-                        torch_load_seconds=torch_load, torch_forward_seconds=torch_forward)
+    return VerifyResult(
+        model_dir=model_dir,
+        output=output,
+        max_abs_diff=max_diff,
+        max_abs_reference=scale,
+        tol=tol,
+        shape=tuple(reference.shape),
+        real_tokens=int(fixed.attention_mask.sum()),
+        ftc_load_seconds=ftc_load,
+        ftc_forward_seconds=ftc_forward,
+        torch_load_seconds=torch_load,
+        torch_forward_seconds=torch_forward,
+    )

@@ -43,26 +43,27 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ftc.backends.jax.io import export_common as ex, verify
+from ftc.backends.jax.io import export_common as ex
+from ftc.backends.jax.io import verify
+from ftc.backends.jax.methods.adapter_io import (
+    CHILD,
+    CONFIG_FILE,
+    FORMAT,
+    export_adapters,
+    import_adapters,
+)
 from ftc.backends.jax.methods.contract import ExportFormat, Method
-from ftc.backends.jax.methods.intercept import Intercepted, layer_count, merge, node, only_child, without_child
+from ftc.backends.jax.methods.intercept import Intercepted, layer_count, merge, only_child, without_child
 
-CHILD = "ftc_adapter"
-FORMAT = "ftc-bottleneck-adapter"
-FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PLACEMENTS = ("houlsby", "pfeiffer")
 HF_SUBDIR = "ftc_adapters"  # in an `hf` export (transformers would read a top-level adapter_config.json as PEFT's)
 
@@ -95,12 +96,15 @@ class AdapterConfig:
             raise ValueError(
                 f"[method].non_linearity={self.non_linearity!r}: expected one of {', '.join(NON_LINEARITIES)}"
             )
-        if not isinstance(self.reduction_factor, int) or isinstance(self.reduction_factor, bool) \
-                or self.reduction_factor < 1:
+        if (
+            not isinstance(self.reduction_factor, int)
+            or isinstance(self.reduction_factor, bool)
+            or self.reduction_factor < 1
+        ):
             raise ValueError(f"[method].reduction_factor={self.reduction_factor!r}: expected an integer >= 1")
 
     @classmethod
-    def from_spec(cls, method) -> "AdapterConfig":
+    def from_spec(cls, method) -> AdapterConfig:
         """From an ftc.spec MethodSpec (spec validation fills every key)."""
         return cls(**{f.name: getattr(method, f.name) for f in dataclasses.fields(cls)})
 
@@ -118,9 +122,9 @@ class AdapterConfig:
 class Site:
     """One adapted projection: its flax module path and the HF module(s) it maps to."""
 
-    module_path: tuple[str, ...]   # e.g. ("layers", "self_attn", "o_proj"); nn.scan stacks it per layer
-    position: str                  # "attention" | "ffn"
-    hf_modules: tuple[str, ...]    # one per layer for a scanned stack, e.g. "model.layers.3.self_attn.o_proj"
+    module_path: tuple[str, ...]  # e.g. ("layers", "self_attn", "o_proj"); nn.scan stacks it per layer
+    position: str  # "attention" | "ffn"
+    hf_modules: tuple[str, ...]  # one per layer for a scanned stack, e.g. "model.layers.3.self_attn.o_proj"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +153,7 @@ def plan_adapters(family, arch, config: AdapterConfig) -> AdapterPlan:
     missing = [p for p in wanted if p not in {s.position for s in sites}]
     if missing:
         raise ValueError(
-            f"[method] kind=\"adapter\": family {family.name!r} has no {' or '.join(missing)} output projection "
+            f'[method] kind="adapter": family {family.name!r} has no {" or ".join(missing)} output projection '
             f"ftc recognises (HF module names matching {', '.join(wanted[p].pattern for p in missing)})"
         )
     return AdapterPlan(config, tuple(sites), family.model_types[0])
@@ -164,10 +168,15 @@ class _Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
-                            (x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
-                          (self.features,), jnp.float32)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.axes),
+            (x.shape[-1], self.features),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]), (self.features,), jnp.float32
+        )
         return x @ kernel.astype(x.dtype) + bias.astype(x.dtype)
 
 
@@ -211,8 +220,9 @@ def is_trainable(path: str) -> bool:
     return CHILD in path.split("/")
 
 
-def init_params(adapted: Intercepted, base_params, rng: jax.Array, *, seq_len: int = 8, shardings=None,
-                param_dtype=jnp.float32):
+def init_params(
+    adapted: Intercepted, base_params, rng: jax.Array, *, seq_len: int = 8, shardings=None, param_dtype=jnp.float32
+):
     """Base params plus freshly initialised adapter weights (unboxed); base leaves are passed through.
 
     `shardings`: optional tree of shardings for the full (base + adapter) params; the adapters are
@@ -245,86 +255,12 @@ def num_trainable(plan: AdapterPlan, hidden_size: int) -> int:
     return per_layer * sum(len(site.hf_modules) for site in plan.sites)
 
 
-def export_adapters(plan: AdapterPlan, params, out_dir: str | os.PathLike, *, dtype=np.float32) -> str:
-    """Writes adapter_config.json + adapter_model.safetensors (see the module docstring)."""
-    from safetensors.numpy import save_file
-
-    params = nn.unbox(params)
-    tensors: dict[str, np.ndarray] = {}
-    hidden = bottleneck = None
-    modules = []
-    for site in plan.sites:
-        adapter = node(params, site.module_path + (CHILD,))
-        host = {f"{g}.{k}": np.asarray(jax.device_get(v), np.float32) for g in ("down", "up")
-                for k, v in adapter[g].items()}
-        stacked = host["down.kernel"].ndim == 3
-        for i, hf_module in enumerate(site.hf_modules):
-            layer = {k: (v[i] if stacked else v) for k, v in host.items()}
-            prefix = f"{hf_module}.{CHILD}"
-            # torch.nn.Linear keeps weight as [out, in]; flax kernels are [in, out].
-            for g in ("down", "up"):
-                tensors[f"{prefix}.{g}.weight"] = np.ascontiguousarray(layer[f"{g}.kernel"].T).astype(dtype)
-                tensors[f"{prefix}.{g}.bias"] = layer[f"{g}.bias"].astype(dtype)
-            hidden, bottleneck = layer["down.kernel"].shape
-            modules.append(hf_module)
-    config = {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "placement": plan.config.placement,
-        "reduction_factor": plan.config.reduction_factor,
-        "non_linearity": plan.config.non_linearity,
-        "hidden_size": int(hidden),
-        "bottleneck_size": int(bottleneck),
-        "base_model_type": plan.model_type,
-        "modules": modules,
-    }
-    if jax.process_index() != 0:
-        return str(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": FORMAT})
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
-        f.write("\n")
-    return str(out_dir)
-
-
-def import_adapters(plan: AdapterPlan, adapter_dir: str | os.PathLike, params) -> Any:
-    """`params` (base + adapters, unboxed) with the adapter weights read from an export directory."""
-    from safetensors.numpy import load_file
-
-    path = os.path.join(adapter_dir, CONFIG_FILE)
-    with open(path) as f:
-        config = json.load(f)
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: format={config.get('format')!r}, expected {FORMAT!r}")
-    saved = AdapterConfig(config["placement"], config["reduction_factor"], config["non_linearity"])
-    if saved != plan.config:
-        raise ValueError(f"{path}: adapters were trained with {saved}, the spec asks for {plan.config}")
-    tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
-    out = jax.tree.map(lambda x: x, nn.unbox(params))  # fresh containers; leaves shared
-    for site in plan.sites:
-        adapter = node(out, site.module_path + (CHILD,))
-        for g in ("down", "up"):
-            for k, torch_name in (("kernel", "weight"), ("bias", "bias")):
-                layers = [tensors[f"{m}.{CHILD}.{g}.{torch_name}"] for m in site.hf_modules]
-                if k == "kernel":
-                    layers = [a.T for a in layers]
-                like = adapter[g][k]
-                value = np.stack(layers) if like.ndim == layers[0].ndim + 1 else layers[0]
-                if value.shape != like.shape:
-                    raise ValueError(f"{path}: {site.hf_modules[0]}.{CHILD}.{g}.{torch_name} has shape "
-                                     f"{value.shape}, the model expects {like.shape}")
-                adapter[g][k] = jnp.asarray(value, like.dtype)
-    return out
-
-
-# ---------------------------------------------------------------- the method record
-
-
 def detail(model) -> str:
     c, sites = model.plan.config, model.plan.sites
-    return (f"{c.placement} placement, reduction factor {c.reduction_factor}, {c.non_linearity}, "
-            f"{len(sites)} site(s) x {layer_count(sites)} layer(s)")
+    return (
+        f"{c.placement} placement, reduction factor {c.reduction_factor}, {c.non_linearity}, "
+        f"{len(sites)} site(s) x {layer_count(sites)} layer(s)"
+    )
 
 
 def _write_hf(trained, out: Path, dtype: str) -> None:
@@ -363,18 +299,28 @@ METHOD = Method(
     detail=detail,
     formats={
         "hf": ExportFormat(
-            write=_write_hf, ftc_side=ex.every_weight_exported, reload=_reload_hf,
-            how_to_load=lambda out, base_name, auto: (f"model = {auto}.from_pretrained({str(out)!r}); "
-                                                      f"ftc.backends.torch_adapters.load_adapters(model, "
-                                                      f"{str(out / HF_SUBDIR)!r})")),
+            write=_write_hf,
+            ftc_side=ex.every_weight_exported,
+            reload=_reload_hf,
+            how_to_load=lambda out, base_name, auto: (
+                f"model = {auto}.from_pretrained({str(out)!r}); "
+                f"ftc.backends.torch_adapters.load_adapters(model, "
+                f"{str(out / HF_SUBDIR)!r})"
+            ),
+        ),
         "adapters": ExportFormat(
-            write=_write_adapters, ftc_side=ex.trained_weights_exported, reload=_reload_adapters,
-            how_to_load=lambda out, base_name, auto: (f"model = {auto}.from_pretrained({base_name!r}); "
-                                                      f"ftc.backends.torch_adapters.load_adapters(model, "
-                                                      f"{str(out)!r})")),
+            write=_write_adapters,
+            ftc_side=ex.trained_weights_exported,
+            reload=_reload_adapters,
+            how_to_load=lambda out, base_name, auto: (
+                f"model = {auto}.from_pretrained({base_name!r}); "
+                f"ftc.backends.torch_adapters.load_adapters(model, "
+                f"{str(out)!r})"
+            ),
+        ),
     },
     format_hint="bottleneck adapters cannot be merged into the base weights; 'hf' writes the base plus "
-                "ftc_adapters/, 'adapters' the adapters only",
+    "ftc_adapters/, 'adapters' the adapters only",
     transform=adapt,
     init_params=init_params,
     base_params=base_params,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,8 +24,7 @@ from flax import traverse_util
 
 from ftc.backends.jax import methods as registry
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
-from ftc.backends.jax.models import shapes
-from ftc.backends.jax.models import family_for
+from ftc.backends.jax.models import family_for, shapes
 from ftc.compiler.sharding_rules import param_partition
 
 
@@ -34,7 +34,7 @@ def method_config(method):
 
 
 def trainable_predicate(kind: str) -> Callable[[str], bool]:
-    """"/"-joined param path -> trained? for the model's params tree."""
+    """ "/"-joined param path -> trained? for the model's params tree."""
     return registry.get(kind).trainable
 
 
@@ -43,12 +43,12 @@ class MethodModel:
     """The base model and what the method makes of it. No arrays."""
 
     kind: str
-    config: Any                 # the method's config (LoraConfig, QLoraConfig, ...; None for full)
+    config: Any  # the method's config (LoraConfig, QLoraConfig, ...; None for full)
     family: Any
     arch: Any
-    base: nn.Module             # the family's own module (compute dtype)
-    module: nn.Module           # what trains: `base` transformed by the method (== base for full, probe)
-    plan: Any                   # the transformation's plan (lora_sites.LoraPlan, adapter.AdapterPlan) or None
+    base: nn.Module  # the family's own module (compute dtype)
+    module: nn.Module  # what trains: `base` transformed by the method (== base for full, probe)
+    plan: Any  # the transformation's plan (lora_sites.LoraPlan, adapter.AdapterPlan) or None
 
     @property
     def method(self):
@@ -152,7 +152,8 @@ def disabled_params(model: MethodModel, params) -> Any:
         return params
     predicate = model.method.trainable
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: jnp.zeros_like(x) if predicate(shapes.path_str(p)) else x, params)
+        lambda p, x: jnp.zeros_like(x) if predicate(shapes.path_str(p)) else x, params
+    )
 
 
 def kinds_reading(adapter_config: dict) -> tuple[str, ...]:
@@ -174,20 +175,22 @@ class MethodCounts:
     """What `ftc plan` and the run log report about a method."""
 
     kind: str
-    trainable: int          # trained weights
-    total: int              # every weight of the model (an NF4 kernel counts its logical weights)
-    base_bytes: int         # bytes the frozen (untrained) params hold; 0 for full
+    trainable: int  # trained weights
+    total: int  # every weight of the model (an NF4 kernel counts its logical weights)
+    base_bytes: int  # bytes the frozen (untrained) params hold; 0 for full
     quantized_weights: int  # QLoRA: logical weights stored as NF4
-    quantized_bytes: int    # QLoRA: bytes of their NF4 storage
-    detail: str             # one line describing the method's settings
+    quantized_bytes: int  # QLoRA: bytes of their NF4 storage
+    detail: str  # one line describing the method's settings
 
     def lines(self) -> list[str]:
         pct = 100.0 * self.trainable / max(self.total, 1)
         out = [f"method {self.kind}: {self.detail}; trains {self.trainable:,} of {self.total:,} weights ({pct:.3f}%)"]
         if self.quantized_weights:
-            out.append(f"qlora frozen base: {_mib(self.base_bytes)} in all; {self.quantized_weights:,} kernel weights "
-                       f"stored as NF4 in {_mib(self.quantized_bytes)} = "
-                       f"{self.quantized_bytes / (2 * self.quantized_weights):.3f} x their bfloat16 bytes")
+            out.append(
+                f"qlora frozen base: {_mib(self.base_bytes)} in all; {self.quantized_weights:,} kernel weights "
+                f"stored as NF4 in {_mib(self.quantized_bytes)} = "
+                f"{self.quantized_bytes / (2 * self.quantized_weights):.3f} x their bfloat16 bytes"
+            )
         return out
 
 
@@ -201,11 +204,13 @@ def method_counts(model: MethodModel, params) -> MethodCounts:
     method = model.method
     if method.summary is not None:
         s = method.summary(params)
-        return MethodCounts(model.kind, s.trainable, s.total, s.base_bytes, s.quantized_weights, s.quantized_bytes,
-                            method.detail(model))
+        return MethodCounts(
+            model.kind, s.trainable, s.total, s.base_bytes, s.quantized_weights, s.quantized_bytes, method.detail(model)
+        )
     flat = traverse_util.flatten_dict(params, sep="/")
     trainable = sum(math.prod(x.shape) for k, x in flat.items() if model.trainable(k))
     total = sum(math.prod(x.shape) for x in flat.values())
-    frozen_bytes = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for k, x in flat.items()
-                       if not model.trainable(k))
+    frozen_bytes = sum(
+        math.prod(x.shape) * np.dtype(x.dtype).itemsize for k, x in flat.items() if not model.trainable(k)
+    )
     return MethodCounts(model.kind, trainable, total, frozen_bytes, 0, 0, method.detail(model))

@@ -15,7 +15,10 @@ METHOD = Method(
     config=lambda method: None,
     trainable=lambda path: True,
     detail=lambda model: "every weight trains",
-    formats={"hf": ExportFormat(write=_write_hf, how_to_load=ex.load_hf_line, ftc_side=ex.every_weight_exported,
-                                reload=ex.reload_hf)},
+    formats={
+        "hf": ExportFormat(
+            write=_write_hf, how_to_load=ex.load_hf_line, ftc_side=ex.every_weight_exported, reload=ex.reload_hf
+        )
+    },
     format_hint="a full fine-tune exports format 'hf'",
 )

@@ -13,7 +13,8 @@ The tree helpers below work on the nested-dict params trees those methods produc
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 

@@ -39,10 +39,23 @@ import jax.numpy as jnp
 from ftc.backends.jax.methods import lora_export, nf4
 from ftc.backends.jax.methods.contract import Method
 from ftc.backends.jax.methods.intercept import Intercepted, deterministic_clone, layer_count
-from ftc.backends.jax.methods.lora_params import (base_params, expected_trainable, init_params, lora_a_init,
-                                                  merged_params, method_summary)
-from ftc.backends.jax.methods.lora_sites import (ALL_LINEAR, CHILD, QUANT_CHILD, LoraConfig, LoraPlan, QuantConfig,
-                                                 plan_lora)
+from ftc.backends.jax.methods.lora_params import (
+    base_params,
+    expected_trainable,
+    init_params,
+    lora_a_init,
+    merged_params,
+    method_summary,
+)
+from ftc.backends.jax.methods.lora_sites import (
+    ALL_LINEAR,
+    CHILD,
+    QUANT_CHILD,
+    LoraConfig,
+    LoraPlan,
+    QuantConfig,
+    plan_lora,
+)
 from ftc.backends.jax.methods.peft import load_peft_adapter, save_peft_adapter
 from ftc.backends.jax.models import layers
 
@@ -63,16 +76,25 @@ class LoraDelta(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_axes)
         in_shape = tuple(x.shape[-n_in:])
-        a = self.param("a", nn.with_logical_partitioning(lora_a_init(math.prod(in_shape)), self.in_axes + (None,)),
-                       in_shape + (self.rank,), jnp.float32)
+        a = self.param(
+            "a",
+            nn.with_logical_partitioning(lora_a_init(math.prod(in_shape)), self.in_axes + (None,)),
+            in_shape + (self.rank,),
+            jnp.float32,
+        )
         # b starts at zero: the adapted model equals its base until it trains.
-        b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.out_axes),
-                       (self.rank,) + tuple(self.out_shape), jnp.float32)
+        b = self.param(
+            "b",
+            nn.with_logical_partitioning(nn.initializers.zeros, (None,) + self.out_axes),
+            (self.rank,) + tuple(self.out_shape),
+            jnp.float32,
+        )
         if self.dropout > 0 and not self.deterministic and self.has_rng("dropout"):
             x = nn.Dropout(self.dropout, deterministic=False)(x)
         x = x.astype(self.dtype)
-        h = jax.lax.dot_general(x, a.astype(self.dtype), ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
-                                                          ((), ())))
+        h = jax.lax.dot_general(
+            x, a.astype(self.dtype), ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+        )
         y = jnp.tensordot(h, b.astype(self.dtype), axes=1)
         return y * jnp.asarray(self.scale, self.dtype)
 
@@ -90,8 +112,10 @@ class Nf4Kernel(nn.Module):
         blocked = (self.in_axes[0],) + tuple(self.out_axes)
         axes = {"codes": blocked, "absmax": blocked, "absmax_q": blocked, "absmax_scale": (None,), "absmax_offset": ()}
         shapes = nf4.shapes((), in_shape, out_shape, block_size=self.block_size, double_quant=self.double_quant)
-        q = {name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes[name]), shape, dt)
-             for name, (shape, dt) in shapes.items()}
+        q = {
+            name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes[name]), shape, dt)
+            for name, (shape, dt) in shapes.items()
+        }
         return nf4.dequantize(q, 0, in_shape, dtype)
 
 
@@ -99,13 +123,21 @@ def _quantized_dense(module: layers.Dense, x: jax.Array, quant: QuantConfig) -> 
     """layers.Dense's computation with its kernel read from NF4 storage (the float kernel is never created)."""
     n_in = len(module.in_axes)
     in_shape, out_shape = tuple(x.shape[-n_in:]), tuple(module.out_shape)
-    kernel = Nf4Kernel(tuple(module.in_axes), tuple(module.out_axes), quant.block_size, quant.double_quant,
-                       parent=module, name=QUANT_CHILD)(in_shape, out_shape, module.dtype)
-    y = jax.lax.dot_general(x.astype(module.dtype), kernel,
-                            ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+    kernel = Nf4Kernel(
+        tuple(module.in_axes),
+        tuple(module.out_axes),
+        quant.block_size,
+        quant.double_quant,
+        parent=module,
+        name=QUANT_CHILD,
+    )(in_shape, out_shape, module.dtype)
+    y = jax.lax.dot_general(
+        x.astype(module.dtype), kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
+    )
     if module.use_bias:
-        bias = layers.param_with_axes(module, "bias", nn.initializers.zeros, out_shape, tuple(module.out_axes),
-                                      module.param_dtype)
+        bias = layers.param_with_axes(
+            module, "bias", nn.initializers.zeros, out_shape, tuple(module.out_axes), module.param_dtype
+        )
         y = y + bias.astype(module.dtype)
     return y
 
@@ -125,8 +157,18 @@ def interceptor(plan: LoraPlan, deterministic: bool = False):
         x = args[0]
         y = _quantized_dense(module, x, plan.quant) if site.quantized else next_fun(*args, **kwargs)
         if site.lora:
-            delta = LoraDelta(c.rank, c.scale, float(c.dropout), tuple(module.in_axes), tuple(module.out_axes),
-                              tuple(module.out_shape), module.dtype, deterministic, parent=module, name=CHILD)(x)
+            delta = LoraDelta(
+                c.rank,
+                c.scale,
+                float(c.dropout),
+                tuple(module.in_axes),
+                tuple(module.out_axes),
+                tuple(module.out_shape),
+                module.dtype,
+                deterministic,
+                parent=module,
+                name=CHILD,
+            )(x)
             y = y + delta.astype(y.dtype)
         return y
 
@@ -146,8 +188,10 @@ def is_trainable(path: str) -> bool:
 def detail(model) -> str:
     """The counts line's description of a LoRA (or QLoRA) model's settings."""
     c, q = model.plan.config, model.plan.quant
-    text = (f"rank {c.rank}, alpha {c.alpha:g}{' (rslora)' if c.rslora else ''}, dropout {c.dropout:g}, "
-            f"{len(model.plan.lora_sites)} adapted projection(s) x {layer_count(model.plan.lora_sites)} layer(s)")
+    text = (
+        f"rank {c.rank}, alpha {c.alpha:g}{' (rslora)' if c.rslora else ''}, dropout {c.dropout:g}, "
+        f"{len(model.plan.lora_sites)} adapted projection(s) x {layer_count(model.plan.lora_sites)} layer(s)"
+    )
     if q is not None:
         text += f", NF4 block {q.block_size}{' + double quantisation' if q.double_quant else ''}"
     return text
@@ -191,16 +235,32 @@ class Initialized:
         return self.module.apply({"params": params}, *args, **kwargs)
 
 
-def init_method(loaded, config: LoraConfig, rng: jax.Array, *, dtype=jnp.float32,
-                quant: QuantConfig | None = None, shardings=None) -> Initialized:
+def init_method(
+    loaded, config: LoraConfig, rng: jax.Array, *, dtype=jnp.float32, quant: QuantConfig | None = None, shardings=None
+) -> Initialized:
     """LoRA (or, with `quant`, QLoRA) on a `hf_checkpoint.LoadedModel`, computing in `dtype`."""
     model = adapt(loaded.family, loaded.arch, loaded.family.build(loaded.arch, dtype), config, quant=quant)
     params = init_params(model, loaded.params, rng, shardings=shardings)
-    mask = jax.tree_util.tree_map_with_path(
-        lambda p, _: is_trainable("/".join(str(k.key) for k in p)), params)
+    mask = jax.tree_util.tree_map_with_path(lambda p, _: is_trainable("/".join(str(k.key) for k in p)), params)
     return Initialized(model.plan, model, params, mask)
 
 
-__all__ = ["ALL_LINEAR", "CHILD", "QUANT_CHILD", "LoraConfig", "LoraPlan", "QuantConfig", "adapt", "base_params",
-           "expected_trainable", "init_method", "init_params", "is_trainable", "load_peft_adapter", "merged_params",
-           "method_summary", "plan_lora", "save_peft_adapter"]
+__all__ = [
+    "ALL_LINEAR",
+    "CHILD",
+    "QUANT_CHILD",
+    "LoraConfig",
+    "LoraPlan",
+    "QuantConfig",
+    "adapt",
+    "base_params",
+    "expected_trainable",
+    "init_method",
+    "init_params",
+    "is_trainable",
+    "load_peft_adapter",
+    "merged_params",
+    "method_summary",
+    "plan_lora",
+    "save_peft_adapter",
+]

@@ -1,14 +1,15 @@
 """LoRA's export formats (QLoRA's too, see qlora.py):
 
-    hf     the merged model, W + scale * A @ B in every adapted kernel (a QLoRA base dequantised
-           first: what the QLoRA run computed); transformers loads it alone
-    peft   adapter_config.json + adapter_model.safetensors (+ tokenizer), served on the frozen base:
-           `PeftModel.from_pretrained(base, dir)`
+hf     the merged model, W + scale * A @ B in every adapted kernel (a QLoRA base dequantised
+       first: what the QLoRA run computed); transformers loads it alone
+peft   adapter_config.json + adapter_model.safetensors (+ tokenizer), served on the frozen base:
+       `PeftModel.from_pretrained(base, dir)`
 """
 
 from __future__ import annotations
 
-from ftc.backends.jax.io import export_common as ex, verify
+from ftc.backends.jax.io import export_common as ex
+from ftc.backends.jax.io import verify
 from ftc.backends.jax.methods.contract import ExportFormat
 from ftc.backends.jax.methods.lora_params import merged_params
 from ftc.backends.jax.methods.peft import CONFIG_FILE, save_peft_adapter
@@ -30,8 +31,16 @@ def write_peft(trained, out, dtype: str) -> None:
     if trained.base_name is None:
         raise ex.ExportError(f"cannot write a PEFT adapter: {trained.base_note} (or export --format hf, merged)")
     m = trained.model
-    save_peft_adapter(out, m.family, m.arch, m.plan, trained.params, base_model_name_or_path=trained.base_name,
-                      task_type=ex.task_type(m.family), dtype=ex.np_dtype(dtype))
+    save_peft_adapter(
+        out,
+        m.family,
+        m.arch,
+        m.plan,
+        trained.params,
+        base_model_name_or_path=trained.base_name,
+        task_type=ex.task_type(m.family),
+        dtype=ex.np_dtype(dtype),
+    )
     base = trained.spec.model.base
     revision = base.partition("@")[2].split("/")[0] if "@" in base else ""
     if revision and trained.base_name == base.split("@")[0]:
@@ -54,8 +63,10 @@ def load_peft_line(out, base_name: str | None, auto: str) -> str:
 
 
 FORMATS = {
-    "hf": ExportFormat(write=write_merged, how_to_load=ex.load_hf_line, ftc_side=merged_as_exported,
-                       reload=ex.reload_hf),
-    "peft": ExportFormat(write=write_peft, how_to_load=load_peft_line, ftc_side=ex.trained_weights_exported,
-                         reload=reload_peft),
+    "hf": ExportFormat(
+        write=write_merged, how_to_load=ex.load_hf_line, ftc_side=merged_as_exported, reload=ex.reload_hf
+    ),
+    "peft": ExportFormat(
+        write=write_peft, how_to_load=load_peft_line, ftc_side=ex.trained_weights_exported, reload=reload_peft
+    ),
 }

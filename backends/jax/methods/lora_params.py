@@ -1,8 +1,8 @@
 """LoRA's parameters: fresh factors (and NF4 storage) on a base, counts, and the merge export uses.
 
-    layers/self_attn/q_proj/ftc_lora/a   [L, D, r]      A: PEFT's kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in))
-    layers/self_attn/q_proj/ftc_lora/b   [L, r, N, H]   B: zeros, so a fresh LoRA model equals its base
-    layers/mlp/up_proj/ftc_nf4/{codes,absmax,...}       QLoRA: the kernel's NF4 storage (nf4.py) in its place
+layers/self_attn/q_proj/ftc_lora/a   [L, D, r]      A: PEFT's kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in))
+layers/self_attn/q_proj/ftc_lora/b   [L, r, N, H]   B: zeros, so a fresh LoRA model equals its base
+layers/mlp/up_proj/ftc_nf4/{codes,absmax,...}       QLoRA: the kernel's NF4 storage (nf4.py) in its place
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -52,8 +53,13 @@ def init_params(model, base_params, rng: jax.Array, *, shardings=None, param_dty
         for i, s in enumerate(plan.sites):
             lead = (len(s.hf_modules),) if s.stacked else ()
             if s.quantized:
-                q = nf4.quantize(kernels[s.module_path], len(lead), s.n_in, block_size=plan.quant.block_size,
-                                 double_quant=plan.quant.double_quant)
+                q = nf4.quantize(
+                    kernels[s.module_path],
+                    len(lead),
+                    s.n_in,
+                    block_size=plan.quant.block_size,
+                    double_quant=plan.quant.double_quant,
+                )
                 set_node(new, s.module_path + (QUANT_CHILD,), q)
             if s.lora:
                 r = plan.config.rank
@@ -86,8 +92,10 @@ def _check_matches(params, abstract) -> None:
     want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
     bad = sorted(set(got) ^ set(want)) + sorted(k for k in set(got) & set(want) if got[k][0] != want[k])
     if bad:
-        raise ValueError(f"LoRA params do not match the transformed model at {bad[:5]} "
-                         f"(got {[got.get(k) for k in bad[:5]]}, expected {[want.get(k) for k in bad[:5]]})")
+        raise ValueError(
+            f"LoRA params do not match the transformed model at {bad[:5]} "
+            f"(got {[got.get(k) for k in bad[:5]]}, expected {[want.get(k) for k in bad[:5]]})"
+        )
 
 
 def base_params(params) -> Any:
@@ -102,11 +110,11 @@ def base_params(params) -> Any:
 class MethodSummary:
     """What the plan and the run report: counts of weights and the bytes the frozen base holds."""
 
-    trainable: int          # LoRA factor values
-    total: int              # every weight of the model (a quantised kernel counts its logical weights)
-    base_bytes: int         # bytes held by the frozen base (NF4 codes and scales for quantised kernels)
+    trainable: int  # LoRA factor values
+    total: int  # every weight of the model (a quantised kernel counts its logical weights)
+    base_bytes: int  # bytes held by the frozen base (NF4 codes and scales for quantised kernels)
     quantized_weights: int  # logical weights stored as NF4
-    quantized_bytes: int    # bytes of their NF4 storage
+    quantized_bytes: int  # bytes of their NF4 storage
 
     @property
     def quantized_vs_bf16(self) -> float:
@@ -174,8 +182,18 @@ def merged_params(plan: LoraPlan, params, *, include_lora: bool = True) -> Any:
     return out
 
 
-def save_merged(out_dir: str | os.PathLike, family, arch, plan: LoraPlan, params, hf_config: dict, *,
-                dtype: str = "bfloat16", tokenizer_dir=None):
+def save_merged(
+    out_dir: str | os.PathLike,
+    family,
+    arch,
+    plan: LoraPlan,
+    params,
+    hf_config: dict,
+    *,
+    dtype: str = "bfloat16",
+    tokenizer_dir=None,
+):
     """A plain HF checkpoint of base + scale * A @ B (the QLoRA base dequantised first)."""
-    return save_hf(out_dir, (family, arch, merged_params(plan, params), hf_config), dtype=dtype,
-                   tokenizer_dir=tokenizer_dir)
+    return save_hf(
+        out_dir, (family, arch, merged_params(plan, params), hf_config), dtype=dtype, tokenizer_dir=tokenizer_dir
+    )

@@ -49,10 +49,10 @@ class LoraConfig:
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         if not self.targets:
-            raise ValueError("[method].targets is empty: expected \"all-linear\" or module names/regexes")
+            raise ValueError('[method].targets is empty: expected "all-linear" or module names/regexes')
 
     @classmethod
-    def from_spec(cls, method) -> "LoraConfig":
+    def from_spec(cls, method) -> LoraConfig:
         """From an ftc.spec MethodSpec (spec validation fills every key)."""
         return cls(**{f.name: getattr(method, f.name) for f in dataclasses.fields(cls)})
 
@@ -73,11 +73,11 @@ class QuantConfig:
 class Site:
     """One Dense the method touches: where it is in flax and in the HF checkpoint."""
 
-    module_path: tuple[str, ...]   # ("layers", "self_attn", "q_proj")
-    hf_modules: tuple[str, ...]    # one per layer for a scanned stack: "model.layers.3.self_attn.q_proj"
-    stacked: bool                  # params carry a leading "layers" axis
+    module_path: tuple[str, ...]  # ("layers", "self_attn", "q_proj")
+    hf_modules: tuple[str, ...]  # one per layer for a scanned stack: "model.layers.3.self_attn.q_proj"
+    stacked: bool  # params carry a leading "layers" axis
     kernel_shape: tuple[int, ...]  # one layer's kernel: in dims + out dims
-    n_in: int                      # how many leading kernel dims are inputs
+    n_in: int  # how many leading kernel dims are inputs
     lora: bool
     quantized: bool
 
@@ -87,7 +87,7 @@ class Site:
 
     @property
     def out_shape(self) -> tuple[int, ...]:
-        return self.kernel_shape[self.n_in:]
+        return self.kernel_shape[self.n_in :]
 
     @property
     def param_path(self) -> str:
@@ -133,8 +133,9 @@ def linear_sites(family, arch) -> list[Site]:
     tensors = family.hf_tensors(arch)
     n_in = _dense_inputs(family, arch)
     flat_params = traverse_util.flatten_dict(abstract_params(family, arch), sep="/")
-    flat_axes = traverse_util.flatten_dict(logical_axes(family, arch), sep="/",
-                                           is_leaf=lambda k, v: isinstance(v, tuple))
+    flat_axes = traverse_util.flatten_dict(
+        logical_axes(family, arch), sep="/", is_leaf=lambda k, v: isinstance(v, tuple)
+    )
     sites = []
     for path, n in sorted(n_in.items()):
         key = "/".join(path) + "/kernel"
@@ -142,7 +143,7 @@ def linear_sites(family, arch) -> list[Site]:
         if spec is None or not all(name.endswith(".weight") for name in spec.names):
             continue
         stacked = flat_axes[key][:1] == ("layers",)
-        shape = tuple(flat_params[key].shape)[1 if stacked else 0:]
+        shape = tuple(flat_params[key].shape)[1 if stacked else 0 :]
         hf_modules = tuple(name[: -len(".weight")] for name in spec.names)
         sites.append(Site(path, hf_modules, stacked, shape, n, lora=False, quantized=False))
     return sites
@@ -177,13 +178,13 @@ def select_targets(sites: list[Site], targets) -> set[tuple[str, ...]]:
     if targets == ALL_LINEAR or targets == (ALL_LINEAR,):
         chosen = {s.module_path for s in sites if s.stacked}
         if not chosen:
-            raise ValueError("[method].targets=\"all-linear\": the model has no linear layers inside its blocks")
+            raise ValueError('[method].targets="all-linear": the model has no linear layers inside its blocks')
         return chosen
     entries = (targets,) if isinstance(targets, str) else tuple(targets)
     chosen = set()
     for target in entries:
         if target == ALL_LINEAR:
-            raise ValueError("[method].targets: \"all-linear\" must be given alone, not inside a list")
+            raise ValueError('[method].targets: "all-linear" must be given alone, not inside a list')
         hit = {s.module_path for s in sites if _target_matches(target, s)}
         if not hit:
             names = sorted({s.hf_modules[0].split(".")[-1] for s in sites})

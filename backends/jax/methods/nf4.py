@@ -28,19 +28,34 @@ the second level a few lines and still costs ~0.127 bits per weight instead of 0
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 # bitsandbytes csrc/kernels.cu (the NF4 lookup table) == QLoRA appendix E.
-NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=np.float32)
+NF4 = np.array(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=np.float32,
+)
 _MIDPOINTS = ((NF4[1:] + NF4[:-1]) / 2).astype(np.float32)
 SECOND_BLOCK = 256  # second-level block (QLoRA's choice)
 
@@ -56,10 +71,11 @@ def check_shape(in_size: int, block_size: int, where: str) -> None:
         )
 
 
-def quantize(w: jax.Array, n_lead: int, n_in: int, *, block_size: int = 64,
-             double_quant: bool = False) -> dict[str, jax.Array]:
+def quantize(
+    w: jax.Array, n_lead: int, n_in: int, *, block_size: int = 64, double_quant: bool = False
+) -> dict[str, jax.Array]:
     """NF4-quantise `w` of shape [*lead, *in, *out] (see the module docstring for the layout)."""
-    lead, in_shape, out = w.shape[:n_lead], w.shape[n_lead:n_lead + n_in], w.shape[n_lead + n_in:]
+    lead, in_shape, out = w.shape[:n_lead], w.shape[n_lead : n_lead + n_in], w.shape[n_lead + n_in :]
     I = math.prod(in_shape)
     check_shape(I, block_size, f"kernel {tuple(w.shape)}")
     w_blocks = w.astype(jnp.float32).reshape(*lead, I // block_size, block_size, *out)
@@ -110,7 +126,7 @@ def absmax_of(q: Mapping[str, jax.Array], n_lead: int) -> jax.Array:
 def dequantize(q: Mapping[str, jax.Array], n_lead: int, in_shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """[*lead, *in_shape, *out] in `dtype` from the stored arrays (products taken in float32)."""
     codes = q["codes"]
-    lead, half, out = codes.shape[:n_lead], codes.shape[n_lead], codes.shape[n_lead + 1:]
+    lead, half, out = codes.shape[:n_lead], codes.shape[n_lead], codes.shape[n_lead + 1 :]
     I = 2 * half
     index = jnp.stack([codes >> 4, codes & 0xF], axis=n_lead + 1).reshape(*lead, I, *out)
     levels = jnp.take(jnp.asarray(NF4), index.astype(jnp.int32), axis=0)
@@ -124,8 +140,9 @@ def nbytes(q: Mapping[str, jax.Array]) -> int:
     return int(sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in q.values()))
 
 
-def shapes(lead: tuple[int, ...], in_shape: tuple[int, ...], out: tuple[int, ...], *, block_size: int,
-           double_quant: bool) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
+def shapes(
+    lead: tuple[int, ...], in_shape: tuple[int, ...], out: tuple[int, ...], *, block_size: int, double_quant: bool
+) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
     """(shape, dtype) of each stored array for a kernel [*lead, *in_shape, *out]."""
     I = math.prod(in_shape)
     check_shape(I, block_size, f"kernel {tuple(lead) + tuple(in_shape) + tuple(out)}")
@@ -134,7 +151,7 @@ def shapes(lead: tuple[int, ...], in_shape: tuple[int, ...], out: tuple[int, ...
     if not double_quant:
         out_shapes["absmax"] = (blocks, jnp.dtype(jnp.float32))
         return out_shapes
-    n = math.prod(blocks[len(lead):])
+    n = math.prod(blocks[len(lead) :])
     out_shapes["absmax_q"] = (blocks, jnp.dtype(jnp.int8))
     out_shapes["absmax_scale"] = ((*lead, -(-n // SECOND_BLOCK)), jnp.dtype(jnp.float32))
     out_shapes["absmax_offset"] = (tuple(lead), jnp.dtype(jnp.float32))

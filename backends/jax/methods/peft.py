@@ -43,8 +43,10 @@ def _hf_layout(spec, s: Site) -> tuple[np.ndarray, np.ndarray, bool]:
         return m_in[0].astype(np.int64), m_out[:, 0].astype(np.int64), False
     if m_in.shape == (I, O) and (m_in == m_in[:, :1]).all() and (m_out == m_out[:1]).all():
         return m_in[:, 0].astype(np.int64), m_out[0].astype(np.int64), True
-    raise ValueError(f"{s.hf_modules[0]}: the family's HF layout of {s.param_path}/kernel is not a linear "
-                     f"weight ftc can express LoRA factors in (HF shape {m_in.shape}, flax {s.kernel_shape})")
+    raise ValueError(
+        f"{s.hf_modules[0]}: the family's HF layout of {s.param_path}/kernel is not a linear "
+        f"weight ftc can express LoRA factors in (HF shape {m_in.shape}, flax {s.kernel_shape})"
+    )
 
 
 def _target_modules(plan: LoraPlan, all_sites: list[Site]) -> list[str]:
@@ -67,8 +69,15 @@ def _target_modules(plan: LoraPlan, all_sites: list[Site]) -> list[str]:
     return sorted(out)
 
 
-def peft_config(plan: LoraPlan, family, arch, *, base_model_name_or_path: str, task_type: str = "CAUSAL_LM",
-                fan_in_fan_out: bool = False) -> dict:
+def peft_config(
+    plan: LoraPlan,
+    family,
+    arch,
+    *,
+    base_model_name_or_path: str,
+    task_type: str = "CAUSAL_LM",
+    fan_in_fan_out: bool = False,
+) -> dict:
     c = plan.config
     return {
         "peft_type": "LORA",
@@ -98,8 +107,17 @@ def _host(x) -> np.ndarray:
     return np.asarray(_to_host(x), np.float32)
 
 
-def save_peft_adapter(out_dir: str | os.PathLike, family, arch, plan: LoraPlan, params, *,
-                      base_model_name_or_path: str, task_type: str = "CAUSAL_LM", dtype=np.float32) -> str:
+def save_peft_adapter(
+    out_dir: str | os.PathLike,
+    family,
+    arch,
+    plan: LoraPlan,
+    params,
+    *,
+    base_model_name_or_path: str,
+    task_type: str = "CAUSAL_LM",
+    dtype=np.float32,
+) -> str:
     """adapter_config.json + adapter_model.safetensors in PEFT's format (see the module docstring).
     Every process must call (gathering sharded factors is collective); process 0 writes."""
     from safetensors.numpy import save_file
@@ -124,8 +142,14 @@ def save_peft_adapter(out_dir: str | os.PathLike, family, arch, plan: LoraPlan, 
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b2[:, perm_out].T).astype(dtype)
     if len(conv1d) > 1:
         raise ValueError("LoRA targets mix torch Linear and Conv1D layers; PEFT takes one fan_in_fan_out per adapter")
-    config = peft_config(plan, family, arch, base_model_name_or_path=base_model_name_or_path,
-                         task_type=task_type, fan_in_fan_out=conv1d == {True})
+    config = peft_config(
+        plan,
+        family,
+        arch,
+        base_model_name_or_path=base_model_name_or_path,
+        task_type=task_type,
+        fan_in_fan_out=conv1d == {True},
+    )
     if jax.process_index() != 0:
         return str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -145,11 +169,17 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, family, arch, plan: LoraPl
     with open(path) as f:
         config = json.load(f)
     c = plan.config
-    saved = (config.get("peft_type"), config.get("r"), float(config.get("lora_alpha", 0)),
-             bool(config.get("use_rslora", False)))
+    saved = (
+        config.get("peft_type"),
+        config.get("r"),
+        float(config.get("lora_alpha", 0)),
+        bool(config.get("use_rslora", False)),
+    )
     if saved != ("LORA", c.rank, float(c.alpha), bool(c.rslora)):
-        raise ValueError(f"{path}: adapter has peft_type/r/lora_alpha/use_rslora = {saved}, the spec asks for "
-                         f"('LORA', {c.rank}, {float(c.alpha)}, {bool(c.rslora)})")
+        raise ValueError(
+            f"{path}: adapter has peft_type/r/lora_alpha/use_rslora = {saved}, the spec asks for "
+            f"('LORA', {c.rank}, {float(c.alpha)}, {bool(c.rslora)})"
+        )
     tensors = load_file(os.path.join(adapter_dir, WEIGHTS_FILE))
     specs = family.hf_tensors(arch)
     out = copy_tree(nn.unbox(params))
@@ -160,8 +190,10 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, family, arch, plan: LoraPl
         for module in s.hf_modules:
             key = f"base_model.model.{module}"
             if f"{key}.lora_A.weight" not in tensors:
-                raise ValueError(f"{adapter_dir}/{WEIGHTS_FILE}: no {key}.lora_A.weight (the adapter targets other "
-                                 f"modules than [method].targets)")
+                raise ValueError(
+                    f"{adapter_dir}/{WEIGHTS_FILE}: no {key}.lora_A.weight (the adapter targets other "
+                    f"modules than [method].targets)"
+                )
             a_hf, b_hf = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
             a2 = np.empty((len(perm_in), r), np.float32)
             a2[perm_in] = a_hf.T

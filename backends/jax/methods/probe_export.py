@@ -21,8 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,11 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from ftc.backends.jax.io import hf_checkpoint, verify as verify_lib
-from ftc.backends.jax.io.export_common import (EXPORT_DIR, ExportError, ExportResult, as_float32, publish,
-                                               round_leaves)
-from ftc.backends.jax.methods.probe_features import (ClassificationArrays, ProbeConfig, SeqClsTarget,
-                                                     compute_features, exact_target, uses_pooler)
+from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.io import verify as verify_lib
+from ftc.backends.jax.io.export_common import EXPORT_DIR, ExportError, ExportResult, as_float32, publish, round_leaves
+from ftc.backends.jax.methods.probe_features import (
+    ClassificationArrays,
+    ProbeConfig,
+    SeqClsTarget,
+    compute_features,
+    exact_target,
+    uses_pooler,
+)
 from ftc.backends.jax.methods.probe_head import predict_logits
 from ftc.backends.jax.models.family import HfTensor, linear_t
 from ftc.spec import spec_from_dict
@@ -47,8 +53,12 @@ PROBE_HEAD = "probe_head.ftc.safetensors"  # the trained head in ftc's layout, b
 
 
 def _labels_config(labels: Sequence[str]) -> dict:
-    return {"id2label": {str(i): l for i, l in enumerate(labels)}, "label2id": {l: i for i, l in enumerate(labels)},
-            "num_labels": len(labels), "problem_type": "single_label_classification"}
+    return {
+        "id2label": {str(i): l for i, l in enumerate(labels)},
+        "label2id": {l: i for i, l in enumerate(labels)},
+        "num_labels": len(labels),
+        "problem_type": "single_label_classification",
+    }
 
 
 def _seq_cls_model(model: hf_checkpoint.LoadedModel, target: SeqClsTarget, head: dict, extra_config: dict):
@@ -57,7 +67,7 @@ def _seq_cls_model(model: hf_checkpoint.LoadedModel, target: SeqClsTarget, head:
     family, arch = model.family, model.arch
 
     def rename(name: str) -> str | None:
-        bare = name[len(target.base_prefix) + 1:] if name.startswith(target.base_prefix + ".") else name
+        bare = name[len(target.base_prefix) + 1 :] if name.startswith(target.base_prefix + ".") else name
         return f"{target.base_prefix}.{bare}" if bare.split(".")[0] in target.base_modules else None
 
     tensors = {}
@@ -74,14 +84,26 @@ def _seq_cls_model(model: hf_checkpoint.LoadedModel, target: SeqClsTarget, head:
         tensors[f"{_HEAD}/out_bias"] = HfTensor((f"{target.head_name}.bias",))
         params[f"{_HEAD}/out_bias"] = head["out_bias"]
     seq_cls_family = dataclasses.replace(
-        family, hf_tensors=lambda _arch: tensors, hf_architecture=target.architecture,
-        hf_config=lambda a: {**family.hf_config(a), **extra_config})
+        family,
+        hf_tensors=lambda _arch: tensors,
+        hf_architecture=target.architecture,
+        hf_config=lambda a: {**family.hf_config(a), **extra_config},
+    )
     return seq_cls_family, arch, traverse_util.unflatten_dict(params, sep="/"), model.hf_config
 
 
-def export_probe(out_dir: str, model: hf_checkpoint.LoadedModel, head: dict, config: ProbeConfig,
-                 labels: Sequence[str], *, pad_token_id: int | None, exact: bool = True, dtype: str = "float32",
-                 tokenizer_dir: str | None = None) -> dict:
+def export_probe(
+    out_dir: str,
+    model: hf_checkpoint.LoadedModel,
+    head: dict,
+    config: ProbeConfig,
+    labels: Sequence[str],
+    *,
+    pad_token_id: int | None,
+    exact: bool = True,
+    dtype: str = "float32",
+    tokenizer_dir: str | None = None,
+) -> dict:
     """Writes the export (see the module docstring); returns {"kind": "hf" | "ftc-probe", ...}."""
     from safetensors.numpy import save_file
 
@@ -90,20 +112,31 @@ def export_probe(out_dir: str, model: hf_checkpoint.LoadedModel, head: dict, con
     target = exact_target(model_type, config) if exact else None
     if target is not None:
         extra.update(_labels_config(labels))
-        hf_checkpoint.save_hf(out_dir, _seq_cls_model(model, target, head, extra), dtype=dtype,
-                              tokenizer_dir=tokenizer_dir)
+        hf_checkpoint.save_hf(
+            out_dir, _seq_cls_model(model, target, head, extra), dtype=dtype, tokenizer_dir=tokenizer_dir
+        )
         return {"kind": "hf", "architecture": target.architecture, "dir": str(out_dir)}
     family = dataclasses.replace(model.family, hf_config=lambda a: {**model.family.hf_config(a), **extra})
-    hf_checkpoint.save_hf(out_dir, (family, model.arch, model.params, model.hf_config), dtype=dtype,
-                          tokenizer_dir=tokenizer_dir)
+    hf_checkpoint.save_hf(
+        out_dir, (family, model.arch, model.params, model.hf_config), dtype=dtype, tokenizer_dir=tokenizer_dir
+    )
     if jax.process_index() == 0:
-        names = {"out_kernel": "out.weight", "out_bias": "out.bias",
-                 "hidden_kernel": "hidden.weight", "hidden_bias": "hidden.bias"}
-        tensors = {names[k]: np.ascontiguousarray(v.T if k.endswith("kernel") else v, dtype=np.float32)
-                   for k, v in head.items()}
+        names = {
+            "out_kernel": "out.weight",
+            "out_bias": "out.bias",
+            "hidden_kernel": "hidden.weight",
+            "hidden_bias": "hidden.bias",
+        }
+        tensors = {
+            names[k]: np.ascontiguousarray(v.T if k.endswith("kernel") else v, dtype=np.float32)
+            for k, v in head.items()
+        }
         save_file(tensors, os.path.join(out_dir, PROBE_HEAD_FILE), metadata={"format": PROBE_FORMAT})
         probe_config = {
-            "format": PROBE_FORMAT, "version": 1, "pooling": config.pooling, "head": config.head,
+            "format": PROBE_FORMAT,
+            "version": 1,
+            "pooling": config.pooling,
+            "head": config.head,
             "head_hidden": config.head_hidden if config.head == "mlp" else None,
             "activation": "gelu" if config.head == "mlp" else None,
             "features": "pooler_output" if uses_pooler(model_type, config) else "last_hidden_state",
@@ -118,31 +151,46 @@ def export_probe(out_dir: str, model: hf_checkpoint.LoadedModel, head: dict, con
 # ---------------------------------------------------------------- ftc export
 
 
-def copy_probe_export(run_dir: Path, out_dir: str | os.PathLike, *, format: str | None, dtype: str | None,
-                      force: bool = False) -> ExportResult:
+def copy_probe_export(
+    run_dir: Path, out_dir: str | os.PathLike, *, format: str | None, dtype: str | None, force: bool = False
+) -> ExportResult:
     """A probe run's export is written by `ftc run` (probe.run_probe, in the spec's export.dtype);
     `ftc export` copies it (atomically) to another directory."""
     source = run_dir / EXPORT_DIR
     resolved = run_dir / "spec.resolved.json"
     if not (source / "config.json").is_file() or not resolved.is_file():
-        raise ExportError(f"{run_dir}: a probe run writes its export at the end of `ftc run`; there is none "
-                          f"({source}) - run the spec first")
+        raise ExportError(
+            f"{run_dir}: a probe run writes its export at the end of `ftc run`; there is none "
+            f"({source}) - run the spec first"
+        )
     spec = spec_from_dict(json.loads(resolved.read_text()))
     if format not in (None, "hf") or dtype not in (None, spec.export.dtype):
-        raise ExportError(f"a probe's export is written by `ftc run` in export.format 'hf', export.dtype "
-                          f"{spec.export.dtype!r}; to change them run it again with "
-                          f"--set export.dtype=... (the features are cached, so it is quick)")
+        raise ExportError(
+            f"a probe's export is written by `ftc run` in export.format 'hf', export.dtype "
+            f"{spec.export.dtype!r}; to change them run it again with "
+            f"--set export.dtype=... (the features are cached, so it is quick)"
+        )
     out = Path(out_dir).absolute()
     files = tuple(sorted(p.name for p in source.iterdir()))
     if out != source.absolute():
         publish(out, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True), force=force)
-    load = ("ftc.backends.torch_probe.load_probe" if (source / "probe_config.json").exists()
-            else "AutoModelForSequenceClassification.from_pretrained")
+    load = (
+        "ftc.backends.torch_probe.load_probe"
+        if (source / "probe_config.json").exists()
+        else "AutoModelForSequenceClassification.from_pretrained"
+    )
     return ExportResult(out, "probe", "hf", spec.export.dtype, None, files, f"{load}({str(out)!r})")
 
 
-def verify_probe_export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tol: float | None = None,
-                        batch: int = 4, seq_len: int = 12, seed: int = 0):
+def verify_probe_export(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tol: float | None = None,
+    batch: int = 4,
+    seq_len: int = 12,
+    seed: int = 0,
+):
     """A probe's export against the probe ftc trained: the base's pooled features under ftc (float32,
     weights rounded to the export dtype) through the trained head (RUN_DIR/probe_head.ftc.safetensors),
     vs the export loaded in PyTorch (AutoModelForSequenceClassification, or torch_probe.load_probe
@@ -182,8 +230,14 @@ def verify_probe_export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
     started = time.perf_counter()
     module = loaded.family.build(loaded.arch, jnp.float32)
-    feats = compute_features(module, params, data, pooling=config.pooling, batch_size=batch,
-                             pooled_output=uses_pooler(loaded.family.model_types[0], config))
+    feats = compute_features(
+        module,
+        params,
+        data,
+        pooling=config.pooling,
+        batch_size=batch,
+        pooled_output=uses_pooler(loaded.family.model_types[0], config),
+    )
     ours = predict_logits(head, feats)
     ftc_forward = time.perf_counter() - started
     started = time.perf_counter()
@@ -194,25 +248,48 @@ def verify_probe_export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     else:
         from transformers import AutoModelForSequenceClassification
 
-        reference = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32, local_files_only=True,
-                                                                        trust_remote_code=False).eval()
+        reference = AutoModelForSequenceClassification.from_pretrained(
+            out, dtype=torch.float32, local_files_only=True, trust_remote_code=False
+        ).eval()
     torch_load = time.perf_counter() - started
     started = time.perf_counter()
     with torch.no_grad():
-        theirs = reference(torch.as_tensor(data.input_ids, dtype=torch.long),
-                           attention_mask=torch.as_tensor(data.attention_mask, dtype=torch.long)).logits.float().numpy()
+        theirs = (
+            reference(
+                torch.as_tensor(data.input_ids, dtype=torch.long),
+                attention_mask=torch.as_tensor(data.attention_mask, dtype=torch.long),
+            )
+            .logits.float()
+            .numpy()
+        )
     torch_forward = time.perf_counter() - started
     diff = float(np.abs(ours.astype(np.float64) - theirs.astype(np.float64)).max())
-    return verify_lib.VerifyResult(model_dir=out, output="class logits", max_abs_diff=diff,
-                                   max_abs_reference=float(np.abs(theirs).max()), tol=tol,
-                                   shape=(theirs.shape[0], data.input_ids.shape[1], theirs.shape[1]),
-                                   real_tokens=int(data.attention_mask.sum()), ftc_load_seconds=ftc_load,
-                                   ftc_forward_seconds=ftc_forward, torch_load_seconds=torch_load,
-                                   torch_forward_seconds=torch_forward)
+    return verify_lib.VerifyResult(
+        model_dir=out,
+        output="class logits",
+        max_abs_diff=diff,
+        max_abs_reference=float(np.abs(theirs).max()),
+        tol=tol,
+        shape=(theirs.shape[0], data.input_ids.shape[1], theirs.shape[1]),
+        real_tokens=int(data.attention_mask.sum()),
+        ftc_load_seconds=ftc_load,
+        ftc_forward_seconds=ftc_forward,
+        torch_load_seconds=torch_load,
+        torch_forward_seconds=torch_forward,
+    )
 
 
-def export_from_run(run_dir, out, *, format: str | None, dtype: str | None, verify: bool | None, force: bool,
-                    tol: float | None, echo: Callable[[str], None]):
+def export_from_run(
+    run_dir,
+    out,
+    *,
+    format: str | None,
+    dtype: str | None,
+    verify: bool | None,
+    force: bool,
+    tol: float | None,
+    echo: Callable[[str], None],
+):
     """`ftc export` of a probe run: copy its export, verify it when asked (default: the spec's
     export.verify). Returns (ExportResult, VerifyResult or None)."""
     run_dir = Path(run_dir)

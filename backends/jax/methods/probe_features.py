@@ -14,7 +14,8 @@ import collections
 import dataclasses
 import hashlib
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,33 +46,36 @@ class ProbeConfig:
             raise ValueError(f"[method].head_hidden={h!r}: expected an integer >= 1")
 
     @classmethod
-    def from_spec(cls, method) -> "ProbeConfig":
+    def from_spec(cls, method) -> ProbeConfig:
         """From an ftc.spec MethodSpec (spec validation fills every key that applies)."""
         return cls(method.pooling, method.head, method.head_hidden)
+
 
 @dataclasses.dataclass(frozen=True)
 class SeqClsTarget:
     """A transformers *ForSequenceClassification class whose head ftc's probe reproduces exactly."""
 
     architecture: str
-    pooling: str                   # the only pooling it reads
-    base_prefix: str               # its base model attribute ("bert", "model", "transformer")
+    pooling: str  # the only pooling it reads
+    base_prefix: str  # its base model attribute ("bert", "model", "transformer")
     base_modules: tuple[str, ...]  # the base model's top-level children
-    head_name: str                 # "classifier" | "score"
+    head_name: str  # "classifier" | "score"
     head_bias: bool
 
 
 _DECODER = ("embed_tokens", "layers", "norm")
 SEQ_CLS_TARGETS = {
-    "bert": SeqClsTarget("BertForSequenceClassification", "cls", "bert", ("embeddings", "encoder", "pooler"),
-                         "classifier", True),
+    "bert": SeqClsTarget(
+        "BertForSequenceClassification", "cls", "bert", ("embeddings", "encoder", "pooler"), "classifier", True
+    ),
     "llama": SeqClsTarget("LlamaForSequenceClassification", "last", "model", _DECODER, "score", False),
     "mistral": SeqClsTarget("MistralForSequenceClassification", "last", "model", _DECODER, "score", False),
     "qwen2": SeqClsTarget("Qwen2ForSequenceClassification", "last", "model", _DECODER, "score", False),
     "qwen3": SeqClsTarget("Qwen3ForSequenceClassification", "last", "model", _DECODER, "score", False),
     "gemma": SeqClsTarget("GemmaForSequenceClassification", "last", "model", _DECODER, "score", False),
-    "gpt2": SeqClsTarget("GPT2ForSequenceClassification", "last", "transformer", ("wte", "wpe", "h", "ln_f"),
-                         "score", False),
+    "gpt2": SeqClsTarget(
+        "GPT2ForSequenceClassification", "last", "transformer", ("wte", "wpe", "h", "ln_f"), "score", False
+    ),
 }
 _POOLER_MODEL_TYPES = ("bert",)  # families whose output="pooled" is the HF pooler output
 
@@ -80,9 +84,9 @@ _POOLER_MODEL_TYPES = ("bert",)  # families whose output="pooled" is the HF pool
 class ClassificationArrays:
     """Right-padded token rows and their label indices (numpy)."""
 
-    input_ids: np.ndarray        # [N, T] int32
-    attention_mask: np.ndarray   # [N, T] int32, 1 on real tokens, left-aligned
-    labels: np.ndarray           # [N] int32 in [0, num_labels)
+    input_ids: np.ndarray  # [N, T] int32
+    attention_mask: np.ndarray  # [N, T] int32, 1 on real tokens, left-aligned
+    labels: np.ndarray  # [N] int32 in [0, num_labels)
 
     @classmethod
     def from_token_lists(cls, token_rows: Sequence[Sequence[int]], labels: Sequence[int], pad_id: int = 0):
@@ -99,13 +103,15 @@ class ClassificationArrays:
         return cls(ids, mask, np.asarray(labels, np.int32))
 
     @classmethod
-    def from_data_rows(cls, rows: dict) -> "ClassificationArrays":
+    def from_data_rows(cls, rows: dict) -> ClassificationArrays:
         """From the data pipeline's classification arrays (`Datasets.train_rows`): input_ids,
         segment_ids (1 on tokens), labels, and weights (0 marks a padding row, dropped here)."""
         keep = np.asarray(rows["weights"]) > 0 if "weights" in rows else slice(None)
-        return cls(np.asarray(rows["input_ids"], np.int32)[keep],
-                   (np.asarray(rows["segment_ids"])[keep] > 0).astype(np.int32),
-                   np.asarray(rows["labels"], np.int32)[keep])
+        return cls(
+            np.asarray(rows["input_ids"], np.int32)[keep],
+            (np.asarray(rows["segment_ids"])[keep] > 0).astype(np.int32),
+            np.asarray(rows["labels"], np.int32)[keep],
+        )
 
 
 def uses_pooler(model_type: str, config: ProbeConfig) -> bool:
@@ -123,6 +129,7 @@ def exact_target(model_type: str, config: ProbeConfig) -> SeqClsTarget | None:
 def head_has_bias(model_type: str, config: ProbeConfig) -> bool:
     target = exact_target(model_type, config)
     return True if target is None else target.head_bias
+
 
 # ---------------------------------------------------------------- features
 
@@ -145,8 +152,15 @@ def _bucket(length: int) -> int:
     return max(16, 1 << (length - 1).bit_length())
 
 
-def compute_features(module: nn.Module, params, data: ClassificationArrays, *, pooling: str,
-                     pooled_output: bool = False, batch_size: int = 32) -> np.ndarray:
+def compute_features(
+    module: nn.Module,
+    params,
+    data: ClassificationArrays,
+    *,
+    pooling: str,
+    pooled_output: bool = False,
+    batch_size: int = 32,
+) -> np.ndarray:
     """[N, D] float32 features of `data` under the frozen model.
 
     Rows are sorted by length and each batch is cut to a power-of-two length (>= 16), so short
@@ -167,7 +181,7 @@ def compute_features(module: nn.Module, params, data: ClassificationArrays, *, p
     order = np.argsort(lengths, kind="stable")
     out = None
     for start in range(0, len(order), batch_size):
-        rows = order[start: start + batch_size]
+        rows = order[start : start + batch_size]
         T = min(_bucket(int(lengths[rows].max())), data.input_ids.shape[1])
         ids, mask = data.input_ids[rows, :T], data.attention_mask[rows, :T]
         n = len(rows)
@@ -199,12 +213,21 @@ def data_fingerprint(data: ClassificationArrays) -> str:
     return digest.hexdigest()
 
 
-_MEMORY_CACHE: "collections.OrderedDict[str, np.ndarray]" = collections.OrderedDict()
+_MEMORY_CACHE: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 _MEMORY_CACHE_SIZE = 8
 
 
-def cached_features(module, params, data: ClassificationArrays, *, pooling: str, pooled_output: bool,
-                    model_key: str, cache_dir: str | None = None, batch_size: int = 32) -> tuple[np.ndarray, str]:
+def cached_features(
+    module,
+    params,
+    data: ClassificationArrays,
+    *,
+    pooling: str,
+    pooled_output: bool,
+    model_key: str,
+    cache_dir: str | None = None,
+    batch_size: int = 32,
+) -> tuple[np.ndarray, str]:
     """Features from the in-memory cache, else `cache_dir/features-<key>.npy`, else computed.
 
     Returns (features, where), where in {"memory", "disk", "computed"}.
@@ -217,8 +240,10 @@ def cached_features(module, params, data: ClassificationArrays, *, pooling: str,
     if path and os.path.exists(path):
         feats, where = np.load(path, allow_pickle=False), "disk"
     else:
-        feats, where = compute_features(module, params, data, pooling=pooling, pooled_output=pooled_output,
-                                        batch_size=batch_size), "computed"
+        feats, where = (
+            compute_features(module, params, data, pooling=pooling, pooled_output=pooled_output, batch_size=batch_size),
+            "computed",
+        )
         if path and jax.process_index() == 0:
             os.makedirs(cache_dir, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp.npy"

@@ -51,7 +51,7 @@ class Standardizer:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray, center: bool) -> "Standardizer":
+    def fit(cls, x: np.ndarray, center: bool) -> Standardizer:
         mean = x.mean(0) if center else np.zeros(x.shape[1], np.float32)
         scale = np.sqrt(((x - mean) ** 2).mean(0))
         return cls(mean.astype(np.float32), np.where(scale > 1e-6, scale, 1.0).astype(np.float32))
@@ -74,9 +74,21 @@ def fold_standardizer(head: dict, std: Standardizer) -> dict:
     return out
 
 
-def train_head(features: np.ndarray, labels: np.ndarray, num_labels: int, config: ProbeConfig, *,
-               bias: bool, steps: int, batch_size: int, tx: optax.GradientTransformation, l2: float = 0.0,
-               seed: int = 0, log_every: int = 0, log=None) -> tuple[dict, list[dict]]:
+def train_head(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_labels: int,
+    config: ProbeConfig,
+    *,
+    bias: bool,
+    steps: int,
+    batch_size: int,
+    tx: optax.GradientTransformation,
+    l2: float = 0.0,
+    seed: int = 0,
+    log_every: int = 0,
+    log=None,
+) -> tuple[dict, list[dict]]:
     """Minibatch mean cross-entropy (+ l2/2 · sum of squared kernels) on standardised features.
 
     Returns (head reading raw features, logged losses). `l2 = 1 / (C · N)` is scikit-learn's
@@ -92,7 +104,7 @@ def train_head(features: np.ndarray, labels: np.ndarray, num_labels: int, config
 
     def loss_fn(head, x_BF, y_B):
         loss = optax.softmax_cross_entropy_with_integer_labels(head_logits(head, x_BF), y_B).mean()
-        return loss + 0.5 * l2 * sum(jnp.sum(v ** 2) for k, v in head.items() if k.endswith("kernel"))
+        return loss + 0.5 * l2 * sum(jnp.sum(v**2) for k, v in head.items() if k.endswith("kernel"))
 
     @jax.jit
     def step(head, opt_state, index_B):
@@ -106,7 +118,7 @@ def train_head(features: np.ndarray, labels: np.ndarray, num_labels: int, config
         epoch, j = divmod(i, steps_per_epoch)
         if j == 0:
             order = jax.random.permutation(jax.random.fold_in(rng_data, epoch), x.shape[0])
-        head, opt_state, loss = step(head, opt_state, order[j * batch_size: (j + 1) * batch_size])
+        head, opt_state, loss = step(head, opt_state, order[j * batch_size : (j + 1) * batch_size])
         if log_every and ((i + 1) % log_every == 0 or i + 1 == steps):
             entry = {"step": i + 1, "loss": float(loss)}
             history.append(entry)

@@ -26,9 +26,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from ftc.backends.jax.io import export_common as ex, hf_checkpoint
+from ftc.backends.jax.io import export_common as ex
+from ftc.backends.jax.io import hf_checkpoint
 from ftc.backends.jax.methods import lora, lora_export
-from ftc.backends.jax.methods.contract import ExportFormat, Method
+from ftc.backends.jax.methods.contract import ExportFormat
 from ftc.backends.jax.methods.intercept import Intercepted
 from ftc.backends.jax.methods.lora_params import merged_params, save_merged
 from ftc.spec import schema_walk
@@ -56,17 +57,22 @@ class QLoraConfig:
         b = self.quant_block_size
         if isinstance(b, bool) or b not in BLOCK_SIZES:
             raise ValueError(f"[method].quant_block_size={b!r}: expected one of {', '.join(map(str, BLOCK_SIZES))}")
-        self.lora  # validates the LoRA keys
+        _ = self.lora  # builds (and so validates) the LoRA keys
 
     @classmethod
-    def from_spec(cls, method) -> "QLoraConfig":
+    def from_spec(cls, method) -> QLoraConfig:
         """From an ftc.spec MethodSpec (spec validation fills every key)."""
         return cls(**{f.name: getattr(method, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def lora(self) -> lora.LoraConfig:
-        return lora.LoraConfig(self.rank, self.alpha, self.dropout, self.rslora,
-                               tuple(self.targets) if isinstance(self.targets, list) else self.targets)
+        return lora.LoraConfig(
+            self.rank,
+            self.alpha,
+            self.dropout,
+            self.rslora,
+            tuple(self.targets) if isinstance(self.targets, list) else self.targets,
+        )
 
     @property
     def quant(self) -> lora.QuantConfig:
@@ -83,8 +89,7 @@ def adapt(family, arch, module, config: QLoraConfig) -> Intercepted:
     return Intercepted(module, plan_qlora(family, arch, config), lora.interceptor)
 
 
-def init_method(loaded, config: QLoraConfig, rng: jax.Array, *, dtype=jnp.bfloat16,
-                shardings=None) -> lora.Initialized:
+def init_method(loaded, config: QLoraConfig, rng: jax.Array, *, dtype=jnp.bfloat16, shardings=None) -> lora.Initialized:
     """QLoRA on a `hf_checkpoint.LoadedModel`: quantises its linear layers, adds LoRA factors."""
     return lora.init_method(loaded, config.lora, rng, dtype=dtype, quant=config.quant, shardings=shardings)
 
@@ -113,8 +118,10 @@ def _reload_peft(trained, out, scratch, causal: bool):
 
 
 def _load_peft_line(out, base_name: str | None, auto: str) -> str:
-    return (lora_export.load_peft_line(out, base_name, auto) + " -- trained against the NF4-dequantised base; on the "
-            "original base it differs by the quantisation error")
+    return (
+        lora_export.load_peft_line(out, base_name, auto) + " -- trained against the NF4-dequantised base; on the "
+        "original base it differs by the quantisation error"
+    )
 
 
 METHOD = dataclasses.replace(
@@ -122,9 +129,15 @@ METHOD = dataclasses.replace(
     kind="qlora",
     config=QLoraConfig.from_spec,
     transform=adapt,
-    formats={"hf": lora_export.FORMATS["hf"],
-             "peft": ExportFormat(write=lora_export.write_peft, how_to_load=_load_peft_line,
-                                  ftc_side=ex.trained_weights_exported, reload=_reload_peft)},
+    formats={
+        "hf": lora_export.FORMATS["hf"],
+        "peft": ExportFormat(
+            write=lora_export.write_peft,
+            how_to_load=_load_peft_line,
+            ftc_side=ex.trained_weights_exported,
+            reload=_reload_peft,
+        ),
+    },
     own_dtype=is_stored_nf4,
     saved_frozen=is_second_level,
 )
@@ -132,5 +145,14 @@ METHOD = dataclasses.replace(
 is_trainable = lora.is_trainable
 method_summary = lora.method_summary
 save_peft_adapter = lora.save_peft_adapter
-__all__ = ["QLoraConfig", "adapt", "dequantized_base", "init_method", "is_trainable", "method_summary", "plan_qlora",
-           "save_merged", "save_peft_adapter"]
+__all__ = [
+    "QLoraConfig",
+    "adapt",
+    "dequantized_base",
+    "init_method",
+    "is_trainable",
+    "method_summary",
+    "plan_qlora",
+    "save_merged",
+    "save_peft_adapter",
+]

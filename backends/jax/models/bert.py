@@ -26,9 +26,18 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
-from ftc.backends.jax.models.layers import (ACTIVATIONS, Dense, LayerNorm, check_activation, check_remat,
-                                            default_positions, dot_product_attention, make_attention_mask,
-                                            param_with_axes, remat_block)
+from ftc.backends.jax.models.layers import (
+    ACTIVATIONS,
+    Dense,
+    LayerNorm,
+    check_activation,
+    check_remat,
+    default_positions,
+    dot_product_attention,
+    make_attention_mask,
+    param_with_axes,
+    remat_block,
+)
 
 Dtype = Any
 
@@ -189,9 +198,16 @@ class BertEmbeddings(nn.Module):
     def __call__(self, input_ids_BT, positions_BT, token_type_ids_BT):
         a = self.arch
         init = nn.initializers.normal(stddev=0.02)
-        word_VD = param_with_axes(self, "word_embeddings", init, (a.vocab_size, a.hidden_size), ("vocab", "embed"), jnp.float32)
+        word_VD = param_with_axes(
+            self, "word_embeddings", init, (a.vocab_size, a.hidden_size), ("vocab", "embed"), jnp.float32
+        )
         position_PD = param_with_axes(
-            self, "position_embeddings", init, (a.max_position_embeddings, a.hidden_size), ("position", "embed"), jnp.float32
+            self,
+            "position_embeddings",
+            init,
+            (a.max_position_embeddings, a.hidden_size),
+            ("position", "embed"),
+            jnp.float32,
         )
         type_YD = param_with_axes(
             self, "token_type_embeddings", init, (a.type_vocab_size, a.hidden_size), (None, "embed"), jnp.float32

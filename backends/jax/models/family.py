@@ -28,7 +28,8 @@ Conventions every family keeps:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -79,10 +80,10 @@ def heads_bias(n_heads: int, head_dim: int) -> dict[str, Callable[[np.ndarray], 
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    name: str                                   # "llama"
-    model_types: tuple[str, ...]                # config.json "model_type" values this family reads
-    config_from_hf: Callable[[dict], Any]       # HF config dict -> frozen architecture dataclass
-    build: Callable[[Any, Any], Any]            # (arch, compute dtype) -> flax.linen.Module
+    name: str  # "llama"
+    model_types: tuple[str, ...]  # config.json "model_type" values this family reads
+    config_from_hf: Callable[[dict], Any]  # HF config dict -> frozen architecture dataclass
+    build: Callable[[Any, Any], Any]  # (arch, compute dtype) -> flax.linen.Module
     hf_tensors: Callable[[Any], dict[str, HfTensor]]  # "/"-joined param path -> its HF source
-    hf_config: Callable[[Any], dict]            # arch -> config.json transformers reads on export
-    hf_architecture: str = ""                   # e.g. "LlamaForCausalLM", written on export
+    hf_config: Callable[[Any], dict]  # arch -> config.json transformers reads on export
+    hf_architecture: str = ""  # e.g. "LlamaForCausalLM", written on export

@@ -25,9 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftc.backends.jax.models.family import Family, HfTensor, linear_t
-from ftc.backends.jax.models.layers import (ACTIVATIONS, Dense, LayerNorm, check_activation, check_remat,
-                                            default_positions, dot_product_attention, make_attention_mask,
-                                            param_with_axes, remat_block)
+from ftc.backends.jax.models.layers import (
+    ACTIVATIONS,
+    Dense,
+    LayerNorm,
+    check_activation,
+    check_remat,
+    default_positions,
+    dot_product_attention,
+    make_attention_mask,
+    param_with_axes,
+    remat_block,
+)
 
 Dtype = Any
 
@@ -141,9 +150,9 @@ class GPT2Attention(nn.Module):
             # The per-layer factor is traced (the layer index is a scan input), so it goes on q.
             q_BTNH = q_BTNH / (layer_index + 1).astype(q_BTNH.dtype)
         o_BTNH = dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask_B1TS, scale=scale)
-        return Dense(
-            (a.n_embd,), ("heads", "head_dim"), ("embed",), use_bias=True, dtype=self.dtype, name="c_proj"
-        )(o_BTNH)
+        return Dense((a.n_embd,), ("heads", "head_dim"), ("embed",), use_bias=True, dtype=self.dtype, name="c_proj")(
+            o_BTNH
+        )
 
 
 class GPT2MLP(nn.Module):

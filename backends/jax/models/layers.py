@@ -101,11 +101,16 @@ class Dense(nn.Module):
         n_in = len(self.in_axes)
         in_shape = tuple(x.shape[-n_in:])
         kernel = param_with_axes(
-            self, "kernel", self.kernel_init, in_shape + tuple(self.out_shape),
-            tuple(self.in_axes) + tuple(self.out_axes), self.param_dtype,
+            self,
+            "kernel",
+            self.kernel_init,
+            in_shape + tuple(self.out_shape),
+            tuple(self.in_axes) + tuple(self.out_axes),
+            self.param_dtype,
         )
         y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel.astype(self.dtype),
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
             (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
         )
         if self.use_bias:
@@ -136,7 +141,7 @@ class Rope:
     SUPPORTED = ("default", "linear", "llama3")
 
     @classmethod
-    def from_hf(cls, hf_config: dict) -> "Rope":
+    def from_hf(cls, hf_config: dict) -> Rope:
         """Reads transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
         params = dict(hf_config.get("rope_parameters") or {})
         legacy = hf_config.get("rope_scaling") or {}

@@ -24,176 +24,14 @@ Module names follow the Hugging Face ones so methods (LoRA targets) can name the
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ftc.backends.jax.models import layers
+from ftc.backends.jax.models.decoder_config import DecoderArch, config_from_hf, hf_config
 from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
-
-# Class defaults of the transformers config for each model_type, for configs that omit keys.
-_HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
-                  max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  attention_bias=False, mlp_bias=False),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, head_dim=None, hidden_act="silu",
-                    max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                    sliding_window=4096),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, head_dim=None, hidden_act="silu",
-                  max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  use_sliding_window=False, sliding_window=4096, max_window_layers=28),
-    "qwen3": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=32, head_dim=128, hidden_act="silu",
-                  max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                  attention_bias=False, use_sliding_window=False, sliding_window=4096, max_window_layers=28),
-    "gemma": dict(vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
-                  max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                  attention_bias=False, use_bidirectional_attention=None),
-}
-
-@dataclasses.dataclass(frozen=True)
-class DecoderArch:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope: layers.Rope
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    hidden_act: str = "silu"
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
-    sliding_window: int | None = None
-    # One flag per layer: does this layer use the sliding window (qwen2/3 mix both kinds).
-    sliding_layers: tuple[bool, ...] = ()
-    causal: bool = True
-    # Gemma: x * sqrt(hidden) after the embedding, norms as x * (1 + w).
-    scale_embeddings: bool = False
-    norm_unit_offset: bool = False
-    # Training-time choice, not part of the checkpoint: none | full | dots.
-    remat: str = "none"
-
-    def __post_init__(self):
-        layers.check_remat(self.remat)
-        layers.check_activation(self.hidden_act, "hidden_act")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads ({self.num_kv_heads})"
-            )
-
-
-def _with_defaults(hf_config: dict) -> dict:
-    model_type = hf_config.get("model_type")
-    if model_type not in _HF_DEFAULTS:
-        raise ValueError(f"llama.py reads model_type in {sorted(_HF_DEFAULTS)}, got {model_type!r}")
-    # An explicit null is meaningful (mistral sliding_window: null = no window), so it overrides.
-    return {**_HF_DEFAULTS[model_type], **hf_config}
-
-
-def _sliding_layers(c: dict) -> tuple[int | None, tuple[bool, ...]]:
-    n = c["num_hidden_layers"]
-    model_type = c["model_type"]
-    if model_type == "mistral":
-        window = c.get("sliding_window")
-        return window, (window is not None,) * n
-    if model_type in ("qwen2", "qwen3"):
-        window = c.get("sliding_window") if c.get("use_sliding_window") else None
-        layer_types = c.get("layer_types") or [
-            "sliding_attention" if window is not None and i >= c["max_window_layers"] else "full_attention"
-            for i in range(n)
-        ]
-        flags = tuple(t == "sliding_attention" and window is not None for t in layer_types)
-        return (window if any(flags) else None), flags
-    return None, (False,) * n
-
-
-def config_from_hf(hf_config: dict) -> DecoderArch:
-    """config.json (dict) -> DecoderArch, filling what the file omits with transformers' defaults."""
-    c = _with_defaults(hf_config)
-    model_type = c["model_type"]
-    num_heads = c["num_attention_heads"]
-    head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
-    window, sliding = _sliding_layers(c)
-    hidden_act = c.get("hidden_activation") or c["hidden_act"]
-    if model_type == "gemma" and hidden_act == "gelu":
-        hidden_act = "gelu_pytorch_tanh"  # transformers does the same: Gemma's "gelu" meant the tanh form
-    attention_bias = bool(c.get("attention_bias", False))
-    return DecoderArch(
-        model_type=model_type,
-        vocab_size=c["vocab_size"],
-        hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=c.get("num_key_value_heads") or num_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(c["rms_norm_eps"]),
-        rope=layers.Rope.from_hf(c),
-        max_position_embeddings=c["max_position_embeddings"],
-        tie_word_embeddings=bool(c["tie_word_embeddings"]),
-        hidden_act=hidden_act,
-        qkv_bias=True if model_type == "qwen2" else attention_bias,
-        o_bias=False if model_type == "qwen2" else attention_bias,
-        mlp_bias=bool(c.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_window=window,
-        sliding_layers=sliding,
-        causal=not c.get("use_bidirectional_attention"),
-        scale_embeddings=model_type == "gemma",
-        norm_unit_offset=model_type == "gemma",
-    )
-
-
-def hf_config(arch: DecoderArch) -> dict:
-    """The architecture keys of config.json (export merges them over the imported config)."""
-    rope = arch.rope.to_hf()
-    out: dict[str, Any] = {
-        "model_type": arch.model_type,
-        "vocab_size": arch.vocab_size,
-        "hidden_size": arch.hidden_size,
-        "intermediate_size": arch.intermediate_size,
-        "num_hidden_layers": arch.num_layers,
-        "num_attention_heads": arch.num_heads,
-        "num_key_value_heads": arch.num_kv_heads,
-        "head_dim": arch.head_dim,
-        "hidden_act": arch.hidden_act,
-        "max_position_embeddings": arch.max_position_embeddings,
-        "rms_norm_eps": arch.rms_norm_eps,
-        "tie_word_embeddings": arch.tie_word_embeddings,
-        # transformers 5 reads rope_parameters; older readers (transformers 4, vLLM) read
-        # rope_theta + rope_scaling. transformers 5 prefers rope_scaling when both are present,
-        # so both carry the same settings.
-        "rope_parameters": rope,
-        "rope_theta": arch.rope.theta,
-        "rope_scaling": None if arch.rope.kind == "default" else dict(rope),
-    }
-    if arch.model_type in ("llama", "qwen3", "gemma"):
-        out["attention_bias"] = arch.qkv_bias
-    if arch.model_type == "llama":
-        out["mlp_bias"] = arch.mlp_bias
-    if arch.model_type == "mistral":
-        out["sliding_window"] = arch.sliding_window
-    if arch.model_type in ("qwen2", "qwen3"):
-        out["use_sliding_window"] = arch.sliding_window is not None
-        out["sliding_window"] = arch.sliding_window
-        out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in arch.sliding_layers]
-    if arch.model_type == "gemma":
-        out["use_bidirectional_attention"] = None if arch.causal else True
-    return out
-
 
 # ---------------------------------------------------------------- modules
 
@@ -208,8 +46,14 @@ class Attention(nn.Module):
         N, K, H = a.num_heads, a.num_kv_heads, a.head_dim
 
         def proj(heads, head_axis, name):
-            return layers.Dense((heads, H), in_axes=("embed",), out_axes=(head_axis, "head_dim"),
-                                use_bias=a.qkv_bias, dtype=self.dtype, name=name)
+            return layers.Dense(
+                (heads, H),
+                in_axes=("embed",),
+                out_axes=(head_axis, "head_dim"),
+                use_bias=a.qkv_bias,
+                dtype=self.dtype,
+                name=name,
+            )
 
         q_BTNH = proj(N, "heads", "q_proj")(x_BTD)
         k_BTKH = proj(K, "kv_heads", "k_proj")(x_BTD)
@@ -220,8 +64,14 @@ class Attention(nn.Module):
         q_BTNH = layers.apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = layers.apply_rope(k_BTKH, cos_BTH, sin_BTH)
         out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, scale=H**-0.5)
-        return layers.Dense((a.hidden_size,), in_axes=("heads", "head_dim"), out_axes=("embed",),
-                            use_bias=a.o_bias, dtype=self.dtype, name="o_proj")(out_BTNH)
+        return layers.Dense(
+            (a.hidden_size,),
+            in_axes=("heads", "head_dim"),
+            out_axes=("embed",),
+            use_bias=a.o_bias,
+            dtype=self.dtype,
+            name="o_proj",
+        )(out_BTNH)
 
 
 class GatedMlp(nn.Module):
@@ -233,8 +83,9 @@ class GatedMlp(nn.Module):
         a = self.arch
 
         def dense(features, in_axis, out_axis, name):
-            return layers.Dense((features,), in_axes=(in_axis,), out_axes=(out_axis,),
-                                use_bias=a.mlp_bias, dtype=self.dtype, name=name)
+            return layers.Dense(
+                (features,), in_axes=(in_axis,), out_axes=(out_axis,), use_bias=a.mlp_bias, dtype=self.dtype, name=name
+            )
 
         gate_BTF = dense(a.intermediate_size, "embed", "mlp", "gate_proj")(x_BTD)
         up_BTF = dense(a.intermediate_size, "embed", "mlp", "up_proj")(x_BTD)
@@ -272,8 +123,9 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, segment_ids=None, positions=None,
-                 token_type_ids=None, output="logits"):
+    def __call__(
+        self, input_ids, attention_mask=None, segment_ids=None, positions=None, token_type_ids=None, output="logits"
+    ):
         a = self.arch
         T = input_ids.shape[1]
         embedding_VD = Embedding(a.vocab_size, a.hidden_size, name="embed_tokens")()
@@ -289,7 +141,8 @@ class Decoder(nn.Module):
         full_mask_B1TS = layers.make_attention_mask(**mask_args)
         sliding_mask_B1TS = (
             layers.make_attention_mask(**mask_args, sliding_window=a.sliding_window)
-            if a.sliding_window is not None else full_mask_B1TS
+            if a.sliding_window is not None
+            else full_mask_B1TS
         )
 
         Stack = nn.scan(
@@ -311,8 +164,9 @@ class Decoder(nn.Module):
             raise ValueError(f"output={output!r}; expected 'logits' or 'hidden'")
         if a.tie_word_embeddings:
             return jnp.einsum("BTD,VD->BTV", x_BTD, embedding_VD.astype(self.dtype))
-        return layers.Dense((a.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
-                            dtype=self.dtype, name="lm_head")(x_BTD)
+        return layers.Dense((a.vocab_size,), in_axes=("embed",), out_axes=("vocab",), dtype=self.dtype, name="lm_head")(
+            x_BTD
+        )
 
 
 class Embedding(nn.Module):
@@ -323,8 +177,14 @@ class Embedding(nn.Module):
 
     @nn.compact
     def __call__(self):
-        return layers.param_with_axes(self, "embedding", layers.default_kernel_init,
-                                      (self.vocab_size, self.features), ("vocab", "embed"), jnp.float32)
+        return layers.param_with_axes(
+            self,
+            "embedding",
+            layers.default_kernel_init,
+            (self.vocab_size, self.features),
+            ("vocab", "embed"),
+            jnp.float32,
+        )
 
 
 def build(arch: DecoderArch, dtype=jnp.float32) -> Decoder:

@@ -71,8 +71,11 @@ def logical_axes(family: Family, arch):
     """
     params = family_boxed_params(family, arch)
     is_boxed = lambda x: isinstance(x, nn.Partitioned)
-    missing = [k for k, v in traverse_util.flatten_dict(params, sep="/", is_leaf=lambda k, v: is_boxed(v)).items()
-               if not is_boxed(v)]
+    missing = [
+        k
+        for k, v in traverse_util.flatten_dict(params, sep="/", is_leaf=lambda k, v: is_boxed(v)).items()
+        if not is_boxed(v)
+    ]
     if missing:
         raise ValueError(f"family {family.name}: params without logical axes: {missing}")
     return jax.tree.map(lambda p: tuple(p.names), params, is_leaf=is_boxed)
@@ -83,8 +86,9 @@ def param_infos(boxed_params: Any) -> list[ParamInfo]:
     logical axis names is an error: the compiler would not know how to shard it."""
     axes_tree = nn.get_partition_spec(boxed_params)
     values = nn.unbox(boxed_params)
-    flat_axes = dict(jax.tree_util.tree_flatten_with_path(
-        axes_tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+    flat_axes = dict(
+        jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    )
     infos = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(values)[0]:
         axes = flat_axes.get(path)
@@ -94,8 +98,10 @@ def param_infos(boxed_params: Any) -> list[ParamInfo]:
             if len(shape) == 0:
                 axes = ()
             else:
-                raise ValueError(f"parameter {name} {shape} carries no logical axis names "
-                                 f"(create it with nn.with_logical_partitioning)")
+                raise ValueError(
+                    f"parameter {name} {shape} carries no logical axis names "
+                    f"(create it with nn.with_logical_partitioning)"
+                )
         infos.append(ParamInfo(name, shape, str(np.dtype(leaf.dtype)), tuple(axes)))
     return infos
 

@@ -7,8 +7,7 @@ To add one: write objectives/<name>.py with its sums and summary (contract.Objec
 
 from __future__ import annotations
 
-from ftc.backends.jax.objectives import contract
-from ftc.backends.jax.objectives import classify, dpo, sft
+from ftc.backends.jax.objectives import classify, contract, dpo, sft
 
 OBJECTIVES: dict[str, contract.Registered] = {
     "sft": sft.RECORD,

@@ -14,7 +14,8 @@ builds it from a spec and a method model, and what the plan must count for it. T
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 LossSums = Callable[..., dict]
 

@@ -23,7 +23,8 @@ The reference model pi_ref is either
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,30 +34,53 @@ import optax
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.objectives.contract import Built, Objective, Registered, nonzero
 
-SUM_KEYS = ("loss_sum", "weight_sum", "accuracy_sum", "margin_sum", "chosen_reward_sum", "rejected_reward_sum",
-            "chosen_logp_sum", "rejected_logp_sum", "tokens")
+SUM_KEYS = (
+    "loss_sum",
+    "weight_sum",
+    "accuracy_sum",
+    "margin_sum",
+    "chosen_reward_sum",
+    "rejected_reward_sum",
+    "chosen_logp_sum",
+    "rejected_logp_sum",
+    "tokens",
+)
 BATCH_KEYS = ("chosen", "rejected", "weights")
 
 
 def sequence_logps(model: nn.Module, params: Any, rows: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
     """[B] summed log-probabilities of each row's weighted (response) targets, in float32."""
     logits_BTV = model.apply(
-        {"params": params}, rows["input_ids"], segment_ids=rows["segment_ids"], positions=rows["positions"],
-        output="logits", rngs={"dropout": rng},
+        {"params": params},
+        rows["input_ids"],
+        segment_ids=rows["segment_ids"],
+        positions=rows["positions"],
+        output="logits",
+        rngs={"dropout": rng},
     ).astype(jnp.float32)
     logps_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, rows["targets"])
     return jnp.sum(logps_BT * rows["weights"].astype(jnp.float32), axis=-1)
 
 
-def dpo_sums(model: nn.Module, params: Any, batch: Mapping[str, Any], rng: jax.Array, reference: Any = None, *,
-             beta: float, reference_params: Callable[[Any], Any] | None = None) -> dict[str, jax.Array]:
+def dpo_sums(
+    model: nn.Module,
+    params: Any,
+    batch: Mapping[str, Any],
+    rng: jax.Array,
+    reference: Any = None,
+    *,
+    beta: float,
+    reference_params: Callable[[Any], Any] | None = None,
+) -> dict[str, jax.Array]:
     """Pair-weighted sums over one micro-batch (see module docstring). `reference` is the state's
     frozen copy, used when `reference_params` is None."""
     if reference_params is not None:
         reference = reference_params(params)
     if reference is None:
-        raise ValueError("DPO needs a reference model: give reference_params, or a train state built with "
-                         "init_state(..., reference=True)")
+        raise ValueError(
+            "DPO needs a reference model: give reference_params, or a train state built with "
+            "init_state(..., reference=True)"
+        )
     n = batch["weights"].shape[0]
     # Chosen and rejected rows go through the model as one [2B, T] batch.
     both = jax.tree.map(lambda c, r: jnp.concatenate([c, r]), dict(batch["chosen"]), dict(batch["rejected"]))

@@ -7,7 +7,8 @@ over every token of the optimizer step.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,13 +31,18 @@ def cross_entropy_and_hits(logits_BTV: jax.Array, targets_BT: jax.Array) -> tupl
     return lse_BT - target_BT, (target_BT >= max_BT).astype(jnp.float32)
 
 
-def causal_lm_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
-                   reference: Any = None) -> dict[str, jax.Array]:
+def causal_lm_sums(
+    model: nn.Module, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, reference: Any = None
+) -> dict[str, jax.Array]:
     """Sums over one micro-batch: weighted token cross-entropy (float32), total weight, weighted
     correct next-token predictions, and real (non-padding) tokens. (`reference` is unused.)"""
     logits_BTV = model.apply(
-        {"params": params}, batch["input_ids"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"], output="logits", rngs={"dropout": rng},
+        {"params": params},
+        batch["input_ids"],
+        segment_ids=batch["segment_ids"],
+        positions=batch["positions"],
+        output="logits",
+        rngs={"dropout": rng},
     )
     logits_BTV = logits_BTV.astype(jnp.float32)
     targets_BT = batch["targets"]
@@ -52,8 +58,12 @@ def causal_lm_sums(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]
 
 def causal_lm_summary(totals: Mapping[str, Any]) -> dict[str, Any]:
     w = totals["weight_sum"]
-    return {"loss": totals["loss_sum"] / nonzero(w), "token_accuracy": totals["correct_sum"] / nonzero(w),
-            "tokens": totals["tokens"], "loss_weight": w}
+    return {
+        "loss": totals["loss_sum"] / nonzero(w),
+        "token_accuracy": totals["correct_sum"] / nonzero(w),
+        "tokens": totals["tokens"],
+        "loss_weight": w,
+    }
 
 
 CAUSAL_LM = Objective("sft", causal_lm_sums, causal_lm_summary, SUM_KEYS, BATCH_KEYS, perplexity=True)

@@ -56,8 +56,15 @@ class Checkpointer:
     `saved_params`: a tree of bools matching the params (True: the checkpoint holds the leaf), or
     None for every leaf. The caller rebuilds the rest on restore (frozen_base.restore_state)."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False,
-                 saved_params: Any = None):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+        saved_params: Any = None,
+    ):
         self.directory = os.path.abspath(directory)
         self.saved_params = saved_params
         options = ocp.CheckpointManagerOptions(
@@ -120,19 +127,27 @@ class Checkpointer:
         gives a run's whole params tree)."""
         step = self._step(step)
         target = {"params": abstract_params}
-        restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
-                                                                    dtype=s.dtype), target)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)))
+        restore_args = jax.tree.map(
+            lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), target
+        )
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+            ),
+        )
         return out["state"]["params"]
 
     def saved_arrays(self, step: int | None = None) -> dict[str, tuple[tuple[int, ...], str]]:
-        """"/"-joined path -> (shape, dtype) of every array the "state" item of `step` holds, read
+        """ "/"-joined path -> (shape, dtype) of every array the "state" item of `step` holds, read
         from Orbax's metadata (no array is read)."""
         step = self._step(step)
         tree = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state")).item_metadata
-        return {path_str(p): (tuple(m.shape), str(m.dtype))
-                for p, m in jax.tree_util.tree_flatten_with_path(tree)[0] if m is not None}
+        return {
+            path_str(p): (tuple(m.shape), str(m.dtype))
+            for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if m is not None
+        }
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -244,8 +259,11 @@ def spec_changes(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
     resolved spec dicts (a key present on one side only counts, shown as <unset>)."""
     a, b = _UNSET_MEANS | _flatten(old), _UNSET_MEANS | _flatten(new)
     unset = "<unset>"
-    return [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))
-            if not _may_change(k) and a.get(k, unset) != b.get(k, unset)]
+    return [
+        (k, a.get(k, unset), b.get(k, unset))
+        for k in sorted(set(a) | set(b))
+        if not _may_change(k) and a.get(k, unset) != b.get(k, unset)
+    ]
 
 
 def fingerprint_metadata(plan_fingerprint: str) -> dict:
@@ -253,28 +271,36 @@ def fingerprint_metadata(plan_fingerprint: str) -> dict:
     return {"plan_fingerprint": plan_fingerprint, "plan_fingerprint_version": FINGERPRINT_VERSION}
 
 
-def check_resumable(metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str,
-                    plan_fingerprint: str | None = None) -> None:
+def check_resumable(
+    metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str, plan_fingerprint: str | None = None
+) -> None:
     """Raise ResumeRefusedError naming each training-relevant key that changed since the
     checkpoint at `where` was written, with its old and new value; with the spec unchanged, a
     changed `plan_fingerprint` (compiler.plan.Plan.fingerprint of the resuming run)."""
     problems = [f"  {k}: {old!r} -> {new!r}" for k, old, new in spec_changes(metadata.get("spec", {}), spec_dict)]
     saved_fingerprint = metadata.get("plan_fingerprint")
-    if (not problems and plan_fingerprint and saved_fingerprint != plan_fingerprint
-            and metadata.get("plan_fingerprint_version") == FINGERPRINT_VERSION):
-        problems.append(f"  plan fingerprint: {saved_fingerprint} -> {plan_fingerprint} (the same spec compiles to "
-                        f"another training program: the base model's config.json, or how this ftc lays out the "
-                        f"parameters, changed; `ftc plan` prints the parameters)")
+    if (
+        not problems
+        and plan_fingerprint
+        and saved_fingerprint != plan_fingerprint
+        and metadata.get("plan_fingerprint_version") == FINGERPRINT_VERSION
+    ):
+        problems.append(
+            f"  plan fingerprint: {saved_fingerprint} -> {plan_fingerprint} (the same spec compiles to "
+            f"another training program: the base model's config.json, or how this ftc lays out the "
+            f"parameters, changed; `ftc plan` prints the parameters)"
+        )
     saved_hash = metadata.get("tokenizer_hash")
     if saved_hash and tokenizer_hash and saved_hash != tokenizer_hash:
         problems.append(f"  tokenizer: hash {saved_hash} -> {tokenizer_hash}")
     if metadata.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-        problems.append(f"  checkpoint format {metadata['format_version']} is newer than this ftc reads "
-                        f"({FORMAT_VERSION})")
+        problems.append(
+            f"  checkpoint format {metadata['format_version']} is newer than this ftc reads ({FORMAT_VERSION})"
+        )
     if problems:
         raise ResumeRefusedError(
             f"refusing to resume from {where}: training-relevant settings changed since it was saved:\n"
             + "\n".join(problems)
             + "\nRestore the old values to resume, or start a new run (another name or output_dir). "
-              f"Keys that may change on resume: {', '.join(RESUMABLE_CHANGES)}."
+            f"Keys that may change on resume: {', '.join(RESUMABLE_CHANGES)}."
         )

@@ -25,26 +25,22 @@ Two guards against a base that changed under a run, recorded in the checkpoint's
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract, load_model
 from ftc.backends.jax import methods as method_registry
+from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
+from ftc.backends.jax.io.hf_checkpoint import load_model
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.models.shapes import path_str
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import init_from
+from ftc.backends.jax.state.fingerprint import checksum_changes, checksums, source_changes, source_fingerprint
 from ftc.spec import spec_from_dict
-
-SAMPLES = 16
-SAMPLE_BYTES = 4096
-WHOLE_FILE_BYTES = 1 << 20  # files up to this size are hashed whole
 
 
 class BaseChangedError(ckpt_lib.ResumeRefusedError):
@@ -78,139 +74,19 @@ def needs_rebuild(mask: Any, with_reference: bool) -> bool:
     return with_reference or not all(jax.tree.leaves(mask))
 
 
-# ---------------------------------------------------------------- the source's files
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict:
-    """{"size", "sha256"}: sha256 of the whole file up to WHOLE_FILE_BYTES, else of its
-    safetensors header (length + JSON) and SAMPLES evenly spaced SAMPLE_BYTES ranges, the first at
-    its start and the last at its end."""
-    path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= WHOLE_FILE_BYTES:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        else:
-            head = f.read(8)
-            h.update(head)
-            if path.suffix == ".safetensors" and len(head) == 8:
-                h.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
-            for offset in sample_offsets(size):
-                f.seek(offset)
-                h.update(f.read(SAMPLE_BYTES))
-    return {"size": size, "sha256": h.hexdigest()}
-
-
-def sample_offsets(size: int) -> list[int]:
-    """Where file_fingerprint's sampled ranges of a file of `size` bytes start."""
-    last = max(size - SAMPLE_BYTES, 0)
-    return [last * i // (SAMPLES - 1) for i in range(SAMPLES)]
-
-
-def source_files(spec, model_dir: str | os.PathLike, init_step: int | None) -> tuple[str, Path, list[Path]]:
-    """(what, directory, files) the frozen base is read from, as `initial_params` reads it: an
-    init_from run's checkpoint at `init_step`, an init_from HF directory, else the base's own
-    directory (model_dir). An init_from PEFT adapter or adapter export brings trained weights only."""
-    source = init_from.resolve(spec, model_dir, init_step)
-    if source.kind == init_from.RUN:
-        directory = Path(ckpt_lib.checkpoint_dir(source.path)) / str(init_step)
-        files = sorted(p for p in directory.rglob("*") if p.is_file()) if directory.is_dir() else []
-        return f"model.init_from {source.path} (its checkpoint at step {init_step})", directory, files
-    if source.kind == init_from.HF_DIR:
-        directory, what = source.base_dir, f"model.init_from {source.path}"
-    else:
-        directory = Path(model_dir)
-        what = f"model.base {spec.model.base}" + ("" if Path(spec.model.base) == directory else f" (read from {directory})")
-    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.safetensors.index.json"))
-    return what, directory, files
-
-
-def source_fingerprint(spec, model_dir: str | os.PathLike, init_step: int | None) -> dict:
-    what, directory, files = source_files(spec, model_dir, init_step)
-    return {"what": what, "dir": str(directory), "exists": directory.is_dir(),
-            "files": {str(p.relative_to(directory)): file_fingerprint(p) for p in files}}
-
-
-def source_changes(saved: dict, now: dict) -> list[str]:
-    """One line per file of the frozen base's source that is gone, new, or changed."""
-    where = now["dir"]
-    if not now.get("exists", True):
-        return [f"  {where}: gone"]
-    a, b = saved["files"], now["files"]
-    out = []
-    for name in sorted(set(a) | set(b)):
-        path = os.path.join(where, name)
-        if name not in b:
-            out.append(f"  {path}: gone")
-        elif name not in a:
-            out.append(f"  {path}: a new file")
-        elif a[name]["size"] != b[name]["size"]:
-            out.append(f"  {path}: size {a[name]['size']} -> {b[name]['size']} bytes")
-        elif a[name]["sha256"] != b[name]["sha256"]:
-            out.append(f"  {path}: content changed (same size; sha256 of "
-                       f"{'the file' if b[name]['size'] <= WHOLE_FILE_BYTES else 'its header and sampled ranges'} "
-                       f"{a[name]['sha256'][:12]} -> {b[name]['sha256'][:12]})")
-    return out
-
-
-# ---------------------------------------------------------------- checksums of the rebuilt leaves
-
-
-def _mix(v):
-    """murmur3's 32-bit finaliser: a bijection of uint32 that spreads every input bit."""
-    v = v ^ (v >> 16)
-    v = v * jnp.uint32(0x85EBCA6B)
-    v = v ^ (v >> 13)
-    v = v * jnp.uint32(0xC2B2AE35)
-    return v ^ (v >> 16)
-
-
-def _leaf_sums(x: jax.Array) -> jax.Array:
-    """[2] uint32: sums (mod 2**32, so in any order, on any mesh) of each element's bits mixed with
-    its flat position, and of that mixed again."""
-    if x.dtype == jnp.bool_:
-        bits = x.astype(jnp.uint32)
-    else:
-        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(x.dtype).itemsize]
-        bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-    index = jnp.zeros(x.shape, jnp.uint32)
-    stride = 1
-    for d in reversed(range(x.ndim)):
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2**32)
-        stride *= x.shape[d]
-    h = _mix(bits ^ _mix(index + jnp.uint32(0x9E3779B9)))
-    return jnp.stack([jnp.sum(h, dtype=jnp.uint32), jnp.sum(_mix(h + jnp.uint32(0x27D4EB2F)), dtype=jnp.uint32)])
-
-
-def checksums(tree: dict) -> dict[str, str]:
-    """"/"-joined path -> 16 hex digits for every leaf of `tree` (sharded arrays welcome)."""
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    if not flat:
-        return {}
-    sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])([x for _, x in flat])
-    out = {}
-    for (path, _), s in zip(flat, sums):
-        a, b = (int(v) for v in np.asarray(s.addressable_data(0)))
-        out[path_str(path)] = f"{a:08x}{b:08x}"
-    return out
-
-
-def checksum_changes(saved: dict[str, str], now: dict[str, str]) -> list[str]:
-    out = []
-    for name in sorted(set(saved) | set(now)):
-        if saved.get(name) != now.get(name):
-            out.append(f"  {name}: " + ("not rebuilt" if name not in now else "not in the checkpoint's record"
-                                        if name not in saved else "the rebuilt values differ from the run's"))
-    return out
-
-
 # ---------------------------------------------------------------- the starting params
 
 
-def initial_params(spec, model_dir: str | os.PathLike, abstract_params, param_shardings, model=None, *,
-                   init_step: int | None = None, method_weights: bool = True):
+def initial_params(
+    spec,
+    model_dir: str | os.PathLike,
+    abstract_params,
+    param_shardings,
+    model=None,
+    *,
+    init_step: int | None = None,
+    method_weights: bool = True,
+):
     """Parameters a run starts from, placed by `param_shardings` (a tree matching the method's
     params), from what init_from.resolve says its source is:
 
@@ -237,19 +113,30 @@ def initial_params(spec, model_dir: str | os.PathLike, abstract_params, param_sh
         if step not in reader.all_steps():
             raise ckpt_lib.ResumeRefusedError(
                 f"model.init_from={source.path!r}: its checkpoint at step {step}, which this run started from, is "
-                f"gone (there are: {', '.join(map(str, reader.all_steps())) or 'none'})")
+                f"gone (there are: {', '.join(map(str, reader.all_steps())) or 'none'})"
+            )
         meta = reader.metadata(step)
         earlier = meta.get("spec", {}).get("method", {}).get("kind", "full")
         if earlier == model.kind:
-            return restore_params(reader, step, meta, model, _placed(abstract_params, param_shardings),
-                                  what=f"model.init_from={source.path!r}")
+            return restore_params(
+                reader,
+                step,
+                meta,
+                model,
+                _placed(abstract_params, param_shardings),
+                what=f"model.init_from={source.path!r}",
+            )
         if method_registry.get(earlier).transform is not None:  # only an untransformed tree is a base
-            raise ValueError(f"model.init_from={source.path!r} is a {earlier} run; a method.kind={model.kind!r} run "
-                             f"starts from a run of the same method or of a full fine-tune. Export it first (`ftc "
-                             f"export {source.path} --format hf` merges a LoRA) and give the export directory as "
-                             f"model.init_from")
-        base = reader.restore_params(_placed(family_abstract(model.family, model.arch, dtype),
-                                             methods.base_shardings(model, param_shardings)), step)
+            raise ValueError(
+                f"model.init_from={source.path!r} is a {earlier} run; a method.kind={model.kind!r} run "
+                f"starts from a run of the same method or of a full fine-tune. Export it first (`ftc "
+                f"export {source.path} --format hf` merges a LoRA) and give the export directory as "
+                f"model.init_from"
+            )
+        base = reader.restore_params(
+            _placed(family_abstract(model.family, model.arch, dtype), methods.base_shardings(model, param_shardings)),
+            step,
+        )
     else:
         init_from.check_method(source, model.kind)
         base = load_model(source.base_dir, dtype=dtype, shardings=methods.base_shardings(model, param_shardings)).params
@@ -274,9 +161,13 @@ def record(spec, model_dir: str | os.PathLike, state: dict, mask: Any, init_step
     if not needs_rebuild(mask, with_reference):
         return None
     tree = rebuilt_part(state[ckpt_lib.REFERENCE] if with_reference else state["params"], mask, with_reference)
-    return {"rebuilt": "reference" if with_reference else "frozen params",
-            "init_from": spec.model.init_from, "init_from_step": init_step,
-            "source": source_fingerprint(spec, model_dir, init_step), "checksums": checksums(tree)}
+    return {
+        "rebuilt": "reference" if with_reference else "frozen params",
+        "init_from": spec.model.init_from,
+        "init_from_step": init_step,
+        "source": source_fingerprint(spec, model_dir, init_step),
+        "checksums": checksums(tree),
+    }
 
 
 def run_model_dir(meta: dict, spec) -> Path:
@@ -287,15 +178,18 @@ def run_model_dir(meta: dict, spec) -> Path:
     return Path(init_from.read_model_config(spec.model.base)[0])
 
 
-def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: Any, *, with_reference: bool,
-            mask: Any, what: str) -> Any:
+def rebuild(
+    meta: dict, model_dir: str | os.PathLike, model, abstract_params: Any, *, with_reference: bool, mask: Any, what: str
+) -> Any:
     """The run's starting params (placed by the shardings on `abstract_params`), after checking
     that its frozen base's source and the rebuilt leaves are what the checkpoint recorded.
     `meta`: the checkpoint's metadata; `what`: how refusals start ("refusing to resume from X")."""
     frozen = meta.get("frozen")
     if not frozen:
-        raise BaseChangedError(f"{what}: the checkpoint leaves its frozen parameters out but has no record of "
-                               f"where they come from (metadata 'frozen'); it was not written by ftc")
+        raise BaseChangedError(
+            f"{what}: the checkpoint leaves its frozen parameters out but has no record of "
+            f"where they come from (metadata 'frozen'); it was not written by ftc"
+        )
     # The run's spec, with the model.init_from it started from (a resume may have changed it since).
     spec_dict = dict(meta["spec"], model={**meta["spec"]["model"], "init_from": frozen.get("init_from")})
     if spec_dict["model"]["init_from"] is None:
@@ -305,25 +199,38 @@ def rebuild(meta: dict, model_dir: str | os.PathLike, model, abstract_params: An
     problems = source_changes(frozen["source"], source_fingerprint(spec, model_dir, init_step))
     if problems:
         raise BaseChangedError(
-            f"{what}: the frozen base it was trained on changed since it was saved:\n" + "\n".join(problems)
+            f"{what}: the frozen base it was trained on changed since it was saved:\n"
+            + "\n".join(problems)
             + f"\nThe checkpoint holds only the trained parameters; the rest is rebuilt from "
-              f"{frozen['source']['what']}. Put the original files back, or start a new run.")
+            f"{frozen['source']['what']}. Put the original files back, or start a new run."
+        )
     shardings = jax.tree.map(lambda s: s.sharding, abstract_params)
-    initial = initial_params(spec, Path(model_dir), abstract_params, shardings, model=model, init_step=init_step,
-                             method_weights=False)
+    initial = initial_params(
+        spec, Path(model_dir), abstract_params, shardings, model=model, init_step=init_step, method_weights=False
+    )
     problems = checksum_changes(frozen["checksums"], checksums(rebuilt_part(initial, mask, with_reference)))
     if problems:
         raise BaseChangedError(
             f"{what}: the frozen parameters rebuilt from {frozen['source']['what']} are not the ones the run "
-            f"trained with:\n" + "\n".join(problems[:20]) + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20
-                                                            else "")
+            f"trained with:\n"
+            + "\n".join(problems[:20])
+            + (f"\n  ... {len(problems) - 20} more" if len(problems) > 20 else "")
             + "\nIts files read the same where sampled: they changed elsewhere, or this ftc or device computes the "
-              "rebuild (e.g. NF4 quantisation) differently. Put the original files back, or start a new run.")
+            "rebuild (e.g. NF4 quantisation) differently. Put the original files back, or start a new run."
+        )
     return jax.tree.map(lambda x, s: x if x.dtype == s.dtype else x.astype(s.dtype), initial, abstract_params)
 
 
-def restore_params(reader: ckpt_lib.Checkpointer, step: int, meta: dict, model, abstract_params: Any,
-                   model_dir: str | os.PathLike | None = None, *, what: str | None = None) -> Any:
+def restore_params(
+    reader: ckpt_lib.Checkpointer,
+    step: int,
+    meta: dict,
+    model,
+    abstract_params: Any,
+    model_dir: str | os.PathLike | None = None,
+    *,
+    what: str | None = None,
+) -> Any:
     """A checkpointed run's whole params tree (the method's, placed by the shardings on
     `abstract_params`): the leaves the checkpoint holds over its rebuilt frozen base. `model`: the
     run's methods.MethodModel; `meta`: the checkpoint's metadata."""
@@ -336,8 +243,14 @@ def restore_params(reader: ckpt_lib.Checkpointer, step: int, meta: dict, model, 
     return ckpt_lib.overlay(initial, reader.restore_params(ckpt_lib.prune(abstract_params, mask), step))
 
 
-def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, meta: dict, model_dir: str | os.PathLike, model,
-                  abstract_state: dict) -> tuple[dict, Any]:
+def restore_state(
+    checkpointer: ckpt_lib.Checkpointer,
+    step: int,
+    meta: dict,
+    model_dir: str | os.PathLike,
+    model,
+    abstract_state: dict,
+) -> tuple[dict, Any]:
     """(train state, data state) of checkpoint `step` of a run, placed by the shardings on
     `abstract_state` (the whole state's ShapeDtypeStructs): what it holds, completed by the rebuilt
     frozen params and reference copy (format 2), or all of it (format 1)."""
@@ -346,8 +259,15 @@ def restore_state(checkpointer: ckpt_lib.Checkpointer, step: int, meta: dict, mo
     mask = checkpointer.saved_params
     if meta.get("format_version", 1) < 2 or mask is None or not needs_rebuild(mask, with_reference):
         return state, data_state
-    initial = rebuild(meta, model_dir, model, abstract_state["params"], with_reference=with_reference, mask=mask,
-                      what=f"refusing to resume from {checkpointer.directory}/{step}")
+    initial = rebuild(
+        meta,
+        model_dir,
+        model,
+        abstract_state["params"],
+        with_reference=with_reference,
+        mask=mask,
+        what=f"refusing to resume from {checkpointer.directory}/{step}",
+    )
     state = dict(state, params=ckpt_lib.overlay(initial, state["params"]))
     if with_reference:  # its own buffers: the train step donates the state
         state[ckpt_lib.REFERENCE] = jax.tree.map(jnp.copy, initial)

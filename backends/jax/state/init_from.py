@@ -23,9 +23,9 @@ import json
 import os
 from pathlib import Path
 
+from ftc.backends.jax import methods as method_registry
 from ftc.backends.jax.io.hf_checkpoint import read_hf_config
 from ftc.backends.jax.io.model_source import resolve_model_source
-from ftc.backends.jax import methods as method_registry
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 
@@ -39,10 +39,10 @@ class InitSource:
     the fresh method params (METHOD_DIR, or an HF_DIR export holding a method's weights)."""
 
     kind: str
-    path: str | None            # model.init_from as written (None for BASE)
+    path: str | None  # model.init_from as written (None for BASE)
     base_dir: Path | None
     method_dir: Path | None = None
-    step: int | None = None     # RUN: the checkpoint step it starts from
+    step: int | None = None  # RUN: the checkpoint step it starts from
     adapter_config: dict | None = None  # METHOD_DIR: its adapter_config.json
 
     @property
@@ -115,12 +115,22 @@ def check_method(source: InitSource, kind: str) -> None:
         want = methods.kinds_reading(found)
         if kind not in want:
             what = f"a PEFT {found.get('peft_type')} adapter" if found.get("peft_type") else "an adapter export"
-            raise ValueError(f"model.init_from={init!r} is {what}, which a method.kind={kind!r} run cannot "
-                             f"start from" + (f" (expected method.kind {' or '.join(want)})" if want else ""))
-    elif source.kind == HF_DIR and source.method_dir is not None and method_registry.get(kind).init_subdir != source.method_dir.name:
-        raise ValueError(f"model.init_from={init!r} holds method weights ({source.method_dir.name}/) "
-                         f"that a method.kind={kind!r} run would drop; start a run of their method from it, "
-                         f"or a {kind} run from its base model")
+            raise ValueError(
+                f"model.init_from={init!r} is {what}, which a method.kind={kind!r} run cannot "
+                f"start from" + (f" (expected method.kind {' or '.join(want)})" if want else "")
+            )
+    elif (
+        source.kind == HF_DIR
+        and source.method_dir is not None
+        and method_registry.get(kind).init_subdir != source.method_dir.name
+    ):
+        raise ValueError(
+            f"model.init_from={init!r} holds method weights ({source.method_dir.name}/) "
+            f"that a method.kind={kind!r} run would drop; start a run of their method from it, "
+            f"or a {kind} run from its base model"
+        )
     elif source.kind == UNKNOWN:
-        raise ValueError(f"model.init_from={init!r}: expected a run directory (with checkpoints/), a "
-                         f"Hugging Face directory (config.json), a PEFT adapter or an ftc adapter export")
+        raise ValueError(
+            f"model.init_from={init!r}: expected a run directory (with checkpoints/), a "
+            f"Hugging Face directory (config.json), a PEFT adapter or an ftc adapter export"
+        )

@@ -18,6 +18,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """How this process joins a multi-process run; all None and auto False: a single process."""
+
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -31,18 +32,25 @@ class Launch:
         """Why this launch cannot work, before anything waits on a coordinator; None if it can."""
         if not self.multi_process or self.auto:
             return None
-        given = {"--coordinator": self.coordinator, "--num-processes": self.num_processes,
-                 "--process-id": self.process_id}
+        given = {
+            "--coordinator": self.coordinator,
+            "--num-processes": self.num_processes,
+            "--process-id": self.process_id,
+        }
         missing = [k for k, v in given.items() if v is None]
         if missing:
-            return (f"a multi-process run needs --coordinator, --num-processes and --process-id together "
-                    f"(missing {', '.join(missing)}); or --distributed to read them from the cluster")
+            return (
+                f"a multi-process run needs --coordinator, --num-processes and --process-id together "
+                f"(missing {', '.join(missing)}); or --distributed to read them from the cluster"
+            )
         host, _, port = self.coordinator.rpartition(":")
         if not host or not port.isdigit():
             return f"--coordinator {self.coordinator!r}: expected HOST:PORT of process 0, e.g. 10.0.0.1:8476"
         if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
-            return (f"--process-id {self.process_id} is not in [0, --num-processes {self.num_processes}); "
-                    f"give every process its own id from 0 to {self.num_processes - 1}")
+            return (
+                f"--process-id {self.process_id} is not in [0, --num-processes {self.num_processes}); "
+                f"give every process its own id from 0 to {self.num_processes - 1}"
+            )
         return None
 
 
@@ -63,8 +71,12 @@ def initialize(launch: Launch, *, timeout_s: int = 300) -> None:
     if launch.auto:
         jax.distributed.initialize(initialization_timeout=timeout_s)
     else:
-        jax.distributed.initialize(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
-                                   process_id=launch.process_id, initialization_timeout=timeout_s)
+        jax.distributed.initialize(
+            coordinator_address=launch.coordinator,
+            num_processes=launch.num_processes,
+            process_id=launch.process_id,
+            initialization_timeout=timeout_s,
+        )
 
 
 def is_writer() -> bool:

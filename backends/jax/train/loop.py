@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 
@@ -68,7 +69,7 @@ class LoopConfig:
     checkpoint_every: int = 0  # 0: only at the end and on interrupt
     progress: bool = True
     flops_per_step: float = 0.0  # model FLOPs of one optimizer step (plan); 0: no MFU
-    peak_flops: float = 0.0      # peak FLOP/s of every device of the run together
+    peak_flops: float = 0.0  # peak FLOP/s of every device of the run together
 
 
 def train_loop(
@@ -93,8 +94,13 @@ def train_loop(
     from tqdm import tqdm
 
     step = int(jax.device_get(state["step"]))
-    bar = tqdm(total=config.total_steps, initial=step, disable=not config.progress or jax.process_index() != 0,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.total_steps,
+        initial=step,
+        disable=not config.progress or jax.process_index() != 0,
+        unit="step",
+        dynamic_ncols=True,
+    )
     window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
     metrics = None  # the last step's metrics (device arrays), checked before any save
 

@@ -6,11 +6,13 @@ the model are refused; Auto lets XLA propagate shardings from the parameters and
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ftc.compiler import sharding_rules
 
@@ -22,10 +24,10 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None =
     devices = list(jax.devices() if devices is None else devices)
     n = data * fsdp * tensor
     if n != len(devices):
-        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {n} devices, "
-                         f"{len(devices)} are available")
-    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+        raise ValueError(
+            f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {n} devices, {len(devices)} are available"
+        )
+    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def mesh_for_plan(plan, devices: Sequence[Any] | None = None) -> Mesh:

@@ -7,7 +7,8 @@ gradients nor optimizer state, and stay bitwise unchanged.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +53,9 @@ def decay_mask(params: Any, axes_by_path: dict[str, tuple]) -> Any:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(opt, schedule: optax.Schedule, axes_by_path: dict[str, tuple] | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    opt, schedule: optax.Schedule, axes_by_path: dict[str, tuple] | None = None
+) -> optax.GradientTransformation:
     """`opt` is a compiler.plan.OptimizerPlan (or the spec's OptimizerSpec), its values as the
     resolved spec gives them (the schema holds the defaults). Gradient clipping by global norm
     comes first (grad_clip 0 = off)."""

@@ -103,8 +103,9 @@ def host_memory() -> dict[str, float]:
             for line in f:
                 key, _, value = line.partition(":")
                 if key in ("VmRSS", "VmHWM"):
-                    out["host_memory_bytes" if key == "VmRSS" else "host_memory_peak_bytes"] = \
+                    out["host_memory_bytes" if key == "VmRSS" else "host_memory_peak_bytes"] = (
                         float(value.split()[0]) * 1024
+                    )
     except OSError:
         import resource
         import sys

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,8 +41,7 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------------ state
 
 
-def init_state(params: Any, tx: optax.GradientTransformation, mask: Any, seed: int, *,
-               reference: bool = False) -> dict:
+def init_state(params: Any, tx: optax.GradientTransformation, mask: Any, seed: int, *, reference: bool = False) -> dict:
     """The step-0 state; with `reference`, also a frozen copy of `params` (an extra
     parameter-sized buffer, never updated) under "reference"."""
     trainable, _ = split_params(params, mask)
@@ -83,8 +83,14 @@ def state_shardings(mesh: Mesh, abstract_state: dict, partitions: Mapping[str, t
     return out
 
 
-def abstract_state(abstract_params: Any, tx: optax.GradientTransformation, mask: Any, shardings: dict | None = None,
-                   *, reference: bool = False) -> dict:
+def abstract_state(
+    abstract_params: Any,
+    tx: optax.GradientTransformation,
+    mask: Any,
+    shardings: dict | None = None,
+    *,
+    reference: bool = False,
+) -> dict:
     """The train state as ShapeDtypeStructs (with shardings when given): a restore target."""
     shapes = jax.eval_shape(lambda p: init_state(p, tx, mask, 0, reference=reference), abstract_params)
     if shardings is None:
@@ -110,8 +116,7 @@ class Steps:
     def put_train_batch(self, batch: Mapping[str, Any]) -> dict:
         """[B, ...] host arrays -> [accum, B / accum, ...] device arrays."""
         a = self.accum_steps
-        shaped = jax.tree.map(lambda v: np.asarray(v).reshape((a, v.shape[0] // a) + v.shape[1:]),
-                              self._keep(batch))
+        shaped = jax.tree.map(lambda v: np.asarray(v).reshape((a, v.shape[0] // a) + v.shape[1:]), self._keep(batch))
         return _put(shaped, self.train_batch_sharding)
 
     def put_eval_batch(self, batch: Mapping[str, Any]) -> dict:
@@ -120,8 +125,9 @@ class Steps:
     def _keep(self, batch: Mapping[str, Any]) -> dict:
         missing = [k for k in self.objective.batch_keys if k not in batch]
         if missing:
-            raise KeyError(f"objective {self.objective.name!r} needs batch keys {missing}; the batch has "
-                           f"{sorted(batch)}")
+            raise KeyError(
+                f"objective {self.objective.name!r} needs batch keys {missing}; the batch has {sorted(batch)}"
+            )
         return {k: batch[k] for k in self.objective.batch_keys}
 
 
@@ -133,8 +139,11 @@ def _put(batch: Any, sharding: NamedSharding) -> Any:
 def real_tokens(batch: Any) -> int:
     """Real (non-padding) tokens in a host batch: non-zero `segment_ids` wherever they occur."""
     if isinstance(batch, Mapping):
-        return sum(int(np.count_nonzero(v)) if k == "segment_ids" else real_tokens(v) for k, v in batch.items()
-                   if k == "segment_ids" or isinstance(v, Mapping))
+        return sum(
+            int(np.count_nonzero(v)) if k == "segment_ids" else real_tokens(v)
+            for k, v in batch.items()
+            if k == "segment_ids" or isinstance(v, Mapping)
+        )
     return 0
 
 
@@ -166,8 +175,9 @@ def build_steps(
             micro_batch, i = xs
 
             def loss(tr):
-                sums = objective.sums(model, merge_params(tr, frozen, mask), micro_batch, jax.random.fold_in(rng, i),
-                                      state.get(REFERENCE))
+                sums = objective.sums(
+                    model, merge_params(tr, frozen, mask), micro_batch, jax.random.fold_in(rng, i), state.get(REFERENCE)
+                )
                 return sums["loss_sum"], sums
 
             (_, sums), grads = jax.value_and_grad(loss, has_aux=True)(trainable)
@@ -198,8 +208,9 @@ def build_steps(
         return objective.sums(evaluated, state["params"], batch, state["rng"], state.get(REFERENCE))
 
     # One sharding for the whole batch tree (a pytree prefix): every leaf splits its batch axis.
-    train = jax.jit(train_step, in_shardings=(state_sh, train_batch_sh),
-                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    train = jax.jit(
+        train_step, in_shardings=(state_sh, train_batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,)
+    )
     evaluate = jax.jit(eval_step, in_shardings=(state_sh, eval_batch_sh), out_shardings=replicated)
     return Steps(train, evaluate, state_sh, train_batch_sh, eval_batch_sh, accum_steps, objective)
 
@@ -218,7 +229,7 @@ def check_finite(metrics: Mapping[str, float], step: int) -> None:
         raise NonFiniteLossError(
             f"training loss is {loss} at step {step} (grad_norm {metrics.get('grad_norm')}, "
             f"learning_rate {metrics.get('learning_rate')}); the run stops here. Try a lower "
-            f"training.learning_rate, training.optimizer.grad_clip > 0, or model.dtype = \"float32\"."
+            f'training.learning_rate, training.optimizer.grad_clip > 0, or model.dtype = "float32".'
         )
 
 

@@ -9,7 +9,8 @@ names a format. A format module defines `FORMAT = Format(...)` and one line in t
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pack.py reaches this module through tokenize -> read -> the registry
     from ftc.backends.jax.data.pack import Layout

@@ -20,7 +20,7 @@ from ftc.backends.jax.data.read import BadRow, expect_messages, expect_object
 def normalise(record) -> dict:
     record = expect_object(record)
     if "messages" not in record:
-        raise BadRow("missing key 'messages', expected an array of {\"role\", \"content\"} messages")
+        raise BadRow('missing key \'messages\', expected an array of {"role", "content"} messages')
     return {"messages": expect_messages(record["messages"], "messages")}
 
 
@@ -32,8 +32,11 @@ def empty_reason(data: dict, train_on: str | None) -> str | None:
     messages = data["messages"]
     if all(blank(m["content"]) for m in messages):
         return "empty"
-    trained = [m for m in messages if (train_on == "all" or m["role"] == "assistant")
-               and m.get("weight", 1) and not blank(m["content"])]
+    trained = [
+        m
+        for m in messages
+        if (train_on == "all" or m["role"] == "assistant") and m.get("weight", 1) and not blank(m["content"])
+    ]
     return None if trained else "no_assistant_turn"
 
 

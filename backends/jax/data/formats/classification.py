@@ -8,7 +8,7 @@ Tokens: tokenizer(text) with its special tokens, and the label's index in the cl
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 from ftc.backends.jax.data import pack, tokenize
 from ftc.backends.jax.data.formats.base import Format, blank
@@ -40,9 +40,10 @@ def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> 
     strings = [v for v in values if isinstance(v, str)]
     if strings and len(strings) != len(values):
         first_int = next(r for r in rows if not isinstance(r.data["label"], str))
-        raise DataError("labels mix strings and integers; give data.labels to name the integers",
-                        [f"{first_int.where}: label {first_int.data['label']} is an integer, "
-                         f"other rows' labels are strings"])
+        raise DataError(
+            "labels mix strings and integers; give data.labels to name the integers",
+            [f"{first_int.where}: label {first_int.data['label']} is an integer, other rows' labels are strings"],
+        )
     if strings:
         return tuple(sorted(set(strings)))
     return tuple(str(i) for i in range(max(values) + 1))
@@ -56,12 +57,16 @@ def label_indexer(label_names: Sequence[str]):
         if isinstance(label, int):
             if label < len(label_names):
                 return label
-            raise DataError(f"{row.where}: label {label} is out of range, expected 0..{len(label_names) - 1} "
-                            f"({len(label_names)} labels)")
+            raise DataError(
+                f"{row.where}: label {label} is out of range, expected 0..{len(label_names) - 1} "
+                f"({len(label_names)} labels)"
+            )
         if label in index:
             return index[label]
-        raise DataError(f"{row.where}: label {label!r} is not one of the labels "
-                        f"{list(label_names)[:20]}{' ...' if len(label_names) > 20 else ''}")
+        raise DataError(
+            f"{row.where}: label {label!r} is not one of the labels "
+            f"{list(label_names)[:20]}{' ...' if len(label_names) > 20 else ''}"
+        )
 
     return label_of
 

@@ -30,8 +30,11 @@ def normalise(record) -> dict:
     if "input" in record or "preferred_output" in record:  # OpenAI preference format
         inp = record.get("input")
         if not isinstance(inp, dict):
-            raise BadRow("'input' is " + ("missing" if inp is None else kind_of(inp))
-                         + ", expected an object {\"messages\": [...]}")
+            raise BadRow(
+                "'input' is "
+                + ("missing" if inp is None else kind_of(inp))
+                + ', expected an object {"messages": [...]}'
+            )
         if "messages" not in inp:
             raise BadRow("missing key 'input.messages', expected an array of messages")
         prompt = expect_messages(inp["messages"], "input.messages")
@@ -45,16 +48,21 @@ def normalise(record) -> dict:
         elif isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
         else:
-            raise BadRow("missing key 'prompt', expected a string or an array of messages "
-                         "(it may be left out only when 'chosen' and 'rejected' are message arrays)")
+            raise BadRow(
+                "missing key 'prompt', expected a string or an array of messages "
+                "(it may be left out only when 'chosen' and 'rejected' are message arrays)"
+            )
     else:
-        raise BadRow("missing keys, expected {\"input\", \"preferred_output\", \"non_preferred_output\"} "
-                     "(OpenAI) or {\"prompt\", \"chosen\", \"rejected\"} (TRL)")
+        raise BadRow(
+            'missing keys, expected {"input", "preferred_output", "non_preferred_output"} '
+            '(OpenAI) or {"prompt", "chosen", "rejected"} (TRL)'
+        )
     if any(isinstance(v, list) for v in (prompt, chosen, rejected)):
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
-        chosen, rejected = ([{"role": "assistant", "content": v}] if isinstance(v, str) else v
-                            for v in (chosen, rejected))
+        chosen, rejected = (
+            [{"role": "assistant", "content": v}] if isinstance(v, str) else v for v in (chosen, rejected)
+        )
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -63,8 +71,10 @@ def _split_shared_prefix(chosen: list[dict], rejected: list[dict]):
     while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise BadRow("'chosen' and 'rejected' share no leading messages and there is no 'prompt', "
-                     "expected a prompt (shared first messages or a 'prompt' key)")
+        raise BadRow(
+            "'chosen' and 'rejected' share no leading messages and there is no 'prompt', "
+            "expected a prompt (shared first messages or a 'prompt' key)"
+        )
     return chosen[:n], chosen[n:], rejected[n:]
 
 
@@ -88,6 +98,7 @@ def tokenize_rows(tokenizer, rows, train_on, label_names):
 def empty_reason(data: dict, train_on: str | None) -> str | None:
     def responseblank(r):
         return blank(r) if isinstance(r, str) else all(blank(m["content"]) for m in r)
+
     if responseblank(data["chosen"]) or responseblank(data["rejected"]):
         return "empty"
     return "same_pair" if data["chosen"] == data["rejected"] else None
