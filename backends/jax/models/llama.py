@@ -29,7 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ftc.backends.jax.models import layers
+from ftc.backends.jax.models import layers, moe
 from ftc.backends.jax.models.decoder_config import DecoderArch, config_from_hf, hf_config
 from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
 
@@ -114,8 +114,12 @@ class DecoderBlock(nn.Module):
 
         h_BTD = Attention(a, self.dtype, name="self_attn")(norm("input_layernorm")(x_BTD), cos_BTH, sin_BTH, mask_B1TS)
         x_BTD = x_BTD + h_BTD
-        x_BTD = x_BTD + GatedMlp(a, self.dtype, name="mlp")(norm("post_attention_layernorm")(x_BTD))
-        return x_BTD, None
+        h_BTD = norm("post_attention_layernorm")(x_BTD)
+        if a.moe is None:
+            h_BTD = GatedMlp(a, self.dtype, name="mlp")(h_BTD)
+        else:
+            h_BTD = moe.MoeMlp(a, self.dtype, name="mlp")(h_BTD, full_mask_B1TS)
+        return x_BTD + h_BTD, None
 
 
 class Decoder(nn.Module):
@@ -147,7 +151,7 @@ class Decoder(nn.Module):
 
         Stack = nn.scan(
             layers.remat_block(DecoderBlock, a.remat),
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},  # intermediates: MoE router statistics
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=a.num_layers,
