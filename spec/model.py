@@ -103,6 +103,7 @@ class TrainingSpec:
     log_every: int
     remat: str
     dpo_beta: float | None  # dpo only
+    router_aux_loss_coef: float | None  # sft only; None: config.json decides (objectives/router_aux.py)
     schedule: ScheduleSpec
     optimizer: OptimizerSpec
 
@@ -116,6 +117,7 @@ class MeshSpec:
     data: int
     fsdp: int
     tensor: int
+    expert: int
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,9 +55,7 @@ def config_from_hf(hf_config: dict) -> DecoderArch:
 
 
 def hf_config(arch: DecoderArch) -> dict:
-    return moe_hf.hf_config(
-        arch, {"num_local_experts": arch.moe.num_experts, "sliding_window": arch.sliding_window}
-    )
+    return moe_hf.hf_config(arch, {"num_local_experts": arch.moe.num_experts, "sliding_window": arch.sliding_window})
 
 
 def hf_tensors(arch: DecoderArch):

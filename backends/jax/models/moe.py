@@ -164,7 +164,7 @@ def _ffn_ragged(xs_MD, sizes_E, wg_EDF, wu_EDF, wd_EFD, act):
 
 
 def grouped_ffn_impl() -> str:
-    """"blocks" on CPU, "ragged" elsewhere (see the module docstring)."""
+    """ "blocks" on CPU, "ragged" elsewhere (see the module docstring)."""
     return "blocks" if jax.default_backend() == "cpu" else "ragged"
 
 
