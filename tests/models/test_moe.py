@@ -65,7 +65,7 @@ def test_config_reads_each_familys_moe_settings(saved):
     assert arch["qwen2_moe"].moe.shared_expert_intermediate_size == 96 and arch["qwen2_moe"].qkv_bias
     assert not arch["qwen2_moe"].moe.norm_topk_prob and arch["qwen2_moe"].sliding_layers == (True, False)
     assert arch["qwen3_moe"].qk_norm and arch["qwen3_moe"].moe.norm_topk_prob
-    assert arch["qwen3_moe"].moe.expert_intermediate_size == 48 and arch["qwen3_moe"].head_dim == 32
+    assert arch["qwen3_moe"].moe.expert_intermediate_size == 64 and arch["qwen3_moe"].head_dim == 32
 
 
 @pytest.mark.parametrize("module", [mixtral, qwen2_moe, qwen3_moe], ids=lambda m: m.FAMILY.name)

@@ -21,7 +21,7 @@ def moe_config(case: str, **extra):
         return tf.MixtralConfig(
             **TINY, num_local_experts=EXPERTS, num_experts_per_tok=2, **{"sliding_window": 4, **extra}
         )
-    common = dict(TINY, moe_intermediate_size=48, num_experts=EXPERTS, num_experts_per_tok=2)
+    common = dict(TINY, moe_intermediate_size=64, num_experts=EXPERTS, num_experts_per_tok=2)
     if case == "qwen2_moe":
         # sliding window on layer 0 only (Qwen2-MoE's rule: odd i + 1 below max_window_layers).
         window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)
