@@ -18,7 +18,7 @@ import jsonschema
 from ftc.spec import choices, schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.overrides import did_you_mean
-from ftc.spec.paths import PACKAGE_PREFIX, TFDS_PREFIX, is_hub_id, package_problem
+from ftc.spec.paths import NAMED_DATA_PREFIXES, PACKAGE_PREFIX, is_hub_id, package_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,7 +365,7 @@ def _missing_file_warnings(s: dict, where: Where) -> list[SpecIssue]:
     if isinstance(validation, str):
         sources.append((("data", "validation"), validation))
     for path, value in sources:
-        if value.startswith(TFDS_PREFIX):
+        if value.startswith(NAMED_DATA_PREFIXES):
             continue
         if glob.has_magic(value) and not glob.glob(value):
             issues.append(_issue(where, path, f"no file matches {_shown_path(value)}", "warning"))

@@ -136,7 +136,7 @@ CONTRACT = [
 ENUMS = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.param_dtype": {"float32", "bfloat16"},
-    "data.format": {"chat", "completion", "text", "preference", "classification"},
+    "data.format": {"chat", "completion", "text", "preference", "classification", "sharegpt", "alpaca"},
     "method.kind": {"full", "lora", "qlora", "adapter", "probe"},
     "training.objective": {"sft", "dpo", "classify"},
     "training.remat": {"none", "full", "dots"},

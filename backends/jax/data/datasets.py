@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,6 +52,7 @@ from ftc.backends.jax.data import formats
 from ftc.backends.jax.data import loader as data_loader
 from ftc.backends.jax.data import pack as data_pack
 from ftc.backends.jax.data import read as data_read
+from ftc.backends.jax.data import sources as data_sources
 from ftc.backends.jax.data import tokenize as data_tokenize
 from ftc.backends.jax.data.read import DataError
 from ftc.backends.jax.data.stats import ArraySpec, DataStats
@@ -323,12 +323,8 @@ def _fingerprint(options: dict, tokenizer: Any) -> str:
         feed(group)
         if sources is None:
             continue
-        for source in data_read.resolve_sources(sources):
-            if source.startswith(data_read.TFDS_PREFIX):
-                feed(source)  # prepared tfds datasets are immutable by version
-            else:
-                st = os.stat(source)
-                feed(os.path.abspath(source), st.st_size, st.st_mtime_ns)
+        for entry in data_read.resolve_sources(sources):
+            feed(data_sources.source_for(entry).fingerprint(entry))
     feed(tokenizer_fingerprint(tokenizer))
     return h.hexdigest()
 
