@@ -7,6 +7,21 @@ import click
 from ftc import __version__
 from ftc.spec import choices
 
+# `pip install ftc` is the lint-only install; these commands need the `train` extra.
+TRAIN_MODULES = ("jax", "flax", "optax", "orbax", "transformers", "grain", "gguf")
+
+
+def _need_train(command: str) -> None:
+    """A one-line answer, not an ImportError traceback, when the training stack is not installed."""
+    import importlib.util
+
+    missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(
+            f"`ftc {command}` needs the training stack, not in this install ({', '.join(missing)} missing): "
+            "pip install 'ftc[train]' (and 'ftc[torch]' to load exports in PyTorch)"
+        )
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftc")
@@ -136,6 +151,7 @@ def verify(source, batch, seq_len, tol, seed, cache_dir):
     package:NAME/path. Exit status: 0 within tolerance, 1 above it, 2 when the check cannot run
     (bad source, or PyTorch not installed).
     """
+    _need_train("model verify")
     from ftc.backends.jax.io.model_source import ModelSourceError, resolve_model_source
     from ftc.backends.jax.io.verify import ReferenceUnavailable, verify_model
 
@@ -181,6 +197,7 @@ def plan(spec_path, overrides, devices, as_json):
     import json
 
     spec = _load_spec_or_exit(spec_path, overrides)
+    _need_train("plan")
     from ftc.backends.jax.pipeline import plan_spec
     from ftc.compiler.report import format_plan
 
@@ -237,6 +254,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
       ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 1   # host 1
     The mesh spans every device of every process; the output directory must be shared storage."""
     spec = _load_spec_or_exit(spec_path, overrides)
+    _need_train("run")
     from ftc.backends.jax.train import distributed as dist
 
     launch = dist.Launch(coordinator, num_processes, process_id, distributed)
@@ -329,6 +347,7 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
     Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
     the tolerance.
     """
+    _need_train("export")
     from ftc.backends.jax.io.export import ExportError, export_run
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.io.verify import ReferenceUnavailable
