@@ -356,7 +356,14 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
 )
 @click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-def export(run_dir, out, fmt, dtype, verify, tol, step, force):
+@click.option(
+    "--base-name",
+    default=None,
+    metavar="NAME",
+    help="The base's name in PEFT / adapter configs (base_model_name_or_path), e.g. the HF id a serving "
+    "machine loads. Default: model.base as the spec names it (for a GGUF, the HF model its metadata names).",
+)
+def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
     """Export the final checkpoint of RUN_DIR (a run directory of `ftc run`). The model, the method
     and the base are read from the checkpoint itself; nothing needs re-entering.
 
@@ -370,7 +377,16 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
 
     try:
         _, check = export_run(
-            run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step, tol=tol, echo=click.echo
+            run_dir,
+            out=out,
+            format=fmt,
+            dtype=dtype,
+            verify=verify,
+            force=force,
+            step=step,
+            tol=tol,
+            base_name=base_name,
+            echo=click.echo,
         )
     except (ExportError, ModelSourceError, ReferenceUnavailable, FileNotFoundError) as e:
         click.echo(f"error: {e}", err=True)

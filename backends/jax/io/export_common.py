@@ -154,6 +154,20 @@ def reload_hf(trained, out: Path, scratch: Path, causal: bool):
     return verify.load_reference(out, causal=causal)
 
 
+def load_base(base_name: str | None, auto: str) -> tuple[str, str]:
+    """(imports, expression): Python that loads the base an adapter export is served on, named as
+    the export names it; a GGUF or package: source goes through ftc's resolver, which converts it
+    into the local ftc cache on first use."""
+    from ftc.backends.jax.io.model_source import is_loadable_by_transformers
+
+    if base_name is None or is_loadable_by_transformers(base_name):
+        return "", f"{auto}.from_pretrained({base_name!r})"
+    return (
+        "from ftc.backends.jax.io.model_source import resolve_model_source; ",
+        f"{auto}.from_pretrained(resolve_model_source({base_name!r}))",
+    )
+
+
 def load_hf_line(out: Path, base_name: str | None, auto: str) -> str:
     return f"{auto}.from_pretrained({str(out)!r})"
 

@@ -53,6 +53,35 @@ def resolve_model_source(base: str, *, cache_dir: str | os.PathLike | None = Non
     )
 
 
+def gguf_file(base: str) -> Path | None:
+    """The .gguf file a model source names (a path, `package:NAME/file.gguf`, or an HF id's
+    `org/name/file.gguf` in the local cache), or None when it names something else."""
+    if not isinstance(base, str) or not base.strip().lower().endswith(".gguf"):
+        return None
+    base = base.strip()
+    if base.startswith(PACKAGE_PREFIX):
+        path = _package_path(base)
+    elif Path(base).expanduser().exists():
+        path = Path(base).expanduser()
+    elif (m := _HF_ID.fullmatch(base)) and m.group("file"):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            repo, file, rev = m.group("repo", "file", "rev")
+            path = Path(hf_hub_download(repo, file, revision=rev, cache_dir=hf_hub_cache(), local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: resolve_model_source says so where it matters
+            return None
+    else:
+        return None
+    return path if path.is_file() else None
+
+
+def is_loadable_by_transformers(name: str) -> bool:
+    """Whether `from_pretrained(name)` loads it: an HF directory or an HF id, not a GGUF file or a
+    `package:` source (those go through resolve_model_source first)."""
+    return not name.startswith(PACKAGE_PREFIX) and not name.lower().endswith(".gguf")
+
+
 def _from_path(path: Path, source: str, cache_dir) -> Path:
     if path.is_dir():
         return check_hf_dir(path, source)
