@@ -94,13 +94,28 @@ def train_loop(
     from tqdm import tqdm
 
     step = int(jax.device_get(state["step"]))
+    # The bar counts completed steps (the host waits for step k-1 once step k is queued, so the
+    # device never idles) and its ETA is the mean time of the steps since the first completed one
+    # (which compiles), evaluations and checkpoint saves left out: steady, unlike a moving average.
     bar = tqdm(
         total=config.total_steps,
         initial=step,
         disable=not config.progress or jax.process_index() != 0,
         unit="step",
         dynamic_ncols=True,
+        smoothing=0,
     )
+    timed_from_first = False
+    previous = None  # the last dispatched step's metrics, waited for once the next one is queued
+
+    def completed(upto: int) -> None:
+        nonlocal timed_from_first
+        if upto > bar.n:
+            bar.update(upto - bar.n)
+            if not timed_from_first:
+                bar.initial, bar.start_t, bar.last_print_t = bar.n, time.time(), time.time()
+                timed_from_first = True
+
     window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
     metrics = None  # the last step's metrics (device arrays), checked before any save
 
@@ -130,6 +145,7 @@ def train_loop(
         if jax.process_index() == 0:
             bar.write(f"step {at}: validation {', '.join(shown)}")
         window_start += time.perf_counter() - began  # tokens/s counts training time only
+        bar.unpause()  # nor does the ETA
 
     try:
         if step == 0 and config.eval_at_start:
@@ -148,14 +164,19 @@ def train_loop(
             window_steps += 1
             if after_step is not None:
                 after_step(step)
-            bar.update(1)
+            if previous is not None:
+                jax.block_until_ready(previous)
+                completed(step - 1)
+            previous = metrics
             last = step == config.total_steps
             if step % max(config.log_every, 1) == 0 or last:
                 host = checked(step)
+                completed(step)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row = {**host, "tokens_per_second": window_tokens / elapsed}
                 if config.flops_per_step and config.peak_flops:
                     row["mfu"] = config.flops_per_step * window_steps / elapsed / config.peak_flops
+                    row["peak_tflops"] = config.peak_flops / 1e12
                 row.update(run_log.device_memory())
                 row.update(run_log.host_memory())
                 if logger:
@@ -166,6 +187,8 @@ def train_loop(
                 run_eval(step)
             if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 save(step)
+                completed(step)
+                bar.unpause()
         if checkpointer is not None:
             checkpointer.wait()
     finally:
