@@ -2,7 +2,8 @@
 
 metrics.jsonl rows: {"step", "split": "train" | "validation", "loss", "learning_rate",
 "tokens_per_second", "grad_norm", "token_accuracy", ...}; validation rows carry "perplexity";
-train rows also "mfu", "host_memory_bytes" / "host_memory_peak_bytes" and, where the device
+train rows also "mfu" with "peak_tflops" (its denominator: the peak of every device of the run
+together), "host_memory_bytes" / "host_memory_peak_bytes" and, where the device
 reports them (GPU, TPU), "memory_bytes" / "memory_peak_bytes".
 Only process 0 writes. On resume, rows past the restored step (written by the interrupted run
 after its last checkpoint, and about to be redone) are dropped, so the file reads as one run.
