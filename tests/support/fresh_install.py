@@ -35,8 +35,9 @@ def venv(dest: Path) -> Path:
 
 
 def run(command, cwd, timeout: int, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`command` through bash in `cwd`, output captured; the environment without this venv's."""
-    environ = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    """`command` through bash in `cwd`, output captured; the environment a user has, without this
+    venv's and without the test session's (XLA_FLAGS: tests/conftest.py's 8 fake devices)."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "XLA_FLAGS")}
     environ["PATH"] = os.pathsep.join(p for p in environ["PATH"].split(os.pathsep) if not p.startswith(sys.prefix))
     return subprocess.run(
         ["bash", "-c", command],
