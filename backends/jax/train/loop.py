@@ -104,6 +104,8 @@ def train_loop(
         unit="step",
         dynamic_ncols=True,
         smoothing=0,
+        # No elapsed time: the timer restarts after the first step, so it would not be the run's.
+        bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [ETA {remaining}, {rate_fmt}{postfix}]",
     )
     timed_from_first = False
     previous = None  # the last dispatched step's metrics, waited for once the next one is queued
