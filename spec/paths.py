@@ -11,6 +11,7 @@ Three kinds (the schema's `x-ftc-path` annotation says which a key is):
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 
@@ -24,6 +25,8 @@ _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+?)?(?:/[^@]+\.gguf)?
 
 
 def resolve(kind: str, value: str, base_dir: str) -> str:
+    if not value.strip():
+        return value  # not the spec's own directory: an empty path is refused by the schema
     if kind == "data" and value.startswith(TFDS_PREFIX):
         return value
     if kind == "model" and value.startswith(PACKAGE_PREFIX):
@@ -75,3 +78,45 @@ def resolve_paths(data: dict, base_dir: str, prefix: tuple = ()) -> dict:
             value = resolve_paths(value, base_dir, prefix + (key,))
         out[key] = value
     return out
+
+
+def missing_files(s: dict) -> list[tuple[tuple, str]]:
+    """(key path, message) for each local file a filled spec dict names that does not exist
+    (yet): lint's warnings, so specs can be reviewed before the data lands."""
+    data, model = s.get("data"), s.get("model")
+    data = data if isinstance(data, dict) else {}
+    model = model if isinstance(model, dict) else {}
+    train = data.get("train")
+    sources = (
+        [(("data", "train"), train)]
+        if isinstance(train, str)
+        else [(("data", "train", i), v) for i, v in enumerate(train) if isinstance(v, str)]
+        if isinstance(train, list)
+        else []
+    )
+    if isinstance(data.get("validation"), str):
+        sources.append((("data", "validation"), data["validation"]))
+    out = []
+    for path, value in sources:
+        if not value.strip() or value.startswith(TFDS_PREFIX):  # empty: the schema says so
+            continue
+        if glob.has_magic(value) and not glob.glob(value):
+            out.append((path, f"no file matches {_shown_path(value)}"))
+        elif not glob.has_magic(value) and not os.path.exists(value):
+            out.append((path, f"file not found: {_shown_path(value)}"))
+    for key in ("base", "tokenizer", "init_from"):
+        value = model.get(key)
+        if not isinstance(value, str) or not value.strip() or is_hub_id(value):
+            continue
+        if value.startswith(PACKAGE_PREFIX):
+            problem = package_problem(value)
+            if problem:
+                out.append((("model", key), problem))
+        elif not os.path.exists(value):
+            out.append((("model", key), f"not found: {_shown_path(value)}"))
+    return out
+
+
+def _shown_path(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
