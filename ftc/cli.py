@@ -4,13 +4,15 @@ objectives, export formats) are the schema's (spec/choices.py)."""
 
 import click
 
-from ftc import __version__
+from ftc import __version__, guard
 from ftc.spec import choices
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guard.GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftc")
-def main():
+@click.option("--debug", is_flag=True, envvar="FTC_DEBUG", help="Show the traceback of an unexpected error.")
+@click.pass_context
+def main(ctx, debug):
     """ftc compiles a fine-tuning spec (TOML or JSON) into a sharded JAX training run.
 
     \b
@@ -19,6 +21,7 @@ def main():
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
     """
+    ctx.meta[guard.DEBUG] = debug
 
 
 @main.command(short_help="Check specs against the schema and rules.")
@@ -237,6 +240,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
       ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 1   # host 1
     The mesh spans every device of every process; the output directory must be shared storage."""
     spec = _load_spec_or_exit(spec_path, overrides)
+    click.get_current_context().meta[guard.LOG_DIR] = spec.run_dir
     from ftc.backends.jax.train import distributed as dist
 
     launch = dist.Launch(coordinator, num_processes, process_id, distributed)
@@ -262,6 +266,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.pipeline import run as run_spec
     from ftc.backends.jax.state.checkpoint import ResumeRefusedError
+    from ftc.backends.jax.state.lock import LockedError
     from ftc.backends.jax.train.step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
@@ -270,6 +275,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
         summary = run_spec(spec, echo=echo)
     except (
         ResumeRefusedError,
+        LockedError,
         NonFiniteLossError,
         NotImplementedError,
         PlanError,
@@ -333,6 +339,7 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.io.verify import ReferenceUnavailable
 
+    click.get_current_context().meta[guard.LOG_DIR] = run_dir
     try:
         _, check = export_run(
             run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step, tol=tol, echo=click.echo

@@ -4,7 +4,14 @@ checkpoints and a clean stop.
 `train_loop` is a function of its inputs (jitted steps, state, batch iterator, LoopConfig), so tests
 drive it with any model and iterator. SIGTERM / SIGINT ask the loop to stop (`StopSignals`): it
 saves a checkpoint, waits for it, and raises `Interrupted` (a non-zero exit); `ftc run` on the same
-spec resumes from there.
+spec resumes from there. Outside the loop (setting up, exporting) a signal raises `Interrupted` at
+once.
+
+A stop is honoured within one step: the host dispatches step N only once step N-2 has finished
+(it waits on that step's metrics, with step N-1 still queued, so the device never idles), so a
+signal waits for at most the step in flight before the checkpoint is written. Evaluation stops
+between batches (its partial result is not logged), and a signal that lands after the last step
+was dispatched, or during the final save, still ends the run with `Interrupted`.
 """
 
 from __future__ import annotations
@@ -32,10 +39,14 @@ class Interrupted(SystemExit):
 
 
 class StopSignals:
-    """Turns SIGTERM / SIGINT into a flag the loop polls (a second SIGINT kills at once)."""
+    """SIGTERM / SIGINT while active: inside the loop (`deferred`) a flag the loop polls, once per
+    step (a second SIGINT stops at once, saving nothing); outside it `Interrupted` at once, with
+    `outside` saying what that means for the run."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.deferred = False
+        self.outside = "stopped before training started; nothing was saved"
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -47,8 +58,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.deferred:
+            raise Interrupted(f"{name}: {self.outside}")
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise Interrupted(f"{name} again: stopped at once, without waiting for the checkpoint")
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -66,6 +80,7 @@ class LoopConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end (and at step 0)
     eval_at_start: bool = True  # evaluate before the first step: the starting validation loss
+    eval_first: bool = False  # evaluate at the starting step, whatever it is: one a stop cut short
     checkpoint_every: int = 0  # 0: only at the end and on interrupt
     progress: bool = True
     flops_per_step: float = 0.0  # model FLOPs of one optimizer step (plan); 0: no MFU
@@ -93,7 +108,8 @@ def train_loop(
     """
     from tqdm import tqdm
 
-    step = int(jax.device_get(state["step"]))
+    step = start = int(jax.device_get(state["step"]))
+    saved_at = start if start else None  # a resumed run starts from its checkpoint at `start`
     bar = tqdm(
         total=config.total_steps,
         initial=step,
@@ -103,6 +119,8 @@ def train_loop(
     )
     window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
     metrics = None  # the last step's metrics (device arrays), checked before any save
+    stopping = lambda: stop is not None and stop.signum is not None
+    eval_cut = False  # a stop cut the evaluation at the current step short: the next run redoes it
 
     def checked(at: int) -> dict | None:
         # Reading the loss waits for the step: done at log/checkpoint/stop points only, so the
@@ -114,16 +132,27 @@ def train_loop(
         return host
 
     def save(at: int):
+        nonlocal saved_at
         checked(at)
-        if checkpointer is not None:
-            checkpointer.save(at, state, train_iter.get_state(), metadata)
+        if checkpointer is not None and saved_at != at:
+            checkpointer.save(at, state, train_iter.get_state(), {**metadata, "eval_pending": eval_cut})
+            saved_at = at
+
+    def until_stopped(batches):
+        for batch in batches:
+            if stopping():
+                return
+            yield batch
 
     def run_eval(at: int):
-        nonlocal window_start
+        nonlocal window_start, eval_cut
         if eval_batches is None:
             return
         began = time.perf_counter()
-        result = ts.evaluate(steps, state, eval_batches())
+        result = ts.evaluate(steps, state, until_stopped(eval_batches()))
+        if stopping():  # cut short: not logged; the checkpoint says to redo it
+            eval_cut = True
+            return
         if logger:
             logger.log(at, "validation", result)
         shown = [f"{k.replace('_', ' ')} {result[k]:.4f}" for k in SHOWN_VALIDATION if k in result]
@@ -131,23 +160,37 @@ def train_loop(
             bar.write(f"step {at}: validation {', '.join(shown)}")
         window_start += time.perf_counter() - began  # tokens/s counts training time only
 
+    def stop_here():
+        name = signal.Signals(stop.signum).name
+        if step == start:  # nothing new: step 0, or the checkpoint this run resumed from
+            raise Interrupted(
+                f"{name}: stopped at step {step} before any step ran; "
+                + (f"the checkpoint at step {step} stands; run again to resume" if step else "run again to start")
+            )
+        save(step)
+        if checkpointer is not None:
+            checkpointer.wait()
+        last = " (the last: running again exports)" if step == config.total_steps else ""
+        raise Interrupted(f"{name}: saved a checkpoint at step {step}{last}; run again to resume")
+
+    if stop is not None:
+        stop.deferred = True
     try:
-        if step == 0 and config.eval_at_start:
-            run_eval(0)
+        if (step == 0 and config.eval_at_start) or config.eval_first:
+            run_eval(step)
         while step < config.total_steps:
-            if stop is not None and stop.signum is not None:
-                save(step)
-                if checkpointer is not None:
-                    checkpointer.wait()
-                name = signal.Signals(stop.signum).name
-                raise Interrupted(f"{name}: saved a checkpoint at step {step}; run again to resume")
+            if stopping():
+                stop_here()
             batch = next(train_iter)
+            previous = metrics
             state, metrics = steps.train(state, steps.put_train_batch(batch))
             step += 1
             window_tokens += float(ts.real_tokens(batch)) * jax.process_count()
             window_steps += 1
             if after_step is not None:
                 after_step(step)
+            # At most one step queued behind the running one: a stop waits for those two only.
+            jax.block_until_ready(previous)
             bar.update(1)
             last = step == config.total_steps
             if step % max(config.log_every, 1) == 0 or last:
@@ -168,6 +211,10 @@ def train_loop(
                 save(step)
         if checkpointer is not None:
             checkpointer.wait()
+        if stopping():  # landed after the last step was dispatched, or during the final save
+            stop_here()
     finally:
+        if stop is not None:
+            stop.deferred = False
         bar.close()
     return state
