@@ -77,6 +77,8 @@ def read_rows(
         raise DataError(
             f'{len(problems)} malformed {format} row(s) (set data.on_bad_row = "skip" to leave them out)', problems
         )
+    if not rows and not problems:
+        raise DataError(f"{', '.join(files)}: no rows (empty)")
     return ReadResult(tuple(rows), tuple(files), tuple(problems))
 
 
@@ -128,9 +130,35 @@ def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
             if not line.strip():
                 continue  # blank lines (a trailing newline) are not rows
             try:
-                yield where, json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, BadRow(f"invalid JSON ({e.msg} at column {e.colno}), expected one JSON object per line")
+                continue
+            except (ValueError, RecursionError) as e:  # an integer over 4300 digits; nesting past the stack
+                yield where, BadRow(f"unreadable JSON ({type(e).__name__}: {str(e)[:100]})")
+                continue
+            if "\\u" in line and (bad := _lone_surrogate(record)):
+                yield where, BadRow(f"{bad} holds a lone surrogate escape (\\ud800-\\udfff), which is not Unicode text")
+                continue
+            yield where, record
+
+
+def _lone_surrogate(record: Any) -> str | None:
+    """The key path of the first string (or key) holding a lone UTF-16 surrogate, or None."""
+    stack = [("row", record)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack += [(f"{path} key {k!r}", k), (f"{path}.{k}", v)]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    return None
 
 
 def parse_tfds(source: str) -> tuple[str, str]:
