@@ -52,7 +52,12 @@ def write_digest(step_dir: str | os.PathLike) -> None:
     """`step_dir/ftc_digest.json`: every file's size and sha256 (the step must be committed)."""
     step_dir = Path(step_dir)
     files = {rel: [(step_dir / rel).stat().st_size, _sha256(step_dir / rel)] for rel in _files(step_dir)}
-    write_json_atomic(step_dir / DIGEST_FILE, {"version": 1, "files": files})
+    write_json_atomic(step_dir / DIGEST_FILE, {"version": 1, "files": files, "sha256": _own_hash(files)})
+
+
+def _own_hash(files: dict) -> str:
+    """The digest's hash of itself, so that damage to the digest is told from damage it finds."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 def problem(step_dir: str | os.PathLike) -> str | None:
@@ -62,10 +67,13 @@ def problem(step_dir: str | os.PathLike) -> str | None:
     if not digest_path.exists():
         return _structural_problem(step_dir)
     try:
-        digest = json.loads(digest_path.read_text())
+        digest = json.loads(digest_path.read_bytes())
         recorded = {rel: (int(size), str(sha)) for rel, (size, sha) in digest["files"].items()}
+        intact = digest["sha256"] == _own_hash(digest["files"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return f"{DIGEST_FILE} is damaged ({type(e).__name__}: {str(e)[:120]})"
+    if not intact:
+        return f"{DIGEST_FILE} does not match its own sha256 (corrupted)"
     present = set(_files(step_dir))
     for rel, (size, sha) in recorded.items():
         path = step_dir / rel
