@@ -50,7 +50,7 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         (lambda m: _truncate(m / "tokenizer.json", 0.5), "tokenizer.json: not valid JSON"),
         (lambda m: [p.unlink() for p in m.glob("tokenizer*")], "no tokenizer (tokenizer.json, tokenizer_config.json"),
         (lambda m: _dir_for(m / "model.safetensors"), "model.safetensors is a directory, expected a safetensors file"),
-        (lambda m: _config(m, trust_remote_code=True), "config.json has 'trust_remote_code': true"),
+        (lambda m: _config(m, trust_remote_code=True), "config.json has key 'trust_remote_code': true"),
     ],
     ids=[
         "truncated-safetensors",

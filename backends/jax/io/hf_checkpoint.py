@@ -63,9 +63,9 @@ def custom_code(config: dict) -> str | None:
     """What in a config.json asks for the model's own code (`auto_map`, `trust_remote_code`), or None."""
     if "auto_map" in config:
         auto_map = config["auto_map"]
-        return f"'auto_map' {sorted(auto_map) if isinstance(auto_map, dict) else auto_map!r}"
+        return f"key 'auto_map' {sorted(auto_map) if isinstance(auto_map, dict) else auto_map!r}"
     if config.get("trust_remote_code"):
-        return f"'trust_remote_code': {json.dumps(config['trust_remote_code'])}"
+        return f"key 'trust_remote_code': {json.dumps(config['trust_remote_code'])}"
     return None
 
 

@@ -7,15 +7,17 @@ saves a checkpoint, waits for it, and raises `Interrupted` (a non-zero exit); `f
 spec resumes from there. Outside the loop (setting up, exporting) a signal raises `Interrupted` at
 once.
 
-A stop is honoured within one step: the host dispatches step N only once step N-2 has finished
-(it waits on that step's metrics, with step N-1 still queued, so the device never idles), so a
-signal waits for at most the step in flight before the checkpoint is written. Evaluation stops
+A stop is honoured within one step: after dispatching step N the host waits for step N-1 to
+finish (its metrics), so at most one step (QUEUED) waits behind the one the device runs and the
+device never idles for want of work; a signal then waits for those two steps only before the
+checkpoint is written. Without the bound the host queues steps up to the next log point. Evaluation stops
 between batches (its partial result is not logged), and a signal that lands after the last step
 was dispatched, or during the final save, still ends the run with `Interrupted`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import signal
 import time
@@ -28,6 +30,8 @@ from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.train import run_log
 from ftc.backends.jax.train import step as ts
 
+# Steps the host may queue behind the one the device runs (bench/loop_stop.py measures the cost).
+QUEUED = 1
 SHOWN_VALIDATION = ("loss", "perplexity", "token_accuracy", "reward_accuracy", "reward_margin")
 
 
@@ -121,6 +125,7 @@ def train_loop(
     metrics = None  # the last step's metrics (device arrays), checked before any save
     stopping = lambda: stop is not None and stop.signum is not None
     eval_cut = False  # a stop cut the evaluation at the current step short: the next run redoes it
+    in_flight = collections.deque()  # metrics of the steps dispatched before the last one
 
     def checked(at: int) -> dict | None:
         # Reading the loss waits for the step: done at log/checkpoint/stop points only, so the
@@ -182,15 +187,16 @@ def train_loop(
             if stopping():
                 stop_here()
             batch = next(train_iter)
-            previous = metrics
+            in_flight.append(metrics)
             state, metrics = steps.train(state, steps.put_train_batch(batch))
             step += 1
             window_tokens += float(ts.real_tokens(batch)) * jax.process_count()
             window_steps += 1
             if after_step is not None:
                 after_step(step)
-            # At most one step queued behind the running one: a stop waits for those two only.
-            jax.block_until_ready(previous)
+            # At most QUEUED steps queued behind the running one: a stop waits for those only.
+            while len(in_flight) >= QUEUED:
+                jax.block_until_ready(in_flight.popleft())
             bar.update(1)
             last = step == config.total_steps
             if step % max(config.log_every, 1) == 0 or last:
