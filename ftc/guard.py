@@ -4,7 +4,8 @@ Every command runs inside `GuardedGroup.invoke`, so commands added later get it 
 command expects are its own business (it prints them and exits); what escapes it here is
     an OSError          the environment (permissions, a full disk, a directory where a file
                         should be): one line naming the file and what went wrong;
-    KeyboardInterrupt   "interrupted", exit status 130;
+    KeyboardInterrupt   "interrupted", exit status 130 (SIGTERM: "terminated", 143; commands
+                        see both as KeyboardInterrupt, so their clean-up runs);
     anything else       a bug in ftc: one line naming the command and the error, and where to
                         report it;
 each with the path of a full log (the traceback, the command line, versions) written to the run
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -62,15 +64,29 @@ def explain(error: BaseException) -> tuple[str, bool]:
     return f"internal error: {type(error).__name__}: {str(error)[:500]}", True
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that what a command cleans up on the way out (an export's
+    temporary directory) is cleaned up; `ftc run` stops its own way (train/loop.py)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 class GuardedGroup(click.Group):
     def invoke(self, ctx: click.Context):
+        try:
+            previous = signal.signal(signal.SIGTERM, _terminated)
+        except ValueError:  # not the main thread
+            previous = None
         try:
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit, SystemExit):
             raise
-        except KeyboardInterrupt:
-            click.echo(f"ftc {ctx.invoked_subcommand or ''}: interrupted".replace(" :", ":"), err=True)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as e:
+            what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+            click.echo(f"ftc {ctx.invoked_subcommand or ''}: {what}".replace(" :", ":"), err=True)
+            raise SystemExit(code) from None
         except Exception as error:
             if ctx.meta.get(DEBUG) or os.environ.get("FTC_DEBUG"):
                 raise
@@ -83,3 +99,6 @@ class GuardedGroup(click.Group):
             if log:
                 click.echo(f"  full log: {log} (or run with ftc --debug ... to see the traceback)", err=True)
             raise SystemExit(1) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -142,3 +143,19 @@ def test_an_unforeseen_error_prints_one_line_and_writes_the_full_log(tmp_path, m
     assert log.parent == tmp_path and "Traceback" in log.read_text() and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["--debug", "lint", str(spec)])
     assert isinstance(result.exception, KeyError)  # --debug lets the traceback through
+
+
+def test_sigterm_during_a_command_exits_143_after_its_clean_up(run_copy, tmp_path, monkeypatch):
+    from ftc.backends.jax.io import export_common
+
+    def terminated_midway(tmp):  # SIGTERM lands while the export is being written
+        (tmp / "half-written.safetensors").write_bytes(b"\0" * 10)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    original = export_common.publish
+    monkeypatch.setattr(
+        "ftc.backends.jax.io.export.publish", lambda out, write, **k: original(out, terminated_midway, **k)
+    )
+    result = CliRunner().invoke(main, ["export", str(run_copy), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 143 and "ftc export: terminated (SIGTERM)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no out/, no .out.partial-* left

@@ -50,7 +50,7 @@ class StopSignals:
     def __init__(self):
         self.signum: int | None = None
         self.deferred = False
-        self.outside = "stopped before training started; nothing was saved"
+        self.outside = "stopped before training; nothing new was saved: run again"
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
