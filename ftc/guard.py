@@ -93,11 +93,10 @@ class GuardedGroup(click.Group):
             command = ctx.invoked_subcommand or ""
             line, bug = explain(error)
             log = write_log(error, command, ctx.meta.get(LOG_DIR))
-            click.echo(f"ftc {command}: {line}", err=True)
-            if bug:
-                click.echo(f"  this is a bug in ftc: please report it at {REPORT_TO}, with the log", err=True)
+            report = f" (a bug in ftc: please report it at {REPORT_TO}, with the log)" if bug else ""
+            click.echo(f"ftc {command}: {line}{report}", err=True)
             if log:
-                click.echo(f"  full log: {log} (or run with ftc --debug ... to see the traceback)", err=True)
+                click.echo(f"  full log: {log} (ftc --debug {command} ... shows the traceback)", err=True)
             raise SystemExit(1) from None
         finally:
             if previous is not None:

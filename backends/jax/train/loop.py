@@ -10,9 +10,10 @@ once.
 A stop is honoured within one step: after dispatching step N the host waits for step N-1 to
 finish (its metrics), so at most one step (QUEUED) waits behind the one the device runs and the
 device never idles for want of work; a signal then waits for those two steps only before the
-checkpoint is written. Without the bound the host queues steps up to the next log point. Evaluation stops
-between batches (its partial result is not logged), and a signal that lands after the last step
-was dispatched, or during the final save, still ends the run with `Interrupted`.
+checkpoint is written (without the bound the host would queue every step up to the next log
+point). Evaluation stops between batches (its partial result is not logged; the checkpoint says
+to redo it), and a signal that lands after the last step was dispatched, or during the final
+save, still ends the run with `Interrupted`.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def train_loop(
 
     def checked(at: int) -> dict | None:
         # Reading the loss waits for the step: done at log/checkpoint/stop points only, so the
-        # host runs ahead of the device in between. No checkpoint holds an unchecked state.
+        # host runs ahead of the device (by QUEUED steps) in between. No checkpoint holds an
+        # unchecked state.
         if metrics is None:
             return None
         host = ts.host_metrics(metrics)
