@@ -327,7 +327,11 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).",
 )
 @click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace --out if it exists and is not empty (never a run directory, nor what it reads).",
+)
 def export(run_dir, out, fmt, dtype, verify, tol, step, force):
     """Export the final checkpoint of RUN_DIR (a run directory of `ftc run`). The model, the method
     and the base are read from the checkpoint itself; nothing needs re-entering.
