@@ -4,28 +4,16 @@ objectives, export formats) are the schema's (spec/choices.py)."""
 
 import click
 
-from ftc import __version__
+from ftc import __version__, guard
+from ftc.commands.common import need_train as _need_train
 from ftc.spec import choices
 
-# `pip install ftc` is the lint-only install; these commands need the `train` extra.
-TRAIN_MODULES = ("jax", "flax", "optax", "orbax", "transformers", "grain", "gguf")
 
-
-def _need_train(command: str) -> None:
-    """A one-line answer, not an ImportError traceback, when the training stack is not installed."""
-    import importlib.util
-
-    missing = [m for m in TRAIN_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise click.ClickException(
-            f"`ftc {command}` needs the training stack, not in this install ({', '.join(missing)} missing): "
-            "pip install 'ftc[train]' (and 'ftc[torch]' to load exports in PyTorch)"
-        )
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guard.GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftc")
-def main():
+@click.option("--debug", is_flag=True, envvar="FTC_DEBUG", help="Show the traceback of an unexpected error.")
+@click.pass_context
+def main(ctx, debug):
     """ftc compiles a fine-tuning spec (TOML or JSON) into a sharded JAX training run.
 
     \b
@@ -34,6 +22,7 @@ def main():
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
     """
+    ctx.meta[guard.DEBUG] = debug
 
 
 @main.command(short_help="Check specs against the schema and rules.")
@@ -271,6 +260,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     The mesh spans every device of every process; the output directory must be shared storage."""
     spec = _load_spec_or_exit(spec_path, overrides)
     _need_train("run")
+    click.get_current_context().meta[guard.LOG_DIR] = spec.run_dir
     from ftc.backends.jax.train import distributed as dist
 
     launch = dist.Launch(coordinator, num_processes, process_id, distributed)
@@ -296,6 +286,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.pipeline import run as run_spec
     from ftc.backends.jax.state.checkpoint import ResumeRefusedError
+    from ftc.backends.jax.state.lock import LockedError
     from ftc.backends.jax.train.step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
@@ -304,6 +295,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
         summary = run_spec(spec, echo=echo)
     except (
         ResumeRefusedError,
+        LockedError,
         NonFiniteLossError,
         NotImplementedError,
         PlanError,
@@ -319,79 +311,9 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
 
 
-@main.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--out",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(choices.export_formats()),
-    default=None,
-    help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
-    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
-    help="Dtype of the written weights. Default: the run's export.dtype.",
-)
-@click.option(
-    "--verify/--no-verify",
-    default=None,
-    help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
-    "on a fixed batch. Default: the run's export.verify.",
-)
-@click.option(
-    "--tol",
-    default=1e-4,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).",
-)
-@click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-@click.option(
-    "--base-name",
-    default=None,
-    metavar="NAME",
-    help="The base's name in PEFT / adapter configs (base_model_name_or_path), e.g. the HF id a serving "
-    "machine loads. Default: model.base as the spec names it (for a GGUF, the HF model its metadata names).",
-)
-def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
-    """Export the final checkpoint of RUN_DIR (a run directory of `ftc run`). The model, the method
-    and the base are read from the checkpoint itself; nothing needs re-entering.
+from ftc.commands.export import export  # noqa: E402 - commands in their own modules (ftc/commands/)
 
-    Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
-    the tolerance.
-    """
-    _need_train("export")
-    from ftc.backends.jax.io.export import ExportError, export_run
-    from ftc.backends.jax.io.model_source import ModelSourceError
-    from ftc.backends.jax.io.verify import ReferenceUnavailable
-
-    try:
-        _, check = export_run(
-            run_dir,
-            out=out,
-            format=fmt,
-            dtype=dtype,
-            verify=verify,
-            force=force,
-            step=step,
-            tol=tol,
-            base_name=base_name,
-            echo=click.echo,
-        )
-    except (ExportError, ModelSourceError, ReferenceUnavailable, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(1) from None
-    raise SystemExit(0 if check is None or check.ok else 1)
+main.add_command(export)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def missing(s: dict) -> list[tuple[tuple, str]]:
     if isinstance(validation, str):
         sources.append((("data", "validation"), validation))
     for path, value in sources:
-        if value.startswith(NAMED_DATA_PREFIXES):
+        if not value.strip() or value.startswith(NAMED_DATA_PREFIXES):  # empty: the schema says so
             continue
         if glob.has_magic(value) and not glob.glob(value):
             problems.append((path, f"no file matches {shown_path(value)}"))
@@ -55,7 +55,7 @@ def missing(s: dict) -> list[tuple[tuple, str]]:
             problems.append((path, f"file not found: {shown_path(value)}"))
     for key in MODEL_KEYS:
         value = value_at(s, ("model", key))
-        if not isinstance(value, str):
+        if not isinstance(value, str) or not value.strip():
             continue
         if value.startswith(PACKAGE_PREFIX):
             problem = package_problem(value)

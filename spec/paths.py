@@ -26,6 +26,8 @@ _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+?)?(?:/[^@]+\.gguf)?
 
 
 def resolve(kind: str, value: str, base_dir: str) -> str:
+    if not value.strip():
+        return value  # not the spec's own directory: an empty path is refused by the schema
     if kind == "data" and value.startswith(NAMED_DATA_PREFIXES):
         return value
     if kind == "model" and value.startswith(PACKAGE_PREFIX):

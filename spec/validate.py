@@ -18,6 +18,8 @@ from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean
 
+MAX_INT32 = 2**31 - 1
+
 
 @dataclasses.dataclass(frozen=True)
 class Locator:
@@ -339,6 +341,11 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     steps, warmup = get(("training", "steps"), (int,)), get(("training", "schedule", "warmup_steps"), (int,))
     if steps and warmup and warmup > steps:
         add(("training", "schedule", "warmup_steps"), f"warmup_steps ({warmup}) exceeds training.steps ({steps})")
+
+    # One batch is an int32-indexed array of batch_size x max_seq_len tokens.
+    seq = get(("model", "max_seq_len"), (int,))
+    if batch and seq and max(batch, seq) <= MAX_INT32 < batch * seq:
+        add(("training", "batch_size"), f"batch_size x model.max_seq_len is {batch * seq:,} tokens, over {MAX_INT32:,}")
 
     issues += [_issue(where, path, message, "warning") for path, message in local_files.missing(s)]
     return issues

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 
 from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
+from ftc.backends.jax.io.model_source import check_tokenizer_dir
 from ftc.backends.jax.state.files import write_json_atomic
 from ftc.backends.jax.state.init_from import read_model_config
 
@@ -45,6 +46,7 @@ def tokenizer_hash(directory: str | os.PathLike) -> str | None:
 def load_tokenizer(directory: str | os.PathLike):
     from transformers import AutoTokenizer  # transformers is slow to import; `ftc plan` never needs it
 
+    check_tokenizer_dir(directory)  # transformers' own messages for these name no file
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 

@@ -237,7 +237,10 @@ def _prepare(
     )
     train_rows, train_report = data_clean.clean_rows(read.rows, **row_options)
     if not train_rows:
-        raise DataError(f"no training rows left after cleaning ({train_report.summary()})")
+        bad = f"; {len(read.skipped)} malformed row(s) skipped, first {read.skipped[0]}" if read.skipped else ""
+        raise DataError(
+            f"{', '.join(read.files)}: no training rows left after cleaning ({train_report.summary()}{bad})"
+        )
 
     val_rows, val_report, val_from, val_files, skipped = None, None, "none", (), list(read.skipped)
     val_items: list = []

@@ -76,6 +76,8 @@ def read_rows(
         raise DataError(
             f'{len(problems)} malformed {format} row(s) (set data.on_bad_row = "skip" to leave them out)', problems
         )
+    if not rows and not problems:
+        raise DataError(f"{', '.join(files)}: no rows (empty)")
     return ReadResult(tuple(rows), tuple(files), tuple(problems))
 
 

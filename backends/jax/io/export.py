@@ -44,6 +44,7 @@ from ftc.backends.jax.io.export_common import (
     ExportError,
     ExportResult,
     VerifyFailedError,
+    check_out_dir,
     is_causal,
     publish,
 )
@@ -53,7 +54,7 @@ from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.state import checkpoint as ckpt_lib
-from ftc.backends.jax.state import files, frozen_base, init_from
+from ftc.backends.jax.state import files, frozen_base, init_from, integrity
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.compiler import sharding_rules
 from ftc.spec import spec_from_dict
@@ -70,6 +71,7 @@ __all__ = [
     "VerifyFailedError",
     "base_source",
     "check_format",
+    "check_out_dir",
     "export_run",
     "how_to_load",
     "load_run",
@@ -176,6 +178,14 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     if step is not None and step not in steps:
         raise ExportError(f"{directory}: no checkpoint at step {step}; there are {', '.join(map(str, steps))}")
     step = max(steps) if step is None else step
+    damage = integrity.problem(os.path.join(directory, str(step)))
+    if damage is not None:  # export reads, never repairs: `ftc run` sets a damaged checkpoint aside
+        good = [s for s in steps if s < step and integrity.problem(os.path.join(directory, str(s))) is None]
+        hint = f"export the newest good one with --step {good[-1]}, or" if good else "there is no good one;"
+        raise ExportError(
+            f"{directory}/{step} is damaged: {damage}. {hint.capitalize()} run the spec again "
+            "(`ftc run` moves a damaged checkpoint aside and resumes from the newest good one)"
+        )
     meta = reader.metadata(step)
     spec = spec_from_dict(meta["spec"])
     saved_dir = meta.get("model_dir")
@@ -280,7 +290,8 @@ def write_export(
     """Export `trained` into `out_dir` atomically (see `publish`)."""
     check_format(trained.kind, format, dtype)
     out = Path(out_dir).absolute()
-    files = publish(out, lambda tmp: _write(trained, tmp, format, dtype), force=force)
+    reads = (trained.run_dir, trained.model_dir, trained.base_dir, trained.tokenizer_dir)
+    files = publish(out, lambda tmp: _write(trained, tmp, format, dtype), force=force, reads=reads)
     return ExportResult(
         out,
         trained.kind,
@@ -310,6 +321,7 @@ def export_run(
     (base_model_name_or_path). Returns (ExportResult, VerifyResult or None)."""
     run_dir = Path(run_dir).absolute()
     out = Path(out).absolute() if out is not None else run_dir / EXPORT_DIR
+    check_out_dir(out, (run_dir,))  # before the checkpoint is read; publish checks again
     resolved = run_dir / "spec.resolved.json"
     if not os.path.isdir(ckpt_lib.checkpoint_dir(str(run_dir))) and resolved.is_file():
         kind = json.loads(resolved.read_text()).get("method", {}).get("kind")
