@@ -18,6 +18,7 @@ def main():
     ftc plan SPEC        show what a spec will do, without allocating weights
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
+    ftc generate SOURCE  generate text (ftc chat SOURCE: chat; ftc eval SOURCE: score)
     """
 
 
@@ -342,6 +343,12 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
         raise SystemExit(1) from None
     raise SystemExit(0 if check is None or check.ok else 1)
 
+
+from ftc.commands.chat import chat  # noqa: E402 - commands in their own modules (ftc/commands/)
+from ftc.commands.generate import generate  # noqa: E402
+
+main.add_command(generate)
+main.add_command(chat)
 
 if __name__ == "__main__":
     main()

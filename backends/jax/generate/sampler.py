@@ -265,7 +265,8 @@ def stream(
 ) -> Iterator[Snapshot]:
     """Generate, yielding a Snapshot after the first token and after every `chunk` decode steps
     (default: one snapshot at the end). `stop(snapshot)` may end rows early (a row it marks is
-    finished with STOP_STRING): the tokens drawn are the same as without chunks, only cut."""
+    finished with STOP_STRING, also when it ran to its length): the tokens drawn are the same as
+    without chunks, only cut."""
     batch = lay_out(prompts, config.max_new_tokens, sampler.context, config.pad_id)
     keys = row_keys(key, batch.rows, len(batch.ids))
     state = sampler.prefill(
@@ -280,10 +281,11 @@ def stream(
     stopped = np.zeros(len(batch.ids), bool)
     while True:
         snap = _snapshot(state, batch.rows, stopped)
-        if stop is not None and not all(snap.done):
-            marked = np.asarray(stop(snap), bool)
+        if stop is not None:  # rows still running, or ended by length, may have reached a stop
+            open_rows = np.asarray([f in (None, LENGTH) for f in snap.finish])
+            marked = np.asarray(stop(snap), bool) & open_rows & ~stopped[: batch.rows]
             if marked.any():
-                stopped[: batch.rows] |= marked & ~np.asarray(snap.done)
+                stopped[: batch.rows] |= marked
                 state = {**state, "done": state["done"] | jnp.asarray(stopped)}
                 snap = _snapshot(state, batch.rows, stopped)
         yield snap
