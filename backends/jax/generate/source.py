@@ -15,7 +15,9 @@ SOURCE is, in this order:
                                    a .gguf file, package:NAME/path (io/model_source.py)
 Parameters are placed over this process's devices on one fsdp axis (io/export.py
 export_shardings), the mesh the sampler shards its cache over. Computation is in `dtype`
-(float32 by default: what the parity tests compare); parameters keep their stored dtype.
+(float32 by default: what the parity tests compare); with a narrower dtype the floating
+parameters are stored in it too (decoding reads every weight once per token, so their bytes set
+its speed), except what a method keeps in its own dtypes (QLoRA's NF4 storage).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ftc.backends.jax.io.hf_checkpoint import read_hf_config
 from ftc.backends.jax.io.model_source import ModelSourceError, resolve_model_source
 from ftc.backends.jax.methods import adapter, adapter_io
 from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.models import shapes
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import frozen_base
 from ftc.spec import spec_from_dict
@@ -126,6 +129,17 @@ def load_source(source: str, *, dtype: str = "float32") -> Source:
         raise SourceError(f"cannot generate from {source!r}: {e}") from e
 
 
+def _in_dtype(model: methods.MethodModel, params, dtype: str):
+    """Floating parameters cast to the compute dtype when it is narrower than theirs."""
+    target = jnp.dtype(dtype)
+
+    def one(path, x):
+        keep = model.method.own_dtype(shapes.path_str(path)) or not jnp.issubdtype(x.dtype, jnp.floating)
+        return x if keep or x.dtype.itemsize <= target.itemsize else x.astype(target)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
 def _from_run(source: str, path: Path, dtype: str) -> Source:
     trained = export_lib.load_run(path)
     model = methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
@@ -134,7 +148,7 @@ def _from_run(source: str, path: Path, dtype: str) -> Source:
         source,
         f"run {trained.run_dir} at step {trained.step} ({trained.kind}, base {trained.model_dir})",
         model,
-        trained.params,
+        _in_dtype(model, trained.params, dtype),
         tokenizer,
         trained.model_dir,
         trained.hf_config,
@@ -193,7 +207,7 @@ def _spec(base: str, kind: str, method_keys: dict, init_from_dir: str | None, dt
 
 def _from_spec(source: str, spec, model_dir: Path, extra_dir: Path | None, what: str) -> Source:
     hf_config = read_hf_config(model_dir)
-    model = methods.build_model(hf_config, spec, remat="none")
+    model = methods.build_model(hf_config, spec, remat="none")  # compute dtype: spec.model.dtype
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     shardings = export_lib.export_shardings(model, abstract)
     try:
@@ -205,7 +219,7 @@ def _from_spec(source: str, spec, model_dir: Path, extra_dir: Path | None, what:
         source,
         what,
         model,
-        params,
+        _in_dtype(model, params, spec.model.dtype),
         tokenizer,
         Path(model_dir),
         hf_config,
