@@ -345,10 +345,12 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
 
 
 from ftc.commands.chat import chat  # noqa: E402 - commands in their own modules (ftc/commands/)
+from ftc.commands.eval import eval_command  # noqa: E402
 from ftc.commands.generate import generate  # noqa: E402
 
 main.add_command(generate)
 main.add_command(chat)
+main.add_command(eval_command)
 
 if __name__ == "__main__":
     main()

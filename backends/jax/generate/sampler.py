@@ -305,8 +305,17 @@ def _put(sampler: Sampler, host: np.ndarray) -> jax.Array:
     return jax.device_put(host, NamedSharding(sampler.mesh, P(axes)))
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A device array on this host, gathered from every process when it spans several."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _snapshot(state: dict, rows: int, stopped: np.ndarray) -> Snapshot:
-    host = jax.device_get({k: state[k] for k in ("tokens", "count", "done", "eos")})
+    host = {k: _to_host(state[k]) for k in ("tokens", "count", "done", "eos")}
     tokens, finish = [], []
     for b in range(rows):
         tokens.append(tuple(int(t) for t in host["tokens"][b, : host["count"][b]]))
