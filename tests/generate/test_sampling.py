@@ -104,7 +104,7 @@ def test_filters_keep_exactly_the_tokens_transformers_keeps(config):
     np.testing.assert_array_equal(ours, _hf_kept(logits, config))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"k{c.top_k}-p{c.top_p}-min{c.min_p}")
+@pytest.mark.parametrize("config", CONFIGS[::3], ids=lambda c: f"k{c.top_k}-p{c.top_p}-min{c.min_p}")
 def test_sampled_tokens_never_leave_the_kept_set(llama, config):
     batch = prompts((4, 9, 2, 7), seed=5) * 16
     out = generate(sampler_for(llama), llama.params, batch, jax.random.key(3), GenerateConfig(4, sampling=config))

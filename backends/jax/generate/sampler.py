@@ -12,8 +12,8 @@ per-prompt keys given; greedy decoding uses no key. `params` are the module's pa
 are (a LoRA, QLoRA or adapter model's included: no merge), sharded however the caller holds them.
 
 How it runs (all jitted, compiled once per bucket):
-  - prompts are left-padded to a bucket length P (a power of two, >= 16) and the batch to a power
-    of two B (extra rows generate nothing); a row's positions count its real tokens only and its
+  - prompts are left-padded to a bucket length P (2^k or 1.5 x 2^k, >= 16) and the batch to a
+    power of two B (extra rows generate nothing); a row's positions count its real tokens only and its
     padding slots are masked, so a row computes what it would compute alone;
   - the cache (models/kv_cache.py) holds P + N slots, N the bucketed max_new_tokens;
   - `_prefill` runs the prompts and draws the first token; `_decode` is one `jax.lax.while_loop`
@@ -190,8 +190,11 @@ def _decode(module, mesh, params, state, stop_at, *, config):
 
 
 def bucket(n: int, minimum: int) -> int:
-    """The power of two >= max(n, minimum): shapes compile once per bucket, not per prompt."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
+    """The smallest 2^k or 1.5 x 2^k >= max(n, minimum): shapes compile once per bucket, not per
+    prompt, and padding wastes at most a third of a bucket."""
+    power = max(minimum, 1 << max(n - 1, 0).bit_length())
+    three_quarters = power * 3 // 4
+    return three_quarters if power > minimum and three_quarters >= n and power % 4 == 0 else power
 
 
 @dataclasses.dataclass(frozen=True)
