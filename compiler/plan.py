@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = (
     "checkpoint",
     "logging",
     "export",
+    "eval",
 )
 
 

@@ -21,6 +21,7 @@ def main(ctx, debug):
     ftc plan SPEC        show what a spec will do, without allocating weights
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
+    ftc generate SOURCE  generate text (ftc chat SOURCE: chat; ftc eval SOURCE: score)
     """
     ctx.meta[guard.DEBUG] = debug
 
@@ -311,10 +312,14 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
 
 
-from ftc.commands.export import export  # noqa: E402 - commands in their own modules (ftc/commands/)
+# Commands in their own modules (ftc/commands/), one line each.
+from ftc.commands.chat import chat  # noqa: E402
+from ftc.commands.eval import eval_command  # noqa: E402
+from ftc.commands.export import export  # noqa: E402
+from ftc.commands.generate import generate  # noqa: E402
 
-main.add_command(export)
-
+for command in (export, generate, chat, eval_command):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

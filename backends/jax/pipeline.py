@@ -23,6 +23,7 @@ import jax
 from flax import traverse_util
 
 from ftc.backends.jax import objectives, probe_runner
+from ftc.backends.jax.generate.in_run import generation_hook
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
 from ftc.backends.jax.methods import base as methods
@@ -267,6 +268,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     if data.validation_rows is not None:
         eval_batches = lambda: data.validation_batches(spec.training.micro_batch_size)
     logger = run_log.RunLogger(run_dir, tensorboard=spec.logging.tensorboard, resume_step=latest)
+    generation_eval = generation_hook(spec, model, tokenizer, model_dir, hf_config, mesh, logger)  # [eval]
     peak, peak_source = device_peak.peak_flops(spec.model.dtype, spec.logging.peak_tflops)
     # CPU "devices" forced by XLA_FLAGS share the host's cores: the peak is per host there.
     peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
@@ -296,6 +298,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
             eval_batches=eval_batches,
             stop=stop,
             after_step=after_step,
+            generation_eval=generation_eval,
         )
     finally:
         logger.close()

@@ -104,12 +104,14 @@ def train_loop(
     eval_batches: Callable[[], Iterable[dict]] | None = None,
     stop: StopSignals | None = None,
     after_step: Callable[[int], None] | None = None,
+    generation_eval: Callable[[dict, int], dict] | None = None,
 ) -> dict:
     """Train from `state["step"]` to `config.total_steps`. Returns the final state.
 
     `train_iter` yields host batches of [global batch (this process's share), T] and has
     get_state() (grain); its state is saved with every checkpoint. `after_step(step)` is a test
-    hook, called after each step is dispatched.
+    hook, called after each step is dispatched. `generation_eval(state, step)` runs after each
+    validation (generate/in_run.py: it logs sample generations) and returns metrics to show.
     """
     from tqdm import tqdm
 
@@ -181,6 +183,10 @@ def train_loop(
         shown = [f"{k.replace('_', ' ')} {result[k]:.4f}" for k in SHOWN_VALIDATION if k in result]
         if jax.process_index() == 0:
             bar.write(f"step {at}: validation {', '.join(shown)}")
+        if generation_eval is not None:
+            generated = generation_eval(state, at)
+            if jax.process_index() == 0:
+                bar.write(f"step {at}: generation {', '.join(f'{k} {v:.4f}' for k, v in generated.items())}")
         window_start += time.perf_counter() - began  # tokens/s counts training time only
         bar.unpause()  # nor does the ETA
 

@@ -72,6 +72,11 @@ class RunLogger:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Text (markdown) to TensorBoard; metrics.jsonl rows carry their own text via `log`."""
+        if self.writer_process and self._tb is not None:
+            self._tb.add_text(tag, text, step)
+
     def close(self) -> None:
         if not self.writer_process:
             return
