@@ -5,6 +5,7 @@ objectives, export formats) are the schema's (spec/choices.py)."""
 import click
 
 from ftc import __version__
+from ftc.commands import report as report_commands
 from ftc.spec import choices
 
 
@@ -18,6 +19,9 @@ def main():
     ftc plan SPEC        show what a spec will do, without allocating weights
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
+    ftc report RUN_DIR   an HTML report with charts (several runs: overlaid)
+    ftc data inspect     the tokens a spec trains on, and the usual data mistakes
+    ftc diff A B         the spec keys in which two specs or runs differ
     """
 
 
@@ -342,6 +346,8 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force):
         raise SystemExit(1) from None
     raise SystemExit(0 if check is None or check.ok else 1)
 
+
+report_commands.register(main)
 
 if __name__ == "__main__":
     main()
