@@ -55,8 +55,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | None = None, 
     if os.path.isdir(out):
         raise ReportError(f"{out}: is a directory; --out names the HTML file to write")
     planned = charts_lib.plan_charts(runs)
-    several = len(runs) > 1
-    drawn = [charts_lib.draw(c, several) for c in planned]
+    names = [r.name for r in runs]
+    drawn = [charts_lib.draw(c, names) for c in planned]
     probe_png = charts_lib.draw_probe(runs)
     text = page.render(runs, drawn, probe_png, refresh_seconds=LIVE_REFRESH_SECONDS if live else 0)
 

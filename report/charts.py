@@ -113,7 +113,7 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
             Series(run.name, split, metric, run.series[(split, metric)])
             for run in runs
             for metric in g.metrics
-            for split in run.splits
+            for split in sorted(run.splits, key=lambda x: (x != "train", x != "validation"))
             if run.series.get((split, metric))
         ]
         charts.append(Chart(g, tuple(series)))
@@ -126,33 +126,37 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 SPLIT_STYLE = {"train": dict(linestyle="-", marker=None), "validation": dict(linestyle="--", marker="o")}
 
 
-def colour_key(series: Series, several_runs: bool) -> tuple:
-    # One colour per run (and metric) when runs are compared, the split told by the line style;
-    # within a single run's chart one colour per metric and split.
-    return (series.run, series.metric) if several_runs else (series.metric, series.split)
+METRIC_MARKERS = (None, "^", "s", "x")  # several runs: a chart's 2nd, 3rd... metric of one run
 
 
-def draw(chart: Chart, several_runs: bool, *, width: float = 6.4, height: float = 3.3, dpi: int = 100) -> Chart:
-    """The chart with its PNG, and each series with the colour it is drawn in."""
+def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: float = 3.3, dpi: int = 100) -> Chart:
+    """The chart with its PNG, and each series with the colour it is drawn in. With several `runs`
+    (their names, in order) each run keeps one colour on every chart and the line style tells
+    the split; with one, each metric and split has its own colour."""
     from matplotlib.figure import Figure  # not pyplot: no global state, safe beside a training loop
 
+    several = len(runs) > 1
     fig = Figure(figsize=(width, height), dpi=dpi)
     ax = fig.add_subplot()
-    keys: dict[tuple, str] = {}
     drawn = []
     values = []
+    metrics = chart.group.metrics
     for s in chart.series:
-        colour = keys.setdefault(colour_key(s, several_runs), PALETTE[len(keys) % len(PALETTE)])
+        if several:
+            colour = PALETTE[list(runs).index(s.run) % len(PALETTE)] if s.run in runs else PALETTE[-1]
+        else:  # train and validation of a metric side by side in the palette: blue / red, green / orange...
+            present = [m for m in metrics if any(x.metric == m for x in chart.series)]
+            colour = PALETTE[(2 * present.index(s.metric) + (s.split != "train")) % len(PALETTE)]
         xs = [p[0] for p in s.points]
         ys = [p[1] * chart.group.scale for p in s.points]
         values += [y for y in ys if math.isfinite(y)]
         style = dict(SPLIT_STYLE.get(s.split, dict(linestyle=":", marker="s")))
+        if several and s.metric in metrics and metrics.index(s.metric) > 0:
+            style["marker"] = METRIC_MARKERS[metrics.index(s.metric) % len(METRIC_MARKERS)]
         if len(xs) == 1:
             style["marker"] = style["marker"] or "o"  # a single point still shows
-        label = " · ".join(
-            ([s.run] if several_runs else []) + [s.split] + ([s.label] if len(chart.group.metrics) > 1 else [])
-        )
-        ax.plot(xs, ys, color=colour, linewidth=1.8, markersize=4, label=label, **style)
+        parts = ([s.run] if several else []) + [s.split] + ([s.label] if len(metrics) > 1 else [])
+        ax.plot(xs, ys, color=colour, linewidth=1.8, markersize=4, label=" · ".join(parts), **style)
         drawn.append(dataclasses.replace(s, colour=colour))
     if chart.group.log_y and values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")

@@ -40,9 +40,12 @@ def resolved_spec(path: str | os.PathLike) -> dict:
     try:
         return load_spec(path).to_dict()
     except SpecError as e:
-        first = next((str(i) for i in e.issues if i.severity == "error"), str(e))
-        more = len([i for i in e.issues if i.severity == "error"]) - 1
-        raise ReportError(f"{first}" + (f" (and {more} more error(s): ftc lint {path})" if more > 0 else "")) from None
+        errors = [i for i in e.issues if i.severity == "error"]
+        first = errors[0] if errors else None
+        where = f"{first.file}:{first.line}:{first.col}" if first and first.line else (first.file if first else path)
+        what = f"{first.key_path + ': ' if first.key_path else ''}{first.message}" if first else str(e)
+        more = f" (and {len(errors) - 1} more: ftc lint {path})" if len(errors) > 1 else ""
+        raise ReportError(f"{where}: {what}{more}") from None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

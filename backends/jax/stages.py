@@ -119,4 +119,6 @@ def live_report(spec, run_dir: str, echo):
         return None
     from ftc.report.live import LiveReport  # matplotlib loads at the first refresh
 
-    return LiveReport(run_dir, echo=echo)
+    report = LiveReport(run_dir, echo=echo)
+    echo(f"report: {report.path} (kept up to date as the run goes; open it in a browser)")
+    return report
