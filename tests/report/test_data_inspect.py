@@ -60,7 +60,8 @@ def test_quickstart_chat_rows_show_exactly_the_tokens_the_train_step_weights():
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (EXAMPLES / "data" / "chatterbot_train.jsonl").read_text().splitlines()[:6]]
     answers = [m["content"] + "<|im_end|>" for r in rows for m in r["messages"] if m["role"] == "assistant"]
-    assert supervised_spans(result.output) == answers
+    shown = result.output.split("\n── ", 1)[1].split("\nlengths", 1)[0]  # the examples, not the legend above them
+    assert supervised_spans(shown) == answers
     assert "<|im_start|>user\nWhat is AI?<|im_end|>" in result.output  # the template as rendered
     checks = result.output.split("checks:", 1)[1]
     assert re.search(r"info +pad == eos +pad and EOS are the same token \(<\|im_end\|>", checks)
