@@ -30,8 +30,9 @@ def report(run_dirs, out):
     majority-label baseline, sample generations, and each run's resolved spec, data statistics
     and plan. Several runs are overlaid, with a table of the spec keys in which they differ.
 
-    `ftc run` refreshes RUN_DIR/report.html at each evaluation (open it in a browser: it reloads
-    itself while the run goes on).
+    `ftc run` keeps RUN_DIR/report.html up to date (at the first logged metrics, then at most once
+    a minute, and at the end; logging.report = false turns it off). Open it in a browser: it
+    reloads itself while the run goes on.
 
     \b
       ftc report runs/quickstart                     # -> runs/quickstart/report.html
