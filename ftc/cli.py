@@ -5,6 +5,7 @@ objectives, export formats) are the schema's (spec/choices.py)."""
 import click
 
 from ftc import __version__, guard
+from ftc.commands import report as report_commands
 from ftc.commands.common import need_train as _need_train
 from ftc.spec import choices
 
@@ -22,6 +23,9 @@ def main(ctx, debug):
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
     ftc generate SOURCE  generate text (ftc chat SOURCE: chat; ftc eval SOURCE: score)
+    ftc report RUN_DIR   an HTML report with charts (several runs: overlaid)
+    ftc data inspect     the tokens a spec trains on, and the usual data mistakes
+    ftc diff A B         the spec keys in which two specs or runs differ
     """
     ctx.meta[guard.DEBUG] = debug
 
@@ -320,6 +324,8 @@ from ftc.commands.generate import generate  # noqa: E402
 
 for command in (export, generate, chat, eval_command):
     main.add_command(command)
+
+report_commands.register(main)
 
 if __name__ == "__main__":
     main()

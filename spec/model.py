@@ -137,6 +137,7 @@ class LoggingSpec:
     tensorboard: bool
     progress: bool
     peak_tflops: float | None
+    report: bool
 
 
 @dataclasses.dataclass(frozen=True)

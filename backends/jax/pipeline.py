@@ -32,11 +32,13 @@ from ftc.backends.jax.models import shapes
 from ftc.backends.jax.objectives import contract
 from ftc.backends.jax.stages import (
     build_data,
+    live_report,
     load_tokenizer,
     model_with_weights,
     tokenizer_dir,
     tokenizer_hash,
     write_data_stats,
+    write_plan,
     write_resolved_spec,
 )
 from ftc.backends.jax.state import checkpoint as ckpt_lib
@@ -262,6 +264,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         metadata["frozen"] = frozen
     write_resolved_spec(spec, run_dir)
     write_data_stats(data.stats, run_dir)
+    write_plan(plan, run_dir)
+    report = live_report(spec, run_dir, echo)
 
     train_iter = data.train_iterator(data_state)  # positioned where the checkpoint left off
     eval_batches = None
@@ -299,15 +303,24 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
             stop=stop,
             after_step=after_step,
             generation_eval=generation_eval,
+            on_metrics=report,
         )
+    except (Exception, Interrupted):
+        if report is not None:  # a stopped or failed run's report shows how far it got
+            report.final()
+        raise
     finally:
         logger.close()
         checkpointer.close()
     summary = {"run_dir": run_dir, "step": int(jax.device_get(state["step"])), "total_steps": total}
     del state  # export reads the final checkpoint back, sharded its own way
     stop.outside = f"stopped during the export; the checkpoint at step {total} is complete: run again to export"
-    if summary["step"] >= total:
-        summary["export"] = export_at_end(run_dir, echo=echo)
+    try:
+        if summary["step"] >= total:
+            summary["export"] = export_at_end(run_dir, echo=echo)
+    finally:
+        if report is not None:
+            report.final()
     return summary
 
 

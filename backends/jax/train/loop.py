@@ -105,13 +105,16 @@ def train_loop(
     stop: StopSignals | None = None,
     after_step: Callable[[int], None] | None = None,
     generation_eval: Callable[[dict, int], dict] | None = None,
+    on_metrics: Callable[[int], None] | None = None,
 ) -> dict:
     """Train from `state["step"]` to `config.total_steps`. Returns the final state.
 
     `train_iter` yields host batches of [global batch (this process's share), T] and has
     get_state() (grain); its state is saved with every checkpoint. `after_step(step)` is a test
     hook, called after each step is dispatched. `generation_eval(state, step)` runs after each
-    validation (generate/in_run.py: it logs sample generations) and returns metrics to show.
+    validation (generate/in_run.py: it logs sample generations) and returns metrics to show;
+    `on_metrics(step)` is called after metrics are logged (train or validation), e.g. to refresh
+    the run's report.
     """
     from tqdm import tqdm
 
@@ -180,6 +183,8 @@ def train_loop(
             return
         if logger:
             logger.log(at, "validation", result)
+        if on_metrics is not None:
+            on_metrics(at)
         shown = [f"{k.replace('_', ' ')} {result[k]:.4f}" for k in SHOWN_VALIDATION if k in result]
         if jax.process_index() == 0:
             bar.write(f"step {at}: validation {', '.join(shown)}")
@@ -236,6 +241,8 @@ def train_loop(
                 row.update(run_log.host_memory())
                 if logger:
                     logger.log(step, "train", row)
+                if on_metrics is not None:
+                    on_metrics(step)
                 bar.set_postfix(loss=f"{host['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
                 window_tokens, window_steps, window_start = 0.0, 0, time.perf_counter()
             if last or (config.eval_every and step % config.eval_every == 0):
