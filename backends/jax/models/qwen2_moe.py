@@ -104,6 +104,7 @@ FAMILY = Family(
     model_types=("qwen2_moe",),
     config_from_hf=config_from_hf,
     build=llama.build,
+    cache_layout=llama.cache_layout,  # llama's attention and KV cache: the sampler decodes it
     hf_tensors=hf_tensors,
     hf_config=hf_config,
     hf_architecture="Qwen2MoeForCausalLM",
