@@ -15,19 +15,19 @@ EXPERTS = 4
 
 
 def moe_config(case: str, **extra):
+    """The transformers config of `case`; `extra` overrides any key (e.g. vocab_size)."""
     import transformers as tf
 
     if case == "mixtral":
-        return tf.MixtralConfig(
-            **TINY, num_local_experts=EXPERTS, num_experts_per_tok=2, **{"sliding_window": 4, **extra}
-        )
+        keys = dict(TINY, num_local_experts=EXPERTS, num_experts_per_tok=2, sliding_window=4)
+        return tf.MixtralConfig(**{**keys, **extra})
     common = dict(TINY, moe_intermediate_size=64, num_experts=EXPERTS, num_experts_per_tok=2)
     if case == "qwen2_moe":
         # sliding window on layer 0 only (Qwen2-MoE's rule: odd i + 1 below max_window_layers).
         window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=2)
-        return tf.Qwen2MoeConfig(**common, shared_expert_intermediate_size=96, **{**window, **extra})
+        return tf.Qwen2MoeConfig(**{**common, "shared_expert_intermediate_size": 96, **window, **extra})
     if case == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**common, head_dim=32, **{"norm_topk_prob": True, **extra})
+        return tf.Qwen3MoeConfig(**{**common, "head_dim": 32, "norm_topk_prob": True, **extra})
     raise KeyError(case)
 
 
