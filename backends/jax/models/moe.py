@@ -20,9 +20,10 @@ Parameter tree of one MoE layer (flax path -> shape, logical axes; L layers, E e
   layers/mlp/experts/down_proj/kernel            [L, E, F, D]     layers, expert, mlp, embed
   layers/mlp/shared_expert/{gate,up,down}_proj   like llama's mlp (qwen2_moe)
   layers/mlp/shared_expert_gate/kernel           [L, D, 1]        (qwen2_moe)
-The router is not a `layers.Dense`, so LoRA's "all-linear" leaves it alone (PEFT cannot adapt
-transformers' router module either); the expert kernels are `ExpertKernel`s, which LoRA and QLoRA
-intercept like a Dense (methods/lora.py).
+The router is not a `layers.Dense`, so LoRA's "all-linear" leaves it frozen (PEFT 0.21's
+"all-linear" adapts transformers' `mlp.gate` too; ftc's adapters name their targets, so PEFT loads
+them as trained); the expert kernels are `ExpertKernel`s, which LoRA and QLoRA intercept like a
+Dense (methods/lora.py).
 
 Router statistics for the load-balancing loss are sown into the "intermediates" collection
 (`router`: per-expert top-k counts and probability sums over real tokens, and the token count),
