@@ -215,6 +215,7 @@ def test_packed_segments_route_and_attend_as_if_alone(saved):
     assert float(router_aux.router_totals(state["intermediates"])["tokens"]) == 12 * lm.arch.num_layers
 
 
+@pytest.mark.slow  # ~50 s under load: three compilations of a value-and-grad
 def test_remat_keeps_logits_gradients_and_router_statistics(saved):
     _, _, lm = saved["qwen2_moe"]
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 8)), jnp.int32)

@@ -39,7 +39,8 @@ def _jitted(method):
     "case,targets",
     [
         ("mixtral", "all-linear"),  # attention + every expert projection (w1/w3 fused as gate_up)
-        ("qwen2_moe", "all-linear"),  # + the shared expert and its gate
+        # + the shared expert and its gate (fast suite: tests/moe/test_moe_run.py's LoRA run)
+        pytest.param("qwen2_moe", "all-linear", marks=pytest.mark.slow),
         ("qwen3_moe", ("q_proj", "v_proj", "experts.down_proj")),  # one expert parameter of two
     ],
 )

@@ -89,7 +89,7 @@ def single_device_run(params):
 
 MESHES = [
     {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2},
-    {"data": 1, "fsdp": 2, "tensor": 1, "expert": 4},
+    pytest.param({"data": 1, "fsdp": 2, "tensor": 1, "expert": 4}, marks=pytest.mark.slow),  # CI time
 ]
 
 
