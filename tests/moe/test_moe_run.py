@@ -193,3 +193,15 @@ def test_lora_run_on_the_experts_exports_a_peft_adapter_peft_loads(root, tmp_pat
     assert np.abs(torch_logits(peft_model) - ours)[REAL].max() < 1e-4
     merged = transformers.AutoModelForCausalLM.from_pretrained(spec.run_dir + "/export", dtype=torch.float32).eval()
     assert np.abs(torch_logits(merged) - ours)[REAL].max() < 1e-4
+
+    # `ftc generate` on the run (LoRA on the experts, unmerged) and on its merged export: same text.
+    def generate(source):
+        args = ["generate", source, "--prompt", "the quick brown", "--raw", "--max-new-tokens", "8"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()  # "model: ...", the completion, "8 tokens (length) ..."
+        assert lines[0].startswith("model:") and lines[-1].startswith("8 tokens (length)"), lines
+        return lines[1:-1]
+
+    from_run = generate(spec.run_dir)
+    assert from_run and from_run == generate(spec.run_dir + "/export")
