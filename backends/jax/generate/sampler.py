@@ -272,6 +272,9 @@ def stream(
     without chunks, only cut."""
     batch = lay_out(prompts, config.max_new_tokens, sampler.context, config.pad_id)
     keys = row_keys(key, batch.rows, len(batch.ids))
+    # The jitted functions read max_new_tokens only through the rows' limits: key them on its
+    # bucket, so another max_new_tokens in the same bucket reuses the compiled code.
+    config = dataclasses.replace(config, max_new_tokens=batch.new_tokens)
     state = sampler.prefill(
         params,
         _put(sampler, batch.ids),
