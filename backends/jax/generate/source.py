@@ -114,8 +114,9 @@ def load_tokenizer(*dirs: Path | None):
     return None
 
 
-def load_source(source: str, *, dtype: str = "float32") -> Source:
+def load_source(source: str | os.PathLike, *, dtype: str = "float32") -> Source:
     """SOURCE (see the module docstring) as a Source, or SourceError saying what it is not."""
+    source = os.fspath(source)
     path = Path(source).expanduser()
     try:
         if os.path.isdir(ckpt_lib.checkpoint_dir(str(path))):
