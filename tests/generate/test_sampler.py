@@ -126,7 +126,7 @@ def test_prefill_logits_equal_the_training_forward_pass(models):
     assert int(cache["index"]) == 9
 
 
-def test_generation_on_a_sharded_mesh_equals_one_device(models):
+def test_greedy_and_sampled_generation_on_a_sharded_mesh_equal_one_device(models):
     _, loaded = models("qwen3")
     config = GenerateConfig(max_new_tokens=8)
     one = generate(sampler_for(loaded), loaded.params, prompts(), jax.random.key(0), config)
@@ -142,6 +142,11 @@ def test_generation_on_a_sharded_mesh_equals_one_device(models):
 
     params = jax.tree_util.tree_map_with_path(place, loaded.params)
     sharded = generate(sampler_for(loaded, mesh=mesh), params, prompts(), jax.random.key(0), config)
+    assert [c.tokens for c in sharded] == [c.tokens for c in one]
+    sampled = GenerateConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+    batch = prompts((5, 11, 1, 17, 2, 9, 4, 3))  # 8 rows: the batch splits over data x fsdp
+    one = generate(sampler_for(loaded), loaded.params, batch, jax.random.key(5), sampled)
+    sharded = generate(sampler_for(loaded, mesh=mesh), params, batch, jax.random.key(5), sampled)
     assert [c.tokens for c in sharded] == [c.tokens for c in one]
 
 
