@@ -130,6 +130,23 @@ def load_source(source: str | os.PathLike, *, dtype: str = "float32") -> Source:
         raise SourceError(f"cannot generate from {source!r}: {e}") from e
 
 
+def _generating(source: str, model: methods.MethodModel) -> methods.MethodModel:
+    """The model, if its family decodes (before any weight is read)."""
+    if model.family.cache_layout is None:
+        raise SourceError(
+            f"cannot generate from {source!r}: it is a {model.family.name} model, not a causal language model "
+            f"(generation needs a decoder: {', '.join(_decoder_families())})"
+        )
+    return model
+
+
+def _decoder_families() -> list[str]:
+    from ftc.backends.jax import models
+
+    types = models.supported_model_types()
+    return [t for t in types if models.family_for({"model_type": t}).cache_layout is not None]
+
+
 def _in_dtype(model: methods.MethodModel, params, dtype: str):
     """Floating parameters cast to the compute dtype when it is narrower than theirs."""
     target = jnp.dtype(dtype)
@@ -143,7 +160,9 @@ def _in_dtype(model: methods.MethodModel, params, dtype: str):
 
 def _from_run(source: str, path: Path, dtype: str) -> Source:
     trained = export_lib.load_run(path)
-    model = methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
+    model = _generating(
+        source, methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
+    )
     tokenizer = load_tokenizer(trained.tokenizer_dir)
     return Source(
         source,
@@ -208,7 +227,7 @@ def _spec(base: str, kind: str, method_keys: dict, init_from_dir: str | None, dt
 
 def _from_spec(source: str, spec, model_dir: Path, extra_dir: Path | None, what: str) -> Source:
     hf_config = read_hf_config(model_dir)
-    model = methods.build_model(hf_config, spec, remat="none")  # compute dtype: spec.model.dtype
+    model = _generating(source, methods.build_model(hf_config, spec, remat="none"))  # compute dtype: spec.model.dtype
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     shardings = export_lib.export_shardings(model, abstract)
     try:
