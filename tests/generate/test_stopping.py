@@ -1,7 +1,7 @@
 """What ends a generation and what fixes its randomness, as a user meets them: the EOS ids come
 from generation_config.json, config.json and the tokenizer (and a row stops where transformers'
 `generate` stops on the same directory); `--stop` cuts the streamed text; `--seed` makes sampled
-text reproducible."""
+text reproducible; `--dtype bfloat16` holds weights and cache in bfloat16."""
 
 import json
 import shutil
@@ -92,3 +92,14 @@ def test_the_same_seed_samples_the_same_text_and_another_seed_other_text(model_d
     assert sample(6) != first
     greedy = CliRunner().invoke(main, ["generate", model_dir, "--prompt", PROMPT, "--raw", "--max-new-tokens", 16])
     assert greedy.stdout != first  # temperature 1 did sample
+
+
+def test_bfloat16_holds_the_weights_and_the_cache_in_bfloat16(model_dir):
+    src = load_source(model_dir, dtype="bfloat16")
+    assert {str(x.dtype) for x in jax.tree.leaves(src.params)} == {"bfloat16"}
+    sampler = src.sampler()
+    assert str(sampler.dtype) == "bfloat16"
+    ids = session.prompt_ids(src, PROMPT, raw=True)
+    out = generate(sampler, src.params, [ids, ids[:5]], jax.random.key(0), GenerateConfig(8))
+    assert [len(c.tokens) for c in out] == [8, 8]
+    assert generate(sampler, src.params, [ids[:5]], jax.random.key(0), GenerateConfig(8))[0] == out[1]
