@@ -187,3 +187,15 @@ def test_compiles_once_per_batch_and_length_bucket_not_per_prompt(models):
     generate(sampler, loaded.params, prompts((20, 3, 1)), jax.random.key(0), sampled)  # prompt bucket 24
     generate(sampler, loaded.params, prompts((17, 22, 5)), jax.random.key(0), sampled)  # the same one
     assert (sampler.prefill._cache_size(), sampler.decode._cache_size()) == (before[0] + 1, before[1] + 1)
+
+
+def test_raw_uint32_keys_are_the_same_keys_as_typed_ones():
+    from ftc.backends.jax.generate.sampler import row_keys
+
+    data = jax.random.key_data
+    assert (data(row_keys(jax.random.PRNGKey(3), 3, 4)) == data(row_keys(jax.random.key(3), 3, 4))).all()
+    per_row = jax.random.split(jax.random.key(1), 3)
+    assert (data(row_keys(data(per_row), 3, 4)) == data(row_keys(per_row, 3, 4))).all()
+    assert (data(row_keys(per_row, 3, 4))[:3] == data(per_row)).all()  # given keys are used as they are
+    with pytest.raises(ValueError, match="2 keys for 3 prompts"):
+        row_keys(per_row[:2], 3, 4)
