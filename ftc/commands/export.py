@@ -6,8 +6,10 @@ from ftc import guard
 from ftc.commands.common import need_train
 from ftc.spec import choices
 
+DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # llama.cpp's names
 
-@click.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
+
+@click.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory or a GGUF.")
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--out",
@@ -21,13 +23,15 @@ from ftc.spec import choices
     type=click.Choice(choices.export_formats()),
     default=None,
     help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
-    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.",
+    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only; gguf: one GGUF file for llama.cpp / Ollama "
+    "with a Modelfile (merged). Default: the run's export.format.",
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(["float32", "bfloat16", "float16", "q8_0", "q4_0", *DTYPE_ALIASES]),
     default=None,
-    help="Dtype of the written weights. Default: the run's export.dtype.",
+    help="Dtype of the written weights (f32, bf16, f16 are the same as float32, bfloat16, float16); "
+    "q8_0 and q4_0, llama.cpp's block quantisations, for --format gguf. Default: the run's export.dtype.",
 )
 @click.option(
     "--verify/--no-verify",
@@ -63,6 +67,7 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
     the tolerance.
     """
     need_train("export")
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     from ftc.backends.jax.io.export import ExportError, export_run
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.io.verify import ReferenceUnavailable

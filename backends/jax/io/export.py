@@ -49,6 +49,7 @@ from ftc.backends.jax.io.export_common import (
     publish,
 )
 from ftc.backends.jax.io.export_verify import verify_export
+from ftc.backends.jax.io.gguf_export import QUANTIZED
 from ftc.backends.jax.io.model_source import gguf_file, is_loadable_by_transformers
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
@@ -252,6 +253,10 @@ def check_format(kind: str, format: str, dtype: str) -> None:
         )
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype in QUANTIZED and format != "gguf":  # llama.cpp's block quantisations exist only in GGUF
+        raise ExportError(
+            f"export dtype {dtype!r} is for format 'gguf' only (here {format!r}): use float32, bfloat16 or float16"
+        )
 
 
 def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str, ...]:
