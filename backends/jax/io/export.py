@@ -36,7 +36,7 @@ from gguf import GGUFReader
 
 from ftc.backends.jax import methods as registry
 from ftc.backends.jax import stages
-from ftc.backends.jax.io import gguf_config, hf_checkpoint
+from ftc.backends.jax.io import certificate, gguf_config, hf_checkpoint
 from ftc.backends.jax.io.export_common import (
     DTYPES,
     EXPORT_DIR,
@@ -348,5 +348,8 @@ def export_run(
     check = None
     if verify:
         check = verify_export(trained, result, tol=tol, echo=echo)
+    cert = certificate.certify(trained, result, check)  # into ftc_export.json
+    if check is not None:
+        check = dataclasses.replace(check, greedy=certificate.summary(cert), greedy_ok=cert["ok"])
         echo("verify: " + check.summary())
     return result, check

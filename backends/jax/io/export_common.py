@@ -190,6 +190,9 @@ def trained_weights_exported(model, params, dtype: str) -> tuple:
 def save_hf(trained, out: Path, params, dtype: str) -> None:
     """The family's `params` as an HF checkpoint with the run's tokenizer."""
     hf_checkpoint.save_hf(out, loaded(trained, params), dtype=dtype, tokenizer_dir=trained.tokenizer_dir)
+    from ftc.backends.jax.io.certificate import carry_stop_ids  # imports this module
+
+    carry_stop_ids(out, trained.tokenizer_dir)
 
 
 def reload_hf(trained, out: Path, scratch: Path, causal: bool):
