@@ -255,7 +255,9 @@ def ollama_template(v: Vocab) -> str | None:
     p = v.pieces
     if p is None:
         return None
-    out = '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}' + _go(p.default_prefix) + "{{ end }}"
+    out = ""
+    if p.default_prefix:  # the template's default system prompt, written when there is no system message
+        out = '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}' + _go(p.default_prefix) + "{{ end }}"
     out += "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
     for n, role in enumerate(ROLES):
         pre, post = p.around[role]
