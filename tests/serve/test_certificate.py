@@ -104,3 +104,17 @@ def test_generation_config_carries_the_end_of_turn_id_when_the_tokenizer_eos_is_
     certificate.carry_stop_ids(tmp_path, tmp_path)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] == [0, im_end]
+
+
+def test_run_writes_one_export_per_serving_target(tmp_path):
+    path = mr.write_spec("lora", "lora-targets", export='format = "hf"\ntargets = ["gguf", "peft", "vllm"]')
+    run = mr.run_spec(path, "lora")
+    assert (run.run_dir / "export" / "config.json").is_file()  # export.format, and what vLLM loads
+    assert (run.run_dir / "export-gguf" / "model.gguf").is_file() and (
+        run.run_dir / "export-gguf" / "Modelfile"
+    ).is_file()
+    assert (run.run_dir / "export-peft" / "adapter_config.json").is_file()
+    assert not (run.run_dir / "export-hf").exists()
+    for d in ("export", "export-gguf", "export-peft"):
+        manifest = json.loads((run.run_dir / d / "ftc_export.json").read_text())
+        assert manifest["certificate"]["stops"]["ok"]

@@ -308,6 +308,18 @@ def write_export(
     )
 
 
+# `[export] targets` -> the export format that serves each ("vllm": export.format when it is one vLLM loads).
+TARGET_FORMATS = {"transformers": "hf", "peft": "peft", "vllm": "hf", "gguf": "gguf", "ollama": "gguf"}
+
+
+def target_formats(spec) -> tuple[str, ...]:
+    """The formats `ftc run` writes besides export.format, one per serving target that needs another
+    (into RUN_DIR/export-<format>/); `ftc lint` has refused targets the method cannot serve."""
+    e, formats = spec.export, registry.get(spec.method.kind).formats
+    wanted = [e.format if t == "vllm" and e.format in ("hf", "peft") else TARGET_FORMATS[t] for t in e.targets or ()]
+    return tuple(f for f in dict.fromkeys(wanted) if f != e.format and formats.get(f) is not None)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
