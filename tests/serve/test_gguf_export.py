@@ -175,3 +175,15 @@ def test_a_model_llama_cpp_would_compute_differently_is_refused(case, change, me
     (directory / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(gguf_export.GgufExportError, match=message):
         export(directory, tmp_path / "out", "float32")
+
+
+def test_a_tokenizer_gguf_cannot_hold_is_refused_naming_the_file(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    directory = model_dir(tmp_path, "llama")
+    words = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(directory)
+    with pytest.raises(gguf_export.GgufExportError, match=r"tokenizer.json: a WordLevel tokenizer"):
+        export(directory, tmp_path / "out", "float32")

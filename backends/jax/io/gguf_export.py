@@ -34,8 +34,7 @@ FILE_TYPES["q4_0"] = "MOSTLY_Q4_0"
 QUANTIZED = ("q8_0", "q4_0")
 
 
-class GgufExportError(ValueError):
-    """A model ftc cannot write as GGUF (no llama.cpp layout, a setting llama.cpp would not compute)."""
+GgufExportError = vocab.GgufExportError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ftc.backends.jax.io.gguf_config import GgufImportError
-
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+
+class GgufExportError(ValueError):
+    """A model ftc cannot write as GGUF (no llama.cpp layout, a setting llama.cpp would not compute,
+    a tokenizer GGUF cannot hold)."""
+
+
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 # The pre-tokenizer's split regex (tokenizer.json) -> llama.cpp's pre-tokenizer (llama-vocab.cpp).
 PRE_NAMES = {
@@ -102,14 +107,14 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int, *, source_gguf: Path | None
 
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
-        raise GgufImportError(f"{tokenizer_dir}: no tokenizer.json; a GGUF export needs a fast (tokenizers) tokenizer")
+        raise GgufExportError(f"{tokenizer_dir}: no tokenizer.json; a GGUF export needs a fast (tokenizers) tokenizer")
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     byte_level = (
         "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or (spec.get("decoder") or {}).get("type") == "ByteLevel"
     )
     if model.get("type") != "BPE" or not byte_level:
-        raise GgufImportError(
+        raise GgufExportError(
             f"{path}: a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}; "
             "ftc writes GGUF tokenizers for byte-level BPE (GPT-2 style) only"
         )
@@ -120,7 +125,7 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int, *, source_gguf: Path | None
         by_id[added["id"]] = added["content"]
         kinds[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     if by_id and max(by_id) >= vocab_size:
-        raise GgufImportError(
+        raise GgufExportError(
             f"{path}: token id {max(by_id)} but the model embeds {vocab_size} tokens; "
             "the GGUF would hold ids it cannot run"
         )
