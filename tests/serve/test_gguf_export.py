@@ -85,10 +85,15 @@ def reloaded_by_ftc_import(path, tmp_path):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_float32_gguf_reloads_with_ftc_logits_by_transformers_and_by_ftc_import(case, tmp_path):
+def test_float32_gguf_reloads_with_ftc_logits_and_ends_turns_where_the_chat_template_does(case, tmp_path):
     directory = model_dir(tmp_path, case)
     loaded, _ = export(directory, tmp_path / "out", "float32")
     path = tmp_path / "out" / gguf_export.GGUF_FILE
+    fields = gguf.GGUFReader(str(path)).fields
+    im_end = data_testlib.make_tokenizer().convert_tokens_to_ids("<|im_end|>")
+    assert (
+        fields["tokenizer.ggml.eot_token_id"].contents() == fields["tokenizer.ggml.eos_token_id"].contents() == im_end
+    )
     ours = verify.ftc_outputs(loaded, BATCH, "logits")
     by_ftc, _ = reloaded_by_ftc_import(path, tmp_path)
     assert largest_difference(ours, verify.reference_outputs(by_ftc, BATCH, "logits")) < TOL
@@ -187,3 +192,28 @@ def test_a_tokenizer_gguf_cannot_hold_is_refused_naming_the_file(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(directory)
     with pytest.raises(gguf_export.GgufExportError, match=r"tokenizer.json: a WordLevel tokenizer"):
         export(directory, tmp_path / "out", "float32")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hf_export_generation_config_stops_at_the_chat_templates_end_of_turn(case, tmp_path):
+    import types
+
+    from ftc.backends.jax.io import export_common
+
+    directory = model_dir(tmp_path, case)
+    tok = data_testlib.make_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # the tokenizer's EOS is not what ends an assistant turn
+    tok.save_pretrained(directory)
+    loaded = hf_checkpoint.load_model(directory)
+    trained = types.SimpleNamespace(
+        model=types.SimpleNamespace(family=loaded.family, arch=loaded.arch),
+        hf_config=loaded.hf_config,
+        model_dir=directory,
+        tokenizer_dir=directory,
+    )
+    export_common.save_hf(trained, tmp_path / "hf", loaded.params, "float32")
+    eos = json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"]
+    stops = eos if isinstance(eos, list) else [eos]
+    assert tok.convert_tokens_to_ids("<|im_end|>") in stops and tok.eos_token_id in stops
+    served = tf.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert tok.convert_tokens_to_ids("<|im_end|>") in served.eos_token_id
