@@ -14,7 +14,8 @@ vllm          served as a merged HF checkpoint (export.format "hf") or, for lora
 gguf, ollama  llama.cpp's model layouts ftc writes (io/gguf_export.py LAYOUTS): llama, mistral, qwen2, qwen3,
               gemma; its graphs attend over the whole context (no sliding window) and use the family's
               own activation; adapters merge into the weights except bottleneck adapters; a probe is
-              no decoder. Ollama reads the same GGUF plus a Modelfile.
+              no decoder; the tokenizer must be byte-level BPE (SentencePiece-style ones are not written yet).
+              Ollama reads the same GGUF plus a Modelfile.
 
 The base's config.json is read (JSON only) when model.base is a local directory or an HF id in the
 local cache; a GGUF or package: base is one of the architectures ftc's GGUF import reads, all of
@@ -36,13 +37,19 @@ VLLM_DEFAULT_RANK = 16
 QUANTIZED_DTYPES = ("q8_0", "q4_0")
 
 
-def _base_config(base) -> dict | None:
-    """The base's config.json, when it is on this machine as a directory (or in the HF cache)."""
+def _base_dir(base) -> str | None:
+    """The base's directory, when it is on this machine as a directory (or in the HF cache)."""
     if not isinstance(base, str) or base.lower().endswith(".gguf") or base.startswith("package:"):
         return None
     path = os.path.expanduser(base)
     if not os.path.isdir(path) and base.count("/") == 1 and "@" not in base:
         path = _snapshot(os.path.join(hf_hub_cache(), "models--" + base.replace("/", "--")), "main") or ""
+    return path if os.path.isdir(path) else None
+
+
+def _base_config(path: str | None) -> dict | None:
+    if path is None:
+        return None
     config = os.path.join(path, "config.json")
     try:
         with open(config, encoding="utf-8") as f:
@@ -50,6 +57,21 @@ def _base_config(base) -> dict | None:
     except (OSError, ValueError):
         return None  # a missing or unreadable base is reported elsewhere, with its own message
     return data if isinstance(data, dict) else None
+
+
+def _tokenizer_problem(directory: str) -> str | None:
+    """Why the tokenizer in `directory` cannot be written as a GGUF tokenizer (io/gguf_export_vocab.py
+    writes byte-level BPE, llama.cpp's `gpt2` model), or None (also when there is none to read)."""
+    try:
+        with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        model = data.get("model") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if model.get("type") == "BPE" and "ByteLevel" in json.dumps(data.get("pre_tokenizer")):
+        return None
+    kind = f"{model.get('type')}{' (byte fallback: SentencePiece style)' if model.get('byte_fallback') else ''}"
+    return f"its tokenizer is {kind}; ftc writes GGUF tokenizers for byte-level BPE (GPT-2 style) only"
 
 
 def _gguf_problem(config: dict) -> str | None:
@@ -103,10 +125,16 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
             if kind in ("adapter", "probe"):
                 what = "bottleneck adapters cannot be merged into" if kind == "adapter" else "a probe is not"
                 add(target, ("method", "kind"), f"{what} a llama.cpp decoder (GGUF holds one merged decoder)")
-            config = _base_config(value_at(s, ("model", "base")))
+            base = _base_dir(value_at(s, ("model", "base")))
+            config = _base_config(base)
             problem = _gguf_problem(config) if config is not None else None
             if problem:
                 add(target, ("model", "base"), problem)
+            tokenizer = value_at(s, ("model", "tokenizer"))
+            tok_dir = os.path.expanduser(tokenizer) if isinstance(tokenizer, str) else base
+            problem = _tokenizer_problem(tok_dir) if tok_dir else None
+            if problem:
+                add(target, ("model", "tokenizer") if isinstance(tokenizer, str) else ("model", "base"), problem)
     return out
 
 

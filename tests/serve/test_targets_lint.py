@@ -91,6 +91,15 @@ def test_a_base_llama_cpp_cannot_serve_is_reported_at_model_base(config, words, 
     assert issue["message"].startswith(f"target {target!r}")
 
 
+def test_a_sentencepiece_style_tokenizer_is_reported_for_gguf(tmp_path):
+    base = model_dir(tmp_path)
+    spm = {"model": {"type": "BPE", "byte_fallback": True, "vocab": {}, "merges": []}, "pre_tokenizer": None}
+    (base / "tokenizer.json").write_text(json.dumps(spm))
+    code, issues = lint(tmp_path, 'kind = "full"', 'format = "gguf"\ntargets = ["gguf"]', base=base)
+    issue = one(issues)
+    assert code == 1 and issue["key_path"] == "model.base" and "byte fallback" in issue["message"]
+
+
 def test_specs_every_target_serves_lint_clean(tmp_path):
     code, issues = lint(
         tmp_path, 'kind = "lora"\nrank = 16', 'format = "peft"\ntargets = ["transformers", "peft", "vllm"]'
