@@ -103,6 +103,12 @@ def stops(trained, out: Path, format: str) -> dict:
         ]
         record["gguf_stop_ids"] = carried
         record["gguf_chat_template"] = "tokenizer.chat_template" in fields
+        record["gguf_pre_tokenizer"] = fields["tokenizer.ggml.pre"].contents()
+        if record["gguf_pre_tokenizer"] == "default":  # gguf_export_vocab.PRE_NAMES did not know it
+            record["note"] = (
+                "tokenizer.ggml.pre is 'default': llama.cpp splits text by its default rules, which may "
+                "differ from this tokenizer's pre-tokenizer (transformers' GGUF loader uses tokenizer.json's)"
+            )
         ok = all(i in carried for i in wanted) and (record["gguf_chat_template"] or not record["chat_template"])
     elif (out / "generation_config.json").is_file():
         eos = json.loads((out / "generation_config.json").read_text()).get("eos_token_id")

@@ -49,8 +49,7 @@ class Vocab:
     tokens: tuple[str, ...]
     types: tuple[int, ...]
     merges: tuple[str, ...]
-    pre: str
-    pre_known: bool  # False: "default", the pre-tokenizer was not recognised
+    pre: str  # "default" when PRE_NAMES does not know the pre-tokenizer (the certificate says so)
     bos_id: int | None
     eos_id: int | None
     eot_id: int | None  # the chat template's end of an assistant turn
@@ -133,7 +132,6 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int, *, source_gguf: Path | None
     types = tuple(kinds.get(i, NORMAL if i in by_id else UNUSED) for i in range(vocab_size))
     merges = tuple(" ".join(m) if isinstance(m, list) else m for m in model.get("merges") or ())
     pre = _source_pre(source_gguf)
-    known = pre is not None or _pre_key(spec.get("pre_tokenizer")) in PRE_NAMES
     pre = pre or PRE_NAMES.get(_pre_key(spec.get("pre_tokenizer")), "default")
     bos_id = _token_id(tokenizer, tokenizer.bos_token)
     eos_id = _token_id(tokenizer, tokenizer.eos_token)
@@ -145,7 +143,6 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int, *, source_gguf: Path | None
         types=types,
         merges=merges,
         pre=pre,
-        pre_known=known,
         bos_id=bos_id,
         eos_id=eos_id,
         eot_id=end_of_turn_id(tokenizer, template),
