@@ -36,8 +36,9 @@ DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # llam
 @click.option(
     "--verify/--no-verify",
     default=None,
-    help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
-    "on a fixed batch. Default: the run's export.verify.",
+    help="Reload the export in its loader (transformers / PEFT / transformers' GGUF loader), compare its "
+    "outputs with ftc's model on a fixed batch and its greedy continuations of fixed prompts with ftc's "
+    "sampler; fail on a mismatch (the certificate in ftc_export.json). Default: the run's export.verify.",
 )
 @click.option(
     "--tol",
