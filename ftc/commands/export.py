@@ -65,7 +65,7 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
     and the base are read from the checkpoint itself; nothing needs re-entering.
 
     Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
-    the tolerance.
+    the tolerance or with different greedy tokens.
     """
     need_train("export")
     dtype = DTYPE_ALIASES.get(dtype, dtype)
