@@ -110,6 +110,8 @@ def test_quantised_gguf_computes_ftc_on_the_weights_it_holds(dtype, tmp_path):
     reader = gguf.GGUFReader(str(path))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf_export.QTYPES[dtype] and types["blk.0.attn_norm.weight"] == "F32"
+    if dtype == "q4_0":  # the embedding and the LM head keep 8 bits
+        assert types["token_embd.weight"] == types["output.weight"] == "Q8_0"
     rounded = dataclasses.replace(loaded, params=stored_params(loaded, loaded.params, dtype))
     by_tf = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     reference = verify.reference_outputs(by_tf, BATCH, "logits")

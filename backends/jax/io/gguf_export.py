@@ -11,7 +11,8 @@ RoPE, no output.weight when the LM head is the embedding, Gemma's norm weights s
 (llama.cpp multiplies by the weight, transformers by 1 + weight), Llama 3 RoPE scaling as the
 rope_freqs.weight tensor. Mistral is llama.cpp's `llama` architecture, as its converter writes it.
 Norms and biases stay float32 at every dtype; q8_0 / q4_0 quantise every matrix whose rows are a
-whole number of 32-value blocks (the `gguf` package's quantiser; others float16, as llama.cpp does).
+whole number of 32-value blocks (the `gguf` package's quantiser; others float16, as llama.cpp does),
+q4_0 all but the embedding and LM head, which stay q8_0.
 """
 
 from __future__ import annotations
@@ -132,11 +133,16 @@ def _tensor(hf_name: str, array: np.ndarray, layout: Layout, arch) -> np.ndarray
     return np.ascontiguousarray(a)
 
 
-def stored(a: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
+# q4_0 keeps the embedding and the LM head in q8_0: llama.cpp's quantizer also gives them more bits
+# (Q6_K there, which the gguf package cannot write), as 4 bits there cost the most accuracy.
+_Q4_0_KEEPS_Q8_0 = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def stored(a: np.ndarray, dtype: str, hf_name: str = "") -> tuple[np.ndarray, str]:
     """(bytes or values as written, GGML type name) for one llama.cpp-layout float32 tensor."""
     import gguf
 
-    qtype = QTYPES[dtype]
+    qtype = "Q8_0" if dtype == "q4_0" and hf_name in _Q4_0_KEEPS_Q8_0 else QTYPES[dtype]
     if a.ndim == 1 or qtype == "F32":
         return a, "F32"
     if qtype == "F16":
@@ -147,11 +153,11 @@ def stored(a: np.ndarray, dtype: str) -> tuple[np.ndarray, str]:
     return gguf.quants.quantize(a, kind), qtype
 
 
-def as_stored(a: np.ndarray, dtype: str) -> np.ndarray:
-    """What a reader gets back from `stored(a, dtype)` (float32): the values the GGUF holds."""
+def as_stored(a: np.ndarray, dtype: str, hf_name: str = "") -> np.ndarray:
+    """What a reader gets back from `stored(a, dtype, hf_name)` (float32): the values the GGUF holds."""
     import gguf
 
-    data, qtype = stored(a, dtype)
+    data, qtype = stored(a, dtype, hf_name)
     if qtype in ("F32", "F16"):
         return np.asarray(data, np.float32)
     return np.asarray(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype]), np.float32).reshape(a.shape)
@@ -197,7 +203,7 @@ def write_gguf(
     for hf_name, array in tensors:
         if hf_name == "lm_head.weight" and arch.tie_word_embeddings:
             continue
-        data, qtype = stored(_tensor(hf_name, array, layout, arch), dtype)
+        data, qtype = stored(_tensor(hf_name, array, layout, arch), dtype, hf_name)
         if qtype in ("F32", "F16"):
             w.add_tensor(gguf_name(hf_name), data)
         else:

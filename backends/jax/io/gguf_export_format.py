@@ -76,7 +76,7 @@ def stored_params(model, params, dtype: str):
         hf = np.asarray(spec.to_hf(a), np.float32)
         if layout.norm_plus_one and hf_name.endswith("norm.weight"):
             return spec.to_flax((hf + np.float32(1.0)) - np.float32(1.0))
-        return spec.to_flax(gguf_export.as_stored(hf, dtype))
+        return spec.to_flax(gguf_export.as_stored(hf, dtype, hf_name))
 
     out = {}
     for path, spec in specs.items():
