@@ -24,7 +24,7 @@ def cert_of(out) -> dict:
     return json.loads((out / "ftc_export.json").read_text())["certificate"]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "q8_0"])
+@pytest.mark.parametrize("dtype", ["float32", "q8_0", "q4_0"])
 def test_lora_run_exports_merged_gguf_that_reloads_with_ftc_logits_and_greedy_tokens(dtype, tmp_path):
     run = mr.trained("lora")
     result = export(run.run_dir, tmp_path / "gguf", "--format", "gguf", "--dtype", dtype, "--verify")
@@ -32,6 +32,7 @@ def test_lora_run_exports_merged_gguf_that_reloads_with_ftc_logits_and_greedy_to
     assert "verify: OK" in result.output and "greedy continuations" in result.output
     cert = cert_of(tmp_path / "gguf")
     assert cert["ok"] and cert["logits"]["ok"] and cert["greedy"]["ok"] and cert["stops"]["ok"]
+    assert cert["weights"]["ok"] and cert["weights"]["max_abs_diff"] == 0 and cert["weights"]["tensors"] > 10
     assert cert["logits"]["loader"].startswith("transformers GGUF loader")
     assert all("first_difference" not in row and row["ftc"] for row in cert["greedy"]["prompts"])
     assert cert["stops"]["gguf_chat_template"] and cert["stops"]["end_of_turn_id"] in cert["stops"]["gguf_stop_ids"]
@@ -118,3 +119,20 @@ def test_run_writes_one_export_per_serving_target(tmp_path):
     for d in ("export", "export-gguf", "export-peft"):
         manifest = json.loads((run.run_dir / d / "ftc_export.json").read_text())
         assert manifest["certificate"]["stops"]["ok"]
+
+
+def test_weights_check_names_a_tensor_the_file_holds_differently(tmp_path):
+    import jax
+
+    from ftc.backends.jax.io import export as export_lib
+    from ftc.backends.jax.io.gguf_export_format import weights_check
+
+    trained = export_lib.load_run(mr.trained("full").run_dir)
+    result = export_lib.write_export(trained, tmp_path / "out", format="gguf", dtype="float32")
+    assert weights_check(trained.model, result.out_dir, trained.params)["ok"]
+    norm = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 1e-3 if jax.tree_util.keystr(path).startswith("['norm']") else x,  # the final norm
+        trained.params,
+    )
+    found = weights_check(trained.model, result.out_dir, norm)
+    assert not found["ok"] and found["at"] == "output_norm.weight" and abs(found["max_abs_diff"] - 1e-3) < 1e-6

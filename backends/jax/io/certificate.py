@@ -5,6 +5,7 @@
       "stops":    the EOS ids, the chat template's end-of-turn id, and whether the export carries them
                   (generation_config.json for hf; tokenizer.ggml.eos/eot_token_id for gguf)
       "logits":   (with --verify) the largest difference on the fixed padded batch, the tolerance, the loader
+      "weights":  (gguf, with --verify) every tensor of the file, dequantised, equal to ftc's weights bit for bit
       "greedy":   (with --verify) greedy continuations of PROMPTS by ftc's sampler (generate/sampler.py) on
                   the weights the export holds and by the target's loader (transformers / PEFT; for GGUF,
                   transformers' GGUF loader or ftc's import), the first differing token if any
@@ -261,6 +262,10 @@ def certify(trained, result, check=None) -> dict:
         if is_causal(m.family) and m.family.cache_layout is not None and jax.process_count() == 1:
             exported = m.method.formats[result.format]
             module, params = exported.ftc_side(m, trained.params, result.dtype)
+            if result.format == "gguf":  # the file's tensors are what ftc computed with, bit for bit
+                from ftc.backends.jax.io.gguf_export_format import weights_check
+
+                cert["weights"] = weights_check(m, out, params)
             tokenizer = None
             if trained.tokenizer_dir is not None:
                 from ftc.backends.jax.stages import load_tokenizer
@@ -287,6 +292,14 @@ def summary(cert: dict) -> str:
             f"greedy continuations ({g['new_tokens']} tokens, {len(g['prompts'])} prompts): {same} equal"
             + (f", {ties} parted at a near tie" if ties else "")
             + ("" if g["ok"] else f", DIFFERENT (first at token {_first(g)})")
+        )
+    if "weights" in cert:
+        w = cert["weights"]
+        parts.append(
+            f"the file's {w['tensors']} tensors equal ftc's weights bit for bit"
+            if w["ok"]
+            else f"the file's weights DIFFER from ftc's (by {w['max_abs_diff']:.3g} at {w['at']}; "
+            f"missing {w['missing']})"
         )
     s = cert["stops"]
     parts.append(

@@ -49,7 +49,7 @@ from ftc.backends.jax.io.export_common import (
     publish,
 )
 from ftc.backends.jax.io.export_verify import verify_export
-from ftc.backends.jax.io.gguf_export import QUANTIZED
+from ftc.backends.jax.io.gguf_export import QUANTIZED, VERIFY_TOL
 from ftc.backends.jax.io.model_source import gguf_file, is_loadable_by_transformers
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
@@ -359,6 +359,7 @@ def export_run(
     )
     check = None
     if verify:
+        tol = tol if tol is not None else VERIFY_TOL.get(dtype) if format == "gguf" else None
         check = verify_export(trained, result, tol=tol, echo=echo)
     cert = certificate.certify(trained, result, check)  # into ftc_export.json
     if check is not None:

@@ -88,6 +88,37 @@ def stored_params(model, params, dtype: str):
     return traverse_util.unflatten_dict(out, sep="/")
 
 
+def weights_check(model, out: Path, held) -> dict:
+    """Every tensor of the file, dequantised, against `held`, the weights ftc's side of `verify`
+    computes with (`ftc_side`'s params, in llama.cpp's layout here): equal bit for bit, or the largest
+    difference and where."""
+    import gguf
+
+    layout = _check(model)
+    ours = {
+        gguf_export.gguf_name(name): gguf_export._tensor(name, a, layout, model.arch)
+        for name, a in hf_checkpoint._hf_tensors_of(model.family, model.arch, held)
+        if not (name == "lm_head.weight" and model.arch.tie_word_embeddings)
+    }
+    worst, where, count = 0.0, None, 0
+    for t in gguf.GGUFReader(str(Path(out) / gguf_export.GGUF_FILE)).tensors:
+        if t.name not in ours:
+            continue  # rope_freqs.weight: the RoPE config, not a weight
+        mine = ours.pop(t.name)
+        theirs = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(mine.shape)
+        diff = float(np.abs(theirs - mine).max()) if mine.size else 0.0
+        count += 1
+        if diff > worst:
+            worst, where = diff, t.name
+    return {
+        "tensors": count,
+        "missing": sorted(ours),
+        "max_abs_diff": worst,
+        "at": where,
+        "ok": worst == 0 and not ours,
+    }
+
+
 def reload(trained, out: Path, scratch: Path, causal: bool):
     """The GGUF as a PyTorch model: transformers' GGUF loader, or ftc's import then transformers."""
     import torch
