@@ -103,6 +103,9 @@ class TrainingSpec:
     log_every: int
     remat: str
     dpo_beta: float | None  # dpo only
+    dpo_loss_type: str | None  # dpo only
+    dpo_label_smoothing: float | None  # dpo with dpo_loss_type robust only
+    orpo_beta: float | None  # orpo only
     schedule: ScheduleSpec
     optimizer: OptimizerSpec
 
