@@ -266,6 +266,9 @@ micro_batch_size = 4
 learning_rate = 3e-3
 log_every = 1
 schedule = {{ kind = "constant", warmup_steps = 0 }}
+[mesh]
+fsdp = 4
+tensor = 2
 [checkpoint]
 every = 100
 [logging]
@@ -277,7 +280,6 @@ progress = false
     ("objective", "keys", "metric"),
     [
         ("dpo", 'dpo_loss_type = "ipo"', "reward_margin"),
-        ("dpo", 'dpo_loss_type = "robust"\ndpo_label_smoothing = 0.1', "reward_margin"),
         ("orpo", "orpo_beta = 0.2", "log_odds_ratio"),
     ],
 )
