@@ -172,7 +172,9 @@ def test_dpo_loss_types_differ_from_each_other(setup):
     _, reference = _module_and_params(root / "base")
     got = {}
     for lt, e in (("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)):
-        sums = dpo.dpo_sums(module, policy, batch, jax.random.key(0), reference, beta=BETA, loss_type=lt, label_smoothing=e)
+        sums = dpo.dpo_sums(
+            module, policy, batch, jax.random.key(0), reference, beta=BETA, loss_type=lt, label_smoothing=e
+        )
         got[lt] = float(sums["loss_sum"] / sums["weight_sum"])
     assert len({round(v, 5) for v in got.values()}) == 4, got
 
@@ -222,7 +224,7 @@ def test_orpo_loss_equals_trl_pair_by_pair_and_the_batch_is_their_mean(setup):
     ours = orpo.summarize(ts.host_metrics(fn(policy, batch)))
     losses, nlls, ratios = [], [], []
     for i in range(6):
-        one = jax.tree.map(lambda x: x[i : i + 1], batch)
+        one = jax.tree.map(lambda x, i=i: x[i : i + 1], batch)
         mine = orpo.summarize(ts.host_metrics(fn(policy, one)))
         loss, trl = _trl_orpo(root, batch, i)
         assert mine["loss"] == pytest.approx(loss, rel=1e-5), i
@@ -314,5 +316,7 @@ def test_lint_refuses_dpo_keys_that_do_not_apply_naming_the_key_path(tmp_path):
     assert "training.dpo_label_smoothing" in out and "robust" in out, out
     assert "training.dpo_loss_type" in lint('objective = "orpo"\ndpo_loss_type = "ipo"\n')
     assert "training.dpo_loss_type" in lint('objective = "dpo"\ndpo_loss_type = "kto"\n')
-    assert "training.dpo_label_smoothing" in lint('objective = "dpo"\ndpo_loss_type = "robust"\ndpo_label_smoothing = 0.5\n')
+    assert "training.dpo_label_smoothing" in lint(
+        'objective = "dpo"\ndpo_loss_type = "robust"\ndpo_label_smoothing = 0.5\n'
+    )
     assert "training." not in lint('objective = "orpo"\norpo_beta = 0.2\n')
