@@ -212,11 +212,15 @@ def test_the_aggregations_are_different_losses_and_dapo_spreads_the_rollout_over
     assert len({round(values[lt], 6) for lt in ("grpo", "bnpo", "dr_grpo")}) == 3, values
     # One update on the whole rollout: dapo's normaliser is the rollout's tokens, as bnpo's.
     assert values["dapo"] == pytest.approx(values["bnpo"], rel=1e-6)
-    # Two updates per rollout: each step's normaliser is half the rollout's tokens (TRL's
-    # num_items_in_batch / steps_per_generation), whatever this step's own tokens are.
-    halved = _ours(batch)
-    halved["token_share"] = halved["token_share"] / 2
-    assert _loss(root, halved, "dapo") == pytest.approx(2 * values["bnpo"], rel=1e-6)
+    # Two updates per rollout, each on half its completions (TRL's steps_per_generation = 2): a
+    # step's normaliser is half the rollout's tokens, whatever the step's own tokens are.
+    full = _ours(batch)
+    half = jax.tree.map(lambda x: x[:4], full)
+    mask = batch["completion_mask"]
+    bnpo_half = _loss(root, half, "bnpo")
+    want = bnpo_half * mask[:4].sum() / (mask.sum() / 2)
+    assert mask[:4].sum() != mask.sum() / 2  # the step's own tokens are not half the rollout's
+    assert _loss(root, half, "dapo") == pytest.approx(want, rel=1e-6)
 
 
 def test_group_advantages_equal_trls_formula_for_each_scaling():

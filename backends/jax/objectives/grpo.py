@@ -16,7 +16,7 @@ and the aggregations TRL's GRPOTrainer (1.16) names `loss_type`:
     grpo     mean over completions of each completion's token mean           (the paper)
     bnpo     sum of l_t m_t / sum of m_t over the optimizer step's tokens
     dr_grpo  sum of l_t m_t / (completions x max_completion_length)          (Dr. GRPO: no length bias)
-    dapo     sum of l_t m_t / (the rollout batch's completion tokens / updates per rollout)  (DAPO)
+    dapo     sum of l_t m_t / (the rollout's completion tokens x the share of its completions in the step)
 
 Each is a per-micro-batch sum over one step-wide denominator (`weight_sum`), so accumulation is
 exact. TRL averages bnpo per micro-batch instead (same value with one micro-batch per step).
@@ -104,8 +104,9 @@ def grpo_sums(
 ) -> dict[str, jax.Array]:
     """Sums over one micro-batch of a rollout batch (module docstring). `batch`: rows, advantages
     [B], old_logps [B, T], ref_logps [B, T] (beta > 0), row_weights [B] (0 for a padding row) and
-    token_share [B] (dapo: the rollout's completion tokens per completion, divided by updates per
-    rollout). `reference` is unused: reference log-probs are computed once per rollout."""
+    token_share [B] (dapo: the rollout's completion tokens / its completions, so a step on 1/s of
+    the rollout's rows is normalised by 1/s of its tokens, TRL's num_items_in_batch /
+    steps_per_generation). `reference` is unused: reference log-probs are computed once per rollout."""
     del reference
     rows = batch["rows"]
     logps_BT, entropy_BT = token_logps_and_entropy(model, params, rows, rng, temperature)
