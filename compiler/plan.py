@@ -32,22 +32,10 @@ from ftc.compiler.sharding_rules import PlanError
 # the whole batch. Everything else is training-relevant, and so is everything Plan.fingerprint
 # covers (none of it depends on these keys).
 RESUMABLE_CHANGES = (
-    "description",
-    "output_dir",
-    "name",
-    "training.steps",
-    "training.epochs",
-    "training.eval_every",
-    "training.log_every",
-    "training.micro_batch_size",
-    "training.remat",
-    "data.validation",
-    "model.init_from",
-    "mesh",
-    "checkpoint",
-    "logging",
-    "export",
-    "eval",
+    *("description", "output_dir", "name", "data.validation", "model.init_from"),
+    *("training.steps", "training.epochs", "training.eval_every", "training.log_every"),
+    *("training.micro_batch_size", "training.remat"),
+    *("mesh", "checkpoint", "logging", "export", "eval"),
 )
 
 

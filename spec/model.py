@@ -133,6 +133,7 @@ class ExportSpec:
     format: str
     dtype: str
     verify: bool
+    targets: tuple[str, ...] = ()  # serving targets `ftc lint` checks the spec against (spec/targets.py)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,7 @@ An objective another runner trains (classify: probe_runner.py) goes there instea
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -330,5 +331,15 @@ def export_at_end(run_dir: str, *, echo: Callable[[str], None] = print) -> str:
     result, check = export_lib.export_run(run_dir, force=True, echo=echo)
     if check is not None and not check.ok:
         raise export_lib.VerifyFailedError(f"{result.out_dir}: {check.summary()}")
+    resolved = os.path.join(run_dir, "spec.resolved.json")
+    with open(resolved, encoding="utf-8") as f:
+        spec = spec_from_dict(json.load(f))
+    for fmt in export_lib.target_formats(spec):  # [export] targets
+        # a quantised GGUF dtype is for the gguf export only; the others keep the run's float dtype
+        dtype = spec.export.dtype if fmt == "gguf" or spec.export.dtype not in ("q8_0", "q4_0") else "bfloat16"
+        out = os.path.join(run_dir, f"export-{fmt}")
+        extra, extra_check = export_lib.export_run(run_dir, out=out, format=fmt, dtype=dtype, force=True, echo=echo)
+        if extra_check is not None and not extra_check.ok:
+            raise export_lib.VerifyFailedError(f"{extra.out_dir}: {extra_check.summary()}")
     echo(f"to export again in another dtype or format: ftc export {run_dir} --out DIR [--dtype ...] [--format ...]")
     return str(result.out_dir)
