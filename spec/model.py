@@ -103,6 +103,9 @@ class TrainingSpec:
     log_every: int
     remat: str
     dpo_beta: float | None  # dpo only
+    dpo_loss_type: str | None  # dpo only
+    dpo_label_smoothing: float | None  # dpo with dpo_loss_type robust only
+    orpo_beta: float | None  # orpo only
     router_aux_loss_coef: float | None  # sft only; None: config.json decides (objectives/router_aux.py)
     schedule: ScheduleSpec
     optimizer: OptimizerSpec

@@ -188,7 +188,10 @@ def _objective_lines(objective: str) -> list[str]:
     return [
         f"{key} = {_value(node['default'])}" + _comment(choices.comment(("training", key)))
         for key, node in training.items()
-        if objective in node.get("x-ftc-when", {}).get("objective", ()) and "default" in node
+        # Keys with a further condition (dpo_label_smoothing: robust only) do not apply at the defaults.
+        if objective in node.get("x-ftc-when", {}).get("objective", ())
+        and len(node["x-ftc-when"]) == 1
+        and "default" in node
     ]
 
 
