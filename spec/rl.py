@@ -32,9 +32,8 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         out.append((("training", *path), message, "error"))
 
     group, batch = t.get("grpo_group_size"), t.get("batch_size")
-    if isinstance(group, int) and group < 2:
-        add(("grpo_group_size",), f"GRPO compares completions within a group: it needs >= 2 per prompt, got {group}")
-    elif isinstance(group, int) and isinstance(batch, int) and batch % group:
+    # A group of one (no comparison, no advantage) is the schema's minimum: its message names the key.
+    if isinstance(group, int) and group >= 2 and isinstance(batch, int) and batch % group:
         add(("batch_size",), f"batch_size counts completions: it must be a multiple of grpo_group_size ({group})")
     new, seq = t.get("grpo_max_new_tokens"), value_at(s, ("model", "max_seq_len"))
     if isinstance(new, int) and isinstance(seq, int) and new >= seq:

@@ -13,8 +13,8 @@ OBJECTIVES: dict[str, contract.Registered] = {
     "sft": sft.RECORD,
     "dpo": dpo.RECORD,
     "orpo": orpo.RECORD,
-    "grpo": grpo.RECORD,
     "classify": classify.RECORD,
+    "grpo": grpo.RECORD,
 }
 
 
