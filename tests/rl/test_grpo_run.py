@@ -23,9 +23,9 @@ dtype = "float32"
 [data]
 format = "prompt"
 train = "{root}/prompts.jsonl"
-[training]
+{method}[training]
 objective = "grpo"
-steps = 6
+steps = {steps}
 batch_size = 8
 micro_batch_size = 4
 learning_rate = 3e-2
@@ -57,14 +57,11 @@ def root(tmp_path_factory):
     return root
 
 
-def _spec(root, name: str, beta: float = 0.0, **extra):
+def _spec(root, name: str, beta: float = 0.0, steps: int = 6, method: str = ""):
     from ftc.spec import load_spec
 
     path = root / f"{name}.toml"
-    text = SPEC.format(root=root, name=name, beta=beta)
-    for key, value in extra.items():
-        text = text.replace("[training]\n", f"[training]\n{key} = {value}\n")
-    path.write_text(text)
+    path.write_text(SPEC.format(root=root, name=name, beta=beta, steps=steps, method=method))
     return load_spec(str(path))
 
 
@@ -86,7 +83,7 @@ def test_ftc_run_trains_grpo_rounds_and_logs_trls_metrics(root):
     spec = _spec(root, "grpo", beta=0.04)
     lines = []
     assert run_lib.run(spec, echo=lines.append)["step"] == 6
-    assert any("6 new tokens" not in line and "5 prompts" in line for line in lines)  # the data summary
+    assert any("5 prompts (5 with an answer)" in line for line in lines)  # the data summary
     rows = _metrics(spec)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     for r in rows:
@@ -129,3 +126,16 @@ def test_a_grpo_run_stopped_between_two_updates_of_a_rollout_resumes_bitwise(roo
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     rewards = lambda s: [(r["step"], r["reward"]) for r in _metrics(s)]  # noqa: E731
     assert rewards(cut)[-3:] == rewards(whole)[-3:]  # the rollouts after the resume are the same
+
+
+def test_ftc_run_trains_grpo_with_lora_against_its_disabled_base(root):
+    from ftc.backends.jax import pipeline as run_lib
+
+    spec = _spec(root, "grpo-lora", beta=0.04, steps=4, method='[method]\nkind = "lora"\nrank = 4\nalpha = 8\n')
+    lines = []
+    assert run_lib.run(spec, echo=lines.append)["step"] == 4
+    rows = _metrics(spec)
+    # The reference is the base with the adapter off: the policy at step 1 (B = 0), so kl 0 there.
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6) and rows[-1]["kl"] > 0.0
+    assert all(np.isfinite(r["loss"]) and "reward" in r for r in rows)
+    assert os.path.isdir(os.path.join(spec.run_dir, "export"))
