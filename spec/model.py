@@ -115,6 +115,7 @@ class TrainingSpec:
     grpo_updates_per_rollout: int | None
     grpo_max_new_tokens: int | None
     grpo_temperature: float | None
+    router_aux_loss_coef: float | None  # sft only; None: config.json decides (objectives/router_aux.py)
     schedule: ScheduleSpec
     optimizer: OptimizerSpec
 
@@ -128,6 +129,7 @@ class MeshSpec:
     data: int
     fsdp: int
     tensor: int
+    expert: int
 
 
 @dataclasses.dataclass(frozen=True)

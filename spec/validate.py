@@ -236,7 +236,7 @@ def fill_defaults(data: dict, node: dict | None = None, prefix: tuple = ()) -> d
     for key, child in props.items():
         if child.get("type") == "object" and isinstance(out.get(key), dict):
             out[key] = fill_defaults(out[key], child, prefix + (key,))
-    if prefix == ("mesh",) and "fsdp" not in data and any(out.get(a) == -1 for a in ("data", "tensor")):
+    if prefix == ("mesh",) and "fsdp" not in data and any(out.get(a) == -1 for a in ("data", "tensor", "expert")):
         out["fsdp"] = 1  # -1 elsewhere takes the remaining devices; only one axis may
     return out
 
@@ -330,7 +330,7 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
         )
 
     mesh = get(("mesh",), (dict,)) or {}
-    rest = [a for a in ("data", "fsdp", "tensor") if mesh.get(a) == -1]
+    rest = [a for a in ("data", "fsdp", "tensor", "expert") if mesh.get(a) == -1]
     for axis in rest[1:]:
         add(("mesh", axis), f"at most one mesh axis may be -1 (the rest of the devices); {' and '.join(rest)} are")
 

@@ -30,6 +30,7 @@ NO_DEFAULT = {
     "training.steps",
     "training.micro_batch_size",
     "training.schedule.warmup_steps",
+    "training.router_aux_loss_coef",
     "logging.peak_tflops",
     "eval.regex",
 }
@@ -128,6 +129,7 @@ CONTRACT = [
     ("mesh.data", "integer", 1),
     ("mesh.fsdp", "integer", -1),
     ("mesh.tensor", "integer", 1),
+    ("mesh.expert", "integer", 1),
     ("checkpoint.every", "integer", 0),
     ("checkpoint.keep", "integer", 3),
     ("checkpoint.async", "boolean", True),
