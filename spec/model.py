@@ -106,6 +106,15 @@ class TrainingSpec:
     dpo_loss_type: str | None  # dpo only
     dpo_label_smoothing: float | None  # dpo with dpo_loss_type robust only
     orpo_beta: float | None  # orpo only
+    grpo_group_size: int | None  # grpo only (this and the grpo_ keys below)
+    grpo_rewards: tuple[dict, ...] | None
+    grpo_loss_type: str | None
+    grpo_beta: float | None
+    grpo_epsilon: float | None
+    grpo_epsilon_high: float | None
+    grpo_updates_per_rollout: int | None
+    grpo_max_new_tokens: int | None
+    grpo_temperature: float | None
     router_aux_loss_coef: float | None  # sft only; None: config.json decides (objectives/router_aux.py)
     schedule: ScheduleSpec
     optimizer: OptimizerSpec

@@ -13,7 +13,7 @@ import math
 
 import jsonschema
 
-from ftc.spec import choices, local_files, schema_walk, targets
+from ftc.spec import choices, local_files, rl, schema_walk, targets
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean
@@ -47,7 +47,8 @@ def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     filled = fill_defaults(data)
     issues += applicability_issues(filled, where)
     issues += semantic_issues(filled, where)
-    issues += [_issue(where, path, message, severity) for path, message, severity in targets.issues(filled)]
+    for rules in (targets.issues, rl.issues):
+        issues += [_issue(where, path, message, severity) for path, message, severity in rules(filled)]
     return filled, issues
 
 

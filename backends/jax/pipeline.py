@@ -31,6 +31,7 @@ from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.base import build_model
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.objectives import contract
+from ftc.backends.jax.rl import loop as rl_loop
 from ftc.backends.jax.stages import (
     build_data,
     live_report,
@@ -215,7 +216,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     tok_dir = tokenizer_dir(spec, model_dir)
     tokenizer = load_tokenizer(tok_dir)
     tok_hash = tokenizer_hash(tok_dir)
-    data = build_data(spec, tokenizer)
+    rollouts = objectives.get(spec.training.objective).trainer == contract.ROLLOUTS
+    data = rl_loop.prompt_data(spec, tokenizer) if rollouts else build_data(spec, tokenizer)
     echo(data.stats.summary())
 
     model = build_model(hf_config, spec)
@@ -242,6 +244,10 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         eval_model=model.eval_module,
         objective=objective,
     )
+    feed = None
+    if rollouts:  # train steps fed by rollout -> score rounds (rl/loop.py), not the data pipeline
+        feed = rl_loop.RolloutFeed(spec, data, model, tokenizer, model_dir, hf_config, mesh)
+        steps = feed.wrap(steps)
 
     # Checkpoints hold what trains; the frozen base and a reference copy are rebuilt on resume.
     saved_params = frozen_base.saved_mask(abstract_params, model.method)
@@ -297,7 +303,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     write_plan(plan, run_dir)
     report = live_report(spec, run_dir, echo)
 
-    train_iter = data.train_iterator(data_state)  # positioned where the checkpoint left off
+    # positioned where the checkpoint left off
+    train_iter = feed.start(state, data_state) if feed else data.train_iterator(data_state)
     eval_batches = None
     if data.validation_rows is not None:
         eval_batches = lambda: data.validation_batches(spec.training.micro_batch_size)

@@ -145,9 +145,9 @@ CONTRACT = [
 ENUMS = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.param_dtype": {"float32", "bfloat16"},
-    "data.format": {"chat", "completion", "text", "preference", "classification", "sharegpt", "alpaca"},
+    "data.format": {"chat", "completion", "text", "preference", "classification", "sharegpt", "alpaca", "prompt"},
     "method.kind": {"full", "lora", "qlora", "adapter", "probe"},
-    "training.objective": {"sft", "dpo", "orpo", "classify"},
+    "training.objective": {"sft", "dpo", "orpo", "classify", "grpo"},
     "training.dpo_loss_type": {"sigmoid", "hinge", "ipo", "robust"},
     "training.remat": {"none", "full", "dots"},
     "training.optimizer.kind": {"adamw", "adafactor", "sgd"},

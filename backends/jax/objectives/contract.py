@@ -23,6 +23,8 @@ LossSums = Callable[..., dict]
 # (probe_runner.py: pooled features of a frozen base, a head trained on them).
 STEPS = "steps"
 PROBE = "probe"
+# The train steps fed by rollouts instead of the data pipeline (rl/loop.py: rollout -> score -> update).
+ROLLOUTS = "rollouts"
 
 
 @dataclasses.dataclass(frozen=True)

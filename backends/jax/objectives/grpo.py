@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ftc.backends.jax.objectives.contract import Objective, nonzero
+from ftc.backends.jax.objectives.contract import ROLLOUTS, Built, Objective, Registered, nonzero
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -204,3 +204,23 @@ def objective(
 
     keys = ("rows", "advantages", "old_logps", "row_weights", "token_share") + (("ref_logps",) if beta else ())
     return Objective("grpo", sums, summarize, SUM_KEYS, keys)
+
+
+def build(spec, model) -> Built:
+    """GRPO for a run from the training.grpo_* keys. The reference policy (grpo_beta > 0) is the
+    starting model: for lora / qlora / adapter the same parameters with the method disabled (no
+    second copy, rl/loop.py computes its log-probs once per rollout), for a full fine-tune a frozen
+    copy in the train state."""
+    t = spec.training
+    built = objective(
+        loss_type=t.grpo_loss_type,
+        beta=t.grpo_beta,
+        epsilon_low=t.grpo_epsilon,
+        epsilon_high=t.grpo_epsilon_high,
+        max_completion_length=t.grpo_max_new_tokens,
+        temperature=t.grpo_temperature,
+    )
+    return Built(built, reference_copy=bool(t.grpo_beta) and not model.method.zero_is_base)
+
+
+RECORD = Registered("grpo", build, trainer=ROLLOUTS, reference_forward=False)

@@ -19,6 +19,7 @@ FORMAT_MODULES = {
     "classification": ".classification",
     "sharegpt": ".sharegpt",
     "alpaca": ".alpaca",
+    "prompt": ".prompt",
 }
 
 

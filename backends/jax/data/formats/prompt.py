@@ -1,0 +1,66 @@
+"""prompt: what an online RL objective (grpo) samples completions for.
+
+Row: `{"messages": [{"role", "content"}, ...], "answer"?: str | number}` -- OpenAI's chat format
+as its reinforcement fine-tuning takes it: the conversation so far (ending with a user or system
+message: the model answers next) and, optionally, the reference answer the `exact_match`,
+`contains` and `numeric` rewards compare with. Other keys are ignored.
+Normalised: `{"messages": [...], "answer": str | None}`.
+
+Tokens: the messages through the chat template with the generation prompt, no weight (nothing of
+a prompt is trained; the completion sampled from it is).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ftc.backends.jax.data import pack
+from ftc.backends.jax.data.formats.base import Format, blank
+from ftc.backends.jax.data.read import BadRow, expect_messages, expect_object, kind_of
+
+
+def normalise(record) -> dict:
+    record = expect_object(record)
+    if "messages" not in record:
+        raise BadRow('missing key \'messages\', expected an array of {"role", "content"} messages (the prompt)')
+    messages = expect_messages(record["messages"], "messages")
+    if messages[-1]["role"] == "assistant":
+        raise BadRow(
+            "'messages' ends with an assistant message: expected the prompt only (it ends with the user's "
+            "turn); put the expected answer in 'answer'"
+        )
+    answer = record.get("answer")
+    if isinstance(answer, bool) or not (answer is None or isinstance(answer, (str, int, float))):
+        raise BadRow(f"'answer' is {kind_of(answer)}, expected a string or a number")
+    return {"messages": messages, "answer": None if answer is None else str(answer)}
+
+
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """The prompt's token ids: the chat template with the generation prompt (generate/text.py)."""
+    from ftc.backends.jax.generate.text import encode_prompt
+
+    return encode_prompt(tokenizer, list(messages))
+
+
+def tokenize_rows(tokenizer, rows, train_on, label_names):
+    from ftc.backends.jax.data.tokenize import Tokens
+
+    out = []
+    for r in rows:
+        ids = np.asarray(prompt_ids(tokenizer, r.data["messages"]), np.int32)
+        out.append(Tokens(r.where, ids, np.zeros(len(ids), np.float32)))
+    return out
+
+
+def empty_reason(data: dict, train_on: str | None) -> str | None:
+    return "empty" if all(blank(m["content"]) for m in data["messages"]) else None
+
+
+FORMAT = Format(
+    name="prompt",
+    layout=pack.LM,
+    normalise=normalise,
+    tokenize=tokenize_rows,
+    empty_reason=empty_reason,
+    messages=lambda data: data["messages"],
+)

@@ -1,0 +1,257 @@
+"""`ftc run` with training.objective = "grpo": rollout -> score -> update rounds inside the
+ordinary training loop (train/loop.py: progress bar, metrics.jsonl + TensorBoard, checkpoints,
+stop signals), fed by a `RolloutFeed` in place of the data pipeline's batch iterator.
+
+    data = prompt_data(spec, tokenizer)                 # the prompt rows, tokenised once
+    feed = RolloutFeed(spec, data, model, tokenizer, model_dir, hf_config, mesh)
+    steps = feed.wrap(steps)                            # records the state each step returns
+    train_iter = feed.start(state, data_state)          # next(): a rollout batch (rl/rollout.py)
+
+Each round takes the next batch_size / grpo_group_size prompts (every prompt once per epoch, in
+the order training.seed shuffles them), samples grpo_group_size completions of each with the
+current policy (generate/ sampler, a key split off the feed's key chain), scores them
+(rl/rewards.py) and yields the batch for grpo_updates_per_rollout optimizer steps. The feed's
+state -- the round, the updates done on its batch, the sampler's key and, between a round's
+updates, the batch itself (its old log-probs were computed with parameters no checkpoint keeps)
+-- is saved with every checkpoint as the data iterator's state, so a resumed run samples exactly
+what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from ftc.backends.jax.data import formats
+from ftc.backends.jax.data.read import DataError, read_rows
+from ftc.backends.jax.generate.sampler import make_sampler
+from ftc.backends.jax.generate.source import context_length, eos_ids
+from ftc.backends.jax.generate.text import decode
+from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.rl import rewards as rw
+from ftc.backends.jax.rl.rollout import RolloutConfig, logps_function, sample_groups, update_batch
+from ftc.backends.jax.train.step import REFERENCE
+
+FORMAT = "prompt"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptStats:
+    """What the run's data_stats.json holds for prompt data."""
+
+    format: str
+    train_files: tuple[str, ...]
+    rows_read: int
+    bad_rows_skipped: int
+    bad_row_examples: tuple[str, ...]
+    prompts: int
+    with_answer: int
+    prompt_tokens_max: int
+    prompt_tokens_mean: float
+
+    def summary(self) -> str:
+        return (
+            f"data: {self.prompts} prompts ({self.with_answer} with an answer) from {', '.join(self.train_files)}; "
+            f"prompt tokens mean {self.prompt_tokens_mean:.1f}, max {self.prompt_tokens_max}"
+            + (f"; {self.bad_rows_skipped} bad rows skipped" if self.bad_rows_skipped else "")
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptData:
+    ids: tuple[tuple[int, ...], ...]  # each prompt's token ids (chat template + generation prompt)
+    answers: tuple[str | None, ...]
+    where: tuple[str, ...]  # file:line of each prompt
+    stats: PromptStats
+    steps_per_epoch: int  # optimizer steps that see every prompt once
+    validation_rows: None = None  # no validation pass: the rewards are the run's measure
+
+
+def prompt_data(spec, tokenizer) -> PromptData:
+    """The spec's prompt rows, tokenised; DataError naming file:line for a prompt that leaves no
+    room for grpo_max_new_tokens in model.max_seq_len, or a row without the answer a reward needs."""
+    t = spec.training
+    read = read_rows(spec.data.train_sources, format=FORMAT, on_bad_row=spec.data.on_bad_row)
+    fmt = formats.get(FORMAT)
+    room = spec.model.max_seq_len - t.grpo_max_new_tokens + 1
+    needing = [r.label for r in rw.parse(t.grpo_rewards, "training.grpo_rewards") if r.needs_answer]
+    ids, problems = [], []
+    for row in read.rows:
+        ids.append(tuple(fmt.tokenize(tokenizer, [row], None, None)[0].ids.tolist()))
+        if len(ids[-1]) > room:
+            problems.append(
+                f"{row.where}: the prompt has {len(ids[-1])} tokens; model.max_seq_len "
+                f"({spec.model.max_seq_len}) - training.grpo_max_new_tokens + 1 leaves {room}"
+            )
+        if needing and row.data["answer"] is None:
+            problems.append(f'{row.where}: no "answer", which reward(s) {", ".join(needing)} compare with')
+    if problems:
+        raise DataError(f"{len(problems)} prompt row(s) cannot be used for GRPO", problems)
+    per_round = t.batch_size // t.grpo_group_size
+    lengths = [len(x) for x in ids]
+    stats = PromptStats(
+        FORMAT,
+        tuple(read.files),
+        len(read.rows),
+        len(read.skipped),
+        tuple(read.skipped[:5]),
+        len(ids),
+        sum(r.data["answer"] is not None for r in read.rows),
+        max(lengths),
+        float(np.mean(lengths)),
+    )
+    rounds = -(-len(ids) // per_round)
+    answers = tuple(r.data["answer"] for r in read.rows)
+    where = tuple(r.where for r in read.rows)
+    return PromptData(tuple(ids), answers, where, stats, rounds * t.grpo_updates_per_rollout)
+
+
+class RolloutFeed:
+    """The batch iterator of a GRPO run (module docstring): `next()` gives the current round's
+    batch, rolling out a new round when the last one has had its updates; `get_state()` is saved
+    with each checkpoint."""
+
+    def __init__(self, spec, data: PromptData, model, tokenizer, model_dir, hf_config, mesh):
+        t = spec.training
+        eos = eos_ids(model_dir, hf_config, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        self.config = RolloutConfig(
+            group_size=t.grpo_group_size,
+            max_new_tokens=t.grpo_max_new_tokens,
+            temperature=t.grpo_temperature,
+            eos_ids=tuple(eos),
+            pad_id=int(pad),
+        )
+        self.rewards = rw.parse(t.grpo_rewards, "training.grpo_rewards")
+        self.data, self.model, self.tokenizer = data, model, tokenizer
+        self.sampler = make_sampler(
+            model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh
+        )
+        self.logps = logps_function(model.module, t.grpo_temperature)
+        self.seq_len = spec.model.max_seq_len
+        self.per_round = t.batch_size // t.grpo_group_size
+        self.updates = t.grpo_updates_per_rollout
+        self.beta = t.grpo_beta or 0.0
+        self.seed, self.shuffle = t.seed, spec.data.shuffle
+        self.state = None  # the train state the next rollout samples with (set by the wrapped step)
+        self.round, self.used, self.batch, self.extra = 0, 0, None, {}
+        self.key = jax.random.key(t.seed)
+
+    # ------------------------------------------------------------ the loop's side
+
+    def wrap(self, steps):
+        """`steps` whose train step records the state it returns (the next rollout's policy) and
+        adds the round's rollout metrics and the update's seconds to its metrics."""
+        train = steps.train
+
+        def recorded(state, batch):
+            began = time.perf_counter()
+            state, metrics = train(state, batch)
+            jax.block_until_ready(metrics)  # the next rollout needs these parameters anyway
+            self.state = state
+            return state, {**metrics, **self.extra, "time/update_seconds": time.perf_counter() - began}
+
+        return dataclasses.replace(steps, train=recorded)
+
+    def start(self, state: dict, saved: dict | None) -> RolloutFeed:
+        """Begin at `state` (step 0's, or a checkpoint's with the feed state saved beside it)."""
+        self.state = state
+        if saved is not None:
+            self.round, self.used, self.extra = saved["round"], saved["used"], saved["extra"]
+            self.key = jax.random.wrap_key_data(np.asarray(saved["key"], np.uint32))
+            self.batch = None if saved["batch"] is None else _decode_arrays(saved["batch"])
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self.batch is None or self.used >= self.updates:
+            self._rollout()
+        self.used += 1
+        return self.batch
+
+    def get_state(self) -> dict:
+        mid_round = self.batch is not None and self.used < self.updates
+        return {
+            "round": self.round,
+            "used": self.used,
+            "key": np.asarray(jax.random.key_data(self.key)).tolist(),
+            "batch": _encode_arrays(self.batch) if mid_round else None,
+            "extra": self.extra,
+        }
+
+    # ------------------------------------------------------------ one round
+
+    def _prompt_indices(self, r: int) -> list[int]:
+        n = len(self.data.ids)
+        out = []
+        for j in range(r * self.per_round, (r + 1) * self.per_round):
+            epoch = j // n
+            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            out.append(int(order[j % n]))
+        return out
+
+    def _rollout(self) -> None:
+        began = time.perf_counter()
+        picked = self._prompt_indices(self.round)
+        self.key, sub = jax.random.split(self.key)
+        params = self.state["params"]
+        prompts = [self.data.ids[i] for i in picked]
+        repeated, completions = sample_groups(self.sampler, params, prompts, sub, self.config)
+        g = self.config.group_size
+        answers = [self.data.answers[i] for i in picked for _ in range(g)]
+        texts = [decode(self.tokenizer, c) for c in completions]
+        lengths = [len(c) for c in completions]
+        total, parts = rw.score(self.rewards, texts, lengths, answers)
+        reference = None
+        if self.beta:
+            reference = (
+                self.state[REFERENCE] if REFERENCE in self.state else methods.disabled_params(self.model, params)
+            )
+        self.batch = update_batch(
+            repeated, completions, total, self.config, self.seq_len, self.logps, params, reference
+        )
+        eos = set(self.config.eos_ids)
+        clipped = [
+            n == self.config.max_new_tokens and (not c or c[-1] not in eos) for n, c in zip(lengths, completions)
+        ]
+        self.extra = {
+            **rw.metrics(total, parts, g),
+            "completions/max_length": float(max(lengths)),
+            "completions/min_length": float(min(lengths)),
+            "completions/clipped_ratio": float(np.mean(clipped)),
+            "time/rollout_seconds": time.perf_counter() - began,
+        }
+        self.round += 1
+        self.used = 0
+
+
+def _encode_arrays(tree: dict) -> dict:
+    """A batch of numpy arrays (nested dicts) as JSON: each array's dtype, shape and bytes."""
+    return {
+        k: _encode_arrays(v)
+        if isinstance(v, dict)
+        else {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v)), "b64": _b64(v)}
+        for k, v in tree.items()
+    }
+
+
+def _b64(v) -> str:
+    return base64.b64encode(np.ascontiguousarray(v).tobytes()).decode("ascii")
+
+
+def _decode_arrays(tree: dict) -> dict:
+    return {
+        k: np.frombuffer(base64.b64decode(v["b64"]), np.dtype(v["dtype"])).reshape(v["shape"]).copy()
+        if "b64" in v
+        else _decode_arrays(v)
+        for k, v in tree.items()
+    }

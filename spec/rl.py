@@ -1,0 +1,106 @@
+"""Lint rules of the online RL objective (training.objective = "grpo"), over a default-filled
+spec dict: (key path, message, severity) for each problem, as targets.py gives them.
+
+Checked here rather than by the schema: rules across keys (batch_size a multiple of the group
+size, a prompt plus grpo_max_new_tokens within model.max_seq_len), a reward's options (a regex
+that compiles, a length range), and a reward that needs the row's answer against the training
+rows when they are local JSONL files (a row without "answer" is named by file:line). Never
+imports jax: `ftc lint` stays light.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+
+from ftc.spec.local_files import value_at
+
+NEEDS_ANSWER = ("exact_match", "contains", "numeric")  # backends/jax/rl/rewards.py
+ANSWER_FORMATS = ("prompt",)  # data formats whose rows carry a reference answer ("answer")
+OPTIONS = {"regex": {"pattern"}, "length": {"min_tokens", "max_tokens"}, "json": {"required_keys"}}
+SHOWN_ROWS = 3  # rows without an answer named in the message
+
+
+def issues(s: dict) -> list[tuple[tuple, str, str]]:
+    if value_at(s, ("training", "objective")) != "grpo":
+        return []
+    t = s.get("training", {})
+    out: list[tuple[tuple, str, str]] = []
+
+    def add(path, message):
+        out.append((("training", *path), message, "error"))
+
+    group, batch = t.get("grpo_group_size"), t.get("batch_size")
+    # A group of one (no comparison, no advantage) is the schema's minimum: its message names the key.
+    if isinstance(group, int) and group >= 2 and isinstance(batch, int) and batch % group:
+        add(("batch_size",), f"batch_size counts completions: it must be a multiple of grpo_group_size ({group})")
+    new, seq = t.get("grpo_max_new_tokens"), value_at(s, ("model", "max_seq_len"))
+    if isinstance(new, int) and isinstance(seq, int) and new >= seq:
+        add(("grpo_max_new_tokens",), f"{new} new tokens leave no room for a prompt in model.max_seq_len ({seq})")
+    rewards = t.get("grpo_rewards") or []
+    if not rewards:
+        add(("grpo_rewards",), 'GRPO needs at least one reward, e.g. [{kind = "numeric"}] (rewards are data)')
+    labels = []
+    for i, r in enumerate(rewards):
+        if not isinstance(r, dict):
+            continue
+        kind, at = r.get("kind"), ("grpo_rewards", i)
+        labels.append(r.get("name") or kind)
+        extra = sorted(set(r) - {"kind", "weight", "name"} - OPTIONS.get(kind, set()))
+        if extra:
+            add((*at, extra[0]), f"not an option of a {kind!r} reward")
+        if kind == "regex":
+            if not isinstance(r.get("pattern"), str):
+                add((*at, "pattern"), "a regex reward needs a pattern (a string)")
+            else:
+                try:
+                    re.compile(r["pattern"])
+                except re.error as e:
+                    add((*at, "pattern"), f"not a valid regular expression: {e}")
+        if kind == "length":
+            lo, hi = r.get("min_tokens", 0), r.get("max_tokens")
+            if not isinstance(hi, int) or lo > hi:
+                add((*at, "max_tokens"), f"a length reward needs min_tokens <= max_tokens, got {lo}, {hi}")
+        if kind in NEEDS_ANSWER:
+            why = _answer_problem(s)
+            if why:
+                add((*at, "kind"), f"a {kind!r} reward compares with the row's reference answer, but {why}")
+    dup = next((x for x in labels if labels.count(x) > 1), None)
+    if dup:
+        add(("grpo_rewards",), f"two rewards are named {dup!r}; give each a distinct `name`")
+    return out
+
+
+def _answer_problem(s: dict) -> str | None:
+    """Why the training rows have no reference answer to compare with, or None."""
+    fmt = value_at(s, ("data", "format"))
+    if fmt not in ANSWER_FORMATS:
+        return f"data.format {fmt!r} has no answer field (use {' or '.join(map(repr, ANSWER_FORMATS))})"
+    train = value_at(s, ("data", "train"))
+    sources = [train] if isinstance(train, str) else [x for x in train or () if isinstance(x, str)]
+    missing = []
+    for source in sources:
+        for path in sorted(glob.glob(source)) if source.endswith((".jsonl", ".json")) else ():
+            missing += _rows_without_answer(path)
+    if not missing:
+        return None
+    shown = ", ".join(missing[:SHOWN_ROWS]) + (f" and {len(missing) - SHOWN_ROWS} more" if len(missing) > 3 else "")
+    return f'{len(missing)} training row(s) have no "answer": {shown}'
+
+
+def _rows_without_answer(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []  # unreadable data is reported when it is read; here only answers are checked
+    out = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line) if line.strip() else {"answer": ""}
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("answer") is None:
+            out.append(f"{path}:{number}")
+    return out

@@ -1,0 +1,82 @@
+"""`ftc lint` of a GRPO spec: a group of one, an answer-needing reward on rows without an answer or
+on a format without answers, a batch that is no whole number of groups, a bad regex, no rewards
+-- each refused with the key path; and the `prompt` data format's rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_testlib import write_jsonl
+
+from ftc.backends.jax.data.formats import prompt
+from ftc.backends.jax.data.read import BadRow
+from ftc.spec import lint_file
+
+GOOD = """ftc = 1
+name = "g"
+[model]
+base = "/nonexistent/model"
+max_seq_len = 64
+[data]
+format = "prompt"
+train = "{train}"
+[training]
+objective = "grpo"
+steps = 4
+batch_size = 8
+micro_batch_size = 8
+learning_rate = 1e-5
+grpo_group_size = 4
+grpo_max_new_tokens = 16
+grpo_rewards = [{{ kind = "numeric" }}, {{ kind = "regex", pattern = "Answer: \\\\d+", weight = 0.5 }}]
+"""
+
+
+def _errors(tmp_path, text: str, rows=None) -> dict[str, str]:
+    train = tmp_path / "prompts.jsonl"
+    write_jsonl(train, rows or [{"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}])
+    path = tmp_path / "g.toml"
+    path.write_text(text.format(train=train))
+    return {i.key_path: i.message for i in lint_file(str(path)) if i.severity == "error"}
+
+
+def test_a_good_grpo_spec_lints_clean(tmp_path):
+    assert _errors(tmp_path, GOOD) == {}
+
+
+def test_a_group_of_one_is_refused_at_its_key_path(tmp_path):
+    errors = _errors(tmp_path, GOOD.replace("grpo_group_size = 4", "grpo_group_size = 1"))
+    assert errors["training.grpo_group_size"] == "must be >= 2, got 1", errors
+
+
+def test_an_answer_reward_on_rows_without_answers_names_the_reward_and_the_rows(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "user", "content": "x"}]}]
+    errors = _errors(tmp_path, GOOD, rows)
+    message = errors["training.grpo_rewards[0].kind"]
+    assert "2 training row(s) have no" in message and "prompts.jsonl:1" in message and "prompts.jsonl:2" in message
+    # A reward that needs no answer is fine on the same rows.
+    assert _errors(tmp_path, GOOD.replace('{{ kind = "numeric" }}, ', ""), rows) == {}
+
+
+def test_cross_key_rules_name_their_keys(tmp_path):
+    assert "training.batch_size" in _errors(tmp_path, GOOD.replace("batch_size = 8", "batch_size = 6"))
+    assert "training.grpo_max_new_tokens" in _errors(tmp_path, GOOD.replace("= 16", "= 64"))
+    bad_regex = GOOD.replace('"Answer: \\\\d+"', '"(unclosed"')
+    assert "training.grpo_rewards[1].pattern" in _errors(tmp_path, bad_regex)
+    assert "training.grpo_rewards" in _errors(tmp_path, GOOD.replace("grpo_rewards = [", "grpo_rewards = [] #"))
+    chat = _errors(tmp_path, GOOD.replace('format = "prompt"', 'format = "chat"'))
+    assert "needs data.format 'prompt'" in chat["training.objective"]
+    assert "has no answer field" in chat["training.grpo_rewards[0].kind"]
+
+
+def test_prompt_rows_hold_messages_and_an_optional_answer():
+    row = {"messages": [{"role": "user", "content": "2+2?"}], "answer": 4, "id": "x"}
+    assert prompt.normalise(row) == {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    assert prompt.normalise({"messages": [{"role": "user", "content": "hi"}]})["answer"] is None
+    with pytest.raises(BadRow, match="ends with an assistant message"):
+        prompt.normalise(
+            json.loads('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}')
+        )
+    with pytest.raises(BadRow, match="'answer' is"):
+        prompt.normalise({"messages": [{"role": "user", "content": "a"}], "answer": [1]})
