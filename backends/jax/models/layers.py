@@ -19,6 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# The families reach attention through this module; its kernels live in attention.py.
+from ftc.backends.jax.models.attention import (  # noqa: F401
+    AttentionMask,
+    dot_product_attention,
+    make_attention_mask,
+    select_mask,
+)
+
 Dtype = Any
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -238,68 +246,6 @@ def default_positions(input_ids_BT: jax.Array, segment_ids_BT: jax.Array | None 
         return positions_from_segments(segment_ids_BT)
     B, T = input_ids_BT.shape
     return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-
-
-def make_attention_mask(
-    *,
-    attention_mask: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    causal: bool,
-    sliding_window: int | None = None,
-    q_len: int,
-    kv_len: int,
-) -> jax.Array:
-    """Boolean [B, 1, T, S] mask, True where query t may attend to key s.
-
-    attention_mask / segment_ids are [B, S] over the keys; queries are the last T of them
-    (T == S in training). Tokens never attend across segment ids; segment 0 and
-    attention_mask 0 mark padding, which attends to nothing and is attended by nothing
-    (its row is all False: `dot_product_attention` then returns a finite, meaningless value).
-    Sliding window follows HF: key s is visible to query t when t - s < sliding_window.
-    B is 1 when neither attention_mask nor segment_ids is given (broadcasts).
-    """
-    offset = kv_len - q_len
-    q_index_T1 = jnp.arange(q_len, dtype=jnp.int32)[:, None] + offset
-    kv_index_1S = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-    mask_TS = jnp.ones((q_len, kv_len), dtype=bool)
-    if causal:
-        mask_TS = mask_TS & (kv_index_1S <= q_index_T1)
-    if sliding_window is not None:
-        mask_TS = mask_TS & (q_index_T1 - kv_index_1S < sliding_window)
-    mask_B1TS = mask_TS[None, None]
-    if attention_mask is not None:
-        valid_BS = attention_mask.astype(bool)
-        mask_B1TS = mask_B1TS & valid_BS[:, None, None, :] & valid_BS[:, None, -q_len:, None]
-    if segment_ids is not None:
-        kv_seg_BS = segment_ids
-        q_seg_BT = segment_ids[:, -q_len:]
-        same_B1TS = q_seg_BT[:, None, :, None] == kv_seg_BS[:, None, None, :]
-        mask_B1TS = mask_B1TS & same_B1TS & (q_seg_BT > 0)[:, None, :, None]
-    return mask_B1TS
-
-
-def dot_product_attention(
-    q_BTNH: jax.Array,
-    k_BSKH: jax.Array,
-    v_BSKH: jax.Array,
-    mask_B1TS: jax.Array | None,
-    *,
-    scale: float | None = None,
-    implementation: str | None = None,
-) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with GQA (K divides N); logits and softmax in float32.
-
-    Runs `jax.nn.dot_product_attention`. With implementation=None, jax 0.10 always takes its XLA
-    path (it names automatic backend choice as future work); "cudnn" asks for the fused cuDNN
-    kernel on NVIDIA GPUs, which accepts only a subset of shapes, dtypes and masks.
-    Fully masked query rows (padding) give finite values, never NaN.
-    """
-    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=implementation
-    )
 
 
 # ---------------------------------------------------------------- activations and remat
