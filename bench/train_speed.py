@@ -28,6 +28,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -52,8 +53,14 @@ def save_random_model(config: common.BenchConfig, out_dir: Path, seed: int = 0) 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     hf_config = transformers.LlamaConfig(**config.hf_config_kwargs())
-    model = transformers.LlamaForCausalLM(hf_config).eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # A 1B model's random init takes a minute on a few CPU cores and a second on the GPU.
+    on_gpu = config.device == "gpu" and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = transformers.LlamaForCausalLM(hf_config).eval()
+    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()
 
 
 def make_tokens(config: common.BenchConfig, steps: int, path: Path, seed: int = 0) -> None:
@@ -302,7 +309,12 @@ def run(
     peak: bool = True,
     rounds: int = 1,
     timeout: float = 1800.0,
+    deadline: float | None = None,
+    progress=None,
 ) -> dict:
+    """The side-by-side report. `deadline` (time.monotonic()): workers that would start after it
+    are skipped, and each one's timeout is cut to what is left; `progress(report)` is called after
+    every worker (e.g. to save a partial report)."""
     threads = threads or len(os.sched_getaffinity(0))
     report: dict = {
         "config": dataclasses.asdict(config),
@@ -334,21 +346,38 @@ def run(
                     if reason:
                         runs[method, stack] = [{"stack": stack, "method": method, "skipped": reason}]
                         continue
-                    job = common.Job(config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat)
-                    result = derive(run_worker(stack, job, work, timeout), config, method, report["peak"])
+                    left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+                    if left < MIN_WORKER_S:
+                        result = {"stack": stack, "method": method, "skipped": "skipped: out of time budget"}
+                    else:
+                        job = common.Job(
+                            config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat
+                        )
+                        result = derive(run_worker(stack, job, work, left), config, method, report["peak"])
                     report["versions"].update(result.get("versions", {}))
                     runs[method, stack].append(result)
-        for method in methods:
-            entry: dict = {}
-            for stack in stacks:
-                entry[stack] = best_round(runs[method, stack])
-            both = [entry.get(s, {}) for s in STACKS]
-            if all("losses" in r for r in both):
-                entry["loss_check"] = loss_check(both[0], both[1], config.dtype)
-                entry["ratio"] = ratios(both[0], both[1])
-            report["methods"][method] = entry
+                    _summarise(report, runs, methods, stacks, config)
+                    if progress:
+                        progress(report)
     report["machine"]["load_avg_end"] = list(os.getloadavg())
     return report
+
+
+# A worker given less than this would spend it importing and loading: skip it instead.
+MIN_WORKER_S = 20.0
+
+
+def _summarise(report: dict, runs: dict, methods: list[str], stacks, config: common.BenchConfig) -> None:
+    for method in methods:
+        entry: dict = {}
+        for stack in stacks:
+            if runs[method, stack]:
+                entry[stack] = best_round(runs[method, stack])
+        both = [entry.get(s, {}) for s in STACKS]
+        if all("losses" in r for r in both):
+            entry["loss_check"] = loss_check(both[0], both[1], config.dtype)
+            entry["ratio"] = ratios(both[0], both[1])
+        report["methods"][method] = entry
 
 
 def main(argv: list[str] | None = None) -> int:
