@@ -350,10 +350,13 @@ def run(
                     if left < MIN_WORKER_S:
                         result = {"stack": stack, "method": method, "skipped": "skipped: out of time budget"}
                     else:
-                        job = common.Job(
-                            config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat
-                        )
-                        result = derive(run_worker(stack, job, work, left), config, method, report["peak"])
+                        try:
+                            job = common.Job(
+                                config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat
+                            )
+                            result = derive(run_worker(stack, job, work, left), config, method, report["peak"])
+                        except Exception as e:  # one bad row, not the end of the report
+                            result = {"stack": stack, "method": method, "error": f"{type(e).__name__}: {e}"}
                     report["versions"].update(result.get("versions", {}))
                     runs[method, stack].append(result)
                     _summarise(report, runs, methods, stacks, config)
