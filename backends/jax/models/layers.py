@@ -11,6 +11,7 @@ Every parameter is created through `nn.with_logical_partitioning` with names fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -116,17 +117,56 @@ class Dense(nn.Module):
             tuple(self.in_axes) + tuple(self.out_axes),
             self.param_dtype,
         )
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
-        )
+        y = linear(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
         if self.use_bias:
             bias = param_with_axes(
                 self, "bias", nn.initializers.zeros, tuple(self.out_shape), tuple(self.out_axes), self.param_dtype
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def linear(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """x @ kernel, contracting x's last `n_in` dims with the kernel's first `n_in`.
+
+    On CPU the backward pass is written out (`_linear_cpu`) so that the weight gradient's dot
+    transposes the smaller of its two operands; elsewhere jax's own rule (cuBLAS and TPU dots
+    take transposed operands for free)."""
+    if jax.default_backend() == "cpu":
+        return _linear_cpu(x, kernel, n_in)
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_cpu(x, kernel, n_in):
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+def _linear_cpu_fwd(x, kernel, n_in):
+    return _linear_cpu(x, kernel, n_in), (x, kernel)
+
+
+def _linear_cpu_bwd(n_in, res, g):
+    x, kernel = res
+    n_out = kernel.ndim - n_in
+    dx = jax.lax.dot_general(
+        g, kernel, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ()))
+    )
+    I, O = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
+    x_MI, g_MO = x.reshape(-1, I), g.reshape(-1, O)
+    if I <= O:
+        # XLA:CPU's dots take the right operand as [contracted, free] and would copy the [M, O]
+        # gradient into [O, M] (an untiled strided copy, the largest data movement of a step,
+        # e.g. the LM head's [tokens, vocab]); transposing the smaller x instead, behind a
+        # barrier that keeps XLA from swapping the operands back, moves I/O times fewer bytes.
+        x_IM = jax.lax.optimization_barrier(x_MI.T)
+        dk = jax.lax.dot_general(x_IM, g_MO, (((1,), (0,)), ((), ())))
+    else:
+        dk = jax.lax.dot_general(x_MI, g_MO, (((0,), (0,)), ((), ())))
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_linear_cpu.defvjp(_linear_cpu_fwd, _linear_cpu_bwd)
 
 
 # ---------------------------------------------------------------- rotary embeddings
