@@ -47,6 +47,7 @@ RESUMABLE_CHANGES = (
     "checkpoint",
     "logging",
     "export",
+    "eval",
 )
 
 
@@ -302,6 +303,10 @@ def step_plan(training, steps_per_epoch: int | None) -> StepPlan:
     if t.steps is not None:
         return StepPlan(t.steps, steps_per_epoch, None, "training.steps")
     if steps_per_epoch is not None:
+        if t.epochs * steps_per_epoch > 2**31 - 1:  # the optimizer's step counter is int32
+            raise sharding_rules.PlanError(
+                f"training.epochs = {t.epochs} x {steps_per_epoch} steps per epoch is over 2**31 - 1 steps"
+            )
         return StepPlan(
             t.epochs * steps_per_epoch, steps_per_epoch, t.epochs, f"{t.epochs} epochs x {steps_per_epoch} steps"
         )

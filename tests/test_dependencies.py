@@ -1,4 +1,4 @@
-"""The base install (`pip install ftc`, no extras) carries everything `ftc run` and `ftc export`
+"""The training install (`pip install 'ftc[train]'`) carries everything `ftc run` and `ftc export`
 import. The test environment has the extras (torch, peft, ...) and they pull in packages of their
 own, so a missing base requirement would pass every other test and fail only on a user's clean
 machine (as jinja2 once did: chat templates need it, transformers does not require it)."""
@@ -13,7 +13,7 @@ import sys
 import train_testlib as tl
 from packaging.requirements import Requirement
 
-# Runs `ftc run` as a base install would: every package outside the base requirements is hidden
+# Runs `ftc run` as a train install would: every package outside those requirements is hidden
 # (no module spec, no distribution metadata), so libraries that use torch when it is there take
 # their torch-less path, and an undeclared dependency fails the run with ModuleNotFoundError.
 RUN_AS_BASE_INSTALL = """
@@ -69,11 +69,11 @@ def norm(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def base_requirement_closure() -> set[str]:
-    """Distribution names (normalised) that `pip install ftc` installs: ftc's requirements without
-    extras, then theirs, with environment markers evaluated for this interpreter."""
+def base_requirement_closure(extras: frozenset = frozenset({"train"})) -> set[str]:
+    """Distribution names (normalised) that `pip install 'ftc[train]'` installs: ftc's requirements
+    with that extra, then theirs, with environment markers evaluated for this interpreter."""
     seen: set[str] = set()
-    todo = [("ftc", frozenset())]
+    todo = [("ftc", extras)]
     while todo:
         name, extras = todo.pop()
         key = norm(name)
@@ -92,7 +92,7 @@ def base_requirement_closure() -> set[str]:
     return {k for k, _ in seen}
 
 
-def test_ftc_run_and_export_need_nothing_beyond_the_base_install(tmp_path):
+def test_ftc_run_and_export_need_nothing_beyond_the_train_extra(tmp_path):
     tl.make_model_dir(tmp_path / "model")
     tl.write_chat_data(tmp_path / "train.jsonl", 16)
     spec = tmp_path / "deps.toml"
@@ -117,4 +117,4 @@ def test_ftc_run_and_export_need_nothing_beyond_the_base_install(tmp_path):
     imported = set(json.loads(done.stdout.strip().splitlines()[-1]))
     assert "jinja2" in imported  # the chat template was rendered
     outside = {m: sorted(provided_by[m]) for m in imported if provided_by.get(m) and not provided_by[m] & closure}
-    assert not outside, f"imported by `ftc run` but not installed by ftc's base requirements: {outside}"
+    assert not outside, f"imported by `ftc run` but not installed by ftc[train]: {outside}"

@@ -23,6 +23,7 @@ import jax
 from flax import traverse_util
 
 from ftc.backends.jax import objectives, probe_runner
+from ftc.backends.jax.generate.in_run import generation_hook
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
 from ftc.backends.jax.methods import base as methods
@@ -31,17 +32,20 @@ from ftc.backends.jax.models import shapes
 from ftc.backends.jax.objectives import contract
 from ftc.backends.jax.stages import (
     build_data,
+    live_report,
     load_tokenizer,
     model_with_weights,
     tokenizer_dir,
     tokenizer_hash,
     write_data_stats,
+    write_plan,
     write_resolved_spec,
 )
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import frozen_base
 from ftc.backends.jax.state.frozen_base import initial_params
 from ftc.backends.jax.state.init_from import init_from_step, read_model_config
+from ftc.backends.jax.state.lock import run_lock
 from ftc.backends.jax.train import device_peak, run_log
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.backends.jax.train import optimizer as opt_lib
@@ -166,7 +170,13 @@ def use_compilation_cache() -> str | None:
 
 def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int], None] | None = None) -> dict:
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
-    there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`."""
+    there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`.
+    Holds the run directory's lock throughout (state/lock.py): a second run of it is refused."""
+    with run_lock(spec.run_dir), StopSignals() as stop:
+        return _run(spec, echo=echo, after_step=after_step, stop=stop)
+
+
+def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None] | None, stop: StopSignals) -> dict:
     use_compilation_cache()
     if objectives.get(spec.training.objective).trainer == contract.PROBE:
         return probe_runner.run_probe(spec, echo=echo)
@@ -205,6 +215,7 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
 
     # Checkpoints hold what trains; the frozen base and a reference copy are rebuilt on resume.
     saved_params = frozen_base.saved_mask(abstract_params, model.method)
+    ckpt_lib.set_aside_damaged(run_dir, echo)
     checkpointer = ckpt_lib.Checkpointer(
         ckpt_lib.checkpoint_dir(run_dir),
         keep=spec.checkpoint.keep,
@@ -253,12 +264,15 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
         metadata["frozen"] = frozen
     write_resolved_spec(spec, run_dir)
     write_data_stats(data.stats, run_dir)
+    write_plan(plan, run_dir)
+    report = live_report(spec, run_dir, echo)
 
     train_iter = data.train_iterator(data_state)  # positioned where the checkpoint left off
     eval_batches = None
     if data.validation_rows is not None:
         eval_batches = lambda: data.validation_batches(spec.training.micro_batch_size)
     logger = run_log.RunLogger(run_dir, tensorboard=spec.logging.tensorboard, resume_step=latest)
+    generation_eval = generation_hook(spec, model, tokenizer, model_dir, hf_config, mesh, logger)  # [eval]
     peak, peak_source = device_peak.peak_flops(spec.model.dtype, spec.logging.peak_tflops)
     # CPU "devices" forced by XLA_FLAGS share the host's cores: the peak is per host there.
     peak_units = jax.process_count() if jax.devices()[0].platform == "cpu" else jax.device_count()
@@ -271,31 +285,42 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
         log_every=spec.training.log_every,
         eval_every=spec.training.eval_every,
         checkpoint_every=spec.checkpoint.every,
+        eval_first=latest is not None and bool(saved.get("eval_pending")),
         progress=spec.logging.progress,
         flops_per_step=plan.flops_per_token * plan.batch.tokens_per_step,
         peak_flops=peak * peak_units,
     )
     try:
-        with StopSignals() as stop:
-            state = train_loop(
-                steps,
-                state,
-                train_iter,
-                config,
-                checkpointer=checkpointer,
-                metadata=metadata,
-                logger=logger,
-                eval_batches=eval_batches,
-                stop=stop,
-                after_step=after_step,
-            )
+        state = train_loop(
+            steps,
+            state,
+            train_iter,
+            config,
+            checkpointer=checkpointer,
+            metadata=metadata,
+            logger=logger,
+            eval_batches=eval_batches,
+            stop=stop,
+            after_step=after_step,
+            generation_eval=generation_eval,
+            on_metrics=report,
+        )
+    except (Exception, Interrupted):
+        if report is not None:  # a stopped or failed run's report shows how far it got
+            report.final()
+        raise
     finally:
         logger.close()
         checkpointer.close()
     summary = {"run_dir": run_dir, "step": int(jax.device_get(state["step"])), "total_steps": total}
     del state  # export reads the final checkpoint back, sharded its own way
-    if summary["step"] >= total:
-        summary["export"] = export_at_end(run_dir, echo=echo)
+    stop.outside = f"stopped during the export; the checkpoint at step {total} is complete: run again to export"
+    try:
+        if summary["step"] >= total:
+            summary["export"] = export_at_end(run_dir, echo=echo)
+    finally:
+        if report is not None:
+            report.final()
     return summary
 
 

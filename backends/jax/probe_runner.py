@@ -131,6 +131,9 @@ def run_probe(spec, *, echo: Callable[[str], None] = print) -> dict:
         echo("verify: " + check.summary())
         if not check.ok:
             raise export_lib.VerifyFailedError(f"{result.export['dir']}: {check.summary()}")
+    report = stages.live_report(spec, run_dir, echo)
+    if report is not None:
+        report.final()
     return {
         "run_dir": run_dir,
         "step": steps,

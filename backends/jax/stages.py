@@ -1,6 +1,6 @@
 """The inputs both runners (pipeline.py's train steps, probe_runner.py) read and the run-directory
-files they write: the base model's directory, the tokenizer, the data, spec.resolved.json and
-data_stats.json."""
+files they write: the base model's directory, the tokenizer, the data, spec.resolved.json,
+data_stats.json, plan.json and report.html."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from pathlib import Path
 import jax
 
 from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
+from ftc.backends.jax.io.model_source import check_tokenizer_dir
 from ftc.backends.jax.state.files import write_json_atomic
 from ftc.backends.jax.state.init_from import read_model_config
 
 RESOLVED_SPEC = "spec.resolved.json"
 DATA_STATS = "data_stats.json"
+PLAN = "plan.json"
 
 
 def model_with_weights(spec) -> tuple[Path, dict]:
@@ -45,6 +47,7 @@ def tokenizer_hash(directory: str | os.PathLike) -> str | None:
 def load_tokenizer(directory: str | os.PathLike):
     from transformers import AutoTokenizer  # transformers is slow to import; `ftc plan` never needs it
 
+    check_tokenizer_dir(directory)  # transformers' own messages for these name no file
     return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
 
 
@@ -53,14 +56,23 @@ def build_data(spec, tokenizer):
     grain), from the spec's [data] keys; this process's share of every batch."""
     from ftc.backends.jax.data import datasets as data_lib  # grain and tfds load only when data is read
 
+    return data_lib.build_datasets(
+        **data_options(spec),
+        tokenizer=tokenizer,
+        batch_size=spec.training.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def data_options(spec) -> dict:
+    """`build_datasets`'s arguments that the spec sets (the data pipeline's one reading of [data])."""
     d = spec.data
     clean = d.clean
-    return data_lib.build_datasets(
+    return dict(
         format=d.format,
         train=d.train_sources,
-        tokenizer=tokenizer,
         max_seq_len=spec.model.max_seq_len,
-        batch_size=spec.training.batch_size,
         validation=d.validation,
         validation_split=d.validation_split or 0.0,
         packing=bool(d.packing),
@@ -76,8 +88,6 @@ def build_data(spec, tokenizer):
         on_bad_row=d.on_bad_row,
         labels=d.labels,
         seed=spec.training.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
     )
 
 
@@ -95,3 +105,22 @@ def write_resolved_spec(spec, run_dir: str) -> None:
         return
     os.makedirs(run_dir, exist_ok=True)
     write_json_atomic(os.path.join(run_dir, RESOLVED_SPEC), spec.to_dict())
+
+
+def write_plan(plan, run_dir: str) -> None:
+    """`<run_dir>/plan.json`: the compiled Plan as `ftc plan --json` prints it (the report reads it)."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    write_json_atomic(os.path.join(run_dir, PLAN), plan.to_dict())
+
+
+def live_report(spec, run_dir: str, echo):
+    """The RUN_DIR/report.html keeper (`logging.report`) on process 0, else None."""
+    if jax.process_index() != 0 or not spec.logging.report:
+        return None
+    from ftc.report.live import LiveReport  # matplotlib loads at the first refresh
+
+    report = LiveReport(run_dir, echo=echo)
+    echo(f"report: {report.path} (kept up to date as the run goes; open it in a browser)")
+    return report

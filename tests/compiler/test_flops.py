@@ -112,10 +112,19 @@ def test_datasheet_peaks_only_for_known_devices_in_16_bit(kind, dtype, tflops):
     assert got == (None if tflops is None else tflops * 1e12)
 
 
-def test_peak_comes_from_the_spec_else_a_measured_matmul_on_cpu():
-    assert device_peak.peak_flops("float32", 12.5) == (12.5e12, "logging.peak_tflops")
-    measured, source = device_peak.peak_flops("float32")
-    assert source.startswith("measured: float32 matmul") and 1e9 < measured < 1e14
+def test_peak_comes_from_the_spec_else_a_matmul_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+    assert device_peak.peak_flops("float32", 12.5, cache_dir=tmp_path) == (12.5e12, "logging.peak_tflops")
+    measured, source = device_peak.peak_flops("float32", cache_dir=tmp_path)
+    assert source.startswith("float32 matmul measured on this machine") and 1e9 < measured < 1e14
+    cached = json.loads((tmp_path / device_peak.CACHE_FILE).read_text())
+    assert cached[device_peak.machine_key("float32")]["flops"] == measured
+    # Later runs read the figure instead of measuring under whatever load there is then.
+    monkeypatch.setattr(device_peak, "measure_matmul_flops", lambda *a, **k: pytest.fail("measured again"))
+    assert device_peak.peak_flops("float32", cache_dir=tmp_path) == (measured, source)
+    monkeypatch.setattr(device_peak, "measure_matmul_flops", lambda *a, **k: 7e9)
+    assert device_peak.peak_flops("bfloat16", cache_dir=tmp_path)[0] == 7e9  # another dtype: its own entry
+    (tmp_path / device_peak.CACHE_FILE).write_text("{not json")
+    assert device_peak.peak_flops("float32", cache_dir=tmp_path)[0] == 7e9  # a damaged file is measured anew
 
 
 def test_mfu_is_model_flops_over_the_peak_of_every_device():
@@ -150,3 +159,4 @@ def test_run_logs_mfu_and_host_memory_on_train_rows(tmp_path):
             plan.flops_per_token * plan.batch.tokens_per_step * steps_per_second / 2e12, rel=1e-6
         )
         assert r["host_memory_peak_bytes"] >= r["host_memory_bytes"] > 50e6
+        assert r["peak_tflops"] == 2.0  # the denominator used, written with the figure

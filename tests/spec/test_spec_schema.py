@@ -31,6 +31,7 @@ NO_DEFAULT = {
     "training.micro_batch_size",
     "training.schedule.warmup_steps",
     "logging.peak_tflops",
+    "eval.regex",
 }
 
 
@@ -132,11 +133,13 @@ CONTRACT = [
     ("export.verify", "boolean", False),
     ("logging.tensorboard", "boolean", True),
     ("logging.progress", "boolean", True),
+    ("eval.samples", "integer", 0),
+    ("eval.max_new_tokens", "integer", 128),
 ]
 ENUMS = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "model.param_dtype": {"float32", "bfloat16"},
-    "data.format": {"chat", "completion", "text", "preference", "classification"},
+    "data.format": {"chat", "completion", "text", "preference", "classification", "sharegpt", "alpaca"},
     "method.kind": {"full", "lora", "qlora", "adapter", "probe"},
     "training.objective": {"sft", "dpo", "classify"},
     "training.remat": {"none", "full", "dots"},
@@ -182,6 +185,7 @@ def test_spec_dataclasses_have_one_attribute_per_schema_key():
         ("checkpoint",): model.CheckpointSpec,
         ("export",): model.ExportSpec,
         ("logging",): model.LoggingSpec,
+        ("eval",): model.EvalSpec,
     }
     assert set(sections) == set(object_paths())
     not_keys = {"source", "extends", "warnings"}

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -53,11 +52,12 @@ from ftc.backends.jax.data import formats
 from ftc.backends.jax.data import loader as data_loader
 from ftc.backends.jax.data import pack as data_pack
 from ftc.backends.jax.data import read as data_read
+from ftc.backends.jax.data import sources as data_sources
 from ftc.backends.jax.data import tokenize as data_tokenize
 from ftc.backends.jax.data.read import DataError
 from ftc.backends.jax.data.stats import ArraySpec, DataStats
 
-_CACHE: dict[str, _Prepared] = {}
+_CACHE: dict[str, Prepared] = {}
 _CACHE_SIZE = 4
 
 __all__ = ["build_datasets", "Datasets", "DataStats", "ArraySpec", "DataError"]
@@ -121,7 +121,7 @@ class Datasets:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Prepared:
+class Prepared:
     train: data_pack.Packed
     validation: data_pack.Packed | None
     stats: DataStats
@@ -209,7 +209,34 @@ def build_datasets(
     )
 
 
-def _prepare(
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    """The splits read, cleaned and tokenised, in reading order: what a run lays out (`lay_out`),
+    and what `ftc data inspect` shows. `train_items[i].where` names its row."""
+
+    read: data_read.ReadResult
+    skipped: tuple[str, ...]  # malformed rows left out, train and validation
+    train_items: list
+    train_report: data_clean.CleanReport
+    validation_items: list
+    validation_report: data_clean.CleanReport | None  # None: no validation
+    validation_from: str  # "file", "split" or "none"
+    validation_files: tuple[str, ...]
+    label_names: tuple[str, ...] | None
+
+
+def _prepare(*, shuffle, packing, **options) -> Prepared:
+    return lay_out(
+        tokenize_splits(**options),
+        format=options["format"],
+        max_seq_len=options["max_seq_len"],
+        packing=packing,
+        shuffle=shuffle,
+        seed=options["seed"],
+    )
+
+
+def tokenize_splits(
     *,
     format,
     train,
@@ -217,15 +244,15 @@ def _prepare(
     validation_split,
     tokenizer,
     max_seq_len,
-    packing,
     train_on,
-    shuffle,
     clean,
     on_bad_row,
     labels,
     seed,
-    tfds_data_dir,
-) -> _Prepared:
+    tfds_data_dir=None,
+) -> Tokenized:
+    """read -> clean rows -> split off validation -> tokenise -> cap lengths (arguments: as
+    `build_datasets`'s)."""
     read = data_read.read_rows(train, format=format, on_bad_row=on_bad_row, tfds_data_dir=tfds_data_dir)
     row_options = dict(
         format=format,
@@ -237,7 +264,10 @@ def _prepare(
     )
     train_rows, train_report = data_clean.clean_rows(read.rows, **row_options)
     if not train_rows:
-        raise DataError(f"no training rows left after cleaning ({train_report.summary()})")
+        bad = f"; {len(read.skipped)} malformed row(s) skipped, first {read.skipped[0]}" if read.skipped else ""
+        raise DataError(
+            f"{', '.join(read.files)}: no training rows left after cleaning ({train_report.summary()}{bad})"
+        )
 
     val_rows, val_report, val_from, val_files, skipped = None, None, "none", (), list(read.skipped)
     val_items: list = []
@@ -279,23 +309,32 @@ def _prepare(
         split_report = data_clean.CleanReport(len(val_rows), len(val_rows)) if val_report is None else val_report
         val_items, val_lengths = prepare_items(val_rows, "validation")
         val_report = split_report.then(val_lengths)
+    return Tokenized(
+        read, tuple(skipped), train_items, train_report, val_items, val_report, val_from, tuple(val_files), names
+    )
+
+
+def lay_out(t: Tokenized, *, format, max_seq_len, packing, shuffle, seed) -> Prepared:
+    """Shuffle with the seed, lay out (pack) each split, and count: the arrays a run trains on."""
+    train_items = t.train_items
     if shuffle:  # the order packing sees; the loader reshuffles rows every epoch
         order = np.random.default_rng([seed, 2]).permutation(len(train_items))
         train_items = [train_items[i] for i in order]
 
+    fmt = formats.get(format)
     do_pack = bool(packing) and fmt.layout.packs
     train_packed = fmt.layout.lay_out(train_items, max_seq_len, do_pack)
-    val_packed = fmt.layout.lay_out(val_items, max_seq_len, do_pack) if val_items else None
+    val_packed = fmt.layout.lay_out(t.validation_items, max_seq_len, do_pack) if t.validation_items else None
     stats = DataStats(
         format=format,
-        train_files=read.files,
-        validation_files=tuple(val_files),
-        rows_read=len(read.rows),
-        bad_rows_skipped=len(skipped),
-        bad_row_examples=tuple(skipped[:5]),
-        train_clean=train_report,
-        validation_clean=val_report,
-        validation_from=val_from,
+        train_files=t.read.files,
+        validation_files=t.validation_files,
+        rows_read=len(t.read.rows),
+        bad_rows_skipped=len(t.skipped),
+        bad_row_examples=t.skipped[:5],
+        train_clean=t.train_report,
+        validation_clean=t.validation_report,
+        validation_from=t.validation_from,
         train_sequences=train_packed.sequences,
         train_rows=train_packed.rows,
         validation_sequences=val_packed.sequences if val_packed else 0,
@@ -304,9 +343,9 @@ def _prepare(
         packing_efficiency=train_packed.efficiency,
         validation_packing_efficiency=val_packed.efficiency if val_packed else 0.0,
         supervised_tokens=train_packed.supervised,
-        label_names=names,
+        label_names=t.label_names,
     )
-    return _Prepared(train_packed, val_packed, stats)
+    return Prepared(train_packed, val_packed, stats)
 
 
 def _fingerprint(options: dict, tokenizer: Any) -> str:
@@ -323,12 +362,8 @@ def _fingerprint(options: dict, tokenizer: Any) -> str:
         feed(group)
         if sources is None:
             continue
-        for source in data_read.resolve_sources(sources):
-            if source.startswith(data_read.TFDS_PREFIX):
-                feed(source)  # prepared tfds datasets are immutable by version
-            else:
-                st = os.stat(source)
-                feed(os.path.abspath(source), st.st_size, st.st_mtime_ns)
+        for entry in data_read.resolve_sources(sources):
+            feed(data_sources.source_for(entry).fingerprint(entry))
     feed(tokenizer_fingerprint(tokenizer))
     return h.hexdigest()
 

@@ -1,9 +1,10 @@
-"""Read training rows from JSONL files or a tfds data source, checking each row's shape.
+"""Read training rows from their sources, checking each row's shape.
 
-Sources: a path, a glob, a list of those, or `tfds:name/config:split` (also `tfds:name:split`),
-read through `tfds.data_source` (array_record files; TensorFlow is never imported).
+Sources (data/sources/, one module per kind): a path, a glob, a list of those; JSONL files,
+Parquet files, directories written by `datasets`' save_to_disk, `tfds:name/config:split` and
+`hf:NAME[:SPLIT]` (the local Hugging Face datasets cache). Nothing is downloaded.
 
-Every row keeps where it came from (`Row.where`: `path:line`, or `tfds:name/config:split[index]`)
+Every row keeps where it came from (`Row.where`: `path:line`, `path[i]`, `tfds:name:split[i]`)
 so every later problem can name it. A row of the wrong shape is a problem
 `where: what was wrong, expected what`; with on_bad_row="error" the read raises one `DataError`
 listing the first problems, with "skip" the row is left out and counted.
@@ -15,15 +16,13 @@ data/formats/; the checks they share (an object, a string, a list of messages) a
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ftc.backends.jax.data import formats
+from ftc.backends.jax.data import sources as data_sources
 
-TFDS_PREFIX = "tfds:"
 MAX_LISTED = 20  # problems quoted in one DataError; the rest are counted
 
 
@@ -41,7 +40,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    where: str  # "path:line" or "tfds:name/config:split[i]"
+    where: str  # "path:line", "path[i]" or "tfds:name/config:split[i]"
     data: dict
 
 
@@ -77,6 +76,8 @@ def read_rows(
         raise DataError(
             f'{len(problems)} malformed {format} row(s) (set data.on_bad_row = "skip" to leave them out)', problems
         )
+    if not rows and not problems:
+        raise DataError(f"{', '.join(files)}: no rows (empty)")
     return ReadResult(tuple(rows), tuple(files), tuple(problems))
 
 
@@ -84,90 +85,14 @@ def read_rows(
 
 
 def resolve_sources(sources: str | Sequence[str]) -> list[str]:
-    """Files (sorted within each glob) and tfds sources named by `sources`, in order."""
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    out = []
-    for source in sources:
-        source = os.fspath(source)
-        if source.startswith(TFDS_PREFIX):
-            out.append(source)
-            continue
-        path = os.path.expanduser(source)
-        if glob.has_magic(path):
-            matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise DataError(f"data source {source!r}: no files match this glob")
-            out.extend(matches)
-        elif os.path.isfile(path):
-            out.append(path)
-        else:
-            raise DataError(f"data source {source!r}: no such file")
-    if not out:
-        raise DataError("no data sources given")
-    return out
+    """Files (sorted within each glob), dataset directories and named sources (`tfds:`, `hf:`)
+    named by `sources`, in order (data/sources/)."""
+    return data_sources.resolve(sources, DataError)
 
 
 def _open_sources(sources, tfds_data_dir) -> Iterator[tuple[str, Iterable[tuple[str, Any]]]]:
-    for source in resolve_sources(sources):
-        if source.startswith(TFDS_PREFIX):
-            yield source, _tfds_records(source, tfds_data_dir)
-        else:
-            yield source, _jsonl_records(source)
-
-
-def _jsonl_records(path: str) -> Iterator[tuple[str, Any]]:
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield where, BadRow(f"not valid UTF-8 ({e.reason} at byte {e.start}), expected UTF-8 JSON")
-                continue
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not rows
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, BadRow(f"invalid JSON ({e.msg} at column {e.colno}), expected one JSON object per line")
-
-
-def parse_tfds(source: str) -> tuple[str, str]:
-    """`tfds:name/config:split` -> ("name/config", "split")."""
-    body = source[len(TFDS_PREFIX) :]
-    name, sep, split = body.rpartition(":")
-    if not sep or not name or not split:
-        raise DataError(f"data source {source!r}: expected tfds:name/config:split (or tfds:name:split)")
-    return name, split
-
-
-def _tfds_records(source: str, data_dir: str | None) -> Iterator[tuple[str, Any]]:
-    import tensorflow_datasets as tfds  # lazy: JSONL users never pay for it
-
-    name, split = parse_tfds(source)
-    try:
-        data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises many kinds for a missing/unprepared dataset
-        raise DataError(
-            f"data source {source!r}: cannot open it through tfds.data_source "
-            f"(prepared with file_format='array_record'?): {type(e).__name__}: {e}"
-        ) from e
-    for i in range(len(data)):
-        yield f"{source}[{i}]", _from_tfds(data[i])
-
-
-def _from_tfds(value: Any) -> Any:
-    """tfds features come back as bytes and numpy; rows are checked as JSON values."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, dict):
-        return {k: _from_tfds(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_from_tfds(v) for v in value]
-    if hasattr(value, "tolist"):  # numpy scalars and arrays
-        return _from_tfds(value.tolist())
-    return value
+    for entry in resolve_sources(sources):
+        yield entry, data_sources.source_for(entry).records(entry, tfds_data_dir)
 
 
 # ---------------------------------------------------------------------------- row checks the formats share
@@ -239,9 +164,13 @@ def expect_messages(value: Any, path: str) -> list[dict]:
             raise BadRow(f"missing key {here + '.content'!r}, expected a string")
         normal = {"role": role, "content": expect_content(message["content"], here + ".content")}
         if "weight" in message:
-            weight = message["weight"]
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
-                raise BadRow(f"{here + '.weight'!r} is {json.dumps(weight)}, expected 0 or 1")
-            normal["weight"] = int(weight)
+            normal["weight"] = expect_weight(message["weight"], here + ".weight")
         out.append(normal)
     return out
+
+
+def expect_weight(weight: Any, path: str) -> int:
+    """A message's loss weight: 0 or 1."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight not in (0, 1):
+        raise BadRow(f"{path!r} is {json.dumps(weight)}, expected 0 or 1")
+    return int(weight)

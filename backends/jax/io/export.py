@@ -32,10 +32,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from gguf import GGUFReader
 
 from ftc.backends.jax import methods as registry
 from ftc.backends.jax import stages
-from ftc.backends.jax.io import hf_checkpoint
+from ftc.backends.jax.io import gguf_config, hf_checkpoint
 from ftc.backends.jax.io.export_common import (
     DTYPES,
     EXPORT_DIR,
@@ -43,15 +44,17 @@ from ftc.backends.jax.io.export_common import (
     ExportError,
     ExportResult,
     VerifyFailedError,
+    check_out_dir,
     is_causal,
     publish,
 )
 from ftc.backends.jax.io.export_verify import verify_export
+from ftc.backends.jax.io.model_source import gguf_file, is_loadable_by_transformers
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.state import checkpoint as ckpt_lib
-from ftc.backends.jax.state import files, frozen_base, init_from
+from ftc.backends.jax.state import files, frozen_base, init_from, integrity
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.compiler import sharding_rules
 from ftc.spec import spec_from_dict
@@ -68,6 +71,7 @@ __all__ = [
     "VerifyFailedError",
     "base_source",
     "check_format",
+    "check_out_dir",
     "export_run",
     "how_to_load",
     "load_run",
@@ -132,9 +136,16 @@ def base_source(spec, model_dir: Path) -> tuple[str | None, Path | None, str]:
     local = Path(base).expanduser()
     if local.is_dir():
         return str(local.resolve()), model_dir, f"model.base {base}"
-    if not base.startswith("package:") and not base.lower().endswith(".gguf") and "/" in base:
+    if is_loadable_by_transformers(base) and "/" in base:
         return base.split("@")[0], model_dir, f"model.base {base} (Hugging Face id)"
-    return str(model_dir), model_dir, f"model.base {base}, converted to {model_dir}"
+    # A GGUF file or a package: source was converted into this machine's ftc cache; that path means
+    # nothing on a serving machine, so the name is the one the GGUF's metadata gives its HF
+    # original, else the source as the spec names it (resolve_model_source loads it anywhere).
+    gguf = gguf_file(base)
+    original = gguf_config.hf_name(gguf_config.read_metadata(GGUFReader(str(gguf)))) if gguf else None
+    if original:
+        return original, model_dir, f"model.base {base}, a GGUF of {original} (its metadata), converted to {model_dir}"
+    return base, model_dir, f"model.base {base}, converted to {model_dir}"
 
 
 def export_shardings(model: methods.MethodModel, abstract_params, devices=None) -> Any:
@@ -167,6 +178,14 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     if step is not None and step not in steps:
         raise ExportError(f"{directory}: no checkpoint at step {step}; there are {', '.join(map(str, steps))}")
     step = max(steps) if step is None else step
+    damage = integrity.problem(os.path.join(directory, str(step)))
+    if damage is not None:  # export reads, never repairs: `ftc run` sets a damaged checkpoint aside
+        good = [s for s in steps if s < step and integrity.problem(os.path.join(directory, str(s))) is None]
+        hint = f"export the newest good one with --step {good[-1]}, or" if good else "there is no good one;"
+        raise ExportError(
+            f"{directory}/{step} is damaged: {damage}. {hint.capitalize()} run the spec again "
+            "(`ftc run` moves a damaged checkpoint aside and resumes from the newest good one)"
+        )
     meta = reader.metadata(step)
     spec = spec_from_dict(meta["spec"])
     saved_dir = meta.get("model_dir")
@@ -247,9 +266,13 @@ def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str
         "method": trained.kind,
         "run_dir": str(trained.run_dir),
         "step": trained.step,
-        "base_model_name_or_path": trained.base_name,
+        "base": trained.spec.model.base,  # as the spec names it
+        "base_model_name_or_path": trained.base_name,  # what PEFT / adapter configs record
+        "base_note": trained.base_note,
         "model_type": trained.hf_config.get("model_type"),
     }
+    if trained.spec.model.init_from:
+        manifest["init_from"] = trained.spec.model.init_from
     if jax.process_index() == 0:
         files.write_json_atomic(out / MANIFEST, manifest)
     return tuple(sorted(p.name for p in out.iterdir())) if jax.process_index() == 0 else ()
@@ -267,7 +290,8 @@ def write_export(
     """Export `trained` into `out_dir` atomically (see `publish`)."""
     check_format(trained.kind, format, dtype)
     out = Path(out_dir).absolute()
-    files = publish(out, lambda tmp: _write(trained, tmp, format, dtype), force=force)
+    reads = (trained.run_dir, trained.model_dir, trained.base_dir, trained.tokenizer_dir)
+    files = publish(out, lambda tmp: _write(trained, tmp, format, dtype), force=force, reads=reads)
     return ExportResult(
         out,
         trained.kind,
@@ -289,12 +313,15 @@ def export_run(
     force: bool = False,
     step: int | None = None,
     tol: float | None = None,
+    base_name: str | None = None,
     echo: Callable[[str], None] = print,
 ):
     """`ftc export`: format, dtype and verify default to the run's spec `[export]`; `out` to
-    RUN_DIR/export. Returns (ExportResult, VerifyResult or None)."""
+    RUN_DIR/export; `base_name` replaces the base's name that PEFT / adapter configs record
+    (base_model_name_or_path). Returns (ExportResult, VerifyResult or None)."""
     run_dir = Path(run_dir).absolute()
     out = Path(out).absolute() if out is not None else run_dir / EXPORT_DIR
+    check_out_dir(out, (run_dir,))  # before the checkpoint is read; publish checks again
     resolved = run_dir / "spec.resolved.json"
     if not os.path.isdir(ckpt_lib.checkpoint_dir(str(run_dir))) and resolved.is_file():
         kind = json.loads(resolved.read_text()).get("method", {}).get("kind")
@@ -302,6 +329,8 @@ def export_run(
         if by_run is not None:  # a method whose export `ftc run` writes keeps no checkpoint
             return by_run(run_dir, out, format=format, dtype=dtype, verify=verify, force=force, tol=tol, echo=echo)
     trained = load_run(run_dir, step)
+    if base_name:
+        trained = dataclasses.replace(trained, base_name=base_name, base_note=f"--base-name {base_name}")
     e = trained.spec.export
     format, dtype = format or e.format, dtype or e.dtype
     verify = e.verify if verify is None else verify

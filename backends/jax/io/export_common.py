@@ -48,11 +48,53 @@ class ExportResult:
     how_to_load: str
 
 
-def publish(out_dir: str | os.PathLike, write: Callable[[Path], Any], *, force: bool = False) -> Any:
+# What makes a directory a run directory of `ftc run` (written before anything else of a run).
+RUN_MARKERS = ("spec.resolved.json", "checkpoints", "ftc.lock")
+_MAX_CHECKED = 100_000  # entries of a directory to replace that are searched for a run
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def out_dir_problem(out_dir: str | os.PathLike, reads: tuple = ()) -> str | None:
+    """Why `out_dir` must not be written (or replaced), whatever --force says, or None: it is or
+    contains a directory the export reads (`reads`: the run, its base model, its tokenizer), or a
+    run directory; or it lies inside a run directory and is not that run's export/."""
+    target = Path(os.path.realpath(out_dir))
+    for source in (Path(os.path.realpath(r)) for r in reads if r is not None):
+        if target == source or target in source.parents:
+            return f"it {'is' if target == source else 'contains'} {source}, which this export reads"
+    for parent in target.parents:
+        if is_run_dir(parent) and target != parent / EXPORT_DIR:
+            return f"it lies inside the run directory {parent}, where only {EXPORT_DIR}/ is written"
+    if is_run_dir(target):
+        return "it is a run directory"
+    if not target.is_dir():
+        return None
+    for count, (here, dirs, _) in enumerate(os.walk(target)):
+        found = next((Path(here, d) for d in dirs if is_run_dir(Path(here, d))), None)
+        if found is not None:
+            return f"it contains the run directory {found}"
+        if count > _MAX_CHECKED:
+            return "it holds too much to check that no run directory is inside it"
+    return None
+
+
+def check_out_dir(out_dir: str | os.PathLike, reads: tuple = ()) -> None:
+    problem = out_dir_problem(out_dir, reads)
+    if problem:
+        raise ExportError(f"refusing --out {out_dir}: {problem} (whatever --force says); choose another --out")
+
+
+def publish(out_dir: str | os.PathLike, write: Callable[[Path], Any], *, force: bool = False, reads: tuple = ()) -> Any:
     """Run `write(tmp)` on a fresh temporary sibling of `out_dir`, then rename it to `out_dir`.
     A failure removes the temporary directory: `out_dir` is never left half written. An existing
-    non-empty `out_dir` is refused unless `force` (then replaced once the new one is complete)."""
+    non-empty `out_dir` is refused unless `force` (then replaced once the new one is complete); one
+    that `out_dir_problem` names is refused whatever `force` says: an export never deletes a run,
+    nor what it reads (`reads`)."""
     out = Path(out_dir).absolute()
+    check_out_dir(out, reads)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     if jax.process_index() != 0:
@@ -152,6 +194,20 @@ def save_hf(trained, out: Path, params, dtype: str) -> None:
 
 def reload_hf(trained, out: Path, scratch: Path, causal: bool):
     return verify.load_reference(out, causal=causal)
+
+
+def load_base(base_name: str | None, auto: str) -> tuple[str, str]:
+    """(imports, expression): Python that loads the base an adapter export is served on, named as
+    the export names it; a GGUF or package: source goes through ftc's resolver, which converts it
+    into the local ftc cache on first use."""
+    from ftc.backends.jax.io.model_source import is_loadable_by_transformers
+
+    if base_name is None or is_loadable_by_transformers(base_name):
+        return "", f"{auto}.from_pretrained({base_name!r})"
+    return (
+        "from ftc.backends.jax.io.model_source import resolve_model_source; ",
+        f"{auto}.from_pretrained(resolve_model_source({base_name!r}))",
+    )
 
 
 def load_hf_line(out: Path, base_name: str | None, auto: str) -> str:

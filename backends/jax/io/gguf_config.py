@@ -8,6 +8,7 @@ family reads; RoPE scaling comes from `rope.scaling.*` or, for Llama 3.1+, from 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,32 @@ def read_metadata(reader) -> dict[str, Any]:
         else:
             out[key] = field.contents()
     return out
+
+
+# Where llama.cpp's converter records the Hugging Face repository a GGUF was converted from.
+HF_NAME_KEYS = (
+    "general.source.huggingface.repository",
+    "general.source.repo_url",
+    "general.source.url",
+    "general.repo_url",
+    "general.url",
+)
+_HF_URL = re.compile(r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)/([\w.-]+/[\w.-]+)(?:[/?#].*)?")
+_HF_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hf_name(metadata: dict) -> str | None:
+    """The Hugging Face model id (`org/name`) the GGUF says it was converted from, if it says."""
+    for key in HF_NAME_KEYS:
+        value = metadata.get(key)
+        if not isinstance(value, str):
+            continue
+        value = value.strip()
+        if m := _HF_URL.fullmatch(value):
+            return m.group(1)
+        if key == HF_NAME_KEYS[0] and _HF_REPO.fullmatch(value):
+            return value
+    return None
 
 
 def _float(value: float) -> float:

@@ -20,6 +20,8 @@ import os
 import re
 from pathlib import Path
 
+from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES, custom_code
+
 PACKAGE_PREFIX = "package:"
 _HF_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<file>[^@]+\.gguf))?")
 
@@ -53,6 +55,35 @@ def resolve_model_source(base: str, *, cache_dir: str | os.PathLike | None = Non
     )
 
 
+def gguf_file(base: str) -> Path | None:
+    """The .gguf file a model source names (a path, `package:NAME/file.gguf`, or an HF id's
+    `org/name/file.gguf` in the local cache), or None when it names something else."""
+    if not isinstance(base, str) or not base.strip().lower().endswith(".gguf"):
+        return None
+    base = base.strip()
+    if base.startswith(PACKAGE_PREFIX):
+        path = _package_path(base)
+    elif Path(base).expanduser().exists():
+        path = Path(base).expanduser()
+    elif (m := _HF_ID.fullmatch(base)) and m.group("file"):
+        from huggingface_hub import hf_hub_download
+
+        try:
+            repo, file, rev = m.group("repo", "file", "rev")
+            path = Path(hf_hub_download(repo, file, revision=rev, cache_dir=hf_hub_cache(), local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: resolve_model_source says so where it matters
+            return None
+    else:
+        return None
+    return path if path.is_file() else None
+
+
+def is_loadable_by_transformers(name: str) -> bool:
+    """Whether `from_pretrained(name)` loads it: an HF directory or an HF id, not a GGUF file or a
+    `package:` source (those go through resolve_model_source first)."""
+    return not name.startswith(PACKAGE_PREFIX) and not name.lower().endswith(".gguf")
+
+
 def _from_path(path: Path, source: str, cache_dir) -> Path:
     if path.is_dir():
         return check_hf_dir(path, source)
@@ -81,11 +112,15 @@ def check_hf_dir(path: Path, source: str) -> Path:
         raise ModelSourceError(f"model source {source!r}: {config_file} is not valid JSON ({e})") from e
     if not isinstance(config, dict):
         raise ModelSourceError(f"model source {source!r}: {config_file} must hold a JSON object")
-    if "auto_map" in config:
+    code = custom_code(config)
+    if code:
         raise ModelSourceError(
-            f"model source {source!r}: {config_file} has 'auto_map' {sorted(config['auto_map'])}, i.e. the model "
+            f"model source {source!r}: {config_file} has {code}, i.e. the model "
             "needs its own Python code (trust_remote_code); ftc never runs code shipped with a model"
         )
+    odd = sorted(p.name for p in path.glob("*.safetensors") if not p.is_file())
+    if odd:
+        raise ModelSourceError(f"model source {source!r}: {path / odd[0]} is a directory, expected a safetensors file")
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         why = (
@@ -96,6 +131,24 @@ def check_hf_dir(path: Path, source: str) -> Path:
         )
         raise ModelSourceError(f"model source {source!r}: no *.safetensors in {path}: {why}")
     return path
+
+
+def check_tokenizer_dir(directory: str | os.PathLike) -> None:
+    """A ModelSourceError naming the file when `directory` has no tokenizer, or a tokenizer or
+    chat template file that is not valid JSON (truncated or corrupted)."""
+    directory = Path(directory)
+    present = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if not any(name in present for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelSourceError(
+            f"{directory}: no tokenizer (tokenizer.json, tokenizer_config.json or tokenizer.model); ftc reads "
+            "it from model.base's directory, or from model.tokenizer when the spec sets it"
+        )
+    for name in present:
+        if name.endswith(".json"):
+            try:
+                json.loads((directory / name).read_bytes())
+            except ValueError as e:
+                raise ModelSourceError(f"{directory / name}: not valid JSON ({e}): truncated or corrupted?") from None
 
 
 def _package_path(source: str) -> Path:

@@ -34,15 +34,25 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = path
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            (header_len,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+            if header_len is None or header_len > size - 8:
+                raise ValueError(f"{path}: not a safetensors file, or truncated ({size} bytes; no complete header)")
             try:
                 header = json.loads(f.read(header_len))
             except ValueError as e:
                 raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
         header.pop("__metadata__", None)
         self.header = header
         self.data_start = 8 + header_len
+        for name, entry in header.items():
+            problem = _entry_problem(entry, size - self.data_start)
+            if problem:
+                raise ValueError(f"{path}: tensor {name!r} {problem}")
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
 
     def tensor(self, name: str) -> np.ndarray:
@@ -52,6 +62,23 @@ class SafetensorsFile:
         begin, end = entry["data_offsets"]
         raw = self._map[self.data_start + begin : self.data_start + end]
         return raw.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def _entry_problem(entry, data_bytes: int) -> str | None:
+    """What is wrong with one tensor's header entry in a file with `data_bytes` bytes of data."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        count = int(np.prod([int(d) for d in shape], dtype=np.int64))
+    except (TypeError, KeyError, ValueError):
+        return f"has a malformed header entry {str(entry)[:200]}"
+    if not 0 <= begin <= end:
+        return f"has data offsets {begin}..{end}"
+    if end > data_bytes:
+        return f"ends at byte {end} of the data, but the file holds {data_bytes}: truncated"
+    want = count * SAFETENSORS_DTYPES[dtype].itemsize if dtype in SAFETENSORS_DTYPES else end - begin
+    if end - begin != want:
+        return f"of shape {shape} and dtype {dtype} has {end - begin} bytes, not {want}"
+    return None
 
 
 class SafetensorsCheckpoint:

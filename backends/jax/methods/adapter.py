@@ -313,9 +313,9 @@ METHOD = Method(
             ftc_side=ex.trained_weights_exported,
             reload=_reload_adapters,
             how_to_load=lambda out, base_name, auto: (
-                f"model = {auto}.from_pretrained({base_name!r}); "
-                f"ftc.backends.torch_adapters.load_adapters(model, "
-                f"{str(out)!r})"
+                "{}model = {}; ftc.backends.torch_adapters.load_adapters(model, {!r})".format(
+                    *ex.load_base(base_name, auto), str(out)
+                )
             ),
         ),
     },

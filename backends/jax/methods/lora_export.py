@@ -59,7 +59,8 @@ def reload_peft(trained, out, scratch, causal: bool):
 
 
 def load_peft_line(out, base_name: str | None, auto: str) -> str:
-    return f"PeftModel.from_pretrained({auto}.from_pretrained({base_name!r}), {str(out)!r})"
+    imports, base = ex.load_base(base_name, auto)
+    return f"{imports}PeftModel.from_pretrained({base}, {str(out)!r})"
 
 
 FORMATS = {

@@ -173,7 +173,7 @@ def copy_probe_export(
     out = Path(out_dir).absolute()
     files = tuple(sorted(p.name for p in source.iterdir()))
     if out != source.absolute():
-        publish(out, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True), force=force)
+        publish(out, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True), force=force, reads=(run_dir,))
     load = (
         "ftc.backends.torch_probe.load_probe"
         if (source / "probe_config.json").exists()

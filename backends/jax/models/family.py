@@ -23,6 +23,9 @@ Conventions every family keeps:
   sequences (tokens never attend across segments; 0 = padding), positions restarting per segment.
   `output="logits"` returns [B, T, vocab] (causal LMs) and `output="hidden"` the final hidden
   states [B, T, embed] after the last norm (what probes and classification heads read).
+- A causal LM that generates also takes `output="last_logits"` (the last position's logits,
+  [B, 1, vocab]) and `kv_cache=` (kv_cache.py: then it returns (output, advanced cache)), and
+  its Family sets `cache_layout`.
 """
 
 from __future__ import annotations
@@ -87,3 +90,6 @@ class Family:
     hf_tensors: Callable[[Any], dict[str, HfTensor]]  # "/"-joined param path -> its HF source
     hf_config: Callable[[Any], dict]  # arch -> config.json transformers reads on export
     hf_architecture: str = ""  # e.g. "LlamaForCausalLM", written on export
+    # arch -> kv_cache.CacheLayout, for a causal LM whose module decodes with `kv_cache=` (see
+    # kv_cache.py); None: the family does not generate (an encoder)
+    cache_layout: Callable[[Any], Any] | None = None

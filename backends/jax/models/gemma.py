@@ -28,4 +28,5 @@ FAMILY = Family(
     hf_tensors=llama.hf_tensors,
     hf_config=llama.hf_config,
     hf_architecture="GemmaForCausalLM",
+    cache_layout=llama.cache_layout,
 )

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ftc.backends.jax.models import kv_cache as kv_cache_lib
 from ftc.backends.jax.models.family import Family, HfTensor, linear_t
 from ftc.backends.jax.models.layers import (
     ACTIVATIONS,
@@ -138,7 +139,8 @@ class GPT2Attention(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BTD, mask_B1TS, layer_index):
+    def __call__(self, x_BTD, mask_B1TS, layer_index, layer_kv=None, cache_index=None):
+        """[B, T, D]; with `layer_kv` (decoding, kv_cache.py) also returns the layer's new cache."""
         a = self.arch
         N, H = a.n_head, a.head_dim
         qkv_BT3NH = Dense(
@@ -149,10 +151,14 @@ class GPT2Attention(nn.Module):
         if a.scale_attn_by_inverse_layer_idx:
             # The per-layer factor is traced (the layer index is a scan input), so it goes on q.
             q_BTNH = q_BTNH / (layer_index + 1).astype(q_BTNH.dtype)
+        c_proj = Dense((a.n_embd,), ("heads", "head_dim"), ("embed",), use_bias=True, dtype=self.dtype, name="c_proj")
+        if layer_kv is not None:  # decoding: attend over the key/value cache (kv_cache.py)
+            o_BTNH, layer_kv = kv_cache_lib.attend(
+                q_BTNH, k_BTNH, v_BTNH, layer_kv, cache_index, mask_B1TS, scale=scale
+            )
+            return c_proj(o_BTNH), layer_kv
         o_BTNH = dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask_B1TS, scale=scale)
-        return Dense((a.n_embd,), ("heads", "head_dim"), ("embed",), use_bias=True, dtype=self.dtype, name="c_proj")(
-            o_BTNH
-        )
+        return c_proj(o_BTNH)
 
 
 class GPT2MLP(nn.Module):
@@ -174,13 +180,16 @@ class GPT2Block(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x_BTD, layer_index, mask_B1TS):
+    def __call__(self, x_BTD, layer_index, mask_B1TS, layer_kv=None, cache_index=None):
         eps = self.arch.layer_norm_epsilon
         h_BTD = LayerNorm(eps=eps, dtype=self.dtype, name="ln_1")(x_BTD)
-        x_BTD = x_BTD + GPT2Attention(self.arch, self.dtype, name="attn")(h_BTD, mask_B1TS, layer_index)
+        h_BTD = GPT2Attention(self.arch, self.dtype, name="attn")(h_BTD, mask_B1TS, layer_index, layer_kv, cache_index)
+        if layer_kv is not None:
+            h_BTD, layer_kv = h_BTD
+        x_BTD = x_BTD + h_BTD
         h_BTD = LayerNorm(eps=eps, dtype=self.dtype, name="ln_2")(x_BTD)
         x_BTD = x_BTD + GPT2MLP(self.arch, self.dtype, name="mlp")(h_BTD)
-        return x_BTD, None
+        return x_BTD, layer_kv
 
 
 class GPT2(nn.Module):
@@ -196,9 +205,11 @@ class GPT2(nn.Module):
         positions=None,
         token_type_ids=None,
         output: str = "logits",
+        kv_cache=None,
     ):
-        if output not in ("logits", "hidden"):
-            raise ValueError(f"GPT-2 output={output!r}: expected 'logits' or 'hidden'")
+        """See family.py; with `kv_cache` (kv_cache.py) returns (output, the advanced cache)."""
+        if output not in ("logits", "last_logits", "hidden"):
+            raise ValueError(f"GPT-2 output={output!r}: expected 'logits', 'last_logits' or 'hidden'")
         a = self.arch
         T = input_ids.shape[1]
         init = nn.initializers.normal(stddev=0.02)
@@ -212,24 +223,35 @@ class GPT2(nn.Module):
             x_BTD = x_BTD + jnp.take(wte_VD, token_type_ids, axis=0)
         x_BTD = x_BTD.astype(self.dtype)
 
-        mask_B1TS = make_attention_mask(
-            attention_mask=attention_mask, segment_ids=segment_ids, causal=True, q_len=T, kv_len=T
-        )
+        if kv_cache is not None:
+            mask_B1TS, _ = kv_cache_lib.masks(kv_cache, T, None)
+        else:
+            mask_B1TS = make_attention_mask(
+                attention_mask=attention_mask, segment_ids=segment_ids, causal=True, q_len=T, kv_len=T
+            )
         blocks = nn.scan(
             remat_block(GPT2Block, a.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast),
+            in_axes=(0, nn.broadcast, 0, nn.broadcast),
             length=a.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_BTD, _ = blocks(a, self.dtype, name="layers")(x_BTD, jnp.arange(a.n_layer), mask_B1TS)
+        layers_kv = None if kv_cache is None else kv_cache_lib.layer_slices(kv_cache)
+        cache_index = None if kv_cache is None else kv_cache["index"]
+        x_BTD, layers_kv = blocks(a, self.dtype, name="layers")(
+            x_BTD, jnp.arange(a.n_layer), mask_B1TS, layers_kv, cache_index
+        )
+        if output == "last_logits":
+            x_BTD = kv_cache_lib.last_position(x_BTD)
         x_BTD = LayerNorm(eps=a.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x_BTD)
         if output == "hidden":
-            return x_BTD
-        if a.tie_word_embeddings:
-            return jnp.einsum("btd,vd->btv", x_BTD, wte_VD.astype(self.dtype))
-        return Dense((a.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, name="lm_head")(x_BTD)
+            out = x_BTD
+        elif a.tie_word_embeddings:
+            out = jnp.einsum("btd,vd->btv", x_BTD, wte_VD.astype(self.dtype))
+        else:
+            out = Dense((a.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, name="lm_head")(x_BTD)
+        return out if kv_cache is None else (out, kv_cache_lib.advanced(kv_cache, layers_kv, T))
 
 
 def build(arch: GPT2Arch, dtype=jnp.float32) -> GPT2:
@@ -284,4 +306,5 @@ FAMILY = Family(
     hf_tensors=hf_tensors,
     hf_config=hf_config,
     hf_architecture="GPT2LMHeadModel",
+    cache_layout=lambda arch: kv_cache_lib.CacheLayout(arch.n_layer, arch.n_head, arch.head_dim),
 )

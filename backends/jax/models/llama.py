@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ftc.backends.jax.models import kv_cache as kv_cache_lib
 from ftc.backends.jax.models import layers
 from ftc.backends.jax.models.decoder_config import DecoderArch, config_from_hf, hf_config
 from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
@@ -41,7 +42,8 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TS):
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_B1TS, layer_kv=None, cache_index=None):
+        """[B, T, D]; with `layer_kv` (decoding, kv_cache.py) also returns the layer's new cache."""
         a = self.arch
         N, K, H = a.num_heads, a.num_kv_heads, a.head_dim
 
@@ -63,15 +65,21 @@ class Attention(nn.Module):
             k_BTKH = layers.RMSNorm(a.rms_norm_eps, dtype=self.dtype, name="k_norm")(k_BTKH)
         q_BTNH = layers.apply_rope(q_BTNH, cos_BTH, sin_BTH)
         k_BTKH = layers.apply_rope(k_BTKH, cos_BTH, sin_BTH)
-        out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, scale=H**-0.5)
-        return layers.Dense(
+        o_proj = layers.Dense(
             (a.hidden_size,),
             in_axes=("heads", "head_dim"),
             out_axes=("embed",),
             use_bias=a.o_bias,
             dtype=self.dtype,
             name="o_proj",
-        )(out_BTNH)
+        )
+        if layer_kv is not None:  # decoding: attend over the key/value cache (kv_cache.py)
+            out_BTNH, layer_kv = kv_cache_lib.attend(
+                q_BTNH, k_BTKH, v_BTKH, layer_kv, cache_index, mask_B1TS, scale=H**-0.5
+            )
+            return o_proj(out_BTNH), layer_kv
+        out_BTNH = layers.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, mask_B1TS, scale=H**-0.5)
+        return o_proj(out_BTNH)
 
 
 class GatedMlp(nn.Module):
@@ -100,7 +108,9 @@ class DecoderBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD, is_sliding, cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS):
+    def __call__(
+        self, x_BTD, is_sliding, cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS, layer_kv=None, cache_index=None
+    ):
         a = self.arch
         if not any(a.sliding_layers):
             mask_B1TS = full_mask_B1TS
@@ -112,10 +122,14 @@ class DecoderBlock(nn.Module):
         def norm(name):
             return layers.RMSNorm(a.rms_norm_eps, unit_offset=a.norm_unit_offset, dtype=self.dtype, name=name)
 
-        h_BTD = Attention(a, self.dtype, name="self_attn")(norm("input_layernorm")(x_BTD), cos_BTH, sin_BTH, mask_B1TS)
+        h_BTD = Attention(a, self.dtype, name="self_attn")(
+            norm("input_layernorm")(x_BTD), cos_BTH, sin_BTH, mask_B1TS, layer_kv, cache_index
+        )
+        if layer_kv is not None:
+            h_BTD, layer_kv = h_BTD
         x_BTD = x_BTD + h_BTD
         x_BTD = x_BTD + GatedMlp(a, self.dtype, name="mlp")(norm("post_attention_layernorm")(x_BTD))
-        return x_BTD, None
+        return x_BTD, layer_kv
 
 
 class Decoder(nn.Module):
@@ -124,8 +138,16 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask=None, segment_ids=None, positions=None, token_type_ids=None, output="logits"
+        self,
+        input_ids,
+        attention_mask=None,
+        segment_ids=None,
+        positions=None,
+        token_type_ids=None,
+        output="logits",
+        kv_cache=None,
     ):
+        """See family.py; with `kv_cache` (kv_cache.py) returns (output, the advanced cache)."""
         a = self.arch
         T = input_ids.shape[1]
         embedding_VD = Embedding(a.vocab_size, a.hidden_size, name="embed_tokens")()
@@ -137,36 +159,45 @@ class Decoder(nn.Module):
         if positions is None:
             positions = layers.default_positions(input_ids, segment_ids)
         cos_BTH, sin_BTH = layers.rope_cos_sin(positions, a.rope.inv_freq(a.head_dim), self.dtype)
-        mask_args = dict(attention_mask=attention_mask, segment_ids=segment_ids, causal=a.causal, q_len=T, kv_len=T)
-        full_mask_B1TS = layers.make_attention_mask(**mask_args)
-        sliding_mask_B1TS = (
-            layers.make_attention_mask(**mask_args, sliding_window=a.sliding_window)
-            if a.sliding_window is not None
-            else full_mask_B1TS
-        )
+        if kv_cache is not None:
+            full_mask_B1TS, sliding_mask_B1TS = kv_cache_lib.masks(kv_cache, T, a.sliding_window)
+        else:
+            mask_args = dict(attention_mask=attention_mask, segment_ids=segment_ids, causal=a.causal, q_len=T, kv_len=T)
+            full_mask_B1TS = layers.make_attention_mask(**mask_args)
+            sliding_mask_B1TS = (
+                layers.make_attention_mask(**mask_args, sliding_window=a.sliding_window)
+                if a.sliding_window is not None
+                else full_mask_B1TS
+            )
 
         Stack = nn.scan(
             layers.remat_block(DecoderBlock, a.remat),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=a.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         is_sliding_L = jnp.asarray(a.sliding_layers, dtype=bool)
-        x_BTD, _ = Stack(a, self.dtype, name="layers")(
-            x_BTD, is_sliding_L, cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS
+        layers_kv = None if kv_cache is None else kv_cache_lib.layer_slices(kv_cache)
+        cache_index = None if kv_cache is None else kv_cache["index"]
+        x_BTD, layers_kv = Stack(a, self.dtype, name="layers")(
+            x_BTD, is_sliding_L, cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS, layers_kv, cache_index
         )
+        if output == "last_logits":
+            x_BTD = kv_cache_lib.last_position(x_BTD)
         x_BTD = layers.RMSNorm(a.rms_norm_eps, unit_offset=a.norm_unit_offset, dtype=self.dtype, name="norm")(x_BTD)
         if output == "hidden":
-            return x_BTD
-        if output != "logits":
-            raise ValueError(f"output={output!r}; expected 'logits' or 'hidden'")
-        if a.tie_word_embeddings:
-            return jnp.einsum("BTD,VD->BTV", x_BTD, embedding_VD.astype(self.dtype))
-        return layers.Dense((a.vocab_size,), in_axes=("embed",), out_axes=("vocab",), dtype=self.dtype, name="lm_head")(
-            x_BTD
-        )
+            out = x_BTD
+        elif output not in ("logits", "last_logits"):
+            raise ValueError(f"output={output!r}; expected 'logits', 'last_logits' or 'hidden'")
+        elif a.tie_word_embeddings:
+            out = jnp.einsum("BTD,VD->BTV", x_BTD, embedding_VD.astype(self.dtype))
+        else:
+            out = layers.Dense(
+                (a.vocab_size,), in_axes=("embed",), out_axes=("vocab",), dtype=self.dtype, name="lm_head"
+            )(x_BTD)
+        return out if kv_cache is None else (out, kv_cache_lib.advanced(kv_cache, layers_kv, T))
 
 
 class Embedding(nn.Module):
@@ -228,6 +259,15 @@ def hf_tensors(arch: DecoderArch) -> dict[str, HfTensor]:
     return out
 
 
+def cache_layout(arch: DecoderArch) -> kv_cache_lib.CacheLayout:
+    """What the decode cache holds per layer (generate/); a bidirectional model does not decode."""
+    if not arch.causal:
+        raise ValueError(
+            f"{arch.model_type} with use_bidirectional_attention=true is not a causal LM: it cannot generate"
+        )
+    return kv_cache_lib.CacheLayout(arch.num_layers, arch.num_kv_heads, arch.head_dim)
+
+
 def _family(model_type: str, architecture: str) -> Family:
     return Family(
         name=model_type,
@@ -237,6 +277,7 @@ def _family(model_type: str, architecture: str) -> Family:
         hf_tensors=hf_tensors,
         hf_config=hf_config,
         hf_architecture=architecture,
+        cache_layout=cache_layout,
     )
 
 

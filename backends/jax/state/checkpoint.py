@@ -21,12 +21,15 @@ from __future__ import annotations
 import base64
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from ftc.backends.jax.models.shapes import path_str
+from ftc.backends.jax.state import integrity
 from ftc.backends.jax.train.step import REFERENCE  # a frozen copy of the starting params: never saved
 from ftc.compiler.plan import RESUMABLE_CHANGES
 
@@ -77,6 +80,10 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only,  # leftovers of a save killed midway
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        # Steps saved but not yet digested (integrity.py), digested once Orbax has committed them.
+        self._undigested: list[int] = []
+        self._digests: list = []
+        self._digester = None if read_only else ThreadPoolExecutor(1, thread_name_prefix="ftc-digest")
 
     # ---- queries
     def latest_step(self) -> int | None:
@@ -93,7 +100,9 @@ class Checkpointer:
     def save(self, step: int, state: dict, data_state: Any, metadata: dict, *, force: bool = True) -> bool:
         """Start saving (async unless disabled); returns whether a save was started."""
         meta = dict(metadata, step=int(step), format_version=FORMAT_VERSION)
-        return self._manager.save(
+        self._manager.wait_until_finished()  # as Orbax's save would: the previous save is committed
+        self._digest_committed()
+        started = self._manager.save(
             int(step),
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(saved_state(state, self.saved_params)),
@@ -102,6 +111,9 @@ class Checkpointer:
             ),
             force=force,
         )
+        if started:
+            self._undigested.append(int(step))
+        return started
 
     def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, Any, dict]:
         """(state, data_state, metadata) of `step` (default: latest), arrays placed by the
@@ -150,11 +162,24 @@ class Checkpointer:
         }
 
     def wait(self) -> None:
+        """Until every save has been committed and digested."""
         self._manager.wait_until_finished()
+        self._digest_committed()
+        for future in self._digests:
+            future.result()
+        self._digests.clear()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
+        if self._digester is not None:
+            self._digester.shutdown()
+
+    def _digest_committed(self) -> None:
+        if jax.process_index() == 0:  # the step directories are on storage every process shares
+            for step in self._undigested:
+                self._digests.append(self._digester.submit(_digest, os.path.join(self.directory, str(step))))
+        self._undigested.clear()
 
     def _step(self, step: int | None) -> int:
         if step is None:
@@ -162,6 +187,26 @@ class Checkpointer:
             if step is None:
                 raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return int(step)
+
+
+def _digest(step_dir: str) -> None:
+    try:
+        integrity.write_digest(step_dir)
+    except FileNotFoundError:  # pruned by `keep` meanwhile
+        pass
+    except OSError as e:  # the checkpoint stands; without a digest it is checked structurally
+        logging.getLogger(__name__).warning("could not write the digest of %s: %s", step_dir, e)
+
+
+def set_aside_damaged(run_dir: str, warn: Callable[[str], None]) -> None:
+    """Before a run opens its checkpoints: damaged newest ones moved aside (integrity.py), by
+    process 0, every process waiting for it."""
+    if jax.process_index() == 0:
+        integrity.set_aside_damaged(checkpoint_dir(run_dir), warn)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("ftc: damaged checkpoints set aside")
 
 
 def prune(tree: Any, keep: Any) -> Any:

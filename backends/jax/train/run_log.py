@@ -2,7 +2,8 @@
 
 metrics.jsonl rows: {"step", "split": "train" | "validation", "loss", "learning_rate",
 "tokens_per_second", "grad_norm", "token_accuracy", ...}; validation rows carry "perplexity";
-train rows also "mfu", "host_memory_bytes" / "host_memory_peak_bytes" and, where the device
+train rows also "mfu" with "peak_tflops" (its denominator: the peak of every device of the run
+together), "host_memory_bytes" / "host_memory_peak_bytes" and, where the device
 reports them (GPU, TPU), "memory_bytes" / "memory_peak_bytes".
 Only process 0 writes. On resume, rows past the restored step (written by the interrupted run
 after its last checkpoint, and about to be redone) are dropped, so the file reads as one run.
@@ -70,6 +71,11 @@ class RunLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
+
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Text (markdown) to TensorBoard; metrics.jsonl rows carry their own text via `log`."""
+        if self.writer_process and self._tb is not None:
+            self._tb.add_text(tag, text, step)
 
     def close(self) -> None:
         if not self.writer_process:

@@ -17,6 +17,8 @@ FORMAT_MODULES = {
     "text": ".text",
     "preference": ".preference",
     "classification": ".classification",
+    "sharegpt": ".sharegpt",
+    "alpaca": ".alpaca",
 }
 
 

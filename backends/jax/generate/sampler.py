@@ -1,0 +1,341 @@
+"""The sampler: prefill a batch of prompts, then decode one token per step with a key/value cache.
+
+    sampler = make_sampler(model.family, model.arch, model.eval_module, context=2048)
+    out = generate(sampler, params, [[1, 15, 27], [1, 99]], jax.random.key(0),
+                   GenerateConfig(max_new_tokens=32, eos_ids=(2,)))
+    out[0].tokens, out[0].finish            # (..., 2), "stop"
+
+What comes out is a pure function of (params, prompts, key, config): the same call gives the same
+tokens, however the decode loop is cut into chunks (`stream`) and whatever rows share the batch.
+Row i draws step t's token with fold_in(key_i, t), key_i = fold_in(key, i) or the i-th of the
+per-prompt keys given; greedy decoding uses no key. `params` are the module's parameters as they
+are (a LoRA, QLoRA or adapter model's included: no merge), sharded however the caller holds them.
+
+How it runs (all jitted, compiled once per bucket):
+  - prompts are left-padded to a bucket length P (2^k or 1.5 x 2^k, >= 16) and the batch to a
+    power of two B (extra rows generate nothing); a row's positions count its real tokens only and its
+    padding slots are masked, so a row computes what it would compute alone;
+  - the cache (models/kv_cache.py) holds P + N slots, N the bucketed max_new_tokens;
+  - `_prefill` runs the prompts and draws the first token; `_decode` is one `jax.lax.while_loop`
+    that feeds each row its last token until every row is done or a step limit is reached.
+A row is done at an EOS id, after max_new_tokens, at the model's context length, or when the
+host says so (`stream`'s `stop`, which stop strings use). Compiled shapes: (B, P, N) and the
+static config; changing max_new_tokens within one bucket of N does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ftc.backends.jax.generate.sampling import GREEDY, SamplingConfig, next_tokens
+from ftc.backends.jax.models import kv_cache
+from ftc.compiler import sharding_rules
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_BUCKET = 16
+
+STOP, STOP_STRING, LENGTH = "stop", "stop_string", "length"  # why a row ended (Completion.finish)
+
+
+class PromptError(ValueError):
+    """A prompt the sampler cannot run (empty, longer than the model's context)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """What to generate. Hashable: part of the compiled function's key (max_new_tokens only
+    through its bucket)."""
+
+    max_new_tokens: int = 256
+    sampling: SamplingConfig = GREEDY
+    eos_ids: tuple[int, ...] = ()  # a row stops after emitting one of these (it is kept in the output)
+    pad_id: int = 0  # what finished rows and padding hold
+
+    def __post_init__(self):
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: expected an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    tokens: tuple[int, ...]  # the generated tokens (an EOS that ended the row included)
+    finish: str  # STOP (an EOS id), STOP_STRING (stopped by the host) or LENGTH
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A family's module made ready to decode; build with `make_sampler`."""
+
+    module: Any  # flax module taking kv_cache= (family.py): the family's, or a method's around it
+    layout: kv_cache.CacheLayout
+    dtype: Any  # the cache's dtype: the module's compute dtype
+    context: int  # positions the model has: a prompt plus what it generates stays below this
+    mesh: Mesh | None  # where the cache is sharded (batch over data x fsdp, kv heads over tensor)
+    prefill: Callable
+    decode: Callable
+
+
+def make_sampler(family, arch, module, *, context: int, mesh: Mesh | None = None) -> Sampler:
+    """A Sampler for `module` (the family's module for `arch`, possibly inside a method's
+    wrapper: pass a MethodModel's `eval_module`). `context`: the model's positions
+    (config.json's max_position_embeddings / n_positions)."""
+    if family.cache_layout is None:
+        raise ValueError(f"model family {family.name} does not generate text (it is not a causal LM)")
+    layout = family.cache_layout(arch)
+    dtype = getattr(module, "dtype", None) or getattr(getattr(module, "base", None), "dtype", jnp.float32)
+    prefill = jax.jit(
+        functools.partial(_prefill, module, layout, jnp.dtype(dtype), mesh), static_argnames=("new_tokens", "config")
+    )
+    decode = jax.jit(functools.partial(_decode, module, mesh), static_argnames=("config",), donate_argnums=(1,))
+    return Sampler(module, layout, jnp.dtype(dtype), int(context), mesh, prefill, decode)
+
+
+# ---------------------------------------------------------------- the jitted parts
+
+
+def _constrain(mesh: Mesh | None, cache: dict) -> dict:
+    """Shard the cache like the activations: batch over (data, fsdp), kv heads over tensor, where
+    the sizes divide (else replicated along that axis)."""
+    if mesh is None:
+        return cache
+    _, B, _, K, _ = cache["k"].shape
+    sizes = dict(mesh.shape)
+    batch = sharding_rules.BATCH_AXES if B % sharding_rules.batch_shards(sizes) == 0 else None
+    heads = "tensor" if K % sizes.get("tensor", 1) == 0 else None
+    sharding = NamedSharding(mesh, P(None, batch, None, heads, None))
+    kv = {k: jax.lax.with_sharding_constraint(cache[k], sharding) for k in ("k", "v")}
+    return {**cache, **kv}
+
+
+def _prefill(module, layout, dtype, mesh, params, prompt_BP, lengths_B, limits_B, keys_B, *, new_tokens, config):
+    """Run the left-padded prompts, draw each row's first token; the decode state."""
+    B, P = prompt_BP.shape
+    pad_B = P - lengths_B
+    valid_BS = jnp.arange(P + new_tokens, dtype=jnp.int32)[None, :] >= pad_B[:, None]
+    positions_BP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
+    cache = _constrain(mesh, kv_cache.init_cache(layout, valid_BS, dtype))
+    logits_B1V, cache = module.apply(
+        {"params": params}, prompt_BP, positions=positions_BP, kv_cache=cache, output="last_logits"
+    )
+    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, 0)
+    first_B = next_tokens(step_keys_B, logits_B1V[:, 0], config.sampling)
+    active_B = limits_B > 0
+    first_B = jnp.where(active_B, first_B, config.pad_id)
+    count_B = active_B.astype(jnp.int32)
+    tokens_BN = jnp.full((B, new_tokens), config.pad_id, jnp.int32).at[:, 0].set(first_B)
+    return {
+        "cache": _constrain(mesh, cache),
+        "tokens": tokens_BN,
+        "count": count_B,
+        "done": ~active_B | _is_eos(first_B, config.eos_ids) | (count_B >= limits_B),
+        "eos": active_B & _is_eos(first_B, config.eos_ids),
+        "last": first_B,
+        "position": lengths_B,
+        "limit": limits_B,
+        "keys": keys_B,
+        "step": jnp.ones((), jnp.int32),
+    }
+
+
+def _is_eos(tokens_B: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    if not eos_ids:
+        return jnp.zeros(tokens_B.shape, bool)
+    return jnp.isin(tokens_B, jnp.asarray(eos_ids, jnp.int32))
+
+
+def _decode(module, mesh, params, state, stop_at, *, config):
+    """Decode until every row is done or `step` reaches `stop_at` (<= the token buffer's length)."""
+
+    def cond(s):
+        return (s["step"] < stop_at) & ~jnp.all(s["done"])
+
+    def body(s):
+        logits_B1V, cache = module.apply(
+            {"params": params},
+            s["last"][:, None],
+            positions=s["position"][:, None],
+            kv_cache=s["cache"],
+            output="last_logits",
+        )
+        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s["keys"], s["step"])
+        active_B = ~s["done"]
+        token_B = jnp.where(active_B, next_tokens(step_keys_B, logits_B1V[:, 0], config.sampling), config.pad_id)
+        count_B = s["count"] + active_B.astype(jnp.int32)
+        eos_B = active_B & _is_eos(token_B, config.eos_ids)
+        return {
+            **s,
+            "cache": _constrain(mesh, cache),
+            "tokens": jax.lax.dynamic_update_slice(s["tokens"], token_B[:, None], (0, s["step"])),
+            "count": count_B,
+            "done": s["done"] | eos_B | (count_B >= s["limit"]),
+            "eos": s["eos"] | eos_B,
+            "last": token_B,
+            "position": s["position"] + 1,
+            "step": s["step"] + 1,
+        }
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# ---------------------------------------------------------------- host side
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The smallest 2^k or 1.5 x 2^k >= max(n, minimum): shapes compile once per bucket, not per
+    prompt, and padding wastes at most a third of a bucket."""
+    power = max(minimum, 1 << max(n - 1, 0).bit_length())
+    three_quarters = power * 3 // 4
+    return three_quarters if power > minimum and three_quarters >= n and power % 4 == 0 else power
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Prompts laid out for the sampler (numpy): left-padded ids, lengths, per-row token limits."""
+
+    ids: np.ndarray  # int32 [B, P]
+    lengths: np.ndarray  # int32 [B]
+    limits: np.ndarray  # int32 [B]: tokens row b may generate (0 for the padding rows)
+    rows: int  # real rows (the first `rows` of B)
+    new_tokens: int  # N, the bucketed token buffer
+
+
+def lay_out(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int, pad_id: int) -> PromptBatch:
+    """Bucket and left-pad `prompts`; refuses an empty prompt or one that fills the context."""
+    if not prompts:
+        raise PromptError("no prompts to generate from")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise PromptError(f"prompt {i} is empty (0 tokens)")
+        if n >= context:
+            raise PromptError(
+                f"prompt {i} has {n} tokens; the model's context is {context} positions, so it leaves no room "
+                f"to generate (shorten it below {context} tokens)"
+            )
+    B = bucket(len(prompts), 1)
+    P = bucket(max(lengths), MIN_PROMPT_BUCKET)
+    ids = np.full((B, P), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = np.asarray(p, np.int32)
+    lengths_B = np.ones(B, np.int32)
+    lengths_B[: len(prompts)] = lengths
+    limits = np.zeros(B, np.int32)
+    limits[: len(prompts)] = [min(max_new_tokens, context - n) for n in lengths]
+    return PromptBatch(ids, lengths_B, limits, len(prompts), bucket(max_new_tokens, MIN_NEW_BUCKET))
+
+
+def row_keys(key: jax.Array, rows: int, batch: int) -> jax.Array:
+    """One key per row: fold_in(key, i) for a single key, or the given [rows] keys; padding rows
+    get keys of their own (they generate nothing)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+        if key.shape[0] != rows:
+            raise ValueError(f"{key.shape[0]} keys for {rows} prompts")
+        extra = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key[0], jnp.arange(rows, batch) + 2**30)
+        return jnp.concatenate([key, extra]) if batch > rows else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Where a generation stands (host values, one entry per prompt)."""
+
+    tokens: tuple[tuple[int, ...], ...]  # generated so far
+    done: tuple[bool, ...]
+    finish: tuple[str | None, ...]  # None while the row runs
+
+
+def stream(
+    sampler: Sampler,
+    params,
+    prompts: Sequence[Sequence[int]],
+    key: jax.Array,
+    config: GenerateConfig,
+    *,
+    chunk: int | None = None,
+    stop: Callable[[Snapshot], Sequence[bool]] | None = None,
+) -> Iterator[Snapshot]:
+    """Generate, yielding a Snapshot after the first token and after every `chunk` decode steps
+    (default: one snapshot at the end). `stop(snapshot)` may end rows early (a row it marks is
+    finished with STOP_STRING, also when it ran to its length): the tokens drawn are the same as
+    without chunks, only cut."""
+    batch = lay_out(prompts, config.max_new_tokens, sampler.context, config.pad_id)
+    keys = row_keys(key, batch.rows, len(batch.ids))
+    state = sampler.prefill(
+        params,
+        _put(sampler, batch.ids),
+        _put(sampler, batch.lengths),
+        _put(sampler, batch.limits),
+        keys,
+        new_tokens=batch.new_tokens,
+        config=config,
+    )
+    stopped = np.zeros(len(batch.ids), bool)
+    while True:
+        snap = _snapshot(state, batch.rows, stopped)
+        if stop is not None:  # rows still running, or ended by length, may have reached a stop
+            open_rows = np.asarray([f in (None, LENGTH) for f in snap.finish])
+            marked = np.asarray(stop(snap), bool) & open_rows & ~stopped[: batch.rows]
+            if marked.any():
+                stopped[: batch.rows] |= marked
+                state = {**state, "done": state["done"] | jnp.asarray(stopped)}
+                snap = _snapshot(state, batch.rows, stopped)
+        yield snap
+        if all(snap.done):
+            return
+        step = int(state["step"])
+        stop_at = batch.new_tokens if chunk is None else min(batch.new_tokens, step + chunk)
+        state = sampler.decode(params, state, jnp.int32(stop_at), config=config)
+
+
+def _put(sampler: Sampler, host: np.ndarray) -> jax.Array:
+    """A host batch array, split over the mesh's batch axes where its rows divide."""
+    if sampler.mesh is None:
+        return jnp.asarray(host)
+    sizes = dict(sampler.mesh.shape)
+    axes = sharding_rules.BATCH_AXES if host.shape[0] % sharding_rules.batch_shards(sizes) == 0 else None
+    return jax.device_put(host, NamedSharding(sampler.mesh, P(axes)))
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    """A device array on this host, gathered from every process when it spans several."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _snapshot(state: dict, rows: int, stopped: np.ndarray) -> Snapshot:
+    host = {k: _to_host(state[k]) for k in ("tokens", "count", "done", "eos")}
+    tokens, finish = [], []
+    for b in range(rows):
+        tokens.append(tuple(int(t) for t in host["tokens"][b, : host["count"][b]]))
+        if not host["done"][b]:
+            finish.append(None)
+        elif host["eos"][b]:
+            finish.append(STOP)
+        elif stopped[b]:
+            finish.append(STOP_STRING)
+        else:
+            finish.append(LENGTH)
+    return Snapshot(tuple(tokens), tuple(bool(d) for d in host["done"][:rows]), tuple(finish))
+
+
+def generate(
+    sampler: Sampler, params, prompts: Sequence[Sequence[int]], key: jax.Array, config: GenerateConfig
+) -> list[Completion]:
+    """One Completion per prompt (see the module docstring)."""
+    *_, last = stream(sampler, params, prompts, key, config)
+    return [Completion(t, f) for t, f in zip(last.tokens, last.finish)]

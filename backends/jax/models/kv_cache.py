@@ -1,0 +1,100 @@
+"""The key/value cache a decoder family attends over while generating (generate/ drives it).
+
+Shape suffixes as in layers.py; L layers, S cache slots. A cache is a plain dict pytree:
+
+    {"k": [L, B, S, K, H], "v": [L, B, S, K, H],   keys / values of every layer, compute dtype
+     "index": int32 [],                             the slot the next token's keys are written to
+     "valid": bool [B, S]}                          slots that hold (or will hold) a real token
+
+Every row shares the slot index: prompts are left-padded to one length, so a row's real tokens
+sit at slots [pad_b, index) and padding slots are never valid. Causality is by slot (a query at
+slot q sees slots <= q), the sliding window by slot distance, which equals the position distance
+because a row's real tokens are contiguous. Positions (for RoPE or learned tables) are passed by
+the caller per row and count real tokens only, so a row computes what it computes alone.
+
+A family that decodes (its `Family.cache_layout` is set) takes `kv_cache=` in its module call:
+
+    logits, cache = module.apply({"params": params}, ids_BT, positions=pos_BT, kv_cache=cache,
+                                 output="last_logits")
+
+writes the T new tokens' keys and values at slots [index, index + T), attends over the whole
+cache, and returns the cache with `index` advanced by T. Inside the scanned block stack each
+layer sees its own {"k", "v"} slice ([B, S, K, H]) and the shared index; `attend` is the
+decode-time attention, kept apart from the training kernel (layers.dot_product_attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """What a family's cache holds per layer: kv_heads x head_dim keys and values."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def init_cache(layout: CacheLayout, valid_BS: jax.Array, dtype) -> dict:
+    """An empty cache for `valid_BS.shape` = (batch, slots), writing from slot 0."""
+    B, S = valid_BS.shape
+    shape = (layout.num_layers, B, S, layout.kv_heads, layout.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "index": jnp.zeros((), jnp.int32),
+        "valid": valid_BS.astype(bool),
+    }
+
+
+def layer_slices(cache: dict) -> dict:
+    """The per-layer part of the cache, scanned over its leading L axis by the block stack."""
+    return {"k": cache["k"], "v": cache["v"]}
+
+
+def advanced(cache: dict, layers_kv: dict, q_len: int) -> dict:
+    """The cache after a call that wrote `q_len` tokens: the stack's new per-layer keys/values."""
+    return {**cache, "k": layers_kv["k"], "v": layers_kv["v"], "index": cache["index"] + q_len}
+
+
+def masks(cache: dict, q_len: int, sliding_window: int | None) -> tuple[jax.Array, jax.Array]:
+    """(full, sliding-window) boolean masks [B, 1, T, S] for `q_len` queries at slots
+    index .. index + q_len - 1. A padding query sees nothing (its row is all False)."""
+    S = cache["valid"].shape[1]
+    q_slot_T1 = cache["index"] + jnp.arange(q_len, dtype=jnp.int32)[:, None]
+    kv_slot_1S = jnp.arange(S, dtype=jnp.int32)[None, :]
+    full_B1TS = (kv_slot_1S <= q_slot_T1)[None, None] & cache["valid"][:, None, None, :]
+    if sliding_window is None:
+        return full_B1TS, full_B1TS
+    return full_B1TS, full_B1TS & (q_slot_T1 - kv_slot_1S < sliding_window)[None, None]
+
+
+def attend(
+    q_BTNH: jax.Array,
+    k_BTKH: jax.Array,
+    v_BTKH: jax.Array,
+    layer_kv: dict,
+    index: jax.Array,
+    mask_B1TS: jax.Array,
+    *,
+    scale: float,
+) -> tuple[jax.Array, dict]:
+    """Write this call's keys/values into one layer's cache at `index`, then attend over all of
+    its slots (GQA: K divides N; logits and softmax in float32). Returns (out_BTNH, layer_kv)."""
+    k_BSKH = jax.lax.dynamic_update_slice(layer_kv["k"], k_BTKH.astype(layer_kv["k"].dtype), (0, index, 0, 0))
+    v_BSKH = jax.lax.dynamic_update_slice(layer_kv["v"], v_BTKH.astype(layer_kv["v"].dtype), (0, index, 0, 0))
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask=mask_B1TS, scale=scale
+    )
+    return out_BTNH, {"k": k_BSKH, "v": v_BSKH}
+
+
+def last_position(x_BTD: jax.Array) -> jax.Array:
+    """The last position's hidden state [B, 1, D]: what the next token is read from (prompts are
+    left-padded, so it is every row's last real token)."""
+    return x_BTD[:, -1:]

@@ -1,0 +1,198 @@
+"""One `ftc run` at a time per run directory: a lock file, `RUN_DIR/ftc.lock`, held by process 0.
+
+    with RunLock(run_dir):   # raises LockedError naming the holder (pid, host, command, since)
+        ...train...
+
+The lock is an exclusive `flock` on the file, which the kernel drops when its holder exits, however
+it exits (SIGKILL included), so a crashed run leaves no stale lock. The file also records the
+holder (pid, host, start time, command) for the refusal's message. Where a file system has no
+working flock (some network and FUSE mounts answer ENOLCK or EOPNOTSUPP), the record itself is the
+lock: a record of a process on this host that is gone (pid not alive, or alive with another start
+time) is stale and taken over; one of another host is stale once its heartbeat (the file's mtime,
+touched every HEARTBEAT_S by the holder) is older than STALE_S.
+
+The file is never deleted (deleting a flock'ed file lets two processes lock two different files);
+on release it is emptied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+LOCK_FILE = "ftc.lock"
+HEARTBEAT_S = 30.0
+STALE_S = 300.0
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class LockedError(RuntimeError):
+    """Another `ftc run` holds the run directory."""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return start is None or _start_time(pid) in (None, start)
+
+
+def holder_record() -> dict:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start_time": _start_time(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "command": " ".join(sys.argv)[:500],
+    }
+
+
+def describe(record: dict) -> str:
+    return f"pid {record.get('pid')} on host {record.get('host')}, since {record.get('since')}" + (
+        f" ({record['command']})" if record.get("command") else ""
+    )
+
+
+class RunLock:
+    """The lock of `run_dir` (created if missing). `held`: whether this process holds it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self.held = False
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                flock = True
+            except BlockingIOError:
+                raise LockedError(self._refusal(self._read(fd))) from None
+            except OSError as e:
+                if e.errno not in _NO_FLOCK:
+                    raise
+                flock = False
+                self._check_record(self._read(fd))
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder_record()) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self.held = fd, True
+        if not flock:
+            self._heartbeat = threading.Thread(target=self._beat, name="ftc-lock-heartbeat", daemon=True)
+            self._heartbeat.start()
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        try:
+            os.ftruncate(self._fd, 0)  # an empty record: nobody holds it
+        finally:
+            os.close(self._fd)  # drops the flock
+            self._fd, self.held = None, False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+    # ---- without flock: the record is the lock
+
+    def _check_record(self, record: dict | None) -> None:
+        if not record:
+            return
+        if record.get("host") == socket.gethostname():
+            if isinstance(record.get("pid"), int) and _alive(record["pid"], record.get("start_time")):
+                raise LockedError(self._refusal(record))
+            return
+        age = time.time() - self.path.stat().st_mtime
+        if age < STALE_S:
+            raise LockedError(
+                self._refusal(record)
+                + f"; its heartbeat is {age:.0f} s old (stale after {STALE_S:.0f} s, on a file system without flock)"
+            )
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    # ----
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        raw = os.pread(fd, 65536, 0)
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _refusal(self, record: dict | None) -> str:
+        who = describe(record) if record else "another process (no holder recorded)"
+        return (
+            f"{self.path.parent} is in use by another `ftc run`: {who}. Wait for it to finish or stop it "
+            f"(SIGTERM saves a checkpoint); the lock is {self.path}"
+        )
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike):
+    """Hold `run_dir`'s lock for the block on process 0; every process of a multi-process run
+    learns whether process 0 got it and raises the same LockedError if not."""
+    import jax
+
+    lock, refusal = RunLock(run_dir), None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except LockedError as e:
+            refusal = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        got = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
+        if not got and refusal is None:
+            refusal = f"process 0 could not lock {lock.path} (its message says why)"
+    if refusal is not None:
+        raise LockedError(refusal)
+    try:
+        yield lock
+    finally:
+        lock.release()

@@ -1,0 +1,87 @@
+"""`ftc export`: a run's checkpoint as a Hugging Face / PEFT / adapter directory."""
+
+import click
+
+from ftc import guard
+from ftc.commands.common import need_train
+from ftc.spec import choices
+
+
+@click.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
+@click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Directory to write (default RUN_DIR/export). Written atomically: all or nothing.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(choices.export_formats()),
+    default=None,
+    help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
+    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Dtype of the written weights. Default: the run's export.dtype.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=None,
+    help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
+    "on a fixed batch. Default: the run's export.verify.",
+)
+@click.option(
+    "--tol",
+    default=1e-4,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).",
+)
+@click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace --out if it exists and is not empty (never a run directory, nor what it reads).",
+)
+@click.option(
+    "--base-name",
+    default=None,
+    metavar="NAME",
+    help="The base's name in PEFT / adapter configs (base_model_name_or_path), e.g. the HF id a serving "
+    "machine loads. Default: model.base as the spec names it (for a GGUF, the HF model its metadata names).",
+)
+def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
+    """Export the final checkpoint of RUN_DIR (a run directory of `ftc run`). The model, the method
+    and the base are read from the checkpoint itself; nothing needs re-entering.
+
+    Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
+    the tolerance.
+    """
+    need_train("export")
+    from ftc.backends.jax.io.export import ExportError, export_run
+    from ftc.backends.jax.io.model_source import ModelSourceError
+    from ftc.backends.jax.io.verify import ReferenceUnavailable
+
+    click.get_current_context().meta[guard.LOG_DIR] = run_dir
+    try:
+        _, check = export_run(
+            run_dir,
+            out=out,
+            format=fmt,
+            dtype=dtype,
+            verify=verify,
+            force=force,
+            step=step,
+            tol=tol,
+            base_name=base_name,
+            echo=click.echo,
+        )
+    except (ExportError, ModelSourceError, ReferenceUnavailable, FileNotFoundError) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(1) from None
+    raise SystemExit(0 if check is None or check.ok else 1)

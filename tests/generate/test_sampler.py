@@ -1,0 +1,143 @@
+"""The sampler's greedy decoding equals transformers' greedy `generate`, token for token, on tiny
+random models of every decoder family, with prompts of mixed lengths in one batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from generate_testlib import ALL_CASES, hf_greedy, prompts, sampler_for, saved
+
+from ftc.backends.jax.generate.sampler import LENGTH, STOP, GenerateConfig, PromptError, generate, stream
+from ftc.backends.jax.train import mesh as mesh_lib
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            cache[case] = saved(case, tmp_path_factory.mktemp(case))
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("case", ALL_CASES)
+def test_greedy_tokens_equal_transformers_generate_on_a_mixed_length_batch(models, case):
+    hf_model, loaded = models(case)
+    batch = prompts((5, 11, 1, 17))  # 17 > mistral's and qwen2's window of 4: the window slides
+    out = generate(sampler_for(loaded), loaded.params, batch, jax.random.key(0), GenerateConfig(max_new_tokens=NEW))
+    assert [list(c.tokens) for c in out] == hf_greedy(hf_model, batch, NEW)
+    assert all(c.finish == LENGTH for c in out)
+
+
+def test_rows_stop_at_their_eos_like_transformers(models):
+    hf_model, loaded = models("llama")
+    batch = prompts((5, 11, 1, 17))
+    sampler = sampler_for(loaded)
+    free = generate(sampler, loaded.params, batch, jax.random.key(0), GenerateConfig(max_new_tokens=NEW))
+    eos = free[1].tokens[3]  # a token row 1 emits mid-way: it must stop there
+    out = generate(sampler, loaded.params, batch, jax.random.key(0), GenerateConfig(NEW, eos_ids=(eos, 255)))
+    expected = hf_greedy(hf_model, batch, NEW, eos_token_id=[eos, 255])
+    assert [list(c.tokens) for c in out] == expected
+    assert out[1].tokens[-1] == eos and out[1].finish == STOP and len(out[1].tokens) <= 4
+    assert [c.finish for c in out] == [STOP if c.tokens[-1] in (eos, 255) else LENGTH for c in out]
+
+
+def test_a_prompt_generates_the_same_alone_as_in_any_batch(models):
+    _, loaded = models("qwen2")
+    sampler = sampler_for(loaded)
+    batch = prompts((3, 30, 9, 2, 14))
+    config = GenerateConfig(max_new_tokens=10)
+    together = generate(sampler, loaded.params, batch, jax.random.key(0), config)
+    for i, p in enumerate(batch):
+        alone = generate(sampler, loaded.params, [p], jax.random.key(0), config)
+        assert alone[0].tokens == together[i].tokens
+
+
+def test_sampled_tokens_do_not_depend_on_how_the_decode_loop_is_cut(models):
+    _, loaded = models("llama")
+    sampler = sampler_for(loaded)
+    from ftc.backends.jax.generate.sampling import SamplingConfig
+
+    config = GenerateConfig(max_new_tokens=20, sampling=SamplingConfig(temperature=1.0, top_k=50))
+    whole = generate(sampler, loaded.params, prompts(), jax.random.key(7), config)
+    snaps = list(stream(sampler, loaded.params, prompts(), jax.random.key(7), config, chunk=3))
+    assert len(snaps) > 3
+    assert [s.tokens for s in snaps] == sorted([s.tokens for s in snaps], key=lambda t: sum(map(len, t)))
+    assert snaps[-1].tokens == tuple(c.tokens for c in whole)
+    other = generate(sampler, loaded.params, prompts(), jax.random.key(8), config)
+    assert [c.tokens for c in other] != [c.tokens for c in whole]
+
+
+def test_stop_callback_ends_a_row_early_without_changing_the_others(models):
+    _, loaded = models("llama")
+    sampler = sampler_for(loaded)
+    config = GenerateConfig(max_new_tokens=16)
+    whole = generate(sampler, loaded.params, prompts(), jax.random.key(0), config)
+    snaps = list(
+        stream(
+            sampler,
+            loaded.params,
+            prompts(),
+            jax.random.key(0),
+            config,
+            chunk=2,
+            stop=lambda s: [len(s.tokens[0]) >= 5, False, False, False],
+        )
+    )
+    last = snaps[-1]
+    assert last.finish[0] == "stop_string" and 5 <= len(last.tokens[0]) < 16
+    assert last.tokens[0] == whole[0].tokens[: len(last.tokens[0])]
+    assert last.tokens[1:] == tuple(c.tokens for c in whole[1:])
+
+
+def test_generation_stops_at_the_models_context(models):
+    _, loaded = models("gpt2")  # n_positions 128: the learned position table ends there
+    sampler = sampler_for(loaded)
+    out = generate(sampler, loaded.params, prompts((120, 3)), jax.random.key(0), GenerateConfig(max_new_tokens=20))
+    assert len(out[0].tokens) == 8 and out[0].finish == LENGTH
+    assert len(out[1].tokens) == 20
+    with pytest.raises(PromptError, match="prompt 1 has 128 tokens; the model's context is 128"):
+        generate(sampler, loaded.params, prompts((3, 128)), jax.random.key(0), GenerateConfig(max_new_tokens=2))
+    with pytest.raises(PromptError, match="prompt 0 is empty"):
+        generate(sampler, loaded.params, [[]], jax.random.key(0), GenerateConfig(max_new_tokens=2))
+
+
+def test_prefill_logits_equal_the_training_forward_pass(models):
+    """The cached path computes what the training path computes (here: the next-token logits)."""
+    _, loaded = models("mistral")
+    module = loaded.family.build(loaded.arch, jnp.float32)
+    ids = np.asarray(prompts((9,)), np.int32)
+    full = module.apply({"params": loaded.params}, jnp.asarray(ids))[:, -1]
+    from ftc.backends.jax.models import kv_cache
+
+    cache = kv_cache.init_cache(loaded.family.cache_layout(loaded.arch), jnp.ones((1, 16), bool), jnp.float32)
+    positions = jnp.arange(9)[None]
+    last, cache = module.apply(
+        {"params": loaded.params}, jnp.asarray(ids), positions=positions, kv_cache=cache, output="last_logits"
+    )
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full), atol=1e-5)
+    assert int(cache["index"]) == 9
+
+
+def test_generation_on_a_sharded_mesh_equals_one_device(models):
+    _, loaded = models("qwen3")
+    config = GenerateConfig(max_new_tokens=8)
+    one = generate(sampler_for(loaded), loaded.params, prompts(), jax.random.key(0), config)
+    mesh = mesh_lib.make_mesh(2, 2, 2)
+    from ftc.backends.jax.models import shapes
+    from ftc.compiler import sharding_rules
+
+    infos = {i.path: i for i in shapes.param_infos(shapes.family_boxed_params(loaded.family, loaded.arch))}
+
+    def place(path, x):
+        partition, _ = sharding_rules.param_partition(infos[shapes.path_str(path)].axes, x.shape, dict(mesh.shape))
+        return jax.device_put(x, mesh_lib.param_sharding(mesh, partition))
+
+    params = jax.tree_util.tree_map_with_path(place, loaded.params)
+    sharded = generate(sampler_for(loaded, mesh=mesh), params, prompts(), jax.random.key(0), config)
+    assert [c.tokens for c in sharded] == [c.tokens for c in one]
