@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ftc.backends.jax.data.read import TFDS_PREFIX, resolve_sources
+from ftc.backends.jax.data import sources as data_sources
+from ftc.backends.jax.data.read import resolve_sources
 from ftc.backends.jax.generate import evaluate, metrics
 from ftc.backends.jax.generate.prompt_rows import read_prompt_rows
 from ftc.backends.jax.generate.sampler import GenerateConfig, make_sampler
@@ -34,8 +35,8 @@ def generation_hook(spec, model, tokenizer, model_dir, hf_config, mesh, logger) 
         why = f"data.format is {spec.data.format!r} (samples need chat or completion rows)"
     elif validation is None:
         why = "there is no data.validation file (a validation_split's rows are not kept as prompts)"
-    elif validation.startswith(TFDS_PREFIX):
-        why = f"data.validation is a tfds source ({validation}); samples are read from JSONL files"
+    elif validation.startswith(data_sources.prefixes()):
+        why = f"data.validation is a named source ({validation}); samples are read from JSONL files"
     if why:
         raise ValueError(f"eval.samples = {n}: {why}; set eval.samples = 0 or give data.validation as JSONL")
     regex = metrics.compile_regex(spec.eval.regex, "eval.regex")
