@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 MISSING_ON_GPU_MACHINE = ("grain", "tensorflow_datasets", "gguf", "tensorboardX", "jsonschema")
 
 # An import of these fails as on the GPU machine; a mere availability probe (importlib.util.find_spec,
