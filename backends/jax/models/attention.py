@@ -207,7 +207,7 @@ def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, scale: float) 
 
 def query_block(q_len: int) -> int:
     """Rows and columns of a tile: small tiles stay in a CPU core's cache, larger ones amortise
-    the loop's per-tile cost at long sequences and on accelerators (bench/README.md, "Attention")."""
+    the loop's per-tile cost at long sequences and on accelerators (sizes not swept yet: bench/README.md)."""
     if jax.default_backend() != "cpu":
         return min(q_len, 512)
     return min(q_len, 64 if q_len <= 512 else 128)
