@@ -24,6 +24,7 @@ from ftc.compiler import flops as flops_lib
 from ftc.compiler import memory as memory_lib
 from ftc.compiler import sharding_rules
 from ftc.compiler.memory import MemoryEstimate
+from ftc.compiler.model_summary import ModelSummary, model_summary  # part of this module's API
 from ftc.compiler.sharding_rules import PlanError
 
 # Spec keys (dotted prefixes) that may change between a checkpoint and the run resuming it:
@@ -32,22 +33,10 @@ from ftc.compiler.sharding_rules import PlanError
 # the whole batch. Everything else is training-relevant, and so is everything Plan.fingerprint
 # covers (none of it depends on these keys).
 RESUMABLE_CHANGES = (
-    "description",
-    "output_dir",
-    "name",
-    "training.steps",
-    "training.epochs",
-    "training.eval_every",
-    "training.log_every",
-    "training.micro_batch_size",
-    "training.remat",
-    "data.validation",
-    "model.init_from",
-    "mesh",
-    "checkpoint",
-    "logging",
-    "export",
-    "eval",
+    *("description", "output_dir", "name", "data.validation", "model.init_from"),
+    *("training.steps", "training.epochs", "training.eval_every", "training.log_every"),
+    *("training.micro_batch_size", "training.remat"),
+    *("mesh", "checkpoint", "logging", "export", "eval"),
 )
 
 
@@ -72,21 +61,6 @@ class ParamPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSummary:
-    family: str
-    model_type: str
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    max_position_embeddings: int | None
-    tied_embeddings: bool
-
-
-@dataclasses.dataclass(frozen=True)
 class Counts:
     """What a method counts of its model: the weights it trains, every weight of the model (an NF4
     kernel counts its logical weights), and notes on its settings for the plan to print."""
@@ -94,6 +68,7 @@ class Counts:
     total: int
     trainable: int
     notes: tuple[str, ...] = ()
+    active: int | None = None  # weights one token runs through (MoE: top-k of the experts); None: total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +126,11 @@ class MeshPlan:
     fsdp: int
     tensor: int
     device_count: int
+    expert: int = 1
 
     @property
     def shape(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "expert": self.expert}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +153,7 @@ class Plan:
     mesh: MeshPlan
     notes: tuple[str, ...]  # parameters left replicated, and other things worth knowing
     flops_per_token: float = 0.0  # model FLOPs to train one token (compiler/flops.py), for MFU
+    active_param_count: int | None = None  # MoE: weights one token runs through; None for dense models
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -236,6 +213,8 @@ def compile_plan(
     """
     mesh_shape = _resolve_mesh(spec, device_count)
     trainable = trainable or (lambda path: True)
+    model = model_summary(hf_config, family)
+    sharding_rules.check_expert_axis(model.experts, model.model_type, mesh_shape)
 
     notes: list[str] = list(counts.notes) if counts else []
     params = []
@@ -254,9 +233,9 @@ def compile_plan(
         )
     params = tuple(params)
     if counts is None:
-        counts = Counts(sum(math.prod(p.shape) for p in params), sum(math.prod(p.shape) for p in params if p.trainable))
-
-    model = model_summary(hf_config, family)
+        total = sum(math.prod(p.shape) for p in params)
+        inactive = sum(math.prod(p.shape) for p in params if "expert" in p.axes) * (1 - model.active_fraction)
+        counts = Counts(total, sum(math.prod(p.shape) for p in params if p.trainable), (), round(total - inactive))
     batch = _batch_geometry(spec, mesh_shape)
     seq_len = batch.seq_len
     if model.max_position_embeddings and seq_len > model.max_position_embeddings:
@@ -290,9 +269,10 @@ def compile_plan(
         steps=steps,
         schedule=schedule_plan(spec.training, steps.total_steps),
         optimizer=OptimizerPlan(opt.kind, opt.weight_decay, opt.beta1, opt.beta2, opt.eps, opt.momentum, opt.grad_clip),
-        mesh=MeshPlan(*(mesh_shape[a] for a in sharding_rules.MESH_AXES), device_count=device_count),
+        mesh=MeshPlan(**{a: mesh_shape[a] for a in sharding_rules.MESH_AXES}, device_count=device_count),
         notes=tuple(notes),
         flops_per_token=flops_per_token,
+        active_param_count=counts.active if model.experts else None,
     )
 
 
@@ -334,8 +314,10 @@ def _matmul_weights(params: Sequence[ParamPlan], model: ModelSummary) -> flops_l
     """Matmul weights of a plain family tree: its dense kernels, plus the LM head when it is the
     (tied) embedding table."""
     kernels = [p for p in params if p.path.rsplit("/", 1)[-1] == "kernel"]
-    base = sum(math.prod(p.shape) for p in kernels)
-    trained = sum(math.prod(p.shape) for p in kernels if p.trainable)
+    # An expert's weights run for the tokens routed to it: top-k of E of them per token.
+    active = {p.path: model.active_fraction if "expert" in p.axes else 1.0 for p in kernels}
+    base = round(sum(math.prod(p.shape) * active[p.path] for p in kernels))
+    trained = round(sum(math.prod(p.shape) * active[p.path] for p in kernels if p.trainable))
     if model.tied_embeddings:
         table = model.vocab * model.hidden
         base += table
@@ -345,36 +327,7 @@ def _matmul_weights(params: Sequence[ParamPlan], model: ModelSummary) -> flops_l
 
 def _resolve_mesh(spec, device_count: int) -> dict[str, int]:
     m = spec.mesh
-    return sharding_rules.resolve_mesh(m.data, m.fsdp, m.tensor, device_count)
-
-
-def _first(cfg: dict, *keys, default=None):
-    for key in keys:
-        if cfg.get(key) is not None:
-            return cfg[key]
-    return default
-
-
-def model_summary(hf_config: dict, family: str) -> ModelSummary:
-    """The architecture numbers the plan prints, read from config.json (HF key aliases), for a
-    model of the named family."""
-    text = hf_config.get("text_config") or {}
-    cfg = {**text, **hf_config}
-    hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0))
-    heads = int(_first(cfg, "num_attention_heads", "n_head", default=1))
-    return ModelSummary(
-        family=family,
-        model_type=str(hf_config.get("model_type")),
-        layers=int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0)),
-        hidden=hidden,
-        heads=heads,
-        kv_heads=int(_first(cfg, "num_key_value_heads", default=heads)),
-        head_dim=int(_first(cfg, "head_dim", default=hidden // max(heads, 1))),
-        intermediate=int(_first(cfg, "intermediate_size", "n_inner", default=4 * hidden)),
-        vocab=int(_first(cfg, "vocab_size", default=0)),
-        max_position_embeddings=_first(cfg, "max_position_embeddings", "n_positions"),
-        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-    )
+    return sharding_rules.resolve_mesh(m.data, m.fsdp, m.tensor, device_count, expert=m.expert)
 
 
 def _batch_geometry(spec, mesh_shape: dict[str, int]) -> BatchGeometry:
@@ -385,9 +338,10 @@ def _batch_geometry(spec, mesh_shape: dict[str, int]) -> BatchGeometry:
         )
     shards = sharding_rules.batch_shards(mesh_shape)
     if t.micro_batch_size % shards:
+        axes = [a for a in ("data", "fsdp") + (("expert",) if mesh_shape.get("expert", 1) > 1 else ())]
         raise PlanError(
-            f"training.micro_batch_size={t.micro_batch_size} must be a multiple of mesh data*fsdp = "
-            f"{mesh_shape['data']}*{mesh_shape['fsdp']} = {shards} (the batch is split over them); "
+            f"training.micro_batch_size={t.micro_batch_size} must be a multiple of mesh {'*'.join(axes)} = "
+            f"{'*'.join(str(mesh_shape[a]) for a in axes)} = {shards} (the batch is split over them); "
             f"raise the micro-batch or move devices to mesh.tensor"
         )
     seq = spec.model.max_seq_len

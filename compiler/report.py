@@ -31,9 +31,17 @@ def format_plan(plan, *, max_params: int = 40) -> str:
         f" (kv {m.kv_heads}, dim {m.head_dim}), mlp {m.intermediate}, vocab {m.vocab}"
         + (", tied embeddings" if m.tied_embeddings else ""),
         f"params    {plan.param_count:,} total ({human_count(plan.param_count)}), "
-        f"{plan.trainable_count:,} trainable ({pct:.2f}%)   method {plan.method}, objective {plan.objective}",
+        + (
+            f"{plan.active_param_count:,} active per token ({human_count(plan.active_param_count)}; "
+            f"{m.experts_per_token} of {m.experts} experts), "
+            if plan.active_param_count is not None
+            else ""
+        )
+        + f"{plan.trainable_count:,} trainable ({pct:.2f}%)   method {plan.method}, objective {plan.objective}",
         f"dtypes    compute {plan.compute_dtype}, params {plan.param_dtype}, remat {plan.remat}",
-        f"mesh      data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} on {mesh.device_count} device(s)",
+        f"mesh      data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor}"
+        + (f" expert={mesh.expert}" if mesh.expert > 1 else "")
+        + f" on {mesh.device_count} device(s)",
         f"batch     {b.global_batch} sequences x {b.seq_len} tokens = {b.tokens_per_step:,} tokens/step; "
         f"micro-batch {b.micro_batch} ({b.micro_batch_per_device}/device) x {b.accum_steps} accumulation step(s)",
         f"steps     {s.total_steps if s.total_steps is not None else 'unknown'}   ({s.note})",

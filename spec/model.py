@@ -103,6 +103,10 @@ class TrainingSpec:
     log_every: int
     remat: str
     dpo_beta: float | None  # dpo only
+    dpo_loss_type: str | None  # dpo only
+    dpo_label_smoothing: float | None  # dpo with dpo_loss_type robust only
+    orpo_beta: float | None  # orpo only
+    router_aux_loss_coef: float | None  # sft only; None: config.json decides (objectives/router_aux.py)
     schedule: ScheduleSpec
     optimizer: OptimizerSpec
 
@@ -116,6 +120,7 @@ class MeshSpec:
     data: int
     fsdp: int
     tensor: int
+    expert: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +135,7 @@ class ExportSpec:
     format: str
     dtype: str
     verify: bool
+    targets: tuple[str, ...] = ()  # serving targets `ftc lint` checks the spec against (spec/targets.py)
 
 
 @dataclasses.dataclass(frozen=True)

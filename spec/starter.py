@@ -182,12 +182,16 @@ def _method_block(method: str) -> str:
 
 
 def _objective_lines(objective: str) -> list[str]:
-    """The [training] keys that apply only to `objective` (e.g. dpo_beta), at their defaults."""
+    """The [training] keys that apply only to `objective` (e.g. dpo_beta), at their defaults (keys
+    unset by default, e.g. router_aux_loss_coef, stay out)."""
     training = schema_walk.node_at(("training",))["properties"]
     return [
         f"{key} = {_value(node['default'])}" + _comment(choices.comment(("training", key)))
         for key, node in training.items()
+        # Keys with a further condition (dpo_label_smoothing: robust only) do not apply at the defaults.
         if objective in node.get("x-ftc-when", {}).get("objective", ())
+        and len(node["x-ftc-when"]) == 1
+        and "default" in node
     ]
 
 

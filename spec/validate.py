@@ -13,7 +13,7 @@ import math
 
 import jsonschema
 
-from ftc.spec import choices, local_files, schema_walk
+from ftc.spec import choices, local_files, schema_walk, targets
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean
@@ -47,6 +47,7 @@ def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     filled = fill_defaults(data)
     issues += applicability_issues(filled, where)
     issues += semantic_issues(filled, where)
+    issues += [_issue(where, path, message, severity) for path, message, severity in targets.issues(filled)]
     return filled, issues
 
 
@@ -234,7 +235,7 @@ def fill_defaults(data: dict, node: dict | None = None, prefix: tuple = ()) -> d
     for key, child in props.items():
         if child.get("type") == "object" and isinstance(out.get(key), dict):
             out[key] = fill_defaults(out[key], child, prefix + (key,))
-    if prefix == ("mesh",) and "fsdp" not in data and any(out.get(a) == -1 for a in ("data", "tensor")):
+    if prefix == ("mesh",) and "fsdp" not in data and any(out.get(a) == -1 for a in ("data", "tensor", "expert")):
         out["fsdp"] = 1  # -1 elsewhere takes the remaining devices; only one axis may
     return out
 
@@ -328,7 +329,7 @@ def semantic_issues(s: dict, where: Where) -> list[SpecIssue]:
         )
 
     mesh = get(("mesh",), (dict,)) or {}
-    rest = [a for a in ("data", "fsdp", "tensor") if mesh.get(a) == -1]
+    rest = [a for a in ("data", "fsdp", "tensor", "expert") if mesh.get(a) == -1]
     for axis in rest[1:]:
         add(("mesh", axis), f"at most one mesh axis may be -1 (the rest of the devices); {' and '.join(rest)} are")
 

@@ -13,6 +13,7 @@ An objective another runner trains (classify: probe_runner.py) goes there instea
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -114,6 +115,8 @@ def plan_for(
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     counts = methods.method_counts(model, abstract)
     summary = plan_lib.model_summary(hf_config, model.family.name)
+    experts = _expert_paths(model) if summary.experts else set()
+    inactive = _expert_weights(model, abstract, experts) * (1 - summary.active_fraction)
     plan = plan_lib.compile_plan(
         spec,
         hf_config,
@@ -121,31 +124,58 @@ def plan_for(
         family=model.family.name,
         param_infos=infos,
         trainable=model.trainable,
-        counts=plan_lib.Counts(counts.total, counts.trainable, tuple(counts.lines())),
-        matmul_weights=matmul_weights(model, abstract, summary),
+        counts=plan_lib.Counts(counts.total, counts.trainable, tuple(counts.lines()), round(counts.total - inactive)),
+        matmul_weights=matmul_weights(model, abstract, summary, experts),
         objective=objective_cost(spec, model),
         steps_per_epoch=steps_per_epoch,
     )
     return plan, abstract
 
 
-def matmul_weights(model, method_params, summary: plan_lib.ModelSummary) -> flops_lib.MatmulWeights:
+def matmul_weights(
+    model, method_params, summary: plan_lib.ModelSummary, experts: set[str] = frozenset()
+) -> flops_lib.MatmulWeights:
     """What the FLOP count needs of a method's weights: the family's dense kernels (whatever the
     method stores them as, NF4 included) and which of them train, plus the trainable matmul
     weights the method adds (LoRA factors, adapter kernels)."""
     base = traverse_util.flatten_dict(nn.unbox(family_abstract(model.family, model.arch, "float32")), sep="/")
     added = traverse_util.flatten_dict(nn.unbox(method_params), sep="/")
-    kernels = {k: math.prod(v.shape) for k, v in base.items() if k.rsplit("/", 1)[-1] == "kernel"}
-    n = sum(kernels.values())
-    trained = sum(size for k, size in kernels.items() if k in added and model.trainable(k))
-    adapter = sum(
-        math.prod(v.shape) for k, v in added.items() if k not in base and len(v.shape) >= 2 and model.trainable(k)
+    # An expert's weights (and their LoRA factors) run for the tokens routed to it: top-k of E per token.
+
+    def active(path: str) -> float:
+        return summary.active_fraction if path in experts else 1.0
+
+    kernels = {k: math.prod(v.shape) * active(k) for k, v in base.items() if k.rsplit("/", 1)[-1] == "kernel"}
+    n = round(sum(kernels.values()))
+    trained = round(sum(size for k, size in kernels.items() if k in added and model.trainable(k)))
+    adapter = round(
+        sum(
+            math.prod(v.shape) * active(k)
+            for k, v in added.items()
+            if k not in base and len(v.shape) >= 2 and model.trainable(k)
+        )
     )
     if summary.tied_embeddings:
         table = [k for k, v in base.items() if tuple(v.shape) == (summary.vocab, summary.hidden)]
         n += summary.vocab * summary.hidden
         trained += summary.vocab * summary.hidden if any(k in added and model.trainable(k) for k in table) else 0
     return flops_lib.MatmulWeights(n, trained, adapter)
+
+
+def _expert_paths(model) -> set[str]:
+    """Parameters with an "expert" axis, in the family's tree and the method's (LoRA factors on experts)."""
+    modules = {id(m): m for m in (model.base, model.module)}.values()
+    return {i.path for m in modules for i in shapes.param_infos(shapes.abstract_boxed_params(m)) if "expert" in i.axes}
+
+
+def _expert_weights(model, method_params, experts: set[str]) -> int:
+    """The expert weights (an NF4 kernel counted as the family's kernel) plus trainable factors on them."""
+    base = traverse_util.flatten_dict(nn.unbox(family_abstract(model.family, model.arch, "float32")), sep="/")
+    added = traverse_util.flatten_dict(nn.unbox(method_params), sep="/")
+    own = sum(math.prod(v.shape) for k, v in base.items() if k in experts)
+    return own + sum(
+        math.prod(v.shape) for k, v in added.items() if k in experts and k not in base and model.trainable(k)
+    )
 
 
 def plan_spec(spec, device_count: int | None = None, steps_per_epoch: int | None = None) -> plan_lib.Plan:
@@ -330,5 +360,15 @@ def export_at_end(run_dir: str, *, echo: Callable[[str], None] = print) -> str:
     result, check = export_lib.export_run(run_dir, force=True, echo=echo)
     if check is not None and not check.ok:
         raise export_lib.VerifyFailedError(f"{result.out_dir}: {check.summary()}")
+    resolved = os.path.join(run_dir, "spec.resolved.json")
+    with open(resolved, encoding="utf-8") as f:
+        spec = spec_from_dict(json.load(f))
+    for fmt in export_lib.target_formats(spec):  # [export] targets
+        # a quantised GGUF dtype is for the gguf export only; the others keep the run's float dtype
+        dtype = spec.export.dtype if fmt == "gguf" or spec.export.dtype not in ("q8_0", "q4_0") else "bfloat16"
+        out = os.path.join(run_dir, f"export-{fmt}")
+        extra, extra_check = export_lib.export_run(run_dir, out=out, format=fmt, dtype=dtype, force=True, echo=echo)
+        if extra_check is not None and not extra_check.ok:
+            raise export_lib.VerifyFailedError(f"{extra.out_dir}: {extra_check.summary()}")
     echo(f"to export again in another dtype or format: ftc export {run_dir} --out DIR [--dtype ...] [--format ...]")
     return str(result.out_dir)

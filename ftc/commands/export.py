@@ -6,8 +6,10 @@ from ftc import guard
 from ftc.commands.common import need_train
 from ftc.spec import choices
 
+DTYPE_ALIASES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}  # llama.cpp's names
 
-@click.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory.")
+
+@click.command(short_help="Write a run's checkpoint as a Hugging Face / PEFT / adapter directory or a GGUF.")
 @click.argument("run_dir", metavar="RUN_DIR", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--out",
@@ -21,26 +23,29 @@ from ftc.spec import choices
     type=click.Choice(choices.export_formats()),
     default=None,
     help="hf: a transformers checkpoint (LoRA/QLoRA merged; adapters: base + ftc_adapters/); "
-    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only. Default: the run's export.format.",
+    "peft: a PEFT LoRA adapter; adapters: bottleneck adapters only; gguf: one GGUF file for llama.cpp / Ollama "
+    "with a Modelfile (merged). Default: the run's export.format.",
 )
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
+    type=click.Choice(["float32", "bfloat16", "float16", "q8_0", "q4_0", *DTYPE_ALIASES]),
     default=None,
-    help="Dtype of the written weights. Default: the run's export.dtype.",
+    help="Dtype of the written weights (f32, bf16, f16 are the same as float32, bfloat16, float16); "
+    "q8_0 and q4_0, llama.cpp's block quantisations, for --format gguf. Default: the run's export.dtype.",
 )
 @click.option(
     "--verify/--no-verify",
     default=None,
-    help="Reload the export in PyTorch (transformers / PEFT) and compare its outputs with ftc's model "
-    "on a fixed batch. Default: the run's export.verify.",
+    help="Reload the export in its loader (transformers / PEFT / transformers' GGUF loader), compare its "
+    "outputs with ftc's model on a fixed batch and its greedy continuations of fixed prompts with ftc's "
+    "sampler; fail on a mismatch (the certificate in ftc_export.json). Default: the run's export.verify.",
 )
 @click.option(
     "--tol",
-    default=1e-4,
-    show_default=True,
+    default=None,
     type=click.FloatRange(min=0),
-    help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|).",
+    help="Allowed max |difference| for --verify, scaled by max(1, max |reference output|). "
+    "Default 1e-4 (1e-3 for a q4_0 GGUF, whose weights are also checked bit for bit).",
 )
 @click.option("--step", default=None, type=click.IntRange(min=0), help="Checkpoint step (default: the latest).")
 @click.option(
@@ -60,9 +65,10 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
     and the base are read from the checkpoint itself; nothing needs re-entering.
 
     Exit status: 0 written (and verified with --verify), 1 refused, failed, or verification above
-    the tolerance.
+    the tolerance or with different greedy tokens.
     """
     need_train("export")
+    dtype = DTYPE_ALIASES.get(dtype, dtype)
     from ftc.backends.jax.io.export import ExportError, export_run
     from ftc.backends.jax.io.model_source import ModelSourceError
     from ftc.backends.jax.io.verify import ReferenceUnavailable

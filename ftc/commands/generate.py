@@ -66,6 +66,9 @@ def generate(
         raise click.UsageError("--out goes with --file")
     import os
 
+    if prompt is not None and not prompt.strip():
+        click.echo("error: --prompt is empty: give the text to complete", err=True)
+        raise SystemExit(1)
     if out is not None and os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists; pass --force to replace it")
     from ftc.commands.loading import load_or_exit

@@ -59,7 +59,7 @@ def sampling_options(default_max_new_tokens: int = 256):
                 type=click.Choice(["float32", "bfloat16"]),
                 default="float32",
                 show_default=True,
-                help="Compute dtype (weights keep their stored dtype).",
+                help="Compute dtype; bfloat16 also holds the weights in it (half the bytes read per token).",
             ),
         ]
         for option in reversed(options):

@@ -81,7 +81,7 @@ def test_plan_llama3_70b_from_config_json_alone_counts_params_and_allocates_noth
     plan = result["plan"]
     assert plan["param_count"] == _llama3_70b_param_count() == 70_553_706_496
     assert plan["trainable_count"] == plan["param_count"]
-    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8, "device_count": 64}
+    assert plan["mesh"] == {"data": 1, "fsdp": 8, "tensor": 8, "expert": 1, "device_count": 64}
     assert plan["batch"]["accum_steps"] == 4 and plan["batch"]["micro_batch_per_device"] == 2
     parts = {p["path"]: p["partition"] for p in plan["params"]}
     assert parts["layers/self_attn/q_proj/kernel"] == [None, "fsdp", "tensor", None]
@@ -118,8 +118,9 @@ def test_plan_text_output_lists_model_counts_memory_and_partitions(tmp_path):
 
 
 def test_mesh_minus_one_takes_the_rest_and_bad_meshes_name_the_keys():
-    assert sharding_rules.resolve_mesh(2, -1, 2, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert sharding_rules.resolve_mesh(1, 4, 2, 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert sharding_rules.resolve_mesh(2, -1, 2, 8) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert sharding_rules.resolve_mesh(1, 4, 2, 8) == {"data": 1, "fsdp": 4, "tensor": 2, "expert": 1}
+    assert sharding_rules.resolve_mesh(2, 1, 2, 8, expert=-1) == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 2}
     with pytest.raises(PlanError, match="fixed axes multiply to 3"):
         sharding_rules.resolve_mesh(1, -1, 3, 8)
     with pytest.raises(PlanError, match="has 4 devices but 8 are available"):

@@ -108,8 +108,10 @@ def test_a_run_with_eval_samples_logs_the_generations_ftc_eval_gives(tmp_path):
     result = _run("eval", run.run_dir, "--data", mr.root() / "valid.jsonl", "--limit", 3, "--max-new-tokens", 4,
                   "--out", tmp_path / "e.json")  # fmt: skip
     assert result.exit_code == 0, result.output
-    ours = json.loads((tmp_path / "e.json").read_text())["samples"]
+    report = json.loads((tmp_path / "e.json").read_text())
+    ours = report["samples"]
     assert [s["completion"] for s in ours] == [s["completion"] for s in rows[-1]["samples"]]
+    assert report["settings"]["regex"] == "(.+)" and "regex" in report["generation"]  # the run's eval.regex by default
 
 
 def test_eval_samples_without_validation_prompts_is_refused_before_training(tmp_path):

@@ -118,6 +118,18 @@ def test_bad_sources_and_usage_are_refused(model_dir, tmp_path):
     result = _run("generate", tmp_path / "nowhere", "--prompt", "hi")
     assert result.exit_code == 1 and "error:" in result.output and "nowhere" in result.output
     assert _run("generate", model_dir).exit_code == 2  # neither --prompt nor --file
+    result = _run("generate", model_dir, "--prompt", "  ")
+    assert result.exit_code == 1 and "error: --prompt is empty" in result.output
+    import transformers
+
+    bert = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
+    for command in ("generate", "chat"):
+        result = _run(command, tmp_path / "bert", *(["--prompt", "hi"] if command == "generate" else []))
+        assert result.exit_code == 1 and "it is a bert model, not a causal language model" in result.output
+        assert "internal error" not in result.output
     (tmp_path / "taken.jsonl").write_text("keep me\n")
     prompts = write_jsonl(tmp_path / "p.jsonl", [chat("user", "hi")])
     result = _run("generate", model_dir, "--file", prompts, "--out", tmp_path / "taken.jsonl")

@@ -1,6 +1,9 @@
 """The sampler's greedy decoding equals transformers' greedy `generate`, token for token, on tiny
 random models of every decoder family, with prompts of mixed lengths in one batch."""
 
+import contextlib
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 from generate_testlib import ALL_CASES, hf_greedy, prompts, sampler_for, saved
 
 from ftc.backends.jax.generate.sampler import LENGTH, STOP, GenerateConfig, PromptError, generate, stream
+from ftc.backends.jax.generate.sampling import SamplingConfig
 from ftc.backends.jax.train import mesh as mesh_lib
 
 NEW = 12
@@ -61,8 +65,6 @@ def test_a_prompt_generates_the_same_alone_as_in_any_batch(models):
 def test_sampled_tokens_do_not_depend_on_how_the_decode_loop_is_cut(models):
     _, loaded = models("llama")
     sampler = sampler_for(loaded)
-    from ftc.backends.jax.generate.sampling import SamplingConfig
-
     config = GenerateConfig(max_new_tokens=20, sampling=SamplingConfig(temperature=1.0, top_k=50))
     whole = generate(sampler, loaded.params, prompts(), jax.random.key(7), config)
     snaps = list(stream(sampler, loaded.params, prompts(), jax.random.key(7), config, chunk=3))
@@ -124,7 +126,7 @@ def test_prefill_logits_equal_the_training_forward_pass(models):
     assert int(cache["index"]) == 9
 
 
-def test_generation_on_a_sharded_mesh_equals_one_device(models):
+def test_greedy_and_sampled_generation_on_a_sharded_mesh_equal_one_device(models):
     _, loaded = models("qwen3")
     config = GenerateConfig(max_new_tokens=8)
     one = generate(sampler_for(loaded), loaded.params, prompts(), jax.random.key(0), config)
@@ -141,3 +143,59 @@ def test_generation_on_a_sharded_mesh_equals_one_device(models):
     params = jax.tree_util.tree_map_with_path(place, loaded.params)
     sharded = generate(sampler_for(loaded, mesh=mesh), params, prompts(), jax.random.key(0), config)
     assert [c.tokens for c in sharded] == [c.tokens for c in one]
+    sampled = GenerateConfig(max_new_tokens=8, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+    batch = prompts((5, 11, 1, 17, 2, 9, 4, 3))  # 8 rows: the batch splits over data x fsdp
+    one = generate(sampler_for(loaded), loaded.params, batch, jax.random.key(5), sampled)
+    sharded = generate(sampler_for(loaded, mesh=mesh), params, batch, jax.random.key(5), sampled)
+    assert [c.tokens for c in sharded] == [c.tokens for c in one]
+
+
+@contextlib.contextmanager
+def _xla_compilations():
+    """The list of XLA compilations (jitted functions and eager ops alike) made inside the block."""
+    seen = []
+
+    def listen(event, _seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_compiles_once_per_batch_and_length_bucket_not_per_prompt(models):
+    _, loaded = models("llama")
+    sampler = sampler_for(loaded)
+    sampled = GenerateConfig(12, SamplingConfig(temperature=1.0, top_p=0.9))
+    generate(sampler, loaded.params, prompts((5, 11, 1)), jax.random.key(0), sampled)  # bucket (3, 16, 16)
+    with _xla_compilations() as compiled:
+        # Other prompts, lengths, max_new_tokens, keys and chunking within the same bucket.
+        for lengths, new, key in [((3, 14, 9), 12, 1), ((16, 2, 7), 5, 2), ((8, 8, 8), 16, 3)]:
+            generate(
+                sampler,
+                loaded.params,
+                prompts(lengths, seed=new),
+                jax.random.key(key),
+                dataclasses.replace(sampled, max_new_tokens=new),
+            )
+        list(stream(sampler, loaded.params, prompts((4, 4, 13)), jax.random.key(4), sampled, chunk=3))
+    assert compiled == []
+    before = (sampler.prefill._cache_size(), sampler.decode._cache_size())
+    generate(sampler, loaded.params, prompts((20, 3, 1)), jax.random.key(0), sampled)  # prompt bucket 24
+    generate(sampler, loaded.params, prompts((17, 22, 5)), jax.random.key(0), sampled)  # the same one
+    assert (sampler.prefill._cache_size(), sampler.decode._cache_size()) == (before[0] + 1, before[1] + 1)
+
+
+def test_raw_uint32_keys_are_the_same_keys_as_typed_ones():
+    from ftc.backends.jax.generate.sampler import row_keys
+
+    data = jax.random.key_data
+    assert (data(row_keys(jax.random.PRNGKey(3), 3, 4)) == data(row_keys(jax.random.key(3), 3, 4))).all()
+    per_row = jax.random.split(jax.random.key(1), 3)
+    assert (data(row_keys(data(per_row), 3, 4)) == data(row_keys(per_row, 3, 4))).all()
+    assert (data(row_keys(per_row, 3, 4))[:3] == data(per_row)).all()  # given keys are used as they are
+    with pytest.raises(ValueError, match="2 keys for 3 prompts"):
+        row_keys(per_row[:2], 3, 4)

@@ -1,7 +1,11 @@
 """Sampling is tested statistically and against transformers' logits warpers: temperature 1 draws
 the first token with the softmax probabilities (a chi-square goodness-of-fit test with a fixed
-seed, which rejects temperature 0.5), and top-k / top-p / min-p never emit a token outside the set
-transformers' warpers keep."""
+seed, which rejects temperature 0.5); with temperature, top-k, top-p and min-p the draws fit the
+softmax renormalised over the kept set and reject the unfiltered, uniform-over-the-set and
+temperature-ignored distributions; top-k / top-p / min-p keep exactly the set transformers'
+warpers keep and never emit a token outside it."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +38,18 @@ def _next_token_logits(loaded, rows) -> np.ndarray:
 
 
 def _chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
-    """p-value of observed counts against probabilities, bins with expected < 5 pooled."""
-    expected = probs * counts.sum()
+    """p-value of observed counts against probabilities, the thin tail pooled into one bin; 0 when
+    a token the distribution cannot give was drawn."""
+    support = probs > 0
+    if counts[~support].sum() > 0:
+        return 0.0
+    counts, expected = counts[support], probs[support] / probs[support].sum() * counts.sum()
     order = np.argsort(expected)
-    small = order[np.cumsum(expected[order]) < 5 * 8]  # pool the thin tail into one bin
-    big = np.setdiff1d(np.arange(len(probs)), small)
-    obs = np.append(counts[big], counts[small].sum())
-    exp = np.append(expected[big], expected[small].sum())
+    small = order[np.cumsum(expected[order]) < 5 * 8]
+    big = np.setdiff1d(np.arange(len(expected)), small)
+    obs, exp = counts[big], expected[big]
+    if len(small):
+        obs, exp = np.append(obs, counts[small].sum()), np.append(exp, expected[small].sum())
     return float(stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
 
 
@@ -70,6 +79,40 @@ def test_first_token_frequencies_match_the_softmax_at_temperature_one(llama):
     )
     cooler_counts = np.bincount([c.tokens[0] for c in cooler], minlength=len(probs)).astype(np.float64)
     assert _chi_square_p(cooler_counts, probs) < 1e-6
+
+
+FIT_CONFIGS = [
+    SamplingConfig(temperature=0.3, top_k=20),
+    SamplingConfig(temperature=0.3, top_p=0.5),
+    SamplingConfig(temperature=0.25, min_p=0.3),
+    SamplingConfig(temperature=0.5, top_k=40, top_p=0.7, min_p=0.2),
+]
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda c: f"t{c.temperature}-k{c.top_k}-p{c.top_p}-min{c.min_p}")
+def test_filtered_first_token_frequencies_match_the_renormalised_kept_distribution(llama, config):
+    """Draws fit softmax(logits / temperature) renormalised over the set transformers' warpers
+    keep, and reject what a wrong sampler would draw from: the unfiltered distribution, the kept
+    set without its probabilities (uniform), the temperature ignored."""
+    prompt = prompts((6,), seed=3)
+    logits = _next_token_logits(llama, prompt)[0]
+
+    def exact(c: SamplingConfig) -> np.ndarray:
+        x = logits / c.temperature
+        probs = np.where(_hf_kept(logits[None].astype(np.float32), c)[0], np.exp(x - x.max()), 0.0)
+        return probs / probs.sum()
+
+    n = 4096
+    out = generate(sampler_for(llama), llama.params, prompt * n, jax.random.key(99), GenerateConfig(1, sampling=config))
+    counts = np.bincount([c.tokens[0] for c in out], minlength=len(logits)).astype(np.float64)
+    probs = exact(config)
+    assert 10 <= (probs > 0).sum() < 64  # a filter that bites, over enough tokens to test a shape
+    assert _chi_square_p(counts, probs) > 1e-3
+    unfiltered = exact(dataclasses.replace(config, top_k=0, top_p=1.0, min_p=0.0))
+    uniform = (probs > 0) / (probs > 0).sum()
+    no_temperature = exact(dataclasses.replace(config, temperature=1.0))
+    for wrong in (unfiltered, uniform, no_temperature):
+        assert _chi_square_p(counts, wrong) < 1e-6
 
 
 def _hf_kept(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:

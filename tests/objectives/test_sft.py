@@ -80,8 +80,8 @@ def test_the_registry_holds_the_schemas_objectives_and_classify_is_the_probe_run
     assert all(record.name == name for name, record in objectives.OBJECTIVES.items())
     classify = objectives.get("classify")
     assert classify.trainer == contract.PROBE and classify.build is None
-    assert all(objectives.get(name).trainer == contract.STEPS for name in ("sft", "dpo"))
-    with pytest.raises(ValueError, match="training.objective='ppo': expected one of sft, dpo, classify"):
+    assert all(objectives.get(name).trainer == contract.STEPS for name in ("sft", "dpo", "orpo"))
+    with pytest.raises(ValueError, match="training.objective='ppo': expected one of sft, dpo, orpo, classify"):
         objectives.get("ppo")
 
 

@@ -237,13 +237,13 @@ def row_keys(key: jax.Array, rows: int, batch: int) -> jax.Array:
     """One key per row: fold_in(key, i) for a single key, or the given [rows] keys; padding rows
     get keys of their own (they generate nothing)."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a raw uint32 key (jax.random.PRNGKey), or [rows] of them
+    if key.ndim == 1:
         if key.shape[0] != rows:
             raise ValueError(f"{key.shape[0]} keys for {rows} prompts")
         extra = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key[0], jnp.arange(rows, batch) + 2**30)
         return jnp.concatenate([key, extra]) if batch > rows else key
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch))
 
 
@@ -272,6 +272,9 @@ def stream(
     without chunks, only cut."""
     batch = lay_out(prompts, config.max_new_tokens, sampler.context, config.pad_id)
     keys = row_keys(key, batch.rows, len(batch.ids))
+    # The jitted functions read max_new_tokens only through the rows' limits: key them on its
+    # bucket, so another max_new_tokens in the same bucket reuses the compiled code.
+    config = dataclasses.replace(config, max_new_tokens=batch.new_tokens)
     state = sampler.prefill(
         params,
         _put(sampler, batch.ids),

@@ -114,8 +114,9 @@ def load_tokenizer(*dirs: Path | None):
     return None
 
 
-def load_source(source: str, *, dtype: str = "float32") -> Source:
+def load_source(source: str | os.PathLike, *, dtype: str = "float32") -> Source:
     """SOURCE (see the module docstring) as a Source, or SourceError saying what it is not."""
+    source = os.fspath(source)
     path = Path(source).expanduser()
     try:
         if os.path.isdir(ckpt_lib.checkpoint_dir(str(path))):
@@ -127,6 +128,23 @@ def load_source(source: str, *, dtype: str = "float32") -> Source:
         return _from_spec(source, _spec(str(model_dir), "full", {}, None, dtype), model_dir, None, f"model {model_dir}")
     except (ModelSourceError, export_lib.ExportError, FileNotFoundError, json.JSONDecodeError) as e:
         raise SourceError(f"cannot generate from {source!r}: {e}") from e
+
+
+def _generating(source: str, model: methods.MethodModel) -> methods.MethodModel:
+    """The model, if its family decodes (before any weight is read)."""
+    if model.family.cache_layout is None:
+        raise SourceError(
+            f"cannot generate from {source!r}: it is a {model.family.name} model, not a causal language model "
+            f"(generation needs a decoder: {', '.join(_decoder_families())})"
+        )
+    return model
+
+
+def _decoder_families() -> list[str]:
+    from ftc.backends.jax import models
+
+    types = models.supported_model_types()
+    return [t for t in types if models.family_for({"model_type": t}).cache_layout is not None]
 
 
 def _in_dtype(model: methods.MethodModel, params, dtype: str):
@@ -142,7 +160,9 @@ def _in_dtype(model: methods.MethodModel, params, dtype: str):
 
 def _from_run(source: str, path: Path, dtype: str) -> Source:
     trained = export_lib.load_run(path)
-    model = methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
+    model = _generating(
+        source, methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
+    )
     tokenizer = load_tokenizer(trained.tokenizer_dir)
     return Source(
         source,
@@ -207,7 +227,7 @@ def _spec(base: str, kind: str, method_keys: dict, init_from_dir: str | None, dt
 
 def _from_spec(source: str, spec, model_dir: Path, extra_dir: Path | None, what: str) -> Source:
     hf_config = read_hf_config(model_dir)
-    model = methods.build_model(hf_config, spec, remat="none")  # compute dtype: spec.model.dtype
+    model = _generating(source, methods.build_model(hf_config, spec, remat="none"))  # compute dtype: spec.model.dtype
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     shardings = export_lib.export_shardings(model, abstract)
     try:

@@ -36,7 +36,7 @@ from gguf import GGUFReader
 
 from ftc.backends.jax import methods as registry
 from ftc.backends.jax import stages
-from ftc.backends.jax.io import gguf_config, hf_checkpoint
+from ftc.backends.jax.io import certificate, gguf_config, hf_checkpoint
 from ftc.backends.jax.io.export_common import (
     DTYPES,
     EXPORT_DIR,
@@ -49,6 +49,7 @@ from ftc.backends.jax.io.export_common import (
     publish,
 )
 from ftc.backends.jax.io.export_verify import verify_export
+from ftc.backends.jax.io.gguf_export import QUANTIZED, VERIFY_TOL
 from ftc.backends.jax.io.model_source import gguf_file, is_loadable_by_transformers
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
@@ -252,6 +253,10 @@ def check_format(kind: str, format: str, dtype: str) -> None:
         )
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype in QUANTIZED and format != "gguf":  # llama.cpp's block quantisations exist only in GGUF
+        raise ExportError(
+            f"export dtype {dtype!r} is for format 'gguf' only (here {format!r}): use float32, bfloat16 or float16"
+        )
 
 
 def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str, ...]:
@@ -303,6 +308,18 @@ def write_export(
     )
 
 
+# `[export] targets` -> the export format that serves each ("vllm": export.format when it is one vLLM loads).
+TARGET_FORMATS = {"transformers": "hf", "peft": "peft", "vllm": "hf", "gguf": "gguf", "ollama": "gguf"}
+
+
+def target_formats(spec) -> tuple[str, ...]:
+    """The formats `ftc run` writes besides export.format, one per serving target that needs another
+    (into RUN_DIR/export-<format>/); `ftc lint` has refused targets the method cannot serve."""
+    e, formats = spec.export, registry.get(spec.method.kind).formats
+    wanted = [e.format if t == "vllm" and e.format in ("hf", "peft") else TARGET_FORMATS[t] for t in e.targets or ()]
+    return tuple(f for f in dict.fromkeys(wanted) if f != e.format and formats.get(f) is not None)
+
+
 def export_run(
     run_dir: str | os.PathLike,
     *,
@@ -342,6 +359,10 @@ def export_run(
     )
     check = None
     if verify:
+        tol = tol if tol is not None else VERIFY_TOL.get(dtype) if format == "gguf" else None
         check = verify_export(trained, result, tol=tol, echo=echo)
+    cert = certificate.certify(trained, result, check)  # into ftc_export.json
+    if check is not None:
+        check = dataclasses.replace(check, greedy=certificate.summary(cert), greedy_ok=cert["ok"])
         echo("verify: " + check.summary())
     return result, check

@@ -27,6 +27,8 @@ from ftc.spec import schema_walk
 DTYPES = tuple(schema_walk.node_at(("export", "dtype"))["enum"])
 MANIFEST = "ftc_export.json"
 EXPORT_DIR = "export"
+# `[export] targets` wanting another format than export.format: RUN_DIR/export-<format>/ (export.target_formats)
+TARGET_EXPORT_DIRS = ("export-hf", "export-peft", "export-gguf")
 
 
 class ExportError(ValueError):
@@ -66,8 +68,14 @@ def out_dir_problem(out_dir: str | os.PathLike, reads: tuple = ()) -> str | None
         if target == source or target in source.parents:
             return f"it {'is' if target == source else 'contains'} {source}, which this export reads"
     for parent in target.parents:
-        if is_run_dir(parent) and target != parent / EXPORT_DIR:
-            return f"it lies inside the run directory {parent}, where only {EXPORT_DIR}/ is written"
+        if (
+            is_run_dir(parent)
+            and target != parent / EXPORT_DIR
+            and target not in [parent / d for d in TARGET_EXPORT_DIRS]
+        ):
+            return (
+                f"it lies inside the run directory {parent}, where only {EXPORT_DIR}/ (and export-<format>/) is written"
+            )
     if is_run_dir(target):
         return "it is a run directory"
     if not target.is_dir():
@@ -190,6 +198,9 @@ def trained_weights_exported(model, params, dtype: str) -> tuple:
 def save_hf(trained, out: Path, params, dtype: str) -> None:
     """The family's `params` as an HF checkpoint with the run's tokenizer."""
     hf_checkpoint.save_hf(out, loaded(trained, params), dtype=dtype, tokenizer_dir=trained.tokenizer_dir)
+    from ftc.backends.jax.io.certificate import carry_stop_ids  # imports this module
+
+    carry_stop_ids(out, trained.tokenizer_dir)
 
 
 def reload_hf(trained, out: Path, scratch: Path, causal: bool):

@@ -1,6 +1,6 @@
 """A transformers config.json rebuilt from a GGUF file's llama.cpp metadata (pure; no tensors read).
 
-`config_from_gguf` maps `<arch>.*` keys (llama, qwen2, qwen3) onto the Llama-style config the HF
+`config_from_gguf` maps `<arch>.*` keys (llama, qwen2, qwen3, gemma) onto the Llama-style config the HF
 family reads; RoPE scaling comes from `rope.scaling.*` or, for Llama 3.1+, from the
 `rope_freqs.weight` tensor the converter stores instead of its parameters.
 """
@@ -24,6 +24,7 @@ class GgufArch:
     config_head_dim: bool = True  # the config class has a head_dim field
     required: tuple[str, ...] = ()  # per-layer HF tensors beyond the Llama core it always has
     extra_config: tuple[tuple[str, Any], ...] = ()
+    norm_plus_one: bool = False  # norm weights stored as 1 + w (Gemma: llama.cpp multiplies by w, HF by 1 + w)
 
 
 ARCHITECTURES = {
@@ -38,6 +39,13 @@ ARCHITECTURES = {
     ),
     "qwen3": GgufArch(
         "qwen3", "Qwen3ForCausalLM", permuted_qk=False, required=("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+    ),
+    "gemma": GgufArch(
+        "gemma",
+        "GemmaForCausalLM",
+        permuted_qk=False,
+        extra_config=(("hidden_act", "gelu_pytorch_tanh"),),
+        norm_plus_one=True,
     ),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)

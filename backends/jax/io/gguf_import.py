@@ -1,7 +1,7 @@
 """A GGUF file (llama.cpp's format) becomes a local Hugging Face directory ftc loads like any other.
 
     import_gguf("SmolLM2-135M-Instruct.Q4_1.gguf") -> ~/.cache/ftc/gguf/<sha256[:16]>-v1/
-        config.json            Llama / Qwen2 / Qwen3 config rebuilt from the GGUF metadata
+        config.json            Llama / Qwen2 / Qwen3 / Gemma config rebuilt from the GGUF metadata
         model.safetensors      float32 (dequantised), HF tensor names, Llama Q/K un-permuted
         tokenizer.json, tokenizer_config.json (with the chat template), special tokens
         ftc_gguf_source.json   where it came from (file, sha256, converter version)
@@ -234,6 +234,8 @@ class _LazyTensor:
         from gguf import dequantize
 
         w = np.asarray(dequantize(self.tensor.data, self.tensor.tensor_type), dtype=np.float32).reshape(self.shape)
+        if BY_MODEL_TYPE[self.config["model_type"]].norm_plus_one and self.hf_name.endswith("norm.weight"):
+            w = w - np.float32(1.0)
         if BY_MODEL_TYPE[self.config["model_type"]].permuted_qk:
             if ".self_attn.q_proj." in self.hf_name:
                 w = unpermute_rope(w, self.config["num_attention_heads"])

@@ -109,19 +109,35 @@ def _flat(tree) -> dict[str, Any]:
     return traverse_util.flatten_dict(tree, sep="/")
 
 
+def _stored(checkpoint: SafetensorsCheckpoint, entry: str | tuple[str, ...]):
+    """One entry of `HfTensor.names` as stored: an array, or a tuple of arrays for a tuple of names."""
+    return checkpoint.get(entry) if isinstance(entry, str) else tuple(checkpoint.get(n) for n in entry)
+
+
 def _slice_reader(checkpoint: SafetensorsCheckpoint, spec: HfTensor, stacked: bool, dtype) -> Callable:
     """index (tuple of slices over the flax shape) -> np.ndarray of that block, in `dtype`."""
 
     def read(index: tuple) -> np.ndarray:
         # np.array copies: params never alias the memory-mapped file (export may replace it).
         if not stacked:
-            return np.array(spec.to_flax(checkpoint.get(spec.names[0]))[index], dtype=dtype)
+            return np.array(spec.to_flax(_stored(checkpoint, spec.names[0]))[index], dtype=dtype)
         layer_index, rest = index[0], tuple(index[1:])
         layer_ids = range(*layer_index.indices(len(spec.names)))
         # One layer converted at a time; only the requested block is kept.
-        return np.stack([np.asarray(spec.to_flax(checkpoint.get(spec.names[i]))[rest], dtype=dtype) for i in layer_ids])
+        return np.stack(
+            [np.asarray(spec.to_flax(_stored(checkpoint, spec.names[i]))[rest], dtype=dtype) for i in layer_ids]
+        )
 
     return read
+
+
+def _layout_stored(spec: HfTensor, checkpoint: SafetensorsCheckpoint) -> HfTensor:
+    """`spec`, or its `fused` layout when the checkpoint stores that one instead."""
+    fused = spec.fused
+    if fused is not None and not all(n in checkpoint.where for n in spec.stored_names()):
+        if all(n in checkpoint.where for n in fused.stored_names()):
+            return fused
+    return spec
 
 
 def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=None) -> LoadedModel:
@@ -145,7 +161,8 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
             f"only in hf_tensors {sorted(set(specs) - set(expected))}, "
             f"only in params {sorted(set(expected) - set(specs))}"
         )
-    wanted = [name for spec in specs.values() for name in spec.names]
+    specs = {path: _layout_stored(spec, checkpoint) for path, spec in specs.items()}
+    wanted = [name for spec in specs.values() for name in spec.stored_names()]
     missing = checkpoint.resolve_base_prefix(wanted)
     if missing:
         raise ValueError(
@@ -168,12 +185,19 @@ def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=Non
     flat_params = {}
     for path, spec in specs.items():
         shape = expected[path].shape
-        first = spec.to_flax(checkpoint.get(spec.names[0]))
+        first_name = spec.stored_names()[0]
+        try:
+            first = spec.to_flax(_stored(checkpoint, spec.names[0]))
+        except ValueError as e:  # a stored shape the layout cannot take
+            raise ValueError(
+                f"{model_dir}: tensor {first_name} (file {checkpoint.file_of(first_name)}) does not fit param "
+                f"{path} {tuple(shape)} as config.json implies it: {e}"
+            ) from None
         stacked = path in stacked_paths
         got = (len(spec.names),) + tuple(first.shape) if stacked else tuple(first.shape)
         if got != tuple(shape):
             raise ValueError(
-                f"{model_dir}: tensor {spec.names[0]} (file {checkpoint.file_of(spec.names[0])}) gives param {path} "
+                f"{model_dir}: tensor {first_name} (file {checkpoint.file_of(first_name)}) gives param {path} "
                 f"shape {got}, but config.json implies {tuple(shape)}"
             )
         read = _slice_reader(checkpoint, spec, stacked, np_dtype)
@@ -209,12 +233,13 @@ def _hf_tensors_of(family: Family, arch, params) -> Iterator[tuple[str, np.ndarr
     stacked_paths = _stacked_paths(family, arch)
     for path, spec in specs.items():
         host = _to_host(flat[path])
-        if path not in stacked_paths:
-            yield spec.names[0], spec.to_hf(host)
-        else:
-            for i, name in enumerate(spec.names):
-                yield name, spec.to_hf(host[i])
-        del host
+        slices = [host] if path not in stacked_paths else [host[i] for i in range(len(spec.names))]
+        for entry, value in zip(spec.names, slices):
+            if isinstance(entry, str):
+                yield entry, spec.to_hf(value)
+            else:
+                yield from zip(entry, spec.to_hf(value), strict=True)
+        del host, slices
 
 
 class _ShardWriter:

@@ -51,6 +51,8 @@ class VerifyResult:
     ftc_forward_seconds: float
     torch_load_seconds: float
     torch_forward_seconds: float
+    greedy: str = ""  # the export certificate's greedy-continuation verdict (certificate.py); "" when not run
+    greedy_ok: bool = True
 
     @property
     def threshold(self) -> float:
@@ -59,7 +61,7 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.threshold
+        return bool(np.isfinite(self.max_abs_diff)) and self.max_abs_diff <= self.threshold and self.greedy_ok
 
     def summary(self) -> str:
         verdict = "OK" if self.ok else "FAILED"
@@ -70,7 +72,7 @@ class VerifyResult:
             f"{self.max_abs_reference:.3g})) over {self.real_tokens} real tokens in a {b}x{t} padded batch\n"
             f"  ftc load {self.ftc_load_seconds:.2f} s, forward {self.ftc_forward_seconds:.2f} s; "
             f"transformers load {self.torch_load_seconds:.2f} s, forward {self.torch_forward_seconds:.2f} s"
-        )
+        ) + (f"\n  {self.greedy}" if self.greedy else "")
 
 
 def fixed_batch(vocab_size: int, batch: int = 2, seq_len: int = 16, seed: int = 0) -> Batch:

@@ -144,7 +144,7 @@ def plan_adapters(family, arch, config: AdapterConfig) -> AdapterPlan:
     sites = []
     for param_path, tensor in sorted(family.hf_tensors(arch).items()):
         parts = tuple(param_path.split("/"))
-        if parts[-1] != "kernel" or not all(name.endswith(".weight") for name in tensor.names):
+        if parts[-1] != "kernel" or not all(isinstance(n, str) and n.endswith(".weight") for n in tensor.names):
             continue
         hf_modules = tuple(name[: -len(".weight")] for name in tensor.names)
         for position, pattern in wanted.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ftc.backends.jax.io import export_common as ex
+from ftc.backends.jax.io.gguf_export_format import gguf_format
 from ftc.backends.jax.methods.contract import ExportFormat, Method
 
 
@@ -18,7 +19,8 @@ METHOD = Method(
     formats={
         "hf": ExportFormat(
             write=_write_hf, how_to_load=ex.load_hf_line, ftc_side=ex.every_weight_exported, reload=ex.reload_hf
-        )
+        ),
+        "gguf": gguf_format(lambda model, params: params),
     },
-    format_hint="a full fine-tune exports format 'hf'",
+    format_hint="a full fine-tune exports format 'hf' or 'gguf'",
 )

@@ -17,6 +17,11 @@ them with `is_trainable` as its path predicate; every base weight stays frozen a
 differentiated. (Merging W + scale*A@B before each step instead would cost a full weight gradient
 per step and cannot apply dropout to the LoRA branch only; ftc merges only on export.)
 
+Expert projections of a MoE model (`moe.ExpertKernel`, every expert's kernel [E, *in, *out]) get
+per-expert factors a [E, *in, r], b [E, r, *out] (axes led by "expert"); the interceptor returns
+the kernel plus scale * a @ b for every expert, which the experts' grouped FFN then runs: PEFT's
+`target_parameters` compute experts the same way, and so forbid dropout there too.
+
 QLoRA (qlora.py) uses the same model with `plan.quant` set: the kernels of the quantised sites are
 replaced by NF4 codes and scales (nf4.py) in a child `ftc_nf4`, dequantised to the compute dtype
 inside the intercepted call, so a full-precision weight exists only transiently, one layer at a
@@ -57,7 +62,7 @@ from ftc.backends.jax.methods.lora_sites import (
     plan_lora,
 )
 from ftc.backends.jax.methods.peft import load_peft_adapter, save_peft_adapter
-from ftc.backends.jax.models import layers
+from ftc.backends.jax.models import layers, moe
 
 
 class LoraDelta(nn.Module):
@@ -99,23 +104,99 @@ class LoraDelta(nn.Module):
 
 
 class Nf4Kernel(nn.Module):
-    """The quantised kernel's stored arrays (nf4.py layout); returns the kernel in `dtype`."""
+    """The quantised kernel's stored arrays (nf4.py layout); returns the kernel in `dtype`.
+    `experts` > 0: every expert's kernel, [E, *in, *out], one lead dim."""
 
     in_axes: tuple
     out_axes: tuple
     block_size: int
     double_quant: bool
+    experts: int = 0
 
     @nn.compact
     def __call__(self, in_shape: tuple, out_shape: tuple, dtype) -> jax.Array:
-        blocked = (self.in_axes[0],) + tuple(self.out_axes)
-        axes = {"codes": blocked, "absmax": blocked, "absmax_q": blocked, "absmax_scale": (None,), "absmax_offset": ()}
-        shapes = nf4.shapes((), in_shape, out_shape, block_size=self.block_size, double_quant=self.double_quant)
+        lead, lead_axes = ((self.experts,), (moe.EXPERT_AXIS,)) if self.experts else ((), ())
+        blocked = lead_axes + (self.in_axes[0],) + tuple(self.out_axes)
+        axes = {
+            "codes": blocked,
+            "absmax": blocked,
+            "absmax_q": blocked,
+            "absmax_scale": lead_axes + (None,),
+            "absmax_offset": lead_axes,
+        }
+        shapes = nf4.shapes(lead, in_shape, out_shape, block_size=self.block_size, double_quant=self.double_quant)
         q = {
             name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes[name]), shape, dt)
             for name, (shape, dt) in shapes.items()
         }
-        return nf4.dequantize(q, 0, in_shape, dtype)
+        return nf4.dequantize(q, len(lead), in_shape, dtype)
+
+
+class ExpertLoraDelta(nn.Module):
+    """scale * a @ b for every expert: a [E, *in, r], b [E, r, *out] -> [E, *in, *out]."""
+
+    rank: int
+    scale: float
+    in_axes: tuple
+    out_axes: tuple
+    in_shape: tuple
+    out_shape: tuple
+    experts: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        E, r, I = self.experts, self.rank, math.prod(self.in_shape)
+        a = self.param(
+            "a",
+            nn.with_logical_partitioning(lora_a_init(I), (moe.EXPERT_AXIS,) + self.in_axes + (None,)),
+            (E,) + tuple(self.in_shape) + (r,),
+            jnp.float32,
+        )
+        b = self.param(
+            "b",
+            nn.with_logical_partitioning(nn.initializers.zeros, (moe.EXPERT_AXIS, None) + self.out_axes),
+            (E, r) + tuple(self.out_shape),
+            jnp.float32,
+        )
+        delta = jnp.matmul(a.astype(self.dtype).reshape(E, I, r), b.astype(self.dtype).reshape(E, r, -1))
+        delta = delta * jnp.asarray(self.scale, self.dtype)
+        return delta.reshape((E,) + tuple(self.in_shape) + tuple(self.out_shape))
+
+
+def _expert_kernel(module: moe.ExpertKernel, site, plan: LoraPlan, next_fun) -> jax.Array:
+    """What an intercepted ExpertKernel returns: its kernel (dequantised from NF4 under QLoRA)
+    plus the LoRA update of every expert."""
+    in_shape, out_shape = tuple(module.in_shape), tuple(module.out_shape)
+    if site.quantized:
+        q = plan.quant
+        kernel = Nf4Kernel(
+            tuple(module.in_axes),
+            tuple(module.out_axes),
+            q.block_size,
+            q.double_quant,
+            module.num_experts,
+            parent=module,
+            name=QUANT_CHILD,
+        )(in_shape, out_shape, module.dtype)
+    else:
+        kernel = next_fun()
+    if site.lora:
+        c = plan.config
+        delta = ExpertLoraDelta(
+            c.rank,
+            c.scale,
+            tuple(module.in_axes),
+            tuple(module.out_axes),
+            in_shape,
+            out_shape,
+            module.num_experts,
+            module.dtype,
+            parent=module,
+            name=CHILD,
+        )()
+        kernel = kernel + delta.astype(kernel.dtype)
+    return kernel
 
 
 def _quantized_dense(module: layers.Dense, x: jax.Array, quant: QuantConfig) -> jax.Array:
@@ -151,6 +232,8 @@ def interceptor(plan: LoraPlan, deterministic: bool = False):
         site = by_path.get(tuple(module.path)) if context.method_name == "__call__" else None
         if site is None:
             return next_fun(*args, **kwargs)
+        if isinstance(module, moe.ExpertKernel):
+            return _expert_kernel(module, site, plan, lambda: next_fun(*args, **kwargs))
         if not isinstance(module, layers.Dense):
             raise TypeError(f"LoRA site {site.param_path} is a {type(module).__name__}, expected layers.Dense")
         x = args[0]

@@ -2,6 +2,7 @@
 
 hf     the merged model, W + scale * A @ B in every adapted kernel (a QLoRA base dequantised
        first: what the QLoRA run computed); transformers loads it alone
+gguf   the merged model as one GGUF file for llama.cpp / Ollama, with a Modelfile (io/gguf_export*.py)
 peft   adapter_config.json + adapter_model.safetensors (+ tokenizer), served on the frozen base:
        `PeftModel.from_pretrained(base, dir)`
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from ftc.backends.jax.io import export_common as ex
 from ftc.backends.jax.io import verify
+from ftc.backends.jax.io.gguf_export_format import gguf_format
 from ftc.backends.jax.methods.contract import ExportFormat
 from ftc.backends.jax.methods.lora_params import merged_params
 from ftc.backends.jax.methods.peft import CONFIG_FILE, save_peft_adapter
@@ -70,4 +72,5 @@ FORMATS = {
     "peft": ExportFormat(
         write=write_peft, how_to_load=load_peft_line, ftc_side=ex.trained_weights_exported, reload=reload_peft
     ),
+    "gguf": gguf_format(lambda model, params: merged_params(model.plan, params)),  # merged, as "hf"
 }

@@ -3,6 +3,7 @@
 layers/self_attn/q_proj/ftc_lora/a   [L, D, r]      A: PEFT's kaiming-uniform, U(-1/sqrt(in), 1/sqrt(in))
 layers/self_attn/q_proj/ftc_lora/b   [L, r, N, H]   B: zeros, so a fresh LoRA model equals its base
 layers/mlp/up_proj/ftc_nf4/{codes,absmax,...}       QLoRA: the kernel's NF4 storage (nf4.py) in its place
+layers/mlp/experts/down_proj/ftc_lora/a   [L, E, F, r]  an expert projection: factors per expert
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def init_params(model, base_params, rng: jax.Array, *, shardings=None, param_dty
     def create(kernels, rng):
         new: dict = {}
         for i, s in enumerate(plan.sites):
-            lead = (len(s.hf_modules),) if s.stacked else ()
+            lead = s.lead
             if s.quantized:
                 q = nf4.quantize(
                     kernels[s.module_path],
@@ -144,9 +145,9 @@ def method_summary(params) -> MethodSummary:
 
 
 def expected_trainable(plan: LoraPlan) -> int:
-    """r * (in + out) per adapted layer."""
+    """r * (in + out) per adapted layer (and expert)."""
     r = plan.config.rank
-    return sum(r * (math.prod(s.in_shape) + math.prod(s.out_shape)) * len(s.hf_modules) for s in plan.lora_sites)
+    return sum(r * (math.prod(s.in_shape) + math.prod(s.out_shape)) * math.prod(s.lead) for s in plan.lora_sites)
 
 
 # ---------------------------------------------------------------- merge
@@ -155,7 +156,7 @@ def expected_trainable(plan: LoraPlan) -> int:
 def _delta(s: Site, factors: Mapping, scale: float) -> jax.Array:
     """scale * A @ B in the kernel's flax layout (float32), stacked when the site is."""
     a, b = jnp.asarray(factors["a"], jnp.float32), jnp.asarray(factors["b"], jnp.float32)
-    lead = a.shape[:1] if s.stacked else ()
+    lead = a.shape[: len(s.lead)]
     I, O, r = math.prod(s.in_shape), math.prod(s.out_shape), a.shape[-1]
     d = jnp.matmul(a.reshape(*lead, I, r), b.reshape(*lead, r, O)) * scale
     return d.reshape(*lead, *s.in_shape, *s.out_shape)
@@ -163,7 +164,7 @@ def _delta(s: Site, factors: Mapping, scale: float) -> jax.Array:
 
 def dequantized_kernel(s: Site, params) -> jax.Array:
     q = node(params, s.module_path)[QUANT_CHILD]
-    return nf4.dequantize(q, 1 if s.stacked else 0, s.in_shape, jnp.float32)
+    return nf4.dequantize(q, len(s.lead), s.in_shape, jnp.float32)
 
 
 def merged_params(plan: LoraPlan, params, *, include_lora: bool = True) -> Any:

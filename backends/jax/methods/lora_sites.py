@@ -1,11 +1,16 @@
 """LoRA's configuration and plan: which Dense layers get factors, which are stored NF4 (QLoRA).
 
 Targets (`[method].targets`): "all-linear" (every Dense inside the scanned blocks: not the LM head,
-not embeddings, as PEFT's "all-linear"), or a list where each entry is either a module name matched
-PEFT's way against the Hugging Face module names (`q_proj`, `self_attn.o_proj`, `attn.c_proj`:
-whole dotted components at the end) or the flax path (`mlp/down_proj`), or a regular expression
-(any entry with other characters) that must fully match an HF module name or a flax module path.
+not embeddings, as PEFT's "all-linear"; in a mixture-of-experts model also every expert projection,
+which PEFT reaches with `target_parameters`, but never the router), or a list where each entry is
+either a module name matched PEFT's way against the Hugging Face module names (`q_proj`,
+`self_attn.o_proj`, `attn.c_proj`: whole dotted components at the end) or the flax path
+(`mlp/down_proj`), or a regular expression (any entry with other characters) that must fully
+match an HF module name or a flax module path.
 The factors of a scanned stack are one array, so a target selects a projection in every layer.
+An expert projection (`moe.ExpertKernel`, [E, *in, *out]) is a site with `experts` = E: its factors
+are per expert, its HF names the fused parameter transformers holds in memory
+(`model.layers.{i}.mlp.experts.gate_up_proj`), which PEFT's `target_parameters` address.
 Everything here is data (hashable, no arrays); the sites come from an abstract trace of the model.
 """
 
@@ -23,7 +28,7 @@ from flax import traverse_util
 
 from ftc.backends.jax.io.hf_checkpoint import abstract_params, logical_axes
 from ftc.backends.jax.methods import nf4
-from ftc.backends.jax.models import layers
+from ftc.backends.jax.models import layers, moe
 
 CHILD = "ftc_lora"
 QUANT_CHILD = "ftc_nf4"
@@ -80,6 +85,12 @@ class Site:
     n_in: int  # how many leading kernel dims are inputs
     lora: bool
     quantized: bool
+    experts: int = 0  # an expert projection: one kernel (and one pair of factors) per expert
+
+    @property
+    def lead(self) -> tuple[int, ...]:
+        """The leading dims of the site's params before one kernel: layers, then experts."""
+        return ((len(self.hf_modules),) if self.stacked else ()) + ((self.experts,) if self.experts else ())
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -113,13 +124,16 @@ class LoraPlan:
 
 
 @functools.lru_cache(maxsize=16)
-def _dense_inputs(family, arch) -> dict[tuple[str, ...], int]:
-    """Module path -> number of input dims, for every layers.Dense the model calls (abstract trace)."""
-    seen: dict[tuple[str, ...], int] = {}
+def _dense_inputs(family, arch) -> dict[tuple[str, ...], tuple[int, int]]:
+    """Module path -> (number of input dims, experts or 0), for every layers.Dense and every
+    moe.ExpertKernel the model calls (abstract trace)."""
+    seen: dict[tuple[str, ...], tuple[int, int]] = {}
 
     def record(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, layers.Dense):
-            seen[tuple(context.module.path)] = len(context.module.in_axes)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, layers.Dense | moe.ExpertKernel):
+            experts = module.num_experts if isinstance(module, moe.ExpertKernel) else 0
+            seen[tuple(module.path)] = (len(module.in_axes), experts)
         return next_fun(*args, **kwargs)
 
     module = family.build(arch, jnp.float32)
@@ -137,15 +151,18 @@ def linear_sites(family, arch) -> list[Site]:
         logical_axes(family, arch), sep="/", is_leaf=lambda k, v: isinstance(v, tuple)
     )
     sites = []
-    for path, n in sorted(n_in.items()):
+    for path, (n, experts) in sorted(n_in.items()):
         key = "/".join(path) + "/kernel"
         spec = tensors.get(key)
-        if spec is None or not all(name.endswith(".weight") for name in spec.names):
+        if experts and spec is not None and spec.fused is not None:
+            hf_modules = spec.fused.names  # the fused parameters, as PEFT's target_parameters name them
+        elif spec is not None and all(isinstance(name, str) and name.endswith(".weight") for name in spec.names):
+            hf_modules = tuple(name[: -len(".weight")] for name in spec.names)
+        else:
             continue
         stacked = flat_axes[key][:1] == ("layers",)
-        shape = tuple(flat_params[key].shape)[1 if stacked else 0 :]
-        hf_modules = tuple(name[: -len(".weight")] for name in spec.names)
-        sites.append(Site(path, hf_modules, stacked, shape, n, lora=False, quantized=False))
+        shape = tuple(flat_params[key].shape)[(1 if stacked else 0) + (1 if experts else 0) :]
+        sites.append(Site(path, hf_modules, stacked, shape, n, lora=False, quantized=False, experts=experts))
     return sites
 
 
@@ -202,6 +219,13 @@ def plan_lora(family, arch, config: LoraConfig, *, quant: QuantConfig | None = N
     NF4-quantised (QLoRA quantises all linear layers, LoRA targets or not; the LM head stays)."""
     sites = linear_sites(family, arch)
     chosen = select_targets(sites, config.targets)
+    merged = [s for s in sites if s.experts and s.module_path in chosen]
+    if merged and config.dropout:
+        raise ValueError(
+            f"[method].dropout={config.dropout}: LoRA on expert weights ({merged[0].hf_modules[0]}) adds its "
+            f"per-expert update to the experts' kernels, as PEFT's target_parameters do, which cannot apply "
+            f"dropout to the LoRA input; set dropout = 0 or leave the experts out of [method].targets"
+        )
     out = []
     for s in sites:
         quantized = quant is not None and s.stacked

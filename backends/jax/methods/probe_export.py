@@ -74,8 +74,8 @@ def _seq_cls_model(model: hf_checkpoint.LoadedModel, target: SeqClsTarget, head:
     flat = traverse_util.flatten_dict(nn.unbox(model.params), sep="/")
     params = {}
     for path, spec in family.hf_tensors(arch).items():
-        names = tuple(rename(n) for n in spec.names)
-        if all(n is not None for n in names):
+        names = tuple(rename(n) if isinstance(n, str) else tuple(map(rename, n)) for n in spec.names)
+        if all(n is not None and (isinstance(n, str) or None not in n) for n in names):
             tensors[path] = dataclasses.replace(spec, names=names)
             params[path] = flat[path]
     tensors[f"{_HEAD}/out_kernel"] = HfTensor((f"{target.head_name}.weight",), **linear_t())

@@ -131,6 +131,7 @@ METHOD = dataclasses.replace(
     transform=adapt,
     formats={
         "hf": lora_export.FORMATS["hf"],
+        "gguf": lora_export.FORMATS["gguf"],
         "peft": ExportFormat(
             write=lora_export.write_peft,
             how_to_load=_load_peft_line,

@@ -22,6 +22,9 @@ FAMILY_MODULES = {
     "gemma": ".gemma",
     "gpt2": ".gpt2",
     "bert": ".bert",
+    "mixtral": ".mixtral",
+    "qwen2_moe": ".qwen2_moe",
+    "qwen3_moe": ".qwen3_moe",
 }
 
 

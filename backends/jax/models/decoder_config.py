@@ -119,6 +119,8 @@ class DecoderArch:
     norm_unit_offset: bool = False
     # Training-time choice, not part of the checkpoint: none | full | dots.
     remat: str = "none"
+    # Mixture-of-Experts feed-forward (models/moe.py MoeArch) in place of the dense mlp.
+    moe: Any = None
 
     def __post_init__(self):
         layers.check_remat(self.remat)

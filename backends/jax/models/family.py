@@ -37,7 +37,18 @@ from typing import Any
 import numpy as np
 
 # Logical axis names a parameter may carry; compiler/ maps them to mesh axes.
-LOGICAL_AXES = ("layers", "vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "norm", "position")
+LOGICAL_AXES = (
+    "layers",
+    "vocab",
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "norm",
+    "position",
+    "expert",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +58,22 @@ class HfTensor:
     `names` has one HF tensor name, or one per layer for a scanned stack (stacked on axis 0).
     `to_flax` maps one HF tensor (numpy, as stored) to the flax layout of one slice;
     `to_hf` is its exact inverse, so import -> export is bitwise.
+    An entry of `names` may itself be a tuple: one slice stored as several tensors (a MoE layer's
+    experts, one tensor per expert and projection); `to_flax` then takes the tuple of arrays and
+    `to_hf` returns one, in the same order.
+    `fused`: the same weights as transformers holds them in memory, one tensor per slice (MoE
+    experts: `mlp.experts.gate_up_proj` [E, 2F, D]); what PEFT's `target_parameters` address, and a
+    layout some checkpoints store (import reads it when `names` are absent).
     """
 
-    names: tuple[str, ...]
-    to_flax: Callable[[np.ndarray], np.ndarray] = lambda a: a
-    to_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    names: tuple[str | tuple[str, ...], ...]
+    to_flax: Callable[[Any], np.ndarray] = lambda a: a
+    to_hf: Callable[[np.ndarray], Any] = lambda a: a
+    fused: HfTensor | None = None
+
+    def stored_names(self) -> list[str]:
+        """Every HF tensor name this parameter reads or writes (tuples flattened)."""
+        return [n for entry in self.names for n in ((entry,) if isinstance(entry, str) else entry)]
 
 
 def linear_t() -> dict[str, Callable[[np.ndarray], np.ndarray]]:

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ftc.backends.jax.models import kv_cache as kv_cache_lib
-from ftc.backends.jax.models import layers
+from ftc.backends.jax.models import layers, moe
 from ftc.backends.jax.models.decoder_config import DecoderArch, config_from_hf, hf_config
 from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
 
@@ -128,8 +128,12 @@ class DecoderBlock(nn.Module):
         if layer_kv is not None:
             h_BTD, layer_kv = h_BTD
         x_BTD = x_BTD + h_BTD
-        x_BTD = x_BTD + GatedMlp(a, self.dtype, name="mlp")(norm("post_attention_layernorm")(x_BTD))
-        return x_BTD, layer_kv
+        h_BTD = norm("post_attention_layernorm")(x_BTD)
+        if a.moe is None:
+            h_BTD = GatedMlp(a, self.dtype, name="mlp")(h_BTD)
+        else:
+            h_BTD = moe.MoeMlp(a, self.dtype, name="mlp")(h_BTD, full_mask_B1TS)
+        return x_BTD + h_BTD, layer_kv
 
 
 class Decoder(nn.Module):
@@ -172,7 +176,7 @@ class Decoder(nn.Module):
 
         Stack = nn.scan(
             layers.remat_block(DecoderBlock, a.remat),
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},  # intermediates: MoE router statistics
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=a.num_layers,

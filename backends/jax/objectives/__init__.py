@@ -7,11 +7,12 @@ To add one: write objectives/<name>.py with its sums and summary (contract.Objec
 
 from __future__ import annotations
 
-from ftc.backends.jax.objectives import classify, contract, dpo, sft
+from ftc.backends.jax.objectives import classify, contract, dpo, orpo, sft
 
 OBJECTIVES: dict[str, contract.Registered] = {
     "sft": sft.RECORD,
     "dpo": dpo.RECORD,
+    "orpo": orpo.RECORD,
     "classify": classify.RECORD,
 }
 

@@ -7,9 +7,17 @@ for a padding row. Per pair i:
     log pi(y | x) = sum_t weights[t] * log p(targets[t] | input_ids[:t + 1])    (response tokens)
     chosen reward   c_i = beta * (log pi(chosen)   - log pi_ref(chosen))
     rejected reward r_i = beta * (log pi(rejected) - log pi_ref(rejected))
-    loss_i = -log sigmoid(c_i - r_i)
+    d_i = (c_i - r_i) / beta                      (the log-ratio margin)
 
-which is TRL's `loss_type="sigmoid"` (no label smoothing). The step's loss is
+and `loss_type` (TRL's names and formulas, TRL 1.16 DPOTrainer):
+    sigmoid  -log sigmoid(beta d_i)                                     (the paper; no smoothing)
+    hinge    max(0, 1 - beta d_i)                                       (SLiC)
+    ipo      (d_i' - 1 / (2 beta))^2, d_i' the margin of per-token means: each side's log-ratio
+             divided by its response token count (TRL's length normalisation, from the IPO authors)
+    robust   (-(1 - e) log sigmoid(beta d_i) + e log sigmoid(-beta d_i)) / (1 - 2e),
+             e = label_smoothing in [0, 0.5): the share of pairs assumed flipped (Chowdhury et al.)
+
+The step's loss is
 sum_i w_i loss_i / sum_i w_i over every pair of the optimizer step, so splitting a batch into
 micro-batches or over devices changes nothing. Metrics are pair-weighted means: reward accuracy
 (c_i > r_i), reward margin (c_i - r_i), chosen / rejected rewards and policy log-probs.
@@ -46,6 +54,37 @@ SUM_KEYS = (
     "tokens",
 )
 BATCH_KEYS = ("chosen", "rejected", "weights")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+
+
+def pair_losses(
+    chosen_ratio_B: jax.Array,
+    rejected_ratio_B: jax.Array,
+    chosen_tokens_B: jax.Array,
+    rejected_tokens_B: jax.Array,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """[B] per-pair losses from the policy-minus-reference log-ratios of each side (see module
+    docstring); the token counts are each side's response tokens (ipo only)."""
+    delta_B = chosen_ratio_B - rejected_ratio_B
+    if loss_type == "sigmoid":
+        return -jax.nn.log_sigmoid(beta * delta_B)
+    if loss_type == "hinge":
+        return jax.nn.relu(1.0 - beta * delta_B)
+    if loss_type == "ipo":
+        mean_delta_B = chosen_ratio_B / jnp.maximum(chosen_tokens_B, 1.0) - rejected_ratio_B / jnp.maximum(
+            rejected_tokens_B, 1.0
+        )
+        return (mean_delta_B - 1.0 / (2.0 * beta)) ** 2
+    if loss_type == "robust":
+        e = label_smoothing
+        clean_B = -(1.0 - e) * jax.nn.log_sigmoid(beta * delta_B)
+        flipped_B = -e * jax.nn.log_sigmoid(-beta * delta_B)
+        return (clean_B - flipped_B) / (1.0 - 2.0 * e)
+    raise ValueError(f"training.dpo_loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
 
 
 def sequence_logps(model: nn.Module, params: Any, rows: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
@@ -71,6 +110,8 @@ def dpo_sums(
     *,
     beta: float,
     reference_params: Callable[[Any], Any] | None = None,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Pair-weighted sums over one micro-batch (see module docstring). `reference` is the state's
     frozen copy, used when `reference_params` is None."""
@@ -90,7 +131,16 @@ def dpo_sums(
     chosen_reward_B = beta * (chosen_B - ref_2B[:n])
     rejected_reward_B = beta * (rejected_B - ref_2B[n:])
     margin_B = chosen_reward_B - rejected_reward_B
-    losses_B = -jax.nn.log_sigmoid(margin_B)
+    tokens_2B = jnp.sum(both["weights"].astype(jnp.float32), axis=-1)
+    losses_B = pair_losses(
+        chosen_B - ref_2B[:n],
+        rejected_B - ref_2B[n:],
+        tokens_2B[:n],
+        tokens_2B[n:],
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=label_smoothing,
+    )
     w_B = batch["weights"].astype(jnp.float32)
 
     def wsum(x_B):
@@ -125,14 +175,34 @@ def summarize(totals: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def objective(beta: float, reference_params: Callable[[Any], Any] | None = None) -> Objective:
-    """The DPO objective with temperature `beta`. Without `reference_params` the train state
-    must carry the frozen reference (train/step.py `init_state(..., reference=True)`)."""
+def objective(
+    beta: float,
+    reference_params: Callable[[Any], Any] | None = None,
+    *,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Objective:
+    """The DPO objective with temperature `beta` and `loss_type`. Without `reference_params` the
+    train state must carry the frozen reference (train/step.py `init_state(..., reference=True)`)."""
     if not beta > 0:
         raise ValueError(f"training.dpo_beta must be > 0, got {beta}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"training.dpo_loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"training.dpo_label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
     def sums(model, params, batch, rng, reference=None):
-        return dpo_sums(model, params, batch, rng, reference, beta=beta, reference_params=reference_params)
+        return dpo_sums(
+            model,
+            params,
+            batch,
+            rng,
+            reference,
+            beta=beta,
+            reference_params=reference_params,
+            loss_type=loss_type,
+            label_smoothing=label_smoothing,
+        )
 
     return Objective("dpo", sums, summarize, SUM_KEYS, BATCH_KEYS)
 
@@ -142,11 +212,13 @@ def build(spec, model) -> Built:
     qlora / adapter the same parameters with the method disabled (no second copy of the base; an
     `init_from` adapter is disabled too, so the reference is its base); for a full fine-tune a
     frozen copy of the starting parameters, one extra parameter-sized buffer (the plan counts it)."""
-    beta = spec.training.dpo_beta
+    t = spec.training
+    options = {"loss_type": t.dpo_loss_type or "sigmoid", "label_smoothing": t.dpo_label_smoothing or 0.0}
     # A method whose zeroed trainables compute its base needs no copy; a full fine-tune has none.
     if not model.method.zero_is_base:
-        return Built(objective(beta), reference_copy=True)
-    return Built(objective(beta, reference_params=lambda params: methods.disabled_params(model, params)))
+        return Built(objective(t.dpo_beta, **options), reference_copy=True)
+    disabled = lambda params: methods.disabled_params(model, params)  # noqa: E731
+    return Built(objective(t.dpo_beta, reference_params=disabled, **options))
 
 
 RECORD = Registered("dpo", build, sequences_per_example=2, reference_forward=True)

@@ -44,6 +44,11 @@ def causal_lm_sums(
         output="logits",
         rngs={"dropout": rng},
     )
+    return lm_sums(logits_BTV, batch)
+
+
+def lm_sums(logits_BTV: jax.Array, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """`causal_lm_sums` from the logits of the batch's rows."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     targets_BT = batch["targets"]
     weights_BT = batch["weights"].astype(jnp.float32)
@@ -70,7 +75,12 @@ CAUSAL_LM = Objective("sft", causal_lm_sums, causal_lm_summary, SUM_KEYS, BATCH_
 
 
 def build(spec, model) -> Built:
-    return Built(CAUSAL_LM)
+    moe = getattr(model.arch, "moe", None)
+    if moe is None:
+        return Built(CAUSAL_LM)
+    from ftc.backends.jax.objectives import router_aux  # imports this module
+
+    return Built(router_aux.causal_lm_with_router_aux(router_aux.coefficient(spec, moe)))
 
 
 RECORD = Registered("sft", build)

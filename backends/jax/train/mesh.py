@@ -1,4 +1,4 @@
-"""The device mesh ("data", "fsdp", "tensor") and the shardings a Plan names.
+"""The device mesh ("data", "fsdp", "tensor", "expert") and the shardings a Plan names.
 
 Axes are Auto: jax.make_mesh defaults to Explicit in jax 0.10, where sharding constraints inside
 the model are refused; Auto lets XLA propagate shardings from the parameters and the batch.
@@ -19,19 +19,21 @@ from ftc.compiler import sharding_rules
 AXES = sharding_rules.MESH_AXES
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None = None) -> Mesh:
-    """A mesh of `data*fsdp*tensor` devices (default: all of them, in jax's topology-aware order)."""
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[Any] | None = None, expert: int = 1) -> Mesh:
+    """A mesh of `data*fsdp*tensor*expert` devices (default: all of them, in jax's topology-aware order)."""
     devices = list(jax.devices() if devices is None else devices)
-    n = data * fsdp * tensor
+    n = data * fsdp * tensor * expert
     if n != len(devices):
         raise ValueError(
-            f"mesh data={data} fsdp={fsdp} tensor={tensor} needs {n} devices, {len(devices)} are available"
+            f"mesh data={data} fsdp={fsdp} tensor={tensor} expert={expert} needs {n} devices, "
+            f"{len(devices)} are available"
         )
-    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+    shape = (data, fsdp, tensor, expert)
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def mesh_for_plan(plan, devices: Sequence[Any] | None = None) -> Mesh:
-    return make_mesh(plan.mesh.data, plan.mesh.fsdp, plan.mesh.tensor, devices)
+    return make_mesh(plan.mesh.data, plan.mesh.fsdp, plan.mesh.tensor, devices, expert=plan.mesh.expert)
 
 
 def param_sharding(mesh: Mesh, partition: Sequence[str | None]) -> NamedSharding:
@@ -43,7 +45,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
-    """Sharding of a [*leading, batch, ...] input: batch split over ("data", "fsdp")."""
+    """Sharding of a [*leading, batch, ...] input: batch split over sharding_rules.BATCH_AXES."""
     return NamedSharding(mesh, P(*([None] * leading), sharding_rules.BATCH_AXES))
 
 

@@ -209,10 +209,24 @@ def build_steps(
 
     # One sharding for the whole batch tree (a pytree prefix): every leaf splits its batch axis.
     train = jax.jit(
-        train_step, in_shardings=(state_sh, train_batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,)
+        _in_mesh(mesh, train_step),
+        in_shardings=(state_sh, train_batch_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
     )
-    evaluate = jax.jit(eval_step, in_shardings=(state_sh, eval_batch_sh), out_shardings=replicated)
+    evaluate = jax.jit(_in_mesh(mesh, eval_step), in_shardings=(state_sh, eval_batch_sh), out_shardings=replicated)
     return Steps(train, evaluate, state_sh, train_batch_sh, eval_batch_sh, accum_steps, objective)
+
+
+def _in_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` as the context mesh: layers that place work on mesh axes themselves
+    (the MoE experts' shard_map, models/moe.py) read it there."""
+
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
 
 
 # ------------------------------------------------------------------ host-side helpers

@@ -1,0 +1,163 @@
+"""The `gguf` export format (methods' `formats` records): write, reload and what ftc computes.
+
+    "gguf": gguf_format(lambda model, params: params)             # full (methods/full.py)
+    "gguf": gguf_format(merged)                                   # lora, qlora: merged, as "hf"
+
+`verify` compares the file as a loader reads it with ftc's model on the weights the file holds:
+ftc's side rounds each weight the way the GGUF stores it (float16 / bfloat16, or quantised to
+q8_0 / q4_0 and back, block by block along each matrix's rows), so the check measures the export,
+not the quantisation. The loader is transformers' GGUF loader where it reads the architecture
+(llama, which Mistral is written as, qwen2, qwen3), else ftc's own GGUF import (gguf_import.py)
+into an HF directory that transformers loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from ftc.backends.jax.io import export_common as ex
+from ftc.backends.jax.io import gguf_export, hf_checkpoint, verify
+from ftc.backends.jax.io.model_source import gguf_file
+from ftc.backends.jax.methods.contract import ExportFormat
+
+# general.architecture values transformers' GGUF loader reads (the others go through ftc's import).
+TRANSFORMERS_READS = ("llama", "qwen2", "qwen3")
+
+
+def _check(model) -> gguf_export.Layout:
+    model_type = getattr(model.arch, "model_type", None)
+    problem = gguf_export.layout_problem(model_type, model.arch)
+    if problem:
+        raise ex.ExportError(f"cannot export GGUF: {problem}")
+    return gguf_export.LAYOUTS[model_type]
+
+
+def write(trained, out: Path, dtype: str, family_params) -> None:
+    m = trained.model
+    _check(m)
+    params = family_params(m, trained.params)
+    tensors = hf_checkpoint._hf_tensors_of(m.family, m.arch, params)
+    if jax.process_index() != 0:
+        for _ in tensors:  # the other processes take part in the gathers
+            pass
+        return
+    try:
+        tok = gguf_export.write_gguf(
+            out / gguf_export.GGUF_FILE,
+            model_type=m.arch.model_type,
+            arch=m.arch,
+            tensors=tensors,
+            tokenizer_dir=trained.tokenizer_dir,
+            dtype=dtype,
+            name=trained.spec.name,
+            source_gguf=gguf_file(trained.spec.model.base),
+        )
+    except (gguf_export.GgufExportError, ValueError) as e:
+        raise ex.ExportError(str(e)) from e
+    gguf_export.write_modelfile(out, tok)
+
+
+def stored_params(model, params, dtype: str):
+    """The family's params with every weight as the GGUF file holds it (see the module docstring)."""
+    layout = _check(model)
+    if dtype == "float32":
+        return params
+    family, arch = model.family, model.arch
+    specs = family.hf_tensors(arch)
+    stacked = hf_checkpoint._stacked_paths(family, arch)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
+
+    def one(spec, hf_name: str, a: np.ndarray) -> np.ndarray:
+        hf = np.asarray(spec.to_hf(a), np.float32)
+        if layout.norm_plus_one and hf_name.endswith("norm.weight"):
+            return spec.to_flax((hf + np.float32(1.0)) - np.float32(1.0))
+        return spec.to_flax(gguf_export.as_stored(hf, dtype, hf_name))
+
+    out = {}
+    for path, spec in specs.items():
+        host = np.asarray(jax.device_get(flat[path]), np.float32)
+        if path in stacked:
+            out[path] = np.stack([one(spec, name, host[i]) for i, name in enumerate(spec.names)])
+        else:
+            out[path] = one(spec, spec.names[0], host)
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def weights_check(model, out: Path, held) -> dict:
+    """Every tensor of the file, dequantised, against `held`, the weights ftc's side of `verify`
+    computes with (`ftc_side`'s params, in llama.cpp's layout here): equal bit for bit, or the largest
+    difference and where."""
+    import gguf
+
+    layout = _check(model)
+    ours = {
+        gguf_export.gguf_name(name): gguf_export._tensor(name, a, layout, model.arch)
+        for name, a in hf_checkpoint._hf_tensors_of(model.family, model.arch, held)
+        if not (name == "lm_head.weight" and model.arch.tie_word_embeddings)
+    }
+    worst, where, count = 0.0, None, 0
+    for t in gguf.GGUFReader(str(Path(out) / gguf_export.GGUF_FILE)).tensors:
+        if t.name not in ours:
+            continue  # rope_freqs.weight: the RoPE config, not a weight
+        mine = ours.pop(t.name)
+        theirs = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(mine.shape)
+        diff = float(np.abs(theirs - mine).max()) if mine.size else 0.0
+        count += 1
+        if diff > worst:
+            worst, where = diff, t.name
+    return {
+        "tensors": count,
+        "missing": sorted(ours),
+        "max_abs_diff": worst,
+        "at": where,
+        "ok": worst == 0 and not ours,
+    }
+
+
+def reload(trained, out: Path, scratch: Path, causal: bool):
+    """The GGUF as a PyTorch model: transformers' GGUF loader, or ftc's import then transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    layout = gguf_export.LAYOUTS[trained.model.arch.model_type]
+    if layout.arch in TRANSFORMERS_READS:
+        return AutoModelForCausalLM.from_pretrained(
+            str(out), gguf_file=gguf_export.GGUF_FILE, dtype=torch.float32
+        ).eval()
+    from ftc.backends.jax.io.gguf_import import convert_gguf
+
+    hf_dir = Path(scratch) / "from-gguf"
+    hf_dir.mkdir()
+    convert_gguf(Path(out) / gguf_export.GGUF_FILE, hf_dir)
+    return verify.load_reference(hf_dir, causal=True)
+
+
+def loader_name(model_type: str) -> str:
+    """Which loader `reload` uses (the certificate records it)."""
+    if gguf_export.LAYOUTS[model_type].arch in TRANSFORMERS_READS:
+        return "transformers GGUF loader (from_pretrained gguf_file=)"
+    return "ftc GGUF import (gguf_import.convert_gguf) + transformers"
+
+
+def how_to_load(out, base_name, auto: str) -> str:
+    path = Path(out) / gguf_export.GGUF_FILE
+    return (
+        f"llama-cli -m {path}  |  ollama create NAME -f {Path(out) / gguf_export.MODELFILE}  |  "
+        f"{auto}.from_pretrained({str(out)!r}, gguf_file={gguf_export.GGUF_FILE!r})"
+    )
+
+
+def gguf_format(family_params) -> ExportFormat:
+    """The `gguf` ExportFormat of a method whose trained model is the family's params
+    `family_params(MethodModel, params)` (LoRA: merged)."""
+    return ExportFormat(
+        write=lambda trained, out, dtype: write(trained, out, dtype, family_params),
+        how_to_load=how_to_load,
+        ftc_side=lambda model, params, dtype: (model.base, stored_params(model, family_params(model, params), dtype)),
+        reload=reload,
+    )

@@ -1,0 +1,172 @@
+"""Rewards declared as data: each a kind, a weight and the kind's options, never code.
+
+    exact_match  1 if the normalised completion equals the normalised answer (generate/metrics.py:
+                 SQuAD's normalisation: lower case, no punctuation, no articles, single spaces)
+    contains     1 if the normalised answer occurs in the normalised completion
+    numeric      1 if the last number in the completion equals the answer's number (commas in
+                 thousands ignored; "42", "42.0" and "4.2e1" are equal)
+    regex        1 if `pattern` is found in the completion (answer formats such as "Answer: \\d+")
+    length       1 if the completion's token count is within [min_tokens, max_tokens], else
+                 falling linearly to 0 at 0 tokens below or at twice max_tokens above
+    json         1 if the completion is a JSON object (surrounding whitespace and a ``` fence
+                 allowed) holding every key of `required_keys`
+
+A row's reward is sum_k weight_k * reward_k; `score` returns the total and each part (logged as
+TRL logs them: rewards/<name>/mean). exact_match, contains and numeric need the row's reference
+answer (`needs_answer`); lint refuses them on data without answers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ftc.backends.jax.generate.metrics import compile_regex, normalise
+
+KINDS = ("exact_match", "contains", "numeric", "regex", "length", "json")
+NEEDS_ANSWER = ("exact_match", "contains", "numeric")
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    """One declared reward: `name` labels its metric (default: the kind)."""
+
+    kind: str
+    weight: float = 1.0
+    name: str = ""
+    pattern: str | None = None  # regex
+    min_tokens: int = 0  # length
+    max_tokens: int | None = None  # length
+    required_keys: tuple[str, ...] = ()  # json
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    @property
+    def needs_answer(self) -> bool:
+        return self.kind in NEEDS_ANSWER
+
+
+def parse(entries: Sequence[Mapping], where: str = "rewards") -> tuple[Reward, ...]:
+    """Rewards from their declarations (dicts as a spec holds them), with ValueError naming the
+    entry's key path and what was expected."""
+    out = []
+    for i, entry in enumerate(entries):
+        at = f"{where}[{i}]"
+        kind = entry.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"{at}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        allowed = {"kind", "weight", "name"} | {
+            "regex": {"pattern"},
+            "length": {"min_tokens", "max_tokens"},
+            "json": {"required_keys"},
+        }.get(kind, set())
+        extra = sorted(set(entry) - allowed)
+        if extra:
+            raise ValueError(f"{at}.{extra[0]}: not a key of a {kind!r} reward (it takes {', '.join(sorted(allowed))})")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ValueError(f"{at}.weight: expected a finite number, got {weight!r}")
+        if kind == "regex":
+            if not isinstance(entry.get("pattern"), str):
+                raise ValueError(f"{at}.pattern: a regex reward needs a pattern (a string)")
+            compile_regex(entry["pattern"], f"{at}.pattern")
+        lo, hi = entry.get("min_tokens", 0), entry.get("max_tokens")
+        if kind == "length" and (hi is None or not 0 <= lo <= hi):
+            raise ValueError(f"{at}.max_tokens: a length reward needs 0 <= min_tokens <= max_tokens, got {lo}, {hi}")
+        out.append(
+            Reward(
+                kind=kind,
+                weight=float(weight),
+                name=str(entry.get("name", "")),
+                pattern=entry.get("pattern"),
+                min_tokens=int(lo),
+                max_tokens=None if hi is None else int(hi),
+                required_keys=tuple(entry.get("required_keys", ())),
+            )
+        )
+    labels = [r.label for r in out]
+    if len(set(labels)) != len(labels):
+        dup = next(x for x in labels if labels.count(x) > 1)
+        raise ValueError(f"{where}: two rewards are named {dup!r}; give each a distinct `name`")
+    return tuple(out)
+
+
+def last_number(text: str) -> float | None:
+    """The last number written in `text`, or None."""
+    found = _NUMBER.findall(text)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _json_object(text: str) -> dict | None:
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    try:
+        value = json.loads(fenced.group(1) if fenced else text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def one(reward: Reward, completion: str, tokens: int, answer: str | None) -> float:
+    """`reward`'s value (before its weight) for one completion of `tokens` tokens."""
+    if reward.needs_answer and answer is None:
+        raise ValueError(f"reward {reward.label!r} ({reward.kind}) needs the row's answer, and this row has none")
+    if reward.kind == "exact_match":
+        return float(normalise(completion) == normalise(answer))
+    if reward.kind == "contains":
+        return float(normalise(answer) in normalise(completion))
+    if reward.kind == "numeric":
+        got, want = last_number(completion), last_number(answer)
+        return float(got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9))
+    if reward.kind == "regex":
+        return float(re.search(reward.pattern, completion) is not None)
+    if reward.kind == "length":
+        lo, hi = reward.min_tokens, reward.max_tokens
+        if lo <= tokens <= hi:
+            return 1.0
+        return max(0.0, tokens / lo) if tokens < lo else max(0.0, 1.0 - (tokens - hi) / max(hi, 1))
+    if reward.kind == "json":
+        obj = _json_object(completion)
+        return float(obj is not None and all(k in obj for k in reward.required_keys))
+    raise ValueError(f"unknown reward kind {reward.kind!r}")
+
+
+def score(
+    rewards: Sequence[Reward], completions: Sequence[str], tokens: Sequence[int], answers: Sequence[str | None]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """([N] weighted totals, {label: [N] unweighted values}) for N completions."""
+    parts = {
+        r.label: np.array([one(r, c, n, a) for c, n, a in zip(completions, tokens, answers, strict=True)], np.float32)
+        for r in rewards
+    }
+    total = np.zeros(len(completions), np.float32)
+    for r in rewards:
+        total += np.float32(r.weight) * parts[r.label]
+    return total, parts
+
+
+def metrics(total: np.ndarray, parts: Mapping[str, np.ndarray], group_size: int) -> dict[str, float]:
+    """TRL's reward metrics: reward and reward_std (mean and Bessel std of the totals over the
+    batch), frac_reward_zero_std (share of groups whose rewards are all equal: no signal),
+    rewards/<name>/mean and rewards/<name>/std."""
+    grouped = total.reshape(-1, group_size)
+    out = {"reward": float(total.mean()), "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0}
+    out["frac_reward_zero_std"] = float(np.mean(np.isclose(grouped.std(axis=1), 0.0)))
+    for label, values in parts.items():
+        out[f"rewards/{label}/mean"] = float(values.mean())
+        out[f"rewards/{label}/std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return out

@@ -1,0 +1,58 @@
+"""The architecture numbers a plan prints and counts with, read from config.json (HF key aliases)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    family: str
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_position_embeddings: int | None
+    tied_embeddings: bool
+    experts: int = 0  # mixture-of-experts models: experts per MoE layer (0: dense)
+    experts_per_token: int = 0
+
+    @property
+    def active_fraction(self) -> float:
+        """The share of each expert weight a token runs through (top-k of E)."""
+        return self.experts_per_token / self.experts if self.experts else 1.0
+
+
+def _first(cfg: dict, *keys, default=None):
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def model_summary(hf_config: dict, family: str) -> ModelSummary:
+    """The architecture numbers the plan prints, read from config.json (HF key aliases), for a
+    model of the named family."""
+    text = hf_config.get("text_config") or {}
+    cfg = {**text, **hf_config}
+    hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0))
+    heads = int(_first(cfg, "num_attention_heads", "n_head", default=1))
+    return ModelSummary(
+        family=family,
+        model_type=str(hf_config.get("model_type")),
+        layers=int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers", default=0)),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(_first(cfg, "num_key_value_heads", default=heads)),
+        head_dim=int(_first(cfg, "head_dim", default=hidden // max(heads, 1))),
+        intermediate=int(_first(cfg, "intermediate_size", "n_inner", default=4 * hidden)),
+        vocab=int(_first(cfg, "vocab_size", default=0)),
+        max_position_embeddings=_first(cfg, "max_position_embeddings", "n_positions"),
+        tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        experts=int(_first(cfg, "num_local_experts", "num_experts", default=0)),
+        experts_per_token=int(_first(cfg, "num_experts_per_tok", default=0)),
+    )
