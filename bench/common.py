@@ -157,6 +157,10 @@ class Job:
     threads: int
     remat: str = "none"
 
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}; expected one of {METHODS}")
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
 

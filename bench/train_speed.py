@@ -28,14 +28,15 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
+from bench.speed_table import STACKS, format_table  # noqa: E402, F401 (gpu_check uses format_table)
 
-STACKS = ("pytorch", "ftc")
 WORKERS = {"pytorch": "bench.torch_worker", "ftc": "bench.ftc_worker"}
 # First-step loss agreement: float32 both sides is tight; bf16 compute rounds differently per stack.
 LOSS_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}
@@ -52,8 +53,14 @@ def save_random_model(config: common.BenchConfig, out_dir: Path, seed: int = 0) 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(seed)
     hf_config = transformers.LlamaConfig(**config.hf_config_kwargs())
-    model = transformers.LlamaForCausalLM(hf_config).eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # A 1B model's random init takes a minute on a few CPU cores and a second on the GPU.
+    on_gpu = config.device == "gpu" and torch.cuda.is_available()
+    with torch.device("cuda" if on_gpu else "cpu"):
+        model = transformers.LlamaForCausalLM(hf_config).eval()
+    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+    del model
+    if on_gpu:
+        torch.cuda.empty_cache()
 
 
 def make_tokens(config: common.BenchConfig, steps: int, path: Path, seed: int = 0) -> None:
@@ -180,113 +187,6 @@ def machine_info() -> dict:
     }
 
 
-def _gb(n) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f} GB"
-
-
-def _s(x, digits=2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _x(r) -> str:
-    return "-" if r is None else f"{r:.2f}x"
-
-
-def format_table(report: dict) -> str:
-    config = common.BenchConfig(**report["config"])
-    m = report["machine"]
-    gpu = config.device == "gpu"
-    lines = [
-        f"ftc vs PyTorch: {config.description}; AdamW lr {config.learning_rate:g}, grad clip {config.grad_clip:g}; "
-        f"{report['steps']} steps, median of the last {report['steps'] - report['warmup']}",
-        f"{m['date']}; {m.get('device') or m['cpu']}, {m['cores']} cores; load avg (1 min) "
-        f"{m['load_avg_start'][0]:.2f} at start, {m.get('load_avg_end', [float('nan')])[0]:.2f} at end; "
-        + ", ".join(f"{k} {v}" for k, v in sorted(report.get("versions", {}).items())),
-    ]
-    peak = report.get("peak") or {}
-    if "flops_per_s" in peak:
-        lines.append(
-            f"measured {peak['dtype']} matmul peak: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s "
-            f"({peak['n']}x{peak['n']} matmul on {peak['device']})"
-        )
-    head = [
-        "method",
-        "stack",
-        "loss@1",
-        f"loss@{report['steps']}",
-        "start-up s",
-        "(import",
-        "load",
-        "compile",
-        "1st step)",
-        "step s",
-        "tokens/s",
-        "MFU",
-        "cores busy",
-        "peak RSS",
-    ]
-    if gpu:
-        head.append("peak GPU mem")
-    rows = [head]
-    for method, entry in report["methods"].items():
-        for stack in STACKS:
-            r = entry.get(stack)
-            if r is None:
-                continue
-            if "error" in r or "skipped" in r:
-                rows.append([method, stack, (r.get("skipped") or "FAILED: " + r["error"])[:100]])
-                continue
-            row = [
-                method,
-                stack,
-                f"{r['losses'][0]:.5f}",
-                f"{r['losses'][-1]:.5f}",
-                _s(r["startup_s"]),
-                _s(r["import_s"]),
-                _s(r["load_s"]),
-                _s(r["compile_s"]),
-                _s(r["first_step_s"]),
-                _s(r["step_median_s"], 3),
-                f"{r['tokens_per_s']:,.0f}",
-                f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-",
-                _s(r.get("cpu_util")),
-                _gb(r["peak_rss_bytes"]),
-            ]
-            if gpu:
-                row.append(_gb(r.get("peak_device_bytes")))
-            rows.append(row)
-        q = entry.get("ratio")
-        if q:
-            chk = entry["loss_check"]
-            row = [
-                method,
-                "ftc/pt",
-                f"d={chk['abs_diff']:.1e}" + ("" if chk["agree"] else " !"),
-                "",
-                _x(q.get("startup_s")),
-                "",
-                "",
-                "",
-                "",
-                _x(q.get("step_median_s")),
-                _x(q.get("tokens_per_s")),
-                "",
-                "",
-                _x(q.get("peak_rss_bytes")),
-            ]
-            if gpu:
-                row.append(_x(q.get("peak_device_bytes")))
-            rows.append(row)
-    widths = [max(len(r[i]) for r in rows if i < len(r) and len(r) > 3) for i in range(len(head))]
-    out = []
-    for r in rows:
-        if len(r) <= 3:
-            out.append("  ".join(r))
-        else:
-            out.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines + [""] + out)
-
-
 # ------------------------------------------------------------------ main
 
 
@@ -302,7 +202,12 @@ def run(
     peak: bool = True,
     rounds: int = 1,
     timeout: float = 1800.0,
+    deadline: float | None = None,
+    progress=None,
 ) -> dict:
+    """The side-by-side report. `deadline` (time.monotonic()): workers that would start after it
+    are skipped, and each one's timeout is cut to what is left; `progress(report)` is called after
+    every worker (e.g. to save a partial report)."""
     threads = threads or len(os.sched_getaffinity(0))
     report: dict = {
         "config": dataclasses.asdict(config),
@@ -334,21 +239,41 @@ def run(
                     if reason:
                         runs[method, stack] = [{"stack": stack, "method": method, "skipped": reason}]
                         continue
-                    job = common.Job(config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat)
-                    result = derive(run_worker(stack, job, work, timeout), config, method, report["peak"])
+                    left = timeout if deadline is None else min(timeout, deadline - time.monotonic())
+                    if left < MIN_WORKER_S:
+                        result = {"stack": stack, "method": method, "skipped": "skipped: out of time budget"}
+                    else:
+                        try:
+                            job = common.Job(
+                                config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat
+                            )
+                            result = derive(run_worker(stack, job, work, left), config, method, report["peak"])
+                        except Exception as e:  # one bad row, not the end of the report
+                            result = {"stack": stack, "method": method, "error": f"{type(e).__name__}: {e}"}
                     report["versions"].update(result.get("versions", {}))
                     runs[method, stack].append(result)
-        for method in methods:
-            entry: dict = {}
-            for stack in stacks:
-                entry[stack] = best_round(runs[method, stack])
-            both = [entry.get(s, {}) for s in STACKS]
-            if all("losses" in r for r in both):
-                entry["loss_check"] = loss_check(both[0], both[1], config.dtype)
-                entry["ratio"] = ratios(both[0], both[1])
-            report["methods"][method] = entry
+                    _summarise(report, runs, methods, stacks, config)
+                    if progress:
+                        progress(report)
     report["machine"]["load_avg_end"] = list(os.getloadavg())
     return report
+
+
+# A worker given less than this would spend it importing and loading: skip it instead.
+MIN_WORKER_S = 20.0
+
+
+def _summarise(report: dict, runs: dict, methods: list[str], stacks, config: common.BenchConfig) -> None:
+    for method in methods:
+        entry: dict = {}
+        for stack in stacks:
+            if runs[method, stack]:
+                entry[stack] = best_round(runs[method, stack])
+        both = [entry.get(s, {}) for s in STACKS]
+        if all("losses" in r for r in both):
+            entry["loss_check"] = loss_check(both[0], both[1], config.dtype)
+            entry["ratio"] = ratios(both[0], both[1])
+        report["methods"][method] = entry
 
 
 def main(argv: list[str] | None = None) -> int:

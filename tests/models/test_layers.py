@@ -7,52 +7,6 @@ import torch
 from ftc.backends.jax.models import layers
 
 
-def _naive_attention(q_BTNH, k_BSKH, v_BSKH, mask_B1TS):
-    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
-    k_BSNH = np.repeat(k_BSKH, N // K, axis=2)
-    v_BSNH = np.repeat(v_BSKH, N // K, axis=2)
-    logits_BNTS = np.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH) / np.sqrt(q_BTNH.shape[-1])
-    logits_BNTS = np.where(mask_B1TS, logits_BNTS, -1e30)
-    probs_BNTS = np.exp(logits_BNTS - logits_BNTS.max(-1, keepdims=True))
-    probs_BNTS /= probs_BNTS.sum(-1, keepdims=True)
-    return np.einsum("bnts,bsnh->btnh", probs_BNTS, v_BSNH)
-
-
-def test_gqa_attention_matches_naive_softmax_attention():
-    rng = np.random.default_rng(0)
-    q = rng.normal(size=(2, 6, 4, 8)).astype(np.float32)
-    k = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
-    v = rng.normal(size=(2, 6, 2, 8)).astype(np.float32)
-    mask = layers.make_attention_mask(
-        attention_mask=jnp.array([[1] * 6, [1] * 4 + [0] * 2]), causal=True, q_len=6, kv_len=6
-    )
-    out = np.asarray(layers.dot_product_attention(q, k, v, mask))
-    expected = _naive_attention(q, k, v, np.asarray(mask))
-    np.testing.assert_allclose(out[0], expected[0], atol=1e-5)
-    np.testing.assert_allclose(out[1, :4], expected[1, :4], atol=1e-5)
-
-
-def test_padding_rows_attend_nothing_and_give_no_nan():
-    q = jnp.ones((1, 4, 2, 8))
-    kv = jnp.ones((1, 4, 1, 8))
-    mask = layers.make_attention_mask(segment_ids=jnp.array([[1, 1, 0, 0]]), causal=True, q_len=4, kv_len=4)
-    assert not np.asarray(mask[0, 0, 2:]).any() and not np.asarray(mask[0, 0, :, 2:]).any()
-    assert np.isfinite(np.asarray(layers.dot_product_attention(q, kv, kv, mask))).all()
-
-
-def test_segments_never_attend_across_each_other():
-    seg = jnp.array([[1, 1, 2, 2, 2, 3]])
-    mask = np.asarray(layers.make_attention_mask(segment_ids=seg, causal=False, q_len=6, kv_len=6))[0, 0]
-    same = np.asarray(seg[0][:, None] == seg[0][None, :])
-    np.testing.assert_array_equal(mask, same)
-
-
-def test_sliding_window_matches_transformers_rule():
-    mask = np.asarray(layers.make_attention_mask(causal=True, sliding_window=2, q_len=5, kv_len=5))[0, 0]
-    t, s = np.meshgrid(np.arange(5), np.arange(5), indexing="ij")
-    np.testing.assert_array_equal(mask, (s <= t) & (s > t - 2))
-
-
 def test_positions_restart_per_segment():
     pos = layers.positions_from_segments(jnp.array([[1, 1, 1, 2, 2, 0, 0]]))
     np.testing.assert_array_equal(np.asarray(pos), [[0, 1, 2, 0, 1, 0, 1]])

@@ -97,10 +97,9 @@ class LoraDelta(nn.Module):
         if self.dropout > 0 and not self.deterministic and self.has_rng("dropout"):
             x = nn.Dropout(self.dropout, deterministic=False)(x)
         x = x.astype(self.dtype)
-        h = jax.lax.dot_general(
-            x, a.astype(self.dtype), ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ()))
-        )
-        y = jnp.tensordot(h, b.astype(self.dtype), axes=1)
+        # layers.linear: on CPU its weight gradients avoid copying the [tokens, out] gradient.
+        h = layers.linear(x, a.astype(self.dtype), n_in)
+        y = layers.linear(h, b.astype(self.dtype), 1)
         return y * jnp.asarray(self.scale, self.dtype)
 
 

@@ -11,6 +11,7 @@ Every parameter is created through `nn.with_logical_partitioning` with names fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -18,6 +19,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# The families reach attention through this module; its kernels live in attention.py.
+from ftc.backends.jax.models.attention import (  # noqa: F401
+    AttentionMask,
+    dot_product_attention,
+    make_attention_mask,
+    select_mask,
+)
 
 Dtype = Any
 
@@ -108,17 +117,56 @@ class Dense(nn.Module):
             tuple(self.in_axes) + tuple(self.out_axes),
             self.param_dtype,
         )
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            (((tuple(range(x.ndim - n_in, x.ndim))), tuple(range(n_in))), ((), ())),
-        )
+        y = linear(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
         if self.use_bias:
             bias = param_with_axes(
                 self, "bias", nn.initializers.zeros, tuple(self.out_shape), tuple(self.out_axes), self.param_dtype
             )
             y = y + bias.astype(self.dtype)
         return y
+
+
+def linear(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    """x @ kernel, contracting x's last `n_in` dims with the kernel's first `n_in`.
+
+    On CPU the backward pass is written out (`_linear_cpu`) so that the weight gradient's dot
+    transposes the smaller of its two operands; elsewhere jax's own rule (cuBLAS and TPU dots
+    take transposed operands for free)."""
+    if jax.default_backend() == "cpu":
+        return _linear_cpu(x, kernel, n_in)
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _linear_cpu(x, kernel, n_in):
+    return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+def _linear_cpu_fwd(x, kernel, n_in):
+    return _linear_cpu(x, kernel, n_in), (x, kernel)
+
+
+def _linear_cpu_bwd(n_in, res, g):
+    x, kernel = res
+    n_out = kernel.ndim - n_in
+    dx = jax.lax.dot_general(
+        g, kernel, ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_in, kernel.ndim))), ((), ()))
+    )
+    I, O = math.prod(kernel.shape[:n_in]), math.prod(kernel.shape[n_in:])
+    x_MI, g_MO = x.reshape(-1, I), g.reshape(-1, O)
+    if I <= O:
+        # XLA:CPU's dots take the right operand as [contracted, free] and would copy the [M, O]
+        # gradient into [O, M] (an untiled strided copy, the largest data movement of a step,
+        # e.g. the LM head's [tokens, vocab]); transposing the smaller x instead, behind a
+        # barrier that keeps XLA from swapping the operands back, moves I/O times fewer bytes.
+        x_IM = jax.lax.optimization_barrier(x_MI.T)
+        dk = jax.lax.dot_general(x_IM, g_MO, (((1,), (0,)), ((), ())))
+    else:
+        dk = jax.lax.dot_general(x_MI, g_MO, (((0,), (0,)), ((), ())))
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_linear_cpu.defvjp(_linear_cpu_fwd, _linear_cpu_bwd)
 
 
 # ---------------------------------------------------------------- rotary embeddings
@@ -238,68 +286,6 @@ def default_positions(input_ids_BT: jax.Array, segment_ids_BT: jax.Array | None 
         return positions_from_segments(segment_ids_BT)
     B, T = input_ids_BT.shape
     return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-
-
-def make_attention_mask(
-    *,
-    attention_mask: jax.Array | None = None,
-    segment_ids: jax.Array | None = None,
-    causal: bool,
-    sliding_window: int | None = None,
-    q_len: int,
-    kv_len: int,
-) -> jax.Array:
-    """Boolean [B, 1, T, S] mask, True where query t may attend to key s.
-
-    attention_mask / segment_ids are [B, S] over the keys; queries are the last T of them
-    (T == S in training). Tokens never attend across segment ids; segment 0 and
-    attention_mask 0 mark padding, which attends to nothing and is attended by nothing
-    (its row is all False: `dot_product_attention` then returns a finite, meaningless value).
-    Sliding window follows HF: key s is visible to query t when t - s < sliding_window.
-    B is 1 when neither attention_mask nor segment_ids is given (broadcasts).
-    """
-    offset = kv_len - q_len
-    q_index_T1 = jnp.arange(q_len, dtype=jnp.int32)[:, None] + offset
-    kv_index_1S = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-    mask_TS = jnp.ones((q_len, kv_len), dtype=bool)
-    if causal:
-        mask_TS = mask_TS & (kv_index_1S <= q_index_T1)
-    if sliding_window is not None:
-        mask_TS = mask_TS & (q_index_T1 - kv_index_1S < sliding_window)
-    mask_B1TS = mask_TS[None, None]
-    if attention_mask is not None:
-        valid_BS = attention_mask.astype(bool)
-        mask_B1TS = mask_B1TS & valid_BS[:, None, None, :] & valid_BS[:, None, -q_len:, None]
-    if segment_ids is not None:
-        kv_seg_BS = segment_ids
-        q_seg_BT = segment_ids[:, -q_len:]
-        same_B1TS = q_seg_BT[:, None, :, None] == kv_seg_BS[:, None, None, :]
-        mask_B1TS = mask_B1TS & same_B1TS & (q_seg_BT > 0)[:, None, :, None]
-    return mask_B1TS
-
-
-def dot_product_attention(
-    q_BTNH: jax.Array,
-    k_BSKH: jax.Array,
-    v_BSKH: jax.Array,
-    mask_B1TS: jax.Array | None,
-    *,
-    scale: float | None = None,
-    implementation: str | None = None,
-) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with GQA (K divides N); logits and softmax in float32.
-
-    Runs `jax.nn.dot_product_attention`. With implementation=None, jax 0.10 always takes its XLA
-    path (it names automatic backend choice as future work); "cudnn" asks for the fused cuDNN
-    kernel on NVIDIA GPUs, which accepts only a subset of shapes, dtypes and masks.
-    Fully masked query rows (padding) give finite values, never NaN.
-    """
-    N, K = q_BTNH.shape[2], k_BSKH.shape[2]
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask_B1TS, scale=scale, implementation=implementation
-    )
 
 
 # ---------------------------------------------------------------- activations and remat

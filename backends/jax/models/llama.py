@@ -117,7 +117,7 @@ class DecoderBlock(nn.Module):
         elif all(a.sliding_layers):
             mask_B1TS = sliding_mask_B1TS
         else:
-            mask_B1TS = jnp.where(is_sliding, sliding_mask_B1TS, full_mask_B1TS)
+            mask_B1TS = layers.select_mask(is_sliding, sliding_mask_B1TS, full_mask_B1TS)
 
         def norm(name):
             return layers.RMSNorm(a.rms_norm_eps, unit_offset=a.norm_unit_offset, dtype=self.dtype, name=name)

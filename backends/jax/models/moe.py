@@ -307,6 +307,11 @@ class Experts(nn.Module):
 
 def _real_tokens(mask_B1TS: jax.Array | None, B: int, T: int) -> jax.Array:
     """[B*T] 1 for real tokens: a real token attends to itself, padding attends to nothing."""
+    if isinstance(mask_B1TS, layers.AttentionMask):  # the mask's facts: segment 0 is padding
+        seg_BS = mask_B1TS.segment_ids
+        if seg_BS is None or seg_BS.shape != (B, T) or mask_B1TS.q_len != T:
+            return jnp.ones((B * T,), jnp.float32)
+        return (seg_BS > 0).astype(jnp.float32).reshape(B * T)
     if mask_B1TS is None or mask_B1TS.shape[0] != B or mask_B1TS.shape[-2:] != (T, T):
         return jnp.ones((B * T,), jnp.float32)
     return jnp.diagonal(mask_B1TS[:, 0], axis1=-2, axis2=-1).reshape(B * T)
