@@ -101,8 +101,11 @@ def saved_params(run_dir: Path) -> set[str]:
     return {p.removeprefix("params/") for p in arrays if p.startswith("params/")}
 
 
+WEIGHT_FILES = (".safetensors", ".gguf")
+
+
 def exported_bytes(out: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.suffix in WEIGHT_FILES}
 
 
 # ---------------------------------------------------------------- pieces

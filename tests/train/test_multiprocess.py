@@ -134,7 +134,9 @@ def test_two_processes_train_the_same_run_as_one_and_resume(root, one_process):
     one, two = final_params(one_process), final_params(two_dir)
     assert one.keys() == two.keys()
     for k in one:
-        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-6, err_msg=k)
+        # Sums split over two processes round in another order (and the CPU linear's backward picks
+        # its transpose by the shard's shape): one element of 4,096 moved 1.4e-6 after AdamW.
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=3e-6, err_msg=k)
     exported = os.listdir(os.path.join(two_dir, "export"))
     assert "config.json" in exported and "model.safetensors" in exported
 
