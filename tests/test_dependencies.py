@@ -118,3 +118,20 @@ def test_ftc_run_and_export_need_nothing_beyond_the_train_extra(tmp_path):
     assert "jinja2" in imported  # the chat template was rendered
     outside = {m: sorted(provided_by[m]) for m in imported if provided_by.get(m) and not provided_by[m] & closure}
     assert not outside, f"imported by `ftc run` but not installed by ftc[train]: {outside}"
+
+
+def test_every_source_package_is_in_the_wheel():
+    """A package missing from pyproject's `packages` works in the editable install the tests use
+    and is absent from a built wheel (backends/jax/rl once was)."""
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    found = set()
+    for name, folder in tool["package-dir"].items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((name, *rel)))
+    assert sorted(found - listed) == [], "add these to pyproject.toml [tool.setuptools] packages"
