@@ -174,6 +174,9 @@ class Job:
     warmup: int
     threads: int
     remat: str = "none"
+    # ftc: the cache root `ftc run` would use ($FTC_CACHE), whose jax/ keeps compiled programs;
+    # "" = no persistent compilation cache. The PyTorch worker compiles nothing and ignores it.
+    compile_cache: str = ""
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -80,6 +80,11 @@ def build(job: common.Job) -> Program:
     if c.device == "gpu" and device.platform != "gpu":
         raise RuntimeError(f"config asks for a GPU but jax's first device is {device} (install jax[cuda12])")
     versions = {"jax": jax.__version__, "flax": flax.__version__}
+    if job.compile_cache:  # as `ftc run` starts: JAX's persistent cache under $FTC_CACHE/jax
+        os.environ["FTC_CACHE"] = job.compile_cache
+        from ftc.backends.jax.train.compile_cache import use_compilation_cache
+
+        use_compilation_cache()
     timings = {"import_s": time.perf_counter() - t0}
     rss_after_import = common.rss_bytes()
 
