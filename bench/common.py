@@ -92,6 +92,24 @@ CONFIGS = {
         warmup=3,
         description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 8 x seq 256, float32",
     ),
+    # The same model at sequence 2048, batch 1 (as many tokens a step as "cpu"): what attention's
+    # memory costs once T x T is large (16 MiB of float32 scores per head and layer).
+    "cpu-2048": BenchConfig(
+        name="cpu-2048",
+        hidden=256,
+        layers=4,
+        heads=8,
+        kv_heads=4,
+        intermediate=704,
+        vocab=8192,
+        batch=1,
+        seq_len=2048,
+        dtype="float32",
+        device="cpu",
+        steps=10,
+        warmup=3,
+        description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 1 x seq 2048, float32",
+    ),
     # Llama-3.2-1B's shape (1.24B params, tied embeddings, GQA 32/8, llama3 RoPE), bf16 compute.
     "gpu-1b": BenchConfig(
         name="gpu-1b",
@@ -156,6 +174,9 @@ class Job:
     warmup: int
     threads: int
     remat: str = "none"
+    # ftc: the cache root `ftc run` would use ($FTC_CACHE), whose jax/ keeps compiled programs;
+    # "" = no persistent compilation cache. The PyTorch worker compiles nothing and ignores it.
+    compile_cache: str = ""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -198,6 +219,28 @@ def peak_rss_bytes() -> int:
         return kb * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim), so RSS stops counting
+    memory a finished phase (loading, compiling) freed but malloc kept."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Start VmHWM again from the current RSS (Linux >= 4.0: "5" to /proc/self/clear_refs), so a
+    later peak_rss_bytes() is the peak of what ran since. False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_seconds() -> float:

@@ -80,6 +80,11 @@ def build(job: common.Job) -> Program:
     if c.device == "gpu" and device.platform != "gpu":
         raise RuntimeError(f"config asks for a GPU but jax's first device is {device} (install jax[cuda12])")
     versions = {"jax": jax.__version__, "flax": flax.__version__}
+    if job.compile_cache:  # as `ftc run` starts: JAX's persistent cache under $FTC_CACHE/jax
+        os.environ["FTC_CACHE"] = job.compile_cache
+        from ftc.backends.jax.train.compile_cache import use_compilation_cache
+
+        use_compilation_cache()
     timings = {"import_s": time.perf_counter() - t0}
     rss_after_import = common.rss_bytes()
 
@@ -131,6 +136,7 @@ def build(job: common.Job) -> Program:
     compiled = lowered.compile()
     timings["compile_s"] = time.perf_counter() - t0
     memory["peak_rss_after_compile_bytes"] = common.peak_rss_bytes()
+    memory["state_bytes"] = sum(int(x.nbytes) for x in jax.tree.leaves(state))
     trainable = opt_lib.split_params(state["params"], mask)[0]
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
     return Program(compiled, state, put_batch, n_trainable, device, timings, rss_after_import, versions, memory)
@@ -142,6 +148,11 @@ def run(job: common.Job) -> dict:
     state = p.state
     p.state = None  # donated by the first step
     cpu = []
+    # The peak of the steps alone (compiling XLA:CPU's code can peak higher than a step): what
+    # the steps add to the resident process is their buffers beyond the (resident) train state.
+    common.trim_heap()
+    rss_before_steps = common.rss_bytes()
+    peak_reset = common.reset_peak_rss()
     for i in range(job.steps):
         t0, c0 = time.perf_counter(), common.cpu_seconds()
         state, metrics = p.compiled(state, p.put_batch(i))
@@ -161,7 +172,10 @@ def run(job: common.Job) -> dict:
         "losses": losses,
         "rss_after_import_bytes": p.rss_after_import,
         **p.memory,
-        "peak_rss_bytes": common.peak_rss_bytes(),
+        "peak_rss_bytes": max(common.peak_rss_bytes(), p.memory["peak_rss_after_compile_bytes"]),
+        "rss_before_steps_bytes": rss_before_steps,
+        **({"peak_rss_steps_bytes": common.peak_rss_bytes()} if peak_reset else {}),
+        "xla_memory": _memory_analysis(p.compiled),
         "device_name": getattr(p.device, "device_kind", str(p.device)),
         "optimizer": "optax.adamw (optimizer.make_optimizer)",
     }
@@ -173,6 +187,23 @@ def run(job: common.Job) -> dict:
         cost = cost[0] if cost else None
     if cost and "flops" in cost:
         out["xla_flops_per_step"] = float(cost["flops"])
+    return out
+
+
+def _memory_analysis(compiled) -> dict:
+    """XLA's buffer sizes for the executable the steps ran (bytes per device; `peak` as
+    compiled_memory.CompiledMemory counts it)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {
+        "argument": int(m.argument_size_in_bytes),
+        "output": int(m.output_size_in_bytes),
+        "alias": int(m.alias_size_in_bytes),
+        "temp": int(m.temp_size_in_bytes),
+        "generated_code": int(m.generated_code_size_in_bytes),
+    }
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
 
 

@@ -158,7 +158,7 @@ def run_train(check: Check, methods: list[str]) -> None:
     try:
         report = train_speed.run(
             config, methods, steps, warmup, timeout=WORKER_TIMEOUT_S, deadline=deadline, progress=progress,
-            peak=True,
+            peak=True, plan=False,
         )  # fmt: skip
     except Exception as e:  # e.g. building the random model failed: the row says so, the check goes on
         report = {"error": f"{type(e).__name__}: {e}"[:400]}
@@ -177,7 +177,7 @@ def run_xla_attention(check: Check) -> None:
     try:
         report = train_speed.run(
             config, ["full"], steps, warmup, stacks=("ftc",), timeout=WORKER_TIMEOUT_S,
-            deadline=check.deadline - 10.0, peak=False,
+            deadline=check.deadline - 10.0, peak=False, plan=False,
         )  # fmt: skip
     except Exception as e:
         report = {"error": f"{type(e).__name__}: {e}"[:400]}

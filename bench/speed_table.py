@@ -28,6 +28,10 @@ def _gb(n) -> str:
     return "-" if n is None else f"{n / 2**30:.2f} GB"
 
 
+def _mb(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
 def _s(x, digits=2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -131,4 +135,25 @@ def format_table(report: dict) -> str:
             out.append("  ".join(r))
         else:
             out.append("  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines + [""] + out)
+    return "\n".join(lines + [""] + out + _memory_lines(report))
+
+
+def _memory_lines(report: dict) -> list[str]:
+    """ftc's predicted memory (`ftc plan --compile`: the plan's estimate, XLA's figure for the
+    compiled step) against what the worker measured (bench/plan_memory.py says what each is)."""
+    out = []
+    for method, entry in report["methods"].items():
+        r = entry.get("ftc") or {}
+        pred, chk = r.get("predicted_memory") or {}, r.get("memory_check") or {}
+        if "error" in pred:
+            out.append(f"{method}: ftc plan --compile failed: {pred['error'][:200]}")
+        if not chk:
+            continue
+        out.append(
+            f"{method}: ftc plan's estimate {_mb(chk['estimate_bytes'])}, "
+            f"XLA's compiled step {_mb(chk['compiled_bytes'])}"
+            f"; measured buffers {_mb(chk['buffers_bytes'])} (state + what the steps added to RSS): "
+            f"{_x(chk['estimate_over_buffers'])} / {_x(chk['compiled_over_buffers'])} of it; peak RSS "
+            f"{_mb(r['peak_rss_bytes'])} = buffers + {_mb(chk['runtime_bytes'])} runtime (Python, jax, compiled code)"
+        )
+    return ["", "memory, ftc predicted against measured:"] + out if out else []

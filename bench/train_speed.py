@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import common  # noqa: E402
+from bench import common, plan_memory  # noqa: E402
 from bench.speed_table import STACKS, format_table  # noqa: E402, F401 (gpu_check uses format_table)
 
 WORKERS = {"pytorch": "bench.torch_worker", "ftc": "bench.ftc_worker"}
@@ -201,13 +201,15 @@ def run(
     remat: str = "none",
     peak: bool = True,
     rounds: int = 1,
+    plan: bool = True,
     timeout: float = 1800.0,
     deadline: float | None = None,
     progress=None,
 ) -> dict:
     """The side-by-side report. `deadline` (time.monotonic()): workers that would start after it
     are skipped, and each one's timeout is cut to what is left; `progress(report)` is called after
-    every worker (e.g. to save a partial report)."""
+    every worker (e.g. to save a partial report); `plan`: also run `ftc plan --compile` on a spec
+    of each ftc job and put its predicted memory beside the measured (bench/plan_memory.py)."""
     threads = threads or len(os.sched_getaffinity(0))
     report: dict = {
         "config": dataclasses.asdict(config),
@@ -230,6 +232,7 @@ def run(
         if "device" in report["peak"] and config.device == "gpu":
             report["machine"]["device"] = report["peak"]["device"]
         runs: dict = {(m, s): [] for m in methods for s in stacks}
+        predicted: dict = {}
         for r in range(rounds):
             # Alternate which stack goes first, so a drift in machine load favours neither.
             order = list(stacks) if r % 2 == 0 else list(reversed(stacks))
@@ -248,6 +251,11 @@ def run(
                                 config, method, str(model_dir), str(tokens_path), steps, warmup, threads, remat
                             )
                             result = derive(run_worker(stack, job, work, left), config, method, report["peak"])
+                            if plan and stack == "ftc" and "error" not in result:
+                                if method not in predicted:
+                                    predicted[method] = plan_memory.predict(job, work, worker_env(config), left)
+                                result["predicted_memory"] = predicted[method]
+                                result["memory_check"] = plan_memory.compare(predicted[method], result)
                         except Exception as e:  # one bad row, not the end of the report
                             result = {"stack": stack, "method": method, "error": f"{type(e).__name__}: {e}"}
                     report["versions"].update(result.get("versions", {}))
@@ -300,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         "the fastest median step (for a machine shared with other work)",
     )
     p.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak (no MFU column)")
+    p.add_argument(
+        "--no-plan", action="store_true", help="skip `ftc plan --compile`'s predicted memory beside the measured"
+    )
     p.add_argument("--json", dest="json_out", default=None, help="also write the full report here")
     args = p.parse_args(argv)
 
@@ -319,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         remat=args.remat,
         peak=not args.no_peak,
+        plan=not args.no_plan,
         rounds=args.rounds,
     )
     print(format_table(report))

@@ -68,16 +68,19 @@ def activation_bytes(model, batch, spec, mesh_shape) -> float:
     """Rough bytes kept for the backward pass of one micro-batch on one device.
 
     Per token per layer, in compute-dtype elements (t = tensor-parallel size):
-      none: norms and residuals 4h, q/k/v/o h+2kv+h, attention probabilities N*T/t, mlp 4I/t;
-      dots: only matmul outputs (2h + 2kv + 3I/t);  full: only the layer input h, plus one
-      layer's worth recomputed during the backward pass.
-    Logits (and their float32 log-softmax) dominate at large vocabularies and are counted once.
+      none: norms and residuals 4h, q/k/v/o h+2kv+h, attention's log-sum-exp N/t (float32), mlp
+      4I/t;  dots: only matmul outputs (2h + 2kv + 3I/t);  full: only the layer input h, plus
+      one layer's worth recomputed during the backward pass.
+    Attention keeps no [T, T] probabilities: every kernel a training step runs (blockwise, cuDNN;
+    models/attention.py) recomputes them from the log-sum-exp in the backward pass. Logits (and
+    their float32 log-softmax) dominate at large vocabularies and are counted once.
     """
     t = mesh_shape["tensor"]
     tokens = batch.micro_batch_per_device * batch.seq_len
     h, kv, inter = model.hidden, model.kv_heads * model.head_dim, model.intermediate
-    per_layer_none = 4 * h + (2 * h + 2 * kv) / t + model.heads * batch.seq_len / t + 4 * inter / t
     c = DTYPE_BYTES[spec.model.dtype]
+    lse = model.heads / t * 4 / c  # float32, in compute-dtype elements
+    per_layer_none = 4 * h + (2 * h + 2 * kv) / t + lse + 4 * inter / t
     remat = spec.training.remat
     if remat == "full":
         per_token = h * model.layers + per_layer_none

@@ -76,3 +76,19 @@ def format_plan(plan, *, max_params: int = 40) -> str:
 
 def _axes(axes: Sequence[Any]) -> str:
     return "(" + ", ".join("-" if a is None else str(a) for a in axes) + ")"
+
+
+def format_compiled_memory(plan, compiled) -> str:
+    """`ftc plan --compile`'s lines: XLA's memory analysis of the compiled train step (any object
+    with the fields of compiled_memory.CompiledMemory) beside the plan's estimate."""
+    c, estimate = compiled, plan.memory.total
+    ratio = f", {c.peak / estimate:.2f}x the estimate" if estimate else ""
+    return "\n".join(
+        [
+            f"compiled  the train step for {c.devices} {c.platform} device(s) in {c.compile_s:.1f} s; "
+            "XLA's memory analysis per device:",
+            f"          arguments {human_bytes(c.argument)} + outputs {human_bytes(c.output)} - aliased "
+            f"{human_bytes(c.alias)} + temporaries {human_bytes(c.temp)} = {human_bytes(c.peak)}"
+            f" (estimate above {human_bytes(estimate)}{ratio}); generated code {human_bytes(c.generated_code)}",
+        ]
+    )

@@ -197,26 +197,48 @@ def _load_spec_or_exit(spec_path, overrides):
     default=None,
     help="Plan for this many devices (default: the devices jax sees here).",
 )
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="Also compile the train step ahead of time for the plan's mesh and print XLA's memory analysis per "
+    "device beside the estimate. With --devices N, on N CPU devices XLA makes up (no accelerator needed).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as one JSON document.")
-def plan(spec_path, overrides, devices, as_json):
+def plan(spec_path, overrides, devices, compile_, as_json):
     """Compile SPEC into a plan: model summary, parameter counts, per-device memory estimate,
     batch geometry, steps, schedule, mesh and the partition of every parameter.
 
-    Reads only the base model's config.json: planning a 70B model allocates nothing.
+    Reads only the base model's config.json: planning a 70B model allocates nothing. --compile
+    also builds the run's train step on abstract inputs and has XLA compile it (seconds to
+    minutes, growing with the model); still no weights are read.
     """
     import json
 
     spec = _load_spec_or_exit(spec_path, overrides)
     _need_train("plan")
-    from ftc.backends.jax.pipeline import plan_spec
-    from ftc.compiler.report import format_plan
+    from ftc.compiler.report import format_compiled_memory, format_plan
 
+    compiled = None
     try:
-        result = plan_spec(spec, device_count=devices)
+        if compile_:
+            from ftc.backends.jax.compiled_memory import compiled_memory
+
+            result, compiled = compiled_memory(spec, devices)
+        else:
+            from ftc.backends.jax.pipeline import plan_spec
+
+            result = plan_spec(spec, device_count=devices)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(1) from None
-    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_plan(result))
+    if as_json:
+        out = result.to_dict()
+        if compiled is not None:
+            out["compiled_memory"] = compiled.to_dict()
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo(format_plan(result) + ("" if compiled is None else "\n" + format_compiled_memory(result, compiled)))
 
 
 @main.command(short_help="Train a spec (resumes from the run's latest checkpoint).")

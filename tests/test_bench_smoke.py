@@ -29,7 +29,7 @@ def _run_bench(tmp_path, method: str) -> dict:
         str(out),
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ftc/pt" in proc.stdout  # the ratio row of the printed table
     return json.loads(out.read_text())
@@ -50,3 +50,7 @@ def test_bench_smoke_both_stacks_train_the_same_work_and_report_ratios(tmp_path)
     assert ftc_r["compile_s"] > 0
     assert set(entry["ratio"]) >= {"startup_s", "step_median_s", "tokens_per_s", "peak_rss_bytes"}
     assert entry["ratio"]["tokens_per_s"] == pytest.approx(ftc_r["tokens_per_s"] / torch_r["tokens_per_s"])
+    # `ftc plan --compile`'s prediction beside the measured buffers (bench/plan_memory.py)
+    predicted, check = ftc_r["predicted_memory"], ftc_r["memory_check"]
+    assert predicted["compiled"]["peak"] == ftc_r["xla_memory"]["peak"] > 0  # the same step as the worker's
+    assert check["buffers_bytes"] >= ftc_r["state_bytes"] > 0 and check["estimate_bytes"] > 0

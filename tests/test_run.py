@@ -236,6 +236,9 @@ def test_runs_keep_compiled_steps_in_the_persistent_cache(monkeypatch, tmp_path)
         assert run_lib.use_compilation_cache() == str(tmp_path / "ftc-cache" / "jax")
         jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))  # the user's own choice stays
         assert run_lib.use_compilation_cache() == str(tmp_path / "mine")
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("FTC_COMPILATION_CACHE", "0")  # off
+        assert run_lib.use_compilation_cache() is None and not jax.config.jax_compilation_cache_dir
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
 

@@ -49,10 +49,10 @@ from ftc.backends.jax.state.frozen_base import initial_params
 from ftc.backends.jax.state.init_from import init_from_step, read_model_config
 from ftc.backends.jax.state.lock import run_lock
 from ftc.backends.jax.train import device_peak, run_log
-from ftc.backends.jax.train import mesh as mesh_lib
-from ftc.backends.jax.train import optimizer as opt_lib
 from ftc.backends.jax.train import step as ts
+from ftc.backends.jax.train.compile_cache import use_compilation_cache
 from ftc.backends.jax.train.loop import Interrupted, LoopConfig, StopSignals, train_loop
+from ftc.backends.jax.train.program import build_program
 from ftc.compiler import flops as flops_lib
 from ftc.compiler import plan as plan_lib
 from ftc.compiler.report import format_plan
@@ -188,17 +188,6 @@ def plan_spec(spec, device_count: int | None = None, steps_per_epoch: int | None
 # ------------------------------------------------------------------ the run
 
 
-def use_compilation_cache() -> str | None:
-    """Keep compiled steps in JAX's persistent cache (`$FTC_CACHE/jax`, or the user's own
-    `JAX_COMPILATION_CACHE_DIR`), so a resumed or repeated run skips XLA compilation (measured on
-    CPU: 7.5 s -> 0.95 s for the bench step). Returns the directory in use."""
-    if not jax.config.jax_compilation_cache_dir:
-        from ftc.backends.jax.io.gguf_import import default_cache_root
-
-        jax.config.update("jax_compilation_cache_dir", str(default_cache_root() / "jax"))
-    return jax.config.jax_compilation_cache_dir
-
-
 def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int], None] | None = None) -> dict:
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
     there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`.
@@ -227,23 +216,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     )
     echo(format_plan(plan, max_params=0))
     total = plan.steps.total_steps
-    mesh = mesh_lib.mesh_for_plan(plan)
-    mask = opt_lib.trainable_mask(abstract_params, model.trainable)
-    schedule = opt_lib.make_schedule(plan.schedule, total)
-    tx = opt_lib.make_optimizer(plan.optimizer, schedule, {p.path: p.axes for p in plan.params})
-    state_abs = ts.abstract_state(abstract_params, tx, mask, reference=with_reference)
-    state_sh = ts.state_shardings(mesh, state_abs, plan.partitions())
-    steps = ts.build_steps(
-        model.module,
-        tx,
-        schedule,
-        mask,
-        mesh,
-        state_sh,
-        accum_steps=plan.batch.accum_steps,
-        eval_model=model.eval_module,
-        objective=objective,
-    )
+    program = build_program(plan, model, abstract_params, objective, reference=with_reference)
+    mesh, mask, tx, state_sh, steps = program.mesh, program.mask, program.tx, program.state_sh, program.steps
     feed = None
     if rollouts:  # train steps fed by rollout -> score rounds (rl/loop.py), not the data pipeline
         feed = rl_loop.RolloutFeed(spec, data, model, tokenizer, model_dir, hf_config, mesh)
@@ -278,7 +252,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
             saved,
             model_dir,
             model,
-            jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, state_sh),
+            program.abstract_state(),
         )
         if saved.get("format_version", 1) >= 2:
             frozen = saved.get("frozen")

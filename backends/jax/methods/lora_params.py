@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from ftc.backends.jax.io.hf_checkpoint import save_hf
@@ -31,7 +32,9 @@ def lora_a_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        # Drawn flat and reshaped: the same values (threefry numbers elements by their flat
+        # index), and XLA:CPU compiles the 1-D draw in a fraction of the multi-dimensional one's time.
+        return jax.random.uniform(key, (math.prod(shape),), dtype, -bound, bound).reshape(shape)
 
     return init
 
@@ -49,31 +52,40 @@ def init_params(model, base_params, rng: jax.Array, *, shardings=None, param_dty
     base_params = nn.unbox(base_params)
     kernels = {s.module_path: node(base_params, s.module_path)["kernel"] for s in plan.quant_sites}
 
-    def create(kernels, rng):
+    def quantize(kernels):
         new: dict = {}
-        for i, s in enumerate(plan.sites):
-            lead = s.lead
-            if s.quantized:
-                q = nf4.quantize(
-                    kernels[s.module_path],
-                    len(lead),
-                    s.n_in,
-                    block_size=plan.quant.block_size,
-                    double_quant=plan.quant.double_quant,
-                )
-                set_node(new, s.module_path + (QUANT_CHILD,), q)
-            if s.lora:
-                r = plan.config.rank
-                a = lora_a_init(math.prod(s.in_shape))(jax.random.fold_in(rng, i), lead + s.in_shape + (r,))
-                set_node(new, s.module_path + (CHILD, "a"), a.astype(param_dtype))
-                set_node(new, s.module_path + (CHILD, "b"), jnp.zeros(lead + (r,) + s.out_shape, param_dtype))
+        for s in plan.quant_sites:
+            q = nf4.quantize(
+                kernels[s.module_path],
+                len(s.lead),
+                s.n_in,
+                block_size=plan.quant.block_size,
+                double_quant=plan.quant.double_quant,
+            )
+            set_node(new, s.module_path + (QUANT_CHILD,), q)
         return new
 
-    out_shardings = None
-    if shardings is not None:
-        abstract_new = jax.eval_shape(create, kernels, rng)
-        out_shardings = jax.tree.map(lambda _, sh: sh, abstract_new, _subtree_like(shardings, abstract_new))
-    new = jax.jit(create, out_shardings=out_shardings)(kernels, rng)
+    new: dict = {}
+    if kernels:
+        out_shardings = None
+        if shardings is not None:
+            abstract_new = jax.eval_shape(quantize, kernels)
+            out_shardings = jax.tree.map(lambda _, sh: sh, abstract_new, _subtree_like(shardings, abstract_new))
+        new = jax.jit(quantize, out_shardings=out_shardings)(kernels)
+
+    # The factors are drawn call by call, not in one jitted program: XLA:CPU compiles a copy of the
+    # threefry hash for every factor there, seconds per site; called one by one, jax compiles
+    # `uniform` once per distinct size. Same keys, same values.
+    def place(path, value):
+        set_node(new, path, jax.device_put(value, None if shardings is None else node(shardings, path)))
+
+    dtype = jnp.dtype(param_dtype)
+    for i, s in enumerate(plan.sites):
+        if s.lora:
+            r = plan.config.rank
+            a = lora_a_init(math.prod(s.in_shape))(jax.random.fold_in(rng, i), s.lead + s.in_shape + (r,))
+            place(s.module_path + (CHILD, "a"), a.astype(dtype))
+            place(s.module_path + (CHILD, "b"), np.zeros(s.lead + (r,) + s.out_shape, dtype))
     params = copy_tree(base_params)
     for s in plan.quant_sites:
         del node(params, s.module_path)["kernel"]
