@@ -10,8 +10,10 @@ share every chart, one colour per run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import math
+import re
 from collections.abc import Sequence
 
 from ftc.report.rundir import Run
@@ -105,7 +107,9 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
     metrics = list(dict.fromkeys(m for run in runs for (_, m), points in run.series.items() if points))
     groups = [g for g in GROUPS if any(m in metrics for m in g.metrics)]
     groups += [
-        Group(m, m.replace("_", " ").replace("/", " / ").capitalize(), (m,), OTHER) for m in metrics if m not in _KNOWN
+        Group(_file_key(m), m.replace("_", " ").replace("/", " / ").capitalize(), (m,), OTHER)
+        for m in metrics
+        if m not in _KNOWN
     ]
     charts = []
     for g in groups:
@@ -118,6 +122,13 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
         ]
         charts.append(Chart(g, tuple(series)))
     return charts
+
+
+def _file_key(metric: str) -> str:
+    """A PNG file name for a metric: TRL-style names hold "/" (clip_ratio/high_mean, rewards/numeric/mean),
+    which would name a folder. The metric is kept whole for a distinct name (a/b and a_b differ)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", metric)
+    return safe if safe == metric else f"{safe}-{hashlib.sha1(metric.encode()).hexdigest()[:6]}"
 
 
 # ------------------------------------------------------------------ drawing

@@ -163,3 +163,21 @@ def test_the_png_charts_are_images_with_ink(sft_run):
         image = Image.open(io.BytesIO(png.read_bytes())).convert("RGB")
         assert image.size == (640, 330)
         assert len(image.getcolors(maxcolors=1 << 16) or ()) > 20, png.name
+
+
+def test_metric_names_with_slashes_get_flat_distinct_png_files(sft_run, tmp_path):
+    """TRL's names (clip_ratio/high_mean, rewards/numeric/mean) once made the report write into a
+    folder that did not exist, so a GRPO run's report never refreshed."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(sft_run.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    names = ("clip_ratio/high_mean", "rewards/numeric/mean", "rewards_numeric_mean")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        for step in (1, 2):
+            f.write(json.dumps({"step": step, "split": "train", **{n: 0.1 * step for n in names}}) + "\n")
+    written = write_report([run_dir])
+    pngs = [Path(p) for p in written.pngs]
+    assert all(p.parent == pngs[0].parent and p.is_file() for p in pngs)
+    assert len({p.name for p in pngs}) == len(pngs)
+    shown = figures(written.html)
+    assert all(len(shown[k]["series"]) == 1 for k in shown if k.startswith(("clip_ratio", "rewards")))
+    assert "Clip ratio / high mean" in Path(written.html).read_text()
