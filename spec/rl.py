@@ -166,6 +166,8 @@ def model_reward_problems(r: dict) -> list[tuple[str, str]]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         return out + [("path", f"no such directory: {path}")]
+    if not os.path.isfile(config_path):
+        return out + [("path", f"{path}: no config.json (expected a Hugging Face *{SEQ_CLS_SUFFIX} directory)")]
     try:
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
