@@ -1,5 +1,6 @@
 """Per-device memory estimate of a plan: parameters, gradients, optimizer state, activations and
-an objective's frozen reference copy, from the planned parameters' shapes and partitions."""
+an objective's frozen reference copy, from the planned parameters' shapes and partitions; for an
+online RL objective also what one rollout holds (`RolloutShape` -> `RolloutMemory`)."""
 
 from __future__ import annotations
 
@@ -12,20 +13,56 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1,
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutShape:
+    """What one rollout of an online RL objective holds, as the backend lays it out (the sampler's
+    buckets applied: backends/jax/rl/shape.py). Per-token arrays of the update rows are float32
+    [scored_rows, seq_len]: old log-probs always, reference log-probs with a KL term, and
+    `per_token_arrays` more (PPO: values, returns, advantages)."""
+
+    sample_rows: int  # rows the sampler decodes at once (the batch bucket)
+    cache_slots: int  # prompt bucket + new-token bucket: the KV cache's length
+    scored_rows: int  # rollout rows scored and trained on (completions of one rollout)
+    seq_len: int  # positions of one scored row: prompt + completion
+    reference: bool  # reference log-probs are computed (a KL term)
+    per_token_arrays: int = 0  # more float32 [scored_rows, seq_len] arrays (PPO: values, returns, advantages)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutMemory:
+    """Bytes per device of one rollout (see rollout_memory)."""
+
+    kv_cache: int
+    sampler_logits: int
+    scoring_logits: int
+    per_token: int
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache + self.sampler_logits + self.scoring_logits + self.per_token
+
+
+@dataclasses.dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per device. Activations are an estimate for one micro-batch (see activation_bytes).
     `reference`: an objective that keeps a frozen copy of the starting parameters (DPO of a full
-    fine-tune)."""
+    fine-tune). `rollout`: an online RL objective's rollout, which runs between updates: the peak
+    is the parameters, optimizer state and reference plus the larger of update and rollout."""
 
     params: int
     grads: int
     optimizer: int
     activations: int
     reference: int = 0
+    rollout: RolloutMemory | None = None
+
+    @property
+    def update(self) -> int:
+        return self.grads + self.activations
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.reference
+        held = self.params + self.optimizer + self.reference
+        return held + max(self.update, self.rollout.total if self.rollout else 0)
 
 
 def _nbytes(p, mesh_shape, dtype: str | None = None) -> float:
@@ -48,7 +85,35 @@ def estimate(params, model, batch, spec, mesh_shape, objective) -> MemoryEstimat
         optimizer=int(sum(_optimizer_bytes(p, spec.training.optimizer, mesh_shape) for p in trainable)),
         activations=int(activations),
         reference=int(param_bytes) if objective.reference_copy else 0,
+        rollout=None if objective.rollout is None else rollout_memory(model, objective.rollout, spec, mesh_shape),
     )
+
+
+def rollout_memory(model, shape: RolloutShape, spec, mesh_shape) -> RolloutMemory:
+    """Bytes per device of one rollout of `shape` (a RolloutShape) for the ModelSummary `model`:
+
+    kv_cache        2 (keys, values) x layers x sample_rows x cache_slots x kv_heads x head_dim
+                    in the compute dtype; rows split over data x fsdp and kv heads over tensor
+                    where they divide (as the sampler shards its cache)
+    sampler_logits  one decode step's logits [sample_rows, vocab]: compute dtype + a float32 copy
+    scoring_logits  the pass that scores the rollout (old, and reference, log-probs): logits of
+                    every position [scored_rows, seq_len, vocab] in the compute dtype, their float32
+                    log-softmax and its exp (entropy); counted whole on each device (its rows
+                    arrive unsharded)
+    per_token       float32 [scored_rows, seq_len] arrays: old log-probs, reference log-probs (with
+                    a KL term) and `per_token_arrays` more
+    """
+    c = DTYPE_BYTES[spec.model.dtype]
+    rows_split = sharding_rules.batch_shards(mesh_shape)
+    rows = shape.sample_rows / (rows_split if shape.sample_rows % rows_split == 0 else 1)
+    t = mesh_shape.get("tensor", 1)
+    kv_heads = model.kv_heads / (t if model.kv_heads % t == 0 else 1)
+    kv = 2 * model.layers * rows * shape.cache_slots * kv_heads * model.head_dim * c
+    sampler_logits = rows * model.vocab * (c + 4)
+    positions = shape.scored_rows * shape.seq_len
+    scoring = positions * model.vocab * (c + 4 + 4)
+    arrays = 1 + int(shape.reference) + shape.per_token_arrays
+    return RolloutMemory(int(kv), int(sampler_logits), int(scoring), int(positions * 4 * arrays))
 
 
 def _optimizer_bytes(p, opt, mesh_shape) -> float:

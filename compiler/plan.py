@@ -74,12 +74,14 @@ class Counts:
 @dataclasses.dataclass(frozen=True)
 class ObjectiveCost:
     """What an objective adds to a step: model rows per example (DPO: chosen and rejected), a
-    frozen reference model's forward pass, and a frozen reference copy of the parameters (DPO of a
-    full fine-tune; a method that can be disabled needs none)."""
+    frozen reference model's forward pass, a frozen reference copy of the parameters (DPO of a
+    full fine-tune; a method that can be disabled needs none), and an online RL objective's
+    rollout (sampled between updates: its memory is the plan's `memory.rollout`)."""
 
     sequences_per_example: int = 1
     reference_forward: bool = False
     reference_copy: bool = False
+    rollout: memory_lib.RolloutShape | None = None  # online RL: what one rollout holds
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,10 +54,7 @@ def format_plan(plan, *, max_params: int = 40) -> str:
         + f", min_lr_ratio {plan.schedule.min_lr_ratio:g}",
         f"optimizer {plan.optimizer.kind}, weight decay {plan.optimizer.weight_decay:g}, "
         f"grad clip {plan.optimizer.grad_clip:g}",
-        f"memory/device  params {human_bytes(mem.params)} + grads {human_bytes(mem.grads)} + optimizer "
-        f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)}"
-        + (f" + {plan.objective.upper()} reference copy {human_bytes(mem.reference)}" if mem.reference else "")
-        + f" = {human_bytes(mem.total)}",
+        *_memory_lines(plan.objective, mem),
         f"compute   {plan.flops_per_token / 1e9:,.3f} GFLOP per trained token (model FLOPs, the MFU numerator), "
         f"{plan.flops_per_token * b.tokens_per_step / 1e12:,.3f} TFLOP per step",
     ]
@@ -72,6 +69,26 @@ def format_plan(plan, *, max_params: int = 40) -> str:
         lines.append("notes:")
         lines += [f"  {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _memory_lines(objective: str, mem) -> list[str]:
+    reference = f" + {objective.upper()} reference copy {human_bytes(mem.reference)}" if mem.reference else ""
+    if mem.rollout is None:
+        return [
+            f"memory/device  params {human_bytes(mem.params)} + grads {human_bytes(mem.grads)} + optimizer "
+            f"{human_bytes(mem.optimizer)} + activations ~{human_bytes(mem.activations)}{reference}"
+            f" = {human_bytes(mem.total)}"
+        ]
+    update = f"grads {human_bytes(mem.grads)} + activations ~{human_bytes(mem.activations)}"
+    r = mem.rollout
+    return [
+        f"memory/device  params {human_bytes(mem.params)} + optimizer {human_bytes(mem.optimizer)}{reference}"
+        f" + max(update, rollout) = {human_bytes(mem.total)}",
+        f"  update       {update} = {human_bytes(mem.update)}",
+        f"  rollout      KV cache {human_bytes(r.kv_cache)} + sampler logits {human_bytes(r.sampler_logits)} + "
+        f"scoring logits ~{human_bytes(r.scoring_logits)} + per-token arrays {human_bytes(r.per_token)} = "
+        f"{human_bytes(r.total)}",
+    ]
 
 
 def _axes(axes: Sequence[Any]) -> str:

@@ -75,6 +75,11 @@ def resolve_paths(data: dict, base_dir: str, prefix: tuple = ()) -> dict:
             value = resolve(kind, value, base_dir)
         elif kind and isinstance(value, list):
             value = [resolve(kind, v, base_dir) if isinstance(v, str) else v for v in value]
+        elif isinstance(value, list) and node is not None and schema_walk.array_items(node):
+            # arrays of inline tables (training.grpo_rewards): their path-valued keys too
+            value = [
+                resolve_paths(v, base_dir, prefix + (key, i)) if isinstance(v, dict) else v for i, v in enumerate(value)
+            ]
         elif isinstance(value, dict) and node is not None:
             value = resolve_paths(value, base_dir, prefix + (key,))
         out[key] = value

@@ -4,21 +4,31 @@ spec dict: (key path, message, severity) for each problem, as targets.py gives t
 Checked here rather than by the schema: rules across keys (batch_size a multiple of the group
 size, a prompt plus grpo_max_new_tokens within model.max_seq_len), a reward's options (a regex
 that compiles, a length range), and a reward that needs the row's answer against the training
-rows when they are local JSONL files (a row without "answer" is named by file:line). Never
-imports jax: `ftc lint` stays light.
+rows when they are local JSONL files (a row without "answer" is named by file:line), and a
+`model` reward's directory (there, a *ForSequenceClassification config.json without custom code,
+safetensors weights, a `label` that fits its labels: `label_index`, which the backend uses too).
+Never imports jax: `ftc lint` stays light.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 
 from ftc.spec.local_files import value_at
 
 NEEDS_ANSWER = ("exact_match", "contains", "numeric")  # backends/jax/rl/rewards.py
 ANSWER_FORMATS = ("prompt",)  # data formats whose rows carry a reference answer ("answer")
-OPTIONS = {"regex": {"pattern"}, "length": {"min_tokens", "max_tokens"}, "json": {"required_keys"}}
+OPTIONS = {
+    "regex": {"pattern"},
+    "length": {"min_tokens", "max_tokens"},
+    "json": {"required_keys"},
+    "model": {"path", "label", "text"},
+}
+MODEL_TEXTS = ("conversation", "completion")  # backends/jax/rl/reward_model.py: what a model reward scores
+SEQ_CLS_SUFFIX = "ForSequenceClassification"
 SHOWN_ROWS = 3  # rows without an answer named in the message
 
 
@@ -62,6 +72,9 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
             lo, hi = r.get("min_tokens", 0), r.get("max_tokens")
             if not isinstance(hi, int) or lo > hi:
                 add((*at, "max_tokens"), f"a length reward needs min_tokens <= max_tokens, got {lo}, {hi}")
+        if kind == "model":
+            for key, message in model_reward_problems(r):
+                add((*at, key), message)
         if kind in NEEDS_ANSWER:
             why = _answer_problem(s)
             if why:
@@ -103,4 +116,75 @@ def _rows_without_answer(path: str) -> list[str]:
             continue
         if isinstance(record, dict) and record.get("answer") is None:
             out.append(f"{path}:{number}")
+    return out
+
+
+# ---------------------------------------------------------------- the model reward
+
+
+def num_labels(config: dict) -> int:
+    """A classifier config.json's label count, as transformers reads it (id2label, else num_labels, else 2)."""
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    n = config.get("num_labels", 2)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 2
+
+
+def label_index(config: dict, label) -> int:
+    """The index of the label whose probability a model reward is, from `label` (an index, or a
+    name in config.json's id2label): by default the last of two labels (a binary classifier's
+    positive class); with one label its logit is the reward (index 0); with more, `label` is
+    required. ValueError saying what fits."""
+    n = num_labels(config)
+    id2label = config.get("id2label") if isinstance(config.get("id2label"), dict) else {}
+    names = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+    shown = ", ".join(f"{i} = {name!r}" for i, name in enumerate(names))
+    if label is None:
+        if n <= 2:
+            return n - 1
+        raise ValueError(f"the model has {n} labels ({shown}): name the one whose probability is the reward (label)")
+    if isinstance(label, bool) or not isinstance(label, (int, str)):
+        raise ValueError(f"label {label!r}: expected a label name or an index ({shown})")
+    if isinstance(label, int):
+        if not 0 <= label < n:
+            raise ValueError(f"label {label} is not an index of the model's {n} label(s) ({shown})")
+        return label
+    if label not in names:
+        raise ValueError(f"label {label!r} is not one of the model's labels ({shown})")
+    return names.index(label)
+
+
+def model_reward_problems(r: dict) -> list[tuple[str, str]]:
+    """(option, message) for a `model` reward whose directory cannot be scored with (no jax)."""
+    path = r.get("path")
+    if not isinstance(path, str) or not path.strip():
+        return [("path", "a model reward needs path: a local *ForSequenceClassification directory")]
+    out = []
+    if r.get("text", "conversation") not in MODEL_TEXTS:
+        out.append(("text", f"expected one of {', '.join(MODEL_TEXTS)}, got {r.get('text')!r}"))
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        return out + [("path", f"no such directory: {path}")]
+    if not os.path.isfile(config_path):
+        return out + [("path", f"{path}: no config.json (expected a Hugging Face *{SEQ_CLS_SUFFIX} directory)")]
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        return out + [("path", f"{config_path}: cannot read a config.json ({e})")]
+    if not isinstance(config, dict):
+        return out + [("path", f"{config_path}: expected a JSON object")]
+    if "auto_map" in config or config.get("trust_remote_code"):
+        return out + [("path", f"{config_path}: asks for custom model code (auto_map); ftc never runs it")]
+    archs = config.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith(SEQ_CLS_SUFFIX) for a in archs):
+        out.append(("path", f"{config_path} names {archs or 'no architectures'}, not a *{SEQ_CLS_SUFFIX} model"))
+        return out
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        out.append(("path", f"{path}: no model.safetensors (ftc reads safetensors only, never pickle)"))
+    try:
+        label_index(config, r.get("label"))
+    except ValueError as e:
+        out.append(("label", str(e)))
     return out

@@ -100,7 +100,10 @@ def objective_cost(spec, model) -> plan_lib.ObjectiveCost:
     """What the spec's objective adds to a step, as the compiler counts it."""
     registered = objectives.get(spec.training.objective)
     reference_copy = registered.build is not None and registered.build(spec, model).reference_copy
-    return plan_lib.ObjectiveCost(registered.sequences_per_example, registered.reference_forward, reference_copy)
+    rollout = registered.rollout(spec) if registered.rollout else None
+    return plan_lib.ObjectiveCost(
+        registered.sequences_per_example, registered.reference_forward, reference_copy, rollout
+    )
 
 
 def plan_for(

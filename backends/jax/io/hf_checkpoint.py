@@ -140,14 +140,18 @@ def _layout_stored(spec: HfTensor, checkpoint: SafetensorsCheckpoint) -> HfTenso
     return spec
 
 
-def load_model(model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=None) -> LoadedModel:
+def load_model(
+    model_dir: str | os.PathLike, *, dtype=jnp.float32, shardings=None, hf_config: dict | None = None
+) -> LoadedModel:
     """Load a local HF directory (config.json + safetensors, any stored float dtype) as flax params.
 
     `shardings`: a jax.sharding.Sharding for every param, or a pytree of them matching the params;
     each device's block is then read from the memory-mapped file directly into that device.
+    `hf_config`: the config to build the model from, when not config.json as read (a classifier's
+    decoder read without its LM head: rl/reward_model.py).
     """
     model_dir = Path(model_dir)
-    hf_config = read_hf_config(model_dir)
+    hf_config = read_hf_config(model_dir) if hf_config is None else hf_config
     family = family_for(hf_config)
     arch = family.config_from_hf(hf_config)
     checkpoint = SafetensorsCheckpoint(model_dir)

@@ -67,6 +67,8 @@ class Registered:
     sequences_per_example: model rows one example runs through per forward pass (DPO: chosen and
         rejected), for the plan's activation estimate.
     reference_forward: each step also runs a frozen reference model forward (DPO), for the FLOP count.
+    rollout(spec) -> compiler.memory.RolloutShape: what one rollout of an online RL objective holds
+        (rl/shape.py), for the plan's rollout memory; None for objectives that sample nothing.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Registered:
     trainer: str = STEPS
     sequences_per_example: int = 1
     reference_forward: bool = False
+    rollout: Callable[[Any], Any] | None = None
 
 
 def nonzero(w):

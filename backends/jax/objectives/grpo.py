@@ -34,6 +34,8 @@ import numpy as np
 import optax
 
 from ftc.backends.jax.objectives.contract import ROLLOUTS, Built, Objective, Registered, nonzero
+from ftc.backends.jax.rl.shape import rollout_shape
+from ftc.compiler.memory import RolloutShape
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALES = ("group", "batch", "none")
@@ -223,4 +225,15 @@ def build(spec, model) -> Built:
     return Built(built, reference_copy=bool(t.grpo_beta) and not model.method.zero_is_base)
 
 
-RECORD = Registered("grpo", build, trainer=ROLLOUTS, reference_forward=False)
+def rollout(spec) -> RolloutShape:
+    """One round's rollout: batch_size completions (compiler/memory.py counts its memory)."""
+    t = spec.training
+    return rollout_shape(
+        completions=t.batch_size,
+        max_new_tokens=t.grpo_max_new_tokens,
+        max_seq_len=spec.model.max_seq_len,
+        reference=bool(t.grpo_beta),
+    )
+
+
+RECORD = Registered("grpo", build, trainer=ROLLOUTS, reference_forward=False, rollout=rollout)

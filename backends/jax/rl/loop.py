@@ -32,6 +32,7 @@ from ftc.backends.jax.generate.sampler import make_sampler
 from ftc.backends.jax.generate.source import context_length, eos_ids
 from ftc.backends.jax.generate.text import decode
 from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.rl import reward_model
 from ftc.backends.jax.rl import rewards as rw
 from ftc.backends.jax.rl.rollout import RolloutConfig, logps_function, sample_groups, update_batch
 from ftc.backends.jax.train.step import REFERENCE
@@ -72,6 +73,7 @@ class PromptData:
     stats: PromptStats
     steps_per_epoch: int  # optimizer steps that see every prompt once
     validation_rows: None = None  # no validation pass: the rewards are the run's measure
+    conversations: tuple = ()  # each prompt's messages (what a model reward scores with the completion)
 
 
 def prompt_data(spec, tokenizer) -> PromptData:
@@ -110,7 +112,8 @@ def prompt_data(spec, tokenizer) -> PromptData:
     rounds = -(-len(ids) // per_round)
     answers = tuple(r.data["answer"] for r in read.rows)
     where = tuple(r.where for r in read.rows)
-    return PromptData(tuple(ids), answers, where, stats, rounds * t.grpo_updates_per_rollout)
+    conversations = tuple(tuple(r.data["messages"]) for r in read.rows)
+    return PromptData(tuple(ids), answers, where, stats, rounds * t.grpo_updates_per_rollout, None, conversations)
 
 
 class RolloutFeed:
@@ -130,6 +133,7 @@ class RolloutFeed:
             pad_id=int(pad),
         )
         self.rewards = rw.parse(t.grpo_rewards, "training.grpo_rewards")
+        self.scorers = {r.label: reward_model.load(r) for r in self.rewards if r.kind == "model"}
         self.data, self.model, self.tokenizer = data, model, tokenizer
         self.sampler = make_sampler(
             model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh
@@ -210,7 +214,8 @@ class RolloutFeed:
         answers = [self.data.answers[i] for i in picked for _ in range(g)]
         texts = [decode(self.tokenizer, c) for c in completions]
         lengths = [len(c) for c in completions]
-        total, parts = rw.score(self.rewards, texts, lengths, answers)
+        conversations = [self.data.conversations[i] for i in picked for _ in range(g)]
+        total, parts = rw.score(self.rewards, texts, lengths, answers, conversations=conversations, models=self.scorers)
         reference = None
         if self.beta:
             reference = (

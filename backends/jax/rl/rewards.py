@@ -10,10 +10,14 @@
                  falling linearly to 0 at 0 tokens below or at twice max_tokens above
     json         1 if the completion is a JSON object (surrounding whitespace and a ``` fence
                  allowed) holding every key of `required_keys`
+    model        a local HF *ForSequenceClassification directory (`path`) scored in JAX: the
+                 probability of `label` (rl/reward_model.py), of the prompt's conversation plus
+                 the completion (`text = "conversation"`) or the completion alone ("completion")
 
 A row's reward is sum_k weight_k * reward_k; `score` returns the total and each part (logged as
 TRL logs them: rewards/<name>/mean). exact_match, contains and numeric need the row's reference
-answer (`needs_answer`); lint refuses them on data without answers.
+answer (`needs_answer`); lint refuses them on data without answers. A model reward is scored
+in batches by a loaded scorer (`score(..., models={label: reward_model.load(r)})`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ftc.backends.jax.generate.metrics import compile_regex, normalise
 
-KINDS = ("exact_match", "contains", "numeric", "regex", "length", "json")
+KINDS = ("exact_match", "contains", "numeric", "regex", "length", "json", "model")
 NEEDS_ANSWER = ("exact_match", "contains", "numeric")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
@@ -45,6 +49,9 @@ class Reward:
     min_tokens: int = 0  # length
     max_tokens: int | None = None  # length
     required_keys: tuple[str, ...] = ()  # json
+    path: str | None = None  # model: the classifier's directory
+    label_choice: int | str | None = None  # model: the label whose probability is the reward
+    text: str = "conversation"  # model: what it scores (reward_model.TEXTS)
 
     @property
     def label(self) -> str:
@@ -68,6 +75,7 @@ def parse(entries: Sequence[Mapping], where: str = "rewards") -> tuple[Reward, .
             "regex": {"pattern"},
             "length": {"min_tokens", "max_tokens"},
             "json": {"required_keys"},
+            "model": {"path", "label", "text"},
         }.get(kind, set())
         extra = sorted(set(entry) - allowed)
         if extra:
@@ -79,6 +87,13 @@ def parse(entries: Sequence[Mapping], where: str = "rewards") -> tuple[Reward, .
             if not isinstance(entry.get("pattern"), str):
                 raise ValueError(f"{at}.pattern: a regex reward needs a pattern (a string)")
             compile_regex(entry["pattern"], f"{at}.pattern")
+        if kind == "model" and not isinstance(entry.get("path"), str):
+            raise ValueError(f"{at}.path: a model reward needs path (a local *ForSequenceClassification directory)")
+        label = entry.get("label")
+        if isinstance(label, bool) or not (label is None or isinstance(label, (int, str))):
+            raise ValueError(f"{at}.label: expected a label name or index, got {label!r}")
+        if entry.get("text", "conversation") not in ("conversation", "completion"):
+            raise ValueError(f"{at}.text: expected 'conversation' or 'completion', got {entry.get('text')!r}")
         lo, hi = entry.get("min_tokens", 0), entry.get("max_tokens")
         if kind == "length" and (hi is None or not 0 <= lo <= hi):
             raise ValueError(f"{at}.max_tokens: a length reward needs 0 <= min_tokens <= max_tokens, got {lo}, {hi}")
@@ -91,6 +106,9 @@ def parse(entries: Sequence[Mapping], where: str = "rewards") -> tuple[Reward, .
                 min_tokens=int(lo),
                 max_tokens=None if hi is None else int(hi),
                 required_keys=tuple(entry.get("required_keys", ())),
+                path=entry.get("path"),
+                label_choice=entry.get("label"),
+                text=entry.get("text", "conversation"),
             )
         )
     labels = [r.label for r in out]
@@ -142,17 +160,32 @@ def one(reward: Reward, completion: str, tokens: int, answer: str | None) -> flo
     if reward.kind == "json":
         obj = _json_object(completion)
         return float(obj is not None and all(k in obj for k in reward.required_keys))
+    if reward.kind == "model":
+        raise ValueError(f"reward {reward.label!r} (model) scores whole batches: pass its scorer to score(models=)")
     raise ValueError(f"unknown reward kind {reward.kind!r}")
 
 
 def score(
-    rewards: Sequence[Reward], completions: Sequence[str], tokens: Sequence[int], answers: Sequence[str | None]
+    rewards: Sequence[Reward],
+    completions: Sequence[str],
+    tokens: Sequence[int],
+    answers: Sequence[str | None],
+    *,
+    conversations: Sequence[Sequence[Mapping]] | None = None,
+    models: Mapping[str, Callable] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """([N] weighted totals, {label: [N] unweighted values}) for N completions."""
-    parts = {
-        r.label: np.array([one(r, c, n, a) for c, n, a in zip(completions, tokens, answers, strict=True)], np.float32)
-        for r in rewards
-    }
+    """([N] weighted totals, {label: [N] unweighted values}) for N completions. A model reward
+    takes its scorer from `models` (by label) and each completion's prompt messages from
+    `conversations`."""
+    parts = {}
+    for r in rewards:
+        if r.kind == "model":
+            if not models or r.label not in models or conversations is None:
+                raise ValueError(f"reward {r.label!r} (model) needs its loaded scorer and the prompts' conversations")
+            parts[r.label] = np.asarray(models[r.label](conversations, completions), np.float32)
+        else:
+            values = [one(r, c, n, a) for c, n, a in zip(completions, tokens, answers, strict=True)]
+            parts[r.label] = np.array(values, np.float32)
     total = np.zeros(len(completions), np.float32)
     for r in rewards:
         total += np.float32(r.weight) * parts[r.label]
