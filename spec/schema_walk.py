@@ -41,11 +41,18 @@ def node_at(path: tuple) -> dict | None:
 
 def array_items(node: dict) -> dict | None:
     if node.get("type") == "array":
-        return node.get("items")
+        return resolved(node.get("items"))
     for branch in node.get("anyOf", ()):
         if branch.get("type") == "array":
-            return branch.get("items")
+            return resolved(branch.get("items"))
     return None
+
+
+def resolved(node: dict | None) -> dict | None:
+    """`node`, or the `$defs` entry its local `$ref` ("#/$defs/NAME") names: one definition shared
+    by several keys (the RL objectives' reward items)."""
+    ref = (node or {}).get("$ref", "")
+    return schema()["$defs"][ref.rsplit("/", 1)[-1]] if ref.startswith("#/$defs/") else node
 
 
 def exclusive_pairs(node: dict) -> list[tuple[str, ...]]:

@@ -71,10 +71,7 @@ def _metrics(spec) -> list[dict]:
 
 
 def _params(spec) -> dict[str, np.ndarray]:
-    from ftc.backends.jax.state import checkpoint as ckpt_lib
-
-    checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(spec.run_dir), read_only=True)
-    return {k: np.asarray(v) for k, v in tl.flat(checkpointer.restore_params(None)).items()}
+    return tl.checkpoint_params(spec.run_dir)
 
 
 def test_ftc_run_trains_grpo_rounds_and_logs_trls_metrics(root):
@@ -121,7 +118,7 @@ def test_a_grpo_run_stopped_between_two_updates_of_a_rollout_resumes_bitwise(roo
         run_lib.run(cut, echo=lambda s: None, after_step=kill)
     assert run_lib.run(cut, echo=lambda s: None)["step"] == 6
     a, b = _params(whole), _params(cut)
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and len(a) > 1
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     rewards = lambda s: [(r["step"], r["reward"]) for r in _metrics(s)]  # noqa: E731
