@@ -7,6 +7,8 @@ validators and editors ignore):
   and setting it otherwise is an error.
 - `x-ftc-default-from: sibling`: the default is the sibling's value (micro_batch_size).
 - `x-ftc-path: model|data|local`: the string is a path relative to the spec file (see paths.py).
+- `x-ftc-starter: value`: what `ftc init`'s starter spec writes where the default would not lint
+  (an RL objective's rewards).
 Pairs of exclusive keys are plain JSON Schema: `allOf: [{not: {required: [a, b]}}]`.
 What the schema says of each method kind, objective and format (`x-ftc-kinds`,
 `x-ftc-objectives`, `x-ftc-comments`, `x-ftc-comment`) is read by choices.py.
