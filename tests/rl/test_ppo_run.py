@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
+import rl_testlib as rl
 import train_testlib as tl
-from data_testlib import write_jsonl
 
 SPEC = """ftc = 1
 name = "{name}"
@@ -49,26 +48,14 @@ HEAD = "ftc_value_head"
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ppo-run")
-    tl.make_model_dir(root / "base")
-    rows = [
-        {"messages": [{"role": "user", "content": f"what is {i} plus {i}?"}], "answer": str(2 * i)} for i in range(5)
-    ]
-    write_jsonl(root / "prompts.jsonl", rows)
-    return root
+    return rl.make_root(tmp_path_factory.mktemp("ppo-run"))
 
 
 def _spec(root, name: str, kl: float = 0.05, steps: int = 6, method: str = ""):
-    from ftc.spec import load_spec
-
-    path = root / f"{name}.toml"
-    path.write_text(SPEC.format(root=root, name=name, kl=kl, steps=steps, method=method))
-    return load_spec(str(path))
+    return rl.load(root, SPEC, name, kl=kl, steps=steps, method=method)
 
 
-def _metrics(spec) -> list[dict]:
-    with open(os.path.join(spec.run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
+_metrics = rl.train_metrics
 
 
 def _params(spec) -> dict[str, np.ndarray]:
@@ -127,21 +114,10 @@ def test_ftc_run_trains_ppo_with_a_value_head_and_logs_trls_metrics(root):
 
 
 def test_a_ppo_run_stopped_between_two_updates_of_a_rollout_resumes_bitwise(root):
-    from ftc.backends.jax import pipeline as run_lib
-
-    whole = _spec(root, "whole")
-    run_lib.run(whole, echo=lambda s: None)
-    cut = _spec(root, "cut")
-    kill = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None  # noqa: E731
-    with pytest.raises(run_lib.Interrupted, match="saved a checkpoint at step 3"):
-        run_lib.run(cut, echo=lambda s: None, after_step=kill)
-    assert run_lib.run(cut, echo=lambda s: None)["step"] == 6
-    a, b = _params(whole), _params(cut)
-    assert a.keys() == b.keys() and any(HEAD in k for k in a)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    rewards = lambda s: [(r["step"], r["reward"], r["loss"]) for r in _metrics(s)]  # noqa: E731
-    assert rewards(cut)[-3:] == rewards(whole)[-3:]  # the rollouts and updates after the resume are the same
+    params = rl.stopped_and_resumed_equals_whole(
+        lambda name: _spec(root, name), stop_after=3, steps=6, keys=("reward", "loss", "loss/value_avg")
+    )
+    assert f"{HEAD}/kernel" in params  # the value head is in the checkpoint, and equal
 
 
 def test_ftc_run_trains_ppo_with_lora_and_its_value_head_against_the_disabled_base(root):

@@ -83,7 +83,7 @@ def base(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("method", ["", LORA])
+@pytest.mark.parametrize("method", ["", LORA, LORA.replace('"lora"', '"qlora"') + "quant_block_size = 32\n"])
 def test_ftc_plan_of_a_ppo_spec_counts_the_value_head_as_trained(tmp_path, base, method):
     from ftc.backends.jax import pipeline
     from ftc.spec import load_spec
