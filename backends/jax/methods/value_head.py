@@ -59,9 +59,10 @@ class WithValueHead(nn.Module):
         return getattr(self.inner, "plan", None)
 
     def __call__(self, *args, output: str = "logits", **kwargs):
-        if output != OUTPUT and not self.is_initializing():
+        # Init creates the head too (a decode step with a kv cache is never an init of the params).
+        if output != OUTPUT and not (self.is_initializing() and kwargs.get("kv_cache") is None):
             return self.inner(*args, output=output, **kwargs)
-        # One forward pass gives both (family.py's "logits_and_hidden"); init creates the head too.
+        # One forward pass gives both (family.py's "logits_and_hidden").
         logits_BTV, hidden_BTD = self.inner(*args, output="logits_and_hidden", **kwargs)
         values_BT = self.head(hidden_BTD)
         if output == OUTPUT:
