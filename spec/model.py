@@ -115,6 +115,16 @@ class TrainingSpec:
     grpo_updates_per_rollout: int | None
     grpo_max_new_tokens: int | None
     grpo_temperature: float | None
+    ppo_rewards: tuple[dict, ...] | None  # ppo only (this and the ppo_ keys below)
+    ppo_kl_coef: float | None
+    ppo_epsilon: float | None
+    ppo_value_clip: float | None
+    ppo_vf_coef: float | None
+    ppo_gamma: float | None
+    ppo_lambda: float | None
+    ppo_updates_per_rollout: int | None
+    ppo_max_new_tokens: int | None
+    ppo_temperature: float | None
     router_aux_loss_coef: float | None  # sft only; None: config.json decides (objectives/router_aux.py)
     schedule: ScheduleSpec
     optimizer: OptimizerSpec

@@ -1,8 +1,10 @@
-"""Lint rules of the online RL objective (training.objective = "grpo"), over a default-filled
-spec dict: (key path, message, severity) for each problem, as targets.py gives them.
+"""Lint rules of the online RL objectives (training.objective = "grpo" or "ppo"), over a
+default-filled spec dict: (key path, message, severity) for each problem, as targets.py gives
+them. Each objective's keys carry its name as a prefix (grpo_rewards, ppo_rewards, ...), so one
+set of rules serves both.
 
 Checked here rather than by the schema: rules across keys (batch_size a multiple of the group
-size, a prompt plus grpo_max_new_tokens within model.max_seq_len), a reward's options (a regex
+size, a prompt plus <objective>_max_new_tokens within model.max_seq_len), a reward's options (a regex
 that compiles, a length range), and a reward that needs the row's answer against the training
 rows when they are local JSONL files (a row without "answer" is named by file:line), and a
 `model` reward's directory (there, a *ForSequenceClassification config.json without custom code,
@@ -30,32 +32,36 @@ OPTIONS = {
 MODEL_TEXTS = ("conversation", "completion")  # backends/jax/rl/reward_model.py: what a model reward scores
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 SHOWN_ROWS = 3  # rows without an answer named in the message
+RL_OBJECTIVES = ("grpo", "ppo")  # their keys: training.<objective>_*
 
 
 def issues(s: dict) -> list[tuple[tuple, str, str]]:
-    if value_at(s, ("training", "objective")) != "grpo":
+    objective = value_at(s, ("training", "objective"))
+    if objective not in RL_OBJECTIVES:
         return []
+    p = objective + "_"
     t = s.get("training", {})
     out: list[tuple[tuple, str, str]] = []
 
     def add(path, message):
         out.append((("training", *path), message, "error"))
 
-    group, batch = t.get("grpo_group_size"), t.get("batch_size")
+    group, batch = t.get(p + "group_size"), t.get("batch_size")  # PPO has no groups
     # A group of one (no comparison, no advantage) is the schema's minimum: its message names the key.
     if isinstance(group, int) and group >= 2 and isinstance(batch, int) and batch % group:
         add(("batch_size",), f"batch_size counts completions: it must be a multiple of grpo_group_size ({group})")
-    new, seq = t.get("grpo_max_new_tokens"), value_at(s, ("model", "max_seq_len"))
+    new, seq = t.get(p + "max_new_tokens"), value_at(s, ("model", "max_seq_len"))
     if isinstance(new, int) and isinstance(seq, int) and new >= seq:
-        add(("grpo_max_new_tokens",), f"{new} new tokens leave no room for a prompt in model.max_seq_len ({seq})")
-    rewards = t.get("grpo_rewards") or []
+        add((p + "max_new_tokens",), f"{new} new tokens leave no room for a prompt in model.max_seq_len ({seq})")
+    rewards = t.get(p + "rewards") or []
     if not rewards:
-        add(("grpo_rewards",), 'GRPO needs at least one reward, e.g. [{kind = "numeric"}] (rewards are data)')
+        example = '[{kind = "numeric"}]'
+        add((p + "rewards",), f"{objective.upper()} needs at least one reward, e.g. {example} (rewards are data)")
     labels = []
     for i, r in enumerate(rewards):
         if not isinstance(r, dict):
             continue
-        kind, at = r.get("kind"), ("grpo_rewards", i)
+        kind, at = r.get("kind"), (p + "rewards", i)
         labels.append(r.get("name") or kind)
         extra = sorted(set(r) - {"kind", "weight", "name"} - OPTIONS.get(kind, set()))
         if extra:
@@ -81,7 +87,7 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
                 add((*at, "kind"), f"a {kind!r} reward compares with the row's reference answer, but {why}")
     dup = next((x for x in labels if labels.count(x) > 1), None)
     if dup:
-        add(("grpo_rewards",), f"two rewards are named {dup!r}; give each a distinct `name`")
+        add((p + "rewards",), f"two rewards are named {dup!r}; give each a distinct `name`")
     return out
 
 

@@ -7,6 +7,8 @@ validators and editors ignore):
   and setting it otherwise is an error.
 - `x-ftc-default-from: sibling`: the default is the sibling's value (micro_batch_size).
 - `x-ftc-path: model|data|local`: the string is a path relative to the spec file (see paths.py).
+- `x-ftc-starter: value`: what `ftc init`'s starter spec writes where the default would not lint
+  (an RL objective's rewards).
 Pairs of exclusive keys are plain JSON Schema: `allOf: [{not: {required: [a, b]}}]`.
 What the schema says of each method kind, objective and format (`x-ftc-kinds`,
 `x-ftc-objectives`, `x-ftc-comments`, `x-ftc-comment`) is read by choices.py.
@@ -41,11 +43,18 @@ def node_at(path: tuple) -> dict | None:
 
 def array_items(node: dict) -> dict | None:
     if node.get("type") == "array":
-        return node.get("items")
+        return resolved(node.get("items"))
     for branch in node.get("anyOf", ()):
         if branch.get("type") == "array":
-            return branch.get("items")
+            return resolved(branch.get("items"))
     return None
+
+
+def resolved(node: dict | None) -> dict | None:
+    """`node`, or the `$defs` entry its local `$ref` ("#/$defs/NAME") names: one definition shared
+    by several keys (the RL objectives' reward items)."""
+    ref = (node or {}).get("$ref", "")
+    return schema()["$defs"][ref.rsplit("/", 1)[-1]] if ref.startswith("#/$defs/") else node
 
 
 def exclusive_pairs(node: dict) -> list[tuple[str, ...]]:

@@ -169,6 +169,10 @@ def _scientific(x: float) -> str:
 
 
 def _value(value) -> str:
+    if isinstance(value, dict):  # an inline table
+        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
     return json.dumps(value)  # TOML writes these scalars (strings, numbers, booleans) as JSON does
 
 
@@ -182,11 +186,12 @@ def _method_block(method: str) -> str:
 
 
 def _objective_lines(objective: str) -> list[str]:
-    """The [training] keys that apply only to `objective` (e.g. dpo_beta), at their defaults (keys
-    unset by default, e.g. router_aux_loss_coef, stay out)."""
+    """The [training] keys that apply only to `objective` (e.g. dpo_beta), at their defaults or,
+    where the default would not lint (no rewards), the schema's `x-ftc-starter` value (keys unset
+    by default, e.g. router_aux_loss_coef, stay out)."""
     training = schema_walk.node_at(("training",))["properties"]
     return [
-        f"{key} = {_value(node['default'])}" + _comment(choices.comment(("training", key)))
+        f"{key} = {_value(node.get('x-ftc-starter', node['default']))}" + _comment(choices.comment(("training", key)))
         for key, node in training.items()
         # Keys with a further condition (dpo_label_smoothing: robust only) do not apply at the defaults.
         if objective in node.get("x-ftc-when", {}).get("objective", ())

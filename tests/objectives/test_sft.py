@@ -81,8 +81,9 @@ def test_the_registry_holds_the_schemas_objectives_and_classify_is_the_probe_run
     classify = objectives.get("classify")
     assert classify.trainer == contract.PROBE and classify.build is None
     assert all(objectives.get(name).trainer == contract.STEPS for name in ("sft", "dpo", "orpo"))
-    with pytest.raises(ValueError, match="training.objective='ppo': expected one of sft, dpo, orpo, classify"):
-        objectives.get("ppo")
+    assert all(objectives.get(name).trainer == contract.ROLLOUTS for name in ("grpo", "ppo"))
+    with pytest.raises(ValueError, match="training.objective='kto': expected one of sft, dpo, orpo, classify"):
+        objectives.get("kto")
 
 
 def test_dpo_keeps_a_reference_copy_only_for_a_full_fine_tune_and_the_plan_counts_it():

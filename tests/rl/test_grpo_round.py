@@ -87,5 +87,8 @@ def test_the_same_sampler_key_gives_the_same_rollout(program):
 
 
 def test_a_group_of_one_is_refused():
+    # A rollout may sample one completion per prompt (PPO); GRPO's advantages need a group.
     with pytest.raises(ValueError, match="group_size=1"):
-        RolloutConfig(group_size=1, max_new_tokens=4)
+        grpo.group_advantages(np.zeros(4, np.float32), 1)
+    with pytest.raises(ValueError, match="group_size=0"):
+        RolloutConfig(group_size=0, max_new_tokens=4)

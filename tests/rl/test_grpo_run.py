@@ -4,14 +4,11 @@ updates of one rollout resumes to the same parameters, bit for bit, as an uninte
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 
 import numpy as np
 import pytest
-import train_testlib as tl
-from data_testlib import write_jsonl
+import rl_testlib as rl
 
 SPEC = """ftc = 1
 name = "{name}"
@@ -48,33 +45,14 @@ progress = false
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo-run")
-    tl.make_model_dir(root / "base")
-    rows = [
-        {"messages": [{"role": "user", "content": f"what is {i} plus {i}?"}], "answer": str(2 * i)} for i in range(5)
-    ]
-    write_jsonl(root / "prompts.jsonl", rows)
-    return root
+    return rl.make_root(tmp_path_factory.mktemp("grpo-run"))
 
 
 def _spec(root, name: str, beta: float = 0.0, steps: int = 6, method: str = ""):
-    from ftc.spec import load_spec
-
-    path = root / f"{name}.toml"
-    path.write_text(SPEC.format(root=root, name=name, beta=beta, steps=steps, method=method))
-    return load_spec(str(path))
+    return rl.load(root, SPEC, name, beta=beta, steps=steps, method=method)
 
 
-def _metrics(spec) -> list[dict]:
-    with open(os.path.join(spec.run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
-
-
-def _params(spec) -> dict[str, np.ndarray]:
-    from ftc.backends.jax.state import checkpoint as ckpt_lib
-
-    checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(spec.run_dir), read_only=True)
-    return {k: np.asarray(v) for k, v in tl.flat(checkpointer.restore_params(None)).items()}
+_metrics = rl.train_metrics
 
 
 def test_ftc_run_trains_grpo_rounds_and_logs_trls_metrics(root):
@@ -111,21 +89,7 @@ def test_ftc_run_trains_grpo_rounds_and_logs_trls_metrics(root):
 
 
 def test_a_grpo_run_stopped_between_two_updates_of_a_rollout_resumes_bitwise(root):
-    from ftc.backends.jax import pipeline as run_lib
-
-    whole = _spec(root, "whole")
-    run_lib.run(whole, echo=lambda s: None)
-    cut = _spec(root, "cut")
-    kill = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 3 else None  # noqa: E731
-    with pytest.raises(run_lib.Interrupted, match="saved a checkpoint at step 3"):
-        run_lib.run(cut, echo=lambda s: None, after_step=kill)
-    assert run_lib.run(cut, echo=lambda s: None)["step"] == 6
-    a, b = _params(whole), _params(cut)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    rewards = lambda s: [(r["step"], r["reward"]) for r in _metrics(s)]  # noqa: E731
-    assert rewards(cut)[-3:] == rewards(whole)[-3:]  # the rollouts after the resume are the same
+    rl.stopped_and_resumed_equals_whole(lambda name: _spec(root, name), stop_after=3, steps=6)
 
 
 def test_ftc_run_trains_grpo_with_lora_against_its_disabled_base(root):

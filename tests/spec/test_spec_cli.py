@@ -87,6 +87,8 @@ def test_schema_prints_the_schema_file():
         ("probe", None),
         ("lora", "dpo"),
         ("full", "classify"),
+        ("lora", "grpo"),  # the RL objectives' starters carry a reward (an empty list does not lint)
+        ("full", "ppo"),
     ],
 )
 def test_init_writes_a_commented_spec_that_lints_clean(tmp_path, method, objective):

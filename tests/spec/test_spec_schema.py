@@ -55,11 +55,12 @@ def test_every_object_is_closed_and_every_key_has_description_type_example_and_d
         assert types_of(node), key
         assert node.get("examples"), key
         assert ("default" in node) != (key in NO_DEFAULT), key
+        in_context = {**node, "$defs": SCHEMA.get("$defs", {})}  # a key's `$ref`s point into the root's $defs
         if "default" in node:
-            jsonschema.validate(node["default"], node)
+            jsonschema.validate(node["default"], in_context)
         for example in node["examples"]:
             if not isinstance(example, dict):
-                jsonschema.validate(example, node)
+                jsonschema.validate(example, in_context)
 
 
 # spec_keys.md: the contract other modules are coded against (name, JSON type, default).
@@ -147,7 +148,7 @@ ENUMS = {
     "model.param_dtype": {"float32", "bfloat16"},
     "data.format": {"chat", "completion", "text", "preference", "classification", "sharegpt", "alpaca", "prompt"},
     "method.kind": {"full", "lora", "qlora", "adapter", "probe"},
-    "training.objective": {"sft", "dpo", "orpo", "classify", "grpo"},
+    "training.objective": {"sft", "dpo", "orpo", "classify", "grpo", "ppo"},
     "training.dpo_loss_type": {"sigmoid", "hinge", "ipo", "robust"},
     "training.remat": {"none", "full", "dots"},
     "training.optimizer.kind": {"adamw", "adafactor", "sgd"},

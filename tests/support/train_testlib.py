@@ -170,3 +170,21 @@ def write_chat_data(path, n: int, seed: int = 0) -> str:
         a = " ".join(rng.choice(words, size=int(rng.integers(2, 8))))
         rows.append(chat("user", f"{i} {q}?", "assistant", a))
     return write_jsonl(path, rows)
+
+
+def checkpoint_params(run_dir, step: int | None = None) -> dict[str, np.ndarray]:
+    """Every parameter a run's checkpoint holds ("/"-joined path -> array), read whole on one
+    device (Checkpointer.restore_params restores only the leaves its abstract tree names)."""
+    from ftc.backends.jax.state import checkpoint as ckpt_lib
+
+    reader = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(run_dir), read_only=True)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree: dict = {}
+    for path, (shape, dtype) in reader.saved_arrays(step).items():
+        if path.startswith("params/"):
+            *parents, leaf = path.split("/")[1:]
+            node = tree
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=device)
+    return flat(reader.restore_params(tree, step))

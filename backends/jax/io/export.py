@@ -52,13 +52,14 @@ from ftc.backends.jax.io.export_verify import verify_export
 from ftc.backends.jax.io.gguf_export import QUANTIZED, VERIFY_TOL
 from ftc.backends.jax.io.model_source import gguf_file, is_loadable_by_transformers
 from ftc.backends.jax.methods import base as methods
+from ftc.backends.jax.methods import value_head
 from ftc.backends.jax.methods.probe_export import PROBE_HEAD, verify_probe_export
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import files, frozen_base, init_from, integrity
 from ftc.backends.jax.train import mesh as mesh_lib
 from ftc.compiler import sharding_rules
-from ftc.spec import spec_from_dict
+from ftc.spec import choices, spec_from_dict
 
 # Names other modules import from here (pipeline.py, ftc/cli.py): their homes are export_common and probe_export.
 __all__ = [
@@ -211,6 +212,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
         )
     except ckpt_lib.ResumeRefusedError as e:  # its base changed or is gone
         raise ExportError(str(e)) from e
+    model, params = value_head.strip(model, params)  # PPO's value head: not part of a causal LM
     tok_dir = stages.tokenizer_dir(spec, model_dir)
     saved_hash = meta.get("tokenizer_hash")
     if saved_hash is None:
@@ -278,6 +280,8 @@ def _write(trained: TrainedRun, out: Path, format: str, dtype: str) -> tuple[str
     }
     if trained.spec.model.init_from:
         manifest["init_from"] = trained.spec.model.init_from
+    if choices.objective_info(trained.spec.training.objective).get("value_head"):
+        manifest["left_out"] = f"{value_head.CHILD}: the value head PPO trained beside the policy"
     if jax.process_index() == 0:
         files.write_json_atomic(out / MANIFEST, manifest)
     return tuple(sorted(p.name for p in out.iterdir())) if jax.process_index() == 0 else ()

@@ -24,8 +24,10 @@ from flax import traverse_util
 
 from ftc.backends.jax import methods as registry
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
+from ftc.backends.jax.methods import value_head
 from ftc.backends.jax.models import family_for, shapes
 from ftc.compiler.sharding_rules import param_partition
+from ftc.spec import choices
 
 
 def method_config(method):
@@ -49,11 +51,13 @@ class MethodModel:
     base: nn.Module  # the family's own module (compute dtype)
     module: nn.Module  # what trains: `base` transformed by the method (== base for full, probe)
     plan: Any  # the transformation's plan (lora_sites.LoraPlan, adapter.AdapterPlan) or None
+    value_head: bool = False  # `module` also computes a value per position (value_head.py: PPO)
 
     @property
     def method(self):
-        """The registered `contract.Method` of this kind."""
-        return registry.get(self.kind)
+        """The registered `contract.Method` of this kind (with a value head: value_head.wrap of it)."""
+        record = registry.get(self.kind)
+        return value_head.wrap(record) if self.value_head else record
 
     @property
     def eval_module(self) -> nn.Module:
@@ -82,12 +86,15 @@ def build_model(hf_config: dict, spec, dtype=None, remat: str | None = None) -> 
     elif remat != "none":
         raise ValueError(f"training.remat={remat!r}: model family {family.name} does not support remat")
     base = family.build(arch, jnp.dtype(dtype or spec.model.dtype))
+    # The objective's schema entry says whether the policy carries a value head (ppo).
+    head = bool(choices.objective_info(spec.training.objective).get("value_head"))
     method = registry.get(spec.method.kind)
+    method = value_head.wrap(method) if head else method
     config = method.config(spec.method)
     if method.transform is None:
         return MethodModel(method.kind, config, family, arch, base, base, None)
     module = method.transform(family, arch, base, config)
-    return MethodModel(method.kind, config, family, arch, base, module, module.plan)
+    return MethodModel(method.kind, config, family, arch, base, module, module.plan, value_head=head)
 
 
 # ---------------------------------------------------------------- abstract params and shardings

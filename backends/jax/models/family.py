@@ -22,7 +22,9 @@ Conventions every family keeps:
   with int32 [batch, seq] inputs: attention_mask 1 for real tokens, segment_ids > 0 naming packed
   sequences (tokens never attend across segments; 0 = padding), positions restarting per segment.
   `output="logits"` returns [B, T, vocab] (causal LMs) and `output="hidden"` the final hidden
-  states [B, T, embed] after the last norm (what probes and classification heads read).
+  states [B, T, embed] after the last norm (what probes and classification heads read);
+  a causal LM also takes `output="logits_and_hidden"`: (logits, hidden) of one forward pass
+  (what PPO's value head reads beside the policy's logits).
 - A causal LM that generates also takes `output="last_logits"` (the last position's logits,
   [B, 1, vocab]) and `kv_cache=` (kv_cache.py: then it returns (output, advanced cache)), and
   its Family sets `cache_layout`.

@@ -208,8 +208,10 @@ class GPT2(nn.Module):
         kv_cache=None,
     ):
         """See family.py; with `kv_cache` (kv_cache.py) returns (output, the advanced cache)."""
-        if output not in ("logits", "last_logits", "hidden"):
-            raise ValueError(f"GPT-2 output={output!r}: expected 'logits', 'last_logits' or 'hidden'")
+        if output not in ("logits", "last_logits", "hidden", "logits_and_hidden"):
+            raise ValueError(
+                f"GPT-2 output={output!r}: expected 'logits', 'last_logits', 'hidden' or 'logits_and_hidden'"
+            )
         a = self.arch
         T = input_ids.shape[1]
         init = nn.initializers.normal(stddev=0.02)
@@ -251,6 +253,8 @@ class GPT2(nn.Module):
             out = jnp.einsum("btd,vd->btv", x_BTD, wte_VD.astype(self.dtype))
         else:
             out = Dense((a.vocab_size,), ("embed",), ("vocab",), dtype=self.dtype, name="lm_head")(x_BTD)
+        if output == "logits_and_hidden":
+            out = (out, x_BTD)
         return out if kv_cache is None else (out, kv_cache_lib.advanced(kv_cache, layers_kv, T))
 
 

@@ -193,14 +193,16 @@ class Decoder(nn.Module):
         x_BTD = layers.RMSNorm(a.rms_norm_eps, unit_offset=a.norm_unit_offset, dtype=self.dtype, name="norm")(x_BTD)
         if output == "hidden":
             out = x_BTD
-        elif output not in ("logits", "last_logits"):
-            raise ValueError(f"output={output!r}; expected 'logits', 'last_logits' or 'hidden'")
+        elif output not in ("logits", "last_logits", "logits_and_hidden"):
+            raise ValueError(f"output={output!r}; expected 'logits', 'last_logits', 'hidden' or 'logits_and_hidden'")
         elif a.tie_word_embeddings:
             out = jnp.einsum("BTD,VD->BTV", x_BTD, embedding_VD.astype(self.dtype))
         else:
             out = layers.Dense(
                 (a.vocab_size,), in_axes=("embed",), out_axes=("vocab",), dtype=self.dtype, name="lm_head"
             )(x_BTD)
+        if output == "logits_and_hidden":
+            out = (out, x_BTD)
         return out if kv_cache is None else (out, kv_cache_lib.advanced(kv_cache, layers_kv, T))
 
 

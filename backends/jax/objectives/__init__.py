@@ -7,7 +7,7 @@ To add one: write objectives/<name>.py with its sums and summary (contract.Objec
 
 from __future__ import annotations
 
-from ftc.backends.jax.objectives import classify, contract, dpo, grpo, orpo, sft
+from ftc.backends.jax.objectives import classify, contract, dpo, grpo, orpo, ppo, sft
 
 OBJECTIVES: dict[str, contract.Registered] = {
     "sft": sft.RECORD,
@@ -15,6 +15,7 @@ OBJECTIVES: dict[str, contract.Registered] = {
     "orpo": orpo.RECORD,
     "classify": classify.RECORD,
     "grpo": grpo.RECORD,
+    "ppo": ppo.RECORD,
 }
 
 

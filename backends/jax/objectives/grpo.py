@@ -81,9 +81,15 @@ def token_logps_and_entropy(model, params: Any, rows: Mapping[str, jax.Array], r
         positions=rows["positions"],
         output="logits",
         rngs={"dropout": rng},
-    ).astype(jnp.float32)
-    logits_BTV = logits_BTV / temperature
-    logps_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, rows["targets"])
+    )
+    return logps_and_entropy(logits_BTV, rows["targets"], temperature)
+
+
+def logps_and_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, temperature: float):
+    """([B, T] log-probability of each target, [B, T] entropy) of logits / temperature, in float32
+    (shared with objectives/ppo.py)."""
+    logits_BTV = logits_BTV.astype(jnp.float32) / temperature
+    logps_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     logp_all_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     entropy_BT = -jnp.sum(jnp.exp(logp_all_BTV) * logp_all_BTV, axis=-1)
     return logps_BT, entropy_BT

@@ -1,4 +1,4 @@
-"""`ftc run` with training.objective = "grpo": rollout -> score -> update rounds inside the
+"""`ftc run` with training.objective = "grpo" or "ppo": rollout -> score -> update rounds inside the
 ordinary training loop (train/loop.py: progress bar, metrics.jsonl + TensorBoard, checkpoints,
 stop signals), fed by a `RolloutFeed` in place of the data pipeline's batch iterator.
 
@@ -7,10 +7,12 @@ stop signals), fed by a `RolloutFeed` in place of the data pipeline's batch iter
     steps = feed.wrap(steps)                            # records the state each step returns
     train_iter = feed.start(state, data_state)          # next(): a rollout batch (rl/rollout.py)
 
-Each round takes the next batch_size / grpo_group_size prompts (every prompt once per epoch, in
-the order training.seed shuffles them), samples grpo_group_size completions of each with the
-current policy (generate/ sampler, a key split off the feed's key chain), scores them
-(rl/rewards.py) and yields the batch for grpo_updates_per_rollout optimizer steps. The feed's
+Each round takes the next batch_size / grpo_group_size prompts (PPO: batch_size prompts, one
+completion each; every prompt once per epoch, in the order training.seed shuffles them), samples
+their completions with the current policy (generate/ sampler, a key split off the feed's key
+chain), scores them (rl/rewards.py) and yields the batch (rl/rollout.py) for
+<objective>_updates_per_rollout optimizer steps. The keys both objectives share are read by their
+prefix (`RLKeys`), so one feed serves both. The feed's
 state -- the round, the updates done on its batch, the sampler's key and, between a round's
 updates, the batch itself (its old log-probs were computed with parameters no checkpoint keeps)
 -- is saved with every checkpoint as the data iterator's state, so a resumed run samples exactly
@@ -34,10 +36,51 @@ from ftc.backends.jax.generate.text import decode
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.rl import reward_model
 from ftc.backends.jax.rl import rewards as rw
-from ftc.backends.jax.rl.rollout import RolloutConfig, logps_function, sample_groups, update_batch
+from ftc.backends.jax.rl.rollout import (
+    RolloutConfig,
+    logps_function,
+    policy_function,
+    ppo_update_batch,
+    sample_groups,
+    update_batch,
+)
 from ftc.backends.jax.train.step import REFERENCE
 
 FORMAT = "prompt"
+
+
+@dataclasses.dataclass(frozen=True)
+class RLKeys:
+    """The training keys GRPO and PPO share, read by their prefix (`grpo_`, `ppo_`)."""
+
+    objective: str
+    rewards: tuple[dict, ...]
+    max_new_tokens: int
+    temperature: float
+    updates: int
+    group_size: int  # completions per prompt: grpo_group_size; PPO samples one
+    kl: float  # weight of the reference policy (grpo_beta, ppo_kl_coef); 0: no reference is computed
+
+
+KL_KEYS = {"grpo": "beta", "ppo": "kl_coef"}  # the key naming each objective's reference weight
+
+
+def rl_keys(spec) -> RLKeys:
+    t = spec.training
+    prefix = t.objective
+
+    def key(name, default=None):
+        return getattr(t, f"{prefix}_{name}", default)
+
+    return RLKeys(
+        prefix,
+        tuple(key("rewards") or ()),
+        key("max_new_tokens"),
+        key("temperature"),
+        key("updates_per_rollout"),
+        key("group_size") or 1,
+        float(key(KL_KEYS[prefix]) or 0.0),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,25 +121,25 @@ class PromptData:
 
 def prompt_data(spec, tokenizer) -> PromptData:
     """The spec's prompt rows, tokenised; DataError naming file:line for a prompt that leaves no
-    room for grpo_max_new_tokens in model.max_seq_len, or a row without the answer a reward needs."""
-    t = spec.training
+    room for <objective>_max_new_tokens in model.max_seq_len, or a row without the answer a reward needs."""
+    t, k = spec.training, rl_keys(spec)
     read = read_rows(spec.data.train_sources, format=FORMAT, on_bad_row=spec.data.on_bad_row)
     fmt = formats.get(FORMAT)
-    room = spec.model.max_seq_len - t.grpo_max_new_tokens + 1
-    needing = [r.label for r in rw.parse(t.grpo_rewards, "training.grpo_rewards") if r.needs_answer]
+    room = spec.model.max_seq_len - k.max_new_tokens + 1
+    needing = [r.label for r in rw.parse(k.rewards, f"training.{k.objective}_rewards") if r.needs_answer]
     ids, problems = [], []
     for row in read.rows:
         ids.append(tuple(fmt.tokenize(tokenizer, [row], None, None)[0].ids.tolist()))
         if len(ids[-1]) > room:
             problems.append(
                 f"{row.where}: the prompt has {len(ids[-1])} tokens; model.max_seq_len "
-                f"({spec.model.max_seq_len}) - training.grpo_max_new_tokens + 1 leaves {room}"
+                f"({spec.model.max_seq_len}) - training.{k.objective}_max_new_tokens + 1 leaves {room}"
             )
         if needing and row.data["answer"] is None:
             problems.append(f'{row.where}: no "answer", which reward(s) {", ".join(needing)} compare with')
     if problems:
-        raise DataError(f"{len(problems)} prompt row(s) cannot be used for GRPO", problems)
-    per_round = t.batch_size // t.grpo_group_size
+        raise DataError(f"{len(problems)} prompt row(s) cannot be used for {k.objective.upper()}", problems)
+    per_round = t.batch_size // k.group_size
     lengths = [len(x) for x in ids]
     stats = PromptStats(
         FORMAT,
@@ -113,36 +156,37 @@ def prompt_data(spec, tokenizer) -> PromptData:
     answers = tuple(r.data["answer"] for r in read.rows)
     where = tuple(r.where for r in read.rows)
     conversations = tuple(tuple(r.data["messages"]) for r in read.rows)
-    return PromptData(tuple(ids), answers, where, stats, rounds * t.grpo_updates_per_rollout, None, conversations)
+    return PromptData(tuple(ids), answers, where, stats, rounds * k.updates, None, conversations)
 
 
 class RolloutFeed:
-    """The batch iterator of a GRPO run (module docstring): `next()` gives the current round's
+    """The batch iterator of a GRPO or PPO run (module docstring): `next()` gives the current round's
     batch, rolling out a new round when the last one has had its updates; `get_state()` is saved
     with each checkpoint."""
 
     def __init__(self, spec, data: PromptData, model, tokenizer, model_dir, hf_config, mesh):
-        t = spec.training
+        t, k = spec.training, rl_keys(spec)
         eos = eos_ids(model_dir, hf_config, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
         self.config = RolloutConfig(
-            group_size=t.grpo_group_size,
-            max_new_tokens=t.grpo_max_new_tokens,
-            temperature=t.grpo_temperature,
+            group_size=k.group_size,
+            max_new_tokens=k.max_new_tokens,
+            temperature=k.temperature,
             eos_ids=tuple(eos),
             pad_id=int(pad),
         )
-        self.rewards = rw.parse(t.grpo_rewards, "training.grpo_rewards")
+        self.rewards = rw.parse(k.rewards, f"training.{k.objective}_rewards")
         self.scorers = {r.label: reward_model.load(r) for r in self.rewards if r.kind == "model"}
         self.data, self.model, self.tokenizer = data, model, tokenizer
         self.sampler = make_sampler(
             model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh
         )
-        self.logps = logps_function(model.module, t.grpo_temperature)
+        self.logps = logps_function(model.module, k.temperature)
         self.seq_len = spec.model.max_seq_len
-        self.per_round = t.batch_size // t.grpo_group_size
-        self.updates = t.grpo_updates_per_rollout
-        self.beta = t.grpo_beta or 0.0
+        self.per_round = t.batch_size // k.group_size
+        self.updates = k.updates
+        self.beta = k.kl
+        self.make_batch = BATCHES[k.objective](spec, model, self)
         self.seed, self.shuffle = t.seed, spec.data.shuffle
         self.state = None  # the train state the next rollout samples with (set by the wrapped step)
         self.round, self.used, self.batch, self.extra = 0, 0, None, {}
@@ -221,15 +265,14 @@ class RolloutFeed:
             reference = (
                 self.state[REFERENCE] if REFERENCE in self.state else methods.disabled_params(self.model, params)
             )
-        self.batch = update_batch(
-            repeated, completions, total, self.config, self.seq_len, self.logps, params, reference
-        )
+        self.batch, batch_metrics = self.make_batch(repeated, completions, total, params, reference)
         eos = set(self.config.eos_ids)
         clipped = [
             n == self.config.max_new_tokens and (not c or c[-1] not in eos) for n, c in zip(lengths, completions)
         ]
         self.extra = {
             **rw.metrics(total, parts, g),
+            **batch_metrics,
             "completions/max_length": float(max(lengths)),
             "completions/min_length": float(min(lengths)),
             "completions/clipped_ratio": float(np.mean(clipped)),
@@ -237,6 +280,39 @@ class RolloutFeed:
         }
         self.round += 1
         self.used = 0
+
+
+def _grpo_batch(spec, model, feed: RolloutFeed):
+    def make(prompts, completions, total, params, reference):
+        return update_batch(prompts, completions, total, feed.config, feed.seq_len, feed.logps, params, reference), {}
+
+    return make
+
+
+def _ppo_batch(spec, model, feed: RolloutFeed):
+    t = spec.training
+    policy = policy_function(model.module, t.ppo_temperature)
+
+    def make(prompts, completions, total, params, reference):
+        return ppo_update_batch(
+            prompts,
+            completions,
+            total,
+            feed.seq_len,
+            policy,
+            feed.logps,
+            params,
+            reference,
+            kl_coef=feed.beta,
+            gamma=t.ppo_gamma,
+            lam=t.ppo_lambda,
+        )
+
+    return make
+
+
+# (spec, MethodModel, feed) -> (prompts, completions, rewards, params, reference) -> (batch, metrics)
+BATCHES = {"grpo": _grpo_batch, "ppo": _ppo_batch}
 
 
 def _encode_arrays(tree: dict) -> dict:

@@ -198,7 +198,8 @@ def metrics(total: np.ndarray, parts: Mapping[str, np.ndarray], group_size: int)
     rewards/<name>/mean and rewards/<name>/std."""
     grouped = total.reshape(-1, group_size)
     out = {"reward": float(total.mean()), "reward_std": float(total.std(ddof=1)) if total.size > 1 else 0.0}
-    out["frac_reward_zero_std"] = float(np.mean(np.isclose(grouped.std(axis=1), 0.0)))
+    if group_size > 1:  # PPO samples one completion per prompt: no groups to compare
+        out["frac_reward_zero_std"] = float(np.mean(np.isclose(grouped.std(axis=1), 0.0)))
     for label, values in parts.items():
         out[f"rewards/{label}/mean"] = float(values.mean())
         out[f"rewards/{label}/std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0

@@ -1,13 +1,15 @@
-"""One GRPO round as library functions: rollout (the generate/ sampler, no gradients) -> score
-(rewards.py) -> the update batch objectives/grpo.py trains on, for one or more optimizer steps.
+"""One RL round as library functions: rollout (the generate/ sampler, no gradients) -> score
+(rewards.py) -> the update batch objectives/grpo.py (`update_batch`) or objectives/ppo.py
+(`ppo_update_batch`) trains on, for one or more optimizer steps.
 
     prompts, completions = sample_groups(sampler, params, prompts, key, config)
     total, parts = rewards.score(declared, texts, [len(c) for c in completions], answers)
     batch = update_batch(prompts, completions, total, config, seq_len, logps, params, reference)
     state, metrics = steps.train(state, steps.put_train_batch(batch))   # train/step.py
 
-The old log-probs (the importance ratio's denominator) and the reference's are computed here
-once per rollout, so every update on the batch compares against the same policy snapshot.
+The old log-probs (the importance ratio's denominator), the reference's and PPO's old values,
+rewards and advantages are computed here once per rollout, so every update on the batch compares
+against the same policy snapshot.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import numpy as np
 
 from ftc.backends.jax.generate.sampler import GenerateConfig, Sampler, generate
 from ftc.backends.jax.generate.sampling import SamplingConfig
-from ftc.backends.jax.objectives import grpo
+from ftc.backends.jax.objectives import grpo, ppo
 from ftc.backends.jax.rl.batch import completion_rows
 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    group_size: int  # completions per prompt (G >= 2: advantages compare within a group)
+    group_size: int  # completions per prompt (GRPO: G >= 2, advantages compare within a group; PPO: 1)
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -36,8 +38,8 @@ class RolloutConfig:
     scale_rewards: str = "group"  # grpo.SCALES
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ValueError(f"group_size={self.group_size}: GRPO compares completions within a group, it needs >= 2")
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}: a rollout samples at least one completion per prompt")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature}: RL rollouts sample, so it must be > 0")
 
@@ -93,3 +95,61 @@ def update_batch(
     if reference is not None:
         batch["ref_logps"] = np.asarray(logps(reference, rows))
     return batch
+
+
+def policy_function(model, temperature: float) -> Callable[[Any, dict], tuple[jax.Array, jax.Array]]:
+    """Jitted (params, rows) -> ([B, T] log-probabilities, [B, T] values) of the completion tokens
+    (0 elsewhere), for a model with a value head (methods/value_head.py)."""
+
+    def both(params, rows):
+        logps_BT, values_BT, _ = ppo.logps_values_entropy(model, params, rows, jax.random.key(0), temperature)
+        return logps_BT * rows["weights"], values_BT * rows["weights"]
+
+    return jax.jit(both)
+
+
+def ppo_update_batch(
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    scores: np.ndarray,
+    seq_len: int,
+    policy: Callable[[Any, dict], tuple[jax.Array, jax.Array]],
+    logps: Callable[[Any, dict], jax.Array],
+    params: Any,
+    reference: Any = None,
+    *,
+    kl_coef: float,
+    gamma: float,
+    lam: float,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """(the objectives/ppo.py batch of one rollout, its rollout metrics): rows, old log-probs and
+    values under `params`, per-token rewards (the score `scores` at each completion's last token,
+    minus kl_coef x (old - reference log-prob) when `reference` is given), GAE advantages
+    (whitened) and returns. Metrics as TRL's PPOTrainer names them (objective/*), and kl: the
+    per-token mean of old - reference log-prob."""
+    rows = completion_rows(prompts, completions, seq_len)
+    mask = rows["weights"]
+    old, values = (np.asarray(x) for x in policy(params, rows))
+    ref = None if reference is None else np.asarray(logps(reference, rows))
+    rewards, kl = ppo.penalised_rewards(scores, old, ref, mask, kl_coef)
+    advantages, returns = ppo.gae(rewards, values, mask, gamma, lam)
+    batch = {
+        "rows": rows,
+        "old_logps": old,
+        "old_values": values,
+        "advantages": ppo.whiten(advantages, mask),
+        "returns": returns,
+        "row_weights": np.ones(len(prompts), np.float32),
+    }
+    per_row_kl = kl.sum(axis=1)
+    non_score = -kl_coef * per_row_kl
+    tokens = max(float(mask.sum()), 1.0)
+    metrics = {
+        "kl": float(kl.sum()) / tokens,
+        "objective/kl": float(per_row_kl.mean()),
+        "objective/non_score_reward": float(non_score.mean()),
+        "objective/scores": float(np.mean(scores)),
+        "objective/rlhf_reward": float(np.mean(np.asarray(scores) + non_score)),
+        "val/mean": float(values.sum()) / tokens,
+    }
+    return batch, metrics
