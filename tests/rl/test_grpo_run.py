@@ -37,7 +37,7 @@ schedule = {{ kind = "constant", warmup_steps = 0 }}
 fsdp = 4
 tensor = 2
 [checkpoint]
-every = 100
+every = {checkpoint_every}
 [logging]
 progress = false
 """
@@ -48,8 +48,8 @@ def root(tmp_path_factory):
     return rl.make_root(tmp_path_factory.mktemp("grpo-run"))
 
 
-def _spec(root, name: str, beta: float = 0.0, steps: int = 6, method: str = ""):
-    return rl.load(root, SPEC, name, beta=beta, steps=steps, method=method)
+def _spec(root, name: str, beta: float = 0.0, steps: int = 6, method: str = "", checkpoint_every: int = 100):
+    return rl.load(root, SPEC, name, beta=beta, steps=steps, method=method, checkpoint_every=checkpoint_every)
 
 
 _metrics = rl.train_metrics
@@ -90,6 +90,16 @@ def test_ftc_run_trains_grpo_rounds_and_logs_trls_metrics(root):
 
 def test_a_grpo_run_stopped_between_two_updates_of_a_rollout_resumes_bitwise(root):
     rl.stopped_and_resumed_equals_whole(lambda name: _spec(root, name), stop_after=3, steps=6)
+
+
+@pytest.mark.slow  # ~60 s: two runs and a child process
+def test_a_grpo_run_killed_with_sigkill_mid_rollout_resumes_bitwise(root):
+    """Killed after step 3 with a checkpoint every step (Orbax saves asynchronously, so the newest
+    committed one may be step 1, 2 or 3). Each rollout has two updates: a resume from step 1 or 3
+    re-enters a rollout from the saved feed state (its batch, old log-probs, the sampler key), one
+    from step 2 starts the next rollout with the checkpointed key."""
+    every = lambda name: _spec(root, name, steps=6, checkpoint_every=1)  # noqa: E731
+    assert rl.killed_and_resumed_equals_whole(every, kill_at=3, steps=6) in (1, 2, 3)
 
 
 def test_ftc_run_trains_grpo_with_lora_against_its_disabled_base(root):

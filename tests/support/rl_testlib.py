@@ -61,3 +61,44 @@ def stopped_and_resumed_equals_whole(make_spec, stop_after: int, steps: int, key
     after = lambda s: [[r["step"]] + [r[k] for k in keys] for r in train_metrics(s)][stop_after - steps :]  # noqa: E731
     assert after(cut) == after(whole)  # the rollouts (and updates) after the resume are the same
     return a
+
+
+KILL_DRIVER = """
+import os, signal, sys
+from ftc.spec import load_spec
+from ftc.backends.jax.pipeline import run
+kill_at = int(sys.argv[2])
+run(load_spec(sys.argv[1]), echo=lambda s: None,
+    after_step=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == kill_at else None)
+"""
+
+
+def killed_and_resumed_equals_whole(make_spec, kill_at: int, steps: int) -> int:
+    """Run `make_spec("whole")` through; run `make_spec("killed")` in a child process that SIGKILLs
+    itself after step `kill_at` (no handler runs, a save may be cut off mid-write), resume it in this
+    process from whatever checkpoint committed, and assert every parameter equal bitwise to the
+    whole run's. Returns the step the resume started from."""
+    import subprocess
+    import sys
+
+    from ftc.backends.jax import pipeline as run_lib
+    from ftc.backends.jax.state import checkpoint as ckpt_lib
+
+    whole = make_spec("whole-uncut")
+    run_lib.run(whole, echo=lambda s: None)
+    killed = make_spec("killed")
+    driver = os.path.join(os.path.dirname(killed.source), "kill_driver.py")
+    with open(driver, "w") as f:
+        f.write(KILL_DRIVER)
+    out = subprocess.run(
+        [sys.executable, driver, killed.source, str(kill_at)], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+    resumed_from = ckpt_lib.latest_step(killed.run_dir)
+    assert resumed_from is not None and 0 < resumed_from <= kill_at
+    assert run_lib.run(killed, echo=lambda s: None)["step"] == steps
+    a, b = tl.checkpoint_params(whole.run_dir), tl.checkpoint_params(killed.run_dir)
+    assert a.keys() == b.keys() and len(a) > 1
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    return resumed_from
