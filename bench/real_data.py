@@ -153,21 +153,21 @@ def run_stack(stack: str, job: Path, work: Path, timeout: float, env: dict) -> d
 
 
 def format_table(results: dict) -> str:
-    head = f"{'stack':<18}{'steps':>6}{'epoch s':>10}{'sup tok/s':>11}{'peak RSS':>10}{'val start':>11}{'val end':>10}"
+    head = f"{'stack':<22}{'steps':>6}{'epoch s':>10}{'sup tok/s':>11}{'peak RSS':>10}{'val start':>11}{'val end':>10}"
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"{name:<18}error: {r['error']}")
+            lines.append(f"{name:<22}error: {r['error']}")
             continue
         lines.append(
-            f"{name:<18}{r['steps']:>6}{r['epoch_s']:>10.1f}{r['supervised_tokens_per_s']:>11.0f}"
+            f"{name:<22}{r['steps']:>6}{r['epoch_s']:>10.1f}{r['supervised_tokens_per_s']:>11.0f}"
             f"{r['peak_rss_bytes'] / 2**20:>8.0f}Mi{r['validation_loss_start']:>11.4f}{r['validation_loss']:>10.4f}"
         )
     ftc = results.get("ftc", {})
     for name, r in results.items():
         if name != "ftc" and "error" not in r and "error" not in ftc and ftc:
             lines.append(
-                f"ftc/{name:<14}{'':>6}{ftc['epoch_s'] / r['epoch_s']:>10.2f}"
+                f"{'ftc/' + name:<22}{'':>6}{ftc['epoch_s'] / r['epoch_s']:>10.2f}"
                 f"{ftc['supervised_tokens_per_s'] / r['supervised_tokens_per_s']:>11.2f}"
                 f"{ftc['peak_rss_bytes'] / r['peak_rss_bytes']:>10.2f}"
             )
