@@ -177,7 +177,7 @@ def train_loop(
         if eval_batches is None:
             return
         # The step that made `state` may still run: let it finish (training time), so the evaluation's
-        # program never runs beside a train step on the same devices (a CPU run once aborted in XLA there).
+        # program never runs beside a train step on the same devices.
         jax.block_until_ready(state)
         began = time.perf_counter()
         result = ts.evaluate(steps, state, until_stopped(eval_batches()))
