@@ -1,9 +1,15 @@
 """Session-wide test settings.
 
 jax reads XLA_FLAGS once, at its first import, so the 8 fake CPU devices that sharding tests
-need must be requested here, before any test module imports jax.
+need must be requested here, before any test module imports jax. The flags reach the `ftc`
+processes tests start too.
+
+The tests compile thousands of tiny programs that then run for milliseconds, so LLVM's optimiser
+is most of their cost: `--xla_backend_optimization_level=0` leaves XLA's own (HLO) passes as they
+are and cut the time of the run, export and generation tests by about an eighth (2-core CPU).
+`ftc` itself keeps XLA's default, which is what the benchmarks in `bench/` measure.
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")

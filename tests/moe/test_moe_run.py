@@ -140,6 +140,9 @@ def test_run_logs_the_router_aux_loss_as_its_own_metric(uninterrupted):
     assert [r["step"] for r in val] == [0, 3, 6] and all("aux_loss" in r for r in val)
 
 
+# ~40 s on 2 cores. Without it the fast tests still pin SIGKILL-resume (tests/test_run.py) and expert
+# meshes equal one device (tests/moe/test_moe_train.py).
+@pytest.mark.slow
 def test_a_run_on_an_expert_mesh_killed_with_sigkill_resumes_bitwise(root, uninterrupted):
     spec_path = write_spec(root, "killed")
     driver = root / "driver.py"

@@ -70,6 +70,7 @@ def _run(tmp_path, stacks: str) -> tuple[dict, str]:
     return report, proc.stdout
 
 
+@pytest.mark.slow  # ~25 s on 2 cores: loads the real 135M model in two stacks; a benchmark's smoke test
 def test_real_data_bench_ftc_and_trl_defaults_start_from_the_same_validation_loss(tmp_path):
     _run(tmp_path, "ftc,trl")
 
