@@ -111,9 +111,11 @@ def test_losses_and_params_on_expert_meshes_equal_one_device(params, single_devi
     assert all(h["aux_loss"] > 0 and h["loss_with_aux"] > h["loss"] for h in history)
     got_params = tl.flat(state["params"])
     # Adam divides by sqrt(v): gradients that differ in the last float32 bits (the mesh sums in
-    # another order; the blockwise attention kernel too) move a parameter by up to ~1e-5.
+    # another order; the blockwise attention kernel too) move a parameter by up to ~1e-5, and by
+    # 3.9e-5 (one element of 16,384 on the (1, 2, 1, 4) mesh) with LLVM at -O0 as tests/conftest.py
+    # sets it; each of the 8 steps moves a parameter by up to lr = 1e-3.
     for name, want in ref_params.items():
-        np.testing.assert_allclose(got_params[name], want, rtol=0, atol=3e-5, err_msg=name)
+        np.testing.assert_allclose(got_params[name], want, rtol=0, atol=5e-5, err_msg=name)
 
 
 def test_plan_counts_active_parameters_and_refuses_an_expert_axis_that_does_not_divide():
