@@ -194,6 +194,16 @@ class Job:
 # ------------------------------------------------------------------ process memory
 
 
+def stack_env(stack: str, env: dict) -> dict:
+    """A worker's environment: ftc's workers get what the `ftc` command restarts itself with
+    (ftc/host_allocator.py: large host allocations on huge pages); other stacks their defaults."""
+    if stack != "ftc":
+        return env
+    from ftc import host_allocator
+
+    return host_allocator.tuned_environ(env) or env
+
+
 def _status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:

@@ -104,6 +104,10 @@ def run_worker(stack: str, job: dict, scratch: Path) -> dict:
     out_file = scratch / f"out-{stack}.json"
     job_file.write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if stack == "ftc":  # as the `ftc` command restarts itself (ftc/host_allocator.py)
+        from ftc import host_allocator
+
+        env = host_allocator.tuned_environ(env) or env
     cmd = [sys.executable, "-m", "bench.generate", "--worker", stack, str(job_file), str(out_file)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
     if proc.returncode:

@@ -191,7 +191,7 @@ def run_worker(stack: str, job: dict, workdir: Path) -> dict:
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env["PYTHONPATH"] = os.pathsep.join([str(common.REPO_ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "bench.moe_speed", "--worker", stack, str(job_path), str(result_path)]
-    subprocess.run(cmd, check=True, env=env, cwd=common.REPO_ROOT)
+    subprocess.run(cmd, check=True, env=common.stack_env(stack, env), cwd=common.REPO_ROOT)
     return json.loads(result_path.read_text())
 
 

@@ -249,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
                 str(out),
             ]
             proc = subprocess.run(
-                cmd, cwd=common.REPO_ROOT, env=train_speed.worker_env(config), capture_output=True, text=True
+                cmd,
+                cwd=common.REPO_ROOT,
+                env=common.stack_env(stack, train_speed.worker_env(config)),
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 print(f"{stack} profile failed:\n{proc.stderr[-3000:]}", file=sys.stderr)

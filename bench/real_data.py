@@ -143,6 +143,7 @@ def run_stack(stack: str, job: Path, work: Path, timeout: float, env: dict) -> d
     module = "bench.real_data_ftc" if stack == "ftc" else "bench.real_data_trl"
     cmd = [sys.executable, "-m", module, str(job), str(result)]
     try:
+        env = common.stack_env(stack, env)
         proc = subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"stack": stack, "error": f"timed out after {timeout:.0f} s"}

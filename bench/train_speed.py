@@ -101,7 +101,12 @@ def run_worker(stack: str, job: common.Job, work_dir: Path, timeout: float) -> d
     cmd = [sys.executable, "-m", WORKERS[stack], str(job_path), str(result_path)]
     try:
         proc = subprocess.run(
-            cmd, cwd=common.REPO_ROOT, env=worker_env(job.config), capture_output=True, text=True, timeout=timeout
+            cmd,
+            cwd=common.REPO_ROOT,
+            env=common.stack_env(stack, worker_env(job.config)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"stack": stack, "method": job.method, "error": f"timed out after {timeout:.0f} s"}

@@ -350,4 +350,7 @@ for command in (export, generate, chat, eval_command):
 report_commands.register(main)
 
 if __name__ == "__main__":
+    from ftc import host_allocator
+
+    host_allocator.restart_tuned()
     main()

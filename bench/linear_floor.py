@@ -1,0 +1,201 @@
+"""The weight matmuls of a training step, one linear layer at a time: ftc's `layers.linear`
+(jitted forward + backward, XLA:CPU's dot kernels) against `torch.nn.functional.linear` with
+autograd (oneDNN / MKL GEMMs), on the benchmark config's shapes, in one invocation.
+
+    python -m bench.linear_floor --config cpu
+
+Every projection of the model (q, k, v, o, gate, up, down, and the LM head) is timed alone:
+its forward dot and the two backward dots (input and weight gradients), tokens = batch x
+sequence, float32, each stack in its own process with all cores. Summed with each layer's
+count (x layers), this is the part of a step that is the GEMM kernels and nothing else: the
+floor under each stack's step time that no change to ftc's program (layouts, fusions, scan)
+can lower, only a faster GEMM can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+
+def projections(c: common.BenchConfig) -> list[tuple[str, int, int, int]]:
+    """(name, in, out, count per step) of every weight matmul of the Llama config."""
+    kv = c.kv_heads * (c.hidden // c.heads)
+    per_layer = [
+        ("q_proj", c.hidden, c.hidden),
+        ("k_proj", c.hidden, kv),
+        ("v_proj", c.hidden, kv),
+        ("o_proj", c.hidden, c.hidden),
+        ("gate_proj", c.hidden, c.intermediate),
+        ("up_proj", c.hidden, c.intermediate),
+        ("down_proj", c.intermediate, c.hidden),
+    ]
+    return [(n, i, o, c.layers) for n, i, o in per_layer] + [("lm_head", c.hidden, c.vocab, 1)]
+
+
+def _median_s(f, *args, repeats: int) -> float:
+    f(*args)
+    f(*args)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(*args)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_ftc(tokens: int, shapes: list, repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from ftc.backends.jax.models import layers
+
+    fwd_jit = jax.jit(lambda x, w: layers.linear(x, w, 1))
+    fwd_bwd_jit = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: layers.linear(x, w, 1), x, w)[1](g))
+    fwd = lambda x, w: jax.block_until_ready(fwd_jit(x, w))  # noqa: E731
+    fwd_bwd = lambda x, w, g: jax.block_until_ready(fwd_bwd_jit(x, w, g))  # noqa: E731
+    out = {}
+    for name, n_in, n_out, _ in shapes:
+        kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(kx, (tokens, n_in), jnp.float32)
+        w = jax.random.normal(kw, (n_in, n_out), jnp.float32) * 0.02
+        g = jax.random.normal(kg, (tokens, n_out), jnp.float32)
+        out[name] = {
+            "forward_s": _median_s(fwd, x, w, repeats=repeats),
+            "forward_backward_s": _median_s(fwd_bwd, x, w, g, repeats=repeats),
+        }
+    return out
+
+
+def _torch_forward(x, w):
+    import torch
+
+    with torch.no_grad():
+        torch.nn.functional.linear(x, w)
+
+
+def _torch_forward_backward(x, w, g):
+    import torch
+
+    x.grad = w.grad = None
+    torch.nn.functional.linear(x, w).backward(g)
+
+
+def time_torch(tokens: int, shapes: list, repeats: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, n_in, n_out, _ in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(tokens, n_in, requires_grad=True)
+        w = (torch.randn(n_out, n_in) * 0.02).requires_grad_(True)  # nn.Linear's [out, in]
+        g = torch.randn(tokens, n_out)
+
+        out[name] = {
+            "forward_s": _median_s(_torch_forward, x, w, repeats=repeats),
+            "forward_backward_s": _median_s(_torch_forward_backward, x, w, g, repeats=repeats),
+        }
+    return out
+
+
+def summarise(config: common.BenchConfig, shapes: list, results: dict) -> dict:
+    rows, totals = [], {s: 0.0 for s in results}
+    for name, n_in, n_out, count in shapes:
+        row = {"name": name, "in": n_in, "out": n_out, "count": count}
+        for stack, r in results.items():
+            row[stack] = r[name]
+            totals[stack] += count * r[name]["forward_backward_s"]
+        rows.append(row)
+    tokens = config.batch * config.seq_len
+    flops = sum(6 * tokens * i * o * n for _, i, o, n in shapes)
+    return {"tokens": tokens, "flops": flops, "rows": rows, "step_total_s": totals}
+
+
+def format_table(report: dict) -> str:
+    stacks = list(report["step_total_s"])
+    head = ["projection", "in x out", "x"] + [f"{s} fwd+bwd ms" for s in stacks]
+    if len(stacks) == 2:
+        head.append(f"{stacks[1]}/{stacks[0]}")
+    lines = ["  ".join(f"{h:>16}" for h in head)]
+    for r in report["rows"]:
+        cells = [r["name"], f"{r['in']}x{r['out']}", str(r["count"])]
+        cells += [f"{r[s]['forward_backward_s'] * 1e3:.2f}" for s in stacks]
+        if len(stacks) == 2:
+            cells.append(f"{r[stacks[1]]['forward_backward_s'] / r[stacks[0]]['forward_backward_s']:.2f}x")
+        lines.append("  ".join(f"{c:>16}" for c in cells))
+    totals = report["step_total_s"]
+    cells = ["a step's sum", "", ""] + [f"{totals[s] * 1e3:.1f}" for s in stacks]
+    if len(stacks) == 2:
+        cells.append(f"{totals[stacks[1]] / totals[stacks[0]]:.2f}x")
+    lines.append("  ".join(f"{c:>16}" for c in cells))
+    for s in stacks:
+        lines.append(f"{s}: {report['flops'] / totals[s] / 1e9:.0f} GFLOP/s over the step's weight matmuls")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(common.CONFIGS), default="cpu")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--json", dest="json_out", default=None)
+    p.add_argument("--worker", nargs=2, metavar=("STACK", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    config = common.CONFIGS[args.config]
+    shapes = projections(config)
+    tokens = config.batch * config.seq_len
+    threads = len(os.sched_getaffinity(0))
+
+    if args.worker:
+        stack, out = args.worker
+        timed = (
+            time_ftc(tokens, shapes, args.repeats)
+            if stack == "ftc"
+            else time_torch(tokens, shapes, args.repeats, threads)
+        )
+        common.write_json(out, timed)
+        return 0
+
+    from bench import train_speed
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ftc-linear-") as tmp:
+        for stack in ("pytorch", "ftc"):
+            out = Path(tmp) / f"{stack}.json"
+            cmd = [sys.executable, "-m", "bench.linear_floor", "--config", args.config]
+            cmd += ["--repeats", str(args.repeats), "--worker", stack, str(out)]
+            proc = subprocess.run(
+                cmd,
+                cwd=common.REPO_ROOT,
+                env=common.stack_env(stack, train_speed.worker_env(config)),
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                print(f"{stack} worker failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            results[stack] = json.loads(out.read_text())
+    report = summarise(config, shapes, results)
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report.update(config=config.name, load_average=os.getloadavg()[0], date=date)
+    print(f"{config.description}; {tokens} tokens; load average {report['load_average']:.2f}; {report['date']}")
+    print(format_table(report))
+    if args.json_out:
+        common.write_json(args.json_out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
