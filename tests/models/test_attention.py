@@ -131,6 +131,27 @@ def test_blockwise_equals_xla_values_and_gradients(case, block):
         np.testing.assert_allclose(g, ref, atol=5e-6)
 
 
+@pytest.mark.parametrize("case", ["causal", "segments and window", "queries are the last keys"])
+def test_unrolled_tile_loops_equal_rolled_ones(case, monkeypatch):
+    """Few tiles are unrolled (static indices, folded masks); many stay a loop: same numbers."""
+    kw = dict(CASES[case])
+    S = 17
+    T = kw.pop("q_len", S)
+    seg = jnp.asarray(kw.pop("segment_ids")) if "segment_ids" in kw else None
+    mask = layers.make_attention_mask(segment_ids=seg, causal=True, q_len=T, kv_len=S, **kw)
+    q, k, v = _qkv(np.random.default_rng(5), 2, T, 6, 2, 8, S=S)
+
+    def run(unroll_tiles):
+        monkeypatch.setattr(attention, "UNROLL_TILES", unroll_tiles)
+        loss = lambda q, k, v: jnp.sum(attention.blockwise_attention(q, k, v, mask, scale=0.3, block=4) ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    (rolled, rolled_grads), (unrolled, unrolled_grads) = run(0), run(10_000)
+    np.testing.assert_allclose(unrolled, rolled, rtol=1e-6)
+    for g, ref in zip(unrolled_grads, rolled_grads):
+        np.testing.assert_allclose(g, ref, atol=1e-6)
+
+
 def test_blockwise_in_bfloat16_stays_within_bfloat16_rounding_of_the_reference():
     q, k, v = _qkv(np.random.default_rng(4), 2, 40, 4, 2, 16, dtype=jnp.bfloat16)
     mask = layers.make_attention_mask(segment_ids=jnp.ones((2, 40), jnp.int32), causal=True, q_len=40, kv_len=40)
