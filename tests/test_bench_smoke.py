@@ -54,3 +54,29 @@ def test_bench_smoke_both_stacks_train_the_same_work_and_report_ratios(tmp_path)
     predicted, check = ftc_r["predicted_memory"], ftc_r["memory_check"]
     assert predicted["compiled"]["peak"] == ftc_r["xla_memory"]["peak"] > 0  # the same step as the worker's
     assert check["buffers_bytes"] >= ftc_r["state_bytes"] > 0 and check["estimate_bytes"] > 0
+
+
+def test_kernels_bench_times_every_projection_and_attention_in_both_stacks(tmp_path):
+    out = tmp_path / "kernels.json"
+    cmd = [sys.executable, "-m", "bench.kernels", "--config", "smoke", "--repeats", "2", "--json", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["rows"]]
+    assert names == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+        "attention",
+    ]
+    for stack in ("pytorch", "ftc"):
+        per_step = sum(r["count"] * r[stack]["forward_backward_s"] for r in report["rows"])
+        assert report["step_total_s"][stack] == pytest.approx(per_step)
+        assert report["matmul_total_s"][stack] < report["step_total_s"][stack]
+        assert all(r[stack]["forward_s"] > 0 for r in report["rows"])

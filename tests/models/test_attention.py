@@ -163,7 +163,7 @@ def test_blockwise_in_bfloat16_stays_within_bfloat16_rounding_of_the_reference()
 
 
 def test_blockwise_backward_keeps_no_sequence_by_sequence_array():
-    B, T, N, H = 1, 1024, 4, 32
+    B, T, N, H = 1, 2048, 4, 32
     q = jax.ShapeDtypeStruct((B, T, N, H), jnp.float32)
     kv = jax.ShapeDtypeStruct((B, T, 2, H), jnp.float32)
     mask = layers.make_attention_mask(segment_ids=jnp.ones((B, T), jnp.int32), causal=True, q_len=T, kv_len=T)

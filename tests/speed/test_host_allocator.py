@@ -70,3 +70,11 @@ def test_the_ftc_script_still_reports_a_bad_argument_cleanly_after_the_restart(t
     out = subprocess.run([str(ftc), "run", str(tmp_path / "missing.toml")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_gives_ftc_workers_the_commands_environment_and_pytorch_its_defaults():
+    from bench import common
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FTC_HOST_ALLOCATOR")}
+    assert common.stack_env("pytorch", base) == base
+    assert common.stack_env("ftc", base) == (host_allocator.tuned_environ(base) or base)

@@ -207,21 +207,29 @@ def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, scale: float) 
 
 def query_block(q_len: int) -> int:
     """Rows and columns of a tile: small tiles stay in a CPU core's cache, larger ones amortise
-    the loop's per-tile cost at long sequences and on accelerators (sizes not swept yet: bench/README.md)."""
+    the loop's per-tile cost at long sequences and on accelerators. CPU sizes from a sweep at 2,048
+    tokens (bench/README.md): sequence 256 is fastest at 64 (16.3 ms forward + backward against
+    18.6 at 128), 512 / 1,024 / 2,048 at 256 (33.6 / 63.7 / 97.0 ms against 46.9 / 93.3 / 142.2
+    at the 64 / 64 / 128 used before)."""
     if jax.default_backend() != "cpu":
         return min(q_len, 512)
-    return min(q_len, 64 if q_len <= 512 else 128)
+    return min(q_len, 64 if q_len <= 256 else 256)
 
 
-# Loops of at most this many tiles are unrolled: with static tile indices XLA folds the masks of
-# tiles that need none, slices instead of dynamic slices and drops the loop's carried buffers.
-# bench/'s cpu config (sequence 256, 10 tiles each way): -10% step time, +0.9 s compile
-# (bench/README.md). Longer loops stay loops, as compile time grows with every unrolled tile.
+# Short sequences' tile loops are unrolled: with static tile indices XLA folds the masks of tiles
+# that need none and slices statically, which at 64-wide tiles is most of their cost (bench/'s cpu
+# config, sequence 256 = 10 tiles each way: forward + backward 24.7 -> 16.3 ms a layer, the step
+# -10%, compile +0.9 s). Only short ones: unrolled, XLA keeps every tile's temporaries at once
+# (1.6x a dense [T, S] matrix of scores at sequence 256; at 1,024 it would be 25 MiB against 4.8
+# MiB rolled), and at 256-wide tiles the loop costs little (sequence 1,024: 47.2 ms rolled, 63.7
+# unrolled). UNROLL_TILES bounds the compile time where tiles are small (tests use 4).
+UNROLL_SCORES = 256 * 256
 UNROLL_TILES = 16
 
 
-def _unroll(tiles: int) -> int:
-    return max(tiles, 1) if tiles <= UNROLL_TILES else 1
+def _unroll(pairs: np.ndarray, mask: AttentionMask) -> int:
+    short = mask.q_len * mask.kv_len <= UNROLL_SCORES
+    return max(len(pairs), 1) if short and len(pairs) <= UNROLL_TILES else 1
 
 
 def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, *, scale: float, block: int | None = None):
@@ -331,7 +339,7 @@ def _forward(q_BKTGH, k_BKSH, v_BKSH, mask, tiles, scale):
         jnp.zeros(q_BKTGH.shape, jnp.float32),
         jnp.zeros((B, K, Tp, G), jnp.float32),
     )
-    (_, _, _, out, lse), _ = jax.lax.scan(tile, init, jnp.asarray(tiles.forward), unroll=_unroll(len(tiles.forward)))
+    (_, _, _, out, lse), _ = jax.lax.scan(tile, init, jnp.asarray(tiles.forward), unroll=_unroll(tiles.forward, mask))
     return out.astype(q_BKTGH.dtype), lse
 
 
@@ -373,7 +381,9 @@ def _flash_bwd(scale, res, dout_BKTGH):
     col = jnp.zeros((B, K, H, b), jnp.float32)
     full = jnp.zeros((B, K, H, Sp), jnp.float32)
     init = (col, col, jnp.zeros(q_BKTGH.shape, jnp.float32), full, full)
-    (_, _, dq, dkT, dvT), _ = jax.lax.scan(tile, init, jnp.asarray(tiles.backward), unroll=_unroll(len(tiles.backward)))
+    (_, _, dq, dkT, dvT), _ = jax.lax.scan(
+        tile, init, jnp.asarray(tiles.backward), unroll=_unroll(tiles.backward, mask)
+    )
     zero = jax.tree.map(_zero_cotangent, (mask, tiles))
     return (dq.astype(dtype), dkT.transpose(0, 1, 3, 2).astype(k_BKSH.dtype),
             dvT.transpose(0, 1, 3, 2).astype(v_BKSH.dtype), *zero)  # fmt: skip
