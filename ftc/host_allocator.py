@@ -32,8 +32,8 @@ _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 def tuned_environ(environ: Mapping[str, str], thp_setting: str | None = None) -> dict | None:
     """The environment to restart with, or None where nothing should change. `thp_setting`: the
     kernel's transparent-huge-page mode line (default: read from /sys)."""
-    if environ.get("FTC_HOST_ALLOCATOR", "").lower() == "default":
-        return None
+    if environ.get("FTC_HOST_ALLOCATOR", "").lower() in ("default", "restarted"):
+        return None  # asked for glibc's defaults, or restarted once already (whatever glibc kept)
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc." in tunables:  # the user's (or our own, after the restart)
         return None
@@ -47,7 +47,9 @@ def tuned_environ(environ: Mapping[str, str], thp_setting: str | None = None) ->
             return None
     if "[never]" in thp_setting:
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{TUNABLE}" if tunables else TUNABLE}
+    tuned = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
+    # A setuid interpreter drops GLIBC_TUNABLES on exec: the marker still stops a second restart.
+    return {**environ, "GLIBC_TUNABLES": tuned, "FTC_HOST_ALLOCATOR": "restarted"}
 
 
 def command_of(args: Sequence[str]) -> str | None:

@@ -18,7 +18,7 @@ MADVISE = "always [madvise] never\n"
 @pytest.mark.skipif(not GLIBC, reason="glibc's tunables only exist on Linux with glibc")
 def test_tuned_environ_adds_the_huge_page_tunable_and_keeps_the_rest():
     env = host_allocator.tuned_environ({"PATH": "/bin"}, MADVISE)
-    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", "FTC_HOST_ALLOCATOR": "restarted"}
     other = host_allocator.tuned_environ({"GLIBC_TUNABLES": "glibc.rtld.nns=8"}, MADVISE)
     assert other["GLIBC_TUNABLES"] == "glibc.rtld.nns=8:glibc.malloc.hugetlb=1"
 
@@ -29,6 +29,7 @@ def test_tuned_environ_adds_the_huge_page_tunable_and_keeps_the_rest():
         ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, MADVISE),  # the user's malloc tuning wins
         ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, MADVISE),  # already restarted: no loop
         ({"FTC_HOST_ALLOCATOR": "default"}, MADVISE),  # asked for glibc's defaults
+        ({"FTC_HOST_ALLOCATOR": "restarted"}, MADVISE),  # restarted once, even if glibc dropped the tunable
         ({}, "always madvise [never]\n"),  # the kernel has huge pages off
     ],
 )
