@@ -259,12 +259,28 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def usage() -> tuple[float, float, int]:
+    """(user + system CPU seconds, system CPU seconds, minor page faults) of this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
+
+
+def step_usage(before: tuple, after: tuple) -> dict:
+    """What one step used, from two usage() readings (worker result lists, one entry a step)."""
+    keys = ("step_cpu_s", "step_sys_s", "step_minor_faults")
+    return {k: a - b for k, a, b in zip(keys, after, before)}
+
+
 def steady_state(result: dict, warmup: int) -> dict:
     """Median step time after the warm-up steps, and the CPU seconds those steps used per wall
     second (about the core count when the step keeps every core busy)."""
     times = result["step_times_s"][warmup:] or result["step_times_s"][-1:]
     cpu = result["step_cpu_s"][warmup:] or result["step_cpu_s"][-1:]
-    return {"step_median_s": statistics.median(times), "cpu_util": sum(cpu) / max(sum(times), 1e-9)}
+    out = {"step_median_s": statistics.median(times), "cpu_util": sum(cpu) / max(sum(times), 1e-9)}
+    for key, name in (("step_sys_s", "sys_s_per_step"), ("step_minor_faults", "minor_faults_per_step")):
+        if result.get(key):  # system CPU and page faults a step (what ftc/host_allocator.py is about)
+            out[name] = statistics.median(result[key][warmup:] or result[key][-1:])
+    return out
 
 
 # ------------------------------------------------------------------ FLOPs and MFU

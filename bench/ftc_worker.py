@@ -147,18 +147,19 @@ def run(job: common.Job) -> dict:
     losses, times = [], []
     state = p.state
     p.state = None  # donated by the first step
-    cpu = []
+    usage: dict[str, list] = {}  # step_cpu_s, step_sys_s, step_minor_faults
     # The peak of the steps alone (compiling XLA:CPU's code can peak higher than a step): what
     # the steps add to the resident process is their buffers beyond the (resident) train state.
     common.trim_heap()
     rss_before_steps = common.rss_bytes()
     peak_reset = common.reset_peak_rss()
     for i in range(job.steps):
-        t0, c0 = time.perf_counter(), common.cpu_seconds()
+        t0, u0 = time.perf_counter(), common.usage()
         state, metrics = p.compiled(state, p.put_batch(i))
         losses.append(float(metrics["loss"]))  # waits for the step
         times.append(time.perf_counter() - t0)
-        cpu.append(common.cpu_seconds() - c0)
+        for k, v in common.step_usage(u0, common.usage()).items():
+            usage.setdefault(k, []).append(v)
 
     out = {
         "stack": "ftc",
@@ -168,7 +169,7 @@ def run(job: common.Job) -> dict:
         **p.timings,
         "first_step_s": times[0],
         "step_times_s": times,
-        "step_cpu_s": cpu,
+        **usage,
         "losses": losses,
         "rss_after_import_bytes": p.rss_after_import,
         **p.memory,

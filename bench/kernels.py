@@ -4,6 +4,7 @@ XLA:CPU's dots, against `torch.nn.functional.linear`, oneDNN / MKL GEMMs) and th
 the benchmark config's shapes, in one invocation.
 
     python -m bench.kernels --config cpu
+    python -m bench.kernels --config cpu --seq-len 1024 --block 256   # the same tokens as 2 x 1,024; tiles 256 wide
 
 Every projection (q, k, v, o, gate, up, down, the LM head) is timed alone: its forward dot and
 the two backward dots (input and weight gradients), tokens = batch x sequence; attention is
@@ -16,9 +17,9 @@ fusions, loops, the loss, the optimizer) and how well it keeps the cores busy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,97 +63,73 @@ def _median_s(f, *args, repeats: int) -> float:
     return times[len(times) // 2]
 
 
-def time_ftc(tokens: int, shapes: list, repeats: int) -> dict:
+def _time_jax(f, args: tuple, cotangent, repeats: int) -> dict:
+    """Forward, and forward + backward (vjp) of `f` on `args`, jitted, median seconds."""
+    import jax
+
+    def forward_backward(*a):  # the output too: else XLA drops the forward as dead code
+        y, vjp = jax.vjp(f, *a[:-1])
+        return y, vjp(a[-1])
+
+    fwd, fwd_bwd = jax.jit(f), jax.jit(forward_backward)
+    return {
+        "forward_s": _median_s(lambda *a: jax.block_until_ready(fwd(*a)), *args, repeats=repeats),
+        "forward_backward_s": _median_s(
+            lambda *a: jax.block_until_ready(fwd_bwd(*a)), *args, cotangent, repeats=repeats
+        ),
+    }
+
+
+def _time_torch(f, args: tuple, cotangent, repeats: int) -> dict:
+    """Forward under no_grad, and forward + backward with autograd, median seconds."""
+    import torch
+
+    def forward(*a):
+        with torch.no_grad():
+            f(*a)
+
+    def forward_backward(*a):
+        for x in a[:-1]:
+            x.grad = None
+        f(*a[:-1]).backward(a[-1])
+
+    return {
+        "forward_s": _median_s(forward, *args, repeats=repeats),
+        "forward_backward_s": _median_s(forward_backward, *args, cotangent, repeats=repeats),
+    }
+
+
+def time_ftc(tokens: int, shapes: list, attention: tuple, block: int | None, repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from ftc.backends.jax.models import attention as attention_lib
     from ftc.backends.jax.models import layers
 
-    fwd_jit = jax.jit(lambda x, w: layers.linear(x, w, 1))
-
-    def forward_backward(x, w, g):  # the output too: else XLA drops the forward dot as dead code
-        y, vjp = jax.vjp(lambda x, w: layers.linear(x, w, 1), x, w)
-        return y, vjp(g)
-
-    fwd_bwd_jit = jax.jit(forward_backward)
-    fwd = lambda x, w: jax.block_until_ready(fwd_jit(x, w))  # noqa: E731
-    fwd_bwd = lambda x, w, g: jax.block_until_ready(fwd_bwd_jit(x, w, g))  # noqa: E731
     out = {}
     for name, n_in, n_out, _ in shapes:
         kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
         x = jax.random.normal(kx, (tokens, n_in), jnp.float32)
         w = jax.random.normal(kw, (n_in, n_out), jnp.float32) * 0.02
         g = jax.random.normal(kg, (tokens, n_out), jnp.float32)
-        out[name] = {
-            "forward_s": _median_s(fwd, x, w, repeats=repeats),
-            "forward_backward_s": _median_s(fwd_bwd, x, w, g, repeats=repeats),
-        }
-    return out
+        out[name] = _time_jax(lambda x, w: layers.linear(x, w, 1), (x, w), g, repeats)
 
-
-def time_ftc_attention(shape, repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from ftc.backends.jax.models import layers
-
-    B, T, N, K, H = shape
+    B, T, N, K, H = attention
     kq, kk, kv, kg = jax.random.split(jax.random.PRNGKey(0), 4)
     q, g = jax.random.normal(kq, (B, T, N, H)), jax.random.normal(kg, (B, T, N, H))
     k, v = jax.random.normal(kk, (B, T, K, H)), jax.random.normal(kv, (B, T, K, H))
     mask = layers.make_attention_mask(segment_ids=jnp.ones((B, T), jnp.int32), causal=True, q_len=T, kv_len=T)
-    attend = lambda q, k, v: layers.dot_product_attention(q, k, v, mask)  # noqa: E731
-
-    def forward_backward(q, k, v, g):
-        y, vjp = jax.vjp(attend, q, k, v)
-        return y, vjp(g)
-
-    fwd_jit, fwd_bwd_jit = jax.jit(attend), jax.jit(forward_backward)
-    return {
-        "forward_s": _median_s(lambda *a: jax.block_until_ready(fwd_jit(*a)), q, k, v, repeats=repeats),
-        "forward_backward_s": _median_s(lambda *a: jax.block_until_ready(fwd_bwd_jit(*a)), q, k, v, g, repeats=repeats),
-    }
+    if block is None:  # what a training step runs here
+        attend = lambda q, k, v: layers.dot_product_attention(q, k, v, mask)  # noqa: E731
+    else:
+        attend = lambda q, k, v: attention_lib.blockwise_attention(q, k, v, mask, scale=H**-0.5, block=block)  # noqa: E731
+    out["attention"] = _time_jax(attend, (q, k, v), g, repeats)
+    return out
 
 
-def time_torch_attention(shape, repeats: int) -> dict:
+def time_torch(tokens: int, shapes: list, attention: tuple, repeats: int, threads: int) -> dict:
     import torch
     import torch.nn.functional as F
-
-    B, T, N, K, H = shape
-    torch.manual_seed(0)
-    q, g = torch.randn(B, N, T, H, requires_grad=True), torch.randn(B, N, T, H)
-    k, v = torch.randn(B, K, T, H, requires_grad=True), torch.randn(B, K, T, H, requires_grad=True)
-
-    def forward(q, k, v):
-        with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-
-    def forward_backward(q, k, v, g):
-        q.grad = k.grad = v.grad = None
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(g)
-
-    return {
-        "forward_s": _median_s(forward, q, k, v, repeats=repeats),
-        "forward_backward_s": _median_s(forward_backward, q, k, v, g, repeats=repeats),
-    }
-
-
-def _torch_forward(x, w):
-    import torch
-
-    with torch.no_grad():
-        torch.nn.functional.linear(x, w)
-
-
-def _torch_forward_backward(x, w, g):
-    import torch
-
-    x.grad = w.grad = None
-    torch.nn.functional.linear(x, w).backward(g)
-
-
-def time_torch(tokens: int, shapes: list, repeats: int, threads: int) -> dict:
-    import torch
 
     torch.set_num_threads(threads)
     out = {}
@@ -160,12 +137,14 @@ def time_torch(tokens: int, shapes: list, repeats: int, threads: int) -> dict:
         torch.manual_seed(0)
         x = torch.randn(tokens, n_in, requires_grad=True)
         w = (torch.randn(n_out, n_in) * 0.02).requires_grad_(True)  # nn.Linear's [out, in]
-        g = torch.randn(tokens, n_out)
+        out[name] = _time_torch(F.linear, (x, w), torch.randn(tokens, n_out), repeats)
 
-        out[name] = {
-            "forward_s": _median_s(_torch_forward, x, w, repeats=repeats),
-            "forward_backward_s": _median_s(_torch_forward_backward, x, w, g, repeats=repeats),
-        }
+    B, T, N, K, H = attention
+    torch.manual_seed(0)
+    q, g = torch.randn(B, N, T, H, requires_grad=True), torch.randn(B, N, T, H)
+    k, v = torch.randn(B, K, T, H, requires_grad=True), torch.randn(B, K, T, H, requires_grad=True)
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    out["attention"] = _time_torch(sdpa, (q, k, v), g, repeats)
     return out
 
 
@@ -215,10 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(common.CONFIGS), default="cpu")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length, tokens kept (batch = tokens / T)")
+    p.add_argument("--block", type=int, default=None, help="ftc's attention tile width (default: what ftc picks)")
     p.add_argument("--json", dest="json_out", default=None)
     p.add_argument("--worker", nargs=2, metavar=("STACK", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     config = common.CONFIGS[args.config]
+    if args.seq_len:
+        tokens = config.batch * config.seq_len
+        if tokens % args.seq_len:
+            p.error(f"--seq-len {args.seq_len} does not divide the config's {tokens} tokens a step")
+        config = dataclasses.replace(config, seq_len=args.seq_len, batch=tokens // args.seq_len)
     shapes = projections(config)
     tokens = config.batch * config.seq_len
     attention = attention_shape(config)
@@ -227,10 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         stack, out = args.worker
         if stack == "ftc":
-            timed = {**time_ftc(tokens, shapes, args.repeats), "attention": time_ftc_attention(attention, args.repeats)}
+            timed = time_ftc(tokens, shapes, attention, args.block, args.repeats)
         else:
-            timed = time_torch(tokens, shapes, args.repeats, threads)
-            timed["attention"] = time_torch_attention(attention, args.repeats)
+            timed = time_torch(tokens, shapes, attention, args.repeats, threads)
         common.write_json(out, timed)
         return 0
 
@@ -240,15 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ftc-kernels-") as tmp:
         for stack in ("pytorch", "ftc"):
             out = Path(tmp) / f"{stack}.json"
-            cmd = [sys.executable, "-m", "bench.kernels", "--config", args.config]
-            cmd += ["--repeats", str(args.repeats), "--worker", stack, str(out)]
-            proc = subprocess.run(
-                cmd,
-                cwd=common.REPO_ROOT,
-                env=common.stack_env(stack, train_speed.worker_env(config)),
-                capture_output=True,
-                text=True,
-            )
+            cmd = [sys.executable, "-m", "bench.kernels", "--config", args.config, "--repeats", str(args.repeats)]
+            cmd += [f"--{k}={v}" for k, v in (("seq-len", args.seq_len), ("block", args.block)) if v is not None]
+            proc = train_speed.worker_process(stack, config, [*cmd, "--worker", stack, str(out)])
             if proc.returncode != 0:
                 print(f"{stack} worker failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1

@@ -21,7 +21,6 @@ import gzip
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -248,13 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 str(work / "job.json"),
                 str(out),
             ]
-            proc = subprocess.run(
-                cmd,
-                cwd=common.REPO_ROOT,
-                env=common.stack_env(stack, train_speed.worker_env(config)),
-                capture_output=True,
-                text=True,
-            )
+            proc = train_speed.worker_process(stack, config, cmd)
             if proc.returncode != 0:
                 print(f"{stack} profile failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 return 1

@@ -123,12 +123,13 @@ def run(job: common.Job) -> dict:
 
     p = build(job)
     losses, times = [], []
-    cpu = []
+    usage: dict[str, list] = {}  # step_cpu_s, step_sys_s, step_minor_faults
     for i in range(job.steps):
-        t0, c0 = time.perf_counter(), common.cpu_seconds()
+        t0, u0 = time.perf_counter(), common.usage()
         losses.append(p.step(i))
         times.append(time.perf_counter() - t0)
-        cpu.append(common.cpu_seconds() - c0)
+        for k, v in common.step_usage(u0, common.usage()).items():
+            usage.setdefault(k, []).append(v)
 
     out = {
         "stack": "pytorch",
@@ -139,7 +140,7 @@ def run(job: common.Job) -> dict:
         "compile_s": 0.0,
         "first_step_s": times[0],
         "step_times_s": times,
-        "step_cpu_s": cpu,
+        **usage,
         "losses": losses,
         "rss_after_import_bytes": p.rss_after_import,
         **p.memory,

@@ -92,6 +92,13 @@ def worker_env(config: common.BenchConfig) -> dict:
     return env
 
 
+def worker_process(stack: str, config: common.BenchConfig, cmd: list[str], timeout: float | None = None):
+    """Run a stack's worker command from the repo root in its environment (worker_env, and for ftc
+    what the `ftc` command restarts itself with: common.stack_env); output captured."""
+    env = common.stack_env(stack, worker_env(config))
+    return subprocess.run(cmd, cwd=common.REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def run_worker(stack: str, job: common.Job, work_dir: Path, timeout: float) -> dict:
     """Run one stack's worker process; its result dict, or {"error": ...} when it failed."""
     tag = f"{stack}-{job.method}"
@@ -100,14 +107,7 @@ def run_worker(stack: str, job: common.Job, work_dir: Path, timeout: float) -> d
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", WORKERS[stack], str(job_path), str(result_path)]
     try:
-        proc = subprocess.run(
-            cmd,
-            cwd=common.REPO_ROOT,
-            env=common.stack_env(stack, worker_env(job.config)),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        proc = worker_process(stack, job.config, cmd, timeout)
     except subprocess.TimeoutExpired:
         return {"stack": stack, "method": job.method, "error": f"timed out after {timeout:.0f} s"}
     if proc.returncode != 0 or not result_path.exists():

@@ -6,10 +6,11 @@ bench/'s cpu config, GiBs for a real model) as one `posix_memalign` from a worke
 serves a request that large from a fresh `mmap` and unmaps it on free, so every train step maps
 every page of it anew: 94k page faults and ~190 ms of system CPU a step on bench/'s cpu config
 (2026-12-01). With glibc's `glibc.malloc.hugetlb=1` tunable the same mappings are advised onto
-2 MiB transparent huge pages: 512 times fewer faults, and the step is 11-17% faster
-(bench/README.md, "Host memory"). Two other ways were measured and not taken: keeping freed
-memory in one arena (`mallopt`: no faults at all, but one arena for every thread made XLA's
-compile 1.6 s slower), and no `mmap` alone (thread arenas still `mmap` past 64 MiB).
+2 MiB transparent huge pages: 93,850 faults a step become 356, and the step is 11-17% faster (bench/README.md,
+"Changes for issue #14"; `minor_faults_per_step` in bench.train_speed's JSON). Two other ways were
+measured and not taken: keeping freed memory in one arena (`mallopt`: no faults at all, but one
+arena for every thread made XLA's compile 1.6 s slower), and no `mmap` alone (thread arenas still
+`mmap` past 64 MiB).
 
 glibc reads tunables when a process starts, so `ftc` re-executes itself once with the tunable
 added to GLIBC_TUNABLES (same PID, same arguments) for the commands in JAX_COMMANDS. Left alone

@@ -47,6 +47,7 @@ def test_bench_smoke_both_stacks_train_the_same_work_and_report_ratios(tmp_path)
     for r in (torch_r, ftc_r):
         assert r["tokens_per_s"] > 0 and r["step_median_s"] > 0 and r["startup_s"] > 0
         assert r["peak_rss_bytes"] > r["rss_after_import_bytes"] > 0
+        assert r["minor_faults_per_step"] >= 0 and 0 <= r["sys_s_per_step"] <= max(r["step_cpu_s"])
     assert ftc_r["compile_s"] > 0
     assert set(entry["ratio"]) >= {"startup_s", "step_median_s", "tokens_per_s", "peak_rss_bytes"}
     assert entry["ratio"]["tokens_per_s"] == pytest.approx(ftc_r["tokens_per_s"] / torch_r["tokens_per_s"])

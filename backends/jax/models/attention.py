@@ -208,9 +208,9 @@ def _cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask: AttentionMask, scale: float) 
 def query_block(q_len: int) -> int:
     """Rows and columns of a tile: small tiles stay in a CPU core's cache, larger ones amortise
     the loop's per-tile cost at long sequences and on accelerators. CPU sizes from a sweep at 2,048
-    tokens (bench/README.md): sequence 256 is fastest at 64 (16.3 ms forward + backward against
-    18.6 at 128), 512 / 1,024 / 2,048 at 256 (33.6 / 63.7 / 97.0 ms against 46.9 / 93.3 / 142.2
-    at the 64 / 64 / 128 used before)."""
+    tokens (`python -m bench.kernels --seq-len T --block B`): sequence 256 is fastest at 64 (16.3 ms
+    forward + backward, 18.6 at 128), 512 / 1,024 / 2,048 at 256 (33.6 / 63.7 / 97.0 ms against
+    46.9 / 93.3 / 142.2 at the 64 / 64 / 128 used before)."""
     if jax.default_backend() != "cpu":
         return min(q_len, 512)
     return min(q_len, 64 if q_len <= 256 else 256)
