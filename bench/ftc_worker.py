@@ -4,8 +4,9 @@ train step from train/step.py build_steps on a 1-device mesh -- the pieces `ftc 
 
     python -m bench.ftc_worker JOB.json RESULT.json
 
-Compilation is timed on its own: the jitted step is lowered and compiled ahead of time, and that
-same executable runs every step.
+The train step is lowered and compiled ahead of time from the abstract state, in a thread while the
+weights load (train/ahead.py, as `ftc run` does); `compile_s` is what is left of that compile once
+the state is built, and that same executable runs every step.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ if __package__ in (None, ""):
 from bench import common  # noqa: E402
 
 
-def _method(job: common.Job, family, arch, module, params):
-    """(module, params, trainable path predicate) for the job's method."""
+def _method(job: common.Job, family, arch, module):
+    """(module, base params -> the method's params, trainable path predicate) for the job's method."""
     if job.method == "full":
-        return module, params, lambda path: True
+        return module, lambda params: params, lambda path: True
     import jax
 
     from ftc.backends.jax.methods import lora
@@ -41,7 +42,7 @@ def _method(job: common.Job, family, arch, module, params):
     )
     quant = lora.QuantConfig(block_size=c.quant_block_size, double_quant=False) if job.method == "qlora" else None
     model = lora.adapt(family, arch, module, config, quant=quant)
-    return model, lora.init_params(model, params, jax.random.key(0)), lora.is_trainable
+    return model, lambda params: lora.init_params(model, params, jax.random.key(0)), lora.is_trainable
 
 
 @dataclasses.dataclass
@@ -54,7 +55,7 @@ class Program:
     put_batch: Callable[[int], dict]
     trainable_params: int
     device: Any
-    timings: dict  # import_s, load_s, lower_s, compile_s
+    timings: dict  # import_s, load_s (the compile running beside it), compile_s (what is left of it)
     rss_after_import: int
     versions: dict
     memory: dict  # rss_after_load_bytes, peak_rss_after_load_bytes, peak_rss_after_compile_bytes
@@ -63,12 +64,14 @@ class Program:
 def build(job: common.Job) -> Program:
     t0 = time.perf_counter()
     import flax
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from ftc.backends.jax.io import hf_checkpoint
-    from ftc.backends.jax.models import shapes
+    from ftc.backends.jax.models import family_for, shapes
+    from ftc.backends.jax.train import ahead
     from ftc.backends.jax.train import mesh as mesh_lib
     from ftc.backends.jax.train import optimizer as opt_lib
     from ftc.backends.jax.train import step as ts
@@ -88,34 +91,54 @@ def build(job: common.Job) -> Program:
     timings = {"import_s": time.perf_counter() - t0}
     rss_after_import = common.rss_bytes()
 
-    # ---- load: weights from the HF directory, method transformation, optimizer state
+    # ---- load: the program from config.json alone, its train step compiling in a thread (as in
+    # `ftc run`: train/ahead.py) while the weights load and the method and optimizer state are made
     t0 = time.perf_counter()
-    loaded = hf_checkpoint.load_model(job.model_dir, dtype=jnp.float32)
-    arch = loaded.arch
+    hf_config = hf_checkpoint.read_hf_config(job.model_dir)
+    family = family_for(hf_config)
+    arch = family.config_from_hf(hf_config)
     if job.remat != "none":
         arch = dataclasses.replace(arch, remat=job.remat)
-    module = loaded.family.build(arch, jnp.dtype(c.dtype))
-    module, params, trainable = _method(job, loaded.family, arch, module, loaded.params)
-
+    module, method_params, trainable = _method(job, family, arch, family.build(arch, jnp.dtype(c.dtype)))
+    boxed = shapes.abstract_boxed_params(module)
+    params_abs = jax.tree.map(  # the loaded tree's dtypes: float32, the method's own storage kept
+        lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype),
+        nn.unbox(boxed),
+    )
     mesh = mesh_lib.make_mesh(1, 1, 1, devices=[device])
-    infos = shapes.param_infos(shapes.abstract_boxed_params(module))
+    infos = shapes.param_infos(boxed)
     mesh_shape = {"data": 1, "fsdp": 1, "tensor": 1}
     partitions = {i.path: sharding_rules.param_partition(i.axes, i.shape, mesh_shape)[0] for i in infos}
-    mask = opt_lib.trainable_mask(params, trainable)
+    mask = opt_lib.trainable_mask(params_abs, trainable)
     schedule = opt_lib.make_schedule(plan_lib.SchedulePlan("constant", c.learning_rate, 0, None, 0.0), job.steps)
     tx = opt_lib.make_optimizer(
         plan_lib.OptimizerPlan("adamw", 0.0, 0.9, 0.999, 1e-8, None, c.grad_clip),
         schedule,
         {i.path: i.axes for i in infos},
     )
-    state_abs = ts.abstract_state(jax.eval_shape(lambda p: p, params), tx, mask)
+    state_abs = ts.abstract_state(params_abs, tx, mask)
     state_sh = ts.state_shardings(mesh, state_abs, partitions)
+    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=1)
+    B, T = c.batch, c.seq_len
+    batch_dtypes = {
+        "input_ids": np.int32,
+        "targets": np.int32,
+        "weights": np.float32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+    }
+    compiling = ahead.start(
+        steps.train,
+        jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_abs, state_sh),
+        {k: jax.ShapeDtypeStruct((1, B, T), d, sharding=steps.train_batch_sharding) for k, d in batch_dtypes.items()},
+    )
+
+    loaded = hf_checkpoint.load_model(job.model_dir, dtype=jnp.float32)
+    params = method_params(loaded.params)
     init = jax.jit(lambda p: ts.init_state(p, tx, mask, 0), out_shardings=state_sh, donate_argnums=(0,))
     state = jax.block_until_ready(init(params))
     del params, loaded
-    steps = ts.build_steps(module, tx, schedule, mask, mesh, state_sh, accum_steps=1)
     tokens = np.load(job.tokens_path)
-    B, T = c.batch, c.seq_len
     fixed = {
         "weights": np.ones((B, T), np.float32),
         "segment_ids": np.ones((B, T), np.int32),
@@ -129,11 +152,11 @@ def build(job: common.Job) -> Program:
     timings["load_s"] = time.perf_counter() - t0
     memory = {"rss_after_load_bytes": common.rss_bytes(), "peak_rss_after_load_bytes": common.peak_rss_bytes()}
 
-    # ---- compile (trace + lower + XLA compile) ahead of time, timed on its own
+    # ---- compile (trace + lower + XLA compile): what is left of it once the state is built
     t0 = time.perf_counter()
-    lowered = steps.train.lower(state, put_batch(0))
-    timings["lower_s"] = time.perf_counter() - t0
-    compiled = lowered.compile()
+    compiled = ahead.result(compiling)
+    if compiled is None:  # compiling ahead failed: compile here, where the error shows
+        compiled = steps.train.lower(state, put_batch(0)).compile()
     timings["compile_s"] = time.perf_counter() - t0
     memory["peak_rss_after_compile_bytes"] = common.peak_rss_bytes()
     memory["state_bytes"] = sum(int(x.nbytes) for x in jax.tree.leaves(state))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -86,4 +87,10 @@ def main() -> None:
     restart_tuned()
     from ftc.cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        # The command is over: a Ctrl-C while the interpreter shuts down (a run that failed waits
+        # there for its step's compile: backends/jax/train/ahead.py) ends the process at once, not
+        # with a KeyboardInterrupt traceback from whatever clean-up it lands in.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)

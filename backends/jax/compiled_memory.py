@@ -28,11 +28,11 @@ from typing import Any
 import jax
 
 from ftc.backends.jax import objectives
-from ftc.backends.jax.data import formats
 from ftc.backends.jax.methods.base import build_model
 from ftc.backends.jax.objectives import contract
 from ftc.backends.jax.pipeline import build_objective, plan_for
 from ftc.backends.jax.state.init_from import read_model_config
+from ftc.backends.jax.train import ahead
 from ftc.backends.jax.train.program import build_program
 
 
@@ -96,7 +96,10 @@ def compiled_memory(spec, device_count: int | None = None, *, spawn: bool = True
     program = build_program(
         plan, model, abstract_params, objective, reference=with_reference, devices=devices, total_steps=steps
     )
-    batch = abstract_batch(spec, plan, objective, program.steps.train_batch_sharding)
+    try:
+        batch = ahead.abstract_batch(spec, plan, objective, program.steps.train_batch_sharding)
+    except ahead.BatchKeysError as e:
+        raise CompileError(f"--compile: {e}") from None
     t0 = time.perf_counter()
     compiled = program.steps.train.lower(program.abstract_state(), batch).compile()
     elapsed = time.perf_counter() - t0
@@ -111,25 +114,6 @@ def compiled_memory(spec, device_count: int | None = None, *, spawn: bool = True
         generated_code=int(m.generated_code_size_in_bytes),
         compile_s=round(elapsed, 3),
     )
-
-
-def abstract_batch(spec, plan, objective, sharding) -> dict:
-    """One step's batch as ShapeDtypeStructs: the data format's rows (data/pack.py laid out for
-    no items gives every key's trailing shape and dtype) as [accum, micro-batch, ...]."""
-    layout = formats.get(spec.data.format).layout
-    rows = layout.lay_out([], plan.batch.seq_len, False).arrays
-    missing = [k for k in objective.batch_keys if k not in rows]
-    if missing:
-        raise CompileError(
-            f"--compile: objective {objective.name!r} takes batch keys {missing} that data.format="
-            f"{spec.data.format!r} rows do not have"
-        )
-    lead = (plan.batch.accum_steps, plan.batch.micro_batch)
-
-    def one(a):
-        return jax.ShapeDtypeStruct(lead + a.shape[1:], a.dtype, sharding=sharding)
-
-    return jax.tree.map(one, {k: rows[k] for k in objective.batch_keys})
 
 
 def _devices(n: int | None) -> list | None:

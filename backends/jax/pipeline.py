@@ -48,7 +48,7 @@ from ftc.backends.jax.state import frozen_base
 from ftc.backends.jax.state.frozen_base import initial_params
 from ftc.backends.jax.state.init_from import init_from_step, read_model_config
 from ftc.backends.jax.state.lock import run_lock
-from ftc.backends.jax.train import device_peak, run_log
+from ftc.backends.jax.train import ahead, device_peak, run_log
 from ftc.backends.jax.train import step as ts
 from ftc.backends.jax.train.compile_cache import use_compilation_cache
 from ftc.backends.jax.train.loop import Interrupted, LoopConfig, StopSignals, train_loop
@@ -221,6 +221,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     total = plan.steps.total_steps
     program = build_program(plan, model, abstract_params, objective, reference=with_reference)
     mesh, mask, tx, state_sh, steps = program.mesh, program.mask, program.tx, program.state_sh, program.steps
+    # The step compiles in a thread while the weights load (train/ahead.py); rollouts feed other batches.
+    compiling = None if rollouts else _compile_ahead(spec, plan, objective, program)
     feed = None
     if rollouts:  # train steps fed by rollout -> score rounds (rl/loop.py), not the data pipeline
         feed = rl_loop.RolloutFeed(spec, data, model, tokenizer, model_dir, hf_config, mesh)
@@ -304,6 +306,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         flops_per_step=plan.flops_per_token * plan.batch.tokens_per_step,
         peak_flops=peak * peak_units,
     )
+    ahead.result(compiling)  # its first call finds the executable compiled
     try:
         state = train_loop(
             steps,
@@ -336,6 +339,14 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         if report is not None:
             report.final()
     return summary
+
+
+def _compile_ahead(spec, plan, objective, program):
+    try:
+        batch = ahead.abstract_batch(spec, plan, objective, program.steps.train_batch_sharding)
+    except ahead.BatchKeysError:  # the step's first call says what is missing
+        return None
+    return ahead.start(program.steps.train, program.abstract_state(), batch)
 
 
 def export_at_end(run_dir: str, *, echo: Callable[[str], None] = print) -> str:

@@ -226,6 +226,7 @@ def _in_mesh(mesh: Mesh, fn: Callable) -> Callable:
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args)
 
+    traced.__name__ = traced.__qualname__ = fn.__name__  # jit(train_step) in logs, profiles and compile events
     return traced
 
 

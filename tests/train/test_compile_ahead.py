@@ -1,0 +1,180 @@
+"""train/ahead.py in `ftc run`: the train step is compiled in a thread while the weights load, and
+its first call in the loop reuses that executable: the step compiles once, not again at its first
+call (compiles counted by jax's compile events, per function), and trains bitwise the same."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import train_testlib as tl
+from data_testlib import write_jsonl
+from jax._src import monitoring  # jax's compile events: the public module re-exports no unregister
+
+from ftc.backends.jax import pipeline as run_lib
+from ftc.spec import spec_from_dict
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ahead")
+    tl.make_model_dir(root / "model")
+    tl.write_chat_data(root / "train.jsonl", 24)
+    words = "the quick brown fox jumps over lazy dog".split()
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": f"{i} {words[i % 8]}?"}],
+            "chosen": [{"role": "assistant", "content": " ".join(words[: 1 + i % 5])}],
+            "rejected": [{"role": "assistant", "content": " ".join(words[i % 3 :])}],
+        }
+        for i in range(16)
+    ]
+    write_jsonl(root / "pairs.jsonl", pairs)
+    return root
+
+
+def spec_dict(root, name: str, **changes) -> dict:
+    spec = {
+        "ftc": 1,
+        "name": name,
+        "output_dir": str(root / "runs"),
+        "model": {"base": str(root / "model"), "max_seq_len": 32, "dtype": "float32"},
+        "data": {"format": "chat", "train": str(root / "train.jsonl")},
+        "training": {"steps": 2, "batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3},
+        "mesh": {"fsdp": 4, "tensor": 2},
+        "checkpoint": {"every": 100},
+        "logging": {"progress": False},
+    }
+    for section, values in changes.items():
+        spec[section] = {**spec.get(section, {}), **values}
+    return spec
+
+
+CASES = {
+    "sft-packed": {},
+    "sft-padded-lora": {"data": {"packing": False}, "method": {"kind": "lora", "rank": 4}},
+    "dpo": {"data": {"format": "preference"}, "training": {"objective": "dpo"}},
+}
+
+
+def compiles_during_run(spec) -> list[tuple[str, str]]:
+    """(function name, thread name) of every XLA compile while `spec` runs."""
+    for thread in threading.enumerate():  # a run that failed earlier in this process may still compile
+        if thread.name.startswith("ftc-compile-ahead"):
+            thread.join()
+    seen = []
+
+    def listener(event, duration, **kw):
+        if event == COMPILE_EVENT:
+            seen.append((kw.get("fun_name", "?"), threading.current_thread().name))
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        run_lib.run(spec, echo=lambda s: None)
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    return seen
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_train_step_is_compiled_ahead_once_and_its_first_call_compiles_nothing(root, case, monkeypatch):
+    changes = json.loads(json.dumps(CASES[case]))
+    if case == "dpo":
+        changes["data"]["train"] = str(root / "pairs.jsonl")
+    ahead_spec = spec_from_dict(spec_dict(root, f"{case}-ahead", **changes))
+    ahead = compiles_during_run(ahead_spec)
+    train = [thread for name, thread in ahead if "train_step" in name]
+    assert len(train) == 1 and train[0].startswith("ftc-compile-ahead"), ahead
+
+    monkeypatch.setattr(run_lib, "_compile_ahead", lambda *a: None)  # as before: compiled at its first call
+    plain_spec = spec_from_dict(spec_dict(root, f"{case}-plain", **changes))
+    plain = compiles_during_run(plain_spec)
+    assert [thread for name, thread in plain if "train_step" in name] == ["MainThread"], plain
+    want = tl.checkpoint_params(plain_spec.run_dir)
+    got = tl.checkpoint_params(ahead_spec.run_dir)
+    assert got.keys() == want.keys()
+    for key, value in got.items():  # the same program trained the same way
+        assert value.tobytes() == want[key].tobytes(), key
+
+
+SLOW_COMPILE = """
+import sys, time
+from ftc.backends.jax.train import ahead
+from ftc.host_allocator import main  # the `ftc` console script
+
+class Slow:  # the train step, its compile held back: still compiling when the run fails
+    def __init__(self, jitted):
+        self.jitted = jitted
+    def lower(self, *args):
+        print("compiling", flush=True)
+        time.sleep(float(delay))
+        return self.jitted.lower(*args)
+
+start = ahead.start
+ahead.start = lambda jitted, *args: start(Slow(jitted), *args)
+delay, sys.argv = sys.argv[2], ["ftc", "run", sys.argv[1]]
+main()
+"""
+
+
+def broken_run(root, tmp_path) -> str:
+    """A spec whose base model's weights are cut short: the run fails while it loads them."""
+    import shutil
+
+    model = shutil.copytree(root / "model", tmp_path / "model")
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: int(len(data) * 0.6)])
+    spec = spec_dict(root, "broken")
+    spec["model"]["base"] = str(model)
+    spec["output_dir"] = str(tmp_path / "runs")
+    spec["mesh"] = {"fsdp": -1}  # whatever devices the process has
+    spec["training"]["micro_batch_size"] = 8
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def test_a_run_failing_while_its_step_compiles_says_why_and_exits_once_the_compile_ends(root, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", SLOW_COMPILE, broken_run(root, tmp_path), "4"], capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "model.safetensors: tensor '" in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert time.monotonic() - t0 >= 4  # jax's backend outlived the compile
+
+
+def test_a_second_ctrl_c_while_the_failed_run_waits_for_its_compile_ends_it_at_once(root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_COMPILE, broken_run(root, tmp_path), "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while proc.stdout.readline().strip() != "compiling" and time.monotonic() < deadline:
+            pass
+        err = ""
+        while "model.safetensors" not in err and time.monotonic() < deadline:  # the error is out
+            err += proc.stderr.readline()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        err += proc.stderr.read()
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT and time.monotonic() - t0 < 10
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
