@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -79,18 +78,3 @@ def restart_tuned(args: Sequence[str] | None = None) -> None:
         os.execve(sys.executable, argv, env)
     except OSError:
         return  # cannot restart (e.g. a sandbox): run with glibc's defaults
-
-
-def main() -> None:
-    """The `ftc` console script: restart tuned where it applies, then the command line (whose
-    imports are left until after the restart, so they are not paid twice)."""
-    restart_tuned()
-    from ftc.cli import main as cli_main
-
-    try:
-        cli_main()
-    finally:
-        # The command is over: a Ctrl-C while the interpreter shuts down (a run that failed waits
-        # there for its step's compile: backends/jax/train/ahead.py) ends the process at once, not
-        # with a KeyboardInterrupt traceback from whatever clean-up it lands in.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -6,8 +6,9 @@ and shardings (program.Program.abstract_state), so the two can overlap. XLA rele
 while it compiles. The step's own first call then finds the executable in jax's in-memory cache
 (the same jitted function, the same avals and shardings), so nothing is compiled twice
 (tests/train/test_compile_ahead.py counts the compiles). `ftc plan --compile` compiles the same
-step on the same abstract inputs (compiled_memory.py). A run that fails while its step compiles
-prints its error at once and exits when the compile is over (`_finish_at_exit`).
+step on the same abstract inputs (compiled_memory.py). When a run fails or is stopped while its
+step compiles, the `ftc` process exits at once (ftc/console.py); a Python process that called
+`pipeline.run` itself waits at exit for the compile to end (`_finish_at_exit`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 from ftc.backends.jax.data import formats
 
 log = logging.getLogger(__name__)
+THREAD_NAME = "ftc-compile-ahead"  # ftc/console.py looks for it at exit
 
 
 class BatchKeysError(ValueError):
@@ -73,7 +75,7 @@ def start(jitted, *abstract_args: Any) -> Compiling:
         except BaseException as e:  # handed to whoever waits
             future.set_exception(e)
 
-    thread = threading.Thread(target=compile_, name="ftc-compile-ahead", daemon=True)
+    thread = threading.Thread(target=compile_, name=THREAD_NAME, daemon=True)
     at_exit = functools.partial(_finish_at_exit, thread)
     atexit.register(at_exit)  # after jax's own handler: runs before it
     thread.start()
@@ -81,9 +83,9 @@ def start(jitted, *abstract_args: Any) -> Compiling:
 
 
 def _finish_at_exit(thread: threading.Thread) -> None:
-    """A run that failed or was stopped while its step compiled exits only once the compile is
-    over: jax's exit handler tears the backend down, and XLA must not be compiling then. A second
-    Ctrl-C while it waits ends the process at once (the default action), without a traceback."""
+    """A process that ran a run that failed or was stopped while its step compiled exits only once
+    the compile is over: jax's exit handler tears the backend down, and XLA must not be compiling
+    then. A Ctrl-C while it waits ends the process at once (the default action), no traceback."""
     if thread.is_alive():
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_DFL)
