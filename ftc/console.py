@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 
-AHEAD_THREAD = "ftc-compile-ahead"  # backends/jax/train/ahead.py names its threads so
+AHEAD = "ftc.backends.jax.train.ahead"  # looked up, not imported: commands that never load jax stay light
 
 
 def main() -> None:
@@ -33,7 +32,8 @@ def main() -> None:
         code = e.code
     finally:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if any(t.name.startswith(AHEAD_THREAD) and t.is_alive() for t in threading.enumerate()):
+    ahead = sys.modules.get(AHEAD)
+    if ahead is not None and ahead.compiling_now():
         if code is not None and not isinstance(code, int):  # sys.exit("message")
             print(code, file=sys.stderr)
             code = 1

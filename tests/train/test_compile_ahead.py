@@ -13,6 +13,7 @@ from data_testlib import write_jsonl
 from jax._src import monitoring  # jax's compile events: the public module re-exports no unregister
 
 from ftc.backends.jax import pipeline as run_lib
+from ftc.backends.jax.train import ahead as ahead_lib
 from ftc.spec import spec_from_dict
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -63,7 +64,7 @@ CASES = {
 def compiles_during_run(spec) -> list[tuple[str, str]]:
     """(function name, thread name) of every XLA compile while `spec` runs."""
     for thread in threading.enumerate():  # a run that failed earlier in this process may still compile
-        if thread.name.startswith("ftc-compile-ahead"):
+        if thread.name == ahead_lib.THREAD_NAME:
             thread.join()
     seen = []
 
@@ -87,7 +88,7 @@ def test_train_step_is_compiled_ahead_once_and_its_first_call_compiles_nothing(r
     ahead_spec = spec_from_dict(spec_dict(root, f"{case}-ahead", **changes))
     ahead = compiles_during_run(ahead_spec)
     train = [thread for name, thread in ahead if "train_step" in name]
-    assert len(train) == 1 and train[0].startswith("ftc-compile-ahead"), ahead
+    assert train == [ahead_lib.THREAD_NAME], ahead
 
     monkeypatch.setattr(run_lib, "_compile_ahead", lambda *a: None)  # as before: compiled at its first call
     plain_spec = spec_from_dict(spec_dict(root, f"{case}-plain", **changes))
@@ -150,9 +151,8 @@ def slow_compile_run(spec: str, signum: int | None = None):
         [sys.executable, "-c", SLOW_COMPILE, spec, "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while proc.stdout.readline().strip() != "compiling" and time.monotonic() < deadline:
-            pass
+        # The compile has begun before the run fails or the signal is sent.
+        assert any(line.strip() == "compiling" for line in proc.stdout), proc.stderr.read()[-2000:]
         if signum is not None:
             time.sleep(1)  # the main thread is loading the weights, or waiting for the compile
             proc.send_signal(signum)

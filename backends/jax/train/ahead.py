@@ -28,7 +28,7 @@ import jax
 from ftc.backends.jax.data import formats
 
 log = logging.getLogger(__name__)
-THREAD_NAME = "ftc-compile-ahead"  # ftc/console.py looks for it at exit
+THREAD_NAME = "ftc-compile-ahead"
 
 
 class BatchKeysError(ValueError):
@@ -80,6 +80,11 @@ def start(jitted, *abstract_args: Any) -> Compiling:
     atexit.register(at_exit)  # after jax's own handler: runs before it
     thread.start()
     return Compiling(future, at_exit)
+
+
+def compiling_now() -> bool:
+    """Whether a compile `start` began is still running (ftc/console.py asks at exit)."""
+    return any(t.name == THREAD_NAME and t.is_alive() for t in threading.enumerate())
 
 
 def _finish_at_exit(thread: threading.Thread) -> None:
