@@ -8,8 +8,15 @@ The tests compile thousands of tiny programs that then run for milliseconds, so 
 is most of their cost: `--xla_backend_optimization_level=0` leaves XLA's own (HLO) passes as they
 are and cut the time of the run, export and generation tests by about an eighth (2-core CPU).
 `ftc` itself keeps XLA's default, which is what the benchmarks in `bench/` measure.
+
+Importing ftc's JAX backend here, before any test makes jax's CPU client, gives the 8 devices
+XLA:CPU's pool of 32 threads (backends/jax/host_devices.py): with XLA's 8, a step's collectives
+could fill the pool and hang the worker for 40 s before XLA aborted it. The `ftc` processes tests
+start inherit the setting (PJRT_NPROC).
 """
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+
+import ftc.backends.jax  # noqa: E402,F401  (sets PJRT_NPROC from the flags above)

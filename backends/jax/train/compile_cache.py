@@ -35,6 +35,9 @@ def several_cpu_devices() -> bool:
     jax_num_cpu_devices). jax 0.10's XLA:CPU deadlocked there on executables loaded from the cache:
     two executions of one cached program met at the same collective rendezvous (same RunId, op ids 3
     and 107) and XLA aborted after 40 s (tests/objectives/test_dpo.py after the MoE tests, every
-    time; never with the cache off). So ftc leaves the cache off on such meshes: they are tests and
-    rehearsals of a pod's mesh, where start-up matters least."""
+    time; not seen with the cache off then). The same abort at the same op ids came later with the
+    cache off too: the devices' collectives had filled XLA:CPU's thread pool (host_devices.py now
+    sizes it), so the cache may never have been the cause; untested since. ftc leaves the cache off
+    on such meshes all the same: they are tests and rehearsals of a pod's mesh, where start-up
+    matters least."""
     return jax.default_backend() == "cpu" and jax.device_count() > 1
