@@ -11,12 +11,20 @@ are and cut the time of the run, export and generation tests by about an eighth 
 
 Importing ftc's JAX backend here, before any test makes jax's CPU client, gives the 8 devices
 XLA:CPU's pool of 32 threads (backends/jax/host_devices.py): with XLA's 8, a step's collectives
-could fill the pool and hang the worker for 40 s before XLA aborted it. The `ftc` processes tests
-start inherit the setting (PJRT_NPROC).
+could fill the pool and hang the worker for 40 s before XLA aborted it. Once the client is made
+the setting (PJRT_NPROC) leaves the environment again, so an `ftc` process a test starts sizes its
+own pool from its own XLA_FLAGS, as a user's would.
 """
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+_USERS_POOL = "PJRT_NPROC" in os.environ
+
+import jax  # noqa: E402
 
 import ftc.backends.jax  # noqa: E402,F401  (sets PJRT_NPROC from the flags above)
+
+jax.devices()  # XLA makes its CPU client now, with that pool
+if not _USERS_POOL:
+    os.environ.pop("PJRT_NPROC", None)

@@ -51,3 +51,9 @@ def test_importing_ftcs_jax_backend_sizes_xlas_pool_before_the_client_exists():
     eight = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     # XLA's own size would be max(8, cores): 8 on the 2-core machine where the pool filled up
     assert _pool_threads_in_a_fresh_process(eight) == max(32, os.cpu_count() or 1)
+
+
+def test_this_test_process_has_the_sized_pool_and_left_no_setting_for_its_children():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    assert names.count("tf_XLAEigen") == max(32, os.cpu_count() or 1)  # tests/conftest.py, 8 devices
+    assert "PJRT_NPROC" not in os.environ  # (unless you ran the tests with a PJRT_NPROC of your own)
