@@ -199,3 +199,44 @@ def test_raw_uint32_keys_are_the_same_keys_as_typed_ones():
     assert (data(row_keys(per_row, 3, 4))[:3] == data(per_row)).all()  # given keys are used as they are
     with pytest.raises(ValueError, match="2 keys for 3 prompts"):
         row_keys(per_row[:2], 3, 4)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral"])  # mistral: a sliding window in the unrolled blocks
+def test_cpu_decodes_one_row_on_unrolled_blocks_with_the_scanned_stacks_tokens(models, case):
+    from ftc.backends.jax.generate.sampler import make_sampler
+
+    hf_model, loaded = models(case)
+    module = loaded.family.build(loaded.arch, jnp.float32)
+    context = loaded.hf_config["max_position_embeddings"]
+    unrolled = make_sampler(loaded.family, loaded.arch, module, context=context)  # CPU: unrolled by default
+    scanned = make_sampler(loaded.family, loaded.arch, module, context=context, unroll_decode=False)
+    assert scanned.decode_one_row is None and unrolled.decode_one_row is not None
+    split = unrolled.per_layer_params(loaded.params)
+    blocks = sorted(k for k in split if k.startswith("layers"))
+    assert blocks == sorted(f"layers_{i}" for i in range(loaded.arch.num_layers))
+    greedy, sampled = GenerateConfig(max_new_tokens=NEW), GenerateConfig(NEW, sampling=SamplingConfig(temperature=0.9))
+    for prompt in prompts((5, 17)):  # 17 > mistral's window of 4
+        out = generate(unrolled, loaded.params, [prompt], jax.random.key(3), greedy)
+        assert [list(out[0].tokens)] == hf_greedy(hf_model, [prompt], NEW)
+        for config in (greedy, sampled):
+            a = generate(unrolled, loaded.params, [prompt], jax.random.key(3), config)
+            assert a == generate(scanned, loaded.params, [prompt], jax.random.key(3), config)
+
+
+def test_one_row_stays_on_the_scanned_stack_where_a_second_weights_copy_would_take_over_a_quarter_of_memory(
+    models, monkeypatch
+):
+    from ftc.backends.jax.generate import sampler as sampler_lib
+
+    _, loaded = models("llama")
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
+    host = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * nbytes}
+    monkeypatch.setattr(sampler_lib.os, "sysconf", host.__getitem__)
+    split = []
+    sampler = sampler_for(loaded)
+    counting = dataclasses.replace(sampler, per_layer_params=lambda p: split.append(1) or sampler.per_layer_params(p))
+    for phys, copies in ((4 * nbytes, 1), (4 * nbytes - 1, 0)):
+        host["SC_PHYS_PAGES"] = phys
+        split.clear()
+        generate(counting, loaded.params, prompts((5,)), jax.random.key(0), GenerateConfig(max_new_tokens=4))
+        assert len(split) == copies

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ftc.backends.jax.generate.sampling import GREEDY, SamplingConfig, next_tokens
-from ftc.backends.jax.models import kv_cache
+from ftc.backends.jax.models import kv_cache, llama
 from ftc.compiler import sharding_rules
 
 MIN_PROMPT_BUCKET = 16
@@ -82,12 +83,28 @@ class Sampler:
     mesh: Mesh | None  # where the cache is sharded (batch over data x fsdp, kv heads over tensor)
     prefill: Callable
     decode: Callable
+    # One row's decode on the blocks unrolled, and params -> the per-layer weights it takes (None:
+    # `decode` for every batch). See `make_sampler`.
+    decode_one_row: Callable | None = None
+    per_layer_params: Callable | None = None
 
 
-def make_sampler(family, arch, module, *, context: int, mesh: Mesh | None = None) -> Sampler:
+def make_sampler(
+    family, arch, module, *, context: int, mesh: Mesh | None = None, unroll_decode: bool | None = None
+) -> Sampler:
     """A Sampler for `module` (the family's module for `arch`, possibly inside a method's
     wrapper: pass a MethodModel's `eval_module`). `context`: the model's positions
-    (config.json's max_position_embeddings / n_positions)."""
+    (config.json's max_position_embeddings / n_positions).
+
+    `unroll_decode` (default: on CPU, for a Llama-style decoder without a method's wrapper): a
+    batch of one row decodes with the blocks unrolled, on per-layer copies of their weights made
+    once per `stream` / `generate` call. A scanned stack makes XLA:CPU copy each layer's weights
+    out of the stacked arrays for every token, so a one-row token moved the block weights twice;
+    unrolled, SmolLM2-135M decodes 1.4x faster at batch 1 but compiles 6.5 s instead of 1.3 s
+    (once per machine with the persistent cache), and a second copy of the weights lives while it
+    generates (so only where they take at most a quarter of the host's memory). A batch of 8
+    shares the scanned copy and decoded slower unrolled (97 against 127 tokens/s), so larger
+    batches stay scanned (README.md, "Benchmarks", generation)."""
     if family.cache_layout is None:
         raise ValueError(f"model family {family.name} does not generate text (it is not a causal LM)")
     layout = family.cache_layout(arch)
@@ -96,7 +113,14 @@ def make_sampler(family, arch, module, *, context: int, mesh: Mesh | None = None
         functools.partial(_prefill, module, layout, jnp.dtype(dtype), mesh), static_argnames=("new_tokens", "config")
     )
     decode = jax.jit(functools.partial(_decode, module, mesh), static_argnames=("config",), donate_argnums=(1,))
-    return Sampler(module, layout, jnp.dtype(dtype), int(context), mesh, prefill, decode)
+    if unroll_decode is None:
+        unroll_decode = jax.default_backend() == "cpu" and isinstance(module, llama.Decoder)
+    one_row = per_layer = None
+    if unroll_decode:
+        unrolled = module.clone(unrolled=True)
+        one_row = jax.jit(functools.partial(_decode, unrolled, mesh), static_argnames=("config",), donate_argnums=(1,))
+        per_layer = jax.jit(functools.partial(llama.per_layer_params, num_layers=arch.num_layers))
+    return Sampler(module, layout, jnp.dtype(dtype), int(context), mesh, prefill, decode, one_row, per_layer)
 
 
 # ---------------------------------------------------------------- the jitted parts
@@ -285,6 +309,9 @@ def stream(
         config=config,
     )
     stopped = np.zeros(len(batch.ids), bool)
+    decode, decode_params = sampler.decode, None
+    if sampler.decode_one_row is not None and len(batch.ids) == 1 and _copy_fits(params):
+        decode = sampler.decode_one_row
     while True:
         snap = _snapshot(state, batch.rows, stopped)
         if stop is not None:  # rows still running, or ended by length, may have reached a stop
@@ -299,7 +326,19 @@ def stream(
             return
         step = int(state["step"])
         stop_at = batch.new_tokens if chunk is None else min(batch.new_tokens, step + chunk)
-        state = sampler.decode(params, state, jnp.int32(stop_at), config=config)
+        if decode_params is None:  # once per call, and only when it decodes at all
+            decode_params = sampler.per_layer_params(params) if decode is sampler.decode_one_row else params
+        state = decode(decode_params, state, jnp.int32(stop_at), config=config)
+
+
+def _copy_fits(params) -> bool:
+    """Whether a second copy of the weights (the per-layer ones) takes at most a quarter of the
+    host's memory: a model that big keeps decoding from its one scanned copy."""
+    try:
+        host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return False
+    return sum(x.nbytes for x in jax.tree.leaves(params)) * 4 <= host_bytes
 
 
 def _put(sampler: Sampler, host: np.ndarray) -> jax.Array:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ftc.backends.jax.models import kv_cache as kv_cache_lib
@@ -139,6 +140,10 @@ class DecoderBlock(nn.Module):
 class Decoder(nn.Module):
     arch: DecoderArch
     dtype: Any = jnp.float32
+    # Blocks as one module each (params "layers_0" ... from `per_layer_params`) instead of scanned:
+    # generate/sampler.py's CPU decode loop, where a scanned stack copies each layer's weights
+    # out of the stacked arrays for every token.
+    unrolled: bool = False
 
     @nn.compact
     def __call__(
@@ -174,20 +179,24 @@ class Decoder(nn.Module):
                 else full_mask_B1TS
             )
 
-        Stack = nn.scan(
-            layers.remat_block(DecoderBlock, a.remat),
-            variable_axes={"params": 0, "intermediates": 0},  # intermediates: MoE router statistics
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=a.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        is_sliding_L = jnp.asarray(a.sliding_layers, dtype=bool)
         layers_kv = None if kv_cache is None else kv_cache_lib.layer_slices(kv_cache)
         cache_index = None if kv_cache is None else kv_cache["index"]
-        x_BTD, layers_kv = Stack(a, self.dtype, name="layers")(
-            x_BTD, is_sliding_L, cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS, layers_kv, cache_index
-        )
+        block_args = (cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS)
+        if self.unrolled:
+            x_BTD, layers_kv = _unrolled(a, self.dtype, x_BTD, block_args, layers_kv, cache_index)
+        else:
+            Stack = nn.scan(
+                layers.remat_block(DecoderBlock, a.remat),
+                variable_axes={"params": 0, "intermediates": 0},  # intermediates: MoE router statistics
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=a.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            is_sliding_L = jnp.asarray(a.sliding_layers, dtype=bool)
+            x_BTD, layers_kv = Stack(a, self.dtype, name="layers")(
+                x_BTD, is_sliding_L, *block_args, layers_kv, cache_index
+            )
         if output == "last_logits":
             x_BTD = kv_cache_lib.last_position(x_BTD)
         x_BTD = layers.RMSNorm(a.rms_norm_eps, unit_offset=a.norm_unit_offset, dtype=self.dtype, name="norm")(x_BTD)
@@ -222,6 +231,30 @@ class Embedding(nn.Module):
             ("vocab", "embed"),
             jnp.float32,
         )
+
+
+def _unrolled(a: DecoderArch, dtype, x_BTD, block_args, layers_kv, cache_index):
+    """The blocks one after another, each its own module with its own parameter buffers; the
+    cache's per-layer keys and values read and written at static layer indices."""
+    out_kv = []
+    for i in range(a.num_layers):
+        layer_kv = None if layers_kv is None else {k: c[i] for k, c in layers_kv.items()}
+        x_BTD, layer_kv = DecoderBlock(a, dtype, name=f"layers_{i}")(
+            x_BTD, jnp.asarray(a.sliding_layers[i]), *block_args, layer_kv, cache_index
+        )
+        out_kv.append(layer_kv)
+    if layers_kv is None:
+        return x_BTD, None
+    return x_BTD, {k: jnp.stack([kv[k] for kv in out_kv]) for k in layers_kv}
+
+
+def per_layer_params(params: dict, num_layers: int) -> dict:
+    """A scanned Decoder's params ("layers": every block's stacked on a leading axis) as an
+    unrolled one's ("layers_0", "layers_1", ...): a copy of the block weights, a buffer each."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda w, i=i: w[i], params["layers"])
+    return out
 
 
 def build(arch: DecoderArch, dtype=jnp.float32) -> Decoder:
