@@ -11,7 +11,8 @@ jax 0.10.2, 2 cores, 8 devices, a DPO step on an (fsdp 4, tensor 2) mesh: a gdb 
 process had all 8 pool threads and 2 launch threads in AllReduce, 6 devices' launches waiting on
 queued work. Of three pairs of such processes run side by side, each pair hung (4 of the 6
 processes, after 2-17 runs each, with the compile-ahead thread or without); with 4 threads per
-device, 140 runs (80 of them without the compile-ahead thread) and no hang (2026-12-01).
+device, 140 runs (80 of them without the compile-ahead thread) and no hang (2026-12-01;
+`python -m bench.fake_devices_hang [--pool 8] [--no-ahead]`).
 
 XLA reads the pool's size from PJRT_NPROC when it creates the CPU client, so `reserve` sets it
 before that: at the import of ftc's JAX backend (backends/jax/__init__.py). A PJRT_NPROC or NPROC

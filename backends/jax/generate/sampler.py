@@ -309,9 +309,8 @@ def stream(
         config=config,
     )
     stopped = np.zeros(len(batch.ids), bool)
-    decode, decode_params = sampler.decode, None
-    if sampler.decode_one_row is not None and len(batch.ids) == 1 and _copy_fits(params):
-        decode = sampler.decode_one_row
+    one_row = sampler.decode_one_row is not None and len(batch.ids) == 1 and _copy_fits(params)
+    decode, decode_params = (sampler.decode_one_row if one_row else sampler.decode), None
     while True:
         snap = _snapshot(state, batch.rows, stopped)
         if stop is not None:  # rows still running, or ended by length, may have reached a stop
@@ -327,7 +326,7 @@ def stream(
         step = int(state["step"])
         stop_at = batch.new_tokens if chunk is None else min(batch.new_tokens, step + chunk)
         if decode_params is None:  # once per call, and only when it decodes at all
-            decode_params = sampler.per_layer_params(params) if decode is sampler.decode_one_row else params
+            decode_params = sampler.per_layer_params(params) if one_row else params
         state = decode(decode_params, state, jnp.int32(stop_at), config=config)
 
 
