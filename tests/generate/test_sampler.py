@@ -183,10 +183,11 @@ def test_compiles_once_per_batch_and_length_bucket_not_per_prompt(models):
             )
         list(stream(sampler, loaded.params, prompts((4, 4, 13)), jax.random.key(4), sampled, chunk=3))
     assert compiled == []
-    before = (sampler.prefill._cache_size(), sampler.decode._cache_size())
+    decode = sampler.decode_unrolled or sampler.decode  # on CPU the unrolled one
+    before = (sampler.prefill._cache_size(), decode._cache_size())
     generate(sampler, loaded.params, prompts((20, 3, 1)), jax.random.key(0), sampled)  # prompt bucket 24
     generate(sampler, loaded.params, prompts((17, 22, 5)), jax.random.key(0), sampled)  # the same one
-    assert (sampler.prefill._cache_size(), sampler.decode._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert (sampler.prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
 
 
 def test_raw_uint32_keys_are_the_same_keys_as_typed_ones():
@@ -202,7 +203,7 @@ def test_raw_uint32_keys_are_the_same_keys_as_typed_ones():
 
 
 @pytest.mark.parametrize("case", ["llama", "mistral"])  # mistral: a sliding window in the unrolled blocks
-def test_cpu_decodes_one_row_on_unrolled_blocks_with_the_scanned_stacks_tokens(models, case):
+def test_cpu_decodes_on_unrolled_blocks_and_a_per_layer_cache_with_the_scanned_stacks_tokens(models, case):
     from ftc.backends.jax.generate.sampler import make_sampler
 
     hf_model, loaded = models(case)
@@ -210,31 +211,64 @@ def test_cpu_decodes_one_row_on_unrolled_blocks_with_the_scanned_stacks_tokens(m
     context = loaded.hf_config["max_position_embeddings"]
     unrolled = make_sampler(loaded.family, loaded.arch, module, context=context)  # CPU: unrolled by default
     scanned = make_sampler(loaded.family, loaded.arch, module, context=context, unroll_decode=False)
-    assert scanned.decode_one_row is None and unrolled.decode_one_row is not None
-    split = unrolled.per_layer_params(loaded.params)
-    blocks = sorted(k for k in split if k.startswith("layers"))
-    assert blocks == sorted(f"layers_{i}" for i in range(loaded.arch.num_layers))
+    assert scanned.decode_unrolled is None and unrolled.decode_unrolled is not None
     greedy, sampled = GenerateConfig(max_new_tokens=NEW), GenerateConfig(NEW, sampling=SamplingConfig(temperature=0.9))
-    for prompt in prompts((5, 17)):  # 17 > mistral's window of 4
-        out = generate(unrolled, loaded.params, [prompt], jax.random.key(3), greedy)
-        assert [list(out[0].tokens)] == hf_greedy(hf_model, [prompt], NEW)
+    one, mixed = [prompts((17,))[0]], prompts((5, 17, 1))  # 17 > mistral's window of 4
+    for batch in (one, mixed):
+        out = generate(unrolled, loaded.params, batch, jax.random.key(3), greedy)
+        assert [list(c.tokens) for c in out] == hf_greedy(hf_model, batch, NEW)
         for config in (greedy, sampled):
-            a = generate(unrolled, loaded.params, [prompt], jax.random.key(3), config)
-            assert a == generate(scanned, loaded.params, [prompt], jax.random.key(3), config)
+            want = generate(scanned, loaded.params, batch, jax.random.key(3), config)
+            assert generate(unrolled, loaded.params, batch, jax.random.key(3), config) == want
+            # Cut into decode calls of 5 steps, the per-layer cache is carried from call to call.
+            *_, last = stream(unrolled, loaded.params, batch, jax.random.key(3), config, chunk=5)
+            assert list(last.tokens) == [c.tokens for c in want]
 
 
-def test_one_row_stays_on_the_scanned_stack_where_a_second_weights_copy_would_take_over_a_quarter_of_memory(
+def test_the_prefill_caches_the_prompts_slots_and_the_decode_gets_them_grown_per_layer_when_unrolled(models):
+    _, loaded = models("llama")
+    sampler = sampler_for(loaded)
+    L = loaded.arch.num_layers
+    state = sampler.prefill(
+        loaded.params,
+        jnp.ones((2, 16), jnp.int32),
+        jnp.asarray([16, 3]),
+        jnp.asarray([4, 4]),
+        jax.random.split(jax.random.key(0), 2),
+        new_tokens=16,
+        config=GenerateConfig(max_new_tokens=16),
+    )
+    assert state["cache"]["k"].shape[2] == 16  # the prefill wrote the prompts into their 16 slots only
+    ready = sampler.ready(state)
+    split, unrolled = sampler.to_unrolled(loaded.params, state)
+    assert sorted(k for k in split if k.startswith("layers")) == sorted(f"layers_{i}" for i in range(L))
+    for name in ("k", "v"):
+        assert ready["cache"][name].shape[2] == 32  # grown by the 16 new tokens' empty slots
+        np.testing.assert_array_equal(ready["cache"][name][:, :, :16], state["cache"][name])
+        assert not ready["cache"][name][:, :, 16:].any()
+        assert isinstance(unrolled["cache"][name], tuple) and len(unrolled["cache"][name]) == L
+        for i, layer in enumerate(unrolled["cache"][name]):
+            np.testing.assert_array_equal(layer, ready["cache"][name][i])
+    np.testing.assert_array_equal(ready["cache"]["valid"], state["valid"])
+    assert "valid" not in ready and "valid" not in unrolled
+    with pytest.raises(ValueError, match="needs Decoder\\(unrolled=True\\)"):
+        sampler.module.apply({"params": loaded.params}, jnp.ones((2, 1), jnp.int32), kv_cache=unrolled["cache"])
+
+
+def test_decoding_stays_on_the_scanned_stack_where_a_second_weights_and_cache_copy_would_take_over_a_quarter_of_memory(
     models, monkeypatch
 ):
     from ftc.backends.jax.generate import sampler as sampler_lib
 
     _, loaded = models("llama")
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
+    L, K, H = loaded.arch.num_layers, loaded.arch.num_kv_heads, loaded.arch.head_dim
+    cache_bytes = 2 * L * 1 * (16 + 16) * K * H * 4  # k and v: one row, 16 prompt + 16 new slots, float32
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params)) + cache_bytes
     host = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * nbytes}
     monkeypatch.setattr(sampler_lib.os, "sysconf", host.__getitem__)
     split = []
     sampler = sampler_for(loaded)
-    counting = dataclasses.replace(sampler, per_layer_params=lambda p: split.append(1) or sampler.per_layer_params(p))
+    counting = dataclasses.replace(sampler, to_unrolled=lambda p, s: split.append(1) or sampler.to_unrolled(p, s))
     for phys, copies in ((4 * nbytes, 1), (4 * nbytes - 1, 0)):
         host["SC_PHYS_PAGES"] = phys
         split.clear()

@@ -34,7 +34,8 @@ class _Spec:  # the two spec keys rollout_memory reads
 
 
 def _allocated_cache(loaded, mesh, completions: int, prompt_len: int, new: int):
-    """The sampler's real cache after prefill for `completions` prompts of `prompt_len` tokens."""
+    """The sampler's real cache as decoding holds it (after prefill, grown to every slot) for
+    `completions` prompts of `prompt_len` tokens."""
     module = loaded.family.build(loaded.arch, jnp.float32)
     sampler = make_sampler(loaded.family, loaded.arch, module, context=64, mesh=mesh)
     batch = lay_out([[7] * prompt_len] * completions, new, 64, 0)
@@ -51,7 +52,7 @@ def _allocated_cache(loaded, mesh, completions: int, prompt_len: int, new: int):
         new_tokens=batch.new_tokens,
         config=config,
     )
-    return state["cache"]
+    return sampler.ready(state)["cache"]
 
 
 @pytest.mark.parametrize("completions, seq_len, new", [(8, 48, 6), (12, 40, 20), (3, 64, 30)])

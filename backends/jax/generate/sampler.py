@@ -16,7 +16,9 @@ How it runs (all jitted, compiled once per bucket):
     power of two B (extra rows generate nothing); a row's positions count its real tokens only and its
     padding slots are masked, so a row computes what it would compute alone;
   - the cache (models/kv_cache.py) holds P + N slots, N the bucketed max_new_tokens;
-  - `_prefill` runs the prompts and draws the first token; `_decode` is one `jax.lax.while_loop`
+  - `_prefill` runs the prompts on a cache of their P slots and draws the first token; `_ready`
+    grows the cache to P + N (on CPU `_to_unrolled`, also splitting it and the block weights per
+    layer); `_decode` is one `jax.lax.while_loop`
     that feeds each row its last token until every row is done or a step limit is reached.
 A row is done at an EOS id, after max_new_tokens, at the model's context length, or when the
 host says so (`stream`'s `stop`, which stop strings use). Compiled shapes: (B, P, N) and the
@@ -37,18 +39,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ftc.backends.jax.generate.prompt_batch import (  # noqa: F401  (bucket, the constants: the sampler's API)
+    MIN_NEW_BUCKET,
+    MIN_PROMPT_BUCKET,
+    PromptBatch,
+    PromptError,
+    bucket,
+    lay_out,
+)
 from ftc.backends.jax.generate.sampling import GREEDY, SamplingConfig, next_tokens
 from ftc.backends.jax.models import kv_cache, llama
 from ftc.compiler import sharding_rules
 
-MIN_PROMPT_BUCKET = 16
-MIN_NEW_BUCKET = 16
-
 STOP, STOP_STRING, LENGTH = "stop", "stop_string", "length"  # why a row ended (Completion.finish)
-
-
-class PromptError(ValueError):
-    """A prompt the sampler cannot run (empty, longer than the model's context)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +85,12 @@ class Sampler:
     context: int  # positions the model has: a prompt plus what it generates stays below this
     mesh: Mesh | None  # where the cache is sharded (batch over data x fsdp, kv heads over tensor)
     prefill: Callable
+    ready: Callable  # the prefill's state -> the state `decode` takes (its cache grown to every slot)
     decode: Callable
-    # One row's decode on the blocks unrolled, and params -> the per-layer weights it takes (None:
-    # `decode` for every batch). See `make_sampler`.
-    decode_one_row: Callable | None = None
-    per_layer_params: Callable | None = None
+    # The decode on the blocks unrolled, and (params, state) -> the per-layer weights and per-layer
+    # cache it takes (None: `decode` always). See `make_sampler`.
+    decode_unrolled: Callable | None = None
+    to_unrolled: Callable | None = None
 
 
 def make_sampler(
@@ -96,15 +100,16 @@ def make_sampler(
     wrapper: pass a MethodModel's `eval_module`). `context`: the model's positions
     (config.json's max_position_embeddings / n_positions).
 
-    `unroll_decode` (default: on CPU, for a Llama-style decoder without a method's wrapper): a
-    batch of one row decodes with the blocks unrolled, on per-layer copies of their weights made
-    once per `stream` / `generate` call. A scanned stack makes XLA:CPU copy each layer's weights
-    out of the stacked arrays for every token, so a one-row token moved the block weights twice;
-    unrolled, SmolLM2-135M decodes 1.4x faster at batch 1 but compiles 6.5 s instead of 1.3 s
-    (once per machine with the persistent cache), and a second copy of the weights lives while it
-    generates (so only where they take at most a quarter of the host's memory). A batch of 8
-    shares the scanned copy and decoded slower unrolled (97 against 127 tokens/s), so larger
-    batches stay scanned (README.md, "Benchmarks", generation)."""
+    `unroll_decode` (default: on CPU, for a Llama-style decoder without a method's wrapper): the
+    decode runs the blocks unrolled, on per-layer copies of their weights and a per-layer cache
+    (kv_cache.per_layer) made once per `stream` / `generate` call after the prefill. A scanned
+    stack makes XLA:CPU copy each layer's weights, and each layer's cache slots, out of the stacked
+    arrays and back for every token; unrolled, each token reads the weights once and writes only
+    its own keys and values. SmolLM2-135M, 512 new tokens: 1.35x the tokens/s at batch 1, 1.8x at
+    batch 8 (README.md, "Benchmarks", generation). It costs a longer compile (5-8 s against 1-2 s,
+    once per machine with the persistent cache) and a second copy of the weights and the cache
+    while it generates, so it is taken only where that copy is at most a quarter of the host's
+    memory."""
     if family.cache_layout is None:
         raise ValueError(f"model family {family.name} does not generate text (it is not a causal LM)")
     layout = family.cache_layout(arch)
@@ -115,12 +120,17 @@ def make_sampler(
     decode = jax.jit(functools.partial(_decode, module, mesh), static_argnames=("config",), donate_argnums=(1,))
     if unroll_decode is None:
         unroll_decode = jax.default_backend() == "cpu" and isinstance(module, llama.Decoder)
-    one_row = per_layer = None
+    decode_unrolled = to_unrolled = None
     if unroll_decode:
         unrolled = module.clone(unrolled=True)
-        one_row = jax.jit(functools.partial(_decode, unrolled, mesh), static_argnames=("config",), donate_argnums=(1,))
-        per_layer = jax.jit(functools.partial(llama.per_layer_params, num_layers=arch.num_layers))
-    return Sampler(module, layout, jnp.dtype(dtype), int(context), mesh, prefill, decode, one_row, per_layer)
+        decode_unrolled = jax.jit(
+            functools.partial(_decode, unrolled, mesh), static_argnames=("config",), donate_argnums=(1,)
+        )
+        to_unrolled = jax.jit(functools.partial(_to_unrolled, mesh, arch.num_layers))
+    ready = jax.jit(functools.partial(_ready, mesh))
+    return Sampler(
+        module, layout, jnp.dtype(dtype), int(context), mesh, prefill, ready, decode, decode_unrolled, to_unrolled
+    )
 
 
 # ---------------------------------------------------------------- the jitted parts
@@ -131,13 +141,31 @@ def _constrain(mesh: Mesh | None, cache: dict) -> dict:
     the sizes divide (else replicated along that axis)."""
     if mesh is None:
         return cache
-    _, B, _, K, _ = cache["k"].shape
+    B, _, K, _ = jax.tree.leaves(cache["k"])[0].shape[-4:]
     sizes = dict(mesh.shape)
     batch = sharding_rules.BATCH_AXES if B % sharding_rules.batch_shards(sizes) == 0 else None
     heads = "tensor" if K % sizes.get("tensor", 1) == 0 else None
-    sharding = NamedSharding(mesh, P(None, batch, None, heads, None))
-    kv = {k: jax.lax.with_sharding_constraint(cache[k], sharding) for k in ("k", "v")}
+    layer = () if kv_cache.is_per_layer(cache) else (None,)
+    sharding = NamedSharding(mesh, P(*layer, batch, None, heads, None))
+    kv = {k: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), cache[k]) for k in ("k", "v")}
     return {**cache, **kv}
+
+
+def _ready(mesh, state):
+    """The prefill's state made ready to decode: its cache grown from the prompts' slots to
+    theirs and the new tokens' (kv_cache.extended). Not in the prefill, so the first token does
+    not wait for the larger cache to be allocated."""
+    state = dict(state)
+    valid_BS = state.pop("valid")
+    return {**state, "cache": _constrain(mesh, kv_cache.extended(state["cache"], valid_BS))}
+
+
+def _to_unrolled(mesh, num_layers, params, state):
+    """`_ready` for the unrolled decode, which also takes per-layer copies of the block weights
+    and the cache per layer (kv_cache.per_layer)."""
+    state = _ready(None, state)
+    cache = _constrain(mesh, kv_cache.per_layer(state["cache"]))
+    return llama.per_layer_params(params, num_layers), {**state, "cache": cache}
 
 
 def _prefill(module, layout, dtype, mesh, params, prompt_BP, lengths_B, limits_B, keys_B, *, new_tokens, config):
@@ -146,7 +174,7 @@ def _prefill(module, layout, dtype, mesh, params, prompt_BP, lengths_B, limits_B
     pad_B = P - lengths_B
     valid_BS = jnp.arange(P + new_tokens, dtype=jnp.int32)[None, :] >= pad_B[:, None]
     positions_BP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-    cache = _constrain(mesh, kv_cache.init_cache(layout, valid_BS, dtype))
+    cache = _constrain(mesh, kv_cache.init_cache(layout, valid_BS[:, :P], dtype))
     logits_B1V, cache = module.apply(
         {"params": params}, prompt_BP, positions=positions_BP, kv_cache=cache, output="last_logits"
     )
@@ -157,7 +185,8 @@ def _prefill(module, layout, dtype, mesh, params, prompt_BP, lengths_B, limits_B
     count_B = active_B.astype(jnp.int32)
     tokens_BN = jnp.full((B, new_tokens), config.pad_id, jnp.int32).at[:, 0].set(first_B)
     return {
-        "cache": _constrain(mesh, cache),
+        "cache": _constrain(mesh, cache),  # the prompts' slots; `_ready` adds the new tokens'
+        "valid": valid_BS,
         "tokens": tokens_BN,
         "count": count_B,
         "done": ~active_B | _is_eos(first_B, config.eos_ids) | (count_B >= limits_B),
@@ -213,50 +242,6 @@ def _decode(module, mesh, params, state, stop_at, *, config):
 # ---------------------------------------------------------------- host side
 
 
-def bucket(n: int, minimum: int) -> int:
-    """The smallest 2^k or 1.5 x 2^k >= max(n, minimum): shapes compile once per bucket, not per
-    prompt, and padding wastes at most a third of a bucket."""
-    power = max(minimum, 1 << max(n - 1, 0).bit_length())
-    three_quarters = power * 3 // 4
-    return three_quarters if power > minimum and three_quarters >= n and power % 4 == 0 else power
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptBatch:
-    """Prompts laid out for the sampler (numpy): left-padded ids, lengths, per-row token limits."""
-
-    ids: np.ndarray  # int32 [B, P]
-    lengths: np.ndarray  # int32 [B]
-    limits: np.ndarray  # int32 [B]: tokens row b may generate (0 for the padding rows)
-    rows: int  # real rows (the first `rows` of B)
-    new_tokens: int  # N, the bucketed token buffer
-
-
-def lay_out(prompts: Sequence[Sequence[int]], max_new_tokens: int, context: int, pad_id: int) -> PromptBatch:
-    """Bucket and left-pad `prompts`; refuses an empty prompt or one that fills the context."""
-    if not prompts:
-        raise PromptError("no prompts to generate from")
-    lengths = [len(p) for p in prompts]
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise PromptError(f"prompt {i} is empty (0 tokens)")
-        if n >= context:
-            raise PromptError(
-                f"prompt {i} has {n} tokens; the model's context is {context} positions, so it leaves no room "
-                f"to generate (shorten it below {context} tokens)"
-            )
-    B = bucket(len(prompts), 1)
-    P = bucket(max(lengths), MIN_PROMPT_BUCKET)
-    ids = np.full((B, P), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p) :] = np.asarray(p, np.int32)
-    lengths_B = np.ones(B, np.int32)
-    lengths_B[: len(prompts)] = lengths
-    limits = np.zeros(B, np.int32)
-    limits[: len(prompts)] = [min(max_new_tokens, context - n) for n in lengths]
-    return PromptBatch(ids, lengths_B, limits, len(prompts), bucket(max_new_tokens, MIN_NEW_BUCKET))
-
-
 def row_keys(key: jax.Array, rows: int, batch: int) -> jax.Array:
     """One key per row: fold_in(key, i) for a single key, or the given [rows] keys; padding rows
     get keys of their own (they generate nothing)."""
@@ -309,8 +294,8 @@ def stream(
         config=config,
     )
     stopped = np.zeros(len(batch.ids), bool)
-    one_row = sampler.decode_one_row is not None and len(batch.ids) == 1 and _copy_fits(params)
-    decode, decode_params = (sampler.decode_one_row if one_row else sampler.decode), None
+    unrolled = sampler.decode_unrolled is not None and _copy_fits(sampler, params, batch)
+    decode, decode_params = (sampler.decode_unrolled if unrolled else sampler.decode), None
     while True:
         snap = _snapshot(state, batch.rows, stopped)
         if stop is not None:  # rows still running, or ended by length, may have reached a stop
@@ -326,18 +311,21 @@ def stream(
         step = int(state["step"])
         stop_at = batch.new_tokens if chunk is None else min(batch.new_tokens, step + chunk)
         if decode_params is None:  # once per call, and only when it decodes at all
-            decode_params = sampler.per_layer_params(params) if one_row else params
+            decode_params, state = sampler.to_unrolled(params, state) if unrolled else (params, sampler.ready(state))
         state = decode(decode_params, state, jnp.int32(stop_at), config=config)
 
 
-def _copy_fits(params) -> bool:
-    """Whether a second copy of the weights (the per-layer ones) takes at most a quarter of the
-    host's memory: a model that big keeps decoding from its one scanned copy."""
+def _copy_fits(sampler: Sampler, params, batch: PromptBatch) -> bool:
+    """Whether a second copy of the weights and the cache (the per-layer ones) takes at most a
+    quarter of the host's memory: a model or batch that big keeps decoding on the scanned stack."""
     try:
         host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, ValueError, OSError):
         return False
-    return sum(x.nbytes for x in jax.tree.leaves(params)) * 4 <= host_bytes
+    B, P = batch.ids.shape
+    L, K, H = sampler.layout.num_layers, sampler.layout.kv_heads, sampler.layout.head_dim
+    cache_bytes = 2 * L * B * (P + batch.new_tokens) * K * H * sampler.dtype.itemsize
+    return (sum(x.nbytes for x in jax.tree.leaves(params)) + cache_bytes) * 4 <= host_bytes
 
 
 def _put(sampler: Sampler, host: np.ndarray) -> jax.Array:

@@ -19,7 +19,8 @@ A family that decodes (its `Family.cache_layout` is set) takes `kv_cache=` in it
 
 writes the T new tokens' keys and values at slots [index, index + T), attends over the whole
 cache, and returns the cache with `index` advanced by T. Inside the scanned block stack each
-layer sees its own {"k", "v"} slice ([B, S, K, H]) and the shared index; `attend` is the
+layer sees its own {"k", "v"} slice ([B, S, K, H]) and the shared index (an unrolled stack may take
+the cache `per_layer`: the same slices, each in a buffer of its own); `attend` is the
 decode-time attention, kept apart from the training kernel (layers.dot_product_attention).
 """
 
@@ -55,6 +56,29 @@ def init_cache(layout: CacheLayout, valid_BS: jax.Array, dtype) -> dict:
 def layer_slices(cache: dict) -> dict:
     """The per-layer part of the cache, scanned over its leading L axis by the block stack."""
     return {"k": cache["k"], "v": cache["v"]}
+
+
+def extended(cache: dict, valid_BS: jax.Array) -> dict:
+    """The cache with empty slots appended up to `valid_BS.shape[1]`, which become its validity.
+    A prefill writes the prompts into a cache of just their slots, so its attention does not
+    span the slots that decoding fills later (all masked for every prompt query)."""
+    grow = valid_BS.shape[1] - cache["valid"].shape[1]
+    pad = [(0, 0)] * cache["k"].ndim
+    pad[-3] = (0, grow)  # the slot axis of [L, B, S, K, H]
+    return {**cache, "k": jnp.pad(cache["k"], pad), "v": jnp.pad(cache["v"], pad), "valid": valid_BS.astype(bool)}
+
+
+def per_layer(cache: dict) -> dict:
+    """The cache with each layer's keys and values in a buffer of their own (tuples of L arrays
+    [B, S, K, H]), for a stack of blocks unrolled (llama.Decoder(unrolled=True)): each token's keys
+    and values are then written into their layer's buffer in place, where the stacked arrays make
+    XLA copy every layer's slots out and back for each token."""
+    L = cache["k"].shape[0]
+    return {**cache, "k": tuple(cache["k"][i] for i in range(L)), "v": tuple(cache["v"][i] for i in range(L))}
+
+
+def is_per_layer(cache: dict) -> bool:
+    return isinstance(cache["k"], (tuple, list))
 
 
 def advanced(cache: dict, layers_kv: dict, q_len: int) -> dict:

@@ -182,6 +182,8 @@ class Decoder(nn.Module):
         layers_kv = None if kv_cache is None else kv_cache_lib.layer_slices(kv_cache)
         cache_index = None if kv_cache is None else kv_cache["index"]
         block_args = (cos_BTH, sin_BTH, full_mask_B1TS, sliding_mask_B1TS)
+        if layers_kv is not None and kv_cache_lib.is_per_layer(layers_kv) and not self.unrolled:
+            raise ValueError("a per-layer kv cache (kv_cache.per_layer) needs Decoder(unrolled=True)")
         if self.unrolled:
             x_BTD, layers_kv = _unrolled(a, self.dtype, x_BTD, block_args, layers_kv, cache_index)
         else:
@@ -245,6 +247,8 @@ def _unrolled(a: DecoderArch, dtype, x_BTD, block_args, layers_kv, cache_index):
         out_kv.append(layer_kv)
     if layers_kv is None:
         return x_BTD, None
+    if kv_cache_lib.is_per_layer(layers_kv):  # each layer's buffer written in place: nothing stacked
+        return x_BTD, {k: tuple(kv[k] for kv in out_kv) for k in layers_kv}
     return x_BTD, {k: jnp.stack([kv[k] for kv in out_kv]) for k in layers_kv}
 
 
