@@ -274,3 +274,25 @@ def test_decoding_stays_on_the_scanned_stack_where_a_second_weights_and_cache_co
         split.clear()
         generate(counting, loaded.params, prompts((5,)), jax.random.key(0), GenerateConfig(max_new_tokens=4))
         assert len(split) == copies
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral"])
+def test_a_long_generation_attending_block_by_block_keeps_transformers_greedy_tokens(case, tmp_path):
+    import transformers
+    from hf_decoders import hf_config
+
+    from ftc.backends.jax.io import hf_checkpoint
+
+    torch = pytest.importorskip("torch")
+    config = hf_config(case)
+    config.max_position_embeddings = 512  # room for 24 + 384 cache slots: the decode's blocked attention
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(tmp_path)
+    loaded = hf_checkpoint.load_model(tmp_path)
+    batch, new = prompts((5, 17, 1)), 380  # slots up to 24 + 379: the last, clamped block is read
+    out = generate(sampler_for(loaded), loaded.params, batch, jax.random.key(0), GenerateConfig(max_new_tokens=new))
+    assert [list(c.tokens) for c in out] == hf_greedy(model, batch, new)

@@ -18,7 +18,8 @@ A family that decodes (its `Family.cache_layout` is set) takes `kv_cache=` in it
                                  output="last_logits")
 
 writes the T new tokens' keys and values at slots [index, index + T), attends over the whole
-cache, and returns the cache with `index` advanced by T. Inside the scanned block stack each
+cache (on CPU one token on a cache of 256 slots or more: block by block over the slots filled so
+far, `_attend_filled`), and returns the cache with `index` advanced by T. Inside the scanned block stack each
 layer sees its own {"k", "v"} slice ([B, S, K, H]) and the shared index (an unrolled stack may take
 the cache `per_layer`: the same slices, each in a buffer of its own); `attend` is the
 decode-time attention, kept apart from the training kernel (layers.dot_product_attention).
@@ -30,6 +31,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+FILLED_BLOCK = 64  # slots a decode step attends at a time on CPU (`_attend_filled`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +115,47 @@ def attend(
     its slots (GQA: K divides N; logits and softmax in float32). Returns (out_BTNH, layer_kv)."""
     k_BSKH = jax.lax.dynamic_update_slice(layer_kv["k"], k_BTKH.astype(layer_kv["k"].dtype), (0, index, 0, 0))
     v_BSKH = jax.lax.dynamic_update_slice(layer_kv["v"], v_BTKH.astype(layer_kv["v"].dtype), (0, index, 0, 0))
+    if q_BTNH.shape[1] == 1 and k_BSKH.shape[1] >= 4 * FILLED_BLOCK and jax.default_backend() == "cpu":
+        out_BTNH = _attend_filled(q_BTNH, k_BSKH, v_BSKH, index, mask_B1TS, scale=scale)
+        return out_BTNH, {"k": k_BSKH, "v": v_BSKH}
     out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype), mask=mask_B1TS, scale=scale
     )
     return out_BTNH, {"k": k_BSKH, "v": v_BSKH}
+
+
+def _attend_filled(q_BTNH, k_BSKH, v_BSKH, index, mask_B1TS, *, scale, block: int = FILLED_BLOCK):
+    """One token's attention over the slots filled so far (<= `index`), `block` slots at a time
+    with a running softmax (float32), instead of over every slot with the empty ones masked: on
+    CPU a long generation's attention then reads about half the cache (SmolLM2-135M, batch 8,
+    512 new tokens: 77 -> 95 tokens/s). The last block is clamped inside the cache; the slots it
+    shares with the block before are masked out of it."""
+    B, _, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q_BKGH = q_BTNH.reshape(B, K, N // K, H).astype(jnp.float32)
+    mask_BS = mask_B1TS[:, 0, 0]
+
+    def body(i, carry):
+        max_BKG, sum_BKG, acc_BKGH = carry
+        start = jnp.minimum(i * block, S - block)
+        k_BbKH = jax.lax.dynamic_slice_in_dim(k_BSKH, start, block, 1).astype(jnp.float32)
+        v_BbKH = jax.lax.dynamic_slice_in_dim(v_BSKH, start, block, 1).astype(jnp.float32)
+        seen_Bb = jax.lax.dynamic_slice_in_dim(mask_BS, start, block, 1) & (start + jnp.arange(block) >= i * block)
+        logits_BKGb = jnp.einsum("BKGH,BbKH->BKGb", q_BKGH, k_BbKH) * scale
+        logits_BKGb = jnp.where(seen_Bb[:, None, None, :], logits_BKGb, -jnp.inf)
+        new_max_BKG = jnp.maximum(max_BKG, logits_BKGb.max(-1))
+        shift_BKG = jnp.where(jnp.isfinite(new_max_BKG), new_max_BKG, 0.0)  # nothing seen yet: no shift
+        p_BKGb = jnp.exp(logits_BKGb - shift_BKG[..., None])
+        rescale_BKG = jnp.exp(max_BKG - shift_BKG)
+        acc_BKGH = acc_BKGH * rescale_BKG[..., None] + jnp.einsum("BKGb,BbKH->BKGH", p_BKGb, v_BbKH)
+        return new_max_BKG, sum_BKG * rescale_BKG + p_BKGb.sum(-1), acc_BKGH
+
+    G = N // K
+    init = (jnp.full((B, K, G), -jnp.inf), jnp.zeros((B, K, G)), jnp.zeros((B, K, G, H)))
+    blocks = jnp.minimum(index // block + 1, -(-S // block))
+    _, sum_BKG, acc_BKGH = jax.lax.fori_loop(0, blocks, body, init)
+    out_BKGH = acc_BKGH / jnp.maximum(sum_BKG, jnp.finfo(jnp.float32).tiny)[..., None]
+    return out_BKGH.reshape(B, 1, N, H).astype(q_BTNH.dtype)
 
 
 def last_position(x_BTD: jax.Array) -> jax.Array:
