@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from generate_testlib import ALL_CASES, hf_greedy, prompts, sampler_for, saved
 
-from ftc.backends.jax.generate.sampler import LENGTH, STOP, GenerateConfig, PromptError, generate, stream
+from ftc.backends.jax.generate.prompt_batch import PromptError
+from ftc.backends.jax.generate.sampler import LENGTH, STOP, GenerateConfig, generate, stream
 from ftc.backends.jax.generate.sampling import SamplingConfig
 from ftc.backends.jax.train import mesh as mesh_lib
 
@@ -278,19 +279,11 @@ def test_decoding_stays_on_the_scanned_stack_where_a_second_weights_and_cache_co
 
 @pytest.mark.parametrize("case", ["llama", "mistral"])
 def test_a_long_generation_attending_block_by_block_keeps_transformers_greedy_tokens(case, tmp_path):
-    import transformers
-    from hf_decoders import hf_config
+    from hf_decoders import make_hf_model
 
     from ftc.backends.jax.io import hf_checkpoint
 
-    torch = pytest.importorskip("torch")
-    config = hf_config(case)
-    config.max_position_embeddings = 512  # room for 24 + 384 cache slots: the decode's blocked attention
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = make_hf_model(case, max_position_embeddings=512)  # room for 24 + 384 slots: the blocked attention
     model.save_pretrained(tmp_path)
     loaded = hf_checkpoint.load_model(tmp_path)
     batch, new = prompts((5, 17, 1)), 380  # slots up to 24 + 379: the last, clamped block is read

@@ -61,11 +61,15 @@ def hf_config(case: str):
 CASES = ("llama", "llama-tied-llama3-rope", "llama-linear-rope-bias", "mistral", "qwen2", "qwen3", "gemma")
 
 
-def make_hf_model(case: str, seed: int = 0):
+def make_hf_model(case: str, seed: int = 0, **config_keys):
+    """A perturbed random model of `case`; `config_keys` override its config's (e.g. max_position_embeddings)."""
     import transformers as tf
 
+    config = hf_config(case)
+    for key, value in config_keys.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(hf_config(case)).eval()
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
     # Random init leaves norms at 1 (or 0 for Gemma): perturb every parameter so a wrong norm,
     # bias or layout cannot hide.
     with torch.no_grad():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -39,14 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftc.backends.jax.generate.prompt_batch import (  # noqa: F401  (bucket, the constants: the sampler's API)
-    MIN_NEW_BUCKET,
-    MIN_PROMPT_BUCKET,
-    PromptBatch,
-    PromptError,
-    bucket,
-    lay_out,
-)
+from ftc.backends.jax.generate.prompt_batch import PromptBatch, lay_out
 from ftc.backends.jax.generate.sampling import GREEDY, SamplingConfig, next_tokens
 from ftc.backends.jax.models import kv_cache, llama
 from ftc.compiler import sharding_rules
@@ -105,8 +99,8 @@ def make_sampler(
     (kv_cache.per_layer) made once per `stream` / `generate` call after the prefill. A scanned
     stack makes XLA:CPU copy each layer's weights, and each layer's cache slots, out of the stacked
     arrays and back for every token; unrolled, each token reads the weights once and writes only
-    its own keys and values. SmolLM2-135M, 512 new tokens: 1.35x the tokens/s at batch 1, 1.8x at
-    batch 8 (README.md, "Benchmarks", generation). It costs a longer compile (5-8 s against 1-2 s,
+    its own keys and values. SmolLM2-135M, 512 new tokens: 1.35x the scanned decode's tokens/s at
+    batch 1, 1.8x at batch 8 (README.md, "Benchmarks", generation). It costs a longer compile (5-8 s against 1-2 s,
     once per machine with the persistent cache) and a second copy of the weights and the cache
     while it generates, so it is taken only where that copy is at most a quarter of the host's
     memory."""
@@ -323,8 +317,7 @@ def _copy_fits(sampler: Sampler, params, batch: PromptBatch) -> bool:
     except (AttributeError, ValueError, OSError):
         return False
     B, P = batch.ids.shape
-    L, K, H = sampler.layout.num_layers, sampler.layout.kv_heads, sampler.layout.head_dim
-    cache_bytes = 2 * L * B * (P + batch.new_tokens) * K * H * sampler.dtype.itemsize
+    cache_bytes = 2 * math.prod(kv_cache.cache_shape(sampler.layout, B, P + batch.new_tokens)) * sampler.dtype.itemsize
     return (sum(x.nbytes for x in jax.tree.leaves(params)) + cache_bytes) * 4 <= host_bytes
 
 

@@ -44,10 +44,14 @@ class CacheLayout:
     head_dim: int
 
 
+def cache_shape(layout: CacheLayout, rows: int, slots: int) -> tuple[int, ...]:
+    """[L, B, S, K, H]: the shape of the cache's keys (and of its values)."""
+    return (layout.num_layers, rows, slots, layout.kv_heads, layout.head_dim)
+
+
 def init_cache(layout: CacheLayout, valid_BS: jax.Array, dtype) -> dict:
     """An empty cache for `valid_BS.shape` = (batch, slots), writing from slot 0."""
-    B, S = valid_BS.shape
-    shape = (layout.num_layers, B, S, layout.kv_heads, layout.head_dim)
+    shape = cache_shape(layout, *valid_BS.shape)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),

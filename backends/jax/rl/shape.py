@@ -11,7 +11,7 @@ it from `Registered.rollout(spec)`; PPO adds its value head's per-token arrays.
 
 from __future__ import annotations
 
-from ftc.backends.jax.generate.sampler import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket
+from ftc.backends.jax.generate.prompt_batch import MIN_NEW_BUCKET, MIN_PROMPT_BUCKET, bucket
 from ftc.compiler.memory import RolloutShape
 
 
