@@ -196,7 +196,14 @@ class Job:
 
 def stack_env(stack: str, env: dict) -> dict:
     """A worker's environment: ftc's workers get what the `ftc` command restarts itself with
-    (ftc/host_allocator.py: large host allocations on huge pages); other stacks their defaults."""
+    (ftc/host_allocator.py: large host allocations on huge pages); other stacks their defaults.
+    A benchmark decides its own compilation cache (bench/startup.py's cold, warm and off rows): one
+    set in the caller's environment (JAX_COMPILATION_CACHE_DIR, as the test session sets) is dropped."""
+    env = {
+        k: v
+        for k, v in env.items()
+        if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    }
     if stack != "ftc":
         return env
     from ftc import host_allocator

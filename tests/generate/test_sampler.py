@@ -1,13 +1,13 @@
 """The sampler's greedy decoding equals transformers' greedy `generate`, token for token, on tiny
 random models of every decoder family, with prompts of mixed lengths in one batch."""
 
-import contextlib
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_counts import compiles_seen
 from generate_testlib import ALL_CASES, hf_greedy, prompts, sampler_for, saved
 
 from ftc.backends.jax.generate.prompt_batch import PromptError
@@ -151,28 +151,12 @@ def test_greedy_and_sampled_generation_on_a_sharded_mesh_equal_one_device(models
     assert [c.tokens for c in sharded] == [c.tokens for c in one]
 
 
-@contextlib.contextmanager
-def _xla_compilations():
-    """The list of XLA compilations (jitted functions and eager ops alike) made inside the block."""
-    seen = []
-
-    def listen(event, _seconds, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def test_compiles_once_per_batch_and_length_bucket_not_per_prompt(models):
     _, loaded = models("llama")
     sampler = sampler_for(loaded)
     sampled = GenerateConfig(12, SamplingConfig(temperature=1.0, top_p=0.9))
     generate(sampler, loaded.params, prompts((5, 11, 1)), jax.random.key(0), sampled)  # bucket (3, 16, 16)
-    with _xla_compilations() as compiled:
+    with compiles_seen() as compiled:
         # Other prompts, lengths, max_new_tokens, keys and chunking within the same bucket.
         for lengths, new, key in [((3, 14, 9), 12, 1), ((16, 2, 7), 5, 2), ((8, 8, 8), 16, 3)]:
             generate(

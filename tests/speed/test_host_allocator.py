@@ -76,8 +76,11 @@ def test_the_ftc_script_still_reports_a_bad_argument_cleanly_after_the_restart(t
 def test_bench_gives_ftc_workers_the_commands_environment_and_pytorch_its_defaults():
     from bench import common
 
-    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FTC_HOST_ALLOCATOR")}
+    cache = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")  # the bench's own choice
+    base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "FTC_HOST_ALLOCATOR", *cache)}
     assert common.stack_env("pytorch", base) == base
+    for stack in ("pytorch", "ftc"):
+        assert not set(cache) & set(common.stack_env(stack, {**base, cache[0]: "/tmp/users-cache", cache[1]: "0"}))
     ftc = common.stack_env("ftc", base)
     if host_allocator.tuned_environ(base) is None:  # no glibc or huge pages here: both run with defaults
         assert ftc == base

@@ -9,14 +9,12 @@ import threading
 
 import pytest
 import train_testlib as tl
+from compile_counts import compiles_seen
 from data_testlib import write_jsonl
-from jax._src import monitoring  # jax's compile events: the public module re-exports no unregister
 
 from ftc.backends.jax import pipeline as run_lib
 from ftc.backends.jax.train import ahead as ahead_lib
 from ftc.spec import spec_from_dict
-
-COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +64,8 @@ def compiles_during_run(spec) -> list[tuple[str, str]]:
     for thread in threading.enumerate():  # a run that failed earlier in this process may still compile
         if thread.name == ahead_lib.THREAD_NAME:
             thread.join()
-    seen = []
-
-    def listener(event, duration, **kw):
-        if event == COMPILE_EVENT:
-            seen.append((kw.get("fun_name", "?"), threading.current_thread().name))
-
-    monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with compiles_seen() as seen:
         run_lib.run(spec, echo=lambda s: None)
-    finally:
-        monitoring.unregister_event_duration_listener(listener)
     return seen
 
 
