@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from compile_counts import compiles_seen
-from generate_testlib import ALL_CASES, hf_greedy, prompts, sampler_for, saved
+from generate_testlib import ALL_CASES, hf_greedy, make_model, prompts, sampler_for, saved
+from moe_testlib import MOE_CASES, make_moe_model
 
 from ftc.backends.jax.generate.prompt_batch import PromptError
 from ftc.backends.jax.generate.sampler import LENGTH, STOP, GenerateConfig, generate, stream
@@ -261,15 +262,22 @@ def test_decoding_stays_on_the_scanned_stack_where_a_second_weights_and_cache_co
         assert len(split) == copies
 
 
-@pytest.mark.parametrize("case", ["llama", "mistral"])
-def test_a_long_generation_attending_block_by_block_keeps_transformers_greedy_tokens(case, tmp_path):
-    from hf_decoders import make_hf_model
+LONG_CASES = [
+    *(c if c in ("llama", "mistral") else pytest.param(c, marks=pytest.mark.slow) for c in ALL_CASES),
+    *(pytest.param(c, marks=pytest.mark.slow) for c in MOE_CASES),
+]
 
+
+@pytest.mark.parametrize("case", LONG_CASES)
+def test_a_long_generation_attending_block_by_block_keeps_transformers_greedy_tokens(case, tmp_path):
     from ftc.backends.jax.io import hf_checkpoint
 
-    model = make_hf_model(case, max_position_embeddings=512)  # room for 24 + 384 slots: the blocked attention
+    # Room for 24 + 384 slots: the blocked attention.
+    keys = dict(max_position_embeddings=512)
+    model = make_moe_model(case, seed=1, **keys) if case in MOE_CASES else make_model(case, **keys)
     model.save_pretrained(tmp_path)
     loaded = hf_checkpoint.load_model(tmp_path)
     batch, new = prompts((5, 17, 1)), 380  # slots up to 24 + 379: the last, clamped block is read
     out = generate(sampler_for(loaded), loaded.params, batch, jax.random.key(0), GenerateConfig(max_new_tokens=new))
+    assert [len(c.tokens) for c in out] == [new] * 3  # no early stop: every block is attended
     assert [list(c.tokens) for c in out] == hf_greedy(model, batch, new)

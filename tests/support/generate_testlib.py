@@ -19,15 +19,17 @@ GPT2_CASES = {
 ALL_CASES = CASES + tuple(GPT2_CASES)
 
 
-def make_model(case: str):
-    """A tiny perturbed HF causal LM (vocab 256) of `case`."""
+def make_model(case: str, **config_keys):
+    """A tiny perturbed HF causal LM (vocab 256) of `case`; `config_keys` override its config's."""
     if case not in GPT2_CASES:
-        return make_hf_model(case)
+        return make_hf_model(case, **config_keys)
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=256, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2
     )
-    for key, value in GPT2_CASES[case].items():
+    if "max_position_embeddings" in config_keys:  # GPT-2's name for it
+        config_keys["n_positions"] = config_keys.pop("max_position_embeddings")
+    for key, value in {**GPT2_CASES[case], **config_keys}.items():
         setattr(config, key, value)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
