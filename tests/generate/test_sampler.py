@@ -169,11 +169,11 @@ def test_compiles_once_per_batch_and_length_bucket_not_per_prompt(models):
             )
         list(stream(sampler, loaded.params, prompts((4, 4, 13)), jax.random.key(4), sampled, chunk=3))
     assert compiled == []
-    decode = sampler.decode_unrolled or sampler.decode  # on CPU the unrolled one
-    before = (sampler.prefill._cache_size(), decode._cache_size())
+    prefill, decode = sampler.prefill_unrolled, sampler.decode_unrolled  # on CPU the unrolled ones
+    before = (prefill._cache_size(), decode._cache_size())
     generate(sampler, loaded.params, prompts((20, 3, 1)), jax.random.key(0), sampled)  # prompt bucket 24
     generate(sampler, loaded.params, prompts((17, 22, 5)), jax.random.key(0), sampled)  # the same one
-    assert (sampler.prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
+    assert (prefill._cache_size(), decode._cache_size()) == (before[0] + 1, before[1] + 1)
 
 
 def test_raw_uint32_keys_are_the_same_keys_as_typed_ones():
@@ -212,49 +212,74 @@ def test_cpu_decodes_on_unrolled_blocks_and_a_per_layer_cache_with_the_scanned_s
 
 
 def test_the_prefill_caches_the_prompts_slots_and_the_decode_gets_them_grown_per_layer_when_unrolled(models):
+    from ftc.backends.jax.generate import per_layer
+
     _, loaded = models("llama")
     sampler = sampler_for(loaded)
     L = loaded.arch.num_layers
-    state = sampler.prefill(
-        loaded.params,
+    split = per_layer.split(sampler, loaded.params)
+    assert sorted(k for k in split if k.startswith("layers")) == sorted(f"layers_{i}" for i in range(L))
+    args = (
         jnp.ones((2, 16), jnp.int32),
         jnp.asarray([16, 3]),
         jnp.asarray([4, 4]),
         jax.random.split(jax.random.key(0), 2),
-        new_tokens=16,
-        config=GenerateConfig(max_new_tokens=16),
     )
+    kw = dict(new_tokens=16, config=GenerateConfig(max_new_tokens=16))
+    state = sampler.prefill(loaded.params, *args, **kw)
+    unrolled = sampler.prefill_unrolled(split, *args, **kw)
     assert state["cache"]["k"].shape[2] == 16  # the prefill wrote the prompts into their 16 slots only
-    ready = sampler.ready(state)
-    split, unrolled = sampler.to_unrolled(loaded.params, state)
-    assert sorted(k for k in split if k.startswith("layers")) == sorted(f"layers_{i}" for i in range(L))
+    np.testing.assert_array_equal(unrolled["tokens"], state["tokens"])
+    ready, ready_unrolled = sampler.ready(state), sampler.ready(unrolled)
     for name in ("k", "v"):
         assert ready["cache"][name].shape[2] == 32  # grown by the 16 new tokens' empty slots
-        np.testing.assert_array_equal(ready["cache"][name][:, :, :16], state["cache"][name])
+        np.testing.assert_allclose(ready["cache"][name][:, :, :16], state["cache"][name], rtol=0, atol=0)
         assert not ready["cache"][name][:, :, 16:].any()
-        assert isinstance(unrolled["cache"][name], tuple) and len(unrolled["cache"][name]) == L
-        for i, layer in enumerate(unrolled["cache"][name]):
-            np.testing.assert_array_equal(layer, ready["cache"][name][i])
+        assert isinstance(ready_unrolled["cache"][name], tuple) and len(ready_unrolled["cache"][name]) == L
+        for i, layer in enumerate(ready_unrolled["cache"][name]):
+            np.testing.assert_allclose(layer, ready["cache"][name][i], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(ready["cache"]["valid"], state["valid"])
-    assert "valid" not in ready and "valid" not in unrolled
+    assert "valid" not in ready and "valid" not in ready_unrolled
     with pytest.raises(ValueError, match="needs Decoder\\(unrolled=True\\)"):
-        sampler.module.apply({"params": loaded.params}, jnp.ones((2, 1), jnp.int32), kv_cache=unrolled["cache"])
+        sampler.module.apply({"params": loaded.params}, jnp.ones((2, 1), jnp.int32), kv_cache=ready_unrolled["cache"])
+
+
+def test_the_per_layer_weights_are_kept_for_the_same_params_while_they_live_and_not_where_asked_not_to(models):
+    import gc
+
+    from ftc.backends.jax.generate import per_layer
+
+    _, loaded = models("llama")
+    sampler = sampler_for(loaded)
+    first = per_layer.split(sampler, loaded.params)
+    assert per_layer.split(sampler, loaded.params) is first  # the same arrays: the same copy
+    other = jax.tree.map(lambda x: x + 0, loaded.params)
+    second = per_layer.split(sampler, other)
+    assert second is not first and per_layer.split(sampler, other) is second
+    del other
+    gc.collect()
+    assert sampler.kept == {}  # its params gone, the copy goes too
+    unkept = dataclasses.replace(sampler, keep_split=False, kept={})
+    assert per_layer.split(unkept, loaded.params) is not per_layer.split(unkept, loaded.params)
+    assert unkept.kept == {}
 
 
 def test_decoding_stays_on_the_scanned_stack_where_a_second_weights_and_cache_copy_would_take_over_a_quarter_of_memory(
     models, monkeypatch
 ):
-    from ftc.backends.jax.generate import sampler as sampler_lib
+    from ftc.backends.jax.generate import per_layer
 
     _, loaded = models("llama")
     L, K, H = loaded.arch.num_layers, loaded.arch.num_kv_heads, loaded.arch.head_dim
     cache_bytes = 2 * L * 1 * (16 + 16) * K * H * 4  # k and v: one row, 16 prompt + 16 new slots, float32
     nbytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params)) + cache_bytes
     host = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 4 * nbytes}
-    monkeypatch.setattr(sampler_lib.os, "sysconf", host.__getitem__)
+    monkeypatch.setattr(per_layer.os, "sysconf", host.__getitem__)
     split = []
     sampler = sampler_for(loaded)
-    counting = dataclasses.replace(sampler, to_unrolled=lambda p, s: split.append(1) or sampler.to_unrolled(p, s))
+    counting = dataclasses.replace(
+        sampler, split_params=lambda p: split.append(1) or sampler.split_params(p), keep_split=False
+    )
     for phys, copies in ((4 * nbytes, 1), (4 * nbytes - 1, 0)):
         host["SC_PHYS_PAGES"] = phys
         split.clear()

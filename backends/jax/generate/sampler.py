@@ -16,9 +16,9 @@ How it runs (all jitted, compiled once per bucket):
     power of two B (extra rows generate nothing); a row's positions count its real tokens only and its
     padding slots are masked, so a row computes what it would compute alone;
   - the cache (models/kv_cache.py) holds P + N slots, N the bucketed max_new_tokens;
-  - `_prefill` runs the prompts on a cache of their P slots and draws the first token; `_ready`
-    grows the cache to P + N (on CPU `_to_unrolled`, also splitting it and the block weights per
-    layer); `_decode` is one `jax.lax.while_loop`
+  - `_prefill` runs the prompts on a cache of their P slots and draws the first token (on CPU on
+    the blocks unrolled, over per-layer weights and a per-layer cache); `_ready` grows the cache to
+    P + N; `_decode` is one `jax.lax.while_loop`
     that feeds each row its last token until every row is done or a step limit is reached.
 A row is done at an EOS id, after max_new_tokens, at the model's context length, or when the
 host says so (`stream`'s `stop`, which stop strings use). Compiled shapes: (B, P, N) and the
@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -40,7 +38,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ftc.backends.jax.generate.prompt_batch import PromptBatch, lay_out
+from ftc.backends.jax.generate import per_layer
+from ftc.backends.jax.generate.prompt_batch import lay_out
 from ftc.backends.jax.generate.sampling import GREEDY, SamplingConfig, next_tokens
 from ftc.backends.jax.models import kv_cache, llama
 from ftc.compiler import sharding_rules
@@ -81,49 +80,79 @@ class Sampler:
     prefill: Callable
     ready: Callable  # the prefill's state -> the state `decode` takes (its cache grown to every slot)
     decode: Callable
-    # The decode on the blocks unrolled, and (params, state) -> the per-layer weights and per-layer
-    # cache it takes (None: `decode` always). See `make_sampler`.
+    # The prefill and decode on the blocks unrolled, and params -> the per-layer weights they take
+    # (None: `prefill` and `decode` always). See `make_sampler`.
+    prefill_unrolled: Callable | None = None
     decode_unrolled: Callable | None = None
-    to_unrolled: Callable | None = None
+    split_params: Callable | None = None
+    # The last params' per-layer weights, kept for the next call with the same params (`keep_split`).
+    kept: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+    keep_split: bool = True
 
 
 def make_sampler(
-    family, arch, module, *, context: int, mesh: Mesh | None = None, unroll_decode: bool | None = None
+    family,
+    arch,
+    module,
+    *,
+    context: int,
+    mesh: Mesh | None = None,
+    unroll_decode: bool | None = None,
+    keep_split: bool = True,
 ) -> Sampler:
     """A Sampler for `module` (the family's module for `arch`, possibly inside a method's
     wrapper: pass a MethodModel's `eval_module`). `context`: the model's positions
     (config.json's max_position_embeddings / n_positions).
 
     `unroll_decode` (default: on CPU, for a Llama-style decoder without a method's wrapper): the
-    decode runs the blocks unrolled, on per-layer copies of their weights and a per-layer cache
-    (kv_cache.per_layer) made once per `stream` / `generate` call after the prefill. A scanned
+    prefill and decode run the blocks unrolled, on per-layer copies of their weights and a
+    per-layer cache (kv_cache.per_layer). The copy is made once per `stream` / `generate` call, and
+    kept for the next call with the same params while they live (`keep_split`; off where the
+    params change between calls and the copy would outlive its use, as in RL's rounds). A scanned
     stack makes XLA:CPU copy each layer's weights, and each layer's cache slots, out of the stacked
     arrays and back for every token; unrolled, each token reads the weights once and writes only
     its own keys and values. SmolLM2-135M, 512 new tokens: 1.35x the scanned decode's tokens/s at
     batch 1, 1.8x at batch 8 (README.md, "Benchmarks", generation). It costs a longer compile (5-8 s against 1-2 s,
     once per machine with the persistent cache) and a second copy of the weights and the cache
     while it generates, so it is taken only where that copy is at most a quarter of the host's
-    memory."""
+    memory. Unrolled, the prefill reads each weight once too: SmolLM2-135M's first token at batch 1
+    (README.md, "Benchmarks", generation)."""
     if family.cache_layout is None:
         raise ValueError(f"model family {family.name} does not generate text (it is not a causal LM)")
     layout = family.cache_layout(arch)
     dtype = getattr(module, "dtype", None) or getattr(getattr(module, "base", None), "dtype", jnp.float32)
-    prefill = jax.jit(
-        functools.partial(_prefill, module, layout, jnp.dtype(dtype), mesh), static_argnames=("new_tokens", "config")
-    )
-    decode = jax.jit(functools.partial(_decode, module, mesh), static_argnames=("config",), donate_argnums=(1,))
+
+    def prefill_for(module):
+        return jax.jit(
+            functools.partial(_prefill, module, layout, jnp.dtype(dtype), mesh),
+            static_argnames=("new_tokens", "config"),
+        )
+
+    def decode_for(module):
+        return jax.jit(functools.partial(_decode, module, mesh), static_argnames=("config",), donate_argnums=(1,))
+
     if unroll_decode is None:
         unroll_decode = jax.default_backend() == "cpu" and isinstance(module, llama.Decoder)
-    decode_unrolled = to_unrolled = None
+    unrolled = {}
     if unroll_decode:
-        unrolled = module.clone(unrolled=True)
-        decode_unrolled = jax.jit(
-            functools.partial(_decode, unrolled, mesh), static_argnames=("config",), donate_argnums=(1,)
+        one_by_one = module.clone(unrolled=True)
+        unrolled = dict(
+            prefill_unrolled=prefill_for(one_by_one),
+            decode_unrolled=decode_for(one_by_one),
+            split_params=jax.jit(functools.partial(llama.per_layer_params, num_layers=arch.num_layers)),
         )
-        to_unrolled = jax.jit(functools.partial(_to_unrolled, mesh, arch.num_layers))
     ready = jax.jit(functools.partial(_ready, mesh))
     return Sampler(
-        module, layout, jnp.dtype(dtype), int(context), mesh, prefill, ready, decode, decode_unrolled, to_unrolled
+        module,
+        layout,
+        jnp.dtype(dtype),
+        int(context),
+        mesh,
+        prefill_for(module),
+        ready,
+        decode_for(module),
+        **unrolled,
+        keep_split=keep_split,
     )
 
 
@@ -154,21 +183,16 @@ def _ready(mesh, state):
     return {**state, "cache": _constrain(mesh, kv_cache.extended(state["cache"], valid_BS))}
 
 
-def _to_unrolled(mesh, num_layers, params, state):
-    """`_ready` for the unrolled decode, which also takes per-layer copies of the block weights
-    and the cache per layer (kv_cache.per_layer)."""
-    state = _ready(None, state)
-    cache = _constrain(mesh, kv_cache.per_layer(state["cache"]))
-    return llama.per_layer_params(params, num_layers), {**state, "cache": cache}
-
-
 def _prefill(module, layout, dtype, mesh, params, prompt_BP, lengths_B, limits_B, keys_B, *, new_tokens, config):
     """Run the left-padded prompts, draw each row's first token; the decode state."""
     B, P = prompt_BP.shape
     pad_B = P - lengths_B
     valid_BS = jnp.arange(P + new_tokens, dtype=jnp.int32)[None, :] >= pad_B[:, None]
     positions_BP = jnp.maximum(jnp.arange(P, dtype=jnp.int32)[None, :] - pad_B[:, None], 0)
-    cache = _constrain(mesh, kv_cache.init_cache(layout, valid_BS[:, :P], dtype))
+    cache = kv_cache.init_cache(layout, valid_BS[:, :P], dtype)
+    if getattr(module, "unrolled", False):
+        cache = kv_cache.per_layer(cache)
+    cache = _constrain(mesh, cache)
     logits_B1V, cache = module.apply(
         {"params": params}, prompt_BP, positions=positions_BP, kv_cache=cache, output="last_logits"
     )
@@ -278,7 +302,12 @@ def stream(
     # The jitted functions read max_new_tokens only through the rows' limits: key them on its
     # bucket, so another max_new_tokens in the same bucket reuses the compiled code.
     config = dataclasses.replace(config, max_new_tokens=batch.new_tokens)
-    state = sampler.prefill(
+    unrolled = sampler.decode_unrolled is not None and per_layer.copy_fits(sampler, params, batch)
+    prefill, decode = (
+        (sampler.prefill_unrolled, sampler.decode_unrolled) if unrolled else (sampler.prefill, sampler.decode)
+    )
+    params = per_layer.split(sampler, params) if unrolled else params
+    state = prefill(
         params,
         _put(sampler, batch.ids),
         _put(sampler, batch.lengths),
@@ -288,8 +317,7 @@ def stream(
         config=config,
     )
     stopped = np.zeros(len(batch.ids), bool)
-    unrolled = sampler.decode_unrolled is not None and _copy_fits(sampler, params, batch)
-    decode, decode_params = (sampler.decode_unrolled if unrolled else sampler.decode), None
+    grown = False
     while True:
         snap = _snapshot(state, batch.rows, stopped)
         if stop is not None:  # rows still running, or ended by length, may have reached a stop
@@ -304,21 +332,9 @@ def stream(
             return
         step = int(state["step"])
         stop_at = batch.new_tokens if chunk is None else min(batch.new_tokens, step + chunk)
-        if decode_params is None:  # once per call, and only when it decodes at all
-            decode_params, state = sampler.to_unrolled(params, state) if unrolled else (params, sampler.ready(state))
-        state = decode(decode_params, state, jnp.int32(stop_at), config=config)
-
-
-def _copy_fits(sampler: Sampler, params, batch: PromptBatch) -> bool:
-    """Whether a second copy of the weights and the cache (the per-layer ones) takes at most a
-    quarter of the host's memory: a model or batch that big keeps decoding on the scanned stack."""
-    try:
-        host_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return False
-    B, P = batch.ids.shape
-    cache_bytes = 2 * math.prod(kv_cache.cache_shape(sampler.layout, B, P + batch.new_tokens)) * sampler.dtype.itemsize
-    return (sum(x.nbytes for x in jax.tree.leaves(params)) + cache_bytes) * 4 <= host_bytes
+        if not grown:  # once per call, and only when it decodes at all
+            state, grown = sampler.ready(state), True
+        state = decode(params, state, jnp.int32(stop_at), config=config)
 
 
 def _put(sampler: Sampler, host: np.ndarray) -> jax.Array:

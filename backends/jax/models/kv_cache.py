@@ -70,9 +70,12 @@ def extended(cache: dict, valid_BS: jax.Array) -> dict:
     A prefill writes the prompts into a cache of just their slots, so its attention does not
     span the slots that decoding fills later (all masked for every prompt query)."""
     grow = valid_BS.shape[1] - cache["valid"].shape[1]
-    pad = [(0, 0)] * cache["k"].ndim
-    pad[-3] = (0, grow)  # the slot axis of [L, B, S, K, H]
-    return {**cache, "k": jnp.pad(cache["k"], pad), "v": jnp.pad(cache["v"], pad), "valid": valid_BS.astype(bool)}
+
+    def pad(x):  # the slot axis of [L, B, S, K, H], or of a per-layer [B, S, K, H]
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, grow), (0, 0), (0, 0)])
+
+    kv = {k: jax.tree.map(pad, cache[k]) if is_per_layer(cache) else pad(cache[k]) for k in ("k", "v")}
+    return {**cache, **kv, "valid": valid_BS.astype(bool)}
 
 
 def per_layer(cache: dict) -> dict:
