@@ -244,13 +244,14 @@ def test_the_prefill_caches_the_prompts_slots_and_the_decode_gets_them_grown_per
         sampler.module.apply({"params": loaded.params}, jnp.ones((2, 1), jnp.int32), kv_cache=ready_unrolled["cache"])
 
 
-def test_the_per_layer_weights_are_kept_for_the_same_params_while_they_live_and_not_where_asked_not_to(models):
+def test_the_per_layer_weights_are_kept_for_the_same_params_while_they_live_where_asked_to(models):
     import gc
 
     from ftc.backends.jax.generate import per_layer
 
     _, loaded = models("llama")
-    sampler = sampler_for(loaded)
+    sampler = dataclasses.replace(sampler_for(loaded), keep_split=True)  # as source.sampler() makes it
+    assert not sampler_for(loaded).keep_split  # make_sampler's default: a training run's params change
     first = per_layer.split(sampler, loaded.params)
     assert per_layer.split(sampler, loaded.params) is first  # the same arrays: the same copy
     other = jax.tree.map(lambda x: x + 0, loaded.params)
@@ -277,9 +278,7 @@ def test_decoding_stays_on_the_scanned_stack_where_a_second_weights_and_cache_co
     monkeypatch.setattr(per_layer.os, "sysconf", host.__getitem__)
     split = []
     sampler = sampler_for(loaded)
-    counting = dataclasses.replace(
-        sampler, split_params=lambda p: split.append(1) or sampler.split_params(p), keep_split=False
-    )
+    counting = dataclasses.replace(sampler, split_params=lambda p: split.append(1) or sampler.split_params(p))
     for phys, copies in ((4 * nbytes, 1), (4 * nbytes - 1, 0)):
         host["SC_PHYS_PAGES"] = phys
         split.clear()

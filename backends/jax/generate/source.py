@@ -63,8 +63,8 @@ class Source:
     def sampler(self) -> sampler_lib.Sampler:
         leaf = jax.tree.leaves(self.params)[0]
         mesh = getattr(leaf.sharding, "mesh", None) if hasattr(leaf, "sharding") else None
-        return sampler_lib.make_sampler(
-            self.model.family, self.model.arch, self.model.eval_module, context=self.context, mesh=mesh
+        return sampler_lib.make_sampler(  # the params stay: their per-layer copy is kept between calls
+            self.model.family, self.model.arch, self.model.eval_module, context=self.context, mesh=mesh, keep_split=True
         )
 
     @property

@@ -178,9 +178,8 @@ class RolloutFeed:
         self.rewards = rw.parse(k.rewards, f"training.{k.objective}_rewards")
         self.scorers = {r.label: reward_model.load(r) for r in self.rewards if r.kind == "model"}
         self.data, self.model, self.tokenizer = data, model, tokenizer
-        # The params change every round: a per-layer copy kept after a rollout would sit beside training.
         self.sampler = make_sampler(
-            model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh, keep_split=False
+            model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh
         )
         self.logps = logps_function(model.module, k.temperature)
         self.seq_len = spec.model.max_seq_len
