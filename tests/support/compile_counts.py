@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
-from jax._src import compilation_cache
+from jax.experimental.compilation_cache import compilation_cache
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 

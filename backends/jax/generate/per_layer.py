@@ -30,8 +30,8 @@ def split(sampler, params):
     """Per-layer copies of `params`' block weights (llama.per_layer_params), the ones made for the
     previous call when it had the same params (the same arrays, still alive) and `keep_split`."""
     leaves = jax.tree.leaves(params)
-    kept = sampler.kept.get("refs")
-    if kept is not None and len(kept) == len(leaves) and all(r() is x for r, x in zip(kept, leaves)):
+    refs = sampler.kept.get("refs")
+    if refs is not None and len(refs) == len(leaves) and all(r() is x for r, x in zip(refs, leaves)):
         return sampler.kept["split"]
     sampler.kept.clear()  # the old copy goes before the new one is made
     split = sampler.split_params(params)

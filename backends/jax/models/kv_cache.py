@@ -74,7 +74,7 @@ def extended(cache: dict, valid_BS: jax.Array) -> dict:
     def pad(x):  # the slot axis of [L, B, S, K, H], or of a per-layer [B, S, K, H]
         return jnp.pad(x, [(0, 0)] * (x.ndim - 3) + [(0, grow), (0, 0), (0, 0)])
 
-    kv = {k: jax.tree.map(pad, cache[k]) if is_per_layer(cache) else pad(cache[k]) for k in ("k", "v")}
+    kv = {k: jax.tree.map(pad, cache[k]) for k in ("k", "v")}  # one array, or a tuple of L
     return {**cache, **kv, "valid": valid_BS.astype(bool)}
 
 
