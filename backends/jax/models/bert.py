@@ -27,9 +27,9 @@ import jax.numpy as jnp
 
 from ftc.backends.jax.models.family import Family, HfTensor, heads_bias, heads_in, heads_out, linear_t
 from ftc.backends.jax.models.layers import (
-    ACTIVATIONS,
     Dense,
     LayerNorm,
+    activation,
     check_activation,
     check_remat,
     default_positions,
@@ -174,7 +174,7 @@ class BertIntermediate(nn.Module):
     def __call__(self, x_BTD):
         F = self.arch.intermediate_size
         h_BTF = Dense((F,), ("embed",), ("mlp",), use_bias=True, dtype=self.dtype, name="dense")(x_BTD)
-        return ACTIVATIONS[self.arch.hidden_act](h_BTF)
+        return activation(self.arch.hidden_act, h_BTF)
 
 
 class BertLayer(nn.Module):

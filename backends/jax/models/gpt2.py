@@ -27,9 +27,9 @@ import numpy as np
 from ftc.backends.jax.models import kv_cache as kv_cache_lib
 from ftc.backends.jax.models.family import Family, HfTensor, linear_t
 from ftc.backends.jax.models.layers import (
-    ACTIVATIONS,
     Dense,
     LayerNorm,
+    activation,
     check_activation,
     check_remat,
     default_positions,
@@ -169,7 +169,7 @@ class GPT2MLP(nn.Module):
     def __call__(self, x_BTD):
         a = self.arch
         h_BTF = Dense((a.n_inner,), ("embed",), ("mlp",), use_bias=True, dtype=self.dtype, name="c_fc")(x_BTD)
-        h_BTF = ACTIVATIONS[a.activation_function](h_BTF)
+        h_BTF = activation(a.activation_function, h_BTF)
         return Dense((a.n_embd,), ("mlp",), ("embed",), use_bias=True, dtype=self.dtype, name="c_proj")(h_BTF)
 
 

@@ -58,6 +58,9 @@ class RMSNorm(nn.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
         weight_D = param_with_axes(self, "weight", init, (x_BTD.shape[-1],), ("norm",), self.param_dtype)
+        return recomputed(self._norm)(x_BTD, weight_D)
+
+    def _norm(self, x_BTD, weight_D):
         x32_BTD = x_BTD.astype(jnp.float32)
         normed_BTD = x32_BTD * jax.lax.rsqrt(jnp.mean(x32_BTD * x32_BTD, axis=-1, keepdims=True) + self.eps)
         if self.unit_offset:
@@ -77,12 +80,17 @@ class LayerNorm(nn.Module):
     def __call__(self, x_BTD: jax.Array) -> jax.Array:
         D = x_BTD.shape[-1]
         weight_D = param_with_axes(self, "weight", nn.initializers.ones, (D,), ("norm",), self.param_dtype)
+        bias_D = None
+        if self.use_bias:
+            bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (D,), ("norm",), self.param_dtype)
+        return recomputed(self._norm)(x_BTD, weight_D, bias_D)
+
+    def _norm(self, x_BTD, weight_D, bias_D):
         x32_BTD = x_BTD.astype(jnp.float32)
         mean_BT1 = jnp.mean(x32_BTD, axis=-1, keepdims=True)
         var_BT1 = jnp.mean(jnp.square(x32_BTD - mean_BT1), axis=-1, keepdims=True)
         y_BTD = (x32_BTD - mean_BT1) * jax.lax.rsqrt(var_BT1 + self.eps) * weight_D.astype(jnp.float32)
-        if self.use_bias:
-            bias_D = param_with_axes(self, "bias", nn.initializers.zeros, (D,), ("norm",), self.param_dtype)
+        if bias_D is not None:
             y_BTD = y_BTD + bias_D.astype(jnp.float32)
         return y_BTD.astype(self.dtype)
 
@@ -302,6 +310,28 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
+
+
+def recomputed(fn):
+    """`fn` whose backward pass recomputes its intermediates from its inputs instead of saving them.
+
+    For the cheap elementwise and row-wise parts of a block (norms, activations): autodiff would
+    otherwise save every intermediate for the backward pass, and in the layer scan each one is a
+    `[layers, tokens, width]` buffer written in the forward and read back (the gated MLP saved six
+    `[tokens, intermediate]` tensors, three with this). Recomputing them costs a few elementwise
+    ops that XLA fuses into the backward's own."""
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+
+
+def gated(act, gate: jax.Array, up: jax.Array) -> jax.Array:
+    """act(gate) * up, a gated MLP's hidden activation (`act` from ACTIVATIONS), recomputed in the backward pass."""
+    return recomputed(lambda g, u: act(g) * u)(gate, up)
+
+
+def activation(name: str, x: jax.Array) -> jax.Array:
+    """ACTIVATIONS[name](x), recomputed in the backward pass (gelu's tanh form saves several intermediates)."""
+    return recomputed(ACTIVATIONS[name])(x)
+
 
 # The spec's `training.remat` values (schema enum); an arch dataclass carries one as `remat`.
 REMAT_POLICIES = ("none", "full", "dots")

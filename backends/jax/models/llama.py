@@ -98,7 +98,7 @@ class GatedMlp(nn.Module):
 
         gate_BTF = dense(a.intermediate_size, "embed", "mlp", "gate_proj")(x_BTD)
         up_BTF = dense(a.intermediate_size, "embed", "mlp", "up_proj")(x_BTD)
-        h_BTF = layers.ACTIVATIONS[a.hidden_act](gate_BTF) * up_BTF
+        h_BTF = layers.gated(layers.ACTIVATIONS[a.hidden_act], gate_BTF, up_BTF)
         return dense(a.hidden_size, "mlp", "embed", "down_proj")(h_BTF)
 
 

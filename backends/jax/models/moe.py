@@ -149,7 +149,7 @@ def _ffn_blocks(xs_MD, sizes_E, wg_EDF, wu_EDF, wd_EFD, act):
 
         def compute():
             i = jnp.minimum(e, E - 1)
-            return (act(x_bD @ wg_EDF[i]) * (x_bD @ wu_EDF[i])) @ wd_EFD[i]
+            return layers.gated(act, x_bD @ wg_EDF[i], x_bD @ wu_EDF[i]) @ wd_EFD[i]
 
         return None, jax.lax.cond(e < E, compute, lambda: jnp.zeros((block, D), xs_MD.dtype))
 
@@ -160,7 +160,7 @@ def _ffn_blocks(xs_MD, sizes_E, wg_EDF, wu_EDF, wd_EFD, act):
 def _ffn_ragged(xs_MD, sizes_E, wg_EDF, wu_EDF, wd_EFD, act):
     """The same FFN with `jax.lax.ragged_dot` (grouped matmul kernels on GPU/TPU)."""
     sizes = sizes_E.astype(jnp.int32)
-    h_MF = act(jax.lax.ragged_dot(xs_MD, wg_EDF, sizes)) * jax.lax.ragged_dot(xs_MD, wu_EDF, sizes)
+    h_MF = layers.gated(act, jax.lax.ragged_dot(xs_MD, wg_EDF, sizes), jax.lax.ragged_dot(xs_MD, wu_EDF, sizes))
     return jax.lax.ragged_dot(h_MF, wd_EFD, sizes)
 
 
