@@ -20,7 +20,7 @@ def test_chat_counts_duplicates_empty_no_assistant_and_unknown_roles():
         {
             "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]
         },  # none trained
-        chat("user", "hi", "tool", "42", "assistant", "ok"),  # unknown role
+        chat("user", "hi", "bot", "42", "assistant", "ok"),  # unknown role
         chat("user", "hi", "assistant", "hello!"),
     )
     kept, report = clean_rows(rows, format="chat", **spec_row_clean_options("chat", unknown_roles="drop"))
@@ -51,8 +51,8 @@ def test_unknown_roles_error_names_every_row():
     with pytest.raises(DataError) as e:
         clean_rows(rows, format="chat", **spec_row_clean_options("chat"))
     assert e.value.problems == (
-        "f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'user'",
-        "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'user'",
+        "f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'tool', 'user'",
+        "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'tool', 'user'",
     )
 
 

@@ -73,7 +73,9 @@ def test_sharegpt_speakers_outside_the_table_are_roles_that_data_clean_roles_che
         tmp_path / "s.jsonl", [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
     )
     options = spec_data_options("sharegpt", train=path, tokenizer=TOK, max_seq_len=32)
-    with pytest.raises(DataError, match=r"s.jsonl:1: role 'narrator' is not one of 'assistant', 'system', 'user'"):
+    with pytest.raises(
+        DataError, match=r"s.jsonl:1: role 'narrator' is not one of 'assistant', 'system', 'tool', 'user'"
+    ):
         build_datasets(**options, batch_size=1)
 
 

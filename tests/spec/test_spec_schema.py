@@ -85,7 +85,7 @@ CONTRACT = [
     ("data.labels", "array", None),
     ("data.clean.dedupe", "boolean", True),
     ("data.clean.drop_empty", "boolean", True),
-    ("data.clean.roles", "array", ["system", "user", "assistant"]),
+    ("data.clean.roles", "array", ["system", "user", "assistant", "tool"]),
     ("data.clean.unknown_roles", "string", "error"),
     ("data.clean.overlong", "string", "truncate"),
     ("method.kind", "string", "full"),

@@ -71,7 +71,8 @@ def read_rows(
                     raise record
                 rows.append(Row(where, normalise(record)))
             except BadRow as bad:
-                problems.append(f"{where}: {bad}")
+                hint = _fits_other_formats(record, format) if len(problems) < MAX_LISTED else ""
+                problems.append(f"{where}: {bad}{hint}")
     if problems and on_bad_row == "error":
         raise DataError(
             f'{len(problems)} malformed {format} row(s) (set data.on_bad_row = "skip" to leave them out)', problems
@@ -79,6 +80,22 @@ def read_rows(
     if not rows and not problems:
         raise DataError(f"{', '.join(files)}: no rows (empty)")
     return ReadResult(tuple(rows), tuple(files), tuple(problems))
+
+
+def _fits_other_formats(record: Any, format: str) -> str:
+    """' (it reads as data.format = 'sharegpt')' for a row another format takes: the usual cause of
+    a missing key is a spec naming the wrong format, or a file mixing two."""
+    if not isinstance(record, dict):
+        return ""
+    fits = []
+    for name in formats.names():
+        if name != format:
+            try:
+                formats.get(name).normalise(record)
+            except BadRow:
+                continue
+            fits.append(name)
+    return f" (it reads as data.format = {' or '.join(map(repr, fits))})" if fits else ""
 
 
 # ---------------------------------------------------------------------------- sources
@@ -127,9 +144,15 @@ def expect_string(obj: dict, key: str, path: str = "") -> str:
 def expect_content(value: Any, path: str) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
-    ):
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        for i, part in enumerate(value):
+            if part.get("type") != "text":
+                raise BadRow(
+                    f'{path + f"[{i}].type"!r} is {json.dumps(part.get("type"))}, expected "text" '
+                    "(ftc trains on text only)"
+                )
+            if not isinstance(part.get("text"), str):
+                raise BadRow(f"{path + f'[{i}].text'!r} is {kind_of(part.get('text'))}, expected a string")
         return "".join(p["text"] for p in value)
     raise BadRow(
         f'{path!r} is {kind_of(value)}, expected a string (or a list of {{"type": "text", "text": ...}} parts)'
@@ -153,20 +176,62 @@ def expect_messages(value: Any, path: str) -> list[dict]:
     value = columns_to_rows(value)
     if not isinstance(value, list) or not value:
         what = "an empty array" if value == [] else kind_of(value)
-        raise BadRow(f"{path!r} is {what}, expected a non-empty array of messages")
+        hint = " (a CSV cell holds text: message lists need JSONL, JSON or Parquet)" if isinstance(value, str) else ""
+        raise BadRow(f"{path!r} is {what}, expected a non-empty array of messages{hint}")
     out = []
     for i, message in enumerate(value):
         here = f"{path}[{i}]"
         if not isinstance(message, dict):
             raise BadRow(f'{here!r} is {kind_of(message)}, expected a message object {{"role", "content"}}')
         role = expect_string(message, "role", here + ".")
-        if "content" not in message:
+        calls = expect_tool_calls(message.get("tool_calls"), here + ".tool_calls")
+        if calls and message.get("content") is None:  # OpenAI: an assistant turn that only calls tools
+            content = ""
+        elif "content" not in message:
             raise BadRow(f"missing key {here + '.content'!r}, expected a string")
-        normal = {"role": role, "content": expect_content(message["content"], here + ".content")}
+        else:
+            content = expect_content(message["content"], here + ".content")
+        normal = {"role": role, "content": content}
+        if calls:
+            normal["tool_calls"] = calls
+        for key in TOOL_KEYS:  # which call a tool message answers; templates write them
+            if isinstance(message.get(key), str):
+                normal[key] = message[key]
         if "weight" in message:
             normal["weight"] = expect_weight(message["weight"], here + ".weight")
         out.append(normal)
     return out
+
+
+TOOL_KEYS = ("tool_call_id", "name")
+
+
+def expect_tool_calls(value: Any, path: str) -> list[dict]:
+    """OpenAI's `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}]) as chat
+    templates take them: `arguments` an object (OpenAI writes it as a JSON string)."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise BadRow(f"{path!r} is {kind_of(value)}, expected an array of tool calls")
+    calls = []
+    for i, call in enumerate(value):
+        here = f"{path}[{i}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise BadRow(f'{here + ".function"!r} is {kind_of(function)}, expected {{"name", "arguments"}}')
+        name = expect_string(function, "name", here + ".function.")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise BadRow(
+                    f"{here + '.function.arguments'!r} is a string that is not JSON, expected a JSON object"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise BadRow(f"{here + '.function.arguments'!r} is {kind_of(arguments)}, expected a JSON object")
+        calls.append({**call, "type": call.get("type", "function"), "function": {"name": name, "arguments": arguments}})
+    return calls
 
 
 def expect_weight(weight: Any, path: str) -> int:

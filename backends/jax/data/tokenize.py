@@ -107,12 +107,16 @@ def i32(ids) -> np.ndarray:
 # ---------------------------------------------------------------------------- chat
 
 
-def _render(tokenizer, where: str, messages: list[dict], generation_prompt: bool = False) -> str:
+RENDERED_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")  # not "weight": ftc's own
+
+
+def _render(tokenizer, where: str, messages: list[dict], generation_prompt: bool = False, tools=None) -> str:
     if not messages and not generation_prompt:
         return ""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    plain = [{k: m[k] for k in RENDERED_KEYS if k in m} for m in messages]
+    extra = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt, **extra)
     except Exception as e:  # jinja errors, raise_exception() in templates (e.g. role alternation)
         raise DataError(
             f"{where}: the tokenizer's chat template refused this conversation: {type(e).__name__}: {e}"
@@ -123,17 +127,28 @@ def _render(tokenizer, where: str, messages: list[dict], generation_prompt: bool
 
 
 def turn_spans(
-    tokenizer, where: str, messages: list[dict], trained: Sequence[bool], whole_turns: bool = False
+    tokenizer, where: str, messages: list[dict], trained: Sequence[bool], whole_turns: bool = False, tools=None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans [start, end) to train.
 
     `trained[i]` says whether turn i is supervised. With `whole_turns` (train_on="all") a span is
     all of the turn's rendering; otherwise it leaves out the generation prompt and the trailing
-    whitespace (see module docstring)."""
-    full = _render(tokenizer, where, messages)
+    whitespace (see module docstring). `tools`: the row's tool definitions, for the template."""
+
+    def render(msgs, generation_prompt=False):
+        return _render(tokenizer, where, msgs, generation_prompt, tools)
+
+    full = render(messages)
     spans, prev = [], ""
     for i, message in enumerate(messages):
-        upto = full if i == len(messages) - 1 else _render(tokenizer, where, messages[: i + 1])
+        upto = full if i == len(messages) - 1 else render(messages[: i + 1])
+        if message.get("tool_calls"):
+            without = {k: v for k, v in message.items() if k != "tool_calls"}
+            if render([*messages[:i], without]) == upto:
+                raise DataError(
+                    f"{where}: messages[{i}] calls tools, and the tokenizer's chat template does not write "
+                    "tool_calls (training on it would teach an empty turn); use a template that renders them"
+                )
         if not upto.startswith(prev) or not full.startswith(upto):
             raise DataError(
                 f"{where}: the chat template does not render conversations prefix by prefix "
@@ -146,7 +161,7 @@ def turn_spans(
         elif trained[i]:
             start, end = len(prev), len(upto.rstrip())
             if message["role"] == "assistant":
-                header = _render(tokenizer, where, messages[:i], generation_prompt=True)
+                header = render(messages[:i], generation_prompt=True)
                 if upto.startswith(header) and len(prev) <= len(header) <= end:
                     start = len(header)
             if start < end:
@@ -166,18 +181,28 @@ def _weights_from_spans(offsets, spans) -> np.ndarray:
 def chat_tokens(
     tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]], train_on: str
 ) -> list[Tokens]:
-    """(where, messages, trained-or-None) each -> Tokens; one tokenizer call for all texts."""
+    """(where, messages, trained-or-None[, tools]) each -> Tokens; one tokenizer call for all texts."""
+    if conversations and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{conversations[0][0]}: the tokenizer has no chat template, and conversations (messages) are "
+            "rendered with it; set model.tokenizer to a chat model's tokenizer (an -Instruct one), or write "
+            "the rows as completion (prompt, completion) or text rows"
+        )
     rendered = []
-    for where, messages, trained in conversations:
+    for where, messages, trained, *tools in conversations:  # tools: a chat row's tool definitions
         if trained is None:
             trained = [(train_on == "all" or m["role"] == "assistant") and m.get("weight", 1) != 0 for m in messages]
-        rendered.append(turn_spans(tokenizer, where, messages, trained, whole_turns=train_on == "all"))
+        rendered.append(
+            turn_spans(
+                tokenizer, where, messages, trained, whole_turns=train_on == "all", tools=next(iter(tools), None)
+            )
+        )
     if not rendered:
         return []
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     return [
         Tokens(where, i32(ids), _weights_from_spans(offsets, spans))
-        for (where, _, _), (_, spans), ids, offsets in zip(
+        for (where, *_), (_, spans), ids, offsets in zip(
             conversations, rendered, enc["input_ids"], enc["offset_mapping"]
         )
     ]
