@@ -130,3 +130,14 @@ def test_nothing_left_to_train_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", [chat("user", "q"), chat("system", "s")])
     with pytest.raises(DataError, match="no training rows left after cleaning"):
         build(path)
+
+
+def test_a_validation_file_with_nothing_left_after_cleaning_is_an_error_not_a_run_without_validation(tmp_path):
+    train = chat_file(tmp_path)
+    rows = [chat("user", "question 0?", "assistant", "answer 0.", "user", "why?", "assistant", "because 0.")] * 2
+    valid = write_jsonl(tmp_path / "valid.jsonl", rows + [chat("user", "no reply")])  # in train, again, empty
+    with pytest.raises(DataError, match=rf"^{valid}: no validation sequences left after cleaning \(kept 0 of 3, "):
+        build(train, validation=valid)
+    long_answer = write_jsonl(tmp_path / "long.jsonl", [chat("user", "q " * 100, "assistant", "a")])
+    with pytest.raises(DataError, match=r"no validation sequences left after cleaning \(kept 0 of 1, 1 overlong\)"):
+        build(train, validation=long_answer, clean={**spec_data_options("chat")["clean"], "overlong": "drop"})

@@ -100,3 +100,11 @@ def test_alpaca_trains_exactly_as_the_completion_rows_it_normalises_to(tmp_path)
         np.testing.assert_array_equal(ours.train_rows[key], array)
     supervised = TOK.decode(ours.train_rows["targets"][ours.train_rows["weights"] > 0])
     assert "Bonjour" in supervised and "Instruction" not in supervised
+
+
+def test_sharegpt_turns_written_as_role_and_content_read_as_from_and_value(tmp_path):
+    written = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    classic = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": written}, {"conversations": classic}])
+    rows = read_rows(path, format="sharegpt", on_bad_row="error").rows
+    assert rows[0].data == rows[1].data == {"messages": written}

@@ -107,6 +107,14 @@ def test_classification_label_must_be_string_or_non_negative_int(tmp_path):
     assert "expected a string or a non-negative integer" in e.value.problems[0]
 
 
+def test_classification_labels_written_as_whole_floats_read_as_integers(tmp_path):
+    # pandas writes an integer column that has a missing value as floats: 0.0, 1.0
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.5}])
+    result = read_rows(path, format="classification", on_bad_row="skip")
+    assert [r.data["label"] for r in result.rows] == [1] and isinstance(result.rows[0].data["label"], int)
+    assert result.skipped == (f"{path}:2: 'label' is 0.5, expected a string or a non-negative integer",)
+
+
 def test_globs_and_lists_read_in_order(tmp_path):
     for name in ("b", "a", "c"):
         write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])

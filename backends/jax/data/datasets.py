@@ -309,6 +309,9 @@ def tokenize_splits(
         split_report = data_clean.CleanReport(len(val_rows), len(val_rows)) if val_report is None else val_report
         val_items, val_lengths = prepare_items(val_rows, "validation")
         val_report = split_report.then(val_lengths)
+        if not val_items:  # a run would otherwise go on without the validation the spec asks for
+            named = ", ".join(val_files) if val_files else f"validation_split = {validation_split}"
+            raise DataError(f"{named}: no validation sequences left after cleaning ({val_report.summary()})")
     return Tokenized(
         read, tuple(skipped), train_items, train_report, val_items, val_report, val_from, tuple(val_files), names
     )

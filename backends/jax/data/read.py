@@ -71,7 +71,8 @@ def read_rows(
                     raise record
                 rows.append(Row(where, normalise(record)))
             except BadRow as bad:
-                hint = _fits_other_formats(record, format) if len(problems) < MAX_LISTED else ""
+                shape = str(bad).startswith("missing key")  # not a wrong value: a row of another shape
+                hint = _fits_other_formats(record, format) if shape and len(problems) < MAX_LISTED else ""
                 problems.append(f"{where}: {bad}{hint}")
     if problems and on_bad_row == "error":
         raise DataError(

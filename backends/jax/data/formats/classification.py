@@ -1,6 +1,7 @@
 """classification: a text and its class.
 
-Row: `{"text", "label"}` with label a string or a non-negative int; normalised to the same keys.
+Row: `{"text", "label"}` with label a string or a non-negative int (1.0 reads as 1); normalised
+to the same keys.
 Tokens: tokenizer(text) with its special tokens, and the label's index in the class names
 (`data.labels` when given, else taken from the training rows: see `label_names_of`).
 """
@@ -21,6 +22,8 @@ def normalise(record) -> dict:
     if "label" not in record:
         raise BadRow("missing key 'label', expected a string or a non-negative integer")
     label = record["label"]
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)  # pandas writes an integer column with a missing value as floats: 1.0
     if isinstance(label, bool) or not (isinstance(label, str) or isinstance(label, int) and label >= 0):
         raise BadRow(f"'label' is {json.dumps(label)}, expected a string or a non-negative integer")
     return {"text": text, "label": label}

@@ -1,6 +1,7 @@
 """sharegpt: ShareGPT conversations, trained as chat rows.
 
-Row: `{"conversations": [{"from", "value", optional "weight": 0|1}], optional "system": str}`.
+Row: `{"conversations": [{"from", "value", optional "weight": 0|1}], optional "system": str}`
+(turns written `{"role", "content"}` under `conversations`, as some exports do, read alike).
 `from` names the speaker: human / user -> user, gpt / assistant / chatgpt -> assistant,
 system -> system, observation / tool -> tool, function_call -> assistant; any other name is
 kept as the role (data.clean.roles then decides). A top-level `system` string becomes a leading
@@ -43,8 +44,9 @@ def normalise(record) -> dict:
         here = f"conversations[{i}]"
         if not isinstance(turn, dict):
             raise BadRow(f'{here!r} is {kind_of(turn)}, expected a turn object {{"from", "value"}}')
-        speaker = expect_string(turn, "from", here + ".")
-        message = {"role": ROLES.get(speaker, speaker), "content": expect_string(turn, "value", here + ".")}
+        speaker_key, text_key = ("role", "content") if "from" not in turn and "role" in turn else ("from", "value")
+        speaker = expect_string(turn, speaker_key, here + ".")
+        message = {"role": ROLES.get(speaker, speaker), "content": expect_string(turn, text_key, here + ".")}
         if "weight" in turn:
             message["weight"] = expect_weight(turn["weight"], here + ".weight")
         messages.append(message)
