@@ -136,3 +136,39 @@ def test_a_tokenizer_without_a_chat_template_is_one_error_for_chat_rows(tmp_path
     completion = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi", "completion": json.dumps("hello")}])
     options = spec_data_options("completion", train=completion, tokenizer=tok, max_seq_len=64)
     assert build_datasets(**options, batch_size=1).stats.train_sequences == 1  # no template needed
+
+
+def test_messages_written_as_json_text_read_as_the_messages(tmp_path):
+    messages = chat("user", "hi", "assistant", "hello")["messages"]
+    path = tmp_path / "m.csv"
+    path.write_text('messages\n"' + json.dumps(messages).replace('"', '""') + "\"\n\"[{'role': 'user'}]\"\n")
+    result = read_rows(str(path), format="chat", on_bad_row="skip")
+    assert [r.data for r in result.rows] == [{"messages": messages}]
+    assert result.skipped == (
+        f"{path}:3: 'messages' is a string that is not a JSON array, expected an array of messages",
+    )
+
+
+def test_a_bare_list_of_messages_as_a_row_says_to_wrap_it(tmp_path):
+    path = write_jsonl(tmp_path / "b.jsonl", [chat("user", "hi", "assistant", "hello")["messages"]])
+    with pytest.raises(DataError) as e:
+        read_rows(path, format="chat", on_bad_row="error")
+    assert e.value.problems == (
+        f'{path}:1: row is an array, expected a JSON object (a bare list of messages: write {{"messages": [...]}})',
+    )
+
+
+def test_preference_responses_that_repeat_an_explicit_prompt_are_not_rendered_with_it_twice(tmp_path):
+    prompt = [{"role": "user", "content": "q"}]
+    repeated = {
+        "prompt": prompt,
+        "chosen": prompt + [{"role": "assistant", "content": "a"}],
+        "rejected": prompt + [{"role": "assistant", "content": "b"}],
+    }
+    plain = {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    }
+    rows = read_rows(write_jsonl(tmp_path / "p.jsonl", [repeated, plain]), format="preference", on_bad_row="error").rows
+    assert rows[0].data == rows[1].data == plain

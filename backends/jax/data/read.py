@@ -129,8 +129,21 @@ def kind_of(value: Any) -> str:
 
 def expect_object(record: Any) -> dict:
     if not isinstance(record, dict):
-        raise BadRow(f"row is {kind_of(record)}, expected a JSON object")
+        bare = isinstance(record, list) and record and all(isinstance(m, dict) and "role" in m for m in record)
+        hint = ' (a bare list of messages: write {"messages": [...]})' if bare else ""
+        raise BadRow(f"row is {kind_of(record)}, expected a JSON object{hint}")
     return record
+
+
+def json_text(value: Any, path: str) -> Any:
+    """A list written as JSON text (a CSV cell, a Parquet string column) read as the list: a
+    string is never a list of messages, so reading it as JSON only turns an error into the rows."""
+    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise BadRow(f"{path!r} is a string that is not a JSON array, expected an array of messages") from None
 
 
 def expect_string(obj: dict, key: str, path: str = "") -> str:
@@ -174,11 +187,10 @@ def columns_to_rows(value: Any) -> Any:
 
 
 def expect_messages(value: Any, path: str) -> list[dict]:
-    value = columns_to_rows(value)
+    value = columns_to_rows(json_text(value, path))
     if not isinstance(value, list) or not value:
         what = "an empty array" if value == [] else kind_of(value)
-        hint = " (a CSV cell holds text: message lists need JSONL, JSON or Parquet)" if isinstance(value, str) else ""
-        raise BadRow(f"{path!r} is {what}, expected a non-empty array of messages{hint}")
+        raise BadRow(f"{path!r} is {what}, expected a non-empty array of messages")
     out = []
     for i, message in enumerate(value):
         here = f"{path}[{i}]"

@@ -3,7 +3,8 @@
 Rows, either style:
 - OpenAI `{"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}`;
 - TRL `{"prompt", "chosen", "rejected"}` with strings or message lists (a missing prompt is the
-  messages `chosen` and `rejected` share at the start).
+  messages `chosen` and `rejected` share at the start; responses that repeat a given prompt's
+  messages first are what follows them).
 Normalised: `{"prompt", "chosen", "rejected"}`, all strings or all message lists (a string prompt
 with message responses becomes one user message; string responses one assistant message).
 
@@ -45,6 +46,7 @@ def normalise(record) -> dict:
         rejected = _str_or_messages(record, "rejected")
         if "prompt" in record:
             prompt = _str_or_messages(record, "prompt")
+            chosen, rejected = (_after_prompt(prompt, side) for side in (chosen, rejected))
         elif isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
         else:
@@ -64,6 +66,15 @@ def normalise(record) -> dict:
             [{"role": "assistant", "content": v}] if isinstance(v, str) else v for v in (chosen, rejected)
         )
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _after_prompt(prompt, response):
+    """A response list that repeats the prompt's messages first (the whole conversation, beside an
+    explicit prompt) is the rest of it; rendered as written the prompt would appear twice."""
+    if isinstance(prompt, list) and isinstance(response, list) and len(response) > len(prompt):
+        if response[: len(prompt)] == prompt:
+            return response[len(prompt) :]
+    return response
 
 
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]):

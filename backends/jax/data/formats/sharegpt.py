@@ -14,7 +14,15 @@ from __future__ import annotations
 import dataclasses
 
 from ftc.backends.jax.data.formats import chat
-from ftc.backends.jax.data.read import BadRow, columns_to_rows, expect_object, expect_string, expect_weight, kind_of
+from ftc.backends.jax.data.read import (
+    BadRow,
+    columns_to_rows,
+    expect_object,
+    expect_string,
+    expect_weight,
+    json_text,
+    kind_of,
+)
 
 ROLES = {
     "human": "user",
@@ -33,7 +41,7 @@ def normalise(record) -> dict:
     record = expect_object(record)
     if "conversations" not in record:
         raise BadRow('missing key \'conversations\', expected an array of {"from", "value"} turns')
-    turns = columns_to_rows(record["conversations"])
+    turns = columns_to_rows(json_text(record["conversations"], "conversations"))
     if not isinstance(turns, list) or not turns:
         what = "an empty array" if turns == [] else kind_of(turns)
         raise BadRow(f'\'conversations\' is {what}, expected a non-empty array of {{"from", "value"}} turns')
