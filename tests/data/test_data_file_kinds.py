@@ -127,3 +127,20 @@ def test_each_file_kind_is_claimed_by_its_suffix_with_or_without_compression(tmp
         for name in ("a.json", "a.JSON.gz", "a.csv.xz", "a.tsv", "a.txt")
     }
     assert kinds == {"a.json": "json", "a.JSON.gz": "json", "a.csv.xz": "csv", "a.tsv": "csv", "a.txt": "jsonl"}
+
+
+def test_prompt_files_for_eval_and_generate_read_every_file_kind_training_data_does(tmp_path):
+    from ftc.backends.jax.generate.prompt_rows import read_prompt_rows
+
+    path = tmp_path / "valid.json"
+    path.write_text(json.dumps(ROWS, indent=2))
+    rows = read_prompt_rows(path)
+    assert [(r.where, r.reference) for r in rows] == [
+        (f"{path}[{i}] (line {2 + 12 * i})", f"hello {i}") for i in range(3)
+    ]
+    csv_path = tmp_path / "prompts.csv.gz"
+    with gzip.open(csv_path, "wt") as f:
+        f.write("prompt,completion\nthe quick,brown fox\n")
+    assert [(r.prompt, r.reference) for r in read_prompt_rows(csv_path)] == [("the quick", "brown fox")]
+    with pytest.raises(DataError, match=rf"^{tmp_path}: cannot read the prompt file \(a directory, expected a file\)"):
+        read_prompt_rows(tmp_path)
