@@ -136,3 +136,22 @@ def test_without_the_datasets_package_hf_sources_say_which_extra_to_install(tmp_
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match=r"needs the `datasets` package: pip install 'ftc\[datasets\]'"):
         read_rows("hf:org/x:train", format="chat", on_bad_row="error")
+
+
+def test_parquet_struct_fields_a_message_lacks_are_absent_not_null(tmp_path):
+    # pyarrow gives every message every field: null "weight" where a message had none.
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    path = str(tmp_path / "chat.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert [r.data for r in read_rows(path, format="chat", on_bad_row="error").rows] == rows
+    user, good, bad = ({"role": r, "content": c} for r, c in (("user", "q"), ("assistant", "a"), ("assistant", "b")))
+    pairs = [
+        {"prompt": [user], "chosen": [good], "rejected": [bad]},
+        {"prompt": None, "chosen": [user, good], "rejected": [user, bad]},  # the prompt is what they share
+    ]
+    pq.write_table(pa.Table.from_pylist(pairs), path)
+    read = read_rows(path, format="preference", on_bad_row="error").rows
+    assert read[0].data == read[1].data == pairs[0]

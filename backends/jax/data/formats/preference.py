@@ -44,7 +44,7 @@ def normalise(record) -> dict:
     elif "chosen" in record or "rejected" in record:  # TRL
         chosen = _str_or_messages(record, "chosen")
         rejected = _str_or_messages(record, "rejected")
-        if "prompt" in record:
+        if record.get("prompt") is not None:  # a Parquet column holds null where a row has no prompt
             prompt = _str_or_messages(record, "prompt")
             chosen, rejected = (_after_prompt(prompt, side) for side in (chosen, rejected))
         elif isinstance(chosen, list) and isinstance(rejected, list):

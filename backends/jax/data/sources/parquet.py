@@ -37,17 +37,20 @@ def records(path: str, data_dir: str | None = None) -> Iterator[tuple[str, Any]]
             i += 1
 
 
-def text_values(value: Any) -> Any:
-    """Binary columns hold text as bytes; rows are checked as JSON values."""
+def text_values(value: Any, nested: bool = False) -> Any:
+    """Binary columns hold text as bytes; rows are checked as JSON values. A struct's field is
+    null in every element that lacks it (a message without "weight", "name", "tool_calls"): a
+    column cannot tell absent from null, so null fields inside a struct are left out, as JSON
+    would have written the message. A top-level column's null stays (the format names it)."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRow(f"a binary value is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if isinstance(value, dict):
-        return {k: text_values(v) for k, v in value.items()}
+        return {k: text_values(v, True) for k, v in value.items() if not (nested and v is None)}
     if isinstance(value, (list, tuple)):
-        return [text_values(v) for v in value]
+        return [text_values(v, True) for v in value]
     return value
 
 
