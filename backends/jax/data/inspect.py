@@ -200,7 +200,8 @@ def _cleaning(stats, spec) -> Check:
         text += f"; validation rows ({stats.validation_from}): {v.seen} kept as {v.kept}; dropped: {dropped}"
         text += f", {v.truncated} truncated" if v.truncated else ""
     if stats.bad_rows_skipped:
-        text += f"; {stats.bad_rows_skipped} malformed rows skipped"
+        first = stats.bad_row_examples[0]
+        text += f"; {stats.bad_rows_skipped} malformed rows skipped (data.on_bad_row = 'skip'), first {first}"
     truncated = c.truncated or (v is not None and v.truncated)
     return Check("cleaning", "warn" if truncated or stats.bad_rows_skipped else "ok", text)
 
