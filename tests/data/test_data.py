@@ -136,7 +136,9 @@ def test_a_validation_file_with_nothing_left_after_cleaning_is_an_error_not_a_ru
     train = chat_file(tmp_path)
     rows = [chat("user", "question 0?", "assistant", "answer 0.", "user", "why?", "assistant", "because 0.")] * 2
     valid = write_jsonl(tmp_path / "valid.jsonl", rows + [chat("user", "no reply")])  # in train, again, empty
-    with pytest.raises(DataError, match=rf"^{valid}: no validation sequences left after cleaning \(kept 0 of 3, "):
+    with pytest.raises(
+        DataError, match=rf"^{valid}: no validation sequences left after cleaning \(kept 0 of 3, .*dedupe = false"
+    ):
         build(train, validation=valid)
     long_answer = write_jsonl(tmp_path / "long.jsonl", [chat("user", "q " * 100, "assistant", "a")])
     with pytest.raises(DataError, match=r"no validation sequences left after cleaning \(kept 0 of 1, 1 overlong\)"):

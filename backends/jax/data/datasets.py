@@ -311,7 +311,9 @@ def tokenize_splits(
         val_report = split_report.then(val_lengths)
         if not val_items:  # a run would otherwise go on without the validation the spec asks for
             named = ", ".join(val_files) if val_files else f"validation_split = {validation_split}"
-            raise DataError(f"{named}: no validation sequences left after cleaning ({val_report.summary()})")
+            same = " (in_train: rows also in the training data; data.clean.dedupe = false keeps them)"
+            same = same if val_report.dropped_by_reason.get("in_train") else ""
+            raise DataError(f"{named}: no validation sequences left after cleaning ({val_report.summary()}){same}")
     return Tokenized(
         read, tuple(skipped), train_items, train_report, val_items, val_report, val_from, tuple(val_files), names
     )
