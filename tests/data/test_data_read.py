@@ -170,3 +170,17 @@ def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
     assert "tensorflow" not in sys.modules
     with pytest.raises(DataError, match="cannot open it through tfds.data_source"):
         read_rows("tfds:tiny_chat_for_ftc:test", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))
+
+
+def test_classification_labels_from_csv_cells_are_numerals_in_order_or_indices_into_data_labels(tmp_path):
+    from ftc.backends.jax.data.formats.classification import label_indexer, label_names_of
+
+    path = tmp_path / "l.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i}\n" for i in (10, 2, 0, 1)))
+    rows = read_rows(str(path), format="classification", on_bad_row="error").rows
+    names = label_names_of(rows)
+    assert names == ("0", "1", "2", "10") and [label_indexer(names)(r) for r in rows] == [3, 2, 0, 1]
+    given = label_indexer(["zero", "one", "two"])  # data.labels names them; the cells are their indices
+    assert [given(r) for r in rows[1:]] == [2, 0, 1]
+    with pytest.raises(DataError, match=r"l.csv:2: label '10' is not one of the labels \['zero', 'one', 'two'\]"):
+        given(rows[0])

@@ -30,8 +30,8 @@ def normalise(record) -> dict:
 
 
 def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Class names: `labels` when given, else the sorted string labels of `rows`, or "0".."max"
-    when the rows' labels are integers."""
+    """Class names: `labels` when given, else the sorted string labels of `rows` (numerals by
+    value), or "0".."max" when the rows' labels are integers."""
     if labels is not None:
         names = tuple(str(x) for x in labels)
         if len(set(names)) != len(names):
@@ -47,9 +47,13 @@ def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> 
             "labels mix strings and integers; give data.labels to name the integers",
             [f"{first_int.where}: label {first_int.data['label']} is an integer, other rows' labels are strings"],
         )
-    if strings:
-        return tuple(sorted(set(strings)))
+    if strings:  # numerals in order ("2" before "10"): labels read from CSV cells are strings
+        return tuple(sorted(set(strings), key=lambda x: (not numeral(x), int(x) if numeral(x) else 0, x)))
     return tuple(str(i) for i in range(max(values) + 1))
+
+
+def numeral(label: str) -> bool:
+    return label.isascii() and label.isdigit()
 
 
 def label_indexer(label_names: Sequence[str]):
@@ -66,6 +70,8 @@ def label_indexer(label_names: Sequence[str]):
             )
         if label in index:
             return index[label]
+        if numeral(label) and int(label) < len(label_names):  # an index written as text (a CSV cell)
+            return int(label)
         raise DataError(
             f"{row.where}: label {label!r} is not one of the labels "
             f"{list(label_names)[:20]}{' ...' if len(label_names) > 20 else ''}"
