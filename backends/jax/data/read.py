@@ -1,10 +1,12 @@
 """Read training rows from their sources, checking each row's shape.
 
 Sources (data/sources/, one module per kind): a path, a glob, a list of those; JSONL files,
-Parquet files, directories written by `datasets`' save_to_disk, `tfds:name/config:split` and
-`hf:NAME[:SPLIT]` (the local Hugging Face datasets cache). Nothing is downloaded.
+JSON array files, CSV/TSV files (each also .gz/.bz2/.xz), Parquet files, directories written by
+`datasets`' save_to_disk, `tfds:name/config:split` and `hf:NAME[:SPLIT]` (the local Hugging Face
+datasets cache). Nothing is downloaded.
 
-Every row keeps where it came from (`Row.where`: `path:line`, `path[i]`, `tfds:name:split[i]`)
+Every row keeps where it came from (`Row.where`: `path:line`, `path[i] (line n)`, `path[i]`,
+`tfds:name:split[i]`)
 so every later problem can name it. A row of the wrong shape is a problem
 `where: what was wrong, expected what`; with on_bad_row="error" the read raises one `DataError`
 listing the first problems, with "skip" the row is left out and counted.
