@@ -1,5 +1,6 @@
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from data_testlib import chat, write_jsonl
@@ -184,3 +185,29 @@ def test_classification_labels_from_csv_cells_are_numerals_in_order_or_indices_i
     assert [given(r) for r in rows[1:]] == [2, 0, 1]
     with pytest.raises(DataError, match=r"l.csv:2: label '10' is not one of the labels \['zero', 'one', 'two'\]"):
         given(rows[0])
+
+
+class TinyBytesForFtc(tfds.core.GeneratorBasedBuilder):
+    """Text stored as a bytes feature, one row of it not UTF-8."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        feature = tfds.features.Tensor(shape=(), dtype=np.object_)
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": feature}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, text in enumerate([b"fine", b"caf\xe9", b"also fine"]):
+            yield i, {"text": text}
+
+
+def test_a_tfds_row_whose_bytes_are_not_utf8_is_a_bad_row_named_by_its_index(tmp_path):
+    TinyBytesForFtc(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    result = read_rows("tfds:tiny_bytes_for_ftc:train", format="text", on_bad_row="skip", tfds_data_dir=str(tmp_path))
+    assert [r.data["text"] for r in result.rows] == ["fine", "also fine"]
+    assert result.skipped == (
+        "tfds:tiny_bytes_for_ftc:train[1]: a bytes feature is not UTF-8 text (unexpected end of data at byte 3)",
+    )
