@@ -84,6 +84,15 @@ def test_a_save_to_disk_directory_reads_as_rows(tmp_path):
     assert resolve_sources(str(tmp_path / "*")) == [str(tmp_path / "saved")]
 
 
+def test_a_save_to_disk_row_whose_binary_column_is_not_utf8_is_a_bad_row_named_by_index(tmp_path):
+    datasets.Dataset.from_dict({"text": [b"fine", b"caf\xe9", b"ok"]}).save_to_disk(str(tmp_path / "bin"))
+    result = read_rows(str(tmp_path / "bin"), format="text", on_bad_row="skip")
+    assert [r.data["text"] for r in result.rows] == ["fine", "ok"]
+    assert result.skipped == (
+        f"{tmp_path / 'bin'}[1]: a binary value is not UTF-8 text (unexpected end of data at byte 3)",
+    )
+
+
 def test_a_dataset_dict_directory_asks_for_one_of_its_splits(tmp_path):
     ds = datasets.Dataset.from_list(SHAREGPT)
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
