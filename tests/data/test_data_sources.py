@@ -164,3 +164,14 @@ def test_parquet_struct_fields_a_message_lacks_are_absent_not_null(tmp_path):
     pq.write_table(pa.Table.from_pylist(pairs), path)
     read = read_rows(path, format="preference", on_bad_row="error").rows
     assert read[0].data == read[1].data == pairs[0]
+
+
+def test_a_parquet_file_damaged_past_its_first_rows_is_a_data_error_naming_where(tmp_path):
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": f"row {i} " * 3} for i in range(12000)]), path, row_group_size=5000)
+    page = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    damaged = bytearray(path.read_bytes())
+    damaged[page + 40 : page + 240] = b"\xff" * 200  # the last row group's page header
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=rf"data source '{path}': cannot read it as Parquet past row 8192 "):
+        read_rows(str(path), format="text", on_bad_row="skip")

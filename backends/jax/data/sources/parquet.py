@@ -21,14 +21,21 @@ def records(path: str, data_dir: str | None = None) -> Iterator[tuple[str, Any]]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    def cannot(e: Exception, at: str) -> DataError:
+        return DataError(f"data source {path!r}: cannot read it as Parquet{at} ({type(e).__name__}: {e})")
+
     try:
-        table = pq.ParquetFile(path)
-        batches = table.iter_batches(batch_size=BATCH_ROWS)
-        first = next(batches, None)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"data source {path!r}: cannot read it as Parquet ({type(e).__name__}: {e})") from e
+        raise cannot(e, "") from e
     i = 0
-    for batch in (b for b in (first, *batches) if b is not None):
+    while True:  # a batch at a time: a damaged row group further on is found when reached
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise cannot(e, f" past row {i}" if i else "") from e
+        if batch is None:
+            return
         for row in batch.to_pylist():
             try:
                 yield f"{path}[{i}]", text_values(row)
