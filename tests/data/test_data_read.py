@@ -211,3 +211,12 @@ def test_a_tfds_row_whose_bytes_are_not_utf8_is_a_bad_row_named_by_its_index(tmp
     assert result.skipped == (
         "tfds:tiny_bytes_for_ftc:train[1]: a bytes feature is not UTF-8 text (unexpected end of data at byte 3)",
     )
+
+
+def test_a_stray_huge_integer_label_is_refused_naming_its_row_not_a_class_list_built(tmp_path):
+    from ftc.backends.jax.data.formats.classification import label_names_of
+
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 10**15}])
+    rows = read_rows(path, format="classification", on_bad_row="error").rows
+    with pytest.raises(DataError, match=rf"^{path}:2: label 1000000000000000 makes 1000000000000001 classes"):
+        label_names_of(rows)

@@ -239,7 +239,7 @@ def expect_tool_calls(value: Any, path: str) -> list[dict]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise BadRow(
                     f"{here + '.function.arguments'!r} is a string that is not JSON, expected a JSON object"
                 ) from None

@@ -29,6 +29,9 @@ def normalise(record) -> dict:
     return {"text": text, "label": label}
 
 
+MAX_CLASSES = 100_000  # integer labels name classes 0..max: a stray huge one is a data error
+
+
 def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> tuple[str, ...]:
     """Class names: `labels` when given, else the sorted string labels of `rows` (numerals by
     value), or "0".."max" when the rows' labels are integers."""
@@ -49,7 +52,14 @@ def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> 
         )
     if strings:  # numerals in order ("2" before "10"): labels read from CSV cells are strings
         return tuple(sorted(set(strings), key=lambda x: (not numeral(x), int(x) if numeral(x) else 0, x)))
-    return tuple(str(i) for i in range(max(values) + 1))
+    top = max(values)
+    if top >= MAX_CLASSES:  # "0".."top" would be built (and a head that wide trained)
+        row = next(r for r in rows if r.data["label"] == top)
+        raise DataError(
+            f"{row.where}: label {top} makes {top + 1} classes of integer labels 0..{top}, more than {MAX_CLASSES}; "
+            "expected class indices (give data.labels to name them, or use string labels)"
+        )
+    return tuple(str(i) for i in range(top + 1))
 
 
 def numeral(label: str) -> bool:
