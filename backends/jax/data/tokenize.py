@@ -6,8 +6,11 @@ tokens before it); `weights[0]` is never used. Weights are 0/1 here; data_pack s
 Chat rows are rendered with the tokenizer's own chat template. Which tokens belong to which turn
 is derived, not trusted to `return_assistant_tokens_mask` (that needs `{% generation %}` blocks,
 which most templates lack): render messages[:i] and messages[:i+1]; the difference is turn i.
-Every rendering must be a prefix of the next (checked; a template that rewrites earlier turns,
-e.g. one that strips reasoning from past turns, is refused with the row named). The full text is
+Every rendering must be a prefix of the next (checked). A template that rewrites earlier turns
+once later ones follow (Qwen3's drops the <think> block of answers before the last question) is
+trained, under train_on="assistant", as one sequence per assistant turn: the conversation up to
+that turn, the turn rendered last, as the model writes it (`each_turn_last`; its rows are named
+"where (assistant turn k of n)"); under train_on="all" it is refused with the row named. The full text is
 tokenised once with offsets, and a token belongs to the turn its first character falls in.
 An assistant turn's supervised span starts after the generation prompt (`<|im_start|>assistant\n`,
 rendered with add_generation_prompt=True when that is a prefix of the turn) and ends at the last
@@ -150,7 +153,7 @@ def turn_spans(
                     "tool_calls (training on it would teach an empty turn); use a template that renders them"
                 )
         if not upto.startswith(prev) or not full.startswith(upto):
-            raise DataError(
+            raise NotPrefixStable(
                 f"{where}: the chat template does not render conversations prefix by prefix "
                 f"(rendering messages[:{i + 1}] does not extend messages[:{i}], or is not the start of "
                 f"the whole conversation); ftc finds each turn's tokens from those prefixes. Use a "
@@ -170,6 +173,31 @@ def turn_spans(
     return full, spans
 
 
+class NotPrefixStable(DataError):
+    """The template renders an earlier turn differently once later turns follow it."""
+
+
+def each_turn_last(tokenizer, where: str, messages: list[dict], trained: Sequence[bool], tools=None):
+    """For a template that is not prefix-stable (Qwen3's leaves out the <think> block of answers
+    before the last question): one sequence per trained assistant turn, the conversation up to it
+    with that turn rendered last, as the model will write it, and trained alone; earlier turns
+    read as the template writes history. [(where, text, spans)], or None where the turns cannot be
+    found this way either (a trained turn that is not the assistant's; a header not a prefix)."""
+    turns = [i for i, t in enumerate(trained) if t]
+    out = []
+    for n, i in enumerate(turns, start=1):
+        if messages[i]["role"] != "assistant":
+            return None
+        text = _render(tokenizer, where, messages[: i + 1], tools=tools)
+        header = _render(tokenizer, where, messages[:i], generation_prompt=True, tools=tools)
+        end = len(text.rstrip())
+        if not text.startswith(header):
+            return None
+        named = where if len(turns) == 1 else f"{where} (assistant turn {n} of {len(turns)})"
+        out.append((named, text, [(len(header), end)] if len(header) < end else []))
+    return out
+
+
 def _weights_from_spans(offsets, spans) -> np.ndarray:
     starts = np.asarray([s for s, _ in offsets], dtype=np.int64)
     weights = np.zeros(len(starts), np.float32)
@@ -181,30 +209,34 @@ def _weights_from_spans(offsets, spans) -> np.ndarray:
 def chat_tokens(
     tokenizer, conversations: Sequence[tuple[str, list[dict], Sequence[bool] | None]], train_on: str
 ) -> list[Tokens]:
-    """(where, messages, trained-or-None[, tools]) each -> Tokens; one tokenizer call for all texts."""
+    """(where, messages, trained-or-None[, tools]) each -> Tokens; one tokenizer call for all texts.
+    One Tokens per conversation, except under a template that is not prefix-stable, where
+    train_on="assistant" gives one per trained assistant turn (each_turn_last)."""
     if conversations and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             f"{conversations[0][0]}: the tokenizer has no chat template, and conversations (messages) are "
             "rendered with it; set model.tokenizer to a chat model's tokenizer (an -Instruct one), or write "
             "the rows as completion (prompt, completion) or text rows"
         )
-    rendered = []
+    pieces = []  # (where, text, spans): one per conversation, or per turn (each_turn_last)
     for where, messages, trained, *tools in conversations:  # tools: a chat row's tool definitions
+        tools = next(iter(tools), None)
         if trained is None:
             trained = [(train_on == "all" or m["role"] == "assistant") and m.get("weight", 1) != 0 for m in messages]
-        rendered.append(
-            turn_spans(
-                tokenizer, where, messages, trained, whole_turns=train_on == "all", tools=next(iter(tools), None)
-            )
-        )
-    if not rendered:
+        try:
+            text, spans = turn_spans(tokenizer, where, messages, trained, whole_turns=train_on == "all", tools=tools)
+            pieces.append((where, text, spans))
+        except NotPrefixStable:
+            split = None if train_on == "all" else each_turn_last(tokenizer, where, messages, trained, tools)
+            if split is None:
+                raise
+            pieces += split
+    if not pieces:
         return []
-    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer([text for _, text, _ in pieces], add_special_tokens=False, return_offsets_mapping=True)
     return [
         Tokens(where, i32(ids), _weights_from_spans(offsets, spans))
-        for (where, *_), (_, spans), ids, offsets in zip(
-            conversations, rendered, enc["input_ids"], enc["offset_mapping"]
-        )
+        for (where, _, spans), ids, offsets in zip(pieces, enc["input_ids"], enc["offset_mapping"])
     ]
 
 

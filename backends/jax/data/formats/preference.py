@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ftc.backends.jax.data import pack, tokenize
 from ftc.backends.jax.data.formats.base import Format, blank
-from ftc.backends.jax.data.read import BadRow, expect_messages, expect_object, kind_of
+from ftc.backends.jax.data.read import BadRow, DataError, expect_messages, expect_object, kind_of
 
 
 def _str_or_messages(record: dict, key: str) -> str | list[dict]:
@@ -97,7 +97,13 @@ def _pair(tokenizer, row) -> tokenize.Pair:
             return tokenize.completion_tokens(tokenizer, row.where, prompt, response)
         messages = prompt + response
         trained = [False] * len(prompt) + [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in response]
-        return tokenize.chat_tokens(tokenizer, [(row.where, messages, trained)], "assistant")[0]
+        sequences = tokenize.chat_tokens(tokenizer, [(row.where, messages, trained)], "assistant")
+        if len(sequences) != 1:  # a template that is not prefix-stable, and several trained turns
+            raise DataError(
+                f"{row.where}: the chat template renders earlier turns differently once later ones follow, so a "
+                "response of several assistant turns cannot be one sequence; expected one assistant turn"
+            )
+        return sequences[0]
 
     return tokenize.Pair(row.where, side(row.data["chosen"]), side(row.data["rejected"]))
 
