@@ -217,3 +217,10 @@ def test_a_template_that_rewrites_past_turns_trains_each_answer_as_the_last_turn
     assert tokenize_rows(single, format="chat", tokenizer=tok, train_on="assistant")[0].where == "f.jsonl:2"
     with pytest.raises(DataError, match=r"f.jsonl:1: the chat template does not render conversations prefix by prefix"):
         tokenize_rows(rows, format="chat", tokenizer=tok, train_on="all")
+
+
+def test_an_empty_assistant_turn_is_not_trained_to_end_at_once_but_the_others_are():
+    tok = make_tokenizer()
+    row = Row("f.jsonl:1", chat("user", "hi", "assistant", " ", "user", "more", "assistant", "ok"))
+    (item,) = tokenize_rows([row], format="chat", tokenizer=tok, train_on="assistant")
+    assert tok.decode(item.ids[item.weights > 0]) == "ok<|im_end|>"

@@ -173,6 +173,17 @@ def turn_spans(
     return full, spans
 
 
+def trains(message: dict, train_on: str) -> bool:
+    """Whether a chat turn is supervised. An assistant turn with no text and no tool call is not
+    (under "assistant"): it would teach an empty answer, and data.clean already counts a row whose
+    only answers are empty as having no assistant turn."""
+    if message.get("weight", 1) == 0:
+        return False
+    if train_on == "all":
+        return True
+    return message["role"] == "assistant" and bool(message["content"].strip() or message.get("tool_calls"))
+
+
 class NotPrefixStable(DataError):
     """The template renders an earlier turn differently once later turns follow it."""
 
@@ -222,7 +233,7 @@ def chat_tokens(
     for where, messages, trained, *tools in conversations:  # tools: a chat row's tool definitions
         tools = next(iter(tools), None)
         if trained is None:
-            trained = [(train_on == "all" or m["role"] == "assistant") and m.get("weight", 1) != 0 for m in messages]
+            trained = [trains(m, train_on) for m in messages]
         try:
             text, spans = turn_spans(tokenizer, where, messages, trained, whole_turns=train_on == "all", tools=tools)
             pieces.append((where, text, spans))
