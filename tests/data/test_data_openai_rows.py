@@ -121,7 +121,7 @@ def test_a_row_of_another_format_says_which_format_reads_it(tmp_path):
     assert hints == [
         " (it reads as data.format = 'sharegpt')",
         " (it reads as data.format = 'alpaca')",
-        " (it reads as data.format = 'completion')",
+        " (it reads as data.format = 'completion' or 'prompt')",
         "",
     ]
 

@@ -220,3 +220,10 @@ def test_a_stray_huge_integer_label_is_refused_naming_its_row_not_a_class_list_b
     rows = read_rows(path, format="classification", on_bad_row="error").rows
     with pytest.raises(DataError, match=rf"^{path}:2: label 1000000000000000 makes 1000000000000001 classes"):
         label_names_of(rows)
+
+
+def test_prompt_rows_read_trls_grpo_prompt_key_as_messages_or_a_user_turn(tmp_path):
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    rows = [{"prompt": user, "answer": 4}, {"prompt": "What is 2 + 2?", "answer": "4"}, {"messages": user, "answer": 4}]
+    read = read_rows(write_jsonl(tmp_path / "g.jsonl", rows), format="prompt", on_bad_row="error").rows
+    assert [r.data for r in read] == [{"messages": user, "answer": "4"}] * 3
