@@ -227,3 +227,17 @@ def test_prompt_rows_read_trls_grpo_prompt_key_as_messages_or_a_user_turn(tmp_pa
     rows = [{"prompt": user, "answer": 4}, {"prompt": "What is 2 + 2?", "answer": "4"}, {"messages": user, "answer": 4}]
     read = read_rows(write_jsonl(tmp_path / "g.jsonl", rows), format="prompt", on_bad_row="error").rows
     assert [r.data for r in read] == [{"messages": user, "answer": "4"}] * 3
+
+
+def test_preference_strings_without_a_prompt_share_their_start_as_the_prompt_as_hh_rows_do(tmp_path):
+    human = "\n\nHuman: What should I name my cat?\n\nAssistant:"
+    rows = [
+        {"chosen": human + " How about Tom?", "rejected": human + " How rude."},
+        {"chosen": "first answer", "rejected": "second answer"},
+    ]
+    result = read_rows(write_jsonl(tmp_path / "hh.jsonl", rows), format="preference", on_bad_row="skip")
+    assert [r.data for r in result.rows] == [{"prompt": human + " How ", "chosen": "about Tom?", "rejected": "rude."}]
+    assert result.skipped[0].endswith(
+        "'chosen' and 'rejected' share no leading text and there is no 'prompt', "
+        "expected a prompt (a shared start or a 'prompt' key)"
+    )

@@ -3,8 +3,9 @@
 Rows, either style:
 - OpenAI `{"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}`;
 - TRL `{"prompt", "chosen", "rejected"}` with strings or message lists (a missing prompt is the
-  messages `chosen` and `rejected` share at the start; responses that repeat a given prompt's
-  messages first are what follows them).
+  messages `chosen` and `rejected` share at the start, or for strings, as Anthropic's HH rows, the
+  text they share up to its last whitespace; responses that repeat a given prompt's messages
+  first are what follows them).
 Normalised: `{"prompt", "chosen", "rejected"}`, all strings or all message lists (a string prompt
 with message responses becomes one user message; string responses one assistant message).
 
@@ -13,6 +14,8 @@ Tokens: chosen and rejected each as prompt (weight 0) + response (weight 1), bui
 """
 
 from __future__ import annotations
+
+import os
 
 from ftc.backends.jax.data import pack, tokenize
 from ftc.backends.jax.data.formats.base import Format, blank
@@ -49,10 +52,12 @@ def normalise(record) -> dict:
             chosen, rejected = (_after_prompt(prompt, side) for side in (chosen, rejected))
         elif isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
+        elif isinstance(chosen, str) and isinstance(rejected, str):
+            prompt, chosen, rejected = _split_shared_text(chosen, rejected)
         else:
             raise BadRow(
                 "missing key 'prompt', expected a string or an array of messages "
-                "(it may be left out only when 'chosen' and 'rejected' are message arrays)"
+                "(it may be left out only when 'chosen' and 'rejected' are both strings or both message arrays)"
             )
     else:
         raise BadRow(
@@ -75,6 +80,21 @@ def _after_prompt(prompt, response):
         if response[: len(prompt)] == prompt:
             return response[len(prompt) :]
     return response
+
+
+def _split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic HH rows: two transcripts that differ only in the last answer. The prompt is
+    their common start, cut after its last whitespace so no word is split between prompt and
+    response."""
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    while cut and not chosen[cut - 1].isspace():
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise BadRow(
+            "'chosen' and 'rejected' share no leading text and there is no 'prompt', "
+            "expected a prompt (a shared start or a 'prompt' key)"
+        )
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]):
