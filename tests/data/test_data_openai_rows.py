@@ -170,5 +170,7 @@ def test_preference_responses_that_repeat_an_explicit_prompt_are_not_rendered_wi
         "chosen": [{"role": "assistant", "content": "a"}],
         "rejected": [{"role": "assistant", "content": "b"}],
     }
-    rows = read_rows(write_jsonl(tmp_path / "p.jsonl", [repeated, plain]), format="preference", on_bad_row="error").rows
-    assert rows[0].data == rows[1].data == plain
+    ultrafeedback = {**repeated, "prompt": "q"}  # the prompt as text, the responses whole conversations
+    path = write_jsonl(tmp_path / "p.jsonl", [repeated, plain, ultrafeedback])
+    rows = read_rows(path, format="preference", on_bad_row="error").rows
+    assert rows[0].data == rows[1].data == rows[2].data == plain

@@ -49,7 +49,6 @@ def normalise(record) -> dict:
         rejected = _str_or_messages(record, "rejected")
         if record.get("prompt") is not None:  # a Parquet column holds null where a row has no prompt
             prompt = _str_or_messages(record, "prompt")
-            chosen, rejected = (_after_prompt(prompt, side) for side in (chosen, rejected))
         elif isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
         elif isinstance(chosen, str) and isinstance(rejected, str):
@@ -68,15 +67,17 @@ def normalise(record) -> dict:
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         chosen, rejected = (
-            [{"role": "assistant", "content": v}] if isinstance(v, str) else v for v in (chosen, rejected)
+            [{"role": "assistant", "content": v}] if isinstance(v, str) else _after_prompt(prompt, v)
+            for v in (chosen, rejected)
         )
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def _after_prompt(prompt, response):
-    """A response list that repeats the prompt's messages first (the whole conversation, beside an
-    explicit prompt) is the rest of it; rendered as written the prompt would appear twice."""
-    if isinstance(prompt, list) and isinstance(response, list) and len(response) > len(prompt):
+def _after_prompt(prompt: list[dict], response: list[dict]) -> list[dict]:
+    """A response list that repeats the prompt's messages first (the whole conversation beside an
+    explicit prompt, as UltraFeedback's rows hold it, the prompt a string) is the rest of it;
+    rendered as written the prompt would appear twice."""
+    if len(response) > len(prompt):
         if response[: len(prompt)] == prompt:
             return response[len(prompt) :]
     return response
