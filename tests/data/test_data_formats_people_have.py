@@ -108,3 +108,13 @@ def test_sharegpt_turns_written_as_role_and_content_read_as_from_and_value(tmp_p
     path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": written}, {"conversations": classic}])
     rows = read_rows(path, format="sharegpt", on_bad_row="error").rows
     assert rows[0].data == rows[1].data == {"messages": written}
+
+
+def test_dolly_rows_read_as_alpaca_rows_with_context_and_response(tmp_path):
+    dolly = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    alpaca_row = {"instruction": "Summarise.", "input": "A long text.", "output": "Short."}
+    path = write_jsonl(tmp_path / "d.jsonl", [dolly, alpaca_row, {**dolly, "context": ""}])
+    rows = read_rows(path, format="alpaca", on_bad_row="error").rows
+    assert rows[0].data == rows[1].data and rows[2].data["prompt"] == alpaca.PROMPT_NO_INPUT.format(
+        instruction="Summarise."
+    )
