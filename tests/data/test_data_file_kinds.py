@@ -94,6 +94,15 @@ def test_a_csv_header_with_repeated_or_empty_names_is_refused_naming_the_file(tm
         read_rows(str(path), format="text", on_bad_row="skip")
 
 
+def test_a_semicolon_separated_csv_is_refused_naming_its_separator(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("prompt;completion\na;b\n")
+    with pytest.raises(
+        DataError, match=rf"^{path}:1: the header row is one column 'prompt;completion', separated by ';'"
+    ):
+        read_rows(str(path), format="completion", on_bad_row="skip")
+
+
 def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text("text\n" + "word " * 40_000 + "\n")

@@ -59,6 +59,12 @@ def _rows(path: str, text, delimiter: str) -> Iterator[tuple[str, Any]]:
 
 def _check_header(path: str, header: list[str], delimiter: str) -> None:
     named = "tab" if delimiter == "\t" else "comma"
+    other = [d for d in (";", "|", "\t", ",") if d != delimiter and len(header) == 1 and d in header[0]]
+    if other:  # a semicolon-separated "CSV" (a European spreadsheet's export) reads as one column
+        raise DataError(
+            f"{path}:1: the header row is one column {header[0]!r}, separated by {other[0]!r}; expected "
+            f"{named}-separated keys (ftc reads .csv as comma-separated, .tsv as tab-separated)"
+        )
     if any(not name.strip() for name in header):
         raise DataError(
             f"{path}:1: the header row has an empty column name ({header!r}), expected the rows' keys, "
