@@ -56,7 +56,7 @@ def test_a_file_that_is_not_parquet_is_refused_naming_it(tmp_path):
 
 def test_parquet_with_another_formats_columns_names_the_missing_key(tmp_path):
     path = tmp_path / "alpaca.parquet"
-    pq.write_table(pa.Table.from_pylist([{"instruction": "x", "response": "y"}]), path)
+    pq.write_table(pa.Table.from_pylist([{"instruction": "x", "answer": "y"}]), path)
     with pytest.raises(DataError) as e:
         read_rows(str(path), format="alpaca", on_bad_row="error")
     assert e.value.problems == (f"{path}[0]: missing key 'output', expected a string",)

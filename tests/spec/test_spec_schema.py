@@ -162,7 +162,7 @@ ENUMS = {
     "data.on_bad_row": {"skip", "error"},
     "data.train_on": {"assistant", "all"},
     "data.clean.unknown_roles": {"drop", "error"},
-    "data.clean.overlong": {"truncate", "drop", "error"},
+    "data.clean.overlong": {"truncate", "drop", "split", "error"},
 }
 
 

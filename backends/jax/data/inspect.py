@@ -199,6 +199,10 @@ def _cleaning(stats, spec) -> Check:
         dropped = ", ".join(f"{n} {reason}" for reason, n in v.dropped if n) or "none"
         text += f"; validation rows ({stats.validation_from}): {v.seen} kept as {v.kept}; dropped: {dropped}"
         text += f", {v.truncated} truncated" if v.truncated else ""
+    if c.split:
+        text += (
+            f"; {c.split} split into pieces of max_seq_len = {spec.model.max_seq_len} (data.clean.overlong = 'split')"
+        )
     if stats.bad_rows_skipped:
         first = stats.bad_row_examples[0]
         text += f"; {stats.bad_rows_skipped} malformed rows skipped (data.on_bad_row = 'skip'), first {first}"
