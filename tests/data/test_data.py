@@ -130,3 +130,26 @@ def test_nothing_left_to_train_is_a_clear_error(tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", [chat("user", "q"), chat("system", "s")])
     with pytest.raises(DataError, match="no training rows left after cleaning"):
         build(path)
+
+
+def test_a_validation_file_with_nothing_left_after_cleaning_is_an_error_not_a_run_without_validation(tmp_path):
+    train = chat_file(tmp_path)
+    rows = [chat("user", "question 0?", "assistant", "answer 0.", "user", "why?", "assistant", "because 0.")] * 2
+    valid = write_jsonl(tmp_path / "valid.jsonl", rows + [chat("user", "no reply")])  # in train, again, empty
+    with pytest.raises(
+        DataError, match=rf"^{valid}: no validation sequences left after cleaning \(kept 0 of 3, .*dedupe = false"
+    ):
+        build(train, validation=valid)
+    long_answer = write_jsonl(tmp_path / "long.jsonl", [chat("user", "q " * 100, "assistant", "a")])
+    with pytest.raises(DataError, match=r"no validation sequences left after cleaning \(kept 0 of 1, 1 overlong\)"):
+        build(train, validation=long_answer, clean={**spec_data_options("chat")["clean"], "overlong": "drop"})
+
+
+def test_rows_whose_answers_all_fall_past_max_seq_len_name_the_file_and_the_limit(tmp_path):
+    path = write_jsonl(tmp_path / "long.jsonl", [chat("user", "question " * 80, "assistant", "answer")])
+    with pytest.raises(
+        DataError,
+        match=rf"^{path}: no training sequences left .*1 overlong\); overlong: nothing "
+        r"supervised within model.max_seq_len = 32 tokens",
+    ):
+        build(path, max_seq_len=32)

@@ -20,7 +20,7 @@ def test_chat_counts_duplicates_empty_no_assistant_and_unknown_roles():
         {
             "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]
         },  # none trained
-        chat("user", "hi", "tool", "42", "assistant", "ok"),  # unknown role
+        chat("user", "hi", "bot", "42", "assistant", "ok"),  # unknown role
         chat("user", "hi", "assistant", "hello!"),
     )
     kept, report = clean_rows(rows, format="chat", **spec_row_clean_options("chat", unknown_roles="drop"))
@@ -51,8 +51,8 @@ def test_unknown_roles_error_names_every_row():
     with pytest.raises(DataError) as e:
         clean_rows(rows, format="chat", **spec_row_clean_options("chat"))
     assert e.value.problems == (
-        "f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'user'",
-        "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'user'",
+        "f.jsonl:2: role 'bot' is not one of 'assistant', 'system', 'tool', 'user'",
+        "f.jsonl:3: role 'human' is not one of 'assistant', 'system', 'tool', 'user'",
     )
 
 
@@ -127,3 +127,23 @@ def test_reports_chain_across_passes():
     assert (both.seen, both.kept) == (3, 1)
     assert both.dropped_by_reason == {"duplicate": 1, "overlong": 1}
     assert both.summary() == "kept 1 of 3, 1 duplicate, 1 overlong"
+
+
+def test_overlong_split_cuts_a_long_text_into_max_seq_len_pieces_that_keep_every_token():
+    ids = np.arange(70, dtype=np.int32)
+    weights = np.concatenate([np.zeros(5), np.ones(65)]).astype(np.float32)
+    items = [Tokens("doc.jsonl:1", ids, weights), Tokens("doc.jsonl:2", ids[:10], weights[:10])]
+    kept, report = clean_lengths(items, max_seq_len=32, overlong="split")
+    assert [k.where for k in kept] == [f"doc.jsonl:1 (part {k} of 3)" for k in (1, 2, 3)] + ["doc.jsonl:2"]
+    np.testing.assert_array_equal(np.concatenate([k.ids for k in kept[:3]]), ids)
+    np.testing.assert_array_equal(np.concatenate([k.weights for k in kept[:3]]), weights)
+    assert (report.split, report.truncated, report.kept) == (
+        1,
+        0,
+        4,
+    ) and "1 split into max_seq_len pieces" in report.summary()
+    pair = Pair("p.jsonl:1", items[0], items[0])
+    with pytest.raises(
+        DataError, match=r"p.jsonl:1: 70 tokens, more than max_seq_len = 32, and data.clean.overlong = 'split'"
+    ):
+        clean_lengths([pair], max_seq_len=32, overlong="split")

@@ -73,7 +73,9 @@ def test_sharegpt_speakers_outside_the_table_are_roles_that_data_clean_roles_che
         tmp_path / "s.jsonl", [{"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "y"}]}]
     )
     options = spec_data_options("sharegpt", train=path, tokenizer=TOK, max_seq_len=32)
-    with pytest.raises(DataError, match=r"s.jsonl:1: role 'narrator' is not one of 'assistant', 'system', 'user'"):
+    with pytest.raises(
+        DataError, match=r"s.jsonl:1: role 'narrator' is not one of 'assistant', 'system', 'tool', 'user'"
+    ):
         build_datasets(**options, batch_size=1)
 
 
@@ -98,3 +100,21 @@ def test_alpaca_trains_exactly_as_the_completion_rows_it_normalises_to(tmp_path)
         np.testing.assert_array_equal(ours.train_rows[key], array)
     supervised = TOK.decode(ours.train_rows["targets"][ours.train_rows["weights"] > 0])
     assert "Bonjour" in supervised and "Instruction" not in supervised
+
+
+def test_sharegpt_turns_written_as_role_and_content_read_as_from_and_value(tmp_path):
+    written = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    classic = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": written}, {"conversations": classic}])
+    rows = read_rows(path, format="sharegpt", on_bad_row="error").rows
+    assert rows[0].data == rows[1].data == {"messages": written}
+
+
+def test_dolly_rows_read_as_alpaca_rows_with_context_and_response(tmp_path):
+    dolly = {"instruction": "Summarise.", "context": "A long text.", "response": "Short.", "category": "summarization"}
+    alpaca_row = {"instruction": "Summarise.", "input": "A long text.", "output": "Short."}
+    path = write_jsonl(tmp_path / "d.jsonl", [dolly, alpaca_row, {**dolly, "context": ""}])
+    rows = read_rows(path, format="alpaca", on_bad_row="error").rows
+    assert rows[0].data == rows[1].data and rows[2].data["prompt"] == alpaca.PROMPT_NO_INPUT.format(
+        instruction="Summarise."
+    )

@@ -1,5 +1,6 @@
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from data_testlib import chat, write_jsonl
@@ -107,6 +108,14 @@ def test_classification_label_must_be_string_or_non_negative_int(tmp_path):
     assert "expected a string or a non-negative integer" in e.value.problems[0]
 
 
+def test_classification_labels_written_as_whole_floats_read_as_integers(tmp_path):
+    # pandas writes an integer column that has a missing value as floats: 0.0, 1.0
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.5}])
+    result = read_rows(path, format="classification", on_bad_row="skip")
+    assert [r.data["label"] for r in result.rows] == [1] and isinstance(result.rows[0].data["label"], int)
+    assert result.skipped == (f"{path}:2: 'label' is 0.5, expected a string or a non-negative integer",)
+
+
 def test_globs_and_lists_read_in_order(tmp_path):
     for name in ("b", "a", "c"):
         write_jsonl(tmp_path / f"{name}.jsonl", [{"text": name}])
@@ -162,3 +171,73 @@ def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
     assert "tensorflow" not in sys.modules
     with pytest.raises(DataError, match="cannot open it through tfds.data_source"):
         read_rows("tfds:tiny_chat_for_ftc:test", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))
+
+
+def test_classification_labels_from_csv_cells_are_numerals_in_order_or_indices_into_data_labels(tmp_path):
+    from ftc.backends.jax.data.formats.classification import label_indexer, label_names_of
+
+    path = tmp_path / "l.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i}\n" for i in (10, 2, 0, 1)))
+    rows = read_rows(str(path), format="classification", on_bad_row="error").rows
+    names = label_names_of(rows)
+    assert names == ("0", "1", "2", "10") and [label_indexer(names)(r) for r in rows] == [3, 2, 0, 1]
+    given = label_indexer(["zero", "one", "two"])  # data.labels names them; the cells are their indices
+    assert [given(r) for r in rows[1:]] == [2, 0, 1]
+    with pytest.raises(DataError, match=r"l.csv:2: label '10' is not one of the labels \['zero', 'one', 'two'\]"):
+        given(rows[0])
+
+
+class TinyBytesForFtc(tfds.core.GeneratorBasedBuilder):
+    """Text stored as a bytes feature, one row of it not UTF-8."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        feature = tfds.features.Tensor(shape=(), dtype=np.object_)
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": feature}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, text in enumerate([b"fine", b"caf\xe9", b"also fine"]):
+            yield i, {"text": text}
+
+
+def test_a_tfds_row_whose_bytes_are_not_utf8_is_a_bad_row_named_by_its_index(tmp_path):
+    TinyBytesForFtc(data_dir=str(tmp_path)).download_and_prepare(file_format="array_record")
+    result = read_rows("tfds:tiny_bytes_for_ftc:train", format="text", on_bad_row="skip", tfds_data_dir=str(tmp_path))
+    assert [r.data["text"] for r in result.rows] == ["fine", "also fine"]
+    assert result.skipped == (
+        "tfds:tiny_bytes_for_ftc:train[1]: a bytes feature is not UTF-8 text (unexpected end of data at byte 3)",
+    )
+
+
+def test_a_stray_huge_integer_label_is_refused_naming_its_row_not_a_class_list_built(tmp_path):
+    from ftc.backends.jax.data.formats.classification import label_names_of
+
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 10**15}])
+    rows = read_rows(path, format="classification", on_bad_row="error").rows
+    with pytest.raises(DataError, match=rf"^{path}:2: label 1000000000000000 makes 1000000000000001 classes"):
+        label_names_of(rows)
+
+
+def test_prompt_rows_read_trls_grpo_prompt_key_as_messages_or_a_user_turn(tmp_path):
+    user = [{"role": "user", "content": "What is 2 + 2?"}]
+    rows = [{"prompt": user, "answer": 4}, {"prompt": "What is 2 + 2?", "answer": "4"}, {"messages": user, "answer": 4}]
+    read = read_rows(write_jsonl(tmp_path / "g.jsonl", rows), format="prompt", on_bad_row="error").rows
+    assert [r.data for r in read] == [{"messages": user, "answer": "4"}] * 3
+
+
+def test_preference_strings_without_a_prompt_share_their_start_as_the_prompt_as_hh_rows_do(tmp_path):
+    human = "\n\nHuman: What should I name my cat?\n\nAssistant:"
+    rows = [
+        {"chosen": human + " How about Tom?", "rejected": human + " How rude."},
+        {"chosen": "first answer", "rejected": "second answer"},
+    ]
+    result = read_rows(write_jsonl(tmp_path / "hh.jsonl", rows), format="preference", on_bad_row="skip")
+    assert [r.data for r in result.rows] == [{"prompt": human + " How ", "chosen": "about Tom?", "rejected": "rude."}]
+    assert result.skipped[0].endswith(
+        "'chosen' and 'rejected' share no leading text and there is no 'prompt', "
+        "expected a prompt (a shared start or a 'prompt' key)"
+    )

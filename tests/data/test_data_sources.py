@@ -56,7 +56,7 @@ def test_a_file_that_is_not_parquet_is_refused_naming_it(tmp_path):
 
 def test_parquet_with_another_formats_columns_names_the_missing_key(tmp_path):
     path = tmp_path / "alpaca.parquet"
-    pq.write_table(pa.Table.from_pylist([{"instruction": "x", "response": "y"}]), path)
+    pq.write_table(pa.Table.from_pylist([{"instruction": "x", "answer": "y"}]), path)
     with pytest.raises(DataError) as e:
         read_rows(str(path), format="alpaca", on_bad_row="error")
     assert e.value.problems == (f"{path}[0]: missing key 'output', expected a string",)
@@ -82,6 +82,15 @@ def test_a_save_to_disk_directory_reads_as_rows(tmp_path):
     assert result.rows[4].data["messages"][1] == {"role": "assistant", "content": "answer 4."}
     # A glob over data directories finds the dataset directory too.
     assert resolve_sources(str(tmp_path / "*")) == [str(tmp_path / "saved")]
+
+
+def test_a_save_to_disk_row_whose_binary_column_is_not_utf8_is_a_bad_row_named_by_index(tmp_path):
+    datasets.Dataset.from_dict({"text": [b"fine", b"caf\xe9", b"ok"]}).save_to_disk(str(tmp_path / "bin"))
+    result = read_rows(str(tmp_path / "bin"), format="text", on_bad_row="skip")
+    assert [r.data["text"] for r in result.rows] == ["fine", "ok"]
+    assert result.skipped == (
+        f"{tmp_path / 'bin'}[1]: a binary value is not UTF-8 text (unexpected end of data at byte 3)",
+    )
 
 
 def test_a_dataset_dict_directory_asks_for_one_of_its_splits(tmp_path):
@@ -136,3 +145,33 @@ def test_without_the_datasets_package_hf_sources_say_which_extra_to_install(tmp_
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataError, match=r"needs the `datasets` package: pip install 'ftc\[datasets\]'"):
         read_rows("hf:org/x:train", format="chat", on_bad_row="error")
+
+
+def test_parquet_struct_fields_a_message_lacks_are_absent_not_null(tmp_path):
+    # pyarrow gives every message every field: null "weight" where a message had none.
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "weight": 0}]},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+    ]
+    path = str(tmp_path / "chat.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    assert [r.data for r in read_rows(path, format="chat", on_bad_row="error").rows] == rows
+    user, good, bad = ({"role": r, "content": c} for r, c in (("user", "q"), ("assistant", "a"), ("assistant", "b")))
+    pairs = [
+        {"prompt": [user], "chosen": [good], "rejected": [bad]},
+        {"prompt": None, "chosen": [user, good], "rejected": [user, bad]},  # the prompt is what they share
+    ]
+    pq.write_table(pa.Table.from_pylist(pairs), path)
+    read = read_rows(path, format="preference", on_bad_row="error").rows
+    assert read[0].data == read[1].data == pairs[0]
+
+
+def test_a_parquet_file_damaged_past_its_first_rows_is_a_data_error_naming_where(tmp_path):
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": f"row {i} " * 3} for i in range(12000)]), path, row_group_size=5000)
+    page = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    damaged = bytearray(path.read_bytes())
+    damaged[page + 40 : page + 240] = b"\xff" * 200  # the last row group's page header
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=rf"data source '{path}': cannot read it as Parquet past row 8192 "):
+        read_rows(str(path), format="text", on_bad_row="skip")

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from data_testlib import make_tokenizer
+from data_testlib import chat, make_tokenizer
 
 from ftc.backends.jax.data.formats.classification import label_names_of
 from ftc.backends.jax.data.read import DataError, Row
@@ -188,3 +188,39 @@ def test_large_inputs_tokenize_in_chunks_to_the_same_items(monkeypatch):
     for a, b in zip(chunked, whole):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.weights, b.weights)
+
+
+# A template with Qwen3's think gate: an answer after the last question is written with its
+# <think> block, earlier ones without (so rendering is not prefix-stable).
+THINK_GATE = (
+    "{%- set ns = namespace(last=-1) %}{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}{%- if m.role == 'assistant' and loop.index0 > ns.last %}"
+    "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m.content + '<|im_end|>\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' }}{%- endif %}"
+)
+
+
+def test_a_template_that_rewrites_past_turns_trains_each_answer_as_the_last_turn(tmp_path):
+    tok = make_tokenizer()
+    tok.chat_template = THINK_GATE
+    rows = [Row("f.jsonl:1", chat("user", "hi", "assistant", "yo", "user", "again", "assistant", "ok"))]
+    items = tokenize_rows(rows, format="chat", tokenizer=tok, train_on="assistant")
+    assert [i.where for i in items] == ["f.jsonl:1 (assistant turn 1 of 2)", "f.jsonl:1 (assistant turn 2 of 2)"]
+    texts = [tok.decode(i.ids) for i in items]
+    trained = [tok.decode(i.ids[i.weights > 0]) for i in items]
+    assert trained == ["yo<|im_end|>", "ok<|im_end|>"]
+    assert texts[1].startswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>")  # history
+    assert texts[0].endswith("<think>\n\n</think>\n\nyo<|im_end|>\n") and "<think>" not in texts[1].split("again")[0]
+    single = [Row("f.jsonl:2", chat("user", "hi", "assistant", "yo"))]
+    assert tokenize_rows(single, format="chat", tokenizer=tok, train_on="assistant")[0].where == "f.jsonl:2"
+    with pytest.raises(DataError, match=r"f.jsonl:1: the chat template does not render conversations prefix by prefix"):
+        tokenize_rows(rows, format="chat", tokenizer=tok, train_on="all")
+
+
+def test_an_empty_assistant_turn_is_not_trained_to_end_at_once_but_the_others_are():
+    tok = make_tokenizer()
+    row = Row("f.jsonl:1", chat("user", "hi", "assistant", " ", "user", "more", "assistant", "ok"))
+    (item,) = tokenize_rows([row], format="chat", tokenizer=tok, train_on="assistant")
+    assert tok.decode(item.ids[item.weights > 0]) == "ok<|im_end|>"

@@ -116,6 +116,26 @@ def test_truncated_answers_are_counted_and_flagged_as_never_stopping(tmp_path):
     assert max(ins.lengths) == 40 and ins.packing["sequences"] == 6
 
 
+def test_the_validation_rows_cleaning_is_shown_beside_the_training_rows(tmp_path):
+    rows = [chat("user", f"hi {i}", "assistant", "hello there") for i in range(4)]
+    spec = tiny(tmp_path, rows, seq=40)
+    write_jsonl(tmp_path / "valid.jsonl", rows[:1] + [chat("user", "x", "assistant", "hello there" * 20)])
+    spec.write_text(spec.read_text().replace("[training]", f'validation = "{tmp_path}/valid.jsonl"\n[training]'))
+    level, message = checks(inspect_spec(load_spec(spec)))["cleaning"]
+    assert level == "warn"  # a truncated validation answer is never seen to its end either
+    assert message.endswith("validation rows (file): 2 kept as 1; dropped: 1 in_train, 1 truncated")
+
+
+def test_skipped_malformed_rows_are_counted_and_the_first_is_named(tmp_path):
+    spec = tiny(tmp_path, [chat("user", "hi", "assistant", "hello"), [1, 2], {"msgs": []}])
+    spec.write_text(spec.read_text().replace("[training]", 'on_bad_row = "skip"\n[training]'))
+    level, message = checks(inspect_spec(load_spec(spec)))["cleaning"]
+    assert level == "warn" and message.endswith(
+        f"2 malformed rows skipped (data.on_bad_row = 'skip'), first {tmp_path}/train.jsonl:2: row is an array, "
+        "expected a JSON object"
+    )
+
+
 def test_pad_equal_to_eos_is_reported_and_the_eos_still_trained(tmp_path):
     rows = [chat("user", f"hi {i}", "assistant", "hello") for i in range(4)]
     ins = inspect_spec(load_spec(tiny(tmp_path, rows, tokenizer=make_tokenizer(eos_is_pad=True))))

@@ -69,7 +69,7 @@ def test_toml_spec_loads_typed_and_frozen_with_defaults_filled(tmp_path):
     assert (spec.mesh.data, spec.mesh.fsdp, spec.mesh.tensor) == (1, -1, 1)
     assert spec.checkpoint.async_ is False and spec.checkpoint.keep == 3
     assert spec.data.packing is True and spec.data.train_on == "assistant" and spec.data.labels is None
-    assert spec.data.clean.roles == ("system", "user", "assistant")
+    assert spec.data.clean.roles == ("system", "user", "assistant", "tool")
     assert spec.export.format == "hf" and spec.logging.tensorboard is True
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.training.learning_rate = 1.0

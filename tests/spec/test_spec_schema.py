@@ -85,7 +85,7 @@ CONTRACT = [
     ("data.labels", "array", None),
     ("data.clean.dedupe", "boolean", True),
     ("data.clean.drop_empty", "boolean", True),
-    ("data.clean.roles", "array", ["system", "user", "assistant"]),
+    ("data.clean.roles", "array", ["system", "user", "assistant", "tool"]),
     ("data.clean.unknown_roles", "string", "error"),
     ("data.clean.overlong", "string", "truncate"),
     ("method.kind", "string", "full"),
@@ -162,7 +162,7 @@ ENUMS = {
     "data.on_bad_row": {"skip", "error"},
     "data.train_on": {"assistant", "all"},
     "data.clean.unknown_roles": {"drop", "error"},
-    "data.clean.overlong": {"truncate", "drop", "error"},
+    "data.clean.overlong": {"truncate", "drop", "split", "error"},
 }
 
 

@@ -4,7 +4,7 @@ Two passes, each returning what it kept and a `CleanReport` of counts per reason
 - `clean_rows` on read rows (see data/formats/ for their normalised shapes), in this order per row:
   unknown role (drop, or collect and raise), empty, duplicate. A row dropped for one reason is not
   counted again for a later one.
-- `clean_lengths` on tokenised items (data_tokenize): over-long (truncate | drop | error), then
+- `clean_lengths` on tokenised items (data_tokenize): over-long (truncate | drop | split | error), then
   sequences left with nothing to learn (no supervised prediction) are always dropped as "no_target",
   since they would only take room in a batch.
 
@@ -16,7 +16,9 @@ Reasons (keys of `CleanReport.dropped`):
   same_pair          preference row whose chosen and rejected responses are identical
   unknown_role       a message role outside `roles` (unknown_roles="drop")
   overlong           more than max_seq_len tokens (overlong="drop"), or nothing supervised left
-                     after truncation
+                     after truncation (overlong="split" cuts chat, completion and text sequences
+                     into max_seq_len pieces instead, counted as split; pieces with nothing to
+                     predict are no_target)
   no_target          a tokenised sequence with no supervised next-token prediction
 """
 
@@ -43,6 +45,7 @@ class CleanReport:
     kept: int = 0
     dropped: tuple[tuple[str, int], ...] = ()  # (reason, count), reasons in first-seen order
     truncated: int = 0
+    split: int = 0  # sequences cut into max_seq_len pieces (overlong="split")
 
     @property
     def dropped_by_reason(self) -> dict[str, int]:
@@ -53,18 +56,22 @@ class CleanReport:
         counts = dict(self.dropped)
         for reason, n in later.dropped:
             counts[reason] = counts.get(reason, 0) + n
-        return CleanReport(self.seen, later.kept, tuple(counts.items()), self.truncated + later.truncated)
+        return CleanReport(
+            self.seen, later.kept, tuple(counts.items()), self.truncated + later.truncated, self.split + later.split
+        )
 
     def summary(self) -> str:
         parts = [f"kept {self.kept} of {self.seen}"]
         parts += [f"{n} {reason}" for reason, n in self.dropped if n]
         if self.truncated:
             parts.append(f"{self.truncated} truncated")
+        if self.split:
+            parts.append(f"{self.split} split into max_seq_len pieces")
         return ", ".join(parts)
 
 
-def _report(seen: int, kept: int, counts: dict[str, int], truncated: int = 0) -> CleanReport:
-    return CleanReport(seen, kept, tuple((r, n) for r, n in counts.items() if n), truncated)
+def _report(seen: int, kept: int, counts: dict[str, int], truncated: int = 0, split: int = 0) -> CleanReport:
+    return CleanReport(seen, kept, tuple((r, n) for r, n in counts.items() if n), truncated, split)
 
 
 def row_hash(data: dict) -> str:
@@ -137,12 +144,18 @@ Item = Tokens | Pair | Labelled
 
 def clean_lengths(items: Sequence[Item], *, max_seq_len: int, overlong: str) -> tuple[list[Item], CleanReport]:
     """Items no longer than `max_seq_len` tokens (each side of a pair), and the counts."""
-    if overlong not in ("truncate", "drop", "error"):
-        raise ValueError(f"overlong {overlong!r} is not 'truncate', 'drop' or 'error'")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong {overlong!r} is not one of {', '.join(map(repr, OVERLONG))}")
     counts = {"overlong": 0, "no_target": 0}
-    truncated, too_long, kept = 0, [], []
+    truncated, split, too_long, kept = 0, 0, [], []
     for item in items:
         n = _length(item)
+        if n > max_seq_len and overlong == "split":
+            pieces = _split(item, max_seq_len)
+            split += 1
+            kept += [p for p in pieces if _has_target(p)]
+            counts["no_target"] += sum(not _has_target(p) for p in pieces)
+            continue
         if n > max_seq_len:
             if overlong == "error":
                 too_long.append(f"{item.where}: {n} tokens, more than max_seq_len = {max_seq_len}")
@@ -165,7 +178,27 @@ def clean_lengths(items: Sequence[Item], *, max_seq_len: int, overlong: str) -> 
             f'data.clean.overlong = "truncate" or "drop", or raise max_seq_len)',
             too_long,
         )
-    return kept, _report(len(items), len(kept), counts, truncated)
+    return kept, _report(len(items), len(kept), counts, truncated, split)
+
+
+OVERLONG = ("truncate", "drop", "split", "error")
+
+
+def _split(item: Item, n: int) -> list[Tokens]:
+    """An LM sequence as consecutive pieces of at most n tokens, each trained on its own tokens
+    (the first token of a piece is predicted from nothing, as any sequence's first)."""
+    if not isinstance(item, Tokens):
+        raise DataError(
+            f"{item.where}: {_length(item)} tokens, more than max_seq_len = {n}, and data.clean.overlong = 'split' "
+            "splits chat, completion and text sequences only; expected 'truncate' or 'drop' for this format"
+        )
+    count = -(-len(item.ids) // n)
+    return [
+        Tokens(
+            f"{item.where} (part {k + 1} of {count})", item.ids[k * n : (k + 1) * n], item.weights[k * n : (k + 1) * n]
+        )
+        for k in range(count)
+    ]
 
 
 def _length(item: Item) -> int:

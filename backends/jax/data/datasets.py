@@ -304,11 +304,20 @@ def tokenize_splits(
     train_items, length_report = prepare_items(train_rows)
     train_report = train_report.then(length_report)
     if not train_items:
-        raise DataError(f"no training sequences left after cleaning ({train_report.summary()})")
+        long = train_report.dropped_by_reason.get("overlong")
+        why = f"; overlong: nothing supervised within model.max_seq_len = {max_seq_len} tokens" if long else ""
+        raise DataError(
+            f"{', '.join(read.files)}: no training sequences left after cleaning ({train_report.summary()}){why}"
+        )
     if val_rows is not None:
         split_report = data_clean.CleanReport(len(val_rows), len(val_rows)) if val_report is None else val_report
         val_items, val_lengths = prepare_items(val_rows, "validation")
         val_report = split_report.then(val_lengths)
+        if not val_items:  # a run would otherwise go on without the validation the spec asks for
+            named = ", ".join(val_files) if val_files else f"validation_split = {validation_split}"
+            same = " (in_train: rows also in the training data; data.clean.dedupe = false keeps them)"
+            same = same if val_report.dropped_by_reason.get("in_train") else ""
+            raise DataError(f"{named}: no validation sequences left after cleaning ({val_report.summary()}){same}")
     return Tokenized(
         read, tuple(skipped), train_items, train_report, val_items, val_report, val_from, tuple(val_files), names
     )

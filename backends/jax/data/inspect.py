@@ -194,9 +194,20 @@ def _cleaning(stats, spec) -> Check:
             f"; {c.truncated} truncated to max_seq_len = {spec.model.max_seq_len} "
             f"(data.clean.overlong = {spec.data.clean.overlong!r}): their ends are not trained"
         )
+    v = stats.validation_clean
+    if v is not None:
+        dropped = ", ".join(f"{n} {reason}" for reason, n in v.dropped if n) or "none"
+        text += f"; validation rows ({stats.validation_from}): {v.seen} kept as {v.kept}; dropped: {dropped}"
+        text += f", {v.truncated} truncated" if v.truncated else ""
+    if c.split:
+        text += (
+            f"; {c.split} split into pieces of max_seq_len = {spec.model.max_seq_len} (data.clean.overlong = 'split')"
+        )
     if stats.bad_rows_skipped:
-        text += f"; {stats.bad_rows_skipped} malformed rows skipped"
-    return Check("cleaning", "warn" if c.truncated or stats.bad_rows_skipped else "ok", text)
+        first = stats.bad_row_examples[0]
+        text += f"; {stats.bad_rows_skipped} malformed rows skipped (data.on_bad_row = 'skip'), first {first}"
+    truncated = c.truncated or (v is not None and v.truncated)
+    return Check("cleaning", "warn" if truncated or stats.bad_rows_skipped else "ok", text)
 
 
 def _end_ids(tokenizer) -> dict[int, str]:

@@ -1,10 +1,12 @@
 """Read training rows from their sources, checking each row's shape.
 
 Sources (data/sources/, one module per kind): a path, a glob, a list of those; JSONL files,
-Parquet files, directories written by `datasets`' save_to_disk, `tfds:name/config:split` and
-`hf:NAME[:SPLIT]` (the local Hugging Face datasets cache). Nothing is downloaded.
+JSON array files, CSV/TSV files (each also .gz/.bz2/.xz), Parquet files, directories written by
+`datasets`' save_to_disk, `tfds:name/config:split` and `hf:NAME[:SPLIT]` (the local Hugging Face
+datasets cache). Nothing is downloaded.
 
-Every row keeps where it came from (`Row.where`: `path:line`, `path[i]`, `tfds:name:split[i]`)
+Every row keeps where it came from (`Row.where`: `path:line`, `path[i] (line n)`, `path[i]`,
+`tfds:name:split[i]`)
 so every later problem can name it. A row of the wrong shape is a problem
 `where: what was wrong, expected what`; with on_bad_row="error" the read raises one `DataError`
 listing the first problems, with "skip" the row is left out and counted.
@@ -71,7 +73,9 @@ def read_rows(
                     raise record
                 rows.append(Row(where, normalise(record)))
             except BadRow as bad:
-                problems.append(f"{where}: {bad}")
+                shape = str(bad).startswith("missing key")  # not a wrong value: a row of another shape
+                hint = _fits_other_formats(record, format) if shape and len(problems) < MAX_LISTED else ""
+                problems.append(f"{where}: {bad}{hint}")
     if problems and on_bad_row == "error":
         raise DataError(
             f'{len(problems)} malformed {format} row(s) (set data.on_bad_row = "skip" to leave them out)', problems
@@ -79,6 +83,22 @@ def read_rows(
     if not rows and not problems:
         raise DataError(f"{', '.join(files)}: no rows (empty)")
     return ReadResult(tuple(rows), tuple(files), tuple(problems))
+
+
+def _fits_other_formats(record: Any, format: str) -> str:
+    """' (it reads as data.format = 'sharegpt')' for a row another format takes: the usual cause of
+    a missing key is a spec naming the wrong format, or a file mixing two."""
+    if not isinstance(record, dict):
+        return ""
+    fits = []
+    for name in formats.names():
+        if name != format:
+            try:
+                formats.get(name).normalise(record)
+            except BadRow:
+                continue
+            fits.append(name)
+    return f" (it reads as data.format = {' or '.join(map(repr, fits))})" if fits else ""
 
 
 # ---------------------------------------------------------------------------- sources
@@ -111,8 +131,21 @@ def kind_of(value: Any) -> str:
 
 def expect_object(record: Any) -> dict:
     if not isinstance(record, dict):
-        raise BadRow(f"row is {kind_of(record)}, expected a JSON object")
+        bare = isinstance(record, list) and record and all(isinstance(m, dict) and "role" in m for m in record)
+        hint = ' (a bare list of messages: write {"messages": [...]})' if bare else ""
+        raise BadRow(f"row is {kind_of(record)}, expected a JSON object{hint}")
     return record
+
+
+def json_text(value: Any, path: str) -> Any:
+    """A list written as JSON text (a CSV cell, a Parquet string column) read as the list: a
+    string is never a list of messages, so reading it as JSON only turns an error into the rows."""
+    if not (isinstance(value, str) and value.lstrip().startswith("[")):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise BadRow(f"{path!r} is a string that is not a JSON array, expected an array of messages") from None
 
 
 def expect_string(obj: dict, key: str, path: str = "") -> str:
@@ -127,9 +160,15 @@ def expect_string(obj: dict, key: str, path: str = "") -> str:
 def expect_content(value: Any, path: str) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(
-        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value
-    ):
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        for i, part in enumerate(value):
+            if part.get("type") != "text":
+                raise BadRow(
+                    f'{path + f"[{i}].type"!r} is {json.dumps(part.get("type"))}, expected "text" '
+                    "(ftc trains on text only)"
+                )
+            if not isinstance(part.get("text"), str):
+                raise BadRow(f"{path + f'[{i}].text'!r} is {kind_of(part.get('text'))}, expected a string")
         return "".join(p["text"] for p in value)
     raise BadRow(
         f'{path!r} is {kind_of(value)}, expected a string (or a list of {{"type": "text", "text": ...}} parts)'
@@ -150,7 +189,7 @@ def columns_to_rows(value: Any) -> Any:
 
 
 def expect_messages(value: Any, path: str) -> list[dict]:
-    value = columns_to_rows(value)
+    value = columns_to_rows(json_text(value, path))
     if not isinstance(value, list) or not value:
         what = "an empty array" if value == [] else kind_of(value)
         raise BadRow(f"{path!r} is {what}, expected a non-empty array of messages")
@@ -160,13 +199,54 @@ def expect_messages(value: Any, path: str) -> list[dict]:
         if not isinstance(message, dict):
             raise BadRow(f'{here!r} is {kind_of(message)}, expected a message object {{"role", "content"}}')
         role = expect_string(message, "role", here + ".")
-        if "content" not in message:
+        calls = expect_tool_calls(message.get("tool_calls"), here + ".tool_calls")
+        if calls and message.get("content") is None:  # OpenAI: an assistant turn that only calls tools
+            content = ""
+        elif "content" not in message:
             raise BadRow(f"missing key {here + '.content'!r}, expected a string")
-        normal = {"role": role, "content": expect_content(message["content"], here + ".content")}
+        else:
+            content = expect_content(message["content"], here + ".content")
+        normal = {"role": role, "content": content}
+        if calls:
+            normal["tool_calls"] = calls
+        for key in TOOL_KEYS:  # which call a tool message answers; templates write them
+            if isinstance(message.get(key), str):
+                normal[key] = message[key]
         if "weight" in message:
             normal["weight"] = expect_weight(message["weight"], here + ".weight")
         out.append(normal)
     return out
+
+
+TOOL_KEYS = ("tool_call_id", "name")
+
+
+def expect_tool_calls(value: Any, path: str) -> list[dict]:
+    """OpenAI's `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}]) as chat
+    templates take them: `arguments` an object (OpenAI writes it as a JSON string)."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, list):
+        raise BadRow(f"{path!r} is {kind_of(value)}, expected an array of tool calls")
+    calls = []
+    for i, call in enumerate(value):
+        here = f"{path}[{i}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise BadRow(f'{here + ".function"!r} is {kind_of(function)}, expected {{"name", "arguments"}}')
+        name = expect_string(function, "name", here + ".function.")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except (ValueError, RecursionError):
+                raise BadRow(
+                    f"{here + '.function.arguments'!r} is a string that is not JSON, expected a JSON object"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise BadRow(f"{here + '.function.arguments'!r} is {kind_of(arguments)}, expected a JSON object")
+        calls.append({**call, "type": call.get("type", "function"), "function": {"name": name, "arguments": arguments}})
+    return calls
 
 
 def expect_weight(weight: Any, path: str) -> int:

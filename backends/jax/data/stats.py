@@ -73,6 +73,7 @@ class DataStats:
                     "seen": report.seen,
                     "kept": report.kept,
                     "truncated": report.truncated,
+                    "split": report.split,
                     "dropped": report.dropped_by_reason,
                 }
             )

@@ -1,4 +1,5 @@
-"""Prompt files for `ftc generate --file` and `ftc eval`: JSONL, one prompt per line.
+"""Prompt files for `ftc generate --file` and `ftc eval`: JSONL, one prompt per line (or any file
+kind training data comes in: data/sources/).
 
     {"messages": [{"role": "system", ...}, {"role": "user", "content": "Hi"}]}   OpenAI chat rows
     {"prompt": "Once upon a time"}                                               completion rows
@@ -10,15 +11,16 @@ written back beside the completion. Every problem names its file:line and what w
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 from pathlib import Path
 
+from ftc.backends.jax.data import sources as data_sources
 from ftc.backends.jax.data.read import BadRow, DataError, expect_messages, expect_object, expect_string
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptRow:
-    where: str  # "path:line"
+    where: str  # "path:line" (a source's row name: data/sources/)
     record: dict  # the row as read
     prompt: str | tuple[dict, ...]  # text, or messages without the reference
     reference: str | None  # the expected answer, when the row has one
@@ -44,32 +46,28 @@ def parse_row(record) -> tuple[str | tuple[dict, ...], str | None]:
 
 
 def read_prompt_rows(path: str | Path) -> list[PromptRow]:
-    """Every row of a JSONL prompt file; DataError listing every bad row (file:line) otherwise."""
-    path = Path(path)
+    """Every row of a prompt file; DataError listing every bad row (file:line) otherwise. The file is
+    read as training data is (data/sources/: JSONL, a JSON array, CSV/TSV, Parquet, compressed),
+    so a spec's data.validation always reads as prompts for `ftc eval` and a run's samples."""
+    entry = os.fspath(path)
     try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the prompt file ({e.strerror})") from None
+        source = data_sources.source_for(entry)
+    except ValueError:  # jsonl claims any file: nothing claims a missing one
+        what = "a directory, expected a file" if os.path.isdir(entry) else "no such file"
+        raise DataError(f"{path}: cannot read the prompt file ({what})") from None
     rows, problems = [], []
-    for number, line in enumerate(raw.splitlines(), start=1):
-        where = f"{path}:{number}"
-        try:
-            text = line.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            problems.append(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})")
-            continue
-        if not text.strip():
-            continue
-        try:
-            record = json.loads(text)
-            prompt, reference = parse_row(record)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno}), expected one JSON object per line")
-            continue
-        except BadRow as e:
-            problems.append(f"{where}: {e}")
-            continue
-        rows.append(PromptRow(where, record, prompt, reference))
+    try:
+        for where, record in source.records(entry, None):
+            try:
+                if isinstance(record, BadRow):
+                    raise record
+                prompt, reference = parse_row(record)
+            except BadRow as e:
+                problems.append(f"{where}: {e}")
+                continue
+            rows.append(PromptRow(where, record, prompt, reference))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the prompt file ({e.strerror or e})") from None
     if problems:
         raise DataError(f"{path}: {len(problems)} bad prompt row(s)", problems)
     if not rows:

@@ -1,6 +1,7 @@
 """alpaca: Stanford Alpaca instruction rows, trained as completion rows.
 
-Row: `{"instruction", optional "input", "output"}`, strings (`input` may be empty or absent).
+Row: `{"instruction", optional "input", "output"}`, strings (`input` may be empty or absent);
+Databricks Dolly's `{"instruction", "context", "response"}` read alike.
 Normalised: the completion format's `{"prompt", "completion"}`, the prompt written with Alpaca's
 own template (with or without its "### Input:" block) and the completion the output, so
 everything after reading (train_on, packing) is completion's.
@@ -29,10 +30,12 @@ PROMPT_NO_INPUT = (
 def normalise(record) -> dict:
     record = expect_object(record)
     instruction = expect_string(record, "instruction")
-    extra = record.get("input")
+    # Databricks Dolly's rows name the same fields context and response.
+    input_key = "context" if "input" not in record and "context" in record else "input"
+    extra = record.get(input_key)
     if extra is not None and not isinstance(extra, str):
-        raise BadRow(f"'input' is {kind_of(extra)}, expected a string (or no 'input')")
-    output = expect_string(record, "output")
+        raise BadRow(f"{input_key!r} is {kind_of(extra)}, expected a string (or no {input_key!r})")
+    output = expect_string(record, "response" if "output" not in record and "response" in record else "output")
     if extra and extra.strip():
         prompt = PROMPT_INPUT.format(instruction=instruction, input=extra)
     else:

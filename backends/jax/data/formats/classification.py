@@ -1,6 +1,7 @@
 """classification: a text and its class.
 
-Row: `{"text", "label"}` with label a string or a non-negative int; normalised to the same keys.
+Row: `{"text", "label"}` with label a string or a non-negative int (1.0 reads as 1); normalised
+to the same keys.
 Tokens: tokenizer(text) with its special tokens, and the label's index in the class names
 (`data.labels` when given, else taken from the training rows: see `label_names_of`).
 """
@@ -21,14 +22,19 @@ def normalise(record) -> dict:
     if "label" not in record:
         raise BadRow("missing key 'label', expected a string or a non-negative integer")
     label = record["label"]
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)  # pandas writes an integer column with a missing value as floats: 1.0
     if isinstance(label, bool) or not (isinstance(label, str) or isinstance(label, int) and label >= 0):
         raise BadRow(f"'label' is {json.dumps(label)}, expected a string or a non-negative integer")
     return {"text": text, "label": label}
 
 
+MAX_CLASSES = 100_000  # integer labels name classes 0..max: a stray huge one is a data error
+
+
 def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> tuple[str, ...]:
-    """Class names: `labels` when given, else the sorted string labels of `rows`, or "0".."max"
-    when the rows' labels are integers."""
+    """Class names: `labels` when given, else the sorted string labels of `rows` (numerals by
+    value), or "0".."max" when the rows' labels are integers."""
     if labels is not None:
         names = tuple(str(x) for x in labels)
         if len(set(names)) != len(names):
@@ -44,9 +50,20 @@ def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> 
             "labels mix strings and integers; give data.labels to name the integers",
             [f"{first_int.where}: label {first_int.data['label']} is an integer, other rows' labels are strings"],
         )
-    if strings:
-        return tuple(sorted(set(strings)))
-    return tuple(str(i) for i in range(max(values) + 1))
+    if strings:  # numerals in order ("2" before "10"): labels read from CSV cells are strings
+        return tuple(sorted(set(strings), key=lambda x: (not numeral(x), int(x) if numeral(x) else 0, x)))
+    top = max(values)
+    if top >= MAX_CLASSES:  # "0".."top" would be built (and a head that wide trained)
+        row = next(r for r in rows if r.data["label"] == top)
+        raise DataError(
+            f"{row.where}: label {top} makes {top + 1} classes of integer labels 0..{top}, more than {MAX_CLASSES}; "
+            "expected class indices (give data.labels to name them, or use string labels)"
+        )
+    return tuple(str(i) for i in range(top + 1))
+
+
+def numeral(label: str) -> bool:
+    return label.isascii() and label.isdigit()
 
 
 def label_indexer(label_names: Sequence[str]):
@@ -63,6 +80,8 @@ def label_indexer(label_names: Sequence[str]):
             )
         if label in index:
             return index[label]
+        if numeral(label) and int(label) < len(label_names):  # an index written as text (a CSV cell)
+            return int(label)
         raise DataError(
             f"{row.where}: label {label!r} is not one of the labels "
             f"{list(label_names)[:20]}{' ...' if len(label_names) > 20 else ''}"

@@ -3,7 +3,9 @@
 Rows, either style:
 - OpenAI `{"input": {"messages"}, "preferred_output": [msg], "non_preferred_output": [msg]}`;
 - TRL `{"prompt", "chosen", "rejected"}` with strings or message lists (a missing prompt is the
-  messages `chosen` and `rejected` share at the start).
+  messages `chosen` and `rejected` share at the start, or for strings, as Anthropic's HH rows, the
+  text they share up to its last whitespace; responses that repeat a given prompt's messages
+  first are what follows them).
 Normalised: `{"prompt", "chosen", "rejected"}`, all strings or all message lists (a string prompt
 with message responses becomes one user message; string responses one assistant message).
 
@@ -13,9 +15,11 @@ Tokens: chosen and rejected each as prompt (weight 0) + response (weight 1), bui
 
 from __future__ import annotations
 
+import os
+
 from ftc.backends.jax.data import pack, tokenize
 from ftc.backends.jax.data.formats.base import Format, blank
-from ftc.backends.jax.data.read import BadRow, expect_messages, expect_object, kind_of
+from ftc.backends.jax.data.read import BadRow, DataError, expect_messages, expect_object, kind_of
 
 
 def _str_or_messages(record: dict, key: str) -> str | list[dict]:
@@ -43,14 +47,16 @@ def normalise(record) -> dict:
     elif "chosen" in record or "rejected" in record:  # TRL
         chosen = _str_or_messages(record, "chosen")
         rejected = _str_or_messages(record, "rejected")
-        if "prompt" in record:
+        if record.get("prompt") is not None:  # a Parquet column holds null where a row has no prompt
             prompt = _str_or_messages(record, "prompt")
         elif isinstance(chosen, list) and isinstance(rejected, list):
             prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
+        elif isinstance(chosen, str) and isinstance(rejected, str):
+            prompt, chosen, rejected = _split_shared_text(chosen, rejected)
         else:
             raise BadRow(
                 "missing key 'prompt', expected a string or an array of messages "
-                "(it may be left out only when 'chosen' and 'rejected' are message arrays)"
+                "(it may be left out only when 'chosen' and 'rejected' are both strings or both message arrays)"
             )
     else:
         raise BadRow(
@@ -61,9 +67,35 @@ def normalise(record) -> dict:
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]
         chosen, rejected = (
-            [{"role": "assistant", "content": v}] if isinstance(v, str) else v for v in (chosen, rejected)
+            [{"role": "assistant", "content": v}] if isinstance(v, str) else _after_prompt(prompt, v)
+            for v in (chosen, rejected)
         )
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _after_prompt(prompt: list[dict], response: list[dict]) -> list[dict]:
+    """A response list that repeats the prompt's messages first (the whole conversation beside an
+    explicit prompt, as UltraFeedback's rows hold it, the prompt a string) is the rest of it;
+    rendered as written the prompt would appear twice."""
+    if len(response) > len(prompt):
+        if response[: len(prompt)] == prompt:
+            return response[len(prompt) :]
+    return response
+
+
+def _split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic HH rows: two transcripts that differ only in the last answer. The prompt is
+    their common start, cut after its last whitespace so no word is split between prompt and
+    response."""
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    while cut and not chosen[cut - 1].isspace():
+        cut -= 1
+    if not chosen[:cut].strip():
+        raise BadRow(
+            "'chosen' and 'rejected' share no leading text and there is no 'prompt', "
+            "expected a prompt (a shared start or a 'prompt' key)"
+        )
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def _split_shared_prefix(chosen: list[dict], rejected: list[dict]):
@@ -86,7 +118,13 @@ def _pair(tokenizer, row) -> tokenize.Pair:
             return tokenize.completion_tokens(tokenizer, row.where, prompt, response)
         messages = prompt + response
         trained = [False] * len(prompt) + [m["role"] == "assistant" and m.get("weight", 1) != 0 for m in response]
-        return tokenize.chat_tokens(tokenizer, [(row.where, messages, trained)], "assistant")[0]
+        sequences = tokenize.chat_tokens(tokenizer, [(row.where, messages, trained)], "assistant")
+        if len(sequences) != 1:  # a template that is not prefix-stable, and several trained turns
+            raise DataError(
+                f"{row.where}: the chat template renders earlier turns differently once later ones follow, so a "
+                "response of several assistant turns cannot be one sequence; expected one assistant turn"
+            )
+        return sequences[0]
 
     return tokenize.Pair(row.where, side(row.data["chosen"]), side(row.data["rejected"]))
 

@@ -3,7 +3,8 @@
 Row: `{"messages": [{"role", "content"}, ...], "answer"?: str | number}` -- OpenAI's chat format
 as its reinforcement fine-tuning takes it: the conversation so far (ending with a user or system
 message: the model answers next) and, optionally, the reference answer the `exact_match`,
-`contains` and `numeric` rewards compare with. Other keys are ignored.
+`contains` and `numeric` rewards compare with. Other keys are ignored. TRL's GRPO rows read too:
+`{"prompt": [messages]}`, or `{"prompt": "text"}` as one user message.
 Normalised: `{"messages": [...], "answer": str | None}`.
 
 Tokens: the messages through the chat template with the generation prompt, no weight (nothing of
@@ -21,9 +22,17 @@ from ftc.backends.jax.data.read import BadRow, expect_messages, expect_object, k
 
 def normalise(record) -> dict:
     record = expect_object(record)
-    if "messages" not in record:
-        raise BadRow('missing key \'messages\', expected an array of {"role", "content"} messages (the prompt)')
-    messages = expect_messages(record["messages"], "messages")
+    if "messages" in record:
+        messages = expect_messages(record["messages"], "messages")
+    elif isinstance(record.get("prompt"), str):  # TRL's GRPO rows: a text prompt is the user's turn
+        messages = [{"role": "user", "content": record["prompt"]}]
+    elif "prompt" in record:  # TRL's conversational GRPO rows
+        messages = expect_messages(record["prompt"], "prompt")
+    else:
+        raise BadRow(
+            'missing key \'messages\', expected an array of {"role", "content"} messages (the prompt; '
+            "TRL's 'prompt', a string or messages, reads too)"
+        )
     if messages[-1]["role"] == "assistant":
         raise BadRow(
             "'messages' ends with an assistant message: expected the prompt only (it ends with the user's "

@@ -12,9 +12,12 @@ Sources yield raw rows (JSON-like values); the row's shape is the format's busin
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import glob
+import gzip
 import importlib
+import lzma
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -23,8 +26,15 @@ SOURCE_MODULES = {
     "tfds": ".tfds",
     "hf": ".hf_datasets",
     "parquet": ".parquet",
+    "json": ".json_array",
+    "csv": ".delimited",
     "jsonl": ".jsonl",
 }
+
+# Compressed files are read through: `rows.jsonl.gz` is a JSONL file, `rows.csv.xz` a CSV file.
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+# The errors a damaged or mislabelled compressed file raises while it is read.
+DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +74,21 @@ def source_for(entry: str) -> Source:
         if source.claims(entry):
             return source
     raise ValueError(f"no data source kind reads {entry!r}")  # unreachable: jsonl claims any file
+
+
+def base_name(path: str) -> str:
+    """The lower-cased file name without a compression suffix: what says which kind reads it."""
+    name = os.path.basename(path).lower()
+    for suffix in COMPRESSED:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def open_bytes(path: str):
+    """The file's bytes, decompressed when its name ends in .gz, .bz2 or .xz."""
+    opener = COMPRESSED.get(os.path.splitext(path.lower())[1], open)
+    return opener(path, "rb")
 
 
 def file_stat(path: str) -> tuple:

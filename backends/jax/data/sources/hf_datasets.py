@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from ftc.backends.jax.data.read import DataError
+from ftc.backends.jax.data.read import BadRow, DataError
 from ftc.backends.jax.data.sources import Source, file_stat
 from ftc.backends.jax.data.sources.parquet import text_values
 
@@ -103,7 +103,10 @@ def records(source: str, data_dir: str | None = None) -> Iterator[tuple[str, Any
     if not hasattr(dataset, "features"):  # a DatasetDict: resolve() only lets a Dataset directory through
         raise DataError(f"data source {source!r}: holds several splits ({', '.join(dataset)}); name one")
     for i, row in enumerate(dataset):
-        yield f"{source}[{i}]", text_values(row)
+        try:
+            yield f"{source}[{i}]", text_values(row)
+        except BadRow as bad:  # a binary column's bytes that are not UTF-8: this row's problem
+            yield f"{source}[{i}]", bad
 
 
 def fingerprint(source: str) -> tuple:

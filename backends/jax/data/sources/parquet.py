@@ -21,14 +21,21 @@ def records(path: str, data_dir: str | None = None) -> Iterator[tuple[str, Any]]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    def cannot(e: Exception, at: str) -> DataError:
+        return DataError(f"data source {path!r}: cannot read it as Parquet{at} ({type(e).__name__}: {e})")
+
     try:
-        table = pq.ParquetFile(path)
-        batches = table.iter_batches(batch_size=BATCH_ROWS)
-        first = next(batches, None)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"data source {path!r}: cannot read it as Parquet ({type(e).__name__}: {e})") from e
+        raise cannot(e, "") from e
     i = 0
-    for batch in (b for b in (first, *batches) if b is not None):
+    while True:  # a batch at a time: a damaged row group further on is found when reached
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise cannot(e, f" past row {i}" if i else "") from e
+        if batch is None:
+            return
         for row in batch.to_pylist():
             try:
                 yield f"{path}[{i}]", text_values(row)
@@ -37,17 +44,20 @@ def records(path: str, data_dir: str | None = None) -> Iterator[tuple[str, Any]]
             i += 1
 
 
-def text_values(value: Any) -> Any:
-    """Binary columns hold text as bytes; rows are checked as JSON values."""
+def text_values(value: Any, nested: bool = False) -> Any:
+    """Binary columns hold text as bytes; rows are checked as JSON values. A struct's field is
+    null in every element that lacks it (a message without "weight", "name", "tool_calls"): a
+    column cannot tell absent from null, so null fields inside a struct are left out, as JSON
+    would have written the message. A top-level column's null stays (the format names it)."""
     if isinstance(value, bytes):
         try:
             return value.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadRow(f"a binary value is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if isinstance(value, dict):
-        return {k: text_values(v) for k, v in value.items()}
+        return {k: text_values(v, True) for k, v in value.items() if not (nested and v is None)}
     if isinstance(value, (list, tuple)):
-        return [text_values(v) for v in value]
+        return [text_values(v, True) for v in value]
     return value
 
 

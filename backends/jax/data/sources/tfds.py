@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ftc.backends.jax.data.read import DataError
+from ftc.backends.jax.data.read import BadRow, DataError
 from ftc.backends.jax.data.sources import Source
 
 PREFIX = "tfds:"
@@ -35,7 +35,10 @@ def records(source: str, data_dir: str | None = None) -> Iterator[tuple[str, Any
             f"(prepared with file_format='array_record'?): {type(e).__name__}: {e}"
         ) from e
     for i in range(len(data)):
-        yield f"{source}[{i}]", plain(data[i])
+        try:
+            yield f"{source}[{i}]", plain(data[i])
+        except UnicodeDecodeError as e:  # one row's bad bytes are that row's problem
+            yield f"{source}[{i}]", BadRow(f"a bytes feature is not UTF-8 text ({e.reason} at byte {e.start})")
 
 
 def plain(value: Any) -> Any:
