@@ -133,9 +133,11 @@ def activation_bytes(model, batch, spec, mesh_shape) -> float:
     """Rough bytes kept for the backward pass of one micro-batch on one device.
 
     Per token per layer, in compute-dtype elements (t = tensor-parallel size):
-      none: norms and residuals 4h, q/k/v/o h+2kv+h, attention's log-sum-exp N/t (float32), mlp
-      4I/t;  dots: only matmul outputs (2h + 2kv + 3I/t);  full: only the layer input h, plus
-      one layer's worth recomputed during the backward pass.
+      none: the block's input and norm outputs and the mid-block residual 4h, q/k/v h+2kv,
+      attention's output 2h (the kernel's and o_proj's input), its log-sum-exp N/t (float32), the
+      MLP's gate, up and their product 3I/t (norm statistics and activation intermediates are
+      recomputed, models/layers.py `recomputed`);  dots: only matmul outputs (2h + 2kv + 3I/t);
+      full: only the layer input h, plus one layer's worth recomputed during the backward pass.
     Attention keeps no [T, T] probabilities: every kernel a training step runs (blockwise, cuDNN;
     models/attention.py) recomputes them from the log-sum-exp in the backward pass. Logits (and
     their float32 log-softmax) dominate at large vocabularies and are counted once.
@@ -145,7 +147,7 @@ def activation_bytes(model, batch, spec, mesh_shape) -> float:
     h, kv, inter = model.hidden, model.kv_heads * model.head_dim, model.intermediate
     c = DTYPE_BYTES[spec.model.dtype]
     lse = model.heads / t * 4 / c  # float32, in compute-dtype elements
-    per_layer_none = 4 * h + (2 * h + 2 * kv) / t + lse + 4 * inter / t
+    per_layer_none = 4 * h + (3 * h + 2 * kv) / t + lse + 3 * inter / t
     remat = spec.training.remat
     if remat == "full":
         per_token = h * model.layers + per_layer_none
