@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 
 from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
-from ftc.backends.jax.io.model_source import check_tokenizer_dir
+from ftc.backends.jax.io.model_source import check_hf_dir, check_tokenizer_dir
 from ftc.backends.jax.state.files import write_json_atomic
 from ftc.backends.jax.state.init_from import read_model_config
 
@@ -23,7 +23,8 @@ PLAN = "plan.json"
 def model_with_weights(spec) -> tuple[Path, dict]:
     """(model directory, config.json) of `model.base`, which training needs weights of."""
     model_dir, hf_config = read_model_config(spec.model.base)
-    if model_dir is None:
+    if model_dir is None:  # check_hf_dir says why: no weights at all, or only pickle ones ftc never loads
+        check_hf_dir(Path(spec.model.base).expanduser(), spec.model.base)
         raise FileNotFoundError(f"model.base={spec.model.base!r} has a config.json but no *.safetensors weights")
     return model_dir, hf_config
 

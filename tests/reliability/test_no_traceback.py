@@ -52,6 +52,8 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         (lambda m: [p.unlink() for p in m.glob("tokenizer*")], "no tokenizer (tokenizer.json, tokenizer_config.json"),
         (lambda m: _dir_for(m / "model.safetensors"), "model.safetensors is a directory, expected a safetensors file"),
         (lambda m: _config(m, trust_remote_code=True), "config.json has key 'trust_remote_code': true"),
+        (lambda m: _pickle_only(m), "it has only pickle weights (pytorch_model.bin), which ftc does not load"),
+        (lambda m: _config(m, vocab_size=0), "config.json: vocab_size: expected an integer from 1 to"),
     ],
     ids=[
         "truncated-safetensors",
@@ -60,6 +62,8 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         "no-tokenizer",
         "weights-a-dir",
         "remote-code",
+        "pickle-only",
+        "vocab-size-0",
     ],
 )
 def test_a_broken_base_model_is_named_with_its_file(tiny, tmp_path, model, breaks, says):
@@ -72,6 +76,11 @@ def test_a_broken_base_model_is_named_with_its_file(tiny, tmp_path, model, break
 def _truncate(path: Path, fraction: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def _pickle_only(model: Path) -> None:  # pickle bytes ftc must never unpickle
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
 
 
 def _dir_for(path: Path) -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ftc.backends.jax.state.files import run_dir_problem
+
 LOCK_FILE = "ftc.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -38,6 +40,10 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 class LockedError(RuntimeError):
     """Another `ftc run` holds the run directory."""
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be a run's: a file is in the way, or it holds something else."""
 
 
 def _start_time(pid: int) -> str | None:
@@ -175,23 +181,27 @@ class RunLock:
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike):
     """Hold `run_dir`'s lock for the block on process 0; every process of a multi-process run
-    learns whether process 0 got it and raises the same LockedError if not."""
+    learns whether process 0 got it and raises a LockedError if not. A directory that cannot be a
+    run's (`files.run_dir_problem`) is refused first, with a RunDirError, and left as it was."""
     import jax
 
     lock, refusal = RunLock(run_dir), None
     if jax.process_index() == 0:
+        problem = run_dir_problem(run_dir)  # before the lock file makes it look like a run
         try:
+            if problem:
+                raise RunDirError(problem)
             lock.acquire()
-        except LockedError as e:
-            refusal = str(e)
+        except (LockedError, RunDirError) as e:
+            refusal = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         got = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
         if not got and refusal is None:
-            refusal = f"process 0 could not lock {lock.path} (its message says why)"
+            refusal = LockedError(f"process 0 could not lock {lock.path} (its message says why)")
     if refusal is not None:
-        raise LockedError(refusal)
+        raise refusal
     try:
         yield lock
     finally:
