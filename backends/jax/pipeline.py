@@ -27,6 +27,7 @@ from ftc.backends.jax import objectives, probe_runner
 from ftc.backends.jax.generate.in_run import generation_hook
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
+from ftc.backends.jax.memory_fit import memory_problem
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.base import build_model
 from ftc.backends.jax.models import shapes
@@ -218,6 +219,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         spec, hf_config, jax.device_count(), model=model, steps_per_epoch=data.steps_per_epoch
     )
     echo(format_plan(plan, max_params=0))
+    if problem := memory_problem(plan.memory.total, jax.local_devices()):  # before it is OOM-killed, unexplained
+        raise ValueError(problem)
     total = plan.steps.total_steps
     program = build_program(plan, model, abstract_params, objective, reference=with_reference)
     mesh, mask, tx, state_sh, steps = program.mesh, program.mask, program.tx, program.state_sh, program.steps
