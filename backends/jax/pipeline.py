@@ -196,8 +196,12 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
     there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`.
     Holds the run directory's lock throughout (state/lock.py): a second run of it is refused."""
-    with run_lock(spec.run_dir), StopSignals() as stop:
-        return _run(spec, echo=echo, after_step=after_step, stop=stop)
+    with run_lock(spec.run_dir) as lock, StopSignals() as stop:
+        try:
+            return _run(spec, echo=echo, after_step=after_step, stop=stop)
+        except BaseException:
+            lock.discard()  # a start refused before anything was written leaves no run directory
+            raise
 
 
 def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None] | None, stop: StopSignals) -> dict:

@@ -57,3 +57,9 @@ def test_what_a_run_may_be_written_into(tmp_path):
         (tmp_path / marker).touch()
         assert run_dir_problem(tmp_path) is None
         (tmp_path / marker).unlink()
+
+
+def test_a_start_refused_for_its_inputs_leaves_no_run_directory(tiny, tmp_path):
+    code, output = _run(tiny.spec(tmp_path), "--set", f"data.train={tmp_path}/missing.jsonl")
+    assert code == 1 and f"{tmp_path}/missing.jsonl" in output, output
+    assert not (tmp_path / "runs").exists()  # before: runs/tiny/ftc.lock (and checkpoints/) stayed
