@@ -24,6 +24,7 @@ import jax
 from flax import traverse_util
 
 from ftc.backends.jax import objectives, probe_runner
+from ftc.backends.jax.data.loader import rows_digest
 from ftc.backends.jax.generate.in_run import generation_hook
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
@@ -251,12 +252,16 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         "family": model.family.name,
         "model_dir": str(model_dir),
     }
+    rows = getattr(data, "train_rows", None)  # what the data position indexes (rollouts: prompts, kept apart)
+    if rows is not None:
+        metadata["data_digest"] = rows_digest(rows)
     latest = checkpointer.latest_step()
     data_state = None
     if latest is not None:
         saved = checkpointer.metadata(latest)
+        where = f"{checkpointer.directory}/{latest}"
         ckpt_lib.check_resumable(
-            saved, metadata["spec"], tok_hash, f"{checkpointer.directory}/{latest}", plan_fingerprint=plan.fingerprint()
+            saved, metadata["spec"], tok_hash, where, plan.fingerprint(), metadata.get("data_digest")
         )
         state, data_state = frozen_base.restore_state(
             checkpointer,

@@ -63,3 +63,16 @@ def test_a_start_refused_for_its_inputs_leaves_no_run_directory(tiny, tmp_path):
     code, output = _run(tiny.spec(tmp_path), "--set", f"data.train={tmp_path}/missing.jsonl")
     assert code == 1 and f"{tmp_path}/missing.jsonl" in output, output
     assert not (tmp_path / "runs").exists()  # before: runs/tiny/ftc.lock (and checkpoints/) stayed
+
+
+def test_a_resume_on_edited_training_data_is_refused(tiny, tmp_path):
+    # Before: the run resumed and continued at its data position in the other rows.
+    data = tmp_path / "train.jsonl"
+    data.write_bytes((tiny.root / "train.jsonl").read_bytes())
+    spec = tiny.spec(tmp_path, steps=2)
+    spec.write_text(spec.read_text().replace(f"{tiny.root}/train.jsonl", str(data)))
+    assert _run(spec)[0] == 0
+    data.write_text("".join(data.read_text().splitlines(keepends=True)[:5]))
+    code, output = _run(spec, "--set", "training.steps=4")
+    assert code == 1 and "training rows: digest " in output, output
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny" / "checkpoints").iterdir()) == ["2"]
