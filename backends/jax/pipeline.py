@@ -24,7 +24,7 @@ import jax
 from flax import traverse_util
 
 from ftc.backends.jax import objectives, probe_runner
-from ftc.backends.jax.data.loader import rows_digest
+from ftc.backends.jax.data.digest import rows_digest
 from ftc.backends.jax.generate.in_run import generation_hook
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
@@ -39,6 +39,7 @@ from ftc.backends.jax.stages import (
     live_report,
     load_tokenizer,
     model_with_weights,
+    token_id_problem,
     tokenizer_dir,
     tokenizer_hash,
     write_data_stats,
@@ -225,6 +226,8 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     )
     echo(format_plan(plan, max_params=0))
     if problem := memory_problem(plan.memory.total, jax.local_devices()):  # before it is OOM-killed, unexplained
+        raise ValueError(problem)
+    if problem := token_id_problem(getattr(data, "train_rows", None), plan.model.vocab, tok_dir):
         raise ValueError(problem)
     total = plan.steps.total_steps
     program = build_program(plan, model, abstract_params, objective, reference=with_reference)

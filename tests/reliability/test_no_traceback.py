@@ -54,6 +54,8 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         (lambda m: _config(m, trust_remote_code=True), "config.json has key 'trust_remote_code': true"),
         (lambda m: _pickle_only(m), "it has only pickle weights (pytorch_model.bin), which ftc does not load"),
         (lambda m: _config(m, vocab_size=0), "config.json: vocab_size: expected an integer from 1 to"),
+        (lambda m: (m / "tokenizer.json").write_text("{}"), "its tokenizer files do not load: KeyError"),
+        (lambda m: _config(m, vocab_size=100), "but the model's vocab_size is 100 (config.json)"),
     ],
     ids=[
         "truncated-safetensors",
@@ -64,6 +66,8 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         "remote-code",
         "pickle-only",
         "vocab-size-0",
+        "tokenizer-json-empty-object",
+        "tokenizer-of-another-model",
     ],
 )
 def test_a_broken_base_model_is_named_with_its_file(tiny, tmp_path, model, breaks, says):

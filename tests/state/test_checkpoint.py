@@ -136,7 +136,7 @@ def test_resume_with_the_same_spec_but_another_plan_fingerprint_is_refused():
 
 
 def test_resume_on_other_training_rows_is_refused_and_older_checkpoints_resume():
-    from ftc.backends.jax.data.loader import rows_digest
+    from ftc.backends.jax.data.digest import rows_digest
 
     rows = {"input_ids": np.arange(12, dtype=np.int32).reshape(3, 4), "nested": {"w": np.ones((3, 4), np.float32)}}
     edited = {**rows, "input_ids": rows["input_ids"].copy()}
@@ -152,7 +152,7 @@ def test_resume_on_other_training_rows_is_refused_and_older_checkpoints_resume()
 
 
 def test_rows_past_the_whole_digest_size_are_sampled_and_still_see_an_edit(monkeypatch):
-    from ftc.backends.jax.data import loader
+    from ftc.backends.jax.data import digest as loader
 
     monkeypatch.setattr(loader, "_WHOLE_DIGEST_BYTES", 64)
     rows = {"input_ids": np.arange(10_000, dtype=np.int32).reshape(2_500, 4)}

@@ -327,7 +327,7 @@ def check_resumable(
     """Raise ResumeRefusedError naming each training-relevant key that changed since the
     checkpoint at `where` was written, with its old and new value; with the spec unchanged, a
     changed `plan_fingerprint` (compiler.plan.Plan.fingerprint of the resuming run), or training
-    rows other than the checkpoint's (`data_digest`: data/loader.py rows_digest)."""
+    rows other than the checkpoint's (`data_digest`: data/digest.py rows_digest)."""
     problems = [f"  {k}: {old!r} -> {new!r}" for k, old, new in spec_changes(metadata.get("spec", {}), spec_dict)]
     saved_fingerprint = metadata.get("plan_fingerprint")
     if (
