@@ -39,6 +39,7 @@ from ftc.backends.jax.stages import (
     live_report,
     load_tokenizer,
     model_with_weights,
+    nonfinite_paths,
     token_id_problem,
     tokenizer_dir,
     tokenizer_hash,
@@ -283,6 +284,9 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     else:
         init_step = init_from_step(spec)
         params = initial_params(spec, model_dir, abstract_params, state_sh["params"], model=model, init_step=init_step)
+        if bad := nonfinite_paths(params):  # else: a nan loss at step 1, and advice to lower the learning rate
+            where = spec.model.init_from or model_dir
+            raise ValueError(f"{where}: the starting weights hold nan or inf in {', '.join(bad[:3])}: corrupted?")
         init = jax.jit(
             lambda p: ts.init_state(p, tx, mask, spec.training.seed, reference=with_reference),
             out_shardings=state_sh,

@@ -56,6 +56,16 @@ def load_tokenizer(directory: str | os.PathLike):
         raise ModelSourceError(f"{directory}: its tokenizer files do not load: {type(e).__name__}: {e}") from None
 
 
+def nonfinite_paths(params) -> list[str]:
+    """The floating parameters holding a nan or inf (one jitted pass over the weights), by path."""
+    import jax.numpy as jnp
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = [(p, x) for p, x in flat if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in leaves]))
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for (path, _), ok in zip(leaves, finite) if not ok]
+
+
 def token_id_problem(rows: dict | None, vocab_size: int, tok_dir) -> str | None:
     """Why the tokenised training rows cannot feed a model of `vocab_size` tokens, or None: an id
     past the embedding table (a tokenizer of another model; before, the step read past the table
