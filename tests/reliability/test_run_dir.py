@@ -53,10 +53,15 @@ def test_what_a_run_may_be_written_into(tmp_path):
     assert run_dir_problem(tmp_path) is None  # hidden files only
     (tmp_path / "data.jsonl").touch()
     assert "already holds files that are not an ftc run (data.jsonl)" in run_dir_problem(tmp_path)
-    for marker in ("ftc.lock", "checkpoints", "spec.resolved.json"):  # an earlier run, to resume
+    for marker in ("ftc.lock", "spec.resolved.json"):  # an earlier run, to resume
         (tmp_path / marker).touch()
         assert run_dir_problem(tmp_path) is None
         (tmp_path / marker).unlink()
+    (tmp_path / "checkpoints").mkdir()
+    assert run_dir_problem(tmp_path) is None
+    (tmp_path / "checkpoints").rmdir()
+    (tmp_path / "checkpoints").touch()  # before: the run trained until its first save found it
+    assert "checkpoints is a file, where a run keeps its checkpoints directory" in run_dir_problem(tmp_path)
 
 
 def test_a_start_refused_for_its_inputs_leaves_no_run_directory(tiny, tmp_path):

@@ -24,7 +24,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 # What makes a directory a run directory of `ftc run` (the lock is written before anything else).
-RUN_MARKERS = ("spec.resolved.json", "checkpoints", "ftc.lock")
+RESOLVED, CHECKPOINTS, LOCK = "spec.resolved.json", "checkpoints", "ftc.lock"
+RUN_MARKERS = (RESOLVED, CHECKPOINTS, LOCK)
 
 
 def run_dir_problem(run_dir: str | os.PathLike) -> str | None:
@@ -42,6 +43,10 @@ def run_dir_problem(run_dir: str | os.PathLike) -> str | None:
     if not path.is_dir():
         return None
     entries = sorted(name for name in os.listdir(path) if not name.startswith("."))
+    for name, kind in ((CHECKPOINTS, "directory"), (LOCK, "file"), (RESOLVED, "file")):
+        if name in entries and (path / name).is_dir() != (kind == "directory"):  # before: found at the first save
+            other = "file" if kind == "directory" else "directory"
+            return f"{path / name} is a {other}, where a run keeps its {name} {kind}; move it away"
     if not entries or any(marker in entries for marker in RUN_MARKERS):
         return None
     shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
