@@ -240,7 +240,14 @@ def compile_plan(
         counts = Counts(total, sum(math.prod(p.shape) for p in params if p.trainable), (), round(total - inactive))
     batch = _batch_geometry(spec, mesh_shape)
     seq_len = batch.seq_len
-    if model.max_position_embeddings and seq_len > model.max_position_embeddings:
+    learned = [p.shape[p.axes.index("position")] for p in params if "position" in p.axes]
+    if learned and seq_len > min(learned):  # a learned position table has no row past its end
+        raise PlanError(
+            f"model.max_seq_len={seq_len} exceeds the {min(learned)} positions the model's position "
+            f"embeddings were trained for (config.json max_position_embeddings / n_positions); "
+            f"set model.max_seq_len <= {min(learned)}"
+        )
+    if model.max_position_embeddings and seq_len > model.max_position_embeddings:  # rotary: it runs
         notes.append(
             f"model.max_seq_len={seq_len} exceeds the model's max_position_embeddings={model.max_position_embeddings}"
         )

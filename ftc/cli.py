@@ -101,7 +101,8 @@ def init(path, method, objective, base, name, force):
     import re
 
     from ftc.spec import lint_file
-    from ftc.spec.starter import NAME_PATTERN, name_from_file, offline_bases, starter_spec
+    from ftc.spec.load import SUFFIXES
+    from ftc.spec.starter import NAME_PATTERN, as_json, name_from_file, offline_bases, starter_spec
 
     only = choices.method_info(method).get("objectives")
     if only and objective not in (None, *only):
@@ -110,16 +111,28 @@ def init(path, method, objective, base, name, force):
         )
     if name is not None and not re.fullmatch(NAME_PATTERN, name):
         raise click.UsageError(f"--name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in SUFFIXES:
+        raise click.UsageError(f"{path}: a spec is a .toml or .json file, not {suffix or 'a file without suffix'!r}")
     if os.path.exists(path) and not force:
         raise click.UsageError(f"{path} exists; pass --force to overwrite it")
     text = starter_spec(os.path.basename(path), name or name_from_file(path), method, objective, base)
+    text = as_json(text) if suffix == ".json" else text
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    issues = lint_file(path)
-    errors = [i for i in issues if i.severity == "error"]
-    if errors:  # the template and the schema disagree: a bug in ftc, not in the user's input
-        raise click.ClickException("the starter spec does not lint clean:\n" + "\n".join(map(str, errors)))
+    # Linted beside PATH (relative paths resolve alike), renamed over it only when clean: a failure
+    # leaves no broken spec behind and keeps the file --force would have replaced.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp{suffix}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            f.write(text)
+        issues = lint_file(tmp)
+        errors = [i for i in issues if i.severity == "error"]
+        if errors:  # the template and the schema disagree: a bug in ftc, not in the user's input
+            raise click.ClickException("the starter spec does not lint clean:\n" + "\n".join(map(str, errors)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     click.echo(f"wrote {path}: edit the data paths (and model.base), then `ftc lint {path}`")
     for issue in issues:
         if issue.key_path.startswith("model."):

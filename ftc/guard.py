@@ -6,6 +6,8 @@ command expects are its own business (it prints them and exits); what escapes it
                         should be): one line naming the file and what went wrong;
     KeyboardInterrupt   "interrupted", exit status 130 (SIGTERM: "terminated", 143; commands
                         see both as KeyboardInterrupt, so their clean-up runs);
+    BrokenPipeError     stdout's reader is gone (`ftc plan | head`): nothing more, exit 141 as
+                        SIGPIPE would;
     anything else       a bug in ftc: one line naming the command and the error, and where to
                         report it;
 each with the path of a full log (the traceback, the command line, versions) written to the run
@@ -64,6 +66,22 @@ def explain(error: BaseException) -> tuple[str, bool]:
     return f"internal error: {type(error).__name__}: {str(error)[:500]}", True
 
 
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll says POLLERR); if so stdout goes
+    to /dev/null, so that the interpreter's last flush at exit says nothing either."""
+    try:
+        import select
+
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(event & select.POLLERR for _, event in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
+    if gone:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return gone
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that what a command cleans up on the way out (an export's
     temporary directory) is cleaned up; `ftc run` stops its own way (train/loop.py)."""
@@ -88,6 +106,8 @@ class GuardedGroup(click.Group):
             click.echo(f"ftc {ctx.invoked_subcommand or ''}: {what}".replace(" :", ":"), err=True)
             raise SystemExit(code) from None
         except Exception as error:
+            if isinstance(error, BrokenPipeError) and _reader_gone():
+                raise SystemExit(141) from None  # `ftc plan | head`: as a tool SIGPIPE ends, not an error
             if ctx.meta.get(DEBUG) or os.environ.get("FTC_DEBUG"):
                 raise
             command = ctx.invoked_subcommand or ""

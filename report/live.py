@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 from ftc.report import LIVE_REFRESH_SECONDS, REPORT_FILE, write_report
+from ftc.report.rundir import METRICS
 
 
 class LiveReport:
@@ -35,7 +36,12 @@ class LiveReport:
             self._write(live=True, step=step)
 
     def final(self) -> None:
-        self._write(live=False, step=None)
+        """The last refresh, without the reload; none when nothing was logged (a run that failed
+        or was stopped before its first step: its own message says why, a report would only say
+        that there is nothing to show)."""
+        metrics = os.path.join(self.run_dir, METRICS)
+        if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+            self._write(live=False, step=None)
 
     def _write(self, *, live: bool, step: int | None) -> None:
         self._last = time.monotonic()

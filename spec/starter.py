@@ -150,6 +150,14 @@ def starter_spec(
     )
 
 
+def as_json(toml_text: str) -> str:
+    """The starter spec for a .json path: the same keys and values, without the comments JSON
+    cannot hold (the TOML starter is the documented one)."""
+    import tomllib
+
+    return json.dumps(tomllib.loads(toml_text), indent=2) + "\n"
+
+
 def _base_options(objective: str) -> str:
     """Comment lines: the offline bases for the objective, and whether each works on this machine."""
     lines = ["# Offline bases (ftc never downloads a model):"]

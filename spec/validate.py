@@ -10,8 +10,10 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 
 import jsonschema
+import jsonschema.validators
 
 from ftc.spec import choices, local_files, rl, schema_walk, targets
 from ftc.spec.errors import SpecIssue, format_key_path
@@ -55,9 +57,18 @@ def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
 # ---- schema -------------------------------------------------------------------------------
 
 
+def _ecma_pattern(validator, pattern, instance, schema):
+    # JSON Schema patterns are ECMA-262 regexes, whose `$` ends the string; Python's `$` also
+    # matches before a final newline, which let name = "tiny\n" (a run directory named so) pass.
+    anchored = pattern[:-1] + r"\Z" if pattern.endswith("$") and not pattern.endswith(r"\$") else pattern
+    if validator.is_type(instance, "string") and not re.search(anchored, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 @functools.cache
 def _validator():
-    return jsonschema.Draft202012Validator(schema_walk.schema())
+    strict = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})
+    return strict(schema_walk.schema())
 
 
 def schema_issues(data: dict, where: Where) -> list[SpecIssue]:

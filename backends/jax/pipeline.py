@@ -24,9 +24,11 @@ import jax
 from flax import traverse_util
 
 from ftc.backends.jax import objectives, probe_runner
+from ftc.backends.jax.data.digest import rows_digest
 from ftc.backends.jax.generate.in_run import generation_hook
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.io.hf_checkpoint import abstract_params as family_abstract
+from ftc.backends.jax.memory_fit import memory_problem
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.methods.base import build_model
 from ftc.backends.jax.models import shapes
@@ -37,6 +39,8 @@ from ftc.backends.jax.stages import (
     live_report,
     load_tokenizer,
     model_with_weights,
+    nonfinite_paths,
+    token_id_problem,
     tokenizer_dir,
     tokenizer_hash,
     write_data_stats,
@@ -195,8 +199,12 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     """Train `spec` (an ftc.spec.Spec) into its run directory; resumes from the latest checkpoint
     there. Returns {"run_dir", "step", "total_steps"}. `after_step` is passed to `train_loop`.
     Holds the run directory's lock throughout (state/lock.py): a second run of it is refused."""
-    with run_lock(spec.run_dir), StopSignals() as stop:
-        return _run(spec, echo=echo, after_step=after_step, stop=stop)
+    with run_lock(spec.run_dir) as lock, StopSignals() as stop:
+        try:
+            return _run(spec, echo=echo, after_step=after_step, stop=stop)
+        except BaseException:
+            lock.discard()  # a start refused before anything was written leaves no run directory
+            raise
 
 
 def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None] | None, stop: StopSignals) -> dict:
@@ -218,6 +226,10 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         spec, hf_config, jax.device_count(), model=model, steps_per_epoch=data.steps_per_epoch
     )
     echo(format_plan(plan, max_params=0))
+    if problem := memory_problem(plan.memory.total, jax.local_devices()):  # before it is OOM-killed, unexplained
+        raise ValueError(problem)
+    if problem := token_id_problem(getattr(data, "train_rows", None), plan.model.vocab, tok_dir):
+        raise ValueError(problem)
     total = plan.steps.total_steps
     program = build_program(plan, model, abstract_params, objective, reference=with_reference)
     mesh, mask, tx, state_sh, steps = program.mesh, program.mask, program.tx, program.state_sh, program.steps
@@ -244,12 +256,16 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         "family": model.family.name,
         "model_dir": str(model_dir),
     }
+    rows = getattr(data, "train_rows", None)  # what the data position indexes (rollouts: prompts, kept apart)
+    if rows is not None:
+        metadata["data_digest"] = rows_digest(rows)
     latest = checkpointer.latest_step()
     data_state = None
     if latest is not None:
         saved = checkpointer.metadata(latest)
+        where = f"{checkpointer.directory}/{latest}"
         ckpt_lib.check_resumable(
-            saved, metadata["spec"], tok_hash, f"{checkpointer.directory}/{latest}", plan_fingerprint=plan.fingerprint()
+            saved, metadata["spec"], tok_hash, where, plan.fingerprint(), metadata.get("data_digest")
         )
         state, data_state = frozen_base.restore_state(
             checkpointer,
@@ -268,6 +284,9 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     else:
         init_step = init_from_step(spec)
         params = initial_params(spec, model_dir, abstract_params, state_sh["params"], model=model, init_step=init_step)
+        if bad := nonfinite_paths(params):  # else: a nan loss at step 1, and advice to lower the learning rate
+            where = spec.model.init_from or model_dir
+            raise ValueError(f"{where}: the starting weights hold nan or inf in {', '.join(bad[:3])}: corrupted?")
         init = jax.jit(
             lambda p: ts.init_state(p, tx, mask, spec.training.seed, reference=with_reference),
             out_shardings=state_sh,

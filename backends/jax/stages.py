@@ -10,8 +10,9 @@ from pathlib import Path
 
 import jax
 
+from ftc.backends.jax.data.digest import named_leaves
 from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
-from ftc.backends.jax.io.model_source import check_tokenizer_dir
+from ftc.backends.jax.io.model_source import ModelSourceError, check_hf_dir, check_tokenizer_dir
 from ftc.backends.jax.state.files import write_json_atomic
 from ftc.backends.jax.state.init_from import read_model_config
 
@@ -23,7 +24,8 @@ PLAN = "plan.json"
 def model_with_weights(spec) -> tuple[Path, dict]:
     """(model directory, config.json) of `model.base`, which training needs weights of."""
     model_dir, hf_config = read_model_config(spec.model.base)
-    if model_dir is None:
+    if model_dir is None:  # check_hf_dir says why: no weights at all, or only pickle ones ftc never loads
+        check_hf_dir(Path(spec.model.base).expanduser(), spec.model.base)
         raise FileNotFoundError(f"model.base={spec.model.base!r} has a config.json but no *.safetensors weights")
     return model_dir, hf_config
 
@@ -48,7 +50,35 @@ def load_tokenizer(directory: str | os.PathLike):
     from transformers import AutoTokenizer  # transformers is slow to import; `ftc plan` never needs it
 
     check_tokenizer_dir(directory)  # transformers' own messages for these name no file
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - whatever transformers / tokenizers raise, the cause is these files
+        raise ModelSourceError(f"{directory}: its tokenizer files do not load: {type(e).__name__}: {e}") from None
+
+
+def nonfinite_paths(params) -> list[str]:
+    """The floating parameters holding a nan or inf (one jitted pass over the weights), by path."""
+    import jax.numpy as jnp
+
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = [(p, x) for p, x in flat if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jax.device_get(jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in leaves]))
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+def token_id_problem(rows: dict | None, vocab_size: int, tok_dir) -> str | None:
+    """Why the tokenised training rows cannot feed a model of `vocab_size` tokens, or None: an id
+    past the embedding table (a tokenizer of another model; before, the step read past the table
+    and the loss was nan at step 1, with advice to lower the learning rate)."""
+    ids = [a for path, a in named_leaves(rows or {}) if path.rsplit("/", 1)[-1] in ("input_ids", "targets") and a.size]
+    largest = max((int(a.max()) for a in ids), default=-1)
+    if largest < vocab_size:
+        return None
+    return (
+        f"the tokenizer ({tok_dir}) gives token id {largest}, but the model's vocab_size is {vocab_size} "
+        "(config.json): they do not belong together; model.tokenizer (default: model.base's own) must be "
+        "the tokenizer the model was trained with"
+    )
 
 
 def build_data(spec, tokenizer):

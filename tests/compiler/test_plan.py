@@ -158,6 +158,22 @@ def test_micro_batch_that_does_not_split_over_data_and_fsdp_is_an_error_naming_t
         _tiny_plan({"training": {"batch_size": 8, "micro_batch_size": 4}})
 
 
+def test_a_sequence_longer_than_a_learned_position_table_is_an_error_rotary_a_note():
+    # Before: GPT-2 with n_positions=16 and max_seq_len=32 planned, then trained to a nan loss at
+    # step 1 (positions past the table read nothing) with advice to lower the learning rate.
+    from ftc.backends.jax.models import family_for, shapes
+
+    cfg = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 8, "vocab_size": 320}
+    family = family_for(cfg)
+    infos = shapes.param_infos(shapes.abstract_boxed_params(family.build(family.config_from_hf(cfg))))
+    with pytest.raises(PlanError, match=r"model.max_seq_len=16 exceeds the 8 positions .* <= 8"):
+        plan_lib.compile_plan(tl.spec(), cfg, 1, family=family.name, param_infos=infos)
+    fits = tl.spec({"model": {"max_seq_len": 8}})
+    assert plan_lib.compile_plan(fits, cfg, 1, family=family.name, param_infos=infos).batch.seq_len == 8
+    rotary = _tiny_plan({"model": {"max_seq_len": 128}}, devices=1)  # tiny Llama: 64 positions, RoPE
+    assert "model.max_seq_len=128 exceeds the model's max_position_embeddings=64" in rotary.notes
+
+
 def test_trainable_mask_sets_trainable_count_and_memory_for_grads_and_optimizer():
     full = _tiny_plan(devices=1)
     mlp_only = _tiny_plan(devices=1, trainable=lambda path: "/mlp/" in path)

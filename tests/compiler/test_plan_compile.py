@@ -65,6 +65,15 @@ def test_plan_compile_on_a_device_count_the_mesh_does_not_divide_says_so_before_
     assert r.exit_code == 2 and "--devices" in r.output
 
 
+def test_plan_compile_on_more_cpu_devices_than_xla_makes_says_so_before_starting_them(tmp_path):
+    # Before: --devices 100000 spawned a process that made 100,000 CPU devices, ignored SIGTERM and
+    # aborted inside XLA after 9 minutes; 4,096 ended in an internal error.
+    spec = _spec(tmp_path, "[mesh]\nfsdp = 1\ntensor = -1\n")
+    r = CliRunner().invoke(main, ["plan", spec, "--devices", "4096", "--compile"])
+    assert r.exit_code == 1 and "--compile --devices 4096: XLA:CPU makes at most 2048 devices" in r.output, r.output
+    assert CliRunner().invoke(main, ["plan", spec, "--devices", "4096"]).exit_code == 0  # the plan alone is fine
+
+
 def test_plan_compile_of_an_objective_not_trained_by_a_train_step_says_why(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text(json.dumps(tl.tiny_llama_config()))

@@ -52,6 +52,11 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         (lambda m: [p.unlink() for p in m.glob("tokenizer*")], "no tokenizer (tokenizer.json, tokenizer_config.json"),
         (lambda m: _dir_for(m / "model.safetensors"), "model.safetensors is a directory, expected a safetensors file"),
         (lambda m: _config(m, trust_remote_code=True), "config.json has key 'trust_remote_code': true"),
+        (lambda m: _pickle_only(m), "it has only pickle weights (pytorch_model.bin), which ftc does not load"),
+        (lambda m: _config(m, vocab_size=0), "config.json: vocab_size: expected an integer from 1 to"),
+        (lambda m: (m / "tokenizer.json").write_text("{}"), "its tokenizer files do not load: KeyError"),
+        (lambda m: _config(m, vocab_size=100), "but the model's vocab_size is 100 (config.json)"),
+        (lambda m: _nan_in(m / "model.safetensors"), "the starting weights hold nan or inf in layers/mlp/down_proj"),
     ],
     ids=[
         "truncated-safetensors",
@@ -60,6 +65,11 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         "no-tokenizer",
         "weights-a-dir",
         "remote-code",
+        "pickle-only",
+        "vocab-size-0",
+        "tokenizer-json-empty-object",
+        "tokenizer-of-another-model",
+        "nan-weights",
     ],
 )
 def test_a_broken_base_model_is_named_with_its_file(tiny, tmp_path, model, breaks, says):
@@ -72,6 +82,19 @@ def test_a_broken_base_model_is_named_with_its_file(tiny, tmp_path, model, break
 def _truncate(path: Path, fraction: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * fraction)])
+
+
+def _nan_in(path: Path) -> None:  # one stored value made nan, the file otherwise intact
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _pickle_only(model: Path) -> None:  # pickle bytes ftc must never unpickle
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04junk")
 
 
 def _dir_for(path: Path) -> None:

@@ -101,3 +101,34 @@ def test_without_flock_the_holders_pid_and_host_decide(tmp_path, monkeypatch):
     lock = lock_lib.RunLock(tmp_path).acquire()
     assert lock.held
     lock.release()
+
+
+def test_a_refused_start_removes_only_what_its_lock_made(tmp_path):
+    made = tmp_path / "runs" / "new"
+    lock = lock_lib.RunLock(made).acquire()
+    (made / "checkpoints").mkdir()  # Orbax's directory, still empty
+    lock.discard()
+    assert not (tmp_path / "runs").exists()  # the run directory and the output_dir it made
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    lock_lib.RunLock(kept).acquire().discard()
+    assert kept.is_dir() and list(kept.iterdir()) == []  # the user's directory stays, without ftc.lock
+    lock = lock_lib.RunLock(kept).acquire()
+    (kept / "spec.resolved.json").write_text("{}")  # the run wrote something: nothing goes
+    lock.discard()
+    assert sorted(p.name for p in kept.iterdir()) == ["ftc.lock", "spec.resolved.json"]
+    lock_lib.RunLock(kept).acquire().discard()  # a lock file it did not make is only released
+    assert (kept / "ftc.lock").read_text() == ""
+
+
+def test_a_lock_taken_on_a_removed_lock_file_is_taken_again_on_the_new_one(tmp_path):
+    first = lock_lib.RunLock(tmp_path / "run").acquire()
+    late = os.open(first.path, os.O_RDWR)  # a second run opened the file before the first removed it
+    first.discard()
+    fcntl.flock(late, fcntl.LOCK_EX | fcntl.LOCK_NB)  # it locks the removed file...
+    assert not lock_lib._same_file(late, first.path)  # ...which acquire notices, and retries
+    with lock_lib.RunLock(tmp_path / "run") as second:
+        assert lock_lib._same_file(second._fd, second.path)
+        with pytest.raises(lock_lib.LockedError):
+            lock_lib.RunLock(tmp_path / "run").acquire()
+    os.close(late)

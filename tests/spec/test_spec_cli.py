@@ -133,3 +133,28 @@ def test_starter_name_pattern_is_the_schemas():
     from ftc.spec.starter import NAME_PATTERN
 
     assert load_schema()["properties"]["name"]["pattern"] == f"^{NAME_PATTERN}$"
+
+
+def test_init_writes_json_for_a_json_path_and_refuses_other_suffixes(tmp_path):
+    # Before: TOML text went into spec.json, failed its own lint and was left behind.
+    path = tmp_path / "bot.json"
+    result = CliRunner().invoke(main, ["init", str(path), "--method", "qlora", "--objective", "dpo"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(path.read_text())["method"]["kind"] == "qlora"
+    assert CliRunner().invoke(main, ["lint", str(path)]).exit_code == 0
+    for bad in ("bot.txt", "bot"):
+        result = CliRunner().invoke(main, ["init", str(tmp_path / bad)])
+        assert result.exit_code == 2 and "a spec is a .toml or .json file" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bot.json"]  # nothing else, no temporary file
+
+
+def test_a_closed_stdout_ends_a_command_quietly(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before ftc writes: `ftc schema | head -0`
+    proc = subprocess.run([sys.executable, "-m", "ftc.cli", "schema"], stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr  # before: "error: Broken pipe" and a log

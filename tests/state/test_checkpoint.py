@@ -133,3 +133,29 @@ def test_resume_with_the_same_spec_but_another_plan_fingerprint_is_refused():
     # Checkpoints from before resume checked fingerprints (no version) resume on their spec.
     old = {"spec": spec, "plan_fingerprint": "aaaa"}
     ckpt_lib.check_resumable(old, spec, None, "here", plan_fingerprint="bbbb")
+
+
+def test_resume_on_other_training_rows_is_refused_and_older_checkpoints_resume():
+    from ftc.backends.jax.data.digest import rows_digest
+
+    rows = {"input_ids": np.arange(12, dtype=np.int32).reshape(3, 4), "nested": {"w": np.ones((3, 4), np.float32)}}
+    edited = {**rows, "input_ids": rows["input_ids"].copy()}
+    edited["input_ids"][1, 2] += 1
+    assert rows_digest(rows) == rows_digest({k: (v.copy() if k == "input_ids" else v) for k, v in rows.items()})
+    assert rows_digest(rows) != rows_digest(edited)
+    assert rows_digest(rows) != rows_digest({**rows, "input_ids": rows["input_ids"][:2]})
+    spec = tl.spec().to_dict()
+    ckpt_lib.check_resumable({"spec": spec, "data_digest": "aaaa"}, spec, None, "here", None, "aaaa")
+    ckpt_lib.check_resumable({"spec": spec}, spec, None, "here", None, "bbbb")  # saved before the digest was
+    with pytest.raises(ckpt_lib.ResumeRefusedError, match=r"training rows: digest aaaa -> bbbb \(data.train's files"):
+        ckpt_lib.check_resumable({"spec": spec, "data_digest": "aaaa"}, spec, None, "here", None, "bbbb")
+
+
+def test_rows_past_the_whole_digest_size_are_sampled_and_still_see_an_edit(monkeypatch):
+    from ftc.backends.jax.data import digest as loader
+
+    monkeypatch.setattr(loader, "_WHOLE_DIGEST_BYTES", 64)
+    rows = {"input_ids": np.arange(10_000, dtype=np.int32).reshape(2_500, 4)}
+    edited = {"input_ids": rows["input_ids"].copy()}
+    edited["input_ids"][1_234, 0] = -1  # a row the sample skips: the sum still changes
+    assert loader.rows_digest(rows) != loader.rows_digest(edited)

@@ -22,6 +22,7 @@ import numpy as np
 from ftc.backends.jax.io import hf_checkpoint, verify
 from ftc.backends.jax.models import shapes
 from ftc.backends.jax.state import files
+from ftc.backends.jax.state.files import RUN_MARKERS
 from ftc.spec import schema_walk
 
 DTYPES = tuple(schema_walk.node_at(("export", "dtype"))["enum"])
@@ -50,8 +51,6 @@ class ExportResult:
     how_to_load: str
 
 
-# What makes a directory a run directory of `ftc run` (written before anything else of a run).
-RUN_MARKERS = ("spec.resolved.json", "checkpoints", "ftc.lock")
 _MAX_CHECKED = 100_000  # entries of a directory to replace that are searched for a run
 
 

@@ -27,8 +27,9 @@ import ml_dtypes
 import numpy as np
 from flax import traverse_util
 
+from ftc.backends.jax.io.hf_config import read_hf_config  # part of this module's API
 from ftc.backends.jax.io.safetensors_read import SAFETENSORS_DTYPES, SafetensorsCheckpoint
-from ftc.backends.jax.models import family_for, supported_model_types
+from ftc.backends.jax.models import family_for
 from ftc.backends.jax.models.family import Family, HfTensor
 from ftc.backends.jax.models.shapes import abstract_params, logical_axes  # part of this module's API
 
@@ -58,36 +59,6 @@ class LoadedModel:
     params: Any  # nested dict of jax.Array (unboxed), the layout `family.build` creates
     hf_config: dict  # config.json as read
     model_dir: Path
-
-
-def custom_code(config: dict) -> str | None:
-    """What in a config.json asks for the model's own code (`auto_map`, `trust_remote_code`), or None."""
-    if "auto_map" in config:
-        auto_map = config["auto_map"]
-        return f"key 'auto_map' {sorted(auto_map) if isinstance(auto_map, dict) else auto_map!r}"
-    if config.get("trust_remote_code"):
-        return f"key 'trust_remote_code': {json.dumps(config['trust_remote_code'])}"
-    return None
-
-
-def read_hf_config(model_dir: str | os.PathLike) -> dict:
-    """config.json of a local HF directory, refusing custom code (auto_map / trust_remote_code)."""
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
-    try:
-        config = json.loads(config_path.read_bytes())
-    except ValueError as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
-    code = custom_code(config)
-    if code:
-        raise ValueError(
-            f"{config_path}: {code} asks for custom model code (trust_remote_code); ftc never runs code "
-            f"from a checkpoint. Supported built-in model_type values: {', '.join(supported_model_types())}"
-        )
-    return config
 
 
 # ---------------------------------------------------------------- scanned stacks

@@ -20,7 +20,8 @@ import os
 import re
 from pathlib import Path
 
-from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES, custom_code
+from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
+from ftc.backends.jax.io.hf_config import custom_code
 
 PACKAGE_PREFIX = "package:"
 _HF_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<file>[^@]+\.gguf))?")

@@ -71,6 +71,8 @@ def _entry_problem(entry, data_bytes: int) -> str | None:
         count = int(np.prod([int(d) for d in shape], dtype=np.int64))
     except (TypeError, KeyError, ValueError):
         return f"has a malformed header entry {str(entry)[:200]}"
+    if any(int(d) < 0 for d in shape):  # two negative dims multiply to a plausible count
+        return f"has shape {shape}: a dimension below 0"
     if not 0 <= begin <= end:
         return f"has data offsets {begin}..{end}"
     if end > data_bytes:

@@ -317,11 +317,17 @@ def fingerprint_metadata(plan_fingerprint: str) -> dict:
 
 
 def check_resumable(
-    metadata: dict, spec_dict: dict, tokenizer_hash: str | None, where: str, plan_fingerprint: str | None = None
+    metadata: dict,
+    spec_dict: dict,
+    tokenizer_hash: str | None,
+    where: str,
+    plan_fingerprint: str | None = None,
+    data_digest: str | None = None,
 ) -> None:
     """Raise ResumeRefusedError naming each training-relevant key that changed since the
     checkpoint at `where` was written, with its old and new value; with the spec unchanged, a
-    changed `plan_fingerprint` (compiler.plan.Plan.fingerprint of the resuming run)."""
+    changed `plan_fingerprint` (compiler.plan.Plan.fingerprint of the resuming run), or training
+    rows other than the checkpoint's (`data_digest`: data/digest.py rows_digest)."""
     problems = [f"  {k}: {old!r} -> {new!r}" for k, old, new in spec_changes(metadata.get("spec", {}), spec_dict)]
     saved_fingerprint = metadata.get("plan_fingerprint")
     if (
@@ -338,6 +344,12 @@ def check_resumable(
     saved_hash = metadata.get("tokenizer_hash")
     if saved_hash and tokenizer_hash and saved_hash != tokenizer_hash:
         problems.append(f"  tokenizer: hash {saved_hash} -> {tokenizer_hash}")
+    saved_rows = metadata.get("data_digest")
+    if saved_rows and data_digest and saved_rows != data_digest:
+        problems.append(
+            f"  training rows: digest {saved_rows} -> {data_digest} (data.train's files hold other rows than "
+            "when the checkpoint was saved; its data position would continue in other data)"
+        )
     if metadata.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
         problems.append(
             f"  checkpoint format {metadata['format_version']} is newer than this ftc reads ({FORMAT_VERSION})"

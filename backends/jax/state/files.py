@@ -1,10 +1,12 @@
 """Run-directory files written whole or not at all: a reader (a resumed run, a report, a second
-process) never sees half a file, even when the writer is killed midway."""
+process) never sees half a file, even when the writer is killed midway; and which directories
+`ftc run` may write a run into at all (`run_dir_problem`)."""
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 
@@ -19,3 +21,36 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """`data` as indented JSON (and a final newline) into `path`, atomically."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+# What makes a directory a run directory of `ftc run` (the lock is written before anything else).
+RESOLVED, CHECKPOINTS, LOCK = "spec.resolved.json", "checkpoints", "ftc.lock"
+RUN_MARKERS = (RESOLVED, CHECKPOINTS, LOCK)
+
+
+def run_dir_problem(run_dir: str | os.PathLike) -> str | None:
+    """Why `ftc run` must not write into `run_dir`, or None: a file is where it or a directory
+    above it should be, or it already holds files of something else than an ftc run (a run writes
+    its files there and replaces its export/, which would lose what was there). An empty
+    directory, one with only hidden files (.gitkeep), or any earlier run (to resume) is fine."""
+    path = Path(os.path.abspath(run_dir))
+    for where in (path, *path.parents):
+        if where.exists() or where.is_symlink():
+            if not where.is_dir():
+                what = "the run directory <output_dir>/<name>" if where == path else "a directory above the run's"
+                return f"{where} is a file, not a directory (it is {what}); choose another name or output_dir"
+            break
+    if not path.is_dir():
+        return None
+    entries = sorted(name for name in os.listdir(path) if not name.startswith("."))
+    for name, kind in ((CHECKPOINTS, "directory"), (LOCK, "file"), (RESOLVED, "file")):
+        if name in entries and (path / name).is_dir() != (kind == "directory"):  # before: found at the first save
+            other = "file" if kind == "directory" else "directory"
+            return f"{path / name} is a {other}, where a run keeps its {name} {kind}; move it away"
+    if not entries or any(marker in entries for marker in RUN_MARKERS):
+        return None
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    return (
+        f"{path} already holds files that are not an ftc run ({shown}); a run writes its files there and "
+        "replaces its export/: choose another name or output_dir, or move those files away"
+    )

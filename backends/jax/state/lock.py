@@ -11,8 +11,9 @@ lock: a record of a process on this host that is gone (pid not alive, or alive w
 time) is stale and taken over; one of another host is stale once its heartbeat (the file's mtime,
 touched every HEARTBEAT_S by the holder) is older than STALE_S.
 
-The file is never deleted (deleting a flock'ed file lets two processes lock two different files);
-on release it is emptied.
+The file is emptied on release and deleted only by `discard`, for a run that wrote nothing else
+(a refused start), while it is still locked; `acquire` checks after its flock that the path is still
+the file it locked, and retries if not, so two processes never hold two different files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ftc.backends.jax.state.files import run_dir_problem
+
 LOCK_FILE = "ftc.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
@@ -38,6 +41,10 @@ _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 class LockedError(RuntimeError):
     """Another `ftc run` holds the run directory."""
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be a run's: a file is in the way, or it holds something else."""
 
 
 def _start_time(pid: int) -> str | None:
@@ -57,6 +64,14 @@ def _alive(pid: int, start: str | None) -> bool:
     except PermissionError:  # another user's process: alive
         return True
     return start is None or _start_time(pid) in (None, start)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def holder_record() -> dict:
@@ -84,10 +99,22 @@ class RunLock:
         self._fd: int | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._flock = False
+        self._made: list[Path] = []  # what acquire created: the lock file, then directories, deepest first
 
     def acquire(self) -> RunLock:
+        for _ in range(10):  # another run may remove a lock file it made between our open and flock
+            if self._try_acquire():
+                return self
+        raise LockedError(f"{self.path}: removed and made again while this run tried to lock it; run again")
+
+    def _try_acquire(self) -> bool:
+        missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, made = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            fd, made = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), False
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -99,17 +126,40 @@ class RunLock:
                     raise
                 flock = False
                 self._check_record(self._read(fd))
+            if flock and not _same_file(fd, self.path):  # locked a file `discard` had removed
+                os.close(fd)
+                return False
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder_record()) + "\n").encode(), 0)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self.held = fd, True
+        self._fd, self.held, self._flock = fd, True, flock
+        self._made = ([self.path] if made else []) + [d for d in missing if d.exists()]
         if not flock:
             self._heartbeat = threading.Thread(target=self._beat, name="ftc-lock-heartbeat", daemon=True)
             self._heartbeat.start()
-        return self
+        return True
+
+    def discard(self) -> None:
+        """Release, and remove what `acquire` made when the run wrote nothing else (it failed or
+        was stopped before its first file): a refused start leaves no run directory behind. Only
+        with flock: the file is removed while locked, and `acquire` retries a file so removed."""
+        if not (self.held and self._flock and self._made and self._made[0] == self.path):
+            return self.release()
+        run_dir = self.path.parent
+        checkpoints = run_dir / "checkpoints"
+        entries = set(os.listdir(run_dir)) - {LOCK_FILE}
+        if entries - {"checkpoints"} or (entries and (not checkpoints.is_dir() or any(checkpoints.iterdir()))):
+            return self.release()
+        self.path.unlink()
+        with contextlib.suppress(OSError):
+            checkpoints.rmdir()
+        self.release()
+        for directory in self._made[1:]:  # only while empty: another process may write there now
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
     def release(self) -> None:
         if not self.held:
@@ -175,23 +225,27 @@ class RunLock:
 @contextlib.contextmanager
 def run_lock(run_dir: str | os.PathLike):
     """Hold `run_dir`'s lock for the block on process 0; every process of a multi-process run
-    learns whether process 0 got it and raises the same LockedError if not."""
+    learns whether process 0 got it and raises a LockedError if not. A directory that cannot be a
+    run's (`files.run_dir_problem`) is refused first, with a RunDirError, and left as it was."""
     import jax
 
     lock, refusal = RunLock(run_dir), None
     if jax.process_index() == 0:
+        problem = run_dir_problem(run_dir)  # before the lock file makes it look like a run
         try:
+            if problem:
+                raise RunDirError(problem)
             lock.acquire()
-        except LockedError as e:
-            refusal = str(e)
+        except (LockedError, RunDirError) as e:
+            refusal = e
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         got = multihost_utils.broadcast_one_to_all(np.int32(refusal is None))
         if not got and refusal is None:
-            refusal = f"process 0 could not lock {lock.path} (its message says why)"
+            refusal = LockedError(f"process 0 could not lock {lock.path} (its message says why)")
     if refusal is not None:
-        raise LockedError(refusal)
+        raise refusal
     try:
         yield lock
     finally:
