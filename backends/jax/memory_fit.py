@@ -4,8 +4,10 @@ is loaded or batch built.
 A spec that asks for far more memory than there is (a max_seq_len of a billion tokens, a batch
 of thousands) used to run until the kernel's OOM killer ended the process with SIGKILL: no message,
 and on a shared machine other processes could go with it. The plan's per-device estimate
-(compiler/memory.py) is, if anything, low (the bench measured 485 MiB where it said 445 MiB), so
-an estimate above the memory there is cannot fit. Devices: an accelerator's `bytes_limit`; the
+(compiler/memory.py) is within about 15% of the measured buffers (bench/README.md: 1.11x on the
+cpu config since the norms and activations are recomputed, 0.92x before), so a run is refused only
+when the estimate is over MARGIN times the memory there is: a spec that would fit is never refused
+for the estimate's error, and one that asks for far more still is. Devices: an accelerator's `bytes_limit`; the
 CPU "devices" of one host share its memory (the smaller of MemTotal and the cgroup's limit).
 FTC_MEMORY_CHECK=0 skips the check (an estimate is an estimate).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 from ftc.compiler.report import human_bytes
 
 ENV = "FTC_MEMORY_CHECK"
+MARGIN = 1.25
 
 
 def host_memory_bytes() -> tuple[int | None, str]:
@@ -56,7 +59,7 @@ def memory_problem(per_device: int, devices: list) -> str | None:
     else:
         need, (have, source) = per_device, device_memory_bytes(devices[0])
         what = f"{human_bytes(per_device)} per device"
-    if not have or need <= have:
+    if not have or need <= MARGIN * have:
         return None
     return (
         f"the plan's memory estimate is {what}, more than this machine has ({human_bytes(have)}, {source}); "
