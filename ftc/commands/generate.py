@@ -71,6 +71,13 @@ def generate(
         raise SystemExit(1)
     if out is not None and os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists; pass --force to replace it")
+    if out is not None:
+        from ftc.commands.out_path import out_file_problem
+
+        problem = out_file_problem(out)
+        if problem:  # before the model loads: found now, not after every prompt is generated
+            click.echo(f"error: --out {out}: {problem}", err=True)
+            raise SystemExit(1)
     from ftc.commands.loading import load_or_exit
 
     rows = None

@@ -38,6 +38,7 @@ from ftc.backends.jax.io.model_source import ModelSourceError, resolve_model_sou
 from ftc.backends.jax.methods import adapter, adapter_io
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.models import shapes
+from ftc.backends.jax.stages import RESOLVED_SPEC
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import frozen_base
 from ftc.spec import spec_from_dict
@@ -121,6 +122,11 @@ def load_source(source: str | os.PathLike, *, dtype: str = "float32") -> Source:
     try:
         if os.path.isdir(ckpt_lib.checkpoint_dir(str(path))):
             return _from_run(source, path, dtype)
+        if (path / RESOLVED_SPEC).is_file() and not (path / "config.json").is_file():
+            raise SourceError(
+                f"cannot generate from {source!r}: it is a run directory of `ftc run` with no checkpoint yet "
+                f"(no {ckpt_lib.checkpoint_dir(str(path))}); run its spec until it saves one, or give the base model"
+            )
         for config in (path / adapter_io.CONFIG_FILE, path / adapter.HF_SUBDIR / adapter_io.CONFIG_FILE):
             if config.is_file():
                 return _from_method_dir(source, path, json.loads(config.read_text()), dtype)

@@ -1,0 +1,108 @@
+"""`ftc generate`, `ftc chat` and `ftc eval` refuse what they cannot do with one line naming the
+option or path, a non-zero exit and no output file, never an internal error; and they refuse it
+before the model loads where the problem is in the arguments (a missing --out directory used to be
+found only at the final write, after every prompt was generated)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import train_testlib as tl
+from click.testing import CliRunner
+from data_testlib import chat, write_jsonl
+
+from ftc.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tl.make_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "nan"], "'--temperature': nan is not a finite number"),
+        (["--temperature", "inf"], "'--temperature': inf is not a finite number"),
+        (["--min-p", "nan"], "'--min-p': nan is not a finite number"),
+        (["--top-p", "nan"], "'--top-p': nan is not a finite number"),
+        (["--seed", str(2**64)], "'--seed': 18446744073709551616 is not in the range"),
+        (["--stop", ""], "'--stop': an empty text"),
+    ],
+    ids=["nan-temperature", "inf-temperature", "nan-min-p", "nan-top-p", "seed-past-int64", "empty-stop"],
+)
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_sampling_options_that_are_no_number_are_usage_errors(model_dir, tmp_path, command, args, message):
+    extra = {"generate": ["--prompt", "hi"], "chat": [], "eval": ["--data", tmp_path / "d.jsonl"]}[command]
+    result = _run(command, model_dir, *extra, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "internal error" not in result.output
+
+
+def test_a_seed_anywhere_in_int64_samples(model_dir):
+    seed = -(2**63)
+    result = _run("generate", model_dir, "--prompt", "hi", "--temperature", 1, "--seed", seed, "--max-new-tokens", 2)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_an_out_file_in_a_missing_directory_is_refused_before_the_model_loads(model_dir, tmp_path, command):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [chat("user", "hi", "assistant", "there")])
+    out = tmp_path / "no" / "such" / "out.jsonl"
+    data = ["--file", rows] if command == "generate" else ["--data", rows]
+    result = _run(command, model_dir, *data, "--out", out, "--max-new-tokens", 2)
+    assert result.exit_code == 1, result.output
+    assert f"--out {out}: the directory {out.parent} does not exist" in result.output
+    assert "model:" not in result.output  # nothing was loaded, nothing generated
+    assert not (tmp_path / "no").exists()
+
+
+def test_an_out_file_under_a_file_is_refused_naming_it(model_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi"}])
+    result = _run("generate", model_dir, "--file", rows, "--out", f"{rows}/out.jsonl")
+    assert result.exit_code == 1 and f"{rows} is not a directory" in result.output, result.output
+
+
+def test_an_out_in_an_unwritable_directory_is_refused_before_the_model_loads(model_dir, tmp_path):
+    if os.geteuid() == 0:  # root writes anywhere a permission bit allows: use a file system that refuses it
+        where = Path("/sys")
+    else:
+        where = tmp_path / "read-only"
+        where.mkdir(mode=0o555)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "hi"}])
+    result = _run("generate", model_dir, "--file", rows, "--out", where / "out.jsonl")
+    assert result.exit_code == 1 and f"--out {where / 'out.jsonl'}: cannot write in {where} (" in result.output
+    assert "model:" not in result.output
+    result = _run("export", model_dir, "--out", where / "export")  # checked before the run is read
+    assert result.exit_code == 1 and f"--out {where / 'export'}: cannot write in {where} (" in result.output
+
+
+def test_eval_refuses_a_max_seq_len_past_the_models_context(model_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [chat("user", "hi", "assistant", "there")])
+    context = tl.TINY["max_position_embeddings"]
+    result = _run("eval", model_dir, "--data", rows, "--max-seq-len", context + 1)
+    assert result.exit_code == 1, result.output
+    assert f"--max-seq-len {context + 1} is above" in result.output
+    assert f"context ({context} positions)" in result.output
+
+
+def test_eval_no_generate_says_generation_was_not_run(model_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [chat("user", "hi", "assistant", "there")])
+    result = _run("eval", model_dir, "--data", rows, "--no-generate")
+    assert result.exit_code == 0, result.output
+    assert "generation: not run (--no-generate)" in result.output and "no rows with a reference" not in result.output
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_a_run_directory_without_a_checkpoint_is_named_as_one(model_dir, tmp_path, command):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.resolved.json").write_text("{}")  # what `ftc run` writes before its first checkpoint
+    extra = {"generate": ["--prompt", "hi"], "chat": [], "eval": ["--data", write_jsonl(tmp_path / "d.jsonl", [])]}
+    result = _run(command, run, *extra[command])
+    assert result.exit_code == 1, result.output
+    assert "is a run directory of `ftc run` with no checkpoint yet" in result.output
