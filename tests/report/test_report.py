@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -181,3 +182,18 @@ def test_metric_names_with_slashes_get_flat_distinct_png_files(sft_run, tmp_path
     shown = figures(written.html)
     assert all(len(shown[k]["series"]) == 1 for k in shown if k.startswith(("clip_ratio", "rewards")))
     assert "Clip ratio / high mean" in Path(written.html).read_text()
+
+
+def test_an_out_that_cannot_be_written_is_named_not_the_staging_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n')
+    if os.geteuid() == 0:  # root writes anywhere a permission bit allows: use a file system that refuses it
+        where = Path("/sys")
+    else:
+        where = tmp_path / "read-only"
+        where.mkdir(mode=0o555)
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(where / "r.html")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {where / 'r.html'}: could not write the report ("), result.output
+    assert ".report-" not in result.output
