@@ -106,3 +106,11 @@ def test_a_run_directory_without_a_checkpoint_is_named_as_one(model_dir, tmp_pat
     result = _run(command, run, *extra[command])
     assert result.exit_code == 1, result.output
     assert "is a run directory of `ftc run` with no checkpoint yet" in result.output
+
+
+def test_a_probe_run_is_named_as_a_classifier_not_a_run_without_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()  # a probe trains outside the step loop: its run directory never has checkpoints/
+    (run / "spec.resolved.json").write_text('{"method": {"kind": "probe", "pooling": "mean"}}')
+    result = _run("generate", run, "--prompt", "hi")
+    assert result.exit_code == 1 and "it is a probe run, a classifier head" in result.output, result.output

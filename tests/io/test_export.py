@@ -244,6 +244,10 @@ def test_probe_export_is_copied_verified_and_its_dtype_is_the_runs(tmp_path):
     ).read_bytes()
     result = cli(run.run_dir, "--out", tmp_path / "bf16", "--dtype", "bfloat16")
     assert result.exit_code == 1 and "export.dtype" in result.output
+    for fmt in ("gguf", "peft", "adapters"):  # refused as formats a probe has none of, not as a dtype
+        result = cli(run.run_dir, "--out", tmp_path / fmt, "--format", fmt)
+        assert result.exit_code == 1 and f"export format {fmt!r} does not apply to method.kind 'probe'" in result.output
+        assert not (tmp_path / fmt).exists()
 
 
 def test_probe_with_an_exact_transformers_head_verifies_at_the_end_of_its_run():
