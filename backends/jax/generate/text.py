@@ -63,6 +63,18 @@ class StopStrings:
         cut = self.first(text)
         return text if cut is None else text[:cut]
 
+    def through_stop(self, tokens: Sequence[int]) -> list[int]:
+        """The tokens up to the one that completes the first stop string (all when none does).
+        A batch checks its stops every few tokens, so a row may have run past its stop; its
+        completion_tokens count what the completion holds, as the streamed one does."""
+        tokens = list(tokens)
+        n = len(tokens)
+        if not self.stops or self.first(decode(self.tokenizer, tokens)) is None:
+            return tokens
+        while n > 1 and self.first(decode(self.tokenizer, tokens[: n - 1])) is not None:
+            n -= 1
+        return tokens[:n]
+
     def held_back(self, text: str) -> int:
         """How many trailing characters could still become a stop string (not safe to print yet)."""
         return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
