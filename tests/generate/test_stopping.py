@@ -98,6 +98,14 @@ def test_a_file_rows_completion_tokens_end_at_its_stop_string_as_the_streamed_co
     assert row["completion_tokens"] == through
     streamed = CliRunner().invoke(main, ["generate", model_dir, "--prompt", PROMPT, *common])
     assert f"{through} tokens (stop_string)" in streamed.output
+    # an EOS a few tokens past the stop, inside the batch's 16: the row still ended at its stop text
+    eos = next(k for k in range(through + 1, 16) if free[k] not in free[:k])
+    eos_dir = tmp_path / "eos"
+    _with_eos(model_dir, eos_dir, int(free[eos]), int(free[eos]))
+    result = CliRunner().invoke(main, ["generate", str(eos_dir), "--file", prompts, "--out", out, "--force", *common])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())
+    assert (row["completion"], row["finish_reason"], row["completion_tokens"]) == (text[:4], "stop_string", through)
 
 
 def test_the_same_seed_samples_the_same_text_and_another_seed_other_text(model_dir):

@@ -137,7 +137,7 @@ def complete_rows(
                 stop=stops,
             )
             for i, tokens, finish in zip(chunk, snap.tokens, snap.finish):
-                tokens = stops.through_stop(tokens) if finish == "stop_string" else tokens
+                tokens, finish = stops.settle(tokens, finish)
                 out[i] = {
                     **rows[i].record,
                     "completion": stops.text(tokens),

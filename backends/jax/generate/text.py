@@ -63,17 +63,18 @@ class StopStrings:
         cut = self.first(text)
         return text if cut is None else text[:cut]
 
-    def through_stop(self, tokens: Sequence[int]) -> list[int]:
-        """The tokens up to the one that completes the first stop string (all when none does).
-        A batch checks its stops every few tokens, so a row may have run past its stop; its
-        completion_tokens count what the completion holds, as the streamed one does."""
+    def settle(self, tokens: Sequence[int], finish: str) -> tuple[list[int], str]:
+        """(tokens up to the one that completes the first stop string, "stop_string") when the
+        row's text holds one, else (tokens, finish) as they are. A batch checks its stops every
+        few tokens, so a row may have run past its stop, even to an EOS (finish "stop"); its
+        completion_tokens and finish_reason then say what the completion holds, as streamed."""
         tokens = list(tokens)
-        n = len(tokens)
         if not self.stops or self.first(decode(self.tokenizer, tokens)) is None:
-            return tokens
+            return tokens, finish
+        n = len(tokens)
         while n > 1 and self.first(decode(self.tokenizer, tokens[: n - 1])) is not None:
             n -= 1
-        return tokens[:n]
+        return tokens[:n], "stop_string"
 
     def held_back(self, text: str) -> int:
         """How many trailing characters could still become a stop string (not safe to print yet)."""
