@@ -64,6 +64,8 @@ def generate(
         raise click.UsageError("--file needs --out COMPLETIONS.jsonl")
     if out is not None and prompt_file is None:
         raise click.UsageError("--out goes with --file")
+    if system is not None and raw:
+        raise click.UsageError("--system is a chat message, written by the chat template that --raw leaves out")
     import os
 
     if prompt is not None and not prompt.strip():

@@ -3,6 +3,7 @@ option or path, a non-zero exit and no output file, never an internal error; and
 before the model loads where the problem is in the arguments (a missing --out directory used to be
 found only at the final write, after every prompt was generated)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -114,3 +115,17 @@ def test_a_probe_run_is_named_as_a_classifier_not_a_run_without_checkpoints(tmp_
     (run / "spec.resolved.json").write_text('{"method": {"kind": "probe", "pooling": "mean"}}')
     result = _run("generate", run, "--prompt", "hi")
     assert result.exit_code == 1 and "it is a probe run, a classifier head" in result.output, result.output
+
+
+def test_a_system_message_the_prompt_cannot_carry_is_refused_not_dropped(model_dir, tmp_path):
+    result = _run("generate", model_dir, "--prompt", "hi", "--raw", "--system", "be brief")
+    assert result.exit_code == 2 and "--system is a chat message" in result.output, result.output
+    plain = tmp_path / "plain"  # the same model, its tokenizer without a chat template
+    tl.make_model_dir(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    (plain / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "chat_template"}))
+    result = _run("generate", plain, "--prompt", "hi", "--system", "be brief")
+    assert result.exit_code == 1 and "--system needs a chat template" in result.output, result.output
+    result = _run("generate", plain, "--prompt", "hi", "--max-new-tokens", 2)  # plain text still generates
+    assert result.exit_code == 0, result.output

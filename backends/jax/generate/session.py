@@ -48,6 +48,12 @@ def prompt_ids(source: Source, prompt: str | Sequence[dict], *, raw: bool, syste
     if source.tokenizer is None:
         raise TemplateError(f"{source.name} has no tokenizer files: ftc cannot turn text into tokens for it")
     if isinstance(prompt, str) and (raw or not source.is_chat):
+        if system:  # dropped silently, the user would read the completion as if it had been heard
+            raise TemplateError(
+                f"--system needs a chat template to write it, and {source.name} has none in its tokenizer"
+                if not raw
+                else "--system is a chat message: the chat template writes it, and --raw leaves the template out"
+            )
         return encode_prompt(source.tokenizer, prompt, raw=True)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0]["role"] != "system":
