@@ -123,7 +123,13 @@ def loss_metrics(source: Source, path: str, format: str, *, max_seq_len=None, ba
     from ftc.backends.jax.stages import build_data
 
     spec = _data_spec(source, path, format, max_seq_len)
-    rows = build_data(spec, source.tokenizer).train_rows  # [N, T] arrays, one sequence per row
+    try:
+        rows = build_data(spec, source.tokenizer).train_rows  # [N, T] arrays, one sequence per row
+    except DataError as e:
+        if not e.problems:
+            raise
+        # the reader's hint names a spec key (data.on_bad_row), which `ftc eval` has no spec to set
+        raise DataError(f"{path}: {len(e.problems)} bad {format} row(s); fix or remove them", e.problems) from None
     n = len(rows["input_ids"])
     module = source.model.eval_module
     sums_fn = jax.jit(lambda params, batch: causal_lm_sums(module, params, batch, jax.random.key(0)))
