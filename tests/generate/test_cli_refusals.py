@@ -129,3 +129,24 @@ def test_a_system_message_the_prompt_cannot_carry_is_refused_not_dropped(model_d
     assert result.exit_code == 1 and "--system needs a chat template" in result.output, result.output
     result = _run("generate", plain, "--prompt", "hi", "--max-new-tokens", 2)  # plain text still generates
     assert result.exit_code == 0, result.output
+
+
+STRICT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% elif m['content'] == 'boom' %}{{ raise_exception('no booms') }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_names_what_its_chat_template_refuses_and_goes_on_after_a_refused_turn(tmp_path):
+    strict = tmp_path / "strict"  # a template like Gemma's: no system role
+    tl.make_model_dir(strict)
+    (strict / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    result = CliRunner().invoke(main, ["chat", str(strict), "--system", "be brief"], input="hello\n")
+    assert result.exit_code == 1 and "error: --system: " in result.output
+    assert "System role not supported" in result.output
+    assert "internal error" not in result.output
+    result = CliRunner().invoke(main, ["chat", str(strict), "--max-new-tokens", 2], input="boom\nhello\n")
+    assert result.exit_code == 0, result.output
+    assert "no booms" in result.output and result.stdout.count("\n") >= 2  # the note, then the reply to hello

@@ -183,7 +183,12 @@ def chat(
             write("(history cleared)\n")
         elif text.strip():
             history.append({"role": "user", "content": text})
-            ids = prompt_ids(source, history, raw=False)
+            try:
+                ids = prompt_ids(source, history, raw=False)
+            except TemplateError as e:  # this turn only: the conversation goes on without it
+                history.pop()
+                write(f"({e})\n")
+                continue
             while len(ids) + 1 >= source.context and len(history) > len(base) + 1:
                 history = base + history[len(base) + 2 :]  # drop the oldest exchange
                 write("(oldest turn dropped: the conversation outgrew the model's context)\n")
