@@ -180,7 +180,9 @@ def _in_dtype(model: methods.MethodModel, params, dtype: str):
 
 
 def _from_run(source: str, path: Path, dtype: str) -> Source:
-    trained = export_lib.load_run(path)
+    # generate has no --step: an older checkpoint is read through its export
+    use_good = f"export the newest good one (ftc export {source} --step {{step}} --out DIR) and generate from DIR"
+    trained = export_lib.load_run(path, use_good=use_good)
     model = _generating(
         source, methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
     )
