@@ -71,6 +71,8 @@ def generate(
     if prompt is not None and not prompt.strip():
         click.echo("error: --prompt is empty: give the text to complete", err=True)
         raise SystemExit(1)
+    if out is not None and os.path.exists(out) and os.path.exists(prompt_file) and os.path.samefile(out, prompt_file):
+        raise click.UsageError(f"--out {out} is the --file it reads: write the completions elsewhere")
     if out is not None and os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists; pass --force to replace it")
     if out is not None:

@@ -150,3 +150,22 @@ def test_chat_names_what_its_chat_template_refuses_and_goes_on_after_a_refused_t
     result = CliRunner().invoke(main, ["chat", str(strict), "--max-new-tokens", 2], input="boom\nhello\n")
     assert result.exit_code == 0, result.output
     assert "no booms" in result.output and result.stdout.count("\n") >= 2  # the note, then the reply to hello
+
+
+def test_an_out_that_would_replace_the_input_or_an_existing_file_is_refused(model_dir, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [chat("user", "hi", "assistant", "there")])
+    before = Path(rows).read_text()
+    for args in (
+        ["generate", model_dir, "--file", rows, "--out", rows, "--force"],
+        ["eval", model_dir, "--data", rows, "--out", rows, "--force"],
+        ["eval", model_dir, "--data", rows, "--out", rows],
+    ):
+        result = _run(*args)
+        assert result.exit_code == 2 and f"--out {rows} is the --" in result.output, result.output
+    taken = tmp_path / "taken.json"
+    taken.write_text("keep me")
+    result = _run("eval", model_dir, "--data", rows, "--out", taken, "--no-generate")
+    assert result.exit_code == 2 and "exists; pass --force" in result.output
+    assert taken.read_text() == "keep me" and Path(rows).read_text() == before
+    result = _run("eval", model_dir, "--data", rows, "--out", taken, "--no-generate", "--force")
+    assert result.exit_code == 0 and json.loads(taken.read_text())["rows"] == 1
