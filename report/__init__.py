@@ -44,6 +44,17 @@ def default_out(run_dirs: Sequence[str]) -> str:
     return os.path.join(run_dirs[0], REPORT_FILE) if len(run_dirs) == 1 else REPORT_FILE
 
 
+def is_report(path: str) -> bool:
+    """Whether `path` is an HTML page `ftc report` wrote: the only file an --out may replace (a
+    typo'd --out naming a data file or a spec would otherwise be overwritten)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"<!doctype html>") and b"<title>ftc report: " in head
+
+
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | None = None, *, live: bool = False) -> Written:
     """Read the runs, draw the charts, write `out` (HTML) and its PNGs. All or nothing: both are
     written beside their targets and renamed into place. Raises ReportError naming a bad run."""
@@ -54,6 +65,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out: str | None = None, 
     out = os.path.abspath(out or default_out(dirs))
     if os.path.isdir(out):
         raise ReportError(f"{out}: is a directory; --out names the HTML file to write")
+    if os.path.exists(out) and not is_report(out):
+        raise ReportError(f"{out}: exists and is not a report ftc wrote (it replaces only those); choose another --out")
     planned = charts_lib.plan_charts(runs)
     names = [r.name for r in runs]
     drawn = [charts_lib.draw(c, names) for c in planned]

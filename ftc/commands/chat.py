@@ -39,7 +39,16 @@ def chat(source, system, max_new_tokens, temperature, top_k, top_p, min_p, seed,
     except ImportError:
         pass
     from ftc.backends.jax.generate import session
-    from ftc.backends.jax.generate.text import StopStrings
+    from ftc.backends.jax.generate.text import StopStrings, TemplateError
+
+    if system:
+        try:  # a template that refuses a system message (Gemma's) would refuse every turn
+            session.prompt_ids(
+                src, [{"role": "system", "content": system}, {"role": "user", "content": "hi"}], raw=False
+            )
+        except TemplateError as e:
+            click.echo(f"error: --system: {e}", err=True)
+            raise SystemExit(1) from None
 
     interactive = sys.stdin.isatty()
     click.echo(HELP_LINE, err=True)

@@ -47,8 +47,9 @@ from ftc.commands.sampling_options import generate_config, sampling_options
     help="Truncate rows to this many tokens (default: the run's model.max_seq_len, else min(context, 2048)).",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Rows per batch.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @sampling_options(default_max_new_tokens=128)
-def eval_command(source, data, fmt, out, regex, limit, no_generate, max_seq_len, batch_size,
+def eval_command(source, data, fmt, out, regex, limit, no_generate, max_seq_len, batch_size, force,
                  max_new_tokens, temperature, top_k, top_p, min_p, seed, stops, dtype):  # fmt: skip
     """Score SOURCE on the rows of --data: loss, perplexity and token accuracy over the tokens
     training would supervise, and, for chat rows ending in an assistant answer and completion
@@ -65,9 +66,20 @@ def eval_command(source, data, fmt, out, regex, limit, no_generate, max_seq_len,
 
     if out is not None and os.path.isdir(out):
         raise click.UsageError(f"--out {out} is a directory")
+    if out is not None and os.path.exists(data) and os.path.exists(out) and os.path.samefile(out, data):
+        raise click.UsageError(f"--out {out} is the --data file: the report would replace the data")
+    if out is not None and os.path.exists(out) and not force:
+        raise click.UsageError(f"{out} exists; pass --force to replace it")
     if not os.path.isfile(data):
         click.echo(f"error: --data {data}: no such file", err=True)
         raise SystemExit(1)
+    if out is not None:
+        from ftc.commands.out_path import out_file_problem
+
+        problem = out_file_problem(out)
+        if problem:  # before the model loads: found now, not after the whole evaluation
+            click.echo(f"error: --out {out}: {problem}", err=True)
+            raise SystemExit(1)
     from ftc.commands.loading import load_or_exit
 
     src = load_or_exit(source, dtype)

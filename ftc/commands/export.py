@@ -1,5 +1,7 @@
 """`ftc export`: a run's checkpoint as a Hugging Face / PEFT / adapter directory."""
 
+import os
+
 import click
 
 from ftc import guard
@@ -74,6 +76,12 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
     from ftc.backends.jax.io.verify import ReferenceUnavailable
 
     click.get_current_context().meta[guard.LOG_DIR] = run_dir
+    from ftc.commands.out_path import out_dir_problem
+
+    problem = out_dir_problem(out if out is not None else os.path.join(run_dir, "export"))
+    if problem:  # before the checkpoint loads: found now, not at the last rename
+        click.echo(f"error: --out {out or os.path.join(run_dir, 'export')}: {problem}", err=True)
+        raise SystemExit(1)
     try:
         _, check = export_run(
             run_dir,

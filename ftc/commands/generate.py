@@ -64,13 +64,24 @@ def generate(
         raise click.UsageError("--file needs --out COMPLETIONS.jsonl")
     if out is not None and prompt_file is None:
         raise click.UsageError("--out goes with --file")
+    if system is not None and raw:
+        raise click.UsageError("--system is a chat message, written by the chat template that --raw leaves out")
     import os
 
     if prompt is not None and not prompt.strip():
         click.echo("error: --prompt is empty: give the text to complete", err=True)
         raise SystemExit(1)
+    if out is not None and os.path.exists(out) and os.path.exists(prompt_file) and os.path.samefile(out, prompt_file):
+        raise click.UsageError(f"--out {out} is the --file it reads: write the completions elsewhere")
     if out is not None and os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists; pass --force to replace it")
+    if out is not None:
+        from ftc.commands.out_path import out_file_problem
+
+        problem = out_file_problem(out)
+        if problem:  # before the model loads: found now, not after every prompt is generated
+            click.echo(f"error: --out {out}: {problem}", err=True)
+            raise SystemExit(1)
     from ftc.commands.loading import load_or_exit
 
     rows = None

@@ -6,6 +6,8 @@ jax; `ftc data inspect` runs the data pipeline (and the tokenizer) but uses no a
 
 from __future__ import annotations
 
+import os
+
 import click
 
 
@@ -38,15 +40,15 @@ def report(run_dirs, out):
       ftc report runs/quickstart                     # -> runs/quickstart/report.html
       ftc report runs/lr-1e-4 runs/lr-3e-4 --out compare.html
     """
-    from ftc.report import ReportError, write_report
+    from ftc.report import ReportError, default_out, write_report
 
     try:
         written = write_report(run_dirs, out)
     except ReportError as e:
         _fail(str(e))
     except OSError as e:
-        _fail(f"{e.filename or out}: could not write the report ({e.strerror or e})")
-    import os
+        # the path the user chose, not the hidden staging directory the report is written into first
+        _fail(f"{os.path.abspath(out or default_out(run_dirs))}: could not write the report ({e.strerror or e})")
 
     pngs = written.pngs
     click.echo(f"wrote {written.html}" + (f" and {len(pngs)} PNG charts in {os.path.dirname(pngs[0])}" if pngs else ""))
@@ -104,7 +106,6 @@ def inspect(spec_path, overrides, count, html_out, color):
     supervised or not, double BOS, pad == eos, template tokens missing from the vocabulary; a
     length histogram and what packing achieves. Without colours, supervised spans are ⟦bracketed⟧.
     """
-    import os
     import sys
 
     from ftc.spec import SpecError, load_spec

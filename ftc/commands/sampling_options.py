@@ -1,6 +1,26 @@
 """Options `ftc generate`, `ftc chat` and `ftc eval` share: the source's dtype and how to sample."""
 
+import math
+
 import click
+
+# jax.random.key takes a signed 64-bit seed; a bigger one was an OverflowError deep in jax.
+SEED_RANGE = click.IntRange(min=-(2**63), max=2**63 - 1)
+
+
+def _finite(ctx, param, value):
+    """click's FloatRange lets nan through (every comparison with it is false) and inf past an
+    open top; neither is a temperature or a probability."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _non_empty(ctx, param, values):
+    """An empty --stop text would be found at once in every completion."""
+    if any(v == "" for v in values):
+        raise click.BadParameter("an empty text: give the text that ends a completion")
+    return values
 
 
 def sampling_options(default_max_new_tokens: int = 256):
@@ -21,6 +41,7 @@ def sampling_options(default_max_new_tokens: int = 256):
                 type=click.FloatRange(min=0),
                 default=0.0,
                 show_default=True,
+                callback=_finite,
                 help="0: greedy (the most likely token, deterministic); > 0: sample.",
             ),
             click.option(
@@ -35,6 +56,7 @@ def sampling_options(default_max_new_tokens: int = 256):
                 type=click.FloatRange(min=0, max=1, min_open=True),
                 default=1.0,
                 show_default=True,
+                callback=_finite,
                 help="Keep the most likely tokens up to this probability mass (1: off).",
             ),
             click.option(
@@ -42,15 +64,21 @@ def sampling_options(default_max_new_tokens: int = 256):
                 type=click.FloatRange(min=0, max=1),
                 default=0.0,
                 show_default=True,
+                callback=_finite,
                 help="Keep tokens at least this fraction as likely as the most likely one (0: off).",
             ),
             click.option(
-                "--seed", type=int, default=0, show_default=True, help="Seed of the sampling (same seed, same text)."
+                "--seed",
+                type=SEED_RANGE,
+                default=0,
+                show_default=True,
+                help="Seed of the sampling (same seed, same text).",
             ),
             click.option(
                 "--stop",
                 "stops",
                 multiple=True,
+                callback=_non_empty,
                 metavar="TEXT",
                 help="End a completion where this text appears (repeatable); the model's EOS ids always end it.",
             ),

@@ -88,6 +88,7 @@ def test_eval_refuses_bad_data_with_where_and_what(tmp_path, rows, args, message
     result = _run("eval", mr.root() / "model", "--data", data, "--out", out, *args)
     assert result.exit_code == 1 and message in result.output, result.output
     assert "Traceback" not in result.output and not out.exists()
+    assert "on_bad_row" not in result.output  # a spec key: `ftc eval` has no spec to set it in
 
 
 def test_text_rows_give_the_loss_and_no_generation(tmp_path):

@@ -80,6 +80,34 @@ def test_a_stop_string_on_the_command_line_cuts_the_streamed_text(model_dir):
     assert "(stop_string)" in result.output
 
 
+def test_a_file_rows_completion_tokens_end_at_its_stop_string_as_the_streamed_count_does(model_dir, tmp_path):
+    src = load_source(model_dir)
+    free = _free_tokens(src, 20)[1]
+    text = src.tokenizer.decode(free, skip_special_tokens=True)
+    stop = text[4:6]
+    through = next(n for n in range(1, 21) if stop in src.tokenizer.decode(free[:n], skip_special_tokens=True))
+    assert through < 16  # a batch checks its stops every 16 tokens: the row runs on past it
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": PROMPT}) + "\n")
+    common = ["--raw", "--max-new-tokens", 20, "--stop", stop]
+    out = tmp_path / "o.jsonl"
+    result = CliRunner().invoke(main, ["generate", model_dir, "--file", prompts, "--out", out, *common])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())
+    assert (row["completion"], row["finish_reason"]) == (text[:4], "stop_string")
+    assert row["completion_tokens"] == through
+    streamed = CliRunner().invoke(main, ["generate", model_dir, "--prompt", PROMPT, *common])
+    assert f"{through} tokens (stop_string)" in streamed.output
+    # an EOS a few tokens past the stop, inside the batch's 16: the row still ended at its stop text
+    eos = next(k for k in range(through + 1, 16) if free[k] not in free[:k])
+    eos_dir = tmp_path / "eos"
+    _with_eos(model_dir, eos_dir, int(free[eos]), int(free[eos]))
+    result = CliRunner().invoke(main, ["generate", str(eos_dir), "--file", prompts, "--out", out, "--force", *common])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())
+    assert (row["completion"], row["finish_reason"], row["completion_tokens"]) == (text[:4], "stop_string", through)
+
+
 def test_the_same_seed_samples_the_same_text_and_another_seed_other_text(model_dir):
     def sample(seed):
         args = ["generate", model_dir, "--prompt", PROMPT, "--raw", "--max-new-tokens", 16]

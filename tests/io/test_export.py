@@ -222,6 +222,16 @@ def test_export_of_a_directory_without_checkpoints_is_refused(tmp_path):
     assert result.exit_code == 1 and "no checkpoints/" in result.output
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_the_checkpoint_loads(tmp_path):
+    (tmp_path / "run").mkdir()  # no checkpoints/: had it been read first, that would be the message
+    (tmp_path / "file").write_text("keep me")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "out")])
+    assert result.exit_code == 1, result.output
+    assert f"--out {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is not a directory" in result.output
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
+
+
 def test_probe_export_is_copied_verified_and_its_dtype_is_the_runs(tmp_path):
     run = mr.run_spec(mr.write_probe_spec("probe-export"), "probe")
     result = cli(run.run_dir, "--out", tmp_path / "copy", "--verify")
@@ -234,6 +244,10 @@ def test_probe_export_is_copied_verified_and_its_dtype_is_the_runs(tmp_path):
     ).read_bytes()
     result = cli(run.run_dir, "--out", tmp_path / "bf16", "--dtype", "bfloat16")
     assert result.exit_code == 1 and "export.dtype" in result.output
+    for fmt in ("gguf", "peft", "adapters"):  # refused as formats a probe has none of, not as a dtype
+        result = cli(run.run_dir, "--out", tmp_path / fmt, "--format", fmt)
+        assert result.exit_code == 1 and f"export format {fmt!r} does not apply to method.kind 'probe'" in result.output
+        assert not (tmp_path / fmt).exists()
 
 
 def test_probe_with_an_exact_transformers_head_verifies_at_the_end_of_its_run():

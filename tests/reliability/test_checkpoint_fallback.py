@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ftc.backends.jax import pipeline
+from ftc.backends.jax.generate.source import SourceError, load_source
 from ftc.backends.jax.io import export as export_lib
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import integrity
@@ -101,6 +102,9 @@ def test_export_refuses_a_damaged_checkpoint_naming_the_newest_good_step(run_cop
         export_lib.export_run(run_copy, out=tmp_path / "out", echo=lambda s: None)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["2", "4"]  # export never moves it
+    # ftc generate / chat / eval have no --step: they name the export that reads the good one
+    with pytest.raises(SourceError, match=rf"damaged: .*\(ftc export {run_copy} --step 2 --out DIR\) and generate"):
+        load_source(run_copy)
     result, _ = export_lib.export_run(run_copy, out=tmp_path / "out", step=2, echo=lambda s: None)
     assert result.step == 2
     assert ckpt_lib.latest_step(str(run_copy)) == 4

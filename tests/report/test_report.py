@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -181,3 +182,33 @@ def test_metric_names_with_slashes_get_flat_distinct_png_files(sft_run, tmp_path
     shown = figures(written.html)
     assert all(len(shown[k]["series"]) == 1 for k in shown if k.startswith(("clip_ratio", "rewards")))
     assert "Clip ratio / high mean" in Path(written.html).read_text()
+
+
+def test_an_out_that_cannot_be_written_is_named_not_the_staging_directory(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n')
+    if os.geteuid() == 0:  # root writes anywhere a permission bit allows: use a file system that refuses it
+        where = Path("/sys")
+    else:
+        where = tmp_path / "read-only"
+        where.mkdir(mode=0o555)
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(where / "r.html")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {where / 'r.html'}: could not write the report ("), result.output
+    assert ".report-" not in result.output
+
+
+def test_an_out_that_is_not_a_report_is_never_replaced(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n')
+    data = tmp_path / "train.jsonl"  # a typo'd --out naming the user's data
+    data.write_text('{"text": "precious"}\n')
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(data)])
+    assert result.exit_code == 1 and "exists and is not a report ftc wrote" in result.output, result.output
+    assert data.read_text() == '{"text": "precious"}\n' and not (tmp_path / "train_charts").exists()
+    page = tmp_path / "r.html"
+    for _ in range(2):  # its own report it replaces
+        result = CliRunner().invoke(main, ["report", str(run), "--out", str(page)])
+        assert result.exit_code == 0, result.output

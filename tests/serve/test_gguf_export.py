@@ -16,7 +16,8 @@ import pytest
 import torch
 import transformers as tf
 
-from ftc.backends.jax.io import gguf_export, gguf_export_vocab, gguf_import, hf_checkpoint, verify
+from ftc.backends.jax.io import gguf_export, gguf_export_format, gguf_export_vocab, gguf_import, hf_checkpoint, verify
+from ftc.backends.jax.io.export_common import ExportError
 from ftc.backends.jax.io.gguf_export_format import TRANSFORMERS_READS, stored_params
 
 TINY = dict(
@@ -182,6 +183,14 @@ def test_a_model_llama_cpp_would_compute_differently_is_refused(case, change, me
     (directory / "config.json").write_text(json.dumps({**config, **change}))
     with pytest.raises(gguf_export.GgufExportError, match=message):
         export(directory, tmp_path / "out", "float32")
+
+
+def test_a_family_with_no_gguf_layout_is_refused_by_its_model_type(tmp_path):
+    import generate_testlib
+
+    _, loaded = generate_testlib.saved("gpt2", tmp_path / "gpt2")  # its arch names no model_type
+    with pytest.raises(ExportError, match="cannot export GGUF: model_type 'gpt2' has no GGUF layout"):
+        gguf_export_format.layout_for(loaded)
 
 
 def test_a_tokenizer_gguf_cannot_hold_is_refused_naming_the_file(tmp_path):

@@ -74,6 +74,8 @@ class EvalReport:
             for key, value in self.generation.items():
                 extra = f"  ({s['regex']!r})" if key == "regex" else ""
                 lines.append(f"  {names.get(key, key):<16}{value:.4f}{extra}")
+        elif not self.settings.get("generate", True):
+            lines.append("  generation: not run (--no-generate)")
         else:
             lines.append("  generation: no rows with a reference answer (chat rows ending in an assistant turn,")
             lines.append("  completion rows with a completion)")
@@ -121,7 +123,13 @@ def loss_metrics(source: Source, path: str, format: str, *, max_seq_len=None, ba
     from ftc.backends.jax.stages import build_data
 
     spec = _data_spec(source, path, format, max_seq_len)
-    rows = build_data(spec, source.tokenizer).train_rows  # [N, T] arrays, one sequence per row
+    try:
+        rows = build_data(spec, source.tokenizer).train_rows  # [N, T] arrays, one sequence per row
+    except DataError as e:
+        if not e.problems:
+            raise
+        # the reader's hint names a spec key (data.on_bad_row), which `ftc eval` has no spec to set
+        raise DataError(f"{path}: {len(e.problems)} bad {format} row(s); fix or remove them", e.problems) from None
     n = len(rows["input_ids"])
     module = source.model.eval_module
     sums_fn = jax.jit(lambda params, batch: causal_lm_sums(module, params, batch, jax.random.key(0)))
@@ -212,6 +220,10 @@ def evaluate(
         raise DataError(f"{path}: no such file")
     if source.tokenizer is None:
         raise DataError(f"{source.name} has no tokenizer files: ftc cannot tokenise {path} for it")
+    if max_seq_len is not None and max_seq_len > source.context:
+        # positions past the context have no embedding (or RoPE the model never saw); padding every
+        # row to such a length also made a tiny model's evaluation run for many minutes
+        raise DataError(f"--max-seq-len {max_seq_len} is above {source.name}'s context ({source.context} positions)")
     format = format or detect_format(path)
     if format not in FORMATS:
         raise DataError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
@@ -241,6 +253,7 @@ def evaluate(
         "seed": seed,
         "regex": regex,
         "stop": list(stops),
+        "generate": generate,
     }
     return EvalReport(source.name, str(path), format, generated=len(samples), generation=means,
                       settings=settings, samples=samples, **lm)  # fmt: skip

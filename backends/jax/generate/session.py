@@ -48,6 +48,12 @@ def prompt_ids(source: Source, prompt: str | Sequence[dict], *, raw: bool, syste
     if source.tokenizer is None:
         raise TemplateError(f"{source.name} has no tokenizer files: ftc cannot turn text into tokens for it")
     if isinstance(prompt, str) and (raw or not source.is_chat):
+        if system:  # dropped silently, the user would read the completion as if it had been heard
+            raise TemplateError(
+                f"--system needs a chat template to write it, and {source.name} has none in its tokenizer"
+                if not raw
+                else "--system is a chat message: the chat template writes it, and --raw leaves the template out"
+            )
         return encode_prompt(source.tokenizer, prompt, raw=True)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if system and messages[0]["role"] != "system":
@@ -137,6 +143,7 @@ def complete_rows(
                 stop=stops,
             )
             for i, tokens, finish in zip(chunk, snap.tokens, snap.finish):
+                tokens, finish = stops.settle(tokens, finish)
                 out[i] = {
                     **rows[i].record,
                     "completion": stops.text(tokens),
@@ -176,7 +183,12 @@ def chat(
             write("(history cleared)\n")
         elif text.strip():
             history.append({"role": "user", "content": text})
-            ids = prompt_ids(source, history, raw=False)
+            try:
+                ids = prompt_ids(source, history, raw=False)
+            except TemplateError as e:  # this turn only: the conversation goes on without it
+                history.pop()
+                write(f"({e})\n")
+                continue
             while len(ids) + 1 >= source.context and len(history) > len(base) + 1:
                 history = base + history[len(base) + 2 :]  # drop the oldest exchange
                 write("(oldest turn dropped: the conversation outgrew the model's context)\n")

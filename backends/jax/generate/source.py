@@ -38,6 +38,7 @@ from ftc.backends.jax.io.model_source import ModelSourceError, resolve_model_sou
 from ftc.backends.jax.methods import adapter, adapter_io
 from ftc.backends.jax.methods import base as methods
 from ftc.backends.jax.models import shapes
+from ftc.backends.jax.stages import RESOLVED_SPEC
 from ftc.backends.jax.state import checkpoint as ckpt_lib
 from ftc.backends.jax.state import frozen_base
 from ftc.spec import spec_from_dict
@@ -121,6 +122,8 @@ def load_source(source: str | os.PathLike, *, dtype: str = "float32") -> Source:
     try:
         if os.path.isdir(ckpt_lib.checkpoint_dir(str(path))):
             return _from_run(source, path, dtype)
+        if (path / RESOLVED_SPEC).is_file() and not (path / "config.json").is_file():
+            raise SourceError(_run_without_checkpoint(source, path))
         for config in (path / adapter_io.CONFIG_FILE, path / adapter.HF_SUBDIR / adapter_io.CONFIG_FILE):
             if config.is_file():
                 return _from_method_dir(source, path, json.loads(config.read_text()), dtype)
@@ -128,6 +131,24 @@ def load_source(source: str | os.PathLike, *, dtype: str = "float32") -> Source:
         return _from_spec(source, _spec(str(model_dir), "full", {}, None, dtype), model_dir, None, f"model {model_dir}")
     except (ModelSourceError, export_lib.ExportError, FileNotFoundError, json.JSONDecodeError) as e:
         raise SourceError(f"cannot generate from {source!r}: {e}") from e
+
+
+def _run_without_checkpoint(source: str, path: Path) -> str:
+    """What a run directory with no checkpoints/ is: a probe run (trained outside the step loop: a
+    classifier, it keeps no checkpoint), or one that has not saved yet."""
+    try:
+        method = json.loads((path / RESOLVED_SPEC).read_text()).get("method", {})
+    except (OSError, ValueError, AttributeError):
+        method = {}
+    if isinstance(method, dict) and method.get("kind") == "probe":
+        return (
+            f"cannot generate from {source!r}: it is a probe run, a classifier head on a frozen model, not a "
+            f"causal language model (its export {path / 'export'} classifies with transformers)"
+        )
+    return (
+        f"cannot generate from {source!r}: it is a run directory of `ftc run` with no checkpoint yet "
+        f"(no {ckpt_lib.checkpoint_dir(str(path))}); run its spec until it saves one, or give the base model"
+    )
 
 
 def _generating(source: str, model: methods.MethodModel) -> methods.MethodModel:
@@ -159,7 +180,9 @@ def _in_dtype(model: methods.MethodModel, params, dtype: str):
 
 
 def _from_run(source: str, path: Path, dtype: str) -> Source:
-    trained = export_lib.load_run(path)
+    # generate has no --step: an older checkpoint is read through its export
+    use_good = f"export the newest good one (ftc export {source} --step {{step}} --out DIR) and generate from DIR"
+    trained = export_lib.load_run(path, use_good=use_good)
     model = _generating(
         source, methods.build_model(trained.hf_config, trained.spec, dtype=jnp.dtype(dtype), remat="none")
     )

@@ -63,6 +63,19 @@ class StopStrings:
         cut = self.first(text)
         return text if cut is None else text[:cut]
 
+    def settle(self, tokens: Sequence[int], finish: str) -> tuple[list[int], str]:
+        """(tokens up to the one that completes the first stop string, "stop_string") when the
+        row's text holds one, else (tokens, finish) as they are. A batch checks its stops every
+        few tokens, so a row may have run past its stop, even to an EOS (finish "stop"); its
+        completion_tokens and finish_reason then say what the completion holds, as streamed."""
+        tokens = list(tokens)
+        if not self.stops or self.first(decode(self.tokenizer, tokens)) is None:
+            return tokens, finish
+        n = len(tokens)
+        while n > 1 and self.first(decode(self.tokenizer, tokens[: n - 1])) is not None:
+            n -= 1
+        return tokens[:n], "stop_string"
+
     def held_back(self, text: str) -> int:
         """How many trailing characters could still become a stop string (not safe to print yet)."""
         return max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -165,8 +165,12 @@ def export_shardings(model: methods.MethodModel, abstract_params, devices=None) 
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
-def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
-    """The parameters of a run's latest (or `step`) checkpoint and everything needed to export them."""
+USE_GOOD = "export the newest good one with --step {step}"
+
+
+def load_run(run_dir: str | os.PathLike, step: int | None = None, *, use_good: str = USE_GOOD) -> TrainedRun:
+    """The parameters of a run's latest (or `step`) checkpoint and everything needed to export them.
+    `use_good`: how the caller's user reads an older checkpoint ({step}), named when the newest is damaged."""
 
     started = time.perf_counter()
     run_dir = Path(run_dir).absolute()
@@ -183,9 +187,9 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None) -> TrainedRun:
     damage = integrity.problem(os.path.join(directory, str(step)))
     if damage is not None:  # export reads, never repairs: `ftc run` sets a damaged checkpoint aside
         good = [s for s in steps if s < step and integrity.problem(os.path.join(directory, str(s))) is None]
-        hint = f"export the newest good one with --step {good[-1]}, or" if good else "there is no good one;"
+        hint = f"{use_good.format(step=good[-1])}, or" if good else "there is no good one;"
         raise ExportError(
-            f"{directory}/{step} is damaged: {damage}. {hint.capitalize()} run the spec again "
+            f"{directory}/{step} is damaged: {damage}. {hint[0].upper() + hint[1:]} run the spec again "
             "(`ftc run` moves a damaged checkpoint aside and resumes from the newest good one)"
         )
     meta = reader.metadata(step)

@@ -29,8 +29,11 @@ from ftc.backends.jax.methods.contract import ExportFormat
 TRANSFORMERS_READS = ("llama", "qwen2", "qwen3")
 
 
-def _check(model) -> gguf_export.Layout:
-    model_type = getattr(model.arch, "model_type", None)
+def layout_for(model) -> gguf_export.Layout:
+    # the decoder arch names its model_type (one family, several types); a family of one type
+    # (GPT-2) has an arch without it, which the refusal called "model_type None"
+    types = model.family.model_types
+    model_type = getattr(model.arch, "model_type", None) or (types[0] if len(types) == 1 else None)
     problem = gguf_export.layout_problem(model_type, model.arch)
     if problem:
         raise ex.ExportError(f"cannot export GGUF: {problem}")
@@ -39,7 +42,7 @@ def _check(model) -> gguf_export.Layout:
 
 def write(trained, out: Path, dtype: str, family_params) -> None:
     m = trained.model
-    _check(m)
+    layout_for(m)
     params = family_params(m, trained.params)
     tensors = hf_checkpoint._hf_tensors_of(m.family, m.arch, params)
     if jax.process_index() != 0:
@@ -64,7 +67,7 @@ def write(trained, out: Path, dtype: str, family_params) -> None:
 
 def stored_params(model, params, dtype: str):
     """The family's params with every weight as the GGUF file holds it (see the module docstring)."""
-    layout = _check(model)
+    layout = layout_for(model)
     if dtype == "float32":
         return params
     family, arch = model.family, model.arch
@@ -94,7 +97,7 @@ def weights_check(model, out: Path, held) -> dict:
     difference and where."""
     import gguf
 
-    layout = _check(model)
+    layout = layout_for(model)
     ours = {
         gguf_export.gguf_name(name): gguf_export._tensor(name, a, layout, model.arch)
         for name, a in hf_checkpoint._hf_tensors_of(model.family, model.arch, held)

@@ -164,10 +164,15 @@ def copy_probe_export(
             f"({source}) - run the spec first"
         )
     spec = spec_from_dict(json.loads(resolved.read_text()))
-    if format not in (None, "hf") or dtype not in (None, spec.export.dtype):
+    if format not in (None, "hf"):
         raise ExportError(
-            f"a probe's export is written by `ftc run` in export.format 'hf', export.dtype "
-            f"{spec.export.dtype!r}; to change them run it again with "
+            f"export format {format!r} does not apply to method.kind 'probe': expected 'hf' (a probe is a "
+            f"classifier head on a frozen model: nothing to merge into a GGUF, no LoRA for PEFT)"
+        )
+    if dtype not in (None, spec.export.dtype):
+        raise ExportError(
+            f"a probe's export is written by `ftc run` in export.dtype "
+            f"{spec.export.dtype!r}; to change it run the spec again with "
             f"--set export.dtype=... (the features are cached, so it is quick)"
         )
     out = Path(out_dir).absolute()
