@@ -75,7 +75,8 @@ _DATA_EXTRA = {
 
 _TEMPLATE = """\
 # ftc spec: `ftc lint {file}` checks it, `ftc run {file}` trains it.
-# Every key and its default: `ftc schema`. Relative paths are relative to this file.
+# Every key and its default: `ftc schema`. Data and model paths are relative to this file; output_dir to
+# the directory ftc runs in.
 ftc = 1
 name = "{name}"                       # the run goes to <output_dir>/<name>
 description = "{description}"
