@@ -12,6 +12,7 @@ import base64
 import datetime
 import html
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -101,6 +102,18 @@ def _median(run: Run, metric: str) -> float | None:
 def _maximum(run: Run, metric: str) -> float | None:
     values = [v for split in run.splits for _, v in run.series.get((split, metric), ()) if v == v]
     return max(values) if values else None
+
+
+def non_finite(run: Run) -> list[str]:
+    """Where a run's loss stopped being a number: what a reader must see before reading the curves."""
+    found = []
+    for split in run.splits:
+        bad = [step for step, v in run.series.get((split, "loss"), ()) if not math.isfinite(v)]
+        if bad:
+            found.append(
+                f"{run.name}: the {split} loss is not a finite number from step {bad[0]} ({len(bad)} logged value(s))"
+            )
+    return found
 
 
 def status(run: Run) -> str:
@@ -293,13 +306,19 @@ def render(runs: Sequence[Run], charts: Sequence[Chart], probe_png: bytes | None
         if problems
         else ""
     )
+    nan = [w for r in runs for w in non_finite(r)]
+    nan_box = (
+        "<div class=problems><b>Not a number:</b><ul>" + "".join(f"<li>{esc(w)}</li>" for w in nan) + "</ul></div>"
+        if nan
+        else ""
+    )
     empty = "" if charts else "<p>No numeric metrics logged yet.</p>"
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">{meta}'
         f'<meta name="viewport" content="width=device-width"><title>ftc report: {esc(names)}</title>'
         f"<style>{CSS}</style></head><body><header><h1>ftc report: {esc(names)}</h1>"
         f"<p>written {esc(when)} by ftc {esc(__version__)} from {len(runs)} run(s){esc(live)}</p></header><main>"
-        f"<h2>Runs</h2>{summary_rows(runs)}{differences_section(runs)}{problem_box}{empty}"
+        f"<h2>Runs</h2>{summary_rows(runs)}{nan_box}{differences_section(runs)}{problem_box}{empty}"
         f"{charts_section(charts)}{probe_section(runs, probe_png)}{samples_section(runs)}"
         f"{''.join(run_section(r) for r in runs)}</main></body></html>\n"
     )

@@ -92,6 +92,20 @@ def test_a_cut_line_in_metrics_is_named_and_the_rest_is_reported(sft_run, tmp_pa
     assert figures(written.html)["loss"]["series"]
 
 
+def test_a_loss_that_stops_being_a_number_is_named_above_the_charts(sft_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(sft_run.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints", "export"))
+    with open(run_dir / "metrics.jsonl", "a") as f:  # a run that diverged: Python's json writes NaN / Infinity
+        f.write(json.dumps({"step": 97, "split": "train", "loss": float("nan")}) + "\n")
+        f.write(json.dumps({"step": 98, "split": "train", "loss": float("inf")}) + "\n")
+    page = Path(write_report([run_dir]).html).read_text()
+    assert "Not a number:" in page
+    assert "the train loss is not a finite number from step 97 (2 logged value(s))" in page
+    assert page.index("Not a number:") < page.index("<figure")
+    clean = Path(write_report([sft_run.run_dir], str(tmp_path / "clean.html")).html).read_text()
+    assert "Not a number:" not in clean
+
+
 def test_several_runs_are_overlaid_with_the_keys_their_specs_differ_in(sft_run, lora_run, tmp_path):
     out = tmp_path / "compare.html"
     result = CliRunner().invoke(main, ["report", str(sft_run.run_dir), str(lora_run.run_dir), "--out", str(out)])
