@@ -74,9 +74,9 @@ def eval_command(source, data, fmt, out, regex, limit, no_generate, max_seq_len,
         click.echo(f"error: --data {data}: no such file", err=True)
         raise SystemExit(1)
     if out is not None:
-        from ftc.commands.out_path import out_file_problem
+        from ftc.commands.out_path import unwritable_file_problem
 
-        problem = out_file_problem(out)
+        problem = unwritable_file_problem(out)
         if problem:  # before the model loads: found now, not after the whole evaluation
             click.echo(f"error: --out {out}: {problem}", err=True)
             raise SystemExit(1)

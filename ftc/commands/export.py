@@ -76,9 +76,9 @@ def export(run_dir, out, fmt, dtype, verify, tol, step, force, base_name):
     from ftc.backends.jax.io.verify import ReferenceUnavailable
 
     click.get_current_context().meta[guard.LOG_DIR] = run_dir
-    from ftc.commands.out_path import out_dir_problem
+    from ftc.commands.out_path import unwritable_dir_problem
 
-    problem = out_dir_problem(out if out is not None else os.path.join(run_dir, "export"))
+    problem = unwritable_dir_problem(out if out is not None else os.path.join(run_dir, "export"))
     if problem:  # before the checkpoint loads: found now, not at the last rename
         click.echo(f"error: --out {out or os.path.join(run_dir, 'export')}: {problem}", err=True)
         raise SystemExit(1)

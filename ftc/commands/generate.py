@@ -76,9 +76,9 @@ def generate(
     if out is not None and os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists; pass --force to replace it")
     if out is not None:
-        from ftc.commands.out_path import out_file_problem
+        from ftc.commands.out_path import unwritable_file_problem
 
-        problem = out_file_problem(out)
+        problem = unwritable_file_problem(out)
         if problem:  # before the model loads: found now, not after every prompt is generated
             click.echo(f"error: --out {out}: {problem}", err=True)
             raise SystemExit(1)

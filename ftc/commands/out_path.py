@@ -21,7 +21,7 @@ def _cannot_write_in(directory: Path) -> str | None:
     return None
 
 
-def out_file_problem(path: str | os.PathLike) -> str | None:
+def unwritable_file_problem(path: str | os.PathLike) -> str | None:
     """Why a file cannot be written at `path` (its directory missing or not writable), or None."""
     parent = Path(os.path.abspath(path)).parent
     if not parent.exists():
@@ -31,7 +31,7 @@ def out_file_problem(path: str | os.PathLike) -> str | None:
     return _cannot_write_in(parent)
 
 
-def out_dir_problem(path: str | os.PathLike) -> str | None:
+def unwritable_dir_problem(path: str | os.PathLike) -> str | None:
     """Why a directory cannot be written at `path`, or None. Missing parents are made when it is
     written, so the nearest one that exists must take a new entry."""
     out = Path(os.path.abspath(path))
