@@ -38,24 +38,34 @@ def path_str(path) -> str:
 
 
 def abstract_boxed_params(module: nn.Module, seq_len: int = 1) -> Any:
-    """`module`'s parameters as ShapeDtypeStructs, still boxed in nn.LogicallyPartitioned."""
+    """`module`'s parameters as ShapeDtypeStructs, still boxed in nn.LogicallyPartitioned.
+
+    Traced once per distinct module: a run asks for the same module's tree from the plan, the
+    method, the shardings and the checks, and each trace of a real model's init costs 0.1-0.3 s
+    of start-up (bench/README.md, "Start-up"). Modules are frozen dataclasses, equal when their
+    fields are; one with an unhashable field is traced every time. Callers get fresh containers.
+    """
+    try:
+        hash((module, seq_len))
+    except TypeError:
+        return _trace_boxed_params(module, seq_len)
+    return jax.tree.map(lambda x: x, _boxed_params_cached(module, seq_len))
+
+
+def _trace_boxed_params(module: nn.Module, seq_len: int) -> Any:
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     variables = jax.eval_shape(lambda i: module.init(jax.random.key(0), i), ids)
     return variables["params"]
 
 
-@functools.lru_cache(maxsize=16)
-def _family_boxed_params_cached(family: Family, arch) -> Any:
-    return abstract_boxed_params(family.build(arch, jnp.float32))
+@functools.lru_cache(maxsize=32)
+def _boxed_params_cached(module: nn.Module, seq_len: int) -> Any:
+    return _trace_boxed_params(module, seq_len)
 
 
 def family_boxed_params(family: Family, arch) -> Any:
     """The family's parameters for `arch`, boxed with their logical axes (traced once per arch)."""
-    try:
-        hash((family, arch))
-    except TypeError:  # an arch with unhashable fields: trace every time
-        return abstract_boxed_params(family.build(arch, jnp.float32))
-    return _family_boxed_params_cached(family, arch)
+    return abstract_boxed_params(family.build(arch, jnp.float32))
 
 
 def abstract_params(family: Family, arch, dtype=jnp.float32):
