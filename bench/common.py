@@ -73,41 +73,35 @@ class BenchConfig:
         return self.batch * self.seq_len
 
 
+# NOTES.md's reference figure (Llama ~7.1M params: hidden 256, 4 layers, vocab 8192; batch 8 x seq
+# 256, AdamW, float32, 2 threads). Intermediate 704 = 64 * 11, so QLoRA's 64-blocks divide it.
+_CPU = BenchConfig(
+    name="cpu",
+    hidden=256,
+    layers=4,
+    heads=8,
+    kv_heads=4,
+    intermediate=704,
+    vocab=8192,
+    batch=8,
+    seq_len=256,
+    dtype="float32",
+    device="cpu",
+    steps=20,
+    warmup=3,
+    description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 8 x seq 256, float32",
+)
+
 CONFIGS = {
-    # NOTES.md's reference figure (Llama ~7.1M params: hidden 256, 4 layers, vocab 8192; batch 8 x seq
-    # 256, AdamW, float32, 2 threads). Intermediate 704 = 64 * 11, so QLoRA's 64-blocks divide it.
-    "cpu": BenchConfig(
-        name="cpu",
-        hidden=256,
-        layers=4,
-        heads=8,
-        kv_heads=4,
-        intermediate=704,
-        vocab=8192,
-        batch=8,
-        seq_len=256,
-        dtype="float32",
-        device="cpu",
-        steps=20,
-        warmup=3,
-        description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 8 x seq 256, float32",
-    ),
+    "cpu": _CPU,
     # The same model at sequence 2048, batch 1 (as many tokens a step as "cpu"): what attention's
     # memory costs once T x T is large (16 MiB of float32 scores per head and layer).
-    "cpu-2048": BenchConfig(
+    "cpu-2048": dataclasses.replace(
+        _CPU,
         name="cpu-2048",
-        hidden=256,
-        layers=4,
-        heads=8,
-        kv_heads=4,
-        intermediate=704,
-        vocab=8192,
         batch=1,
         seq_len=2048,
-        dtype="float32",
-        device="cpu",
         steps=10,
-        warmup=3,
         description="Llama 7.1M (hidden 256, 4 layers, vocab 8192), batch 1 x seq 2048, float32",
     ),
     # Llama-3.2-1B's shape (1.24B params, tied embeddings, GQA 32/8, llama3 RoPE), bf16 compute.
