@@ -126,7 +126,10 @@ def grpo_sums(
     per_token_BT = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
     kl_BT = jnp.zeros_like(logps_BT)
     if beta != 0.0:
-        diff_BT = batch["ref_logps"] - logps_BT
+        # ref_logps is 0 off the completion tokens, so there ref - log pi is -log pi, and exp of it
+        # overflows to inf once a prompt or padding target is below -88 (low temperatures make
+        # that common); inf * mask 0 is nan, in the loss and its gradient. Zero it there first.
+        diff_BT = jnp.where(mask_BT > 0, batch["ref_logps"] - logps_BT, 0.0)
         kl_BT = jnp.exp(diff_BT) - diff_BT - 1.0
         if kl_correction:
             kl_BT = kl_BT * ratio_BT

@@ -1,0 +1,73 @@
+"""The RL objectives stay finite where float32 runs out: a prompt or padding position whose
+log-probability is past exp's range (low temperatures make those common) must not reach the
+loss, which only the completion tokens enter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftc.backends.jax.objectives import grpo
+
+B, T, PROMPT = 2, 6, 3
+
+
+class _PeakedModel:
+    """A stand-in causal LM whose logits put `params["w"]` on token 0 everywhere: a target of
+    another token has log-probability about -w."""
+
+    def apply(self, variables, ids, **_):
+        return jnp.zeros(ids.shape + (5,)).at[:, :, 0].set(variables["params"]["w"])
+
+
+def _batch():
+    """Two rows whose prompt targets (token 3) have log-prob -200 and whose completion targets
+    (token 0) have log-prob 0; the rollout's old and reference log-probs are 0 off the completion,
+    as rl/rollout.py's logps_function gives them."""
+    weights = jnp.zeros((B, T)).at[:, PROMPT:].set(1.0)
+    rows = {
+        "input_ids": jnp.ones((B, T), jnp.int32),
+        "targets": jnp.full((B, T), 3, jnp.int32).at[:, PROMPT:].set(0),
+        "segment_ids": jnp.ones((B, T), jnp.int32),
+        "positions": jnp.tile(jnp.arange(T), (B, 1)),
+        "weights": weights,
+    }
+    zeros = jnp.zeros((B, T))
+    return {
+        "rows": rows,
+        "advantages": jnp.array([1.0, -1.0]),
+        "old_logps": zeros,
+        "ref_logps": zeros,
+        "row_weights": jnp.ones(B),
+        "token_share": jnp.full(B, float(T - PROMPT)),
+    }
+
+
+@pytest.mark.parametrize("loss_type", grpo.LOSS_TYPES)
+def test_grpo_kl_ignores_prompt_log_probs_past_exps_range(loss_type):
+    params = {"w": jnp.float32(200.0)}
+    logps, _ = grpo.token_logps_and_entropy(_PeakedModel(), params, _batch()["rows"], jax.random.key(0), 1.0)
+    assert float(logps[0, 0]) < -150  # exp(-logp) is inf in float32
+
+    def loss(p):
+        sums = grpo.grpo_sums(
+            _PeakedModel(),
+            p,
+            _batch(),
+            jax.random.key(0),
+            loss_type=loss_type,
+            beta=0.04,
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            max_completion_length=T - PROMPT,
+        )
+        return sums["loss_sum"], sums
+
+    (value, sums), grad = jax.value_and_grad(loss, has_aux=True)(params)
+    assert np.isfinite(float(value)) and np.isfinite(float(grad["w"]))
+    # The completion tokens' log-probs equal the reference's (0): no KL, and the policy term is
+    # -A per token, A = +1 and -1: the two rows cancel.
+    assert float(sums["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(value) == pytest.approx(0.0, abs=1e-5)
