@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 
@@ -33,6 +34,7 @@ MODEL_TEXTS = ("conversation", "completion")  # backends/jax/rl/reward_model.py:
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 SHOWN_ROWS = 3  # rows without an answer named in the message
 RL_OBJECTIVES = ("grpo", "ppo")  # their keys: training.<objective>_*
+FLOAT32_MAX = 3.4028234663852886e38  # rewards are float32 (backends/jax/rl/rewards.py)
 
 
 def issues(s: dict) -> list[tuple[tuple, str, str]]:
@@ -66,6 +68,10 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         extra = sorted(set(r) - {"kind", "weight", "name"} - OPTIONS.get(kind, set()))
         if extra:
             add((*at, extra[0]), f"not an option of a {kind!r} reward")
+        weight = r.get("weight")
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and FLOAT32_MAX < abs(weight) < math.inf:
+            # rewards are float32 (rl/rewards.py): every weighted total would be inf, every advantage nan
+            add((*at, "weight"), f"expected a number within float32's range (|w| <= 3.4e38), got {weight!r}")
         if kind == "regex":
             if not isinstance(r.get("pattern"), str):
                 add((*at, "pattern"), "a regex reward needs a pattern (a string)")

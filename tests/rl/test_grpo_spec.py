@@ -80,3 +80,9 @@ def test_prompt_rows_hold_messages_and_an_optional_answer():
         )
     with pytest.raises(BadRow, match="'answer' is"):
         prompt.normalise({"messages": [{"role": "user", "content": "a"}], "answer": [1]})
+
+
+def test_a_reward_weight_past_float32_is_refused_at_its_key_path(tmp_path):
+    """Rewards are float32: a weight of 1e39 (finite in TOML's float64) makes every total inf."""
+    errors = _errors(tmp_path, GOOD.replace("weight = 0.5", "weight = 1e39"))
+    assert errors["training.grpo_rewards[1].weight"].startswith("expected a number within float32's range"), errors

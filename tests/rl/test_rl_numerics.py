@@ -71,3 +71,57 @@ def test_grpo_kl_ignores_prompt_log_probs_past_exps_range(loss_type):
     # -A per token, A = +1 and -1: the two rows cancel.
     assert float(sums["kl_sum"]) == pytest.approx(0.0, abs=1e-6)
     assert float(value) == pytest.approx(0.0, abs=1e-5)
+
+
+RUN = """ftc = 1
+name = "nan-reward"
+output_dir = "{root}/runs"
+[model]
+base = "{root}/base"
+max_seq_len = 48
+dtype = "float32"
+[data]
+format = "prompt"
+train = "{root}/prompts.jsonl"
+[training]
+objective = "grpo"
+steps = 2
+batch_size = 4
+micro_batch_size = 4
+grpo_group_size = 2
+grpo_max_new_tokens = 4
+grpo_rewards = [{{ kind = "model", path = "{root}/rm", name = "rm" }}]
+[mesh]
+fsdp = 4
+tensor = 2
+[logging]
+progress = false
+"""
+
+
+def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_prompt(tmp_path):
+    """A reward model whose head holds nan (a damaged checkpoint): the run stops at the first
+    rollout saying which reward and which prompt row, not that the loss is nan."""
+    import torch
+    import train_testlib as tl
+    import transformers as tf
+    from data_testlib import make_tokenizer
+    from rl_testlib import make_root
+
+    from ftc.backends.jax import pipeline as run_lib
+    from ftc.backends.jax.rl import rewards
+    from ftc.spec import load_spec
+
+    make_root(tmp_path)
+    tok = make_tokenizer()
+    rm = tf.LlamaForSequenceClassification(tf.LlamaConfig(**tl.TINY, num_labels=2, pad_token_id=tok.pad_token_id))
+    with torch.no_grad():
+        rm.score.weight.fill_(float("nan"))
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "rm")
+    path = tmp_path / "nan.toml"
+    path.write_text(RUN.format(root=tmp_path))
+    with pytest.raises(
+        rewards.RewardError, match=r"reward 'rm' \(model\) is nan for a completion of .*prompts\.jsonl:\d"
+    ):
+        run_lib.run(load_spec(str(path)), echo=lambda s: None)

@@ -259,7 +259,10 @@ class RolloutFeed:
         texts = [decode(self.tokenizer, c) for c in completions]
         lengths = [len(c) for c in completions]
         conversations = [self.data.conversations[i] for i in picked for _ in range(g)]
-        total, parts = rw.score(self.rewards, texts, lengths, answers, conversations=conversations, models=self.scorers)
+        where = [self.data.where[i] for i in picked for _ in range(g)]
+        total, parts = rw.score(
+            self.rewards, texts, lengths, answers, conversations=conversations, models=self.scorers, where=where
+        )
         reference = None
         if self.beta:
             reference = (
