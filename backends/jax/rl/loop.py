@@ -178,9 +178,12 @@ class RolloutFeed:
         self.rewards = rw.parse(k.rewards, f"training.{k.objective}_rewards")
         self.scorers = {r.label: reward_model.load(r) for r in self.rewards if r.kind == "model"}
         self.data, self.model, self.tokenizer = data, model, tokenizer
-        self.sampler = make_sampler(
-            model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh
-        )
+        # The update rows hold model.max_seq_len positions, and prompt_data checked each prompt plus
+        # max_new_tokens against it. A rotary model runs past config.json's max_position_embeddings
+        # (the plan notes it; a learned position table refuses it), so the sampler may too: with the
+        # config's length it cut every completion at max_position_embeddings - prompt, silently.
+        context = max(context_length(hf_config), spec.model.max_seq_len)
+        self.sampler = make_sampler(model.family, model.arch, model.eval_module, context=context, mesh=mesh)
         self.logps = logps_function(model.module, k.temperature)
         self.seq_len = spec.model.max_seq_len
         self.per_round = t.batch_size // k.group_size
