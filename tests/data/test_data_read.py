@@ -226,7 +226,11 @@ def test_prompt_rows_read_trls_grpo_prompt_key_as_messages_or_a_user_turn(tmp_pa
     user = [{"role": "user", "content": "What is 2 + 2?"}]
     rows = [{"prompt": user, "answer": 4}, {"prompt": "What is 2 + 2?", "answer": "4"}, {"messages": user, "answer": 4}]
     read = read_rows(write_jsonl(tmp_path / "g.jsonl", rows), format="prompt", on_bad_row="error").rows
-    assert [r.data for r in read] == [{"messages": user, "answer": "4"}] * 3
+    assert [r.data for r in read] == [
+        {"messages": user, "answer": "4", "text": None},
+        {"messages": user, "answer": "4", "text": "What is 2 + 2?"},  # kept for a tokenizer without a template
+        {"messages": user, "answer": "4", "text": None},
+    ]
 
 
 def test_preference_strings_without_a_prompt_share_their_start_as_the_prompt_as_hh_rows_do(tmp_path):

@@ -72,7 +72,7 @@ def test_cross_key_rules_name_their_keys(tmp_path):
 
 def test_prompt_rows_hold_messages_and_an_optional_answer():
     row = {"messages": [{"role": "user", "content": "2+2?"}], "answer": 4, "id": "x"}
-    assert prompt.normalise(row) == {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    assert prompt.normalise(row) == {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4", "text": None}
     assert prompt.normalise({"messages": [{"role": "user", "content": "hi"}]})["answer"] is None
     with pytest.raises(BadRow, match="ends with an assistant message"):
         prompt.normalise(
@@ -86,3 +86,22 @@ def test_a_reward_weight_past_float32_is_refused_at_its_key_path(tmp_path):
     """Rewards are float32: a weight of 1e39 (finite in TOML's float64) makes every total inf."""
     errors = _errors(tmp_path, GOOD.replace("weight = 0.5", "weight = 1e39"))
     assert errors["training.grpo_rewards[1].weight"].startswith("expected a number within float32's range"), errors
+
+
+def test_a_base_models_tokenizer_without_a_chat_template_takes_text_prompts_as_they_are(tmp_path):
+    """TRL's standard GRPO rows ({"prompt": "text"}) on a base model: the text is the prompt, as TRL
+    uses it. They were refused with `ftc generate`'s advice (--raw) and no row named; a prompt of
+    messages still needs the template, and says so naming its row."""
+    from data_testlib import make_tokenizer
+
+    from ftc.backends.jax.data.read import DataError, read_rows
+
+    tok = make_tokenizer()
+    tok.chat_template = None
+    rows = [{"prompt": "The capital of France is", "answer": "Paris"}, {"messages": [{"role": "user", "content": "x"}]}]
+    read = read_rows(write_jsonl(tmp_path / "p.jsonl", rows), format="prompt", on_bad_row="error").rows
+    (tokens,) = prompt.FORMAT.tokenize(tok, read[:1], None, None)
+    assert tokens.ids.tolist() == tok("The capital of France is", add_special_tokens=True)["input_ids"]
+    assert not tokens.weights.any()
+    with pytest.raises(DataError, match=r"p\.jsonl:2: the tokenizer has no chat template, and a prompt of messages"):
+        prompt.FORMAT.tokenize(tok, read[1:], None, None)
