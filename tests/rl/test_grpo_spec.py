@@ -105,3 +105,29 @@ def test_a_base_models_tokenizer_without_a_chat_template_takes_text_prompts_as_t
     assert not tokens.weights.any()
     with pytest.raises(DataError, match=r"p\.jsonl:2: the tokenizer has no chat template, and a prompt of messages"):
         prompt.FORMAT.tokenize(tok, read[1:], None, None)
+
+
+def test_prompt_rows_all_skipped_as_malformed_are_refused_naming_the_rows(tmp_path):
+    """data.on_bad_row = "skip" with no good row left: the run said `max() arg is an empty sequence`."""
+    import train_testlib as tl
+    from data_testlib import make_tokenizer
+
+    from ftc.backends.jax.data.read import DataError
+    from ftc.backends.jax.rl.loop import prompt_data
+
+    train = write_jsonl(tmp_path / "bad.jsonl", [{"foo": 1}, {"messages": []}])
+    spec = tl.spec(
+        {
+            "data": {"format": "prompt", "on_bad_row": "skip"},
+            "training": {
+                "objective": "grpo",
+                "grpo_group_size": 4,
+                "grpo_rewards": [{"kind": "length", "max_tokens": 3}],
+            },
+            "model": {"max_seq_len": 128},
+        },
+        train=str(train),
+    )
+    with pytest.raises(DataError, match=r"bad\.jsonl: no prompt rows left: all 2 were malformed") as e:
+        prompt_data(spec, make_tokenizer())
+    assert "bad.jsonl:2: 'messages' is an empty array" in str(e.value)

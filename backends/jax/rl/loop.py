@@ -124,6 +124,11 @@ def prompt_data(spec, tokenizer) -> PromptData:
     room for <objective>_max_new_tokens in model.max_seq_len, or a row without the answer a reward needs."""
     t, k = spec.training, rl_keys(spec)
     read = read_rows(spec.data.train_sources, format=FORMAT, on_bad_row=spec.data.on_bad_row)
+    if not read.rows:  # every row skipped as malformed (on_bad_row = "skip"): nothing to sample from
+        raise DataError(
+            f"{', '.join(read.files)}: no prompt rows left: all {len(read.skipped)} were malformed and skipped",
+            read.skipped,
+        )
     fmt = formats.get(FORMAT)
     room = spec.model.max_seq_len - k.max_new_tokens + 1
     needing = [r.label for r in rw.parse(k.rewards, f"training.{k.objective}_rewards") if r.needs_answer]
