@@ -48,6 +48,21 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     def add(path, message):
         out.append((("training", *path), message, "error"))
 
+    # An RL run has no validation pass yet (rl/loop.py: the rewards are its measure); these keys
+    # were accepted and then ignored, so a run asked to validate every N steps never did.
+    data = s.get("data") if isinstance(s.get("data"), dict) else {}
+    evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
+    not_yet = (
+        f"training.objective = {objective!r} has no validation pass yet (its rewards are the run's measure); remove it"
+    )
+    for path, given in (
+        (("data", "validation"), data.get("validation") is not None),
+        (("data", "validation_split"), bool(data.get("validation_split"))),
+        (("training", "eval_every"), bool(t.get("eval_every"))),
+        (("eval", "samples"), bool(evals.get("samples"))),
+    ):
+        if given:
+            out.append((path, not_yet, "error"))
     group, batch = t.get(p + "group_size"), t.get("batch_size")  # PPO has no groups
     # A group of one (no comparison, no advantage) is the schema's minimum: its message names the key.
     if isinstance(group, int) and group >= 2 and isinstance(batch, int) and batch % group:

@@ -131,3 +131,20 @@ def test_prompt_rows_all_skipped_as_malformed_are_refused_naming_the_rows(tmp_pa
     with pytest.raises(DataError, match=r"bad\.jsonl: no prompt rows left: all 2 were malformed") as e:
         prompt_data(spec, make_tokenizer())
     assert "bad.jsonl:2: 'messages' is an empty array" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ('validation = "{train}"', "data.validation"),
+        ("validation_split = 0.2", "data.validation_split"),
+    ],
+)
+def test_validation_keys_an_rl_run_would_ignore_are_refused_at_their_key_path(tmp_path, setting, key):
+    """An RL run has no validation pass: data.validation, training.eval_every and [eval] samples
+    linted clean and were then ignored (no validation metric was ever written)."""
+    text = GOOD.replace('train = "{train}"', f'train = "{{train}}"\n{setting}')
+    text = text.replace("learning_rate = 1e-5", "learning_rate = 1e-5\neval_every = 2") + "[eval]\nsamples = 2\n"
+    errors = _errors(tmp_path, text)
+    for path in (key, "training.eval_every", "eval.samples"):
+        assert errors[path].startswith("training.objective = 'grpo' has no validation pass yet"), errors
