@@ -148,3 +148,45 @@ def test_validation_keys_an_rl_run_would_ignore_are_refused_at_their_key_path(tm
     errors = _errors(tmp_path, text)
     for path in (key, "training.eval_every", "eval.samples"):
         assert errors[path].startswith("training.objective = 'grpo' has no validation pass yet"), errors
+
+
+def _prompt_data(tmp_path, rows, **clean):
+    import train_testlib as tl
+    from data_testlib import make_tokenizer
+
+    from ftc.backends.jax.rl.loop import prompt_data
+
+    train = write_jsonl(tmp_path / "p.jsonl", rows)
+    spec = tl.spec(
+        {
+            "data": {"format": "prompt", "clean": clean},
+            "training": {
+                "objective": "grpo",
+                "grpo_group_size": 4,
+                "grpo_max_new_tokens": 16,
+                "grpo_rewards": [{"kind": "numeric"}],
+            },
+            "model": {"max_seq_len": 64},
+        },
+        train=str(train),
+    )
+    return prompt_data(spec, make_tokenizer())
+
+
+def test_prompt_rows_are_cleaned_as_data_clean_says(tmp_path):
+    """data.clean was ignored for prompt rows: duplicates and empty prompts were sampled, an
+    unknown role reached the chat template, and overlong = "drop" still refused a long prompt."""
+    from ftc.backends.jax.data.read import DataError
+
+    user = lambda text: {"messages": [{"role": "user", "content": text}], "answer": "1"}  # noqa: E731
+    long = user("long " * 80)
+    rows = [user("one?"), user("one?"), user("  "), user("two?"), long]
+    with pytest.raises(DataError, match=r'p\.jsonl:5: the prompt has \d+ tokens.*data\.clean\.overlong = "drop"'):
+        _prompt_data(tmp_path, rows)
+    data = _prompt_data(tmp_path, rows, overlong="drop")
+    assert data.where == (f"{tmp_path}/p.jsonl:1", f"{tmp_path}/p.jsonl:4")
+    assert data.stats.dropped == {"duplicate": 1, "empty": 1, "overlong": 1}
+    assert "dropped 1 empty, 1 duplicate, 1 overlong" in data.stats.summary()
+    assert len(_prompt_data(tmp_path, rows[:4], dedupe=False, drop_empty=False).ids) == 4
+    with pytest.raises(DataError, match="unknown message roles"):
+        _prompt_data(tmp_path, [{"messages": [{"role": "human", "content": "hi"}], "answer": "1"}])

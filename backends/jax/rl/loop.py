@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from ftc.backends.jax.data import formats
+from ftc.backends.jax.data.clean import clean_rows
 from ftc.backends.jax.data.read import DataError, read_rows
 from ftc.backends.jax.generate.sampler import make_sampler
 from ftc.backends.jax.generate.source import context_length, eos_ids
@@ -96,12 +97,14 @@ class PromptStats:
     with_answer: int
     prompt_tokens_max: int
     prompt_tokens_mean: float
+    dropped: dict = dataclasses.field(default_factory=dict)  # rows data.clean left out, by reason
 
     def summary(self) -> str:
         return (
             f"data: {self.prompts} prompts ({self.with_answer} with an answer) from {', '.join(self.train_files)}; "
             f"prompt tokens mean {self.prompt_tokens_mean:.1f}, max {self.prompt_tokens_max}"
             + (f"; {self.bad_rows_skipped} bad rows skipped" if self.bad_rows_skipped else "")
+            + (f"; dropped {', '.join(f'{n} {why}' for why, n in self.dropped.items())}" if self.dropped else "")
         )
 
     def to_dict(self) -> dict:
@@ -129,21 +132,43 @@ def prompt_data(spec, tokenizer) -> PromptData:
             f"{', '.join(read.files)}: no prompt rows left: all {len(read.skipped)} were malformed and skipped",
             read.skipped,
         )
+    # data.clean as for every other format (it was ignored here): duplicate and empty prompts,
+    # message roles, and overlong = "drop" leaves out a prompt with no room to generate (the other
+    # choices refuse it: a prompt cut short asks another question).
+    c = spec.data.clean
+    rows, report = clean_rows(
+        read.rows,
+        format=FORMAT,
+        dedupe=c.dedupe,
+        drop_empty=c.drop_empty,
+        roles=c.roles,
+        unknown_roles=c.unknown_roles,
+    )
+    dropped = {why: n for why, n in report.dropped if n}
     fmt = formats.get(FORMAT)
     room = spec.model.max_seq_len - k.max_new_tokens + 1
     needing = [r.label for r in rw.parse(k.rewards, f"training.{k.objective}_rewards") if r.needs_answer]
-    ids, problems = [], []
-    for row in read.rows:
-        ids.append(tuple(fmt.tokenize(tokenizer, [row], None, None)[0].ids.tolist()))
-        if len(ids[-1]) > room:
+    ids, kept, problems = [], [], []
+    for row in rows:
+        row_ids = tuple(fmt.tokenize(tokenizer, [row], None, None)[0].ids.tolist())
+        if len(row_ids) > room and c.overlong == "drop":
+            dropped["overlong"] = dropped.get("overlong", 0) + 1
+            continue
+        if len(row_ids) > room:
             problems.append(
-                f"{row.where}: the prompt has {len(ids[-1])} tokens; model.max_seq_len "
-                f"({spec.model.max_seq_len}) - training.{k.objective}_max_new_tokens + 1 leaves {room}"
+                f"{row.where}: the prompt has {len(row_ids)} tokens; model.max_seq_len "
+                f"({spec.model.max_seq_len}) - training.{k.objective}_max_new_tokens + 1 leaves {room} "
+                '(data.clean.overlong = "drop" leaves such prompts out)'
             )
         if needing and row.data["answer"] is None:
             problems.append(f'{row.where}: no "answer", which reward(s) {", ".join(needing)} compare with')
+        ids.append(row_ids)
+        kept.append(row)
     if problems:
         raise DataError(f"{len(problems)} prompt row(s) cannot be used for {k.objective.upper()}", problems)
+    if not kept:
+        raise DataError(f"{', '.join(read.files)}: no prompt rows left after cleaning (dropped: {dropped})")
+    rows = kept
     per_round = t.batch_size // k.group_size
     lengths = [len(x) for x in ids]
     stats = PromptStats(
@@ -153,14 +178,15 @@ def prompt_data(spec, tokenizer) -> PromptData:
         len(read.skipped),
         tuple(read.skipped[:5]),
         len(ids),
-        sum(r.data["answer"] is not None for r in read.rows),
+        sum(r.data["answer"] is not None for r in rows),
         max(lengths),
         float(np.mean(lengths)),
+        dropped,
     )
     rounds = -(-len(ids) // per_round)
-    answers = tuple(r.data["answer"] for r in read.rows)
-    where = tuple(r.where for r in read.rows)
-    conversations = tuple(tuple(r.data["messages"]) for r in read.rows)
+    answers = tuple(r.data["answer"] for r in rows)
+    where = tuple(r.where for r in rows)
+    conversations = tuple(tuple(r.data["messages"]) for r in rows)
     return PromptData(tuple(ids), answers, where, stats, rounds * k.updates, None, conversations)
 
 
