@@ -125,3 +125,12 @@ def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_pro
         rewards.RewardError, match=r"reward 'rm' \(model\) is nan for a completion of .*prompts\.jsonl:\d"
     ):
         run_lib.run(load_spec(str(path)), echo=lambda s: None)
+
+
+@pytest.mark.parametrize("scale", grpo.SCALES)
+def test_group_advantages_of_rewards_near_float32s_range_are_finite(scale):
+    """Rewards of a weight near 3.4e38 summed to inf over a group: every advantage nan."""
+    rewards = np.array([3e38, 0.0, 3e38, 3e38, 1.0, 2.0, 3.0, 4.0], np.float32)
+    advantages = grpo.group_advantages(rewards, 4, scale)
+    assert advantages.dtype == np.float32 and np.all(np.isfinite(advantages)), advantages
+    assert advantages[1] < 0 < advantages[0] and advantages[4] < 0 < advantages[7]
