@@ -100,8 +100,10 @@ progress = false
 
 
 def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_prompt(tmp_path):
-    """A reward model whose head holds nan (a damaged checkpoint): the run stops at the first
-    rollout saying which reward and which prompt row, not that the loss is nan."""
+    """A reward model whose logits overflow (a head of 1e38s: finite weights, inf logits, a nan
+    softmax): the run stops at the first rollout saying which reward and which prompt row, not
+    that the loss is nan and the learning rate should be lower. A head holding nan is refused
+    when the reward model loads, naming the tensor."""
     import torch
     import train_testlib as tl
     import transformers as tf
@@ -109,14 +111,14 @@ def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_pro
     from rl_testlib import make_root
 
     from ftc.backends.jax import pipeline as run_lib
-    from ftc.backends.jax.rl import rewards
+    from ftc.backends.jax.rl import reward_model, rewards
     from ftc.spec import load_spec
 
     make_root(tmp_path)
     tok = make_tokenizer()
     rm = tf.LlamaForSequenceClassification(tf.LlamaConfig(**tl.TINY, num_labels=2, pad_token_id=tok.pad_token_id))
     with torch.no_grad():
-        rm.score.weight.fill_(float("nan"))
+        rm.score.weight.fill_(1e38)
     rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
     tok.save_pretrained(tmp_path / "rm")
     path = tmp_path / "nan.toml"
@@ -125,6 +127,13 @@ def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_pro
         rewards.RewardError, match=r"reward 'rm' \(model\) is nan for a completion of .*prompts\.jsonl:\d"
     ):
         run_lib.run(load_spec(str(path)), echo=lambda s: None)
+
+    with torch.no_grad():
+        rm.score.weight[0, 3] = float("nan")
+    rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    (reward,) = rewards.parse([{"kind": "model", "path": str(tmp_path / "rm")}])
+    with pytest.raises(reward_model.RewardModelError, match=r"rm: the weights hold nan or inf in score\.weight"):
+        reward_model.load(reward)
 
 
 @pytest.mark.parametrize("scale", grpo.SCALES)
