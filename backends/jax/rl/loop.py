@@ -215,7 +215,10 @@ class RolloutFeed:
         # config's length it cut every completion at max_position_embeddings - prompt, silently.
         context = max(context_length(hf_config), spec.model.max_seq_len)
         self.sampler = make_sampler(model.family, model.arch, model.eval_module, context=context, mesh=mesh)
-        self.logps = logps_function(model.module, k.temperature)
+        # The rollout's log-probs (the ratio's denominator, the reference's) are the sampling
+        # policy's: the module without training-only noise, as the sampler runs it. With the train
+        # module a LoRA dropout drew one fixed mask (key 0) into every rollout's old log-probs.
+        self.logps = logps_function(model.eval_module, k.temperature)
         self.seq_len = spec.model.max_seq_len
         self.per_round = t.batch_size // k.group_size
         self.updates = k.updates
@@ -328,7 +331,7 @@ def _grpo_batch(spec, model, feed: RolloutFeed):
 
 def _ppo_batch(spec, model, feed: RolloutFeed):
     t = spec.training
-    policy = policy_function(model.module, t.ppo_temperature)
+    policy = policy_function(model.eval_module, t.ppo_temperature)  # as feed.logps: no dropout
 
     def make(prompts, completions, total, params, reference):
         return ppo_update_batch(
