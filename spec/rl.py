@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 
@@ -33,6 +34,7 @@ MODEL_TEXTS = ("conversation", "completion")  # backends/jax/rl/reward_model.py:
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 SHOWN_ROWS = 3  # rows without an answer named in the message
 RL_OBJECTIVES = ("grpo", "ppo")  # their keys: training.<objective>_*
+FLOAT32_MAX = 3.4028234663852886e38  # rewards are float32 (backends/jax/rl/rewards.py)
 
 
 def issues(s: dict) -> list[tuple[tuple, str, str]]:
@@ -46,6 +48,21 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     def add(path, message):
         out.append((("training", *path), message, "error"))
 
+    # An RL run has no validation pass yet (rl/loop.py: the rewards are its measure); these keys
+    # were accepted and then ignored, so a run asked to validate every N steps never did.
+    data = s.get("data") if isinstance(s.get("data"), dict) else {}
+    evals = s.get("eval") if isinstance(s.get("eval"), dict) else {}
+    not_yet = (
+        f"training.objective = {objective!r} has no validation pass yet (its rewards are the run's measure); remove it"
+    )
+    for path, given in (
+        (("data", "validation"), data.get("validation") is not None),
+        (("data", "validation_split"), bool(data.get("validation_split"))),
+        (("training", "eval_every"), bool(t.get("eval_every"))),
+        (("eval", "samples"), bool(evals.get("samples"))),
+    ):
+        if given:
+            out.append((path, not_yet, "error"))
     group, batch = t.get(p + "group_size"), t.get("batch_size")  # PPO has no groups
     # A group of one (no comparison, no advantage) is the schema's minimum: its message names the key.
     if isinstance(group, int) and group >= 2 and isinstance(batch, int) and batch % group:
@@ -66,6 +83,10 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         extra = sorted(set(r) - {"kind", "weight", "name"} - OPTIONS.get(kind, set()))
         if extra:
             add((*at, extra[0]), f"not an option of a {kind!r} reward")
+        weight = r.get("weight")
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool) and FLOAT32_MAX < abs(weight) < math.inf:
+            # rewards are float32 (rl/rewards.py): every weighted total would be inf, every advantage nan
+            add((*at, "weight"), f"expected a number within float32's range (|w| <= 3.4e38), got {weight!r}")
         if kind == "regex":
             if not isinstance(r.get("pattern"), str):
                 add((*at, "pattern"), "a regex reward needs a pattern (a string)")

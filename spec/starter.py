@@ -10,6 +10,7 @@ import re
 from ftc.spec import choices, schema_walk
 from ftc.spec.local_files import hf_cache_problem
 from ftc.spec.paths import package_problem
+from ftc.spec.rl import RL_OBJECTIVES
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]*"  # the schema's `name` pattern
 DEFAULT_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -89,8 +90,7 @@ max_seq_len = {max_seq_len}
 [data]
 format = "{format}"{format_comment}
 train = "data/train.jsonl"            # JSONL file, glob, or "tfds:name/config:split"
-validation = "data/valid.jsonl"       # or: validation_split = 0.05
-{data_extra}
+{validation}{data_extra}
 [method]
 {method}
 
@@ -102,8 +102,7 @@ micro_batch_size = {micro}                   # per forward/backward pass; accumu
 learning_rate = {learning_rate}
 schedule = {{ kind = "cosine", warmup_ratio = 0.03 }}
 optimizer = {{ kind = "adamw", weight_decay = 0.0, grad_clip = 1.0 }}
-eval_every = 100                      # steps; 0 = only at the end
-log_every = 10
+{eval_every}log_every = 10
 
 [mesh]                                # product = device count; -1 takes the rest
 data = 1
@@ -129,6 +128,7 @@ def starter_spec(
     about = choices.objective_info(objective)
     fmt = choices.data_formats_for(objective)[0]
     export = choices.export_formats_for(method)[0]
+    rl_run = objective in RL_OBJECTIVES
     return _align_comments(
         _TEMPLATE.format(
             file=file,
@@ -147,6 +147,9 @@ def starter_spec(
             learning_rate=_scientific(choices.method_info(method)["learning_rate"]),
             export_format=export,
             export_comment=_comment(choices.comment(("export", "format"), export)),
+            # An RL run has no validation pass (spec/rl.py refuses these keys there).
+            validation="" if rl_run else 'validation = "data/valid.jsonl"       # or: validation_split = 0.05\n',
+            eval_every="" if rl_run else "eval_every = 100                      # steps; 0 = only at the end\n",
         )
     )
 

@@ -226,7 +226,31 @@ def test_prompt_rows_read_trls_grpo_prompt_key_as_messages_or_a_user_turn(tmp_pa
     user = [{"role": "user", "content": "What is 2 + 2?"}]
     rows = [{"prompt": user, "answer": 4}, {"prompt": "What is 2 + 2?", "answer": "4"}, {"messages": user, "answer": 4}]
     read = read_rows(write_jsonl(tmp_path / "g.jsonl", rows), format="prompt", on_bad_row="error").rows
-    assert [r.data for r in read] == [{"messages": user, "answer": "4"}] * 3
+    assert [r.data for r in read] == [
+        {"messages": user, "answer": "4", "text": None},
+        {"messages": user, "answer": "4", "text": "What is 2 + 2?"},  # kept for a tokenizer without a template
+        {"messages": user, "answer": "4", "text": None},
+    ]
+
+
+def test_hh_rows_split_where_trls_extract_prompt_splits_them_when_the_answers_differ_from_a_word(tmp_path):
+    """Prompt and response are tokenised apart: with the prompt ending in "Assistant: " a BPE
+    tokenizer trained a lone space token and then "The" without its space (generation writes
+    " The"); TRL's extract_prompt leaves the space with the responses."""
+    from trl.data_utils import extract_prompt
+
+    human = "\n\nHuman: What is up?\n\nAssistant:"
+    rows = [
+        {"chosen": human + " The sky.", "rejected": human + " Nothing."},
+        {"chosen": human + " It is blue.", "rejected": human + " It is green."},
+        {
+            "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: yes",
+            "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: no",
+        },
+    ]
+    read = read_rows(write_jsonl(tmp_path / "hh.jsonl", rows), format="preference", on_bad_row="error").rows
+    assert [r.data for r in read] == [extract_prompt(row) for row in rows]
+    assert read[0].data["prompt"].endswith("Assistant:") and read[0].data["chosen"] == " The sky."
 
 
 def test_preference_strings_without_a_prompt_share_their_start_as_the_prompt_as_hh_rows_do(tmp_path):
@@ -236,7 +260,8 @@ def test_preference_strings_without_a_prompt_share_their_start_as_the_prompt_as_
         {"chosen": "first answer", "rejected": "second answer"},
     ]
     result = read_rows(write_jsonl(tmp_path / "hh.jsonl", rows), format="preference", on_bad_row="skip")
-    assert [r.data for r in result.rows] == [{"prompt": human + " How ", "chosen": "about Tom?", "rejected": "rude."}]
+    # The space before the first differing word starts the responses, as TRL's extract_prompt leaves it.
+    assert [r.data for r in result.rows] == [{"prompt": human + " How", "chosen": " about Tom?", "rejected": " rude."}]
     assert result.skipped[0].endswith(
         "'chosen' and 'rejected' share no leading text and there is no 'prompt', "
         "expected a prompt (a shared start or a 'prompt' key)"

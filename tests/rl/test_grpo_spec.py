@@ -72,7 +72,7 @@ def test_cross_key_rules_name_their_keys(tmp_path):
 
 def test_prompt_rows_hold_messages_and_an_optional_answer():
     row = {"messages": [{"role": "user", "content": "2+2?"}], "answer": 4, "id": "x"}
-    assert prompt.normalise(row) == {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4"}
+    assert prompt.normalise(row) == {"messages": [{"role": "user", "content": "2+2?"}], "answer": "4", "text": None}
     assert prompt.normalise({"messages": [{"role": "user", "content": "hi"}]})["answer"] is None
     with pytest.raises(BadRow, match="ends with an assistant message"):
         prompt.normalise(
@@ -80,3 +80,113 @@ def test_prompt_rows_hold_messages_and_an_optional_answer():
         )
     with pytest.raises(BadRow, match="'answer' is"):
         prompt.normalise({"messages": [{"role": "user", "content": "a"}], "answer": [1]})
+
+
+def test_a_reward_weight_past_float32_is_refused_at_its_key_path(tmp_path):
+    """Rewards are float32: a weight of 1e39 (finite in TOML's float64) makes every total inf."""
+    errors = _errors(tmp_path, GOOD.replace("weight = 0.5", "weight = 1e39"))
+    assert errors["training.grpo_rewards[1].weight"].startswith("expected a number within float32's range"), errors
+
+
+def test_a_base_models_tokenizer_without_a_chat_template_takes_text_prompts_as_they_are(tmp_path):
+    """TRL's standard GRPO rows ({"prompt": "text"}) on a base model: the text is the prompt, as TRL
+    uses it. They were refused with `ftc generate`'s advice (--raw) and no row named; a prompt of
+    messages still needs the template, and says so naming its row."""
+    from data_testlib import make_tokenizer
+
+    from ftc.backends.jax.data.read import DataError, read_rows
+
+    tok = make_tokenizer()
+    tok.chat_template = None
+    rows = [{"prompt": "The capital of France is", "answer": "Paris"}, {"messages": [{"role": "user", "content": "x"}]}]
+    read = read_rows(write_jsonl(tmp_path / "p.jsonl", rows), format="prompt", on_bad_row="error").rows
+    (tokens,) = prompt.FORMAT.tokenize(tok, read[:1], None, None)
+    assert tokens.ids.tolist() == tok("The capital of France is", add_special_tokens=True)["input_ids"]
+    assert not tokens.weights.any()
+    with pytest.raises(DataError, match=r"p\.jsonl:2: the tokenizer has no chat template, and a prompt of messages"):
+        prompt.FORMAT.tokenize(tok, read[1:], None, None)
+
+
+def test_prompt_rows_all_skipped_as_malformed_are_refused_naming_the_rows(tmp_path):
+    """data.on_bad_row = "skip" with no good row left: the run said `max() arg is an empty sequence`."""
+    import train_testlib as tl
+    from data_testlib import make_tokenizer
+
+    from ftc.backends.jax.data.read import DataError
+    from ftc.backends.jax.rl.loop import prompt_data
+
+    train = write_jsonl(tmp_path / "bad.jsonl", [{"foo": 1}, {"messages": []}])
+    spec = tl.spec(
+        {
+            "data": {"format": "prompt", "on_bad_row": "skip"},
+            "training": {
+                "objective": "grpo",
+                "grpo_group_size": 4,
+                "grpo_rewards": [{"kind": "length", "max_tokens": 3}],
+            },
+            "model": {"max_seq_len": 128},
+        },
+        train=str(train),
+    )
+    with pytest.raises(DataError, match=r"bad\.jsonl: no prompt rows left: all 2 were malformed") as e:
+        prompt_data(spec, make_tokenizer())
+    assert "bad.jsonl:2: 'messages' is an empty array" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ('validation = "{train}"', "data.validation"),
+        ("validation_split = 0.2", "data.validation_split"),
+    ],
+)
+def test_validation_keys_an_rl_run_would_ignore_are_refused_at_their_key_path(tmp_path, setting, key):
+    """An RL run has no validation pass: data.validation, training.eval_every and [eval] samples
+    linted clean and were then ignored (no validation metric was ever written)."""
+    text = GOOD.replace('train = "{train}"', f'train = "{{train}}"\n{setting}')
+    text = text.replace("learning_rate = 1e-5", "learning_rate = 1e-5\neval_every = 2") + "[eval]\nsamples = 2\n"
+    errors = _errors(tmp_path, text)
+    for path in (key, "training.eval_every", "eval.samples"):
+        assert errors[path].startswith("training.objective = 'grpo' has no validation pass yet"), errors
+
+
+def _prompt_data(tmp_path, rows, **clean):
+    import train_testlib as tl
+    from data_testlib import make_tokenizer
+
+    from ftc.backends.jax.rl.loop import prompt_data
+
+    train = write_jsonl(tmp_path / "p.jsonl", rows)
+    spec = tl.spec(
+        {
+            "data": {"format": "prompt", "clean": clean},
+            "training": {
+                "objective": "grpo",
+                "grpo_group_size": 4,
+                "grpo_max_new_tokens": 16,
+                "grpo_rewards": [{"kind": "numeric"}],
+            },
+            "model": {"max_seq_len": 64},
+        },
+        train=str(train),
+    )
+    return prompt_data(spec, make_tokenizer())
+
+
+def test_prompt_rows_are_cleaned_as_data_clean_says(tmp_path):
+    """data.clean was ignored for prompt rows: duplicates and empty prompts were sampled, an
+    unknown role reached the chat template, and overlong = "drop" still refused a long prompt."""
+    from ftc.backends.jax.data.read import DataError
+
+    user = lambda text: {"messages": [{"role": "user", "content": text}], "answer": "1"}  # noqa: E731
+    long = user("long " * 80)
+    rows = [user("one?"), user("one?"), user("  "), user("two?"), long]
+    with pytest.raises(DataError, match=r'p\.jsonl:5: the prompt has \d+ tokens.*data\.clean\.overlong = "drop"'):
+        _prompt_data(tmp_path, rows)
+    data = _prompt_data(tmp_path, rows, overlong="drop")
+    assert data.where == (f"{tmp_path}/p.jsonl:1", f"{tmp_path}/p.jsonl:4")
+    assert data.stats.dropped == {"duplicate": 1, "empty": 1, "overlong": 1}
+    assert "dropped 1 empty, 1 duplicate, 1 overlong" in data.stats.summary()
+    assert len(_prompt_data(tmp_path, rows[:4], dedupe=False, drop_empty=False).ids) == 4
+    with pytest.raises(DataError, match="unknown message roles"):
+        _prompt_data(tmp_path, [{"messages": [{"role": "human", "content": "hi"}], "answer": "1"}])

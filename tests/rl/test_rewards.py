@@ -100,8 +100,42 @@ def test_an_answer_needing_reward_refuses_a_row_without_an_answer():
         ([{"kind": "length", "min_tokens": 5}], r"rewards\[0\]\.max_tokens: a length reward needs"),
         ([{"kind": "contains", "weight": "high"}], r"rewards\[0\]\.weight: expected a finite number"),
         ([{"kind": "contains"}, {"kind": "contains"}], "two rewards are named 'contains'"),
+        ([{"kind": "contains", "weight": 1e39}], r"rewards\[0\]\.weight: expected a number within float32's range"),
     ],
 )
 def test_bad_declarations_are_refused_with_their_key_path(entries, message):
     with pytest.raises(ValueError, match=message):
         rw.parse(entries)
+
+
+def test_a_reward_that_is_not_finite_is_refused_naming_the_reward_and_the_prompt():
+    """A nan from a model reward would make every advantage and the loss nan, and the run's
+    message then advises a lower learning rate; it is refused where it arises instead."""
+    (reward,) = rw.parse([{"kind": "model", "path": "rm", "name": "rm"}])
+
+    def scorer(conversations, completions):
+        return np.array([0.5, np.nan, 0.2], np.float32)
+
+    with pytest.raises(
+        rw.RewardError, match=r"reward 'rm' \(model\) is nan for a completion of data\.jsonl:2 \(1 of 3"
+    ):
+        rw.score(
+            [reward],
+            ["a", "b", "c"],
+            [1, 1, 1],
+            [None] * 3,
+            conversations=[[]] * 3,
+            models={"rm": scorer},
+            where=["data.jsonl:1", "data.jsonl:2", "data.jsonl:3"],
+        )
+
+
+def test_a_weighted_total_past_float32_is_refused():
+    rewards = rw.parse(
+        [
+            {"kind": "regex", "pattern": "a", "weight": 3e38},
+            {"kind": "regex", "pattern": "b", "name": "b", "weight": 3e38},
+        ]
+    )
+    with pytest.raises(rw.RewardError, match="weighted reward total is inf for a completion of completion 0"):
+        rw.score(rewards, ["ab"], [2], [None])

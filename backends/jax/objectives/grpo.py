@@ -60,15 +60,17 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "group")
         raise ValueError(f"scale_rewards={scale!r}: expected one of {', '.join(SCALES)}")
     if group_size < 2:
         raise ValueError(f"a group needs at least 2 completions to compare, got group_size={group_size}")
-    r = np.asarray(rewards, np.float32)
+    # float64 inside: float32 rewards near its range (a weight of 1e38) overflow a group's sum to
+    # inf and every advantage to nan; the advantages themselves are float32.
+    r = np.asarray(rewards, np.float32).astype(np.float64)
     if r.ndim != 1 or r.size % group_size:
         raise ValueError(f"{r.size} rewards do not split into groups of {group_size}")
     grouped = r.reshape(-1, group_size)
     centred = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)
     if scale == "none":
-        return centred
+        return centred.astype(np.float32)
     std = grouped.std(axis=1, ddof=1).repeat(group_size) if scale == "group" else r.std(ddof=1)
-    return (centred / (std + np.float32(1e-4))).astype(np.float32)
+    return (centred / (std + 1e-4)).astype(np.float32)
 
 
 def token_logps_and_entropy(model, params: Any, rows: Mapping[str, jax.Array], rng: jax.Array, temperature: float):
@@ -126,7 +128,10 @@ def grpo_sums(
     per_token_BT = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
     kl_BT = jnp.zeros_like(logps_BT)
     if beta != 0.0:
-        diff_BT = batch["ref_logps"] - logps_BT
+        # ref_logps is 0 off the completion tokens, so there ref - log pi is -log pi, and exp of it
+        # overflows to inf once a prompt or padding target is below -88 (low temperatures make
+        # that common); inf * mask 0 is nan, in the loss and its gradient. Zero it there first.
+        diff_BT = jnp.where(mask_BT > 0, batch["ref_logps"] - logps_BT, 0.0)
         kl_BT = jnp.exp(diff_BT) - diff_BT - 1.0
         if kl_correction:
             kl_BT = kl_BT * ratio_BT

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from ftc.backends.jax.data import formats
+from ftc.backends.jax.data.clean import clean_rows
 from ftc.backends.jax.data.read import DataError, read_rows
 from ftc.backends.jax.generate.sampler import make_sampler
 from ftc.backends.jax.generate.source import context_length, eos_ids
@@ -96,12 +97,14 @@ class PromptStats:
     with_answer: int
     prompt_tokens_max: int
     prompt_tokens_mean: float
+    dropped: dict = dataclasses.field(default_factory=dict)  # rows data.clean left out, by reason
 
     def summary(self) -> str:
         return (
             f"data: {self.prompts} prompts ({self.with_answer} with an answer) from {', '.join(self.train_files)}; "
             f"prompt tokens mean {self.prompt_tokens_mean:.1f}, max {self.prompt_tokens_max}"
             + (f"; {self.bad_rows_skipped} bad rows skipped" if self.bad_rows_skipped else "")
+            + (f"; dropped {', '.join(f'{n} {why}' for why, n in self.dropped.items())}" if self.dropped else "")
         )
 
     def to_dict(self) -> dict:
@@ -124,21 +127,48 @@ def prompt_data(spec, tokenizer) -> PromptData:
     room for <objective>_max_new_tokens in model.max_seq_len, or a row without the answer a reward needs."""
     t, k = spec.training, rl_keys(spec)
     read = read_rows(spec.data.train_sources, format=FORMAT, on_bad_row=spec.data.on_bad_row)
+    if not read.rows:  # every row skipped as malformed (on_bad_row = "skip"): nothing to sample from
+        raise DataError(
+            f"{', '.join(read.files)}: no prompt rows left: all {len(read.skipped)} were malformed and skipped",
+            read.skipped,
+        )
+    # data.clean as for every other format (it was ignored here): duplicate and empty prompts,
+    # message roles, and overlong = "drop" leaves out a prompt with no room to generate (the other
+    # choices refuse it: a prompt cut short asks another question).
+    c = spec.data.clean
+    rows, report = clean_rows(
+        read.rows,
+        format=FORMAT,
+        dedupe=c.dedupe,
+        drop_empty=c.drop_empty,
+        roles=c.roles,
+        unknown_roles=c.unknown_roles,
+    )
+    dropped = {why: n for why, n in report.dropped if n}
     fmt = formats.get(FORMAT)
     room = spec.model.max_seq_len - k.max_new_tokens + 1
     needing = [r.label for r in rw.parse(k.rewards, f"training.{k.objective}_rewards") if r.needs_answer]
-    ids, problems = [], []
-    for row in read.rows:
-        ids.append(tuple(fmt.tokenize(tokenizer, [row], None, None)[0].ids.tolist()))
-        if len(ids[-1]) > room:
+    ids, kept, problems = [], [], []
+    for row in rows:
+        row_ids = tuple(fmt.tokenize(tokenizer, [row], None, None)[0].ids.tolist())
+        if len(row_ids) > room and c.overlong == "drop":
+            dropped["overlong"] = dropped.get("overlong", 0) + 1
+            continue
+        if len(row_ids) > room:
             problems.append(
-                f"{row.where}: the prompt has {len(ids[-1])} tokens; model.max_seq_len "
-                f"({spec.model.max_seq_len}) - training.{k.objective}_max_new_tokens + 1 leaves {room}"
+                f"{row.where}: the prompt has {len(row_ids)} tokens; model.max_seq_len "
+                f"({spec.model.max_seq_len}) - training.{k.objective}_max_new_tokens + 1 leaves {room} "
+                '(data.clean.overlong = "drop" leaves such prompts out)'
             )
         if needing and row.data["answer"] is None:
             problems.append(f'{row.where}: no "answer", which reward(s) {", ".join(needing)} compare with')
+        ids.append(row_ids)
+        kept.append(row)
     if problems:
         raise DataError(f"{len(problems)} prompt row(s) cannot be used for {k.objective.upper()}", problems)
+    if not kept:
+        raise DataError(f"{', '.join(read.files)}: no prompt rows left after cleaning (dropped: {dropped})")
+    rows = kept
     per_round = t.batch_size // k.group_size
     lengths = [len(x) for x in ids]
     stats = PromptStats(
@@ -148,14 +178,15 @@ def prompt_data(spec, tokenizer) -> PromptData:
         len(read.skipped),
         tuple(read.skipped[:5]),
         len(ids),
-        sum(r.data["answer"] is not None for r in read.rows),
+        sum(r.data["answer"] is not None for r in rows),
         max(lengths),
         float(np.mean(lengths)),
+        dropped,
     )
     rounds = -(-len(ids) // per_round)
-    answers = tuple(r.data["answer"] for r in read.rows)
-    where = tuple(r.where for r in read.rows)
-    conversations = tuple(tuple(r.data["messages"]) for r in read.rows)
+    answers = tuple(r.data["answer"] for r in rows)
+    where = tuple(r.where for r in rows)
+    conversations = tuple(tuple(r.data["messages"]) for r in rows)
     return PromptData(tuple(ids), answers, where, stats, rounds * k.updates, None, conversations)
 
 
@@ -178,10 +209,16 @@ class RolloutFeed:
         self.rewards = rw.parse(k.rewards, f"training.{k.objective}_rewards")
         self.scorers = {r.label: reward_model.load(r) for r in self.rewards if r.kind == "model"}
         self.data, self.model, self.tokenizer = data, model, tokenizer
-        self.sampler = make_sampler(
-            model.family, model.arch, model.eval_module, context=context_length(hf_config), mesh=mesh
-        )
-        self.logps = logps_function(model.module, k.temperature)
+        # The update rows hold model.max_seq_len positions, and prompt_data checked each prompt plus
+        # max_new_tokens against it. A rotary model runs past config.json's max_position_embeddings
+        # (the plan notes it; a learned position table refuses it), so the sampler may too: with the
+        # config's length it cut every completion at max_position_embeddings - prompt, silently.
+        context = max(context_length(hf_config), spec.model.max_seq_len)
+        self.sampler = make_sampler(model.family, model.arch, model.eval_module, context=context, mesh=mesh)
+        # The rollout's log-probs (the ratio's denominator, the reference's) are the sampling
+        # policy's: the module without training-only noise, as the sampler runs it. With the train
+        # module a LoRA dropout drew one fixed mask (key 0) into every rollout's old log-probs.
+        self.logps = logps_function(model.eval_module, k.temperature)
         self.seq_len = spec.model.max_seq_len
         self.per_round = t.batch_size // k.group_size
         self.updates = k.updates
@@ -259,7 +296,10 @@ class RolloutFeed:
         texts = [decode(self.tokenizer, c) for c in completions]
         lengths = [len(c) for c in completions]
         conversations = [self.data.conversations[i] for i in picked for _ in range(g)]
-        total, parts = rw.score(self.rewards, texts, lengths, answers, conversations=conversations, models=self.scorers)
+        where = [self.data.where[i] for i in picked for _ in range(g)]
+        total, parts = rw.score(
+            self.rewards, texts, lengths, answers, conversations=conversations, models=self.scorers, where=where
+        )
         reference = None
         if self.beta:
             reference = (
@@ -291,7 +331,7 @@ def _grpo_batch(spec, model, feed: RolloutFeed):
 
 def _ppo_batch(spec, model, feed: RolloutFeed):
     t = spec.training
-    policy = policy_function(model.module, t.ppo_temperature)
+    policy = policy_function(model.eval_module, t.ppo_temperature)  # as feed.logps: no dropout
 
     def make(prompts, completions, total, params, reference):
         return ppo_update_batch(

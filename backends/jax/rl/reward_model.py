@@ -35,7 +35,7 @@ import numpy as np
 from ftc.backends.jax.io import hf_checkpoint
 from ftc.backends.jax.io.safetensors_read import SafetensorsCheckpoint
 from ftc.backends.jax.methods.probe_features import SEQ_CLS_TARGETS, SeqClsTarget
-from ftc.backends.jax.stages import load_tokenizer
+from ftc.backends.jax.stages import load_tokenizer, nonfinite_paths
 from ftc.spec.rl import label_index, num_labels
 
 TEXTS = ("conversation", "completion")
@@ -121,6 +121,14 @@ class RewardModel:
         hidden = int(config.get("hidden_size") or config.get("n_embd"))
         self.labels = num_labels(config)
         self.head = read_head(model_dir, target, self.labels, hidden)
+        # A damaged checkpoint: said here, by tensor, rather than as a nan reward at the first rollout.
+        bad = nonfinite_paths(self.loaded.params) + [
+            f"{target.head_name}.{name}"
+            for name, x in (("weight", self.head.kernel_DC), ("bias", self.head.bias_C))
+            if x is not None and not np.isfinite(x).all()
+        ]
+        if bad:
+            raise RewardModelError(f"{model_dir}: the weights hold nan or inf in {', '.join(bad[:3])}: corrupted?")
         self.tokenizer = load_tokenizer(model_dir)
         self.text = text
         self.sigmoid = config.get("problem_type") == "multi_label_classification"

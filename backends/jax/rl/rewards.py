@@ -36,6 +36,11 @@ KINDS = ("exact_match", "contains", "numeric", "regex", "length", "json", "model
 NEEDS_ANSWER = ("exact_match", "contains", "numeric")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class RewardError(ValueError):
+    """A reward that cannot be used (not a finite number); the message names the reward and row."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +88,8 @@ def parse(entries: Sequence[Mapping], where: str = "rewards") -> tuple[Reward, .
         weight = entry.get("weight", 1.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
             raise ValueError(f"{at}.weight: expected a finite number, got {weight!r}")
+        if abs(weight) > FLOAT32_MAX:  # rewards are float32: this weight would make every total inf
+            raise ValueError(f"{at}.weight: expected a number within float32's range (|w| <= 3.4e38), got {weight!r}")
         if kind == "regex":
             if not isinstance(entry.get("pattern"), str):
                 raise ValueError(f"{at}.pattern: a regex reward needs a pattern (a string)")
@@ -173,10 +180,12 @@ def score(
     *,
     conversations: Sequence[Sequence[Mapping]] | None = None,
     models: Mapping[str, Callable] | None = None,
+    where: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """([N] weighted totals, {label: [N] unweighted values}) for N completions. A model reward
     takes its scorer from `models` (by label) and each completion's prompt messages from
-    `conversations`."""
+    `conversations`. A value or total that is not finite raises RewardError naming the reward and
+    the completion's prompt (`where[i]`, e.g. file:line; else its index)."""
     parts = {}
     for r in rewards:
         if r.kind == "model":
@@ -186,9 +195,27 @@ def score(
         else:
             values = [one(r, c, n, a) for c, n, a in zip(completions, tokens, answers, strict=True)]
             parts[r.label] = np.array(values, np.float32)
-    total = np.zeros(len(completions), np.float32)
+    name = (lambda i: where[i]) if where is not None else (lambda i: f"completion {i}")
     for r in rewards:
-        total += np.float32(r.weight) * parts[r.label]
+        bad = np.flatnonzero(~np.isfinite(parts[r.label]))
+        if bad.size:  # a nan advantage would make the loss nan, and the message advise a lower learning rate
+            i = int(bad[0])
+            raise RewardError(
+                f"reward {r.label!r} ({r.kind}) is {float(parts[r.label][i])} for a completion of {name(i)} "
+                f"({bad.size} of {len(completions)} in this rollout); a reward must be a finite number"
+                + (": is the reward model's checkpoint damaged?" if r.kind == "model" else "")
+            )
+    total = np.zeros(len(completions), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below
+        for r in rewards:
+            total += np.float32(r.weight) * parts[r.label]
+    bad = np.flatnonzero(~np.isfinite(total))
+    if bad.size:
+        i = int(bad[0])
+        raise RewardError(
+            f"the weighted reward total is {float(total[i])} for a completion of {name(i)}: the rewards' weights "
+            f"times their values pass float32's range (3.4e38); use smaller weights"
+        )
     return total, parts
 
 

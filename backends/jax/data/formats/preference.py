@@ -85,10 +85,15 @@ def _after_prompt(prompt: list[dict], response: list[dict]) -> list[dict]:
 
 def _split_shared_text(chosen: str, rejected: str) -> tuple[str, str, str]:
     """Anthropic HH rows: two transcripts that differ only in the last answer. The prompt is
-    their common start, cut after its last whitespace so no word is split between prompt and
-    response."""
+    their common start, cut at its last whitespace so no word is split between prompt and
+    response; a space there starts the responses, as TRL's `extract_prompt` leaves it
+    ("...Assistant:" + " The sky."): prompt and response are tokenised apart, and a BPE
+    tokenizer writes " The" as one token, so a prompt ending in the space would train a lone
+    space token followed by a word without its space, which generation never produces."""
     cut = len(os.path.commonprefix([chosen, rejected]))
     while cut and not chosen[cut - 1].isspace():
+        cut -= 1
+    if cut and chosen[cut - 1] == " ":
         cut -= 1
     if not chosen[:cut].strip():
         raise BadRow(
