@@ -157,6 +157,25 @@ def _sliding_layers(c: dict) -> tuple[int | None, tuple[bool, ...]]:
     return None, (False,) * n
 
 
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # one function under three names
+
+
+def _gemma_activation(c: dict) -> str:
+    """Gemma's MLP activation. transformers 5 computes it from hidden_act, reading "gelu" as the
+    tanh form (what the released checkpoints meant); transformers 4 read hidden_activation instead
+    and ignored hidden_act. Released configs name the tanh form both ways; a file whose two keys
+    name different functions is refused, since the two would build different models from it."""
+    act = "gelu_pytorch_tanh" if c["hidden_act"] == "gelu" else c["hidden_act"]
+    other = c.get("hidden_activation")
+    if other is not None and other != act and not (other in _TANH_GELU and act in _TANH_GELU):
+        raise ValueError(
+            f"config.json hidden_act={c['hidden_act']!r} and hidden_activation={other!r} name different "
+            f"activations (transformers 5 computes Gemma's MLP with hidden_act, transformers 4 with "
+            f"hidden_activation); expected the two to agree, e.g. both 'gelu_pytorch_tanh'"
+        )
+    return act
+
+
 def config_from_hf(hf_config: dict) -> DecoderArch:
     """config.json (dict) -> DecoderArch, filling what the file omits with transformers' defaults."""
     c = _with_defaults(hf_config)
@@ -164,9 +183,7 @@ def config_from_hf(hf_config: dict) -> DecoderArch:
     num_heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
     window, sliding = _sliding_layers(c)
-    hidden_act = c.get("hidden_activation") or c["hidden_act"]
-    if model_type == "gemma" and hidden_act == "gelu":
-        hidden_act = "gelu_pytorch_tanh"  # transformers does the same: Gemma's "gelu" meant the tanh form
+    hidden_act = _gemma_activation(c) if model_type == "gemma" else c["hidden_act"]
     attention_bias = bool(c.get("attention_bias", False))
     return DecoderArch(
         model_type=model_type,
