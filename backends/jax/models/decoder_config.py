@@ -125,6 +125,13 @@ class DecoderArch:
     def __post_init__(self):
         layers.check_remat(self.remat)
         layers.check_activation(self.hidden_act, "hidden_act")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            # A window of 0 would mask every key: finite, meaningless logits (transformers crashes).
+            raise ValueError(
+                f"config.json sliding_window={window!r}: expected a positive integer (how many keys a query "
+                f"sees, itself included) or null for no window"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
