@@ -191,7 +191,9 @@ def config_from_hf(hf_config: dict) -> DecoderArch:
     head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
     window, sliding = _sliding_layers(c)
     hidden_act = _gemma_activation(c) if model_type == "gemma" else c["hidden_act"]
-    attention_bias = bool(c.get("attention_bias", False))
+    # Only the model types whose transformers module reads a bias key honour it; the others build
+    # their projections without bias whatever the file says (a config may carry the key all the same).
+    attention_bias = model_type in ("llama", "qwen3", "gemma") and bool(c.get("attention_bias", False))
     return DecoderArch(
         model_type=model_type,
         vocab_size=c["vocab_size"],
@@ -208,7 +210,7 @@ def config_from_hf(hf_config: dict) -> DecoderArch:
         hidden_act=hidden_act,
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
-        mlp_bias=bool(c.get("mlp_bias", False)),
+        mlp_bias=model_type == "llama" and bool(c.get("mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         sliding_window=window,
         sliding_layers=sliding,
