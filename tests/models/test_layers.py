@@ -86,6 +86,29 @@ def test_rope_refusals_name_the_config_json_key_present():
         layers.Rope.from_hf({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
 
 
+# Every stateless function of transformers' ACT2FN (prelu and xielu learn parameters; hardswish,
+# laplace and sqrtsoftplus no supported model uses). Before: only the first 8, the rest refused.
+ACT2FN_NAMES = (
+    "silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "relu", "quick_gelu",
+    "gelu_python", "gelu_accurate", "gelu_python_tanh", "gelu_10", "relu6", "relu2", "leaky_relu", "mish",
+    "tanh", "sigmoid", "linear",
+)  # fmt: skip
+
+
+def test_the_activation_table_is_act2fns_stateless_functions():
+    assert set(layers.ACTIVATIONS) == set(ACT2FN_NAMES)
+
+
+@pytest.mark.parametrize("name", ACT2FN_NAMES)
+def test_every_activation_a_config_may_name_matches_transformers_act2fn(name):
+    from transformers.activations import ACT2FN
+
+    x = np.linspace(-30, 30, 6001, dtype=np.float32)
+    ours = np.asarray(layers.ACTIVATIONS[name](jnp.asarray(x)))
+    theirs = ACT2FN[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=3e-6)
+
+
 def test_rotary_application_matches_transformers():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

@@ -318,6 +318,18 @@ ACTIVATIONS = {
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    # The rest of ACT2FN's stateless functions (tests/models/test_layers.py checks each against it).
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_accurate": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_python_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_10": lambda x: jnp.clip(jax.nn.gelu(x, approximate=False), -10.0, 10.0),
+    "relu6": jax.nn.relu6,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),  # torch.nn.LeakyReLU's default slope
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
 }
 
 
