@@ -58,6 +58,8 @@ def test_gemma_released_activation_keys_agree_and_disagreeing_ones_are_refused()
     # The released checkpoints' pair: both the tanh GELU.
     arch = gemma.config_from_hf({"model_type": "gemma", "hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"})
     assert arch.hidden_act == "gelu_pytorch_tanh"
+    legacy = gemma.config_from_hf({"model_type": "gemma", "hidden_activation": "gelu"})  # transformers 5: tanh
+    assert legacy.hidden_act == "gelu_pytorch_tanh"
     # transformers 5 runs hidden_act (the tanh GELU here); ftc used to run hidden_activation's silu.
     with pytest.raises(ValueError, match="hidden_act='gelu_pytorch_tanh' and hidden_activation='silu'"):
         gemma.config_from_hf({"model_type": "gemma", "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "silu"})

@@ -170,11 +170,12 @@ _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # one function unde
 def _gemma_activation(c: dict) -> str:
     """Gemma's MLP activation. transformers 5 computes it from hidden_act, reading "gelu" as the
     tanh form (what the released checkpoints meant); transformers 4 read hidden_activation instead
-    and ignored hidden_act. Released configs name the tanh form both ways; a file whose two keys
-    name different functions is refused, since the two would build different models from it."""
-    act = "gelu_pytorch_tanh" if c["hidden_act"] == "gelu" else c["hidden_act"]
-    other = c.get("hidden_activation")
-    if other is not None and other != act and not (other in _TANH_GELU and act in _TANH_GELU):
+    and ignored hidden_act. Released configs name the tanh form both ways ("gelu" read as it, as ftc
+    always has); a file whose two keys name different functions is refused, since the two would
+    build different models from it."""
+    legacy = lambda name: "gelu_pytorch_tanh" if name == "gelu" else name  # "gelu" meant the tanh form
+    act, other = legacy(c["hidden_act"]), c.get("hidden_activation")
+    if other is not None and legacy(other) != act and not (legacy(other) in _TANH_GELU and act in _TANH_GELU):
         raise ValueError(
             f"config.json hidden_act={c['hidden_act']!r} and hidden_activation={other!r} name different "
             f"activations (transformers 5 computes Gemma's MLP with hidden_act, transformers 4 with "
