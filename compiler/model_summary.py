@@ -34,11 +34,21 @@ def _first(cfg: dict, *keys, default=None):
     return default
 
 
+# transformers' class defaults that differ from the generic ones below, for configs that omit the
+# key (the families fill them the same way): Gemma's head_dim 256 (not hidden / heads) and tied
+# head, Qwen3's head_dim 128, GPT-2's tied head.
+_TYPE_DEFAULTS = {
+    "gemma": {"head_dim": 256, "tie_word_embeddings": True},
+    "qwen3": {"head_dim": 128},
+    "gpt2": {"tie_word_embeddings": True},
+}
+
+
 def model_summary(hf_config: dict, family: str) -> ModelSummary:
     """The architecture numbers the plan prints, read from config.json (HF key aliases), for a
     model of the named family."""
     text = hf_config.get("text_config") or {}
-    cfg = {**text, **hf_config}
+    cfg = {**_TYPE_DEFAULTS.get(hf_config.get("model_type"), {}), **text, **hf_config}
     hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0))
     heads = int(_first(cfg, "num_attention_heads", "n_head", default=1))
     return ModelSummary(

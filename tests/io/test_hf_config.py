@@ -37,6 +37,13 @@ BAD = [
     ({"num_attention_heads": 5}, "num_attention_heads (5) must be a multiple of num_key_value_heads (2)"),
     ({"hidden_act": "swishy"}, "hidden_act='swishy' is not supported"),
     ({"model_type": "mamba"}, "unsupported architecture model_type='mamba'"),
+    # A window of 0 masked every key (finite, meaningless logits); transformers crashes on it.
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window=0: expected a positive integer"),
+    (
+        {"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 0, "sliding_window": -4},
+        "sliding_window=-4",
+    ),
+    ({"model_type": "mixtral", "num_local_experts": 2, "sliding_window": 0}, "sliding_window=0: expected"),
 ]
 
 
@@ -51,6 +58,18 @@ def test_a_config_no_model_can_be_built_from_is_named_with_its_file_and_key(tmp_
         read_hf_config(_model_dir(tmp_path, **changes))
     message = str(error.value)
     assert message.startswith(f"{tmp_path / 'config.json'}: ") and says in message, message
+
+
+def test_a_window_the_config_switches_off_may_be_zero(tmp_path):
+    # transformers 5 writes Qwen2-MoE's sliding_window as 0 when use_sliding_window is false.
+    off = {
+        "model_type": "qwen2_moe",
+        "num_experts": 2,
+        "num_experts_per_tok": 1,
+        "use_sliding_window": False,
+        "sliding_window": 0,
+    }
+    assert read_hf_config(_model_dir(tmp_path, **off))["sliding_window"] == 0
 
 
 def test_every_bad_value_is_named_at_once():

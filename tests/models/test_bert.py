@@ -105,6 +105,26 @@ def test_hidden_states_and_pooler_match_transformers_with_padding(loaded, cls_na
     assert np.abs(_apply(lm, input_ids, output="pooled") - pooled0).max() <= 1e-4
 
 
+def test_a_checkpoint_with_legacy_layernorm_gamma_beta_names_loads_as_transformers_loads_it(loaded, tmp_path):
+    # The BERT releases (bert-base-uncased) store LayerNorm.gamma / .beta; transformers renames them.
+    from safetensors.numpy import save_file
+
+    model, path, _ = loaded["BertForSequenceClassification"]
+    tensors = load_file(path / "model.safetensors")
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in tensors.items()
+    }
+    assert sum(k.endswith(".gamma") for k in legacy) == 5  # embeddings + 2 per layer
+    save_file(legacy, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    lm = hf_checkpoint.load_model(tmp_path)
+    input_ids, mask, token_types = _batch()
+    hidden, _ = _hf_outputs(model, input_ids, mask, token_types)
+    ours = _apply(lm, input_ids, attention_mask=mask, token_type_ids=token_types)
+    assert max_diff_on_real_tokens(ours, hidden, mask) <= 1e-4
+
+
 def test_logits_output_is_refused_with_a_clear_message(loaded):
     _, _, lm = loaded["BertModel"]
     with pytest.raises(ValueError, match="no language-model head"):

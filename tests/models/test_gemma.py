@@ -54,6 +54,17 @@ def test_gemma_legacy_gelu_means_tanh_gelu():
         gemma.config_from_hf({"model_type": "llama"})
 
 
+def test_gemma_released_activation_keys_agree_and_disagreeing_ones_are_refused():
+    # The released checkpoints' pair: both the tanh GELU.
+    arch = gemma.config_from_hf({"model_type": "gemma", "hidden_act": "gelu", "hidden_activation": "gelu_pytorch_tanh"})
+    assert arch.hidden_act == "gelu_pytorch_tanh"
+    legacy = gemma.config_from_hf({"model_type": "gemma", "hidden_activation": "gelu"})  # transformers 5: tanh
+    assert legacy.hidden_act == "gelu_pytorch_tanh"
+    # transformers 5 runs hidden_act (the tanh GELU here); ftc used to run hidden_activation's silu.
+    with pytest.raises(ValueError, match="hidden_act='gelu_pytorch_tanh' and hidden_activation='silu'"):
+        gemma.config_from_hf({"model_type": "gemma", "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "silu"})
+
+
 def test_gemma_missing_config_keys_take_transformers_defaults():
     import transformers as tf
 

@@ -45,6 +45,70 @@ def test_rope_reads_legacy_rope_theta_and_rope_scaling():
         layers.Rope.from_hf({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
 
 
+@pytest.mark.parametrize(
+    "keys",
+    [
+        # Both keys, disagreeing: transformers takes rope_scaling whole and the top-level rope_theta.
+        dict(
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_scaling={"type": "linear", "factor": 4.0}
+        ),
+        # A top-level original_max_position_embeddings wins over the dict's (Phi-3 style configs).
+        dict(
+            original_max_position_embeddings=32,
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ],
+    ids=["rope_scaling-beside-rope_parameters", "top-level-original_max_position_embeddings"],
+)
+def test_rope_reads_config_json_keys_with_transformers_precedence(tmp_path, keys):
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    raw = dict(model_type="llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=128, **keys)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    expected = LlamaRotaryEmbedding(AutoConfig.from_pretrained(tmp_path)).inv_freq.numpy()
+    np.testing.assert_allclose(layers.Rope.from_hf(raw).inv_freq(16), expected, rtol=1e-6)
+
+
+def test_rope_refusals_name_the_config_json_key_present():
+    with pytest.raises(ValueError, match=r"rope_scaling\.type='dynamic'"):
+        layers.Rope.from_hf({"rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match=r"rope_parameters\.partial_rotary_factor=0\.5"):
+        layers.Rope.from_hf({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}})
+
+
+# Every stateless function of transformers' ACT2FN (prelu and xielu learn parameters; hardswish,
+# laplace and sqrtsoftplus no supported model uses). Before: only the first 8, the rest refused.
+ACT2FN_NAMES = (
+    "silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "relu", "quick_gelu",
+    "gelu_python", "gelu_accurate", "gelu_python_tanh", "gelu_10", "relu6", "relu2", "leaky_relu", "mish",
+    "tanh", "sigmoid", "linear",
+)  # fmt: skip
+
+
+def test_the_activation_table_is_act2fns_stateless_functions():
+    assert set(layers.ACTIVATIONS) == set(ACT2FN_NAMES)
+
+
+@pytest.mark.parametrize("name", ACT2FN_NAMES)
+def test_every_activation_a_config_may_name_matches_transformers_act2fn(name):
+    from transformers.activations import ACT2FN
+
+    x = np.linspace(-30, 30, 6001, dtype=np.float32)
+    ours = np.asarray(layers.ACTIVATIONS[name](jnp.asarray(x)))
+    theirs = ACT2FN[name](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=3e-6)
+
+
 def test_rotary_application_matches_transformers():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

@@ -65,6 +65,35 @@ def test_logits_match_transformers_with_left_and_right_padding(loaded, case):
     assert diff_default <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "case, key",
+    [
+        ("mistral", "attention_bias"),
+        ("mistral", "mlp_bias"),
+        ("qwen2", "mlp_bias"),
+        ("qwen3", "mlp_bias"),
+        ("gemma", "mlp_bias"),
+    ],
+)
+def test_bias_keys_a_model_type_ignores_build_no_bias(tmp_path, case, key):
+    # transformers reads attention_bias only for llama/qwen3/gemma and mlp_bias only for llama; ftc
+    # used to ask the checkpoint for bias tensors transformers never made, and refused the model.
+    model = make_hf_model(case, **{key: True})
+    model.save_pretrained(tmp_path)
+    lm = hf_checkpoint.load_model(tmp_path)
+    input_ids, mask, positions = padded_batch()
+    theirs = hf_logits(model, input_ids, mask, positions)
+    ours = np.asarray(
+        lm.family.build(lm.arch).apply(
+            {"params": lm.params},
+            jnp.asarray(input_ids),
+            attention_mask=jnp.asarray(mask),
+            positions=jnp.asarray(positions),
+        )
+    )
+    assert max_diff_on_real_tokens(ours, theirs, mask) <= 1e-4
+
+
 def test_config_picks_each_model_types_differences(loaded):
     arch = {case: lm.arch for case, (_, lm) in loaded.items()}
     assert arch["llama"].tie_word_embeddings is False and arch["llama-tied-llama3-rope"].tie_word_embeddings

@@ -299,6 +299,9 @@ def test_unsupported_moe_configs_name_what_ftc_supports():
         qwen2_moe.config_from_hf({"model_type": "qwen2_moe", "mlp_only_layers": [1]})
     with pytest.raises(ValueError, match="decoder_sparse_step=2"):
         qwen3_moe.config_from_hf({"model_type": "qwen3_moe", "decoder_sparse_step": 2})
+    # transformers' rule: an mlp_only_layers entry past the last layer makes no layer dense.
+    past_the_end = {"model_type": "qwen3_moe", "num_hidden_layers": 2, "mlp_only_layers": [2, 5]}
+    assert qwen3_moe.config_from_hf(past_the_end).num_layers == 2
     with pytest.raises(ValueError, match="num_experts_per_tok=9"):
         mixtral.config_from_hf({"model_type": "mixtral", "num_experts_per_tok": 9})
 

@@ -115,19 +115,37 @@ class SafetensorsCheckpoint:
     def resolve_base_prefix(self, wanted: list[str]) -> list[str]:
         """Names in `wanted` still missing after trying one base-model prefix ("bert.", "transformer.")
         added to or stripped from the missing names, as transformers does when a head model's checkpoint
-        is read as its base model or the reverse. Records the renames that resolve in `aliases`."""
+        is read as its base model or the reverse, and LayerNorm's legacy names (`_legacy_name`).
+        Records the renames that resolve in `aliases`."""
         missing = [name for name in wanted if name not in self.where]
         if not missing:
             return []
-        candidates = sorted({n.split(".", 1)[0] + "." for n in list(self.where) + wanted if "." in n})
+        candidates = [""] + sorted({n.split(".", 1)[0] + "." for n in list(self.where) + wanted if "." in n})
         best: dict[str, str] = {}
         for prefix in candidates:
             for to_stored in (lambda n, p=prefix: p + n, lambda n, p=prefix: n[len(p) :] if n.startswith(p) else None):
-                found = {n: to_stored(n) for n in missing if to_stored(n) in self.where}
+                found = {}
+                for n in missing:
+                    stored = to_stored(n)
+                    for form in (stored, _legacy_name(stored)):
+                        if form is not None and form in self.where:
+                            found[n] = form
+                            break
                 if len(found) > len(best):
                     best = found
         self.aliases = best
         return [n for n in missing if n not in best]
+
+
+def _legacy_name(name: str | None) -> str | None:
+    """A LayerNorm weight / bias under the TensorFlow-era name (`LayerNorm.gamma` / `.beta`) some
+    checkpoints still store (the BERT releases); transformers renames them on load, so ftc reads them."""
+    if name is None:
+        return None
+    for new, old in ((".LayerNorm.weight", ".LayerNorm.gamma"), (".LayerNorm.bias", ".LayerNorm.beta")):
+        if name.endswith(new):
+            return name[: -len(new)] + old
+    return None
 
 
 def no_safetensors_message(model_dir: Path) -> str:

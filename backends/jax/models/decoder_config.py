@@ -125,6 +125,13 @@ class DecoderArch:
     def __post_init__(self):
         layers.check_remat(self.remat)
         layers.check_activation(self.hidden_act, "hidden_act")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            # A window of 0 would mask every key: finite, meaningless logits (transformers crashes).
+            raise ValueError(
+                f"config.json sliding_window={window!r}: expected a positive integer (how many keys a query "
+                f"sees, itself included) or null for no window"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -157,6 +164,26 @@ def _sliding_layers(c: dict) -> tuple[int | None, tuple[bool, ...]]:
     return None, (False,) * n
 
 
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")  # one function under three names
+
+
+def _gemma_activation(c: dict) -> str:
+    """Gemma's MLP activation. transformers 5 computes it from hidden_act, reading "gelu" as the
+    tanh form (what the released checkpoints meant); transformers 4 read hidden_activation instead
+    and ignored hidden_act. Released configs name the tanh form both ways ("gelu" read as it, as ftc
+    always has); a file whose two keys name different functions is refused, since the two would
+    build different models from it."""
+    legacy = lambda name: "gelu_pytorch_tanh" if name == "gelu" else name  # "gelu" meant the tanh form
+    act, other = legacy(c["hidden_act"]), c.get("hidden_activation")
+    if other is not None and legacy(other) != act and not (legacy(other) in _TANH_GELU and act in _TANH_GELU):
+        raise ValueError(
+            f"config.json hidden_act={c['hidden_act']!r} and hidden_activation={other!r} name different "
+            f"activations (transformers 5 computes Gemma's MLP with hidden_act, transformers 4 with "
+            f"hidden_activation); expected the two to agree, e.g. both 'gelu_pytorch_tanh'"
+        )
+    return act
+
+
 def config_from_hf(hf_config: dict) -> DecoderArch:
     """config.json (dict) -> DecoderArch, filling what the file omits with transformers' defaults."""
     c = _with_defaults(hf_config)
@@ -164,10 +191,10 @@ def config_from_hf(hf_config: dict) -> DecoderArch:
     num_heads = c["num_attention_heads"]
     head_dim = c.get("head_dim") or c["hidden_size"] // num_heads
     window, sliding = _sliding_layers(c)
-    hidden_act = c.get("hidden_activation") or c["hidden_act"]
-    if model_type == "gemma" and hidden_act == "gelu":
-        hidden_act = "gelu_pytorch_tanh"  # transformers does the same: Gemma's "gelu" meant the tanh form
-    attention_bias = bool(c.get("attention_bias", False))
+    hidden_act = _gemma_activation(c) if model_type == "gemma" else c["hidden_act"]
+    # Only the model types whose transformers module reads a bias key honour it; the others build
+    # their projections without bias whatever the file says (a config may carry the key all the same).
+    attention_bias = model_type in ("llama", "qwen3", "gemma") and bool(c.get("attention_bias", False))
     return DecoderArch(
         model_type=model_type,
         vocab_size=c["vocab_size"],
@@ -184,7 +211,7 @@ def config_from_hf(hf_config: dict) -> DecoderArch:
         hidden_act=hidden_act,
         qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=False if model_type == "qwen2" else attention_bias,
-        mlp_bias=bool(c.get("mlp_bias", False)),
+        mlp_bias=model_type == "llama" and bool(c.get("mlp_bias", False)),
         qk_norm=model_type == "qwen3",
         sliding_window=window,
         sliding_layers=sliding,

@@ -198,20 +198,27 @@ class Rope:
 
     @classmethod
     def from_hf(cls, hf_config: dict) -> Rope:
-        """Reads transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
-        params = dict(hf_config.get("rope_parameters") or {})
-        legacy = hf_config.get("rope_scaling") or {}
-        for key, value in legacy.items():
-            params.setdefault(key, value)
+        """Reads transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`, with
+        transformers 5's precedence (RotaryEmbeddingConfigMixin.convert_rope_params_to_dict): a
+        non-empty `rope_scaling` replaces `rope_parameters` whole (the two are not merged), a
+        rope_theta the dict lacks comes from the top-level key, and llama3's
+        original_max_position_embeddings from a top-level key before the dict's."""
+        legacy = hf_config.get("rope_scaling")
+        key = "rope_scaling" if legacy else "rope_parameters"
+        params = dict(legacy or hf_config.get("rope_parameters") or {})
         theta = params.get("rope_theta", hf_config.get("rope_theta", 10000.0))
         kind = params.get("rope_type", params.get("type", "default")) or "default"
+        type_key = "type" if "rope_type" not in params and "type" in params else "rope_type"
         if kind not in cls.SUPPORTED:
             raise ValueError(
-                f"config.json rope_parameters.rope_type={kind!r} is not supported; "
+                f"config.json {key}.{type_key}={kind!r} is not supported; "
                 f"ftc supports rope_type in: {', '.join(cls.SUPPORTED)}"
             )
         if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("config.json rope_parameters.partial_rotary_factor != 1.0 is not supported")
+            raise ValueError(
+                f"config.json {key}.partial_rotary_factor={params['partial_rotary_factor']!r} is not supported; "
+                "ftc rotates the whole head (expected 1.0 or no key)"
+            )
         rope = cls(theta=float(theta), kind=kind)
         if kind == "linear":
             rope = dataclasses.replace(rope, factor=float(params["factor"]))
@@ -221,9 +228,11 @@ class Rope:
                 factor=float(params["factor"]),
                 low_freq_factor=float(params["low_freq_factor"]),
                 high_freq_factor=float(params["high_freq_factor"]),
-                # transformers falls back to max_position_embeddings the same way.
+                # transformers reads a top-level key first (Phi-3 style configs keep it there),
+                # then the dict's, then falls back to max_position_embeddings.
                 original_max_position_embeddings=int(
-                    params.get("original_max_position_embeddings", hf_config.get("max_position_embeddings"))
+                    hf_config.get("original_max_position_embeddings")
+                    or params.get("original_max_position_embeddings", hf_config.get("max_position_embeddings"))
                 ),
             )
         return rope
@@ -309,6 +318,18 @@ ACTIVATIONS = {
     "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    # The rest of ACT2FN's stateless functions (tests/models/test_layers.py checks each against it).
+    "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_accurate": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_python_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_10": lambda x: jnp.clip(jax.nn.gelu(x, approximate=False), -10.0, 10.0),
+    "relu6": jax.nn.relu6,
+    "relu2": lambda x: jnp.square(jax.nn.relu(x)),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),  # torch.nn.LeakyReLU's default slope
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
 }
 
 

@@ -25,13 +25,18 @@ SUPPORTED = "mixtral, qwen2_moe, qwen3_moe"
 
 
 def check_all_layers_sparse(c: dict) -> None:
-    """ftc's MoE stack scans one kind of layer: refuse configs that mix in dense MLP layers."""
-    step, dense = c.get("decoder_sparse_step", 1), list(c.get("mlp_only_layers") or [])
-    if step != 1 or dense:
+    """ftc's MoE stack scans one kind of layer: refuse configs that mix in dense MLP layers.
+
+    transformers' rule: layer i is sparse unless i is in mlp_only_layers or (i + 1) is not a
+    multiple of decoder_sparse_step; an mlp_only_layers entry past the last layer names no layer."""
+    step, only = c.get("decoder_sparse_step", 1), list(c.get("mlp_only_layers") or [])
+    n = c["num_hidden_layers"]
+    dense = [i for i in range(n) if i in only or (isinstance(step, int) and step > 0 and (i + 1) % step)]
+    if dense:
         raise ValueError(
-            f"config.json decoder_sparse_step={step}, mlp_only_layers={dense}: this model mixes dense and MoE "
-            f"layers, which ftc's MoE families ({SUPPORTED}) do not support; they need every layer sparse "
-            f"(decoder_sparse_step = 1, mlp_only_layers = [])"
+            f"config.json decoder_sparse_step={step}, mlp_only_layers={only}: this model mixes dense and MoE "
+            f"layers (layers {dense} of {n} have a dense MLP), which ftc's MoE families ({SUPPORTED}) do not "
+            f"support; they need every layer sparse (decoder_sparse_step = 1, mlp_only_layers naming no layer)"
         )
 
 
