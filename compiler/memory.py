@@ -129,6 +129,26 @@ def _optimizer_bytes(p, opt, mesh_shape) -> float:
     return full
 
 
+# Rows a token's top-k experts compute, per routed (token, expert) pair: on CPU the experts run on
+# blocks of about half an expert's average share, one expert each (models/moe.py), so up to half a
+# block of padding per expert: about 1.5 rows a pair. ragged_dot (GPU/TPU) pads none: an over-count there.
+MOE_ROWS_PER_PAIR = 1.5
+
+
+def _moe_mlp(model, t: int) -> tuple[float, float]:
+    """(none, dots) elements kept per token per layer by an MoE block (routed experts, the shared
+    expert, float32 router probabilities). Per routed row: the gathered input and the output rows
+    2h, and 8F of the expert's gate, up, product and their cotangents live in the backward pass at
+    once: fitted to XLA's compiled figure on Mixtral / Qwen2-MoE / Qwen3-MoE shapes (bench/README.md,
+    "MoE activation estimate"); with dots remat, the rows' matmul outputs 3F."""
+    rows = MOE_ROWS_PER_PAIR * model.experts_per_token
+    f, fs = model.expert_intermediate or model.intermediate, model.shared_intermediate
+    router = 2 * model.experts  # logits and probabilities
+    none = rows * (2 * model.hidden + 8 * f / t) + 3 * fs / t + router
+    dots = rows * 3 * f / t + 3 * fs / t + router
+    return none, dots
+
+
 def activation_bytes(model, batch, spec, mesh_shape) -> float:
     """Rough bytes kept for the backward pass of one micro-batch on one device.
 
@@ -147,12 +167,15 @@ def activation_bytes(model, batch, spec, mesh_shape) -> float:
     h, kv, inter = model.hidden, model.kv_heads * model.head_dim, model.intermediate
     c = DTYPE_BYTES[spec.model.dtype]
     lse = model.heads / t * 4 / c  # float32, in compute-dtype elements
-    per_layer_none = 4 * h + (3 * h + 2 * kv) / t + lse + 3 * inter / t
+    mlp_none, mlp_dots = 3 * inter / t, 3 * inter / t
+    if model.experts:
+        mlp_none, mlp_dots = _moe_mlp(model, t)
+    per_layer_none = 4 * h + (3 * h + 2 * kv) / t + lse + mlp_none
     remat = spec.training.remat
     if remat == "full":
         per_token = h * model.layers + per_layer_none
     elif remat == "dots":
-        per_token = (2 * h + (2 * kv + 3 * inter) / t) * model.layers
+        per_token = (2 * h + 2 * kv / t + mlp_dots) * model.layers
     else:
         per_token = per_layer_none * model.layers
     logits = tokens * model.vocab / t * (c + 4 + 4)  # logits, float32 copy, its gradient

@@ -20,6 +20,8 @@ class ModelSummary:
     tied_embeddings: bool
     experts: int = 0  # mixture-of-experts models: experts per MoE layer (0: dense)
     experts_per_token: int = 0
+    expert_intermediate: int = 0  # one routed expert's MLP width (Qwen MoE: moe_intermediate_size)
+    shared_intermediate: int = 0  # Qwen2-MoE's shared expert's MLP width (0: none)
 
     @property
     def active_fraction(self) -> float:
@@ -51,6 +53,7 @@ def model_summary(hf_config: dict, family: str) -> ModelSummary:
     cfg = {**_TYPE_DEFAULTS.get(hf_config.get("model_type"), {}), **text, **hf_config}
     hidden = int(_first(cfg, "hidden_size", "n_embd", "d_model", default=0))
     heads = int(_first(cfg, "num_attention_heads", "n_head", default=1))
+    experts = int(_first(cfg, "num_local_experts", "num_experts", default=0))
     return ModelSummary(
         family=family,
         model_type=str(hf_config.get("model_type")),
@@ -63,6 +66,8 @@ def model_summary(hf_config: dict, family: str) -> ModelSummary:
         vocab=int(_first(cfg, "vocab_size", default=0)),
         max_position_embeddings=_first(cfg, "max_position_embeddings", "n_positions"),
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        experts=int(_first(cfg, "num_local_experts", "num_experts", default=0)),
+        experts=experts,
         experts_per_token=int(_first(cfg, "num_experts_per_tok", default=0)),
+        expert_intermediate=int(_first(cfg, "moe_intermediate_size", "intermediate_size", default=0)) if experts else 0,
+        shared_intermediate=int(_first(cfg, "shared_expert_intermediate_size", default=0)) if experts else 0,
     )

@@ -105,3 +105,52 @@ def test_attention_keeps_no_t_by_t_term_in_the_estimate():
     long = tl.spec({"model": {"max_seq_len": 2048}, "training": {"batch_size": 1, "micro_batch_size": 1}})
     a, b = (plan_for(s, cfg, 1)[0].memory.activations for s in (short, long))
     assert a == b > 0
+
+
+MOE_TYPES = {  # model_type -> its expert keys (routed experts 2 of 8; Qwen2-MoE with a shared expert)
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 256},
+    "qwen2_moe": {
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 192,
+        "shared_expert_intermediate_size": 256,
+        "intermediate_size": 256,
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_TYPES))
+def test_moe_estimate_follows_what_xla_keeps_for_the_experts(tmp_path, model_type):
+    """A token's top-k experts each keep their own rows (and the CPU blocks' padding) for the
+    backward pass: the estimate used one dense MLP's width and was 2.8x under XLA's figure."""
+    dims = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    configs = {
+        "moe": dict(dims, model_type=model_type, **MOE_TYPES[model_type]),
+        "dense": dict(dims, model_type="llama", intermediate_size=256),
+    }
+    figures = {}
+    for name, config in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        spec = tmp_path / f"{name}.toml"
+        spec.write_text(
+            f'ftc = 1\nname = "t"\n[model]\nbase = "{name}"\nmax_seq_len = 128\ndtype = "float32"\n'
+            '[data]\nformat = "text"\ntrain = "x.jsonl"\n[training]\nsteps = 2\nbatch_size = 8\nmicro_batch_size = 8\n'
+        )
+        r = CliRunner().invoke(main, ["plan", str(spec), "--devices", "1", "--compile", "--json"])
+        assert r.exit_code == 0, r.output
+        out = json.loads(r.output)
+        figures[name] = (out["memory"]["total"], out["compiled_memory"]["peak"])
+    (est_moe, xla_moe), (est_dense, xla_dense) = figures["moe"], figures["dense"]
+    assert 0.8 < xla_moe / est_moe < 1.25
+    # What the experts add over a dense MLP of the same model, estimated against compiled.
+    assert 0.75 < (xla_moe - xla_dense) / (est_moe - est_dense) < 1.33
