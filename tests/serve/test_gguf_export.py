@@ -185,6 +185,18 @@ def test_a_model_llama_cpp_would_compute_differently_is_refused(case, change, me
         export(directory, tmp_path / "out", "float32")
 
 
+@pytest.mark.parametrize("case", ["qwen3", "gemma"])
+def test_attention_biases_llama_cpp_does_not_build_are_refused(case, monkeypatch, tmp_path):
+    """llama.cpp's qwen3 and gemma graphs have no q/k/v/o biases (and refuse a file holding
+    tensors they do not create); transformers builds them from attention_bias=true."""
+    base = CASES[case]
+    monkeypatch.setitem(CASES, case, lambda: type(base())(**{**base().to_dict(), "attention_bias": True}))
+    directory = model_dir(tmp_path, case)
+    assert "o_proj.bias" in (directory / "model.safetensors").read_bytes()[:20000].decode("latin-1")
+    with pytest.raises(gguf_export.GgufExportError, match=f"attention_bias=true: llama.cpp's {case} graph"):
+        export(directory, tmp_path / "out", "float32")
+
+
 def test_a_family_with_no_gguf_layout_is_refused_by_its_model_type(tmp_path):
     import generate_testlib
 

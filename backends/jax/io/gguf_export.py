@@ -92,6 +92,10 @@ def layout_problem(model_type: str | None, arch) -> str | None:
                 f"{layout.arch} graph attends to the whole context, so served outputs would differ past "
                 f"{arch.sliding_window} tokens"
             )
+    if layout.arch in ("qwen3", "gemma") and (arch.qkv_bias or arch.o_bias):
+        # llama.cpp builds these graphs without attention biases and refuses a file with tensors
+        # it does not create; dropping them would serve another model.
+        return f"attention_bias=true: llama.cpp's {layout.arch} graph has no attention biases"
     if arch.rope.kind not in ("default", "linear", "llama3"):
         return f"RoPE {arch.rope.kind!r} has no GGUF form ftc writes"
     if arch.rope.kind == "llama3" and layout.arch != "llama":
