@@ -256,3 +256,15 @@ def test_bert_encoder_adapter_loads_in_peft_as_feature_extraction(tmp_path):
         theirs = peft_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
     diff = np.abs(theirs.numpy() - ours)[mask.astype(bool)].max()
     assert diff < 1e-4, diff
+
+
+def test_a_rank_past_a_targeted_layers_dims_is_refused_naming_the_layer(models):
+    # hf_decoders' llama: hidden 64, 2 kv heads of 16 -> k_proj / v_proj map 64 -> 32.
+    _, loaded = models["llama"]
+    family, arch = loaded.family, loaded.arch
+    with pytest.raises(ValueError, match=r"\[method\]\.rank=33 .*k_proj.*expected rank <= 32"):
+        lora.plan_lora(family, arch, lora_config(rank=33, targets="all-linear"))
+    # the same rank fits when only the wider layers are targeted; the bound is rank <= min(in, out)
+    assert len(lora.plan_lora(family, arch, lora_config(rank=64, targets=("q_proj",))).lora_sites) == 1
+    with pytest.raises(ValueError, match=r"\[method\]\.rank=65 .*q_proj"):
+        lora.plan_lora(family, arch, lora_config(rank=65, targets=("q_proj",)))
