@@ -205,10 +205,19 @@ def select_targets(sites: list[Site], targets) -> set[tuple[str, ...]]:
         hit = {s.module_path for s in sites if _target_matches(target, s)}
         if not hit:
             names = sorted({s.hf_modules[0].split(".")[-1] for s in sites})
+            # A model whose output layer reuses the input embeddings (tie_word_embeddings) has no
+            # lm_head weight of its own: say so, or "lm_head" reads like a misspelling.
+            tied = "lm_head" not in names and re.search(r"(^|[.^/])lm_head\b", target)
             raise ValueError(
                 f"[method].targets entry {target!r} matches no linear layer of this model; its linear "
                 f"layers are named {', '.join(names)} (flax paths: "
                 f"{', '.join('/'.join(s.module_path) for s in sites)})"
+                + (
+                    "; it has no lm_head of its own (the output layer, if any, is the input embedding "
+                    "matrix, tie_word_embeddings), which LoRA here does not adapt"
+                    if tied
+                    else ""
+                )
             )
         chosen |= hit
     return chosen
