@@ -273,7 +273,9 @@ def test_a_rank_past_a_targeted_layers_dims_is_refused_naming_the_layer(models):
 def test_lm_head_target_on_a_tied_model_says_the_head_is_the_embedding_matrix(models):
     # GPT-2 ties its output layer to wte: there is no lm_head weight, and the refusal says why
     _, loaded = models["gpt2"]
-    with pytest.raises(ValueError, match=r"'lm_head' matches no linear layer.*no lm_head of its own.*tie_word_embeddings"):
+    with pytest.raises(
+        ValueError, match=r"'lm_head' matches no linear layer.*no lm_head of its own.*tie_word_embeddings"
+    ):
         lora.plan_lora(loaded.family, loaded.arch, lora_config(targets=("lm_head",)))
     with pytest.raises(ValueError, match="matches no linear layer") as refused:
         lora.plan_lora(loaded.family, loaded.arch, lora_config(targets=("query",)))
