@@ -63,6 +63,9 @@ def run_probe(spec, *, echo: Callable[[str], None] = print) -> dict:
     data = stages.build_data(spec, tokenizer)
     echo(data.stats.summary())
     model = methods.build_model(hf_config, spec)
+    problem = probe.pooling_problem(model.family.model_types[0], model.arch, model.config)
+    if problem:  # before anything is written: a refused start leaves no run directory
+        raise ValueError(problem)
     abstract = methods.abstract_params(model, spec.model.param_dtype)
     counts = methods.method_counts(model, abstract)
     for line in counts.lines():

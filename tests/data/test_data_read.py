@@ -222,6 +222,18 @@ def test_a_stray_huge_integer_label_is_refused_naming_its_row_not_a_class_list_b
         label_names_of(rows)
 
 
+def test_training_rows_of_a_single_class_are_refused_naming_the_file_unless_data_labels_names_more(tmp_path):
+    # one class: the softmax is 1 whatever the head says, so the loss is 0 and a run would train nothing
+    from ftc.backends.jax.data.formats.classification import label_names_of
+
+    for label in ("spam", 0):
+        path = write_jsonl(tmp_path / "one.jsonl", [{"text": "a", "label": label}, {"text": "b", "label": label}])
+        rows = read_rows(path, format="classification", on_bad_row="error").rows
+        with pytest.raises(DataError, match=rf"^{path}:1: label .*expected at least 2 classes"):
+            label_names_of(rows)
+    assert label_names_of(rows, ["ham", "spam"]) == ("ham", "spam")
+
+
 def test_prompt_rows_read_trls_grpo_prompt_key_as_messages_or_a_user_turn(tmp_path):
     user = [{"role": "user", "content": "What is 2 + 2?"}]
     rows = [{"prompt": user, "answer": 4}, {"prompt": "What is 2 + 2?", "answer": "4"}, {"messages": user, "answer": 4}]

@@ -256,3 +256,28 @@ def test_bert_encoder_adapter_loads_in_peft_as_feature_extraction(tmp_path):
         theirs = peft_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state
     diff = np.abs(theirs.numpy() - ours)[mask.astype(bool)].max()
     assert diff < 1e-4, diff
+
+
+def test_a_rank_past_both_dims_of_a_targeted_layer_is_refused_naming_the_layer(models):
+    # hf_decoders' llama: hidden 64, intermediate 128; q/k/v/o_proj have 64 on one side at least.
+    _, loaded = models["llama"]
+    family, arch = loaded.family, loaded.arch
+    with pytest.raises(ValueError, match=r"\[method\]\.rank=65 is larger than both dims of .*expected rank <= 64"):
+        lora.plan_lora(family, arch, lora_config(rank=65, targets="all-linear"))
+    assert len(lora.plan_lora(family, arch, lora_config(rank=64, targets="all-linear")).lora_sites) == 7
+    # only past both dims: up_proj (64 -> 128) takes rank 100; k_proj (64 -> 32) rank 64
+    assert len(lora.plan_lora(family, arch, lora_config(rank=100, targets=("up_proj",))).lora_sites) == 1
+    with pytest.raises(ValueError, match=r"\[method\]\.rank=129 .*up_proj.*64 in x 128 out"):
+        lora.plan_lora(family, arch, lora_config(rank=129, targets=("up_proj",)))
+
+
+def test_lm_head_target_on_a_tied_model_says_the_head_is_the_embedding_matrix(models):
+    # GPT-2 ties its output layer to wte: there is no lm_head weight, and the refusal says why
+    _, loaded = models["gpt2"]
+    with pytest.raises(
+        ValueError, match=r"'lm_head' matches no linear layer.*no lm_head of its own.*tie_word_embeddings"
+    ):
+        lora.plan_lora(loaded.family, loaded.arch, lora_config(targets=("lm_head",)))
+    with pytest.raises(ValueError, match="matches no linear layer") as refused:
+        lora.plan_lora(loaded.family, loaded.arch, lora_config(targets=("query",)))
+    assert "tie_word_embeddings" not in str(refused.value)

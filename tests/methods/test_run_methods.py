@@ -167,6 +167,26 @@ def test_probe_run_on_tiny_bert_writes_accuracy_majority_baseline_and_export():
         run_lib.run(load_spec(mr.write_probe_spec(lr=0.01)), echo=lambda s: None)
 
 
+def test_cls_probe_on_a_bert_saved_without_its_pooler_is_refused_before_writing_a_run_dir():
+    # BertForMaskedLM saves no pooler.dense.*: "cls" (BERT's pooler output) cannot be read from it;
+    # the run failed only once features were computed, leaving spec.resolved.json and data_stats.json
+    import transformers
+
+    r = mr.probe_root()
+    mlm = r / "bert_mlm"
+    config = transformers.BertConfig.from_pretrained(r / "bert")
+    transformers.BertForMaskedLM(config).eval().save_pretrained(mlm)
+    for f in (r / "bert").iterdir():
+        if "token" in f.name or "special" in f.name:
+            (mlm / f.name).write_bytes(f.read_bytes())
+    path = mr.write_probe_spec("probe_no_pooler", pooling="cls")
+    path.write_text(path.read_text().replace(f'base = "{r}/bert"', f'base = "{mlm}"'))
+    spec = load_spec(path)
+    with pytest.raises(ValueError, match=r'\[method\]\.pooling="cls" .*no pooler weights.*"mean" or "last"'):
+        run_lib.run(spec, echo=lambda s: None)
+    assert not (r / "runs" / "probe_no_pooler").exists()
+
+
 def test_lora_starts_from_a_full_fine_tune_run_or_an_earlier_lora_run():
     full_run, lora_run = mr.trained("full"), mr.trained("lora")
     full_params = tl.flat(export_lib.load_run(full_run.run_dir).params)

@@ -151,6 +151,14 @@ def plan_adapters(family, arch, config: AdapterConfig) -> AdapterPlan:
             if all(pattern.search(m) for m in hf_modules):
                 sites.append(Site(parts[:-1], position, hf_modules))
     missing = [p for p in wanted if p not in {s.position for s in sites}]
+    if "ffn" in missing and any("/experts/" in path for path in family.hf_tensors(arch)):
+        # A mixture-of-experts FFN ends in a routed sum over experts, not one down projection an
+        # adapter (and torch_adapters' hook) could sit after: name the method that does cover it.
+        raise ValueError(
+            f'[method] kind="adapter": {family.name!r} is a mixture-of-experts model, whose FFN output is a '
+            f"routed sum of expert projections with no single output projection for a bottleneck adapter; "
+            f'expected a dense model, or kind = "lora" / "qlora" (which adapt the experts)'
+        )
     if missing:
         raise ValueError(
             f'[method] kind="adapter": family {family.name!r} has no {" or ".join(missing)} output projection '

@@ -205,13 +205,38 @@ def select_targets(sites: list[Site], targets) -> set[tuple[str, ...]]:
         hit = {s.module_path for s in sites if _target_matches(target, s)}
         if not hit:
             names = sorted({s.hf_modules[0].split(".")[-1] for s in sites})
+            # A model whose output layer reuses the input embeddings (tie_word_embeddings) has no
+            # lm_head weight of its own: say so, or "lm_head" reads like a misspelling.
+            tied = "lm_head" not in names and re.search(r"(^|[.^/])lm_head\b", target)
             raise ValueError(
                 f"[method].targets entry {target!r} matches no linear layer of this model; its linear "
                 f"layers are named {', '.join(names)} (flax paths: "
                 f"{', '.join('/'.join(s.module_path) for s in sites)})"
+                + (
+                    "; it has no lm_head of its own (the output layer, if any, is the input embedding "
+                    "matrix, tie_word_embeddings), which LoRA here does not adapt"
+                    if tied
+                    else ""
+                )
             )
         chosen |= hit
     return chosen
+
+
+def _check_rank(rank: int, targeted: list[Site]) -> None:
+    """A rank past both dims of a targeted layer (rank 1024 meant for a bigger model) is taken for
+    a mistake: B @ A cannot pass min(in, out), so the extra factors only waste memory and shrink
+    alpha / rank. Only past both: a layer with one narrow side (Qwen2-MoE's shared_expert_gate maps
+    the hidden size to 1) is still adapted at the rank its neighbours use, as PEFT allows."""
+    for s in targeted:
+        fan_in, fan_out = math.prod(s.in_shape), math.prod(s.out_shape)
+        if rank > max(fan_in, fan_out):
+            allowed = min(max(math.prod(t.in_shape), math.prod(t.out_shape)) for t in targeted)
+            raise ValueError(
+                f"[method].rank={rank} is larger than both dims of {s.hf_modules[0]} ({s.param_path}/kernel, "
+                f"{fan_in} in x {fan_out} out): expected rank <= {allowed} for these [method].targets "
+                f"(a LoRA update's rank is at most min(in, out))"
+            )
 
 
 def plan_lora(family, arch, config: LoraConfig, *, quant: QuantConfig | None = None) -> LoraPlan:
@@ -226,6 +251,7 @@ def plan_lora(family, arch, config: LoraConfig, *, quant: QuantConfig | None = N
             f"per-expert update to the experts' kernels, as PEFT's target_parameters do, which cannot apply "
             f"dropout to the LoRA input; set dropout = 0 or leave the experts out of [method].targets"
         )
+    _check_rank(config.rank, [s for s in sites if s.module_path in chosen])
     out = []
     for s in sites:
         quantized = quant is not None and s.stacked

@@ -32,6 +32,7 @@ from ftc.backends.jax.methods.probe_features import (
     exact_target,
     head_has_bias,
     model_fingerprint,
+    pooling_problem,
     uses_pooler,
 )
 from ftc.backends.jax.methods.probe_head import classification_metrics, predict_logits, train_head
@@ -227,6 +228,7 @@ __all__ = [
     "cached_features",
     "compute_features",
     "model_fingerprint",
+    "pooling_problem",
     "predict_logits",
     "run_probe",
     "uses_pooler",

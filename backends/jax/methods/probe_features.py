@@ -118,6 +118,19 @@ def uses_pooler(model_type: str, config: ProbeConfig) -> bool:
     return config.pooling == "cls" and model_type in _POOLER_MODEL_TYPES
 
 
+def pooling_problem(model_type: str, arch, config: ProbeConfig) -> str | None:
+    """Why `config.pooling` cannot read this model, or None. Asked before the weights load, so a
+    refused probe writes nothing (the model would only fail once the features are computed)."""
+    if uses_pooler(model_type, config) and not getattr(arch, "pooler", True):
+        return (
+            f'[method].pooling="cls" reads {model_type.upper()}\'s pooler output (what *ForSequenceClassification '
+            f"classifies), but this checkpoint has no pooler weights (pooler.dense.*; config.json's architectures "
+            f'name a head saved without one, e.g. BertForMaskedLM): expected pooling = "mean" or "last", or a '
+            f"checkpoint with a pooler (BertModel, BertForSequenceClassification)"
+        )
+    return None
+
+
 def exact_target(model_type: str, config: ProbeConfig) -> SeqClsTarget | None:
     """The HF class an export maps onto exactly, or None (generic ftc-probe export)."""
     target = SEQ_CLS_TARGETS.get(model_type)

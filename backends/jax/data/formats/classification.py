@@ -29,6 +29,8 @@ def normalise(record) -> dict:
     return {"text": text, "label": label}
 
 
+# A softmax over one class is 1 whatever the logits: the loss is 0 and nothing trains.
+ONE_CLASS = "with one class, cross-entropy is 0 and the head learns nothing"
 MAX_CLASSES = 100_000  # integer labels name classes 0..max: a stray huge one is a data error
 
 
@@ -39,6 +41,8 @@ def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> 
         names = tuple(str(x) for x in labels)
         if len(set(names)) != len(names):
             raise DataError(f"data.labels has duplicates: {list(names)}")
+        if len(names) < 2:
+            raise DataError(f"data.labels={list(names)}: expected at least 2 class names ({ONE_CLASS})")
         return names
     values = [r.data["label"] for r in rows]
     if not values:
@@ -51,8 +55,19 @@ def label_names_of(rows: Sequence[Row], labels: Sequence[str] | None = None) -> 
             [f"{first_int.where}: label {first_int.data['label']} is an integer, other rows' labels are strings"],
         )
     if strings:  # numerals in order ("2" before "10"): labels read from CSV cells are strings
-        return tuple(sorted(set(strings), key=lambda x: (not numeral(x), int(x) if numeral(x) else 0, x)))
+        names = tuple(sorted(set(strings), key=lambda x: (not numeral(x), int(x) if numeral(x) else 0, x)))
+        if len(names) < 2:
+            raise DataError(
+                f"{rows[0].where}: label {names[0]!r}, as every training row's: expected at least 2 "
+                f"classes ({ONE_CLASS}; give data.labels to name classes the rows lack)"
+            )
+        return names
     top = max(values)
+    if top == 0:
+        raise DataError(
+            f"{rows[0].where}: label 0, as every training row's: expected at least 2 classes "
+            f"({ONE_CLASS}; give data.labels to name classes the rows lack)"
+        )
     if top >= MAX_CLASSES:  # "0".."top" would be built (and a head that wide trained)
         row = next(r for r in rows if r.data["label"] == top)
         raise DataError(
