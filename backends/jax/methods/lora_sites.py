@@ -224,18 +224,17 @@ def select_targets(sites: list[Site], targets) -> set[tuple[str, ...]]:
 
 
 def _check_rank(rank: int, targeted: list[Site]) -> None:
-    """A rank past both dims of a targeted layer (rank 1024 meant for a bigger model) is taken for
-    a mistake: B @ A cannot pass min(in, out), so the extra factors only waste memory and shrink
-    alpha / rank. Only past both: a layer with one narrow side (Qwen2-MoE's shared_expert_gate maps
-    the hidden size to 1) is still adapted at the rank its neighbours use, as PEFT allows."""
+    """A rank past min(in, out) of a targeted layer adds factors that cannot raise the update's
+    rank (B @ A is at most min(in, out)); it only wastes memory and changes alpha / rank, so it is
+    taken for a mistake, as the spec's author most likely meant a rank for a bigger model."""
     for s in targeted:
         fan_in, fan_out = math.prod(s.in_shape), math.prod(s.out_shape)
-        if rank > max(fan_in, fan_out):
-            allowed = min(max(math.prod(t.in_shape), math.prod(t.out_shape)) for t in targeted)
+        if rank > min(fan_in, fan_out):
+            allowed = min(min(math.prod(t.in_shape), math.prod(t.out_shape)) for t in targeted)
             raise ValueError(
-                f"[method].rank={rank} is larger than both dims of {s.hf_modules[0]} ({s.param_path}/kernel, "
-                f"{fan_in} in x {fan_out} out): expected rank <= {allowed} for these [method].targets "
-                f"(a LoRA update's rank is at most min(in, out))"
+                f"[method].rank={rank} is larger than {s.hf_modules[0]} ({s.param_path}/kernel, {fan_in} in x "
+                f"{fan_out} out) allows: expected rank <= {allowed}, the smallest dimension of the targeted "
+                f"layers (or leave that layer out of [method].targets)"
             )
 
 
