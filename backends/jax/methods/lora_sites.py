@@ -223,21 +223,6 @@ def select_targets(sites: list[Site], targets) -> set[tuple[str, ...]]:
     return chosen
 
 
-def _check_rank(rank: int, targeted: list[Site]) -> None:
-    """A rank past min(in, out) of a targeted layer adds factors that cannot raise the update's
-    rank (B @ A is at most min(in, out)); it only wastes memory and changes alpha / rank, so it is
-    taken for a mistake, as the spec's author most likely meant a rank for a bigger model."""
-    for s in targeted:
-        fan_in, fan_out = math.prod(s.in_shape), math.prod(s.out_shape)
-        if rank > min(fan_in, fan_out):
-            allowed = min(min(math.prod(t.in_shape), math.prod(t.out_shape)) for t in targeted)
-            raise ValueError(
-                f"[method].rank={rank} is larger than {s.hf_modules[0]} ({s.param_path}/kernel, {fan_in} in x "
-                f"{fan_out} out) allows: expected rank <= {allowed}, the smallest dimension of the targeted "
-                f"layers (or leave that layer out of [method].targets)"
-            )
-
-
 def plan_lora(family, arch, config: LoraConfig, *, quant: QuantConfig | None = None) -> LoraPlan:
     """The sites for `config.targets`; with `quant`, every Dense inside the blocks is also stored
     NF4-quantised (QLoRA quantises all linear layers, LoRA targets or not; the LM head stays)."""
@@ -250,7 +235,6 @@ def plan_lora(family, arch, config: LoraConfig, *, quant: QuantConfig | None = N
             f"per-expert update to the experts' kernels, as PEFT's target_parameters do, which cannot apply "
             f"dropout to the LoRA input; set dropout = 0 or leave the experts out of [method].targets"
         )
-    _check_rank(config.rank, [s for s in sites if s.module_path in chosen])
     out = []
     for s in sites:
         quantized = quant is not None and s.stacked
