@@ -222,6 +222,21 @@ def test_export_of_a_directory_without_checkpoints_is_refused(tmp_path):
     assert result.exit_code == 1 and "no checkpoints/" in result.output
 
 
+def test_a_directory_inside_a_run_is_refused_as_not_a_run_naming_the_run_to_export(tmp_path):
+    """Given a run's checkpoints/ or one checkpoint, the default --out (inside the run) was refused
+    first, in words about an --out the user never passed."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "spec.resolved.json").write_text("{}")
+    result = cli(run / "checkpoints" / "4")
+    assert result.exit_code == 1 and "--out" not in result.output, result.output
+    assert f"{run / 'checkpoints' / '4'}: no checkpoints/ directory" in result.output
+    assert f"it lies inside the run directory {run}: export that run (ftc export {run} --step 4)" in result.output
+    result = cli(run / "checkpoints")
+    assert result.exit_code == 1 and f"export that run (ftc export {run})" in result.output, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "spec.resolved.json"]
+
+
 def test_an_out_that_cannot_be_made_is_refused_before_the_checkpoint_loads(tmp_path):
     (tmp_path / "run").mkdir()  # no checkpoints/: had it been read first, that would be the message
     (tmp_path / "file").write_text("keep me")
