@@ -204,6 +204,18 @@ def test_a_failed_export_leaves_no_partial_directory(runs, tmp_path, monkeypatch
     assert not (tmp_path / "int8").exists()
 
 
+def test_an_out_that_is_a_symlink_is_replaced_where_it_points_and_stays_a_link(tmp_path):
+    (tmp_path / "disk" / "bot").mkdir(parents=True)
+    (tmp_path / "disk" / "bot" / export_lib.MANIFEST).write_text('{"step": 1}')
+    (tmp_path / "serve").mkdir()
+    link = tmp_path / "serve" / "bot"
+    link.symlink_to(tmp_path / "disk" / "bot")
+    export_lib.publish(link, lambda tmp: (tmp / export_lib.MANIFEST).write_text('{"step": 2}'), force=True)
+    assert link.is_symlink()  # before: the link was replaced by a directory, the old export left behind
+    assert (tmp_path / "disk" / "bot" / export_lib.MANIFEST).read_text() == '{"step": 2}'
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["bot", "bot", "disk", "ftc_export.json", "serve"]
+
+
 def test_verify_fails_on_an_export_that_computes_something_else(runs, tmp_path):
     trained = runs("full")
     result = export_lib.write_export(trained, tmp_path / "out", format="hf", dtype="float32")
