@@ -249,6 +249,15 @@ def test_a_directory_inside_a_run_is_refused_as_not_a_run_naming_the_run_to_expo
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "spec.resolved.json"]
 
 
+def test_a_step_of_a_probe_run_which_keeps_no_checkpoints_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.resolved.json").write_text(json.dumps({"method": {"kind": "probe"}}))
+    result = cli(run, "--step", 3, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "keeps no checkpoints, only its final export; drop --step" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_out_that_cannot_be_made_is_refused_before_the_checkpoint_loads(tmp_path):
     (tmp_path / "run").mkdir()  # no checkpoints/: had it been read first, that would be the message
     (tmp_path / "file").write_text("keep me")

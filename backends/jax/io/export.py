@@ -369,6 +369,10 @@ def export_run(
         kind = json.loads(resolved.read_text()).get("method", {}).get("kind")
         by_run = registry.get(kind).exported_by_run if kind in registry.MODULES else None
         if by_run is not None:  # a method whose export `ftc run` writes keeps no checkpoint
+            if step is not None:  # was ignored: the run's final export came out as if it were that step
+                raise ExportError(
+                    f"{run_dir}: method.kind {kind!r} keeps no checkpoints, only its final export; drop --step"
+                )
             return by_run(run_dir, out, format=format, dtype=dtype, verify=verify, force=force, tol=tol, echo=echo)
     trained = load_run(run_dir, step)
     if base_name:
