@@ -204,6 +204,18 @@ def test_a_failed_export_leaves_no_partial_directory(runs, tmp_path, monkeypatch
     assert not (tmp_path / "int8").exists()
 
 
+def test_an_out_that_is_a_symlink_is_replaced_where_it_points_and_stays_a_link(tmp_path):
+    (tmp_path / "disk" / "bot").mkdir(parents=True)
+    (tmp_path / "disk" / "bot" / export_lib.MANIFEST).write_text('{"step": 1}')
+    (tmp_path / "serve").mkdir()
+    link = tmp_path / "serve" / "bot"
+    link.symlink_to(tmp_path / "disk" / "bot")
+    export_lib.publish(link, lambda tmp: (tmp / export_lib.MANIFEST).write_text('{"step": 2}'), force=True)
+    assert link.is_symlink()  # before: the link was replaced by a directory, the old export left behind
+    assert (tmp_path / "disk" / "bot" / export_lib.MANIFEST).read_text() == '{"step": 2}'
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["bot", "bot", "disk", "ftc_export.json", "serve"]
+
+
 def test_verify_fails_on_an_export_that_computes_something_else(runs, tmp_path):
     trained = runs("full")
     result = export_lib.write_export(trained, tmp_path / "out", format="hf", dtype="float32")
@@ -220,6 +232,30 @@ def test_verify_fails_on_an_export_that_computes_something_else(runs, tmp_path):
 def test_export_of_a_directory_without_checkpoints_is_refused(tmp_path):
     result = cli(tmp_path)
     assert result.exit_code == 1 and "no checkpoints/" in result.output
+
+
+def test_a_directory_inside_a_run_is_refused_as_not_a_run_naming_the_run_to_export(tmp_path):
+    """Given a run's checkpoints/ or one checkpoint, the default --out (inside the run) was refused
+    first, in words about an --out the user never passed."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    (run / "spec.resolved.json").write_text("{}")
+    result = cli(run / "checkpoints" / "4")
+    assert result.exit_code == 1 and "--out" not in result.output, result.output
+    assert f"{run / 'checkpoints' / '4'}: no checkpoints/ directory" in result.output
+    assert f"it lies inside the run directory {run}: export that run (ftc export {run} --step 4)" in result.output
+    result = cli(run / "checkpoints")
+    assert result.exit_code == 1 and f"export that run (ftc export {run})" in result.output, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "spec.resolved.json"]
+
+
+def test_a_step_of_a_probe_run_which_keeps_no_checkpoints_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "spec.resolved.json").write_text(json.dumps({"method": {"kind": "probe"}}))
+    result = cli(run, "--step", 3, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "keeps no checkpoints, only its final export; drop --step" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_out_that_cannot_be_made_is_refused_before_the_checkpoint_loads(tmp_path):

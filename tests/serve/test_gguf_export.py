@@ -240,3 +240,45 @@ def test_hf_export_generation_config_stops_at_the_chat_templates_end_of_turn(cas
     assert tok.convert_tokens_to_ids("<|im_end|>") in stops and tok.eos_token_id in stops
     served = tf.GenerationConfig.from_pretrained(tmp_path / "hf")
     assert tok.convert_tokens_to_ids("<|im_end|>") in served.eos_token_id
+
+
+@pytest.mark.parametrize(
+    "case, config",
+    [
+        # transformers' GGUF loader reads no RoPE scaling: it built plain RoPE and verify failed a good file
+        (
+            "llama",
+            dict(
+                rope_parameters={
+                    "rope_type": "llama3",
+                    "rope_theta": 500000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            ),
+        ),
+        ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+        ("llama", dict(attention_bias=True)),  # it dropped the biases
+        ("qwen3", dict(head_dim=32)),  # it assumes head_dim 128: the load crashed ("ignore_mismatched_sizes")
+    ],
+    ids=["llama3-rope", "linear-rope", "llama-bias", "qwen3-head-dim-32"],
+)
+def test_verify_reloads_a_gguf_transformers_would_misread_through_ftcs_import(case, config, monkeypatch, tmp_path):
+    import types
+
+    base = CASES[case]
+    monkeypatch.setitem(CASES, case, lambda: type(base())(**{**base().to_dict(), **config}))
+    loaded, _ = export(model_dir(tmp_path, case), tmp_path / "out", "float32")
+    assert gguf_export_format.loader_name(loaded).startswith("ftc GGUF import")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    reference = gguf_export_format.reload(types.SimpleNamespace(model=loaded), tmp_path / "out", scratch, True)
+    ours = verify.ftc_outputs(loaded, BATCH, "logits")
+    assert largest_difference(ours, verify.reference_outputs(reference, BATCH, "logits")) < TOL
+
+
+def test_verify_reloads_a_plain_llama_gguf_through_transformers(tmp_path):
+    loaded, _ = export(model_dir(tmp_path, "llama"), tmp_path / "out", "float32")
+    assert gguf_export_format.loader_name(loaded).startswith("transformers GGUF loader")

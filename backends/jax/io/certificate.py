@@ -230,7 +230,7 @@ def loader(trained, format: str) -> str:
     if format == "gguf":
         from ftc.backends.jax.io.gguf_export_format import loader_name
 
-        return loader_name(trained.model.arch.model_type)
+        return loader_name(trained.model)
     return {
         "peft": "PEFT (PeftModel.from_pretrained on the transformers base)",
         "adapters": "transformers + ftc.backends.torch_adapters",

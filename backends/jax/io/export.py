@@ -46,6 +46,7 @@ from ftc.backends.jax.io.export_common import (
     VerifyFailedError,
     check_out_dir,
     is_causal,
+    is_run_dir,
     publish,
 )
 from ftc.backends.jax.io.export_verify import verify_export
@@ -168,6 +169,18 @@ def export_shardings(model: methods.MethodModel, abstract_params, devices=None) 
 USE_GOOD = "export the newest good one with --step {step}"
 
 
+def not_a_run(run_dir: Path) -> str:
+    """Why `run_dir` cannot be exported: no checkpoints/; naming the run it lies in, if any (a
+    checkpoint step's directory is exported as its run with --step)."""
+    message = f"{run_dir}: no checkpoints/ directory (is it a run directory of `ftc run`?)"
+    enclosing = next((p for p in run_dir.parents if is_run_dir(p)), None)
+    if enclosing is None:
+        return message
+    step = run_dir.name if run_dir.parent.name == "checkpoints" and run_dir.name.isdigit() else None
+    how = f"ftc export {enclosing}" + (f" --step {step}" if step else "")
+    return f"{message}; it lies inside the run directory {enclosing}: export that run ({how})"
+
+
 def load_run(run_dir: str | os.PathLike, step: int | None = None, *, use_good: str = USE_GOOD) -> TrainedRun:
     """The parameters of a run's latest (or `step`) checkpoint and everything needed to export them.
     `use_good`: how the caller's user reads an older checkpoint ({step}), named when the newest is damaged."""
@@ -176,7 +189,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None, *, use_good: s
     run_dir = Path(run_dir).absolute()
     directory = ckpt_lib.checkpoint_dir(str(run_dir))
     if not os.path.isdir(directory):
-        raise ExportError(f"{run_dir}: no checkpoints/ directory (is it a run directory of `ftc run`?)")
+        raise ExportError(not_a_run(run_dir))
     reader = ckpt_lib.Checkpointer(directory, read_only=True)
     steps = reader.all_steps()
     if not steps:
@@ -345,13 +358,21 @@ def export_run(
     RUN_DIR/export; `base_name` replaces the base's name that PEFT / adapter configs record
     (base_model_name_or_path). Returns (ExportResult, VerifyResult or None)."""
     run_dir = Path(run_dir).absolute()
+    resolved = run_dir / "spec.resolved.json"
+    # RUN_DIR first: given runs/x/checkpoints/4, the default --out (inside runs/x) was refused in
+    # words about an --out the user never passed, not about the RUN_DIR that is not a run.
+    if not os.path.isdir(ckpt_lib.checkpoint_dir(str(run_dir))) and not resolved.is_file():
+        raise ExportError(not_a_run(run_dir))
     out = Path(out).absolute() if out is not None else run_dir / EXPORT_DIR
     check_out_dir(out, (run_dir,))  # before the checkpoint is read; publish checks again
-    resolved = run_dir / "spec.resolved.json"
     if not os.path.isdir(ckpt_lib.checkpoint_dir(str(run_dir))) and resolved.is_file():
         kind = json.loads(resolved.read_text()).get("method", {}).get("kind")
         by_run = registry.get(kind).exported_by_run if kind in registry.MODULES else None
         if by_run is not None:  # a method whose export `ftc run` writes keeps no checkpoint
+            if step is not None:  # was ignored: the run's final export came out as if it were that step
+                raise ExportError(
+                    f"{run_dir}: method.kind {kind!r} keeps no checkpoints, only its final export; drop --step"
+                )
             return by_run(run_dir, out, format=format, dtype=dtype, verify=verify, force=force, tol=tol, echo=echo)
     trained = load_run(run_dir, step)
     if base_name:

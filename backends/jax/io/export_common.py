@@ -100,7 +100,9 @@ def publish(out_dir: str | os.PathLike, write: Callable[[Path], Any], *, force: 
     non-empty `out_dir` is refused unless `force` (then replaced once the new one is complete); one
     that `out_dir_problem` names is refused whatever `force` says: an export never deletes a run,
     nor what it reads (`reads`)."""
-    out = Path(out_dir).absolute()
+    # A symlinked --out is written where it points: renaming onto the link itself replaced the link
+    # with a directory beside it and left the old export, stale, where the link had pointed.
+    out = Path(os.path.realpath(out_dir))
     check_out_dir(out, reads)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")

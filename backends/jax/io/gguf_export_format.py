@@ -7,8 +7,9 @@
 ftc's side rounds each weight the way the GGUF stores it (float16 / bfloat16, or quantised to
 q8_0 / q4_0 and back, block by block along each matrix's rows), so the check measures the export,
 not the quantisation. The loader is transformers' GGUF loader where it reads the architecture
-(llama, which Mistral is written as, qwen2, qwen3), else ftc's own GGUF import (gguf_import.py)
-into an HF directory that transformers loads.
+(llama, which Mistral is written as, qwen2, qwen3) and every key the model needs
+(`transformers_misreads`), else ftc's own GGUF import (gguf_import.py) into an HF directory that
+transformers loads.
 """
 
 from __future__ import annotations
@@ -122,13 +123,31 @@ def weights_check(model, out: Path, held) -> dict:
     }
 
 
+def transformers_misreads(model) -> str | None:
+    """Why transformers' GGUF loader would build another model than the file holds, or None.
+    Its GGUF config mapping (transformers.integrations.ggml) reads no RoPE scaling (only gpt-oss's;
+    llama.cpp reads rope.scaling.* and rope_freqs.weight), no attention_bias / mlp_bias (the bias
+    tensors of a Llama are then dropped), and no head_dim for qwen3 (it keeps Qwen3Config's 128 and
+    fails to load any other). Verifying through it would fail a correct file, or crash."""
+    layout, arch = layout_for(model), model.arch
+    if layout.arch not in TRANSFORMERS_READS:
+        return f"it does not read general.architecture {layout.arch!r}"
+    rope = getattr(arch, "rope", None)
+    if rope is not None and rope.kind != "default":
+        return f"it reads no RoPE scaling ({rope.kind!r})"
+    if layout.arch == "llama" and any(getattr(arch, k, False) for k in ("qkv_bias", "o_bias", "mlp_bias")):
+        return "it reads no attention_bias / mlp_bias"
+    if layout.arch == "qwen3" and arch.head_dim != 128:
+        return f"it reads no Qwen3 head_dim (assumes 128, here {arch.head_dim})"
+    return None
+
+
 def reload(trained, out: Path, scratch: Path, causal: bool):
     """The GGUF as a PyTorch model: transformers' GGUF loader, or ftc's import then transformers."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    layout = gguf_export.LAYOUTS[trained.model.arch.model_type]
-    if layout.arch in TRANSFORMERS_READS:
+    if transformers_misreads(trained.model) is None:
         return AutoModelForCausalLM.from_pretrained(
             str(out), gguf_file=gguf_export.GGUF_FILE, dtype=torch.float32
         ).eval()
@@ -140,11 +159,12 @@ def reload(trained, out: Path, scratch: Path, causal: bool):
     return verify.load_reference(hf_dir, causal=True)
 
 
-def loader_name(model_type: str) -> str:
-    """Which loader `reload` uses (the certificate records it)."""
-    if gguf_export.LAYOUTS[model_type].arch in TRANSFORMERS_READS:
+def loader_name(model) -> str:
+    """Which loader `reload` uses for the MethodModel `model` (the certificate records it)."""
+    why = transformers_misreads(model)
+    if why is None:
         return "transformers GGUF loader (from_pretrained gguf_file=)"
-    return "ftc GGUF import (gguf_import.convert_gguf) + transformers"
+    return f"ftc GGUF import (gguf_import.convert_gguf) + transformers (not transformers' GGUF loader: {why})"
 
 
 def how_to_load(out, base_name, auto: str) -> str:
