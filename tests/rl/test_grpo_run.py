@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 import rl_testlib as rl
 
-SPEC = """ftc = 1
-name = "{name}"
-output_dir = "{root}/runs"
-[model]
-base = "{root}/base"
-max_seq_len = 48
-dtype = "float32"
-[data]
-format = "prompt"
-train = "{root}/prompts.jsonl"
-{method}[training]
+SPEC = (
+    rl.SPEC_HEAD
+    + """{method}[training]
 objective = "grpo"
 steps = {steps}
 batch_size = 8
@@ -41,6 +33,7 @@ every = {checkpoint_every}
 [logging]
 progress = false
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,9 @@ import pytest
 import rl_testlib as rl
 import train_testlib as tl
 
-SPEC = """ftc = 1
-name = "{name}"
-output_dir = "{root}/runs"
-[model]
-base = "{root}/base"
-max_seq_len = 48
-dtype = "float32"
-[data]
-format = "prompt"
-train = "{root}/prompts.jsonl"
-{method}[training]
+SPEC = (
+    rl.SPEC_HEAD
+    + """{method}[training]
 objective = "ppo"
 steps = {steps}
 batch_size = 8
@@ -43,6 +35,7 @@ every = 100
 [logging]
 progress = false
 """
+)
 HEAD = "ftc_value_head"
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import rl_testlib as rl
 
 from ftc.backends.jax.objectives import grpo
 
@@ -73,17 +74,9 @@ def test_grpo_kl_ignores_prompt_log_probs_past_exps_range(loss_type):
     assert float(value) == pytest.approx(0.0, abs=1e-5)
 
 
-RUN = """ftc = 1
-name = "nan-reward"
-output_dir = "{root}/runs"
-[model]
-base = "{root}/base"
-max_seq_len = 48
-dtype = "float32"
-[data]
-format = "prompt"
-train = "{root}/prompts.jsonl"
-[training]
+RUN = (
+    rl.SPEC_HEAD
+    + """[training]
 objective = "grpo"
 steps = 2
 batch_size = 4
@@ -97,6 +90,7 @@ tensor = 2
 [logging]
 progress = false
 """
+)
 
 
 def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_prompt(tmp_path):
@@ -108,13 +102,12 @@ def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_pro
     import train_testlib as tl
     import transformers as tf
     from data_testlib import make_tokenizer
-    from rl_testlib import make_root
 
     from ftc.backends.jax import pipeline as run_lib
     from ftc.backends.jax.rl import reward_model, rewards
     from ftc.spec import load_spec
 
-    make_root(tmp_path)
+    rl.make_root(tmp_path)
     tok = make_tokenizer()
     rm = tf.LlamaForSequenceClassification(tf.LlamaConfig(**tl.TINY, num_labels=2, pad_token_id=tok.pad_token_id))
     with torch.no_grad():
@@ -122,7 +115,7 @@ def test_a_grpo_run_whose_reward_model_gives_nan_stops_naming_the_reward_and_pro
     rm.save_pretrained(tmp_path / "rm", safe_serialization=True)
     tok.save_pretrained(tmp_path / "rm")
     path = tmp_path / "nan.toml"
-    path.write_text(RUN.format(root=tmp_path))
+    path.write_text(RUN.format(root=tmp_path, name="nan-reward"))
     with pytest.raises(
         rewards.RewardError, match=r"reward 'rm' \(model\) is nan for a completion of .*prompts\.jsonl:\d"
     ):

@@ -8,17 +8,9 @@ from __future__ import annotations
 import pytest
 import rl_testlib as rl
 
-SPEC = """ftc = 1
-name = "{name}"
-output_dir = "{root}/runs"
-[model]
-base = "{root}/base"
-max_seq_len = 48
-dtype = "float32"
-[data]
-format = "prompt"
-train = "{root}/prompts.jsonl"
-[method]
+SPEC = (
+    rl.SPEC_HEAD
+    + """[method]
 kind = "lora"
 rank = 4
 alpha = 8
@@ -34,6 +26,7 @@ fsdp = 8
 [logging]
 progress = false
 """
+)
 KEYS = {
     "grpo": "grpo_group_size = 4\ngrpo_max_new_tokens = 4\ngrpo_beta = 0.04\n"
     'grpo_rewards = [{ kind = "regex", pattern = "a" }]',

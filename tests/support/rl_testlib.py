@@ -12,6 +12,19 @@ import numpy as np
 import train_testlib as tl
 from data_testlib import write_jsonl
 
+# The start of every RL run spec here: the tiny model and the prompt rows of make_root.
+SPEC_HEAD = """ftc = 1
+name = "{name}"
+output_dir = "{root}/runs"
+[model]
+base = "{root}/base"
+max_seq_len = 48
+dtype = "float32"
+[data]
+format = "prompt"
+train = "{root}/prompts.jsonl"
+"""
+
 
 def make_root(root):
     """`root` with base/ (a tiny random Llama) and prompts.jsonl (5 rows with answers)."""
