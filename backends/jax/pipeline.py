@@ -13,6 +13,7 @@ An objective another runner trains (classify: probe_runner.py) goes there instea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -201,13 +202,22 @@ def run(spec, *, echo: Callable[[str], None] = print, after_step: Callable[[int]
     Holds the run directory's lock throughout (state/lock.py): a second run of it is refused."""
     with run_lock(spec.run_dir) as lock, StopSignals() as stop:
         try:
-            return _run(spec, echo=echo, after_step=after_step, stop=stop)
+            with contextlib.ExitStack() as closing:  # closed before the lock looks at what was written
+                return _run(spec, echo=echo, after_step=after_step, stop=stop, closing=closing)
         except BaseException:
             lock.discard()  # a start refused before anything was written leaves no run directory
             raise
 
 
-def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None] | None, stop: StopSignals) -> dict:
+def _run(
+    spec,
+    *,
+    echo: Callable[[str], None],
+    after_step: Callable[[int], None] | None,
+    stop: StopSignals,
+    closing: contextlib.ExitStack,
+) -> dict:
+    """`closing` closes the checkpointer and the logger however the run ends, before the lock goes."""
     use_compilation_cache()
     if objectives.get(spec.training.objective).trainer == contract.PROBE:
         return probe_runner.run_probe(spec, echo=echo)
@@ -249,6 +259,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
         async_save=spec.checkpoint.async_,
         saved_params=saved_params,
     )
+    closing.callback(checkpointer.close)
     metadata = {
         "spec": spec.to_dict(),
         "tokenizer_hash": tok_hash,
@@ -307,6 +318,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
     if data.validation_rows is not None:
         eval_batches = lambda: data.validation_batches(spec.training.micro_batch_size)
     logger = run_log.RunLogger(run_dir, tensorboard=spec.logging.tensorboard, resume_step=latest)
+    closing.callback(logger.close)
     generation_eval = generation_hook(spec, model, tokenizer, model_dir, hf_config, mesh, logger)  # [eval]
     peak, peak_source = device_peak.peak_flops(spec.model.dtype, spec.logging.peak_tflops)
     # CPU "devices" forced by XLA_FLAGS share the host's cores: the peak is per host there.
@@ -346,8 +358,7 @@ def _run(spec, *, echo: Callable[[str], None], after_step: Callable[[int], None]
             report.final()
         raise
     finally:
-        logger.close()
-        checkpointer.close()
+        closing.close()  # the last save committed before the export reads it back
     summary = {"run_dir": run_dir, "step": int(jax.device_get(state["step"])), "total_steps": total}
     del state  # export reads the final checkpoint back, sharded its own way
     stop.outside = f"stopped during the export; the checkpoint at step {total} is complete: run again to export"

@@ -49,9 +49,15 @@ def test_export_reloads_in_transformers_with_the_same_logits(saved, case, tmp_pa
     assert reloaded.config.tie_word_embeddings == model.config.tie_word_embeddings
     assert getattr(reloaded.config, "layer_types", None) == getattr(model.config, "layer_types", None)
     assert getattr(reloaded.config, "sliding_window", None) == getattr(model.config, "sliding_window", None)
+    ours_sd, theirs_sd = reloaded.state_dict(), model.state_dict()
+    assert ours_sd.keys() == theirs_sd.keys()
+    for name, tensor in theirs_sd.items():  # the exported weights are transformers' own, bit for bit
+        assert torch.equal(ours_sd[name], tensor), name
     input_ids, mask, positions = padded_batch(seed=2)
     theirs = hf_logits(model, input_ids, mask, positions)
-    assert max_diff_on_real_tokens(hf_logits(reloaded, input_ids, mask, positions), theirs, mask) == 0.0
+    # Not == 0: two copies of one model's weights at other addresses may take other SIMD paths
+    # (seen once under load, qwen2).
+    assert max_diff_on_real_tokens(hf_logits(reloaded, input_ids, mask, positions), theirs, mask) <= 1e-6
     assert (
         max_diff_on_real_tokens(_logits(lm, input_ids, attention_mask=mask, positions=positions), theirs, mask) <= 1e-4
     )

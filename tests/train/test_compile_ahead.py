@@ -185,3 +185,35 @@ def test_a_python_process_whose_run_failed_exits_once_its_step_compiled(root, tm
     )
     assert proc.returncode == 0 and "failed:" in proc.stdout and "model.safetensors" in proc.stdout, proc.stderr
     assert time.monotonic() - t0 >= 5 and "Traceback" not in proc.stderr
+
+
+SLOW_CLEANUP = """
+import asyncio, sys
+from orbax.checkpoint._src.path import temporary_paths
+
+listing = temporary_paths.all_temporary_paths
+
+async def slow(*args, **kwargs):  # Orbax's clean-up of a killed save's leftovers, still running at exit
+    await asyncio.sleep(3)
+    return await listing(*args, **kwargs)
+
+temporary_paths.all_temporary_paths = slow
+from ftc.backends.jax import pipeline
+from ftc.spec import load_spec
+try:
+    pipeline.run(load_spec(sys.argv[1]), echo=lambda s: None)
+except Exception as e:
+    print('failed:', e, flush=True)
+"""
+
+
+def test_a_run_failing_before_its_first_save_closes_its_checkpoints_so_python_exits_cleanly(root, tmp_path):
+    """The checkpoint manager's background clean-up is awaited on the failure path too: left
+    running, it raised 'cannot schedule new futures after interpreter shutdown' at exit."""
+    import subprocess
+    import sys
+
+    spec = spec_file(root, tmp_path, broken=True)
+    proc = subprocess.run([sys.executable, "-c", SLOW_CLEANUP, spec], capture_output=True, text=True)
+    assert proc.returncode == 0 and "failed:" in proc.stdout and "model.safetensors" in proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr and "interpreter shutdown" not in proc.stderr, proc.stderr[-3000:]

@@ -171,6 +171,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        # Orbax awaits its clean-up of a killed save's leftovers only in save(): a run that fails
+        # before its first save would leave that thread to die at interpreter exit, with a traceback.
+        getattr(self._manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self._manager.close()
         if self._digester is not None:
             self._digester.shutdown()
