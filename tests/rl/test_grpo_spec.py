@@ -190,3 +190,15 @@ def test_prompt_rows_are_cleaned_as_data_clean_says(tmp_path):
     assert len(_prompt_data(tmp_path, rows[:4], dedupe=False, drop_empty=False).ids) == 4
     with pytest.raises(DataError, match="unknown message roles"):
         _prompt_data(tmp_path, [{"messages": [{"role": "human", "content": "hi"}], "answer": "1"}])
+
+
+def test_prompt_rows_all_cleaned_away_are_counted_by_reason(tmp_path):
+    """It printed the dict of counts ("dropped: {'duplicate': 1, ...}")."""
+    from ftc.backends.jax.data.read import DataError
+
+    user = lambda text: {"messages": [{"role": "user", "content": text}], "answer": "1"}  # noqa: E731
+    with pytest.raises(DataError) as caught:
+        _prompt_data(tmp_path, [user("  "), user("long " * 80)], overlong="drop")
+    assert str(caught.value).startswith(
+        f"{tmp_path}/p.jsonl: no prompt rows left after cleaning (kept 0 of 2, 1 empty, 1 overlong)"
+    ), caught.value

@@ -167,7 +167,9 @@ def prompt_data(spec, tokenizer) -> PromptData:
     if problems:
         raise DataError(f"{len(problems)} prompt row(s) cannot be used for {k.objective.upper()}", problems)
     if not kept:
-        raise DataError(f"{', '.join(read.files)}: no prompt rows left after cleaning (dropped: {dropped})")
+        why = "".join(f", {n} {reason}" for reason, n in dropped.items())  # as CleanReport.summary
+        files = ", ".join(read.files)
+        raise DataError(f"{files}: no prompt rows left after cleaning (kept 0 of {len(read.rows)}{why})")
     rows = kept
     per_round = t.batch_size // k.group_size
     lengths = [len(x) for x in ids]
