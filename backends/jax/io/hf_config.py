@@ -49,7 +49,7 @@ TABLES = ("rope_scaling", "rope_parameters")  # JSON objects (or null)
 MAX_SIZE = 2**31 - 1  # jax indexes array dimensions with int32
 
 
-def custom_code(config: dict) -> str | None:
+def _custom_code(config: dict) -> str | None:
     """What in a config.json asks for the model's own code (`auto_map`, `trust_remote_code`), or None."""
     if "auto_map" in config:
         auto_map = config["auto_map"]
@@ -59,23 +59,34 @@ def custom_code(config: dict) -> str | None:
     return None
 
 
-def read_hf_config(model_dir: str | os.PathLike) -> dict:
-    """config.json of a local HF directory, refusing custom code (auto_map / trust_remote_code)."""
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+def parse_config_json(config_path: str | os.PathLike) -> dict:
+    """The object in `config_path`; a ValueError starting with the path when it cannot be read, is
+    not a JSON object, or asks for custom model code (auto_map / trust_remote_code)."""
     try:
-        config = json.loads(config_path.read_bytes())
+        data = Path(config_path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{config_path}: cannot be read ({e.strerror or e})") from None
+    try:
+        config = json.loads(data)
     except ValueError as e:
         raise ValueError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected a JSON object")
-    code = custom_code(config)
+    code = _custom_code(config)
     if code:
         raise ValueError(
             f"{config_path}: {code} asks for custom model code (trust_remote_code); ftc never runs code "
             f"from a checkpoint. Supported built-in model_type values: {', '.join(supported_model_types())}"
         )
+    return config
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict:
+    """config.json of a local HF directory, refusing custom code (auto_map / trust_remote_code)."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
+    config = parse_config_json(config_path)
     check_hf_config(config, config_path)  # bad sizes named here, not as a jax shape error later
     return config
 

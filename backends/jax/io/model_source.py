@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
-from ftc.backends.jax.io.hf_config import custom_code
+from ftc.backends.jax.io.hf_config import parse_config_json
 
 PACKAGE_PREFIX = "package:"
 _HF_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+?))?(?:/(?P<file>[^@]+\.gguf))?")
@@ -108,17 +108,9 @@ def check_hf_dir(path: Path, source: str) -> Path:
             f"model source {source!r}: {path} has no config.json (expected a Hugging Face model directory){hint}"
         )
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelSourceError(f"model source {source!r}: {config_file} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ModelSourceError(f"model source {source!r}: {config_file} must hold a JSON object")
-    code = custom_code(config)
-    if code:
-        raise ModelSourceError(
-            f"model source {source!r}: {config_file} has {code}, i.e. the model "
-            "needs its own Python code (trust_remote_code); ftc never runs code shipped with a model"
-        )
+        parse_config_json(config_file)
+    except ValueError as e:
+        raise ModelSourceError(f"model source {source!r}: {e}") from None
     odd = sorted(p.name for p in path.glob("*.safetensors") if not p.is_file())
     if odd:
         raise ModelSourceError(f"model source {source!r}: {path / odd[0]} is a directory, expected a safetensors file")
