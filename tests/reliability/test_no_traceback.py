@@ -51,7 +51,7 @@ def spec_with(tiny, tmp_path, **replace) -> Path:
         (lambda m: _truncate(m / "tokenizer.json", 0.5), "tokenizer.json: not valid JSON"),
         (lambda m: [p.unlink() for p in m.glob("tokenizer*")], "no tokenizer (tokenizer.json, tokenizer_config.json"),
         (lambda m: _dir_for(m / "model.safetensors"), "model.safetensors is a directory, expected a safetensors file"),
-        (lambda m: _config(m, trust_remote_code=True), "config.json: key 'trust_remote_code': true asks for custom model code"),
+        (lambda m: _config(m, trust_remote_code=True), "config.json: key 'trust_remote_code': true asks for custom"),
         (lambda m: _pickle_only(m), "it has only pickle weights (pytorch_model.bin), which ftc does not load"),
         (lambda m: _config(m, vocab_size=0), "config.json: vocab_size: expected an integer from 1 to"),
         (lambda m: (m / "tokenizer.json").write_text("{}"), "its tokenizer files do not load: KeyError"),
