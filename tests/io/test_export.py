@@ -216,6 +216,28 @@ def test_an_out_that_is_a_symlink_is_replaced_where_it_points_and_stays_a_link(t
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["bot", "bot", "disk", "ftc_export.json", "serve"]
 
 
+def test_an_export_killed_midway_leaves_a_partial_copy_that_the_next_export_removes(tmp_path):
+    """SIGKILL runs no clean-up: its `.out.partial-*` copy (as big as the model) stayed for good.
+    The next export to the same place removes it; one whose writer still runs is kept."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".out.partial-{host}-{dead.pid}-abc123_x"
+    running = tmp_path / f".out.partial-{host}-{os.getpid()}-def456"
+    elsewhere = tmp_path / f".out.partial-another-host-{dead.pid}-ghi789"
+    for d in (killed, running, elsewhere):
+        (d / "model.safetensors").parent.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    export_lib.publish(tmp_path / "out", lambda tmp: (tmp / export_lib.MANIFEST).write_text("{}"))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["out", running.name, elsewhere.name]), left
+
+
 def test_verify_fails_on_an_export_that_computes_something_else(runs, tmp_path):
     trained = runs("full")
     result = export_lib.write_export(trained, tmp_path / "out", format="hf", dtype="float32")

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -109,7 +108,7 @@ def publish(out_dir: str | os.PathLike, write: Callable[[Path], Any], *, force: 
     if jax.process_index() != 0:
         return write(out)  # only process 0 writes; the others take part in the gathers
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = files.temp_dir(out.parent, f".{out.name}.partial-")
     try:
         umask = os.umask(0)
         os.umask(umask)

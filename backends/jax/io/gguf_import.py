@@ -29,6 +29,7 @@ import numpy as np
 
 from ftc.backends.jax.io.gguf_config import BY_MODEL_TYPE, GgufImportError, config_from_gguf, read_metadata
 from ftc.backends.jax.io.gguf_tokenizer import write_tokenizer
+from ftc.backends.jax.state import files
 
 # Bump when the output of a conversion changes, so stale cache entries are not reused.
 CONVERTER_VERSION = 1
@@ -73,7 +74,7 @@ def import_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         return final
 
     root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_temps(root)
+    files.remove_abandoned(root, ".tmp-")
     tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -96,21 +97,6 @@ def import_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _remove_abandoned_temps(root: Path) -> None:
-    """Delete temp dirs of conversions killed on this host (their process no longer exists)."""
-    host = socket.gethostname()
-    for tmp in root.glob(".tmp-*"):
-        m = re.fullmatch(r"\.tmp-.+-v\d+-(.+)-(\d+)-[0-9a-f]{8}", tmp.name)
-        if not m or m.group(1) != host:
-            continue
-        try:
-            os.kill(int(m.group(2)), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, owned by someone else
 
 
 # ----------------------------------------------------------------------------------------------

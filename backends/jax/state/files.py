@@ -1,11 +1,17 @@
 """Run-directory files written whole or not at all: a reader (a resumed run, a report, a second
 process) never sees half a file, even when the writer is killed midway; and which directories
-`ftc run` may write a run into at all (`run_dir_problem`)."""
+`ftc run` may write a run into at all (`run_dir_problem`); temporary directories that a killed
+writer's successor can find and remove (`temp_dir`)."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +60,28 @@ def run_dir_problem(run_dir: str | os.PathLike) -> str | None:
         f"{path} already holds files that are not an ftc run ({shown}); a run writes its files there and "
         "replaces its export/: choose another name or output_dir, or move those files away"
     )
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A fresh private directory `<parent>/<prefix><host>-<pid>-<random>` that `remove_abandoned`
+    can tell apart once its writer is gone. Those a killed writer left (SIGKILL, power loss: no
+    clean-up ran) are removed first: an export's or conversion's partial copy is as big as a model."""
+    remove_abandoned(parent, prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=parent))
+
+
+def remove_abandoned(parent: str | os.PathLike, prefix: str) -> None:
+    """Delete `<parent>/<prefix>...-<host>-<pid>-<random>` directories of this host whose process no
+    longer runs. A live pid keeps its directory, even a reused one (it is removed a later time)."""
+    host = socket.gethostname()
+    pattern = re.compile(re.escape(prefix) + r"(?:.+-)?" + re.escape(host) + r"-(\d+)-[A-Za-z0-9_]+")
+    for path in Path(parent).glob(glob.escape(prefix) + "*"):
+        m = pattern.fullmatch(path.name)
+        if not m or not path.is_dir() or path.is_symlink():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive, another user's; or no such pid at all: not ours to judge
