@@ -32,6 +32,22 @@ def test_normalised_exact_match_contains_and_regex():
         metrics.compile_regex("a(")
 
 
+def test_a_regex_search_that_backtracks_exponentially_stops_and_leaves_sigalrm_as_it_was():
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGALRM, mine)
+    try:
+        with pytest.raises(metrics.RegexTimeout, match=r"'\(\?:a\|aa\)\+\$' took over 1 s on a text of 41 characters"):
+            metrics.score("a" * 40 + "b", "x", metrics.compile_regex(r"(?:a|aa)+$"))
+        assert signal.getsignal(signal.SIGALRM) is mine and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+        assert metrics.score("a" * 40, "x", metrics.compile_regex(r"(?:a|aa)+$"))["regex"] == 1.0  # a match is fast
+    finally:
+        signal.signal(signal.SIGALRM, before)
+
+
 def test_rouge_l_is_the_lcs_f_measure():
     # LCS of "the cat sat on the mat" and "the cat was on the mat" is 5 of 6 tokens each way.
     assert metrics.score("the cat was on the mat", "the cat sat on the mat")["rouge_l"] == pytest.approx(5 / 6)

@@ -139,3 +139,18 @@ def test_a_weighted_total_past_float32_is_refused():
     )
     with pytest.raises(rw.RewardError, match="weighted reward total is inf for a completion of completion 0"):
         rw.score(rewards, ["ab"], [2], [None])
+
+
+def test_a_regex_that_backtracks_exponentially_stops_the_run_naming_the_reward_and_the_prompt():
+    """`(a|aa)+$` on 40 a's and a b takes about 1.6^40 steps: the rollout hung with no word. A
+    search now stops after about metrics.SEARCH_SECONDS and says which reward, prompt and pattern."""
+    import time
+
+    (reward,) = rw.parse([{"kind": "regex", "pattern": r"(a|aa)+$", "name": "greedy"}])
+    t0 = time.monotonic()
+    with pytest.raises(rw.RewardError) as caught:
+        rw.score([reward], ["aaa", "a" * 40 + "b"], [1, 1], [None] * 2, where=["p.jsonl:1", "p.jsonl:2"])
+    assert time.monotonic() - t0 < 30
+    message = str(caught.value)
+    assert message.startswith("reward 'greedy' (regex) on a completion of p.jsonl:2: the pattern '(a|aa)+$' took over")
+    assert "backtracks exponentially" in message

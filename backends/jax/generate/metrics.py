@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import re
+import signal
 import string
+import threading
 from collections.abc import Sequence
 
 METRICS = ("exact_match", "contains", "rouge_l")  # and "regex" when a pattern is given
@@ -26,6 +28,20 @@ def normalise(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+# A pattern is data (a spec's reward, a flag): one that backtracks exponentially, such as (a|aa)+$,
+# would hold a run for hours on one completion. re checks for signals as it matches, so an alarm stops
+# it with re's own meaning kept (the `regex` package's time limit reads [[:alpha:]] and a{e<=1} otherwise).
+SEARCH_SECONDS = 1.0
+
+
+class RegexTimeout(ValueError):
+    pass
+
+
+class _Expired(Exception):
+    pass
+
+
 def compile_regex(pattern: str | None, where: str = "--regex") -> re.Pattern | None:
     """The pattern compiled, or ValueError naming where it came from and why it is not valid."""
     if pattern is None:
@@ -36,6 +52,31 @@ def compile_regex(pattern: str | None, where: str = "--regex") -> re.Pattern | N
         raise ValueError(f"{where} {pattern!r} is not a valid regular expression: {e}") from None
 
 
+def search(compiled: re.Pattern, text: str) -> re.Match | None:
+    """`compiled.search(text)`; RegexTimeout past SEARCH_SECONDS (in the main thread, where a signal
+    can stop it; elsewhere without a limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return compiled.search(text)
+
+    def expire(signum, frame):
+        raise _Expired
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, SEARCH_SECONDS)
+        try:
+            return compiled.search(text)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Expired:
+        raise RegexTimeout(
+            f"the pattern {compiled.pattern!r} took over {SEARCH_SECONDS:g} s on a text of {len(text)} characters "
+            "(a repetition of overlapping choices such as (a|aa)+ backtracks exponentially): simplify it"
+        ) from None
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
 @functools.cache
 def _rouge():
     from rouge_score import rouge_scorer
@@ -43,7 +84,7 @@ def _rouge():
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
-def score(prediction: str, reference: str, regex: re.Pattern | None = None) -> dict[str, float]:
+def score(prediction: str, reference: str, pattern: re.Pattern | None = None) -> dict[str, float]:
     """Every metric of one prediction against its reference."""
     p, r = normalise(prediction), normalise(reference)
     out = {
@@ -51,9 +92,9 @@ def score(prediction: str, reference: str, regex: re.Pattern | None = None) -> d
         "contains": float(r in p),
         "rouge_l": float(_rouge().score(reference, prediction)["rougeL"].fmeasure),
     }
-    if regex is not None:
-        m = regex.search(prediction)
-        out["regex"] = float(m is not None and (regex.groups == 0 or normalise(m.group(1) or "") == r))
+    if pattern is not None:
+        m = search(pattern, prediction)
+        out["regex"] = float(m is not None and (pattern.groups == 0 or normalise(m.group(1) or "") == r))
     return out
 
 

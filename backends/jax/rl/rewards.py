@@ -23,6 +23,7 @@ in batches by a loaded scorer (`score(..., models={label: reward_model.load(r)})
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -30,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ftc.backends.jax.generate.metrics import compile_regex, normalise
+from ftc.backends.jax.generate.metrics import RegexTimeout, compile_regex, normalise, search
 
 KINDS = ("exact_match", "contains", "numeric", "regex", "length", "json", "model")
 NEEDS_ANSWER = ("exact_match", "contains", "numeric")
@@ -146,6 +147,11 @@ def _json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled(pattern: str):
+    return compile_regex(pattern)
+
+
 def one(reward: Reward, completion: str, tokens: int, answer: str | None) -> float:
     """`reward`'s value (before its weight) for one completion of `tokens` tokens."""
     if reward.needs_answer and answer is None:
@@ -158,7 +164,7 @@ def one(reward: Reward, completion: str, tokens: int, answer: str | None) -> flo
         got, want = last_number(completion), last_number(answer)
         return float(got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9))
     if reward.kind == "regex":
-        return float(re.search(reward.pattern, completion) is not None)
+        return float(search(_compiled(reward.pattern), completion) is not None)
     if reward.kind == "length":
         lo, hi = reward.min_tokens, reward.max_tokens
         if lo <= tokens <= hi:
@@ -186,6 +192,7 @@ def score(
     takes its scorer from `models` (by label) and each completion's prompt messages from
     `conversations`. A value or total that is not finite raises RewardError naming the reward and
     the completion's prompt (`where[i]`, e.g. file:line; else its index)."""
+    name = (lambda i: where[i]) if where is not None else (lambda i: f"completion {i}")
     parts = {}
     for r in rewards:
         if r.kind == "model":
@@ -193,9 +200,13 @@ def score(
                 raise ValueError(f"reward {r.label!r} (model) needs its loaded scorer and the prompts' conversations")
             parts[r.label] = np.asarray(models[r.label](conversations, completions), np.float32)
         else:
-            values = [one(r, c, n, a) for c, n, a in zip(completions, tokens, answers, strict=True)]
+            values = []
+            for i, (c, n, a) in enumerate(zip(completions, tokens, answers, strict=True)):
+                try:
+                    values.append(one(r, c, n, a))
+                except RegexTimeout as e:
+                    raise RewardError(f"reward {r.label!r} ({r.kind}) on a completion of {name(i)}: {e}") from None
             parts[r.label] = np.array(values, np.float32)
-    name = (lambda i: where[i]) if where is not None else (lambda i: f"completion {i}")
     for r in rewards:
         bad = np.flatnonzero(~np.isfinite(parts[r.label]))
         if bad.size:  # a nan advantage would make the loss nan, and the message advise a lower learning rate
