@@ -187,6 +187,14 @@ def test_config_refuses_what_it_does_not_compute():
         dataclasses.replace(gpt2.config_from_hf({"model_type": "gpt2"}), remat="sometimes")
 
 
+def test_several_eos_ids_are_kept_through_export():
+    """A list of end ids (a chat fine-tune's config) was refused: 'GPT-2 export keeps a single eos id'."""
+    arch = gpt2.config_from_hf({"model_type": "gpt2", "eos_token_id": [50256, 50257]})
+    assert gpt2.hf_config(arch)["eos_token_id"] == [50256, 50257]
+    assert gpt2.hf_config(gpt2.config_from_hf({"model_type": "gpt2", "eos_token_id": [7]}))["eos_token_id"] == 7
+    hash(arch)  # a flax module attribute
+
+
 def test_missing_config_keys_take_transformers_defaults():
     import transformers as tf
 

@@ -57,7 +57,7 @@ class GPT2Arch:
     reorder_and_upcast_attn: bool = False
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     # Where the model's tensors live in the HF state dict: "transformer." under a head
     # (GPT2LMHeadModel, GPT2ForSequenceClassification, ...), "" for a bare GPT2Model.
@@ -83,10 +83,8 @@ def config_from_hf(cfg: dict) -> GPT2Arch:
     if n_embd % n_head:
         raise ValueError(f"config.json n_embd={n_embd} is not a multiple of n_head={n_head}")
     eos = cfg.get("eos_token_id", 50256)
-    if isinstance(eos, list):
-        if len(eos) != 1:
-            raise ValueError(f"config.json eos_token_id={eos}: GPT-2 export keeps a single eos id")
-        eos = eos[0]
+    if isinstance(eos, list):  # several end ids (a fine-tuned chat model's): kept, as a hashable tuple
+        eos = tuple(eos) if len(eos) > 1 else (eos[0] if eos else None)
     architectures = cfg.get("architectures") or ["GPT2LMHeadModel"]
     return GPT2Arch(
         vocab_size=int(cfg.get("vocab_size", 50257)),
@@ -126,7 +124,7 @@ def hf_config(arch: GPT2Arch) -> dict:
         "reorder_and_upcast_attn": arch.reorder_and_upcast_attn,
         "tie_word_embeddings": arch.tie_word_embeddings,
         "bos_token_id": arch.bos_token_id,
-        "eos_token_id": arch.eos_token_id,
+        "eos_token_id": list(arch.eos_token_id) if isinstance(arch.eos_token_id, tuple) else arch.eos_token_id,
         "pad_token_id": arch.pad_token_id,
     }
 
