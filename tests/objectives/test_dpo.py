@@ -342,3 +342,47 @@ def test_ftc_run_trains_dpo_with_lora_against_its_disabled_base(setup):
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy == reference
     # The policy moves away from a reference that stays the base: the margin grows, loss falls.
     assert train[-1]["loss"] < train[0]["loss"] - 0.01 and train[-1]["reward_margin"] > 0
+
+
+def test_dpo_from_a_trained_lora_run_is_referenced_to_that_run_and_resumes(setup):
+    """A LoRA DPO run started from a LoRA run (its factors trained) took the base with the adapter
+    disabled as its reference, so at step 1 policy != reference (rewards not 0, loss not log 2);
+    TRL copies the adapter as its reference. Now a frozen copy of the starting parameters, which a
+    resume rebuilds with init_from's factors (it was refused: the rebuilt reference differed)."""
+    import signal
+
+    from ftc.backends.jax import pipeline as run_lib
+    from ftc.spec import load_spec
+
+    root, _ = setup
+    write_jsonl(root / "train_pairs.jsonl", _pairs(8, seed=2))
+    write_jsonl(root / "valid_pairs.jsonl", _pairs(4, seed=3))
+    lora = '[method]\nkind = "lora"\nrank = 4\nalpha = 8\ntargets = "all-linear"\n[training]'
+
+    def spec(name: str, init_from: str | None = None, steps: int = 3):
+        text = DPO_SPEC.format(root=root, seq=SEQ, beta=BETA).replace('name = "dpo"', f'name = "{name}"')
+        text = text.replace("[training]", lora).replace("3e-3", "3e-2").replace("steps = 6", f"steps = {steps}")
+        if init_from:
+            text = text.replace("[model]\n", f'[model]\ninit_from = "{init_from}"\n')
+        (root / f"{name}.toml").write_text(text)
+        return load_spec(str(root / f"{name}.toml"))
+
+    first = spec("lora-first")
+    run_lib.run(first, echo=lambda s: None)
+    lines = []
+    second = spec("lora-second", first.run_dir)
+    run_lib.run(second, echo=lines.append)
+    assert any("DPO reference copy" in line for line in lines)
+    with open(os.path.join(second.run_dir, "metrics.jsonl")) as f:
+        train = [r for r in map(json.loads, f) if r["split"] == "train"]
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and train[0]["reward_margin"] == 0.0
+
+    cut = spec("lora-cut", first.run_dir)
+    stop = lambda step: os.kill(os.getpid(), signal.SIGTERM) if step == 1 else None  # noqa: E731
+    with pytest.raises(run_lib.Interrupted):
+        run_lib.run(cut, echo=lambda s: None, after_step=stop)
+    assert run_lib.run(cut, echo=lambda s: None)["step"] == 3
+    a, b = tl.checkpoint_params(second.run_dir), tl.checkpoint_params(cut.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -209,13 +209,15 @@ def objective(
 
 def build(spec, model) -> Built:
     """DPO for a run: beta from `training.dpo_beta`; the reference is the starting model. For lora /
-    qlora / adapter the same parameters with the method disabled (no second copy of the base; an
-    `init_from` adapter is disabled too, so the reference is its base); for a full fine-tune a
-    frozen copy of the starting parameters, one extra parameter-sized buffer (the plan counts it)."""
+    qlora / adapter with fresh weights the same parameters with the method disabled (no second copy
+    of the base); for a full fine-tune, or a method starting from trained weights (`init_from` an
+    adapter or a run of the method: TRL copies the adapter as its reference), a frozen copy of the
+    starting parameters, one extra parameter-sized buffer (the plan counts it)."""
+    from ftc.backends.jax.state.init_from import reference_copy_needed  # state imports train, which imports us
+
     t = spec.training
     options = {"loss_type": t.dpo_loss_type or "sigmoid", "label_smoothing": t.dpo_label_smoothing or 0.0}
-    # A method whose zeroed trainables compute its base needs no copy; a full fine-tune has none.
-    if not model.method.zero_is_base:
+    if reference_copy_needed(spec, model):
         return Built(objective(t.dpo_beta, **options), reference_copy=True)
     disabled = lambda params: methods.disabled_params(model, params)  # noqa: E731
     return Built(objective(t.dpo_beta, reference_params=disabled, **options))

@@ -222,8 +222,10 @@ def objective(
 def build(spec, model) -> Built:
     """GRPO for a run from the training.grpo_* keys. The reference policy (grpo_beta > 0) is the
     starting model: for lora / qlora / adapter the same parameters with the method disabled (no
-    second copy, rl/loop.py computes its log-probs once per rollout), for a full fine-tune a frozen
-    copy in the train state."""
+    second copy, rl/loop.py computes its log-probs once per rollout), for a full fine-tune or a
+    method starting from trained weights a frozen copy in the train state (dpo.build)."""
+    from ftc.backends.jax.state.init_from import reference_copy_needed  # state imports train, which imports us
+
     t = spec.training
     built = objective(
         loss_type=t.grpo_loss_type,
@@ -233,7 +235,7 @@ def build(spec, model) -> Built:
         max_completion_length=t.grpo_max_new_tokens,
         temperature=t.grpo_temperature,
     )
-    return Built(built, reference_copy=bool(t.grpo_beta) and not model.method.zero_is_base)
+    return Built(built, reference_copy=bool(t.grpo_beta) and reference_copy_needed(spec, model))
 
 
 def rollout(spec) -> RolloutShape:

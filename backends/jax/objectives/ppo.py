@@ -220,12 +220,14 @@ def objective(*, epsilon: float = 0.2, value_clip: float = 0.2, vf_coef: float =
 def build(spec, model) -> Built:
     """PPO for a run from the training.ppo_* keys. The reference policy (ppo_kl_coef > 0) is the
     starting model, as GRPO's: for lora / qlora / adapter the same parameters with the method
-    disabled, for a full fine-tune a frozen copy in the train state."""
+    disabled, for a full fine-tune or a method starting from trained weights a frozen copy."""
+    from ftc.backends.jax.state.init_from import reference_copy_needed  # state imports train, which imports us
+
     t = spec.training
     built = objective(
         epsilon=t.ppo_epsilon, value_clip=t.ppo_value_clip, vf_coef=t.ppo_vf_coef, temperature=t.ppo_temperature
     )
-    return Built(built, reference_copy=bool(t.ppo_kl_coef) and not model.method.zero_is_base)
+    return Built(built, reference_copy=bool(t.ppo_kl_coef) and reference_copy_needed(spec, model))
 
 
 def rollout(spec) -> RolloutShape:

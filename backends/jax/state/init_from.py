@@ -95,6 +95,29 @@ def resolve(spec, model_dir: str | os.PathLike | None, init_step: int | None = N
     return InitSource(UNKNOWN, init, base_dir)
 
 
+def starts_from_method_weights(spec) -> bool:
+    """Whether the run's method starts from trained weights of its own (a PEFT adapter, an adapter
+    export or one an export keeps beside its base, an earlier run of the same method) rather than
+    fresh ones: then zeroing them computes the base, not the starting model, and a reference
+    policy (DPO, GRPO's and PPO's KL) must be a copy of the starting parameters, as TRL's is."""
+    if not spec.model.init_from:
+        return False
+    source = resolve(spec, None)
+    if source.kind == RUN:
+        try:
+            earlier = json.loads((Path(source.path) / "spec.resolved.json").read_text())["method"]["kind"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # the run start reads its checkpoint and says what is wrong
+        return earlier == spec.method.kind
+    return source.method_dir is not None
+
+
+def reference_copy_needed(spec, model) -> bool:
+    """Whether a reference policy must be a frozen copy of the starting parameters: a full
+    fine-tune's, or a method's whose zeroed weights do not compute the starting model."""
+    return not model.method.zero_is_base or starts_from_method_weights(spec)
+
+
 def _nested_method_dir(path: Path) -> Path | None:
     """The method weights an HF export keeps beside its base (a record's `init_subdir`), if any."""
     for kind in method_registry.kinds():
