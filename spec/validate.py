@@ -15,7 +15,7 @@ import re
 import jsonschema
 import jsonschema.validators
 
-from ftc.spec import choices, local_files, rl, schema_walk, targets
+from ftc.spec import choices, local_files, rl, run_rules, schema_walk, targets
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean
@@ -49,7 +49,7 @@ def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     filled = fill_defaults(data)
     issues += applicability_issues(filled, where)
     issues += semantic_issues(filled, where)
-    for rules in (targets.issues, rl.issues):
+    for rules in (targets.issues, rl.issues, run_rules.issues):
         issues += [_issue(where, path, message, severity) for path, message, severity in rules(filled)]
     return filled, issues
 

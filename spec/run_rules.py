@@ -1,0 +1,73 @@
+"""Rules the JAX backend enforces only once a run is under way, checked at lint time too: `ftc run`
+reaches them after the weights load (minutes in), and a spec that lints clean should not fail there
+on a ground that no config.json or data file decides. Over a default-filled spec dict, (key path,
+message, severity) for each problem, as targets.py and rl.py give them.
+
+eval.samples   backends/jax/generate/in_run.py: samples are the first chat or completion rows of a
+               data.validation file (not a named source); a probe generates nothing
+eval.regex     backends/jax/generate/metrics.py compile_regex (also `ftc eval`'s default --regex)
+method.targets backends/jax/methods/lora_sites.py: an entry that is not a module name is a regex
+Never imports jax: `ftc lint` stays light.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ftc.spec.local_files import value_at
+from ftc.spec.paths import NAMED_DATA_PREFIXES
+
+GENERATION_FORMATS = ("chat", "completion")  # in_run.py: rows with a prompt and a reference answer
+RL_OBJECTIVES = ("grpo", "ppo")  # rl.py refuses eval.samples for these, with its own reason
+# lora_sites.py `_NAME`: an entry of these characters (or with '/' between them) is a module name.
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def issues(s: dict) -> list[tuple[tuple, str, str]]:
+    return [(path, message, "error") for path, message in (*_eval_problems(s), *_target_problems(s))]
+
+
+def _eval_problems(s: dict) -> list[tuple[tuple, str]]:
+    out = []
+    regex = value_at(s, ("eval", "regex"))
+    if isinstance(regex, str) and (why := _regex_problem(regex)):
+        out.append((("eval", "regex"), why))
+    n = value_at(s, ("eval", "samples"))
+    objective = value_at(s, ("training", "objective"))
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or objective in RL_OBJECTIVES:
+        return out
+    fmt, validation = value_at(s, ("data", "format")), value_at(s, ("data", "validation"))
+    if objective == "classify":
+        why = "training.objective 'classify' trains a probe, which generates no text; remove it"
+    elif fmt not in GENERATION_FORMATS:
+        why = f"data.format is {fmt!r} (samples need chat or completion rows); remove it"
+    elif not isinstance(validation, str):
+        why = "there is no data.validation file to take prompts from (a validation_split's rows are not kept)"
+    elif validation.startswith(NAMED_DATA_PREFIXES):
+        why = f"data.validation is a named source ({validation}); samples are read from JSONL files"
+    else:
+        return out
+    out.append((("eval", "samples"), why))
+    return out
+
+
+def _target_problems(s: dict) -> list[tuple[tuple, str]]:
+    targets = value_at(s, ("method", "targets"))
+    if not isinstance(targets, list):
+        return []
+    out = []
+    for i, target in enumerate(targets):
+        name = isinstance(target, str) and (
+            _TARGET_NAME.match(target) or ("/" in target and _TARGET_NAME.match(target.replace("/", "")))
+        )
+        if isinstance(target, str) and not name and (why := _regex_problem(target)):
+            out.append((("method", "targets", i), why))
+    return out
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return f"{pattern!r} is not a valid regular expression: {e}"
+    return None
