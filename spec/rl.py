@@ -30,7 +30,6 @@ OPTIONS = {
     "json": {"required_keys"},
     "model": {"path", "label", "text"},
 }
-MODEL_TEXTS = ("conversation", "completion")  # backends/jax/rl/reward_model.py: what a model reward scores
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 SHOWN_ROWS = 3  # rows without an answer named in the message
 RL_OBJECTIVES = ("grpo", "ppo")  # their keys: training.<objective>_*
@@ -87,17 +86,20 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         if isinstance(weight, (int, float)) and not isinstance(weight, bool) and FLOAT32_MAX < abs(weight) < math.inf:
             # rewards are float32 (rl/rewards.py): every weighted total would be inf, every advantage nan
             add((*at, "weight"), f"expected a number within float32's range (|w| <= 3.4e38), got {weight!r}")
+        # An option of the wrong type is the schema's to report (once); these rules see the rest.
         if kind == "regex":
-            if not isinstance(r.get("pattern"), str):
+            if r.get("pattern") is None:
                 add((*at, "pattern"), "a regex reward needs a pattern (a string)")
-            else:
+            elif isinstance(r["pattern"], str):
                 try:
                     re.compile(r["pattern"])
                 except re.error as e:
                     add((*at, "pattern"), f"not a valid regular expression: {e}")
         if kind == "length":
             lo, hi = r.get("min_tokens", 0), r.get("max_tokens")
-            if not isinstance(hi, int) or lo > hi:
+            if hi is None:
+                add((*at, "max_tokens"), "a length reward needs min_tokens <= max_tokens; max_tokens is missing")
+            elif _is_int(lo) and _is_int(hi) and lo > hi:
                 add((*at, "max_tokens"), f"a length reward needs min_tokens <= max_tokens, got {lo}, {hi}")
         if kind == "model":
             for key, message in model_reward_problems(r):
@@ -110,6 +112,10 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     if dup:
         add((p + "rewards",), f"two rewards are named {dup!r}; give each a distinct `name`")
     return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _answer_problem(s: dict) -> str | None:
@@ -185,11 +191,11 @@ def label_index(config: dict, label) -> int:
 def model_reward_problems(r: dict) -> list[tuple[str, str]]:
     """(option, message) for a `model` reward whose directory cannot be scored with (no jax)."""
     path = r.get("path")
-    if not isinstance(path, str) or not path.strip():
+    if path is None or isinstance(path, str) and path and not path.strip():
         return [("path", "a model reward needs path: a local *ForSequenceClassification directory")]
+    if not isinstance(path, str) or not path:
+        return []  # a path of the wrong type, or empty: the schema says so (as it does of a bad `text`)
     out = []
-    if r.get("text", "conversation") not in MODEL_TEXTS:
-        out.append(("text", f"expected one of {', '.join(MODEL_TEXTS)}, got {r.get('text')!r}"))
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         return out + [("path", f"no such directory: {path}")]

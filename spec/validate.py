@@ -73,8 +73,12 @@ def _validator():
 
 def schema_issues(data: dict, where: Where) -> list[SpecIssue]:
     issues = []
-    for error in _validator().iter_errors(data):
-        issues += _convert(error, tuple(error.absolute_path), where)
+    errors = list(_validator().iter_errors(data))
+    # A value outside an enum is one line, the one naming the choices, even when its type is wrong too.
+    listed = {tuple(e.absolute_path) for e in errors if e.validator in ("enum", "const")}
+    for error in errors:
+        if error.validator != "type" or tuple(error.absolute_path) not in listed:
+            issues += _convert(error, tuple(error.absolute_path), where)
     return issues + _non_finite_issues(data, (), where)
 
 
