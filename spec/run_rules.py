@@ -7,6 +7,7 @@ eval.samples   backends/jax/generate/in_run.py: samples are the first chat or co
                data.validation file (not a named source); a probe generates nothing
 eval.regex     backends/jax/generate/metrics.py compile_regex (also `ftc eval`'s default --regex)
 method.targets backends/jax/methods/lora_sites.py: an entry that is not a module name is a regex
+data sources   backends/jax/data/sources/{hf_datasets,tfds}.py `parse`: the form of hf: and tfds: names
 Never imports jax: `ftc lint` stays light.
 """
 
@@ -24,7 +25,8 @@ _TARGET_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 def issues(s: dict) -> list[tuple[tuple, str, str]]:
-    return [(path, message, "error") for path, message in (*_eval_problems(s), *_target_problems(s))]
+    problems = (*_eval_problems(s), *_target_problems(s), *_source_problems(s))
+    return [(path, message, "error") for path, message in problems]
 
 
 def _eval_problems(s: dict) -> list[tuple[tuple, str]]:
@@ -63,6 +65,27 @@ def _target_problems(s: dict) -> list[tuple[tuple, str]]:
         if isinstance(target, str) and not name and (why := _regex_problem(target)):
             out.append((("method", "targets", i), why))
     return out
+
+
+def _source_problems(s: dict) -> list[tuple[tuple, str]]:
+    train = value_at(s, ("data", "train"))
+    sources = [(("data", "train"), train)] if isinstance(train, str) else []
+    sources += [(("data", "train", i), x) for i, x in enumerate(train)] if isinstance(train, list) else []
+    sources.append((("data", "validation"), value_at(s, ("data", "validation"))))
+    return [(path, why) for path, x in sources if isinstance(x, str) and (why := named_source_problem(x))]
+
+
+def named_source_problem(source: str) -> str | None:
+    """Why a named data source is malformed, by the rules of the backend's `parse` functions, or None."""
+    if source.startswith("hf:"):
+        parts = source[len("hf:") :].split(":")
+        if not parts[0] or len(parts) > 3 or not all(parts):
+            return f"{source!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT"
+    elif source.startswith("tfds:"):
+        name, sep, split = source[len("tfds:") :].rpartition(":")
+        if not sep or not name or not split:
+            return f"{source!r}: expected tfds:name/config:split (or tfds:name:split)"
+    return None
 
 
 def _regex_problem(pattern: str) -> str | None:

@@ -34,3 +34,21 @@ def test_the_rules_name_what_the_backend_reads():
 
     assert run_rules._TARGET_NAME.pattern == lora_sites._NAME.pattern
     assert set(NAMED_DATA_PREFIXES) == set(sources.prefixes())
+
+
+SOURCES = ["hf:", "hf:a", "hf:a:b", "hf:a:b:c", "hf:a:b:c:d", "hf::b", "hf:a::c", "hf:a:", "tfds:", "tfds:a",
+           "tfds:a:b", "tfds:a/b:c", "tfds::b", "tfds:a:", "tfds:a/b/c:d:e"]  # fmt: skip
+
+
+def test_a_malformed_named_source_is_refused_by_lint_as_by_the_reader():
+    from ftc.backends.jax.data.read import DataError
+    from ftc.backends.jax.data.sources import hf_datasets, tfds
+
+    for source in SOURCES:
+        reader = hf_datasets if source.startswith("hf:") else tfds
+        try:
+            reader.parse(source)
+            readable = True
+        except DataError:
+            readable = False
+        assert (run_rules.named_source_problem(source) is None) == readable, source
