@@ -6,7 +6,8 @@ message, severity) for each problem, as targets.py and rl.py give them.
 eval.samples   backends/jax/generate/in_run.py: samples are the first chat or completion rows of a
                data.validation file (not a named source); a probe generates nothing
 eval.regex     backends/jax/generate/metrics.py compile_regex (also `ftc eval`'s default --regex)
-method.targets backends/jax/methods/lora_sites.py: an entry that is not a module name is a regex
+method.targets backends/jax/methods/lora_sites.py: an entry that is not a module name is a regex;
+               "all-linear" stands alone
 data sources   backends/jax/data/sources/{hf_datasets,tfds}.py `parse`: the form of hf: and tfds: names
 Never imports jax: `ftc lint` stays light.
 """
@@ -59,6 +60,8 @@ def _target_problems(s: dict) -> list[tuple[tuple, str]]:
         return []
     out = []
     for i, target in enumerate(targets):
+        if target == "all-linear" and len(targets) > 1:  # select_targets: the whole set or a choice, not both
+            out.append((("method", "targets", i), '"all-linear" must be given alone, not beside other targets'))
         name = isinstance(target, str) and (
             _TARGET_NAME.match(target) or ("/" in target and _TARGET_NAME.match(target.replace("/", "")))
         )
