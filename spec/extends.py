@@ -47,7 +47,8 @@ def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -
     here = os.path.abspath(name)
     data, locs, files = {}, {}, []
     for path, base in _bases(doc, issues):
-        base_name = os.path.normpath(os.path.join(os.path.dirname(name), base))
+        # "~/specs/base.toml" is the home directory's, as a path-valued key's "~" is (paths.py).
+        base_name = os.path.normpath(os.path.join(os.path.dirname(name), os.path.expanduser(base)))
         line, col = doc.where(path)
         key = format_key_path(path)
         target = os.path.abspath(base_name)

@@ -101,3 +101,10 @@ def test_an_extends_list_entry_that_is_missing_is_located_by_index(tree):
     [issue] = lint_file(tree / "team" / "child.toml")
     assert (issue.line, issue.col, issue.key_path) == (4, 3, "extends[1]")
     assert "not found" in issue.message
+
+
+def test_extends_expands_a_leading_tilde_like_the_spec_paths(tree, monkeypatch):
+    monkeypatch.setenv("HOME", str(tree / "shared"))
+    (tree / "team" / "child.toml").write_text('extends = "~/base.toml"\nname = "child"\n')
+    spec = load_spec(tree / "team" / "child.toml")
+    assert spec.model.max_seq_len == 1024 and spec.data.train == str(tree / "shared" / "data" / "train.jsonl")
