@@ -17,6 +17,11 @@ SUFFIXES = (".toml", ".json")
 MAX_DEPTH = 64
 # Python refuses to read integers longer than this (int_max_str_digits); no spec value comes near.
 _LONG_INTEGER = re.compile(r"[-+]?[0-9][0-9_]{4299,}")
+_QUOTES = "\"'"
+_PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_DOTTED = rf"({_PART}(?:\s*\.\s*{_PART})*)"
+_HEADER = re.compile(rf"\[\[?\s*{_DOTTED}\s*\]")  # a TOML table header, or a key before its '='
+_KEY = re.compile(rf"{_DOTTED}\s*=")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
 
 
@@ -123,8 +128,24 @@ def _parse_toml(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
             line = text.count("\n") + 1
             col = len(text) - text.rfind("\n")
         message = _TOML_AT.sub("", message)
+        if message == "Cannot overwrite a value":
+            message += _set_twice(text, line)
         return None, [SpecIssue(name, line, col, "", f"invalid TOML: {message}")]
     return Document(name, data, _positions.toml_positions(text)), []
+
+
+def _set_twice(text: str, line: int) -> str:
+    """Which key tomllib's "Cannot overwrite a value" is about (it names none): the key or table
+    header of the statement it stopped at, the last one in the file when it reports the end."""
+    lines = text.splitlines()[:line]
+    statements = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    if not statements:
+        return ""
+    m = _HEADER.match(statements[-1]) or _KEY.match(statements[-1])
+    if not m:
+        return ""
+    key = m.group(1)
+    return f": {key if key[0] in _QUOTES else repr(key)} is set twice"
 
 
 def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]:
