@@ -18,7 +18,7 @@ import jsonschema.validators
 from ftc.spec import choices, local_files, rl, run_rules, schema_walk, targets
 from ftc.spec.errors import SpecIssue, format_key_path
 from ftc.spec.local_files import value_at as _get
-from ftc.spec.overrides import did_you_mean
+from ftc.spec.overrides import did_you_mean, home_hint
 
 MAX_INT32 = 2**31 - 1
 
@@ -215,9 +215,9 @@ def _hint(path: tuple, key: str, known: list) -> str:
     hint = did_you_mean(key, known)
     if hint:
         return hint
-    homes = [p for p, node in schema_walk.object_paths().items() if key in node.get("properties", {}) and p != path]
-    if len(homes) == 1 and homes[0]:
-        return f"; it belongs in [{format_key_path(homes[0])}]"
+    home = home_hint(key, path)
+    if home:
+        return home
     if len(known) <= 12:
         return f"; expected one of {', '.join(known)}"
     return ""

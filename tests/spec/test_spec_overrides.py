@@ -47,6 +47,8 @@ def test_an_override_replaces_a_value_from_the_file_and_paths_are_relative_to_th
     [
         ("training.lerning_rate=1e-4", "training.lerning_rate", "did you mean 'learning_rate'"),
         ("trainig.epochs=2", "trainig.epochs", "did you mean 'training'"),
+        # as in a file: a key of another table says which (--set training.schedule.warmup_ratio=...)
+        ("training.warmup_ratio=0.1", "training.warmup_ratio", "it belongs in [training.schedule]"),
         ("training.steps=ten", "training.steps", "expected an integer, got 'ten'"),
         ("training.learning_rate=fast", "training.learning_rate", "expected a number, got 'fast'"),
         ("data.packing=maybe", "data.packing", "expected true or false, got 'maybe'"),
