@@ -9,24 +9,33 @@ eval.regex     backends/jax/generate/metrics.py compile_regex (also `ftc eval`'s
 method.targets backends/jax/methods/lora_sites.py: an entry that is not a module name is a regex;
                "all-linear" stands alone
 data sources   backends/jax/data/sources/{hf_datasets,tfds}.py `parse`: the form of hf: and tfds: names
+model paths    backends/jax/io/model_source.py: a file is a model (or tokenizer) only as a .gguf;
+               state/init_from.py: model.init_from is a directory
 Never imports jax: `ftc lint` stays light.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
-from ftc.spec.local_files import value_at
+from ftc.spec.local_files import shown_path, value_at
 from ftc.spec.paths import NAMED_DATA_PREFIXES
 
 GENERATION_FORMATS = ("chat", "completion")  # in_run.py: rows with a prompt and a reference answer
+# model keys: the suffix a local file may have (None: no file will do), and what is expected
+MODEL_FILE_KEYS = {
+    "base": (".gguf", "a Hugging Face directory (config.json + *.safetensors) or a .gguf file"),
+    "tokenizer": (".gguf", "a directory with the tokenizer files or a .gguf file"),
+    "init_from": (None, "a directory: a run, an export or a Hugging Face directory"),
+}
 RL_OBJECTIVES = ("grpo", "ppo")  # rl.py refuses eval.samples for these, with its own reason
 # lora_sites.py `_NAME`: an entry of these characters (or with '/' between them) is a module name.
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 def issues(s: dict) -> list[tuple[tuple, str, str]]:
-    problems = (*_eval_problems(s), *_target_problems(s), *_source_problems(s))
+    problems = (*_eval_problems(s), *_target_problems(s), *_source_problems(s), *_model_file_problems(s))
     return [(path, message, "error") for path, message in problems]
 
 
@@ -89,6 +98,18 @@ def named_source_problem(source: str) -> str | None:
         if not sep or not name or not split:
             return f"{source!r}: expected tfds:name/config:split (or tfds:name:split)"
     return None
+
+
+def _model_file_problems(s: dict) -> list[tuple[tuple, str]]:
+    # A path that does not exist yet is local_files.py's warning; one that is a file of the wrong kind
+    # cannot become a model by waiting.
+    out = []
+    for key, (suffix, expected) in MODEL_FILE_KEYS.items():
+        value = value_at(s, ("model", key))
+        if isinstance(value, str) and os.path.isabs(value) and os.path.isfile(value):
+            if not (suffix and value.lower().endswith(suffix)):
+                out.append((("model", key), f"{shown_path(value)} is a file; expected {expected}"))
+    return out
 
 
 def _regex_problem(pattern: str) -> str | None:

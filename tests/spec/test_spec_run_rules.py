@@ -52,3 +52,22 @@ def test_a_malformed_named_source_is_refused_by_lint_as_by_the_reader():
         except DataError:
             readable = False
         assert (run_rules.named_source_problem(source) is None) == readable, source
+
+
+def test_a_model_path_that_is_a_file_of_the_wrong_kind_is_an_error(tmp_path):
+    """A path not there yet is a warning (the model may land later); a file that is not a .gguf
+    never loads (model_source.py), and model.init_from is always a directory (init_from.py)."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    spec = tmp_path / "spec.toml"
+    spec.write_text(
+        'name = "case"\n[model]\nbase = "config.json"\ntokenizer = "model.gguf"\ninit_from = "model.gguf"\n'
+        '[data]\nformat = "chat"\ntrain = "tfds:chat/default:train"\n'
+    )
+    errors = {i.key_path: i.message for i in lint_file(spec) if i.severity == "error"}
+    assert errors == {
+        "model.base": f"{tmp_path / 'config.json'} is a file; expected a Hugging Face directory "
+        "(config.json + *.safetensors) or a .gguf file",
+        "model.init_from": f"{tmp_path / 'model.gguf'} is a file; expected a directory: a run, an export or a "
+        "Hugging Face directory",
+    }
