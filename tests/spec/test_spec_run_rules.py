@@ -30,10 +30,13 @@ def test_eval_samples_from_a_local_chat_file_and_valid_regexes_lint_clean(tmp_pa
 
 def test_the_rules_name_what_the_backend_reads():
     from ftc.backends.jax.data import sources
+    from ftc.backends.jax.data.sources import hf_datasets
     from ftc.backends.jax.methods import lora_sites
+    from ftc.spec import local_files
 
     assert run_rules._TARGET_NAME.pattern == lora_sites._NAME.pattern
     assert set(NAMED_DATA_PREFIXES) == set(sources.prefixes())
+    assert local_files.SAVED_DATASET == hf_datasets.SAVED_FILES
 
 
 SOURCES = ["hf:", "hf:a", "hf:a:b", "hf:a:b:c", "hf:a:b:c:d", "hf::b", "hf:a::c", "hf:a:", "tfds:", "tfds:a",
