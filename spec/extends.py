@@ -16,6 +16,7 @@ from ftc.spec.load import SUFFIXES, Document, read_document
 from ftc.spec.paths import resolve_paths
 
 Loc = tuple  # (file name as shown, line, col)
+MAX_CHAIN = 64  # files in one extends chain, the spec itself included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,10 @@ def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -
         if target in stack + (here,):
             chain = " -> ".join(os.path.basename(f) for f in stack + (here, target))
             issues.append(SpecIssue(name, line, col, key, f"extends cycle: {chain}"))
+            continue
+        if len(stack) + 1 >= MAX_CHAIN:  # each level recurses here: Python's stack ends near 900 files
+            message = f"extends chains more than {MAX_CHAIN} files; a spec builds on a few"
+            issues.append(SpecIssue(name, line, col, key, message))
             continue
         if not os.path.isfile(target):
             what = "is a directory" if os.path.isdir(target) else "not found"

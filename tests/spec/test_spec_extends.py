@@ -108,3 +108,16 @@ def test_extends_expands_a_leading_tilde_like_the_spec_paths(tree, monkeypatch):
     (tree / "team" / "child.toml").write_text('extends = "~/base.toml"\nname = "child"\n')
     spec = load_spec(tree / "team" / "child.toml")
     assert spec.model.max_seq_len == 1024 and spec.data.train == str(tree / "shared" / "data" / "train.jsonl")
+
+
+def test_an_extends_chain_past_64_files_is_one_error_at_the_link_that_passes_it(tree):
+    """Each file of a chain is a level of recursion: about 970 files ended in a RecursionError
+    blamed on a file with nothing wrong in it ("cannot read it")."""
+    (tree / "chain").mkdir()
+    for n in range(80):
+        (tree / "chain" / f"c{n}.toml").write_text(f'extends = "c{n + 1}.toml"\n')
+    (tree / "chain" / "c80.toml").write_text('extends = "../shared/base.toml"\n')
+    [deep] = [i for i in lint_file(tree / "chain" / "c0.toml") if "extends" in i.message]
+    assert deep.file.endswith("c63.toml") and deep.key_path == "extends"
+    assert deep.message == "extends chains more than 64 files; a spec builds on a few"
+    assert load_spec(tree / "chain" / "c18.toml").name == "base"  # 63 files with the base: fine
