@@ -30,11 +30,22 @@ class Merged:
 def load_with_extends(name: str) -> Merged:
     """Read the spec at `name` (as the user named it) and everything it extends."""
     issues: list[SpecIssue] = []
-    data, locs, files = _load(name, (), issues)
+    data, locs, files = _load(name, (), issues, {})
     return Merged(data, locs, tuple(files), tuple(issues))
 
 
-def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -> tuple[dict, dict, list]:
+def _load(name: str, stack: tuple, issues: list, memo: dict, via: SpecIssue | None = None) -> tuple[dict, dict, list]:
+    """Each file is read and merged once per load (`memo`, by absolute path): bases shared by
+    several specs of a chain (diamonds) were read once per path to them, 2**n times for n levels of
+    two bases each (16 levels: 13 s). Nothing downstream mutates a merged result, so sharing is safe."""
+    here = os.path.abspath(name)
+    if here not in memo:
+        memo[here] = _read(name, stack, issues, memo, via)
+    data, locs, files = memo[here]
+    return data, locs, list(files)
+
+
+def _read(name: str, stack: tuple, issues: list, memo: dict, via: SpecIssue | None) -> tuple[dict, dict, list]:
     """`via`: where the spec that extends this one names it (an issue with no message yet)."""
     doc, doc_issues = read_document(name)
     issues.extend(doc_issues)
@@ -71,7 +82,7 @@ def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -
             issues.append(SpecIssue(name, line, col, key, message))
             continue
         via = SpecIssue(name, line, col, key, "")
-        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues, via)
+        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues, memo, via)
         data, locs = merge(data, locs, base_data, base_locs)
         files += [f for f in base_files if f not in files]
     own = {k: v for k, v in doc.data.items() if k != "extends"}
