@@ -22,6 +22,8 @@ _PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
 _DOTTED = rf"({_PART}(?:\s*\.\s*{_PART})*)"
 _HEADER = re.compile(rf"\[\[?\s*{_DOTTED}\s*\]")  # a TOML table header, or a key before its '='
 _KEY = re.compile(rf"{_DOTTED}\s*=")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_MESSAGE = "a \\u escape of half a surrogate pair (\\uD800-\\uDFFF alone), which is no character"
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
 
 
@@ -156,11 +158,31 @@ def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
     if not isinstance(data, dict):
         return None, [SpecIssue(name, 1, 1, "", f"a spec is a JSON object, not {type(data).__name__}")]
     positions, problems = _positions.json_positions(text)
+    bad = _surrogate_path(data)
+    if bad is not None:  # the key path is not shown: it may hold the surrogate itself
+        line, col = Document(name, data, positions).where(bad)
+        return None, [SpecIssue(name, line, col, "", f"invalid JSON: {_SURROGATE_MESSAGE}")]
     issues = [
         SpecIssue(name, line, col, format_key_path(path), f"invalid JSON: {problem}")
         for path, (line, col), problem in problems
     ]
     return Document(name, data, positions), issues
+
+
+def _surrogate_path(value, path: tuple = ()) -> tuple | None:
+    """The key path of the first string (or key) holding a lone UTF-16 surrogate, or None. JSON's
+    \\uD800 escapes decode to one; no UTF-8 text holds it, so printing it (a message quoting a path
+    or a key) raised UnicodeEncodeError. TOML refuses such escapes itself."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path + (key,)
+        found = _surrogate_path(child, path + (key,))
+        if found is not None:
+            return found
+    return None
 
 
 def text_line_of_offset(data: bytes, offset: int) -> int:

@@ -11,6 +11,7 @@ method.targets backends/jax/methods/lora_sites.py: an entry that is not a module
 data sources   backends/jax/data/sources/{hf_datasets,tfds}.py `parse`: the form of hf: and tfds: names
 model paths    backends/jax/io/model_source.py: a file is a model (or tokenizer) only as a .gguf;
                state/init_from.py: model.init_from is a directory
+any path       no file name holds a NUL character (open() raises "embedded null byte")
 Never imports jax: `ftc lint` stays light.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 
+from ftc.spec import schema_walk
 from ftc.spec.local_files import shown_path, value_at
 from ftc.spec.paths import NAMED_DATA_PREFIXES
 
@@ -29,13 +31,20 @@ MODEL_FILE_KEYS = {
     "tokenizer": (".gguf", "a directory with the tokenizer files or a .gguf file"),
     "init_from": (None, "a directory: a run, an export or a Hugging Face directory"),
 }
+NUL_MESSAGE = "a path cannot hold a NUL character (\\0)"  # validate.py drops other lines on such a key
 RL_OBJECTIVES = ("grpo", "ppo")  # rl.py refuses eval.samples for these, with its own reason
 # lora_sites.py `_NAME`: an entry of these characters (or with '/' between them) is a module name.
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 def issues(s: dict) -> list[tuple[tuple, str, str]]:
-    problems = (*_eval_problems(s), *_target_problems(s), *_source_problems(s), *_model_file_problems(s))
+    problems = (
+        *_eval_problems(s),
+        *_target_problems(s),
+        *_source_problems(s),
+        *_model_file_problems(s),
+        *_nul_in_paths(s),
+    )
     return [(path, message, "error") for path, message in problems]
 
 
@@ -110,6 +119,20 @@ def _model_file_problems(s: dict) -> list[tuple[tuple, str]]:
             if not (suffix and value.lower().endswith(suffix)):
                 out.append((("model", key), f"{shown_path(value)} is a file; expected {expected}"))
     return out
+
+
+def _nul_in_paths(value, path: tuple = ()) -> list[tuple[tuple, str]]:
+    if isinstance(value, str):
+        if "\0" not in value:
+            return []
+        # a list of paths (data.train) has the annotation on the list, not on its items
+        nodes = (
+            schema_walk.node_at(path),
+            schema_walk.node_at(path[:-1]) if path and isinstance(path[-1], int) else None,
+        )
+        return [(path, NUL_MESSAGE)] if any(n and n.get("x-ftc-path") for n in nodes) else []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return [p for key, child in items for p in _nul_in_paths(child, path + (key,))]
 
 
 def _regex_problem(pattern: str) -> str | None:

@@ -51,7 +51,9 @@ def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     issues += semantic_issues(filled, where)
     for rules in (targets.issues, rl.issues, run_rules.issues):
         issues += [_issue(where, path, message, severity) for path, message, severity in rules(filled)]
-    return filled, issues
+    # A path with a NUL in it is that one line: the others ("not found: ...") would print the NUL.
+    nul = {i.key_path for i in issues if i.message == run_rules.NUL_MESSAGE}
+    return filled, [i for i in issues if i.key_path not in nul or i.message == run_rules.NUL_MESSAGE]
 
 
 # ---- schema -------------------------------------------------------------------------------
