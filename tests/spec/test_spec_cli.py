@@ -128,6 +128,19 @@ def test_init_checks_the_name_and_makes_missing_folders(tmp_path):
     assert result.exit_code == 0 and 'name = "support-bot"' in (tmp_path / "specs" / "Support Bot.toml").read_text()
 
 
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_init_writes_any_base_as_a_string_that_reads_back(tmp_path, suffix):
+    """--base went into the template between quotes as written: a quote or a backslash (a Windows path)
+    made a starter that did not parse ('does not lint clean'; for .json an internal error)."""
+    from ftc.spec import load_spec
+
+    for base in ('my "models"/x', "C:\\models\\tiny", "ünï\x7f\tx"):
+        path = tmp_path / f"s{suffix}"
+        result = CliRunner().invoke(main, ["init", str(path), "--base", base, "--force"])
+        assert result.exit_code == 0, result.output
+        assert load_spec(path).model.base == str(tmp_path / base)
+
+
 def test_starter_name_pattern_is_the_schemas():
     from ftc.schemas import load_schema
     from ftc.spec.starter import NAME_PATTERN
