@@ -99,7 +99,7 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
             lo, hi = r.get("min_tokens", 0), r.get("max_tokens")
             if hi is None:
                 add((*at, "max_tokens"), "a length reward needs min_tokens <= max_tokens; max_tokens is missing")
-            elif _is_int(lo) and _is_int(hi) and lo > hi:
+            elif _is_number(lo) and _is_number(hi) and lo > hi:
                 add((*at, "max_tokens"), f"a length reward needs min_tokens <= max_tokens, got {lo}, {hi}")
         if kind == "model":
             for key, message in model_reward_problems(r):
@@ -114,8 +114,8 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     return out
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # 3.0 is an integer to the schema
 
 
 def _answer_problem(s: dict) -> str | None:
