@@ -55,7 +55,7 @@ def _eval_problems(s: dict) -> list[tuple[tuple, str]]:
         out.append((("eval", "regex"), why))
     n = value_at(s, ("eval", "samples"))
     objective = value_at(s, ("training", "objective"))
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0 or objective in RL_OBJECTIVES:
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0 or objective in RL_OBJECTIVES:  # 2.0 is 2
         return out
     fmt, validation = value_at(s, ("data", "format")), value_at(s, ("data", "validation"))
     if objective == "classify":
