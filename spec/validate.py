@@ -46,7 +46,7 @@ Where = Locator  # what the check functions take
 def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     """All issues in `data`, and `data` with defaults filled (meaningful only without errors)."""
     issues = schema_issues(data, where)
-    filled = fill_defaults(data)
+    filled = fill_defaults(schema_walk.integral_ints(data))
     issues += applicability_issues(filled, where)
     issues += semantic_issues(filled, where)
     for rules in (targets.issues, rl.issues, run_rules.issues):
