@@ -97,6 +97,12 @@ def _typed(node: dict, raw: str) -> tuple[object, str | None]:
             return int(raw), None
         except ValueError:
             pass
+        try:  # 8.0 and 1e3 are integers to the schema, in a file as here
+            value = float(raw)
+            if value.is_integer() and "number" not in types:
+                return int(value), None
+        except (ValueError, OverflowError):
+            pass
     if "number" in types:
         try:
             value = float(raw)

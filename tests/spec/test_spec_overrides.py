@@ -34,6 +34,15 @@ def test_values_are_typed_by_the_schema(spec_file):
     assert spec.name == "renamed" and spec.mesh.fsdp == -1
 
 
+def test_an_integral_float_is_an_integer_as_in_a_file(spec_file):
+    """batch_size = 8.0 in a file is 8; --set training.batch_size=8.0 was 'expected an integer'."""
+    spec = load_spec(spec_file, overrides=["training.batch_size=1e3", "training.micro_batch_size=8.0"])
+    assert (spec.training.batch_size, spec.training.micro_batch_size) == (1000, 8)
+    assert type(spec.training.batch_size) is int
+    [issue] = lint_file(spec_file, overrides=["training.steps=2.5"])
+    assert "expected an integer, got '2.5'" in issue.message
+
+
 def test_an_override_replaces_a_value_from_the_file_and_paths_are_relative_to_the_cwd(spec_file, tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
