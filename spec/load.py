@@ -60,8 +60,12 @@ def read_document(name: str) -> tuple[Document | None, list[SpecIssue]]:
     except IsADirectoryError:
         return None, [SpecIssue(name, 0, 0, "", "is a directory, not a spec file")]
     except UnicodeDecodeError as e:
-        line = text_line_of_offset(open(name, "rb").read(), e.start)
-        return None, [SpecIssue(name, line, 1, "", f"not UTF-8 text: {e.reason}")]
+        data = open(name, "rb").read()
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows tools write as "Unicode"
+            return None, [
+                SpecIssue(name, 1, 1, "", "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+            ]
+        return None, [SpecIssue(name, text_line_of_offset(data, e.start), 1, "", f"not UTF-8 text: {e.reason}")]
     except OSError as e:
         return None, [SpecIssue(name, 0, 0, "", f"cannot read: {e.strerror}")]
     return parse_text(name, text, suffix)
