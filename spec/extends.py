@@ -100,8 +100,12 @@ def _bases(doc: Document, issues: list) -> list[tuple[tuple, str]]:
         return []
     if isinstance(value, str) and value:
         return [(("extends",), value)]
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return [(("extends", i), v) for i, v in enumerate(value)]
+    if isinstance(value, list) and value:
+        for i, v in enumerate(value):  # a bad entry is its own error; the others still load
+            if not (isinstance(v, str) and v):
+                line, col = doc.where(("extends", i))
+                issues.append(SpecIssue(doc.name, line, col, f"extends[{i}]", f"expected a file path, got {v!r}"))
+        return [(("extends", i), v) for i, v in enumerate(value) if isinstance(v, str) and v]
     line, col = doc.where(("extends",))
     issues.append(
         SpecIssue(

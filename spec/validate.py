@@ -21,6 +21,11 @@ from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean, home_hint
 
 MAX_INT32 = 2**31 - 1
+MISSING = "required key {!r} is missing"
+
+
+def is_missing_key(issue: SpecIssue) -> bool:
+    return issue.message.startswith("required key ") and issue.message.endswith(" is missing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +112,7 @@ def _convert(error, path: tuple, where: Where) -> list[SpecIssue]:
             if key not in node.get("properties", {})
         ]
     if kind == "required":
-        return [
-            _issue(where, path + (key,), f"required key {key!r} is missing") for key in expected if key not in value
-        ]
+        return [_issue(where, path + (key,), MISSING.format(key)) for key in expected if key not in value]
     if kind == "not" and "required" in expected:
         first, second = expected["required"]
         return [_issue(where, path + (second,), f"set either {first!r} or {second!r}, not both")]
