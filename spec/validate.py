@@ -79,14 +79,17 @@ def _validator():
 
 
 def schema_issues(data: dict, where: Where) -> list[SpecIssue]:
-    issues = []
+    issues = _non_finite_issues(data, (), where)
     errors = list(_validator().iter_errors(data))
-    # A value outside an enum is one line, the one naming the choices, even when its type is wrong too.
+    # One line per value: an infinite one is "expected a finite number" (not also its type and
+    # bounds), and one outside an enum the line naming the choices (not also its type).
+    infinite = {i.key_path for i in issues}
     listed = {tuple(e.absolute_path) for e in errors if e.validator in ("enum", "const")}
     for error in errors:
-        if error.validator != "type" or tuple(error.absolute_path) not in listed:
-            issues += _convert(error, tuple(error.absolute_path), where)
-    return issues + _non_finite_issues(data, (), where)
+        path = tuple(error.absolute_path)
+        if format_key_path(path) not in infinite and (error.validator != "type" or path not in listed):
+            issues += _convert(error, path, where)
+    return issues
 
 
 def _non_finite_issues(value, path: tuple, where: Where) -> list[SpecIssue]:
