@@ -49,3 +49,8 @@ def format_key_path(path: Sequence[str | int]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+def under(issue: SpecIssue, key_paths) -> bool:
+    """Whether `issue` is about one of `key_paths` or a key inside one."""
+    return any(issue.key_path == p or issue.key_path.startswith((p + ".", p + "[")) for p in key_paths)

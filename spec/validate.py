@@ -16,7 +16,7 @@ import jsonschema
 import jsonschema.validators
 
 from ftc.spec import choices, local_files, rl, run_rules, schema_walk, targets
-from ftc.spec.errors import SpecIssue, format_key_path
+from ftc.spec.errors import SpecIssue, format_key_path, under
 from ftc.spec.local_files import value_at as _get
 from ftc.spec.overrides import did_you_mean, home_hint
 
@@ -50,15 +50,20 @@ Where = Locator  # what the check functions take
 
 def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     """All issues in `data`, and `data` with defaults filled (meaningful only without errors)."""
-    issues = schema_issues(data, where)
+    schema = schema_issues(data, where)
     filled = fill_defaults(schema_walk.integral_ints(data))
-    issues += applicability_issues(filled, where)
-    issues += semantic_issues(filled, where)
-    for rules in (targets.issues, rl.issues, run_rules.issues):
-        issues += [_issue(where, path, message, severity) for path, message, severity in rules(filled)]
-    # A path with a NUL in it is that one line: the others ("not found: ...") would print the NUL.
-    nul = {i.key_path for i in issues if i.message == run_rules.NUL_MESSAGE}
-    return filled, [i for i in issues if i.key_path not in nul or i.message == run_rules.NUL_MESSAGE]
+    applies = applicability_issues(filled, where)
+    rules = semantic_issues(filled, where)
+    for rule_set in (targets.issues, rl.issues, run_rules.issues):
+        rules += [_issue(where, path, message, severity) for path, message, severity in rule_set(filled)]
+    # One line per key: "applies only when ...; remove it" over what is wrong with its value, the
+    # schema's line over a rule's (which ran on a value the schema refuses), and a path with a NUL
+    # that line alone (the others, "not found: ...", would print the NUL).
+    nul = [i for i in rules if i.message == run_rules.NUL_MESSAGE]
+    drop = {i.key_path for i in applies + nul}
+    schema = [i for i in schema if not under(i, drop)]
+    rules = [i for i in rules if i in nul or not under(i, drop | {i.key_path for i in schema})]
+    return filled, schema + applies + rules
 
 
 # ---- schema -------------------------------------------------------------------------------
