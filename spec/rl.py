@@ -70,6 +70,7 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     if isinstance(new, int) and isinstance(seq, int) and new >= seq:
         add((p + "max_new_tokens",), f"{new} new tokens leave no room for a prompt in model.max_seq_len ({seq})")
     rewards = t.get(p + "rewards") or []
+    rewards = rewards if isinstance(rewards, list) else []  # another type: the schema's to report
     if not rewards:
         example = '[{kind = "numeric"}]'
         add((p + "rewards",), f"{objective.upper()} needs at least one reward, e.g. {example} (rewards are data)")

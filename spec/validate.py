@@ -87,12 +87,15 @@ def schema_issues(data: dict, where: Where) -> list[SpecIssue]:
     issues = _non_finite_issues(data, (), where)
     errors = list(_validator().iter_errors(data))
     # One line per value: an infinite one is "expected a finite number" (not also its type and
-    # bounds), and one outside an enum the line naming the choices (not also its type).
+    # bounds); one outside an enum the line naming the choices (not also its type); one of the wrong
+    # type that line (not also a bound: grpo_group_size = 1.5 is not also "must be >= 2").
     infinite = {i.key_path for i in issues}
     listed = {tuple(e.absolute_path) for e in errors if e.validator in ("enum", "const")}
+    typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
     for error in errors:
         path = tuple(error.absolute_path)
-        if format_key_path(path) not in infinite and (error.validator != "type" or path not in listed):
+        first = ("enum", "const") if path in listed else ("type",) if path in typed else None
+        if format_key_path(path) not in infinite and (first is None or error.validator in first):
             issues += _convert(error, path, where)
     return issues
 
