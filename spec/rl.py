@@ -76,10 +76,10 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         add((p + "rewards",), f"{objective.upper()} needs at least one reward, e.g. {example} (rewards are data)")
     labels = []
     for i, r in enumerate(rewards):
-        if not isinstance(r, dict):
-            continue
+        if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
+            continue  # not a table, or a kind that is no string: the schema's to report
         kind, at = r.get("kind"), (p + "rewards", i)
-        labels.append(r.get("name") or kind)
+        labels.append(r.get("name") if isinstance(r.get("name"), str) and r.get("name") else kind)
         extra = sorted(set(r) - {"kind", "weight", "name"} - OPTIONS.get(kind, set()))
         if extra:
             add((*at, extra[0]), f"not an option of a {kind!r} reward")
