@@ -189,3 +189,15 @@ def test_every_help_fits_80_columns_with_no_word_broken():
         texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
         broken = [word for text in texts for word in text.split() if word not in flat and word != "\b"]
         assert not broken, (path, broken)
+
+
+def test_each_issue_is_one_line_even_when_the_spec_quotes_a_newline(tmp_path):
+    """A key or a path holding a newline was printed raw, splitting its issue over two lines."""
+    spec = tmp_path / "nl.toml"
+    spec.write_text('"a\\nb" = 1\nname = "t"\n[model]\nbase = """./x\ny"""\n')
+    spec.write_text(spec.read_text() + '[data]\nformat = "chat"\ntrain = "t.jsonl"\n')
+    result = CliRunner().invoke(main, ["lint", str(spec)])
+    assert result.exit_code == 1
+    *issues, summary = result.output.splitlines()
+    assert len(issues) == 3 and all(line.startswith(f"{spec}:") for line in issues), result.output
+    assert "a\\nb: unknown key" in result.output and "not found: " in result.output and "x\\ny" in result.output
