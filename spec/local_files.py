@@ -50,7 +50,8 @@ def missing(s: dict) -> list[tuple[tuple, str]]:
     for path, value in sources:
         if not value.strip() or value.startswith(NAMED_DATA_PREFIXES):  # empty: the schema says so
             continue
-        if glob.has_magic(value) and not glob.glob(value):
+        # as data/sources/__init__.py `resolve` reads a glob: recursive ("**"), files and datasets only
+        if glob.has_magic(value) and not any(map(_readable, glob.glob(value, recursive=True))):
             problems.append((path, f"no file matches {shown_path(value)}"))
         elif not glob.has_magic(value) and not os.path.exists(value):
             problems.append((path, f"file not found: {shown_path(value)}"))
@@ -71,6 +72,10 @@ def missing(s: dict) -> list[tuple[tuple, str]]:
         if problem:
             problems.append((("model", key), problem))
     return problems
+
+
+def _readable(path: str) -> bool:
+    return os.path.isfile(path) or all(os.path.isfile(os.path.join(path, f)) for f in SAVED_DATASET)
 
 
 def hf_hub_cache() -> str:

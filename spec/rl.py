@@ -128,7 +128,7 @@ def _answer_problem(s: dict) -> str | None:
     sources = [train] if isinstance(train, str) else [x for x in train or () if isinstance(x, str)]
     missing = []
     for source in sources:
-        for path in sorted(glob.glob(source)) if source.endswith((".jsonl", ".json")) else ():
+        for path in sorted(glob.glob(source, recursive=True)) if source.endswith((".jsonl", ".json")) else ():
             missing += _rows_without_answer(path)
     if not missing:
         return None

@@ -246,3 +246,15 @@ def test_wrong_values_anywhere_give_spec_errors_never_a_crash():
             spec_from_dict(data)
         except SpecError as e:
             assert e.issues and all(i.message for i in e.issues)
+
+
+def test_a_data_glob_is_matched_as_the_reader_matches_it(tmp_path):
+    """Recursively ("**" found nested files the lint said were not there) and against files and
+    datasets only (a glob matching only directories linted clean; the reader found nothing)."""
+    (tmp_path / "rows" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "rows" / "a" / "b" / "x.jsonl").write_text("{}\n")
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "x"\n[model]\nbase = "o/m"\n[data]\nformat = "text"\ntrain = "rows/**/*.jsonl"\n')
+    assert lint_file(spec) == []
+    [warning] = lint_file(spec, overrides=[f"data.train={tmp_path / 'row*'}"])
+    assert warning.severity == "warning" and "no file matches" in warning.message
