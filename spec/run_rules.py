@@ -12,6 +12,8 @@ data sources   backends/jax/data/sources/{hf_datasets,tfds}.py `parse`: the form
 model paths    backends/jax/io/model_source.py: a file is a model (or tokenizer) only as a .gguf;
                state/init_from.py: model.init_from is a directory
 any path       no file name holds a NUL character (open() raises "embedded null byte")
+data.clean     backends/jax/data/clean.py, formats/chat.py: a chat row is trained on for its assistant
+               turns, so roles without "assistant" leave no row (found only once the data is read)
 Never imports jax: `ftc lint` stays light.
 """
 
@@ -32,6 +34,7 @@ MODEL_FILE_KEYS = {
     "init_from": (None, "a directory: a run, an export or a Hugging Face directory"),
 }
 NUL_MESSAGE = "a path cannot hold a NUL character (\\0)"  # validate.py drops other lines on such a key
+CHAT_FORMATS = ("chat", "sharegpt")  # formats/sharegpt.py is chat's with another normalise
 RL_OBJECTIVES = ("grpo", "ppo")  # rl.py refuses eval.samples for these, with its own reason
 # lora_sites.py `_NAME`: an entry of these characters (or with '/' between them) is a module name.
 _TARGET_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -44,6 +47,7 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         *_source_problems(s),
         *_model_file_problems(s),
         *_nul_in_paths(s),
+        *_roles_problems(s),
     )
     return [(path, message, "error") for path, message in problems]
 
@@ -133,6 +137,15 @@ def _nul_in_paths(value, path: tuple = ()) -> list[tuple[tuple, str]]:
         return [(path, NUL_MESSAGE)] if any(n and n.get("x-ftc-path") for n in nodes) else []
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     return [p for key, child in items for p in _nul_in_paths(child, path + (key,))]
+
+
+def _roles_problems(s: dict) -> list[tuple[tuple, str]]:
+    roles = value_at(s, ("data", "clean", "roles"))
+    chat = value_at(s, ("data", "format")) in CHAT_FORMATS and value_at(s, ("data", "train_on")) == "assistant"
+    if not chat or not isinstance(roles, list) or "assistant" in roles:
+        return []
+    why = "with train_on = 'assistant' no chat row is left (its assistant turns are an unknown role, or it has none)"
+    return [(("data", "clean", "roles"), f"leaves out 'assistant': {why}; add 'assistant'")]
 
 
 def _regex_problem(pattern: str) -> str | None:
