@@ -1,6 +1,6 @@
-"""Rules the JAX backend enforces only once a run is under way, checked at lint time too: `ftc run`
-reaches them after the weights load (minutes in), and a spec that lints clean should not fail there
-on a ground that no config.json or data file decides. Over a default-filled spec dict, (key path,
+"""Rules the JAX backend enforces only once a run is under way (as it builds the model, reads the
+data, or after the weights load, minutes in), checked at lint time too: a spec that lints clean
+should not fail there on a ground that no config.json or data file decides. Over a default-filled spec dict, (key path,
 message, severity) for each problem, as targets.py and rl.py give them.
 
 eval.samples   backends/jax/generate/in_run.py: samples are the first chat or completion rows of a
