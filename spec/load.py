@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ _HEADER = re.compile(rf"\[\[?\s*{_DOTTED}\s*\]")  # a TOML table header, or a ke
 _KEY = re.compile(rf"{_DOTTED}\s*=")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SURROGATE_MESSAGE = "a \\u escape of half a surrogate pair (\\uD800-\\uDFFF alone), which is no character"
+_DECLARED = re.compile(r"Cannot declare \((.*)\) twice")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
 
 
@@ -136,6 +138,8 @@ def _parse_toml(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
         message = _TOML_AT.sub("", message)
         if message == "Cannot overwrite a value":
             message += _set_twice(text, line)
+        elif m := _DECLARED.fullmatch(message):  # tomllib shows the table as a Python tuple of its keys
+            message = f"table [{'.'.join(ast.literal_eval(f'({m.group(1)})'))}] is declared twice"
         return None, [SpecIssue(name, line, col, "", f"invalid TOML: {message}")]
     return Document(name, data, _positions.toml_positions(text)), []
 
