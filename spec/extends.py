@@ -16,6 +16,7 @@ from ftc.spec.load import SUFFIXES, Document, read_document
 from ftc.spec.paths import resolve_paths
 
 Loc = tuple  # (file name as shown, line, col)
+MAX_CHAIN = 64  # files in one extends chain, the spec itself included
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +30,22 @@ class Merged:
 def load_with_extends(name: str) -> Merged:
     """Read the spec at `name` (as the user named it) and everything it extends."""
     issues: list[SpecIssue] = []
-    data, locs, files = _load(name, (), issues)
+    data, locs, files = _load(name, (), issues, {})
     return Merged(data, locs, tuple(files), tuple(issues))
 
 
-def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -> tuple[dict, dict, list]:
+def _load(name: str, stack: tuple, issues: list, memo: dict, via: SpecIssue | None = None) -> tuple[dict, dict, list]:
+    """Each file is read and merged once per load (`memo`, by absolute path): bases shared by
+    several specs of a chain (diamonds) were read once per path to them, 2**n times for n levels of
+    two bases each (16 levels: 13 s). Nothing downstream mutates a merged result, so sharing is safe."""
+    here = os.path.abspath(name)
+    if here not in memo:
+        memo[here] = _read(name, stack, issues, memo, via)
+    data, locs, files = memo[here]
+    return data, locs, list(files)
+
+
+def _read(name: str, stack: tuple, issues: list, memo: dict, via: SpecIssue | None) -> tuple[dict, dict, list]:
     """`via`: where the spec that extends this one names it (an issue with no message yet)."""
     doc, doc_issues = read_document(name)
     issues.extend(doc_issues)
@@ -47,13 +59,18 @@ def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -
     here = os.path.abspath(name)
     data, locs, files = {}, {}, []
     for path, base in _bases(doc, issues):
-        base_name = os.path.normpath(os.path.join(os.path.dirname(name), base))
+        # "~/specs/base.toml" is the home directory's, as a path-valued key's "~" is (paths.py).
+        base_name = os.path.normpath(os.path.join(os.path.dirname(name), os.path.expanduser(base)))
         line, col = doc.where(path)
         key = format_key_path(path)
         target = os.path.abspath(base_name)
         if target in stack + (here,):
             chain = " -> ".join(os.path.basename(f) for f in stack + (here, target))
             issues.append(SpecIssue(name, line, col, key, f"extends cycle: {chain}"))
+            continue
+        if len(stack) + 1 >= MAX_CHAIN:  # each level recurses here: Python's stack ends near 900 files
+            message = f"extends chains more than {MAX_CHAIN} files; a spec builds on a few"
+            issues.append(SpecIssue(name, line, col, key, message))
             continue
         if not os.path.isfile(target):
             what = "is a directory" if os.path.isdir(target) else "not found"
@@ -65,7 +82,7 @@ def _load(name: str, stack: tuple, issues: list, via: SpecIssue | None = None) -
             issues.append(SpecIssue(name, line, col, key, message))
             continue
         via = SpecIssue(name, line, col, key, "")
-        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues, via)
+        base_data, base_locs, base_files = _load(base_name, stack + (here,), issues, memo, via)
         data, locs = merge(data, locs, base_data, base_locs)
         files += [f for f in base_files if f not in files]
     own = {k: v for k, v in doc.data.items() if k != "extends"}
@@ -83,8 +100,12 @@ def _bases(doc: Document, issues: list) -> list[tuple[tuple, str]]:
         return []
     if isinstance(value, str) and value:
         return [(("extends",), value)]
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return [(("extends", i), v) for i, v in enumerate(value)]
+    if isinstance(value, list) and value:
+        for i, v in enumerate(value):  # a bad entry is its own error; the others still load
+            if not (isinstance(v, str) and v):
+                line, col = doc.where(("extends", i))
+                issues.append(SpecIssue(doc.name, line, col, f"extends[{i}]", f"expected a file path, got {v!r}"))
+        return [(("extends", i), v) for i, v in enumerate(value) if isinstance(v, str) and v]
     line, col = doc.where(("extends",))
     issues.append(
         SpecIssue(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -17,6 +18,14 @@ SUFFIXES = (".toml", ".json")
 MAX_DEPTH = 64
 # Python refuses to read integers longer than this (int_max_str_digits); no spec value comes near.
 _LONG_INTEGER = re.compile(r"[-+]?[0-9][0-9_]{4299,}")
+_QUOTES = "\"'"
+_PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_DOTTED = rf"({_PART}(?:\s*\.\s*{_PART})*)"
+_HEADER = re.compile(rf"\[\[?\s*{_DOTTED}\s*\]")  # a TOML table header, or a key before its '='
+_KEY = re.compile(rf"{_DOTTED}\s*=")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_MESSAGE = "a \\u escape of half a surrogate pair (\\uD800-\\uDFFF alone), which is no character"
+_DECLARED = re.compile(r"Cannot declare \((.*)\) twice")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
 
 
@@ -53,8 +62,12 @@ def read_document(name: str) -> tuple[Document | None, list[SpecIssue]]:
     except IsADirectoryError:
         return None, [SpecIssue(name, 0, 0, "", "is a directory, not a spec file")]
     except UnicodeDecodeError as e:
-        line = text_line_of_offset(open(name, "rb").read(), e.start)
-        return None, [SpecIssue(name, line, 1, "", f"not UTF-8 text: {e.reason}")]
+        data = open(name, "rb").read()
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # what Windows tools write as "Unicode"
+            return None, [
+                SpecIssue(name, 1, 1, "", "UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+            ]
+        return None, [SpecIssue(name, text_line_of_offset(data, e.start), 1, "", f"not UTF-8 text: {e.reason}")]
     except OSError as e:
         return None, [SpecIssue(name, 0, 0, "", f"cannot read: {e.strerror}")]
     return parse_text(name, text, suffix)
@@ -123,8 +136,26 @@ def _parse_toml(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
             line = text.count("\n") + 1
             col = len(text) - text.rfind("\n")
         message = _TOML_AT.sub("", message)
+        if message == "Cannot overwrite a value":
+            message += _set_twice(text, line)
+        elif m := _DECLARED.fullmatch(message):  # tomllib shows the table as a Python tuple of its keys
+            message = f"table [{'.'.join(ast.literal_eval(f'({m.group(1)})'))}] is declared twice"
         return None, [SpecIssue(name, line, col, "", f"invalid TOML: {message}")]
     return Document(name, data, _positions.toml_positions(text)), []
+
+
+def _set_twice(text: str, line: int) -> str:
+    """Which key tomllib's "Cannot overwrite a value" is about (it names none): the key or table
+    header of the statement it stopped at, the last one in the file when it reports the end."""
+    lines = text.splitlines()[:line]
+    statements = [s.strip() for s in lines if s.strip() and not s.strip().startswith("#")]
+    if not statements:
+        return ""
+    m = _HEADER.match(statements[-1]) or _KEY.match(statements[-1])
+    if not m:
+        return ""
+    key = m.group(1)
+    return f": {key if key[0] in _QUOTES else repr(key)} is set twice"
 
 
 def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]:
@@ -135,11 +166,31 @@ def _parse_json(name: str, text: str) -> tuple[Document | None, list[SpecIssue]]
     if not isinstance(data, dict):
         return None, [SpecIssue(name, 1, 1, "", f"a spec is a JSON object, not {type(data).__name__}")]
     positions, problems = _positions.json_positions(text)
+    bad = _surrogate_path(data)
+    if bad is not None:  # the key path is not shown: it may hold the surrogate itself
+        line, col = Document(name, data, positions).where(bad)
+        return None, [SpecIssue(name, line, col, "", f"invalid JSON: {_SURROGATE_MESSAGE}")]
     issues = [
         SpecIssue(name, line, col, format_key_path(path), f"invalid JSON: {problem}")
         for path, (line, col), problem in problems
     ]
     return Document(name, data, positions), issues
+
+
+def _surrogate_path(value, path: tuple = ()) -> tuple | None:
+    """The key path of the first string (or key) holding a lone UTF-16 surrogate, or None. JSON's
+    \\uD800 escapes decode to one; no UTF-8 text holds it, so printing it (a message quoting a path
+    or a key) raised UnicodeEncodeError. TOML refuses such escapes itself."""
+    if isinstance(value, str):
+        return path if _SURROGATE.search(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        if isinstance(key, str) and _SURROGATE.search(key):
+            return path + (key,)
+        found = _surrogate_path(child, path + (key,))
+        if found is not None:
+            return found
+    return None
 
 
 def text_line_of_offset(data: bytes, offset: int) -> int:

@@ -12,6 +12,7 @@ import os
 from ftc.spec.paths import NAMED_DATA_PREFIXES, PACKAGE_PREFIX, is_hub_id, package_problem
 
 MODEL_KEYS = ("base", "tokenizer", "init_from")
+SAVED_DATASET = ("state.json", "dataset_info.json")  # backends/jax/data/sources/hf_datasets.py SAVED_FILES
 
 
 def value_at(data, path: tuple):
@@ -49,10 +50,15 @@ def missing(s: dict) -> list[tuple[tuple, str]]:
     for path, value in sources:
         if not value.strip() or value.startswith(NAMED_DATA_PREFIXES):  # empty: the schema says so
             continue
-        if glob.has_magic(value) and not glob.glob(value):
+        # as data/sources/__init__.py `resolve` reads a glob: recursive ("**"), files and datasets only
+        if glob.has_magic(value) and not any(map(_readable, glob.glob(value, recursive=True))):
             problems.append((path, f"no file matches {shown_path(value)}"))
         elif not glob.has_magic(value) and not os.path.exists(value):
             problems.append((path, f"file not found: {shown_path(value)}"))
+        elif os.path.isdir(value) and not all(os.path.isfile(os.path.join(value, f)) for f in SAVED_DATASET):
+            # data/sources/__init__.py `resolve` reads a directory only as one save_to_disk wrote
+            what = "is a directory, but not one `datasets`' save_to_disk wrote (state.json + dataset_info.json)"
+            problems.append((path, f"{shown_path(value)} {what}; name its files or a glob (dir/*.jsonl)"))
     for key in MODEL_KEYS:
         value = value_at(s, ("model", key))
         if not isinstance(value, str) or not value.strip():
@@ -66,6 +72,10 @@ def missing(s: dict) -> list[tuple[tuple, str]]:
         if problem:
             problems.append((("model", key), problem))
     return problems
+
+
+def _readable(path: str) -> bool:
+    return os.path.isfile(path) or all(os.path.isfile(os.path.join(path, f)) for f in SAVED_DATASET)
 
 
 def hf_hub_cache() -> str:

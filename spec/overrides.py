@@ -66,8 +66,14 @@ def _unknown_key(path: tuple) -> str | None:
         keys = [k for k in parent.get("properties", {}) if k != "$schema"]
         if path[n] not in keys:
             where = format_key_path(path[:n]) or "the top level"
-            return f"unknown key {path[n]!r} in {where}{did_you_mean(path[n], keys)}"
+            return f"unknown key {path[n]!r} in {where}{did_you_mean(path[n], keys) or home_hint(path[n], path[:n])}"
     return None
+
+
+def home_hint(key: str, path: tuple) -> str:
+    """Where `key`, unknown at `path`, lives when one other table of the schema has it."""
+    homes = [p for p, node in schema_walk.object_paths().items() if key in node.get("properties", {}) and p != path]
+    return f"; it belongs in [{format_key_path(homes[0])}]" if len(homes) == 1 and homes[0] else ""
 
 
 def did_you_mean(word: str, choices) -> str:
@@ -90,6 +96,12 @@ def _typed(node: dict, raw: str) -> tuple[object, str | None]:
         try:
             return int(raw), None
         except ValueError:
+            pass
+        try:  # 8.0 and 1e3 are integers to the schema, in a file as here
+            value = float(raw)
+            if value.is_integer() and "number" not in types:
+                return int(value), None
+        except (ValueError, OverflowError):
             pass
     if "number" in types:
         try:

@@ -30,7 +30,6 @@ OPTIONS = {
     "json": {"required_keys"},
     "model": {"path", "label", "text"},
 }
-MODEL_TEXTS = ("conversation", "completion")  # backends/jax/rl/reward_model.py: what a model reward scores
 SEQ_CLS_SUFFIX = "ForSequenceClassification"
 SHOWN_ROWS = 3  # rows without an answer named in the message
 RL_OBJECTIVES = ("grpo", "ppo")  # their keys: training.<objective>_*
@@ -71,15 +70,16 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     if isinstance(new, int) and isinstance(seq, int) and new >= seq:
         add((p + "max_new_tokens",), f"{new} new tokens leave no room for a prompt in model.max_seq_len ({seq})")
     rewards = t.get(p + "rewards") or []
+    rewards = rewards if isinstance(rewards, list) else []  # another type: the schema's to report
     if not rewards:
         example = '[{kind = "numeric"}]'
         add((p + "rewards",), f"{objective.upper()} needs at least one reward, e.g. {example} (rewards are data)")
     labels = []
     for i, r in enumerate(rewards):
-        if not isinstance(r, dict):
-            continue
+        if not isinstance(r, dict) or not isinstance(r.get("kind"), str):
+            continue  # not a table, or a kind that is no string: the schema's to report
         kind, at = r.get("kind"), (p + "rewards", i)
-        labels.append(r.get("name") or kind)
+        labels.append(r.get("name") if isinstance(r.get("name"), str) and r.get("name") else kind)
         extra = sorted(set(r) - {"kind", "weight", "name"} - OPTIONS.get(kind, set()))
         if extra:
             add((*at, extra[0]), f"not an option of a {kind!r} reward")
@@ -87,17 +87,20 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
         if isinstance(weight, (int, float)) and not isinstance(weight, bool) and FLOAT32_MAX < abs(weight) < math.inf:
             # rewards are float32 (rl/rewards.py): every weighted total would be inf, every advantage nan
             add((*at, "weight"), f"expected a number within float32's range (|w| <= 3.4e38), got {weight!r}")
+        # An option of the wrong type is the schema's to report (once); these rules see the rest.
         if kind == "regex":
-            if not isinstance(r.get("pattern"), str):
+            if r.get("pattern") is None:
                 add((*at, "pattern"), "a regex reward needs a pattern (a string)")
-            else:
+            elif isinstance(r["pattern"], str):
                 try:
                     re.compile(r["pattern"])
                 except re.error as e:
                     add((*at, "pattern"), f"not a valid regular expression: {e}")
         if kind == "length":
             lo, hi = r.get("min_tokens", 0), r.get("max_tokens")
-            if not isinstance(hi, int) or lo > hi:
+            if hi is None:
+                add((*at, "max_tokens"), "a length reward needs min_tokens <= max_tokens; max_tokens is missing")
+            elif _is_number(lo) and _is_number(hi) and lo > hi:
                 add((*at, "max_tokens"), f"a length reward needs min_tokens <= max_tokens, got {lo}, {hi}")
         if kind == "model":
             for key, message in model_reward_problems(r):
@@ -112,6 +115,10 @@ def issues(s: dict) -> list[tuple[tuple, str, str]]:
     return out
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # 3.0 is an integer to the schema
+
+
 def _answer_problem(s: dict) -> str | None:
     """Why the training rows have no reference answer to compare with, or None."""
     fmt = value_at(s, ("data", "format"))
@@ -121,7 +128,7 @@ def _answer_problem(s: dict) -> str | None:
     sources = [train] if isinstance(train, str) else [x for x in train or () if isinstance(x, str)]
     missing = []
     for source in sources:
-        for path in sorted(glob.glob(source)) if source.endswith((".jsonl", ".json")) else ():
+        for path in sorted(glob.glob(source, recursive=True)) if source.endswith((".jsonl", ".json")) else ():
             missing += _rows_without_answer(path)
     if not missing:
         return None
@@ -185,11 +192,11 @@ def label_index(config: dict, label) -> int:
 def model_reward_problems(r: dict) -> list[tuple[str, str]]:
     """(option, message) for a `model` reward whose directory cannot be scored with (no jax)."""
     path = r.get("path")
-    if not isinstance(path, str) or not path.strip():
+    if path is None or isinstance(path, str) and path and not path.strip():
         return [("path", "a model reward needs path: a local *ForSequenceClassification directory")]
+    if not isinstance(path, str) or not path:
+        return []  # a path of the wrong type, or empty: the schema says so (as it does of a bad `text`)
     out = []
-    if r.get("text", "conversation") not in MODEL_TEXTS:
-        out.append(("text", f"expected one of {', '.join(MODEL_TEXTS)}, got {r.get('text')!r}"))
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         return out + [("path", f"no such directory: {path}")]

@@ -90,3 +90,23 @@ def applies(node: dict, siblings: dict) -> bool:
     """Whether a key with this schema applies given its (default-filled) siblings."""
     when = node.get("x-ftc-when")
     return not when or all(siblings.get(k) in allowed for k, allowed in when.items())
+
+
+def integral_ints(value, node: dict | None = None):
+    """`value` (a spec dict by default from the root) with each integral float at a key the schema
+    types integer made an int: JSON Schema accepts 8.0 as an integer, the Spec holds 8, and the
+    rules that compare integers (batch_size a multiple of micro_batch_size, warmup within steps)
+    had skipped 8.0 as not an int."""
+    node = resolved(schema() if node is None else node)
+    if node is None:
+        return value
+    if isinstance(value, dict):
+        props = node.get("properties", {})
+        return {key: integral_ints(child, props.get(key)) for key, child in value.items()}
+    if isinstance(value, list):
+        items = array_items(node)
+        return [integral_ints(child, items) for child in value] if items else value
+    types = types_of(node)
+    if isinstance(value, float) and value.is_integer() and "integer" in types and "number" not in types:
+        return int(value)
+    return value

@@ -83,7 +83,7 @@ name = "{name}"                       # the run goes to <output_dir>/<name>
 description = "{description}"
 
 [model]
-base = "{base}"   # HF id (local cache), local directory, .gguf file, or package:NAME/path
+base = {base}   # HF id (local cache), local directory, .gguf file, or package:NAME/path
 {base_options}dtype = "bfloat16"                    # compute dtype; parameters stay float32
 max_seq_len = {max_seq_len}
 
@@ -131,10 +131,12 @@ def starter_spec(
     rl_run = objective in RL_OBJECTIVES
     return _align_comments(
         _TEMPLATE.format(
-            file=file,
+            file=" ".join(file.splitlines()),  # a comment line: a newline in the name would end it
             name=name,
             description=f"{method} fine-tune ({objective})",
-            base=base or default_base(objective),
+            # as a TOML string: a JSON string's escapes are TOML's, but for DEL, which TOML also wants
+            # escaped (a quote or a backslash in --base made a starter that did not parse)
+            base=json.dumps(base or default_base(objective), ensure_ascii=False).replace("\x7f", "\\u007f"),
             base_options=_base_options(objective),
             max_seq_len=about.get("starter_max_seq_len", DEFAULT_MAX_SEQ_LEN),
             format=fmt,

@@ -15,12 +15,17 @@ import re
 import jsonschema
 import jsonschema.validators
 
-from ftc.spec import choices, local_files, rl, schema_walk, targets
-from ftc.spec.errors import SpecIssue, format_key_path
+from ftc.spec import choices, local_files, rl, run_rules, schema_walk, targets
+from ftc.spec.errors import SpecIssue, format_key_path, under
 from ftc.spec.local_files import value_at as _get
-from ftc.spec.overrides import did_you_mean
+from ftc.spec.overrides import did_you_mean, home_hint
 
 MAX_INT32 = 2**31 - 1
+MISSING = "required key {!r} is missing"
+
+
+def is_missing_key(issue: SpecIssue) -> bool:
+    return issue.message.startswith("required key ") and issue.message.endswith(" is missing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,13 +50,20 @@ Where = Locator  # what the check functions take
 
 def check(data: dict, where: Where) -> tuple[dict, list[SpecIssue]]:
     """All issues in `data`, and `data` with defaults filled (meaningful only without errors)."""
-    issues = schema_issues(data, where)
-    filled = fill_defaults(data)
-    issues += applicability_issues(filled, where)
-    issues += semantic_issues(filled, where)
-    for rules in (targets.issues, rl.issues):
-        issues += [_issue(where, path, message, severity) for path, message, severity in rules(filled)]
-    return filled, issues
+    schema = schema_issues(data, where)
+    filled = fill_defaults(schema_walk.integral_ints(data))
+    applies = applicability_issues(filled, where)
+    rules = semantic_issues(filled, where)
+    for rule_set in (targets.issues, rl.issues, run_rules.issues):
+        rules += [_issue(where, path, message, severity) for path, message, severity in rule_set(filled)]
+    # One line per key: "applies only when ...; remove it" over what is wrong with its value, the
+    # schema's line over a rule's (which ran on a value the schema refuses), and a path with a NUL
+    # that line alone (the others, "not found: ...", would print the NUL).
+    nul = [i for i in rules if i.message == run_rules.NUL_MESSAGE]
+    drop = {i.key_path for i in applies + nul}
+    schema = [i for i in schema if not under(i, drop)]
+    rules = [i for i in rules if i in nul or not under(i, drop | {i.key_path for i in schema})]
+    return filled, schema + applies + rules
 
 
 # ---- schema -------------------------------------------------------------------------------
@@ -72,10 +84,20 @@ def _validator():
 
 
 def schema_issues(data: dict, where: Where) -> list[SpecIssue]:
-    issues = []
-    for error in _validator().iter_errors(data):
-        issues += _convert(error, tuple(error.absolute_path), where)
-    return issues + _non_finite_issues(data, (), where)
+    issues = _non_finite_issues(data, (), where)
+    errors = list(_validator().iter_errors(data))
+    # One line per value: an infinite one is "expected a finite number" (not also its type and
+    # bounds); one outside an enum the line naming the choices (not also its type); one of the wrong
+    # type that line (not also a bound: grpo_group_size = 1.5 is not also "must be >= 2").
+    infinite = {i.key_path for i in issues}
+    listed = {tuple(e.absolute_path) for e in errors if e.validator in ("enum", "const")}
+    typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+    for error in errors:
+        path = tuple(error.absolute_path)
+        first = ("enum", "const") if path in listed else ("type",) if path in typed else None
+        if format_key_path(path) not in infinite and (first is None or error.validator in first):
+            issues += _convert(error, path, where)
+    return issues
 
 
 def _non_finite_issues(value, path: tuple, where: Where) -> list[SpecIssue]:
@@ -101,9 +123,7 @@ def _convert(error, path: tuple, where: Where) -> list[SpecIssue]:
             if key not in node.get("properties", {})
         ]
     if kind == "required":
-        return [
-            _issue(where, path + (key,), f"required key {key!r} is missing") for key in expected if key not in value
-        ]
+        return [_issue(where, path + (key,), MISSING.format(key)) for key in expected if key not in value]
     if kind == "not" and "required" in expected:
         first, second = expected["required"]
         return [_issue(where, path + (second,), f"set either {first!r} or {second!r}, not both")]
@@ -211,9 +231,9 @@ def _hint(path: tuple, key: str, known: list) -> str:
     hint = did_you_mean(key, known)
     if hint:
         return hint
-    homes = [p for p, node in schema_walk.object_paths().items() if key in node.get("properties", {}) and p != path]
-    if len(homes) == 1 and homes[0]:
-        return f"; it belongs in [{format_key_path(homes[0])}]"
+    home = home_hint(key, path)
+    if home:
+        return home
     if len(known) <= 12:
         return f"; expected one of {', '.join(known)}"
     return ""

@@ -12,7 +12,12 @@ import jax
 
 from ftc.backends.jax.data.digest import named_leaves
 from ftc.backends.jax.io.hf_checkpoint import TOKENIZER_FILES
-from ftc.backends.jax.io.model_source import ModelSourceError, check_hf_dir, check_tokenizer_dir
+from ftc.backends.jax.io.model_source import (
+    ModelSourceError,
+    check_hf_dir,
+    check_tokenizer_dir,
+    resolve_model_source,
+)
 from ftc.backends.jax.state.files import write_json_atomic
 from ftc.backends.jax.state.init_from import read_model_config
 
@@ -31,7 +36,16 @@ def model_with_weights(spec) -> tuple[Path, dict]:
 
 
 def tokenizer_dir(spec, model_dir: Path) -> Path:
-    return Path(spec.model.tokenizer) if spec.model.tokenizer else Path(model_dir)
+    """model.tokenizer's directory, else model.base's. The schema gives model.tokenizer the forms of
+    model.base: a local directory (tokenizer files alone do, no weights needed) or what
+    resolve_model_source turns into one (a .gguf file, package:NAME/path, a cached HF id); read as a
+    plain path, every form but the first was "no tokenizer" though lint had passed it."""
+    tokenizer = spec.model.tokenizer
+    if not tokenizer:
+        return Path(model_dir)
+    if Path(tokenizer).expanduser().is_dir():
+        return Path(tokenizer).expanduser()
+    return resolve_model_source(tokenizer)
 
 
 def tokenizer_hash(directory: str | os.PathLike) -> str | None:

@@ -21,7 +21,7 @@ def chat(source, system, max_new_tokens, temperature, top_k, top_p, min_p, seed,
 
     \b
       ftc chat runs/quickstart
-      ftc chat runs/bot --temperature 0.7 --top-p 0.9 --system "You answer in one sentence."
+      ftc chat runs/bot --temperature 0.7 --top-p 0.9 --system "Answer briefly."
 
     SOURCE is what `ftc generate` takes: a run directory, an export, or a model source.
     """

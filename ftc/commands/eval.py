@@ -58,7 +58,7 @@ def eval_command(source, data, fmt, out, regex, limit, no_generate, max_seq_len,
 
     \b
       ftc eval runs/bot --data data/valid.jsonl --out eval.json
-      ftc eval runs/bot --data qa.jsonl --regex "answer: (\\d+)" --max-new-tokens 32
+      ftc eval runs/bot --data qa.jsonl --regex "answer: (\\d+)" --max-new-tokens 8
 
     SOURCE is what `ftc generate` takes. Exit status: 0 done, 1 bad source or data, 2 usage.
     """

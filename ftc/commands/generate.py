@@ -52,7 +52,7 @@ def generate(
 
     \b
       ftc generate runs/bot --prompt "What is your favorite book?"
-      ftc generate runs/bot --file prompts.jsonl --out completions.jsonl --temperature 0.7 --seed 1
+      ftc generate runs/bot --file prompts.jsonl --out out.jsonl --temperature 0.7
 
     SOURCE is a run directory (its latest checkpoint: LoRA, QLoRA and adapters run unmerged), an
     export (hf, peft or adapters), or any model.base source: an HF directory, an HF id in the local

@@ -37,7 +37,7 @@ def report(run_dirs, out):
     reloads itself while the run goes on.
 
     \b
-      ftc report runs/quickstart                     # -> runs/quickstart/report.html
+      ftc report runs/quickstart            # -> runs/quickstart/report.html
       ftc report runs/lr-1e-4 runs/lr-3e-4 --out compare.html
     """
     from ftc.report import ReportError, default_out, write_report

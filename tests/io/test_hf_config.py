@@ -44,6 +44,9 @@ BAD = [
         "sliding_window=-4",
     ),
     ({"model_type": "mixtral", "num_local_experts": 2, "sliding_window": 0}, "sliding_window=0: expected"),
+    # Rotary embeddings turn pairs of a head's dimensions; both were internal errors inside jax.
+    ({"head_dim": 7}, "head_dim=7: rotary embeddings need an even head size"),
+    ({"hidden_size": 2, "num_key_value_heads": 4}, "hidden_size // num_attention_heads=0: rotary"),
 ]
 
 

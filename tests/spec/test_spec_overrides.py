@@ -34,6 +34,15 @@ def test_values_are_typed_by_the_schema(spec_file):
     assert spec.name == "renamed" and spec.mesh.fsdp == -1
 
 
+def test_an_integral_float_is_an_integer_as_in_a_file(spec_file):
+    """batch_size = 8.0 in a file is 8; --set training.batch_size=8.0 was 'expected an integer'."""
+    spec = load_spec(spec_file, overrides=["training.batch_size=1e3", "training.micro_batch_size=8.0"])
+    assert (spec.training.batch_size, spec.training.micro_batch_size) == (1000, 8)
+    assert type(spec.training.batch_size) is int
+    [issue] = lint_file(spec_file, overrides=["training.steps=2.5"])
+    assert "expected an integer, got '2.5'" in issue.message
+
+
 def test_an_override_replaces_a_value_from_the_file_and_paths_are_relative_to_the_cwd(spec_file, tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
@@ -47,6 +56,8 @@ def test_an_override_replaces_a_value_from_the_file_and_paths_are_relative_to_th
     [
         ("training.lerning_rate=1e-4", "training.lerning_rate", "did you mean 'learning_rate'"),
         ("trainig.epochs=2", "trainig.epochs", "did you mean 'training'"),
+        # as in a file: a key of another table says which (--set training.schedule.warmup_ratio=...)
+        ("training.warmup_ratio=0.1", "training.warmup_ratio", "it belongs in [training.schedule]"),
         ("training.steps=ten", "training.steps", "expected an integer, got 'ten'"),
         ("training.learning_rate=fast", "training.learning_rate", "expected a number, got 'fast'"),
         ("data.packing=maybe", "data.packing", "expected true or false, got 'maybe'"),

@@ -21,6 +21,7 @@ from ftc.backends.jax.generate import evaluate, metrics
 from ftc.backends.jax.generate.prompt_rows import read_prompt_rows
 from ftc.backends.jax.generate.sampler import GenerateConfig, make_sampler
 from ftc.backends.jax.generate.source import Source, context_length, eos_ids
+from ftc.spec.run_rules import GENERATION_FORMATS
 
 
 def generation_hook(spec, model, tokenizer, model_dir, hf_config, mesh, logger) -> Callable | None:
@@ -31,7 +32,7 @@ def generation_hook(spec, model, tokenizer, model_dir, hf_config, mesh, logger) 
         return None
     validation = spec.data.validation
     why = None
-    if spec.data.format not in ("chat", "completion"):
+    if spec.data.format not in GENERATION_FORMATS:  # lint checks this too (spec/run_rules.py)
         why = f"data.format is {spec.data.format!r} (samples need chat or completion rows)"
     elif validation is None:
         why = "there is no data.validation file (a validation_split's rows are not kept as prompts)"

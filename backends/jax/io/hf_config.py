@@ -123,12 +123,18 @@ def check_hf_config(config: dict, where: str | os.PathLike) -> None:
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
     try:
-        family_for(config).config_from_hf(config)
+        arch = family_for(config).config_from_hf(config)
     except KeyError as e:  # a key the family needs and has no default for (e.g. rope_scaling.factor)
         raise ValueError(f"{where}: missing key {e} for model_type {config.get('model_type')!r}") from None
     except (ValueError, TypeError, AttributeError) as e:
         message = str(e).removeprefix("config.json ")  # the families' own messages say which file
         raise ValueError(f"{where}: {message}") from None
+    # Rotary embeddings turn pairs of a head's dimensions: an odd head_dim, or 0 (hidden_size under
+    # num_attention_heads), failed inside jax as a shape error or a division by zero.
+    head_dim = getattr(arch, "head_dim", None)
+    if getattr(arch, "rope", None) is not None and isinstance(head_dim, int) and (head_dim < 2 or head_dim % 2):
+        source = "head_dim" if config.get("head_dim") else "hidden_size // num_attention_heads"
+        raise ValueError(f"{where}: {source}={head_dim}: rotary embeddings need an even head size of 2 or more")
 
 
 def _shown(value) -> str:
