@@ -108,8 +108,13 @@ def inspect(spec_path, overrides, count, html_out, color):
     """
     import sys
 
+    from ftc.report import out_problem
     from ftc.spec import SpecError, load_spec
 
+    # Before the data pipeline runs: a bad --html then costs nothing, and a data file is never overwritten.
+    problem = out_problem(html_out, "--html", charts=False) if html_out is not None else None
+    if problem:
+        _fail(problem)
     try:
         spec = load_spec(spec_path, overrides)
     except SpecError as e:

@@ -198,6 +198,33 @@ def test_a_spec_whose_data_is_missing_is_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and str(tmp_path / "train.jsonl") in lines[0] and lines[0].startswith("error: ")
 
 
+def test_an_html_out_naming_the_data_is_refused_before_any_work_and_the_data_kept(tmp_path):
+    """--html once overwrote whatever it named (the spec's own train.jsonl), after the whole pipeline ran."""
+    spec = tiny(tmp_path, [chat("user", "hi", "assistant", "hello")])
+    data = (tmp_path / "train.jsonl").read_text()
+    result = CliRunner().invoke(main, ["data", "inspect", str(spec), "--html", str(tmp_path / "train.jsonl")])
+    assert result.exit_code == 1
+    assert result.output == f"error: {tmp_path / 'train.jsonl'}: exists and is not a report ftc wrote " + (
+        "(it replaces only those); choose another --html\n"
+    )
+    assert (tmp_path / "train.jsonl").read_text() == data
+
+
+@pytest.mark.parametrize(
+    "where, expected",
+    [("a-dir", "is a directory; --html names the HTML file to write"), ("spec.toml/x.html", "is not a directory")],
+)
+def test_an_html_out_that_cannot_be_written_is_one_line_with_no_output_and_no_leftovers(tmp_path, where, expected):
+    spec = tiny(tmp_path, [chat("user", "hi", "assistant", "hello")])
+    spec.rename(tmp_path / "spec.toml")
+    (tmp_path / "a-dir").mkdir()
+    before = set(tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "spec.toml"), "--html", str(tmp_path / where)])
+    assert result.exit_code == 1 and expected in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")  # nothing inspected first
+    assert set(tmp_path.rglob("*")) == before  # no stray a-dir.tmp
+
+
 # ------------------------------------------------------------------ ftc diff
 
 

@@ -4,6 +4,7 @@ process) never sees half a file, even when the writer is killed midway; and whic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,9 +14,14 @@ from typing import Any
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`text` into `path` through a temporary file beside it, renamed into place."""
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a directory at `path`, a kill: no stray .tmp beside it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
