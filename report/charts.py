@@ -140,6 +140,14 @@ SPLIT_STYLE = {"train": dict(linestyle="-", marker=None), "validation": dict(lin
 METRIC_MARKERS = (None, "^", "s", "x")  # several runs: a chart's 2nd, 3rd... metric of one run
 
 
+def plain(text: str) -> str:
+    """`text` as matplotlib shows it literally: a run or metric name holding two "$" ("cost $5 to $10")
+    is otherwise parsed as mathtext (and one that does not parse fails the whole report), and a
+    legend label starting with "_" is left out of the legend."""
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
+
+
 def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: float = 3.3, dpi: int = 100) -> Chart:
     """The chart with its PNG, and each series with the colour it is drawn in. With several `runs`
     (their names, in order) each run keeps one colour on every chart and the line style tells
@@ -167,11 +175,11 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
         if len(xs) == 1:
             style["marker"] = style["marker"] or "o"  # a single point still shows
         parts = ([s.run] if several else []) + [s.split] + ([s.label] if len(metrics) > 1 else [])
-        ax.plot(xs, ys, color=colour, linewidth=1.8, markersize=4, label=" · ".join(parts), **style)
+        ax.plot(xs, ys, color=colour, linewidth=1.8, markersize=4, label=plain(" · ".join(parts)), **style)
         drawn.append(dataclasses.replace(s, colour=colour))
     if chart.group.log_y and values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
-    ax.set_title(chart.group.title, fontsize=11)
+    ax.set_title(plain(chart.group.title), fontsize=11)
     ax.set_xlabel("step", fontsize=9)
     ax.set_ylabel(chart.group.unit, fontsize=9)
     ax.tick_params(labelsize=8)
@@ -198,7 +206,7 @@ def draw_probe(runs: Sequence[Run], *, dpi: int = 100) -> bytes | None:
 
     fig = Figure(figsize=(6.4, 3.3), dpi=dpi)
     axes = fig.subplots(1, 2)
-    labels = [" ".join(x for x in (name, split) if x) for name, split, _ in rows]
+    labels = [plain(" ".join(x for x in (name, split) if x)) for name, split, _ in rows]
     for ax, key, title in zip(axes, ("accuracy", "macro_f1"), ("Probe accuracy", "Probe macro-F1")):
         at = range(len(rows))
         ax.bar([i - 0.2 for i in at], [m[key] for _, _, m in rows], width=0.4, color=PALETTE[0], label="probe")

@@ -20,7 +20,7 @@ from typing import Any
 from ftc import __version__
 from ftc.report import diff as diff_lib
 from ftc.report.charts import SECTIONS, Chart
-from ftc.report.rundir import Run
+from ftc.report.rundir import Run, subtree
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1b1f24}
@@ -131,7 +131,6 @@ def summary_rows(runs: Sequence[Run]) -> str:
     )  # fmt: skip
     rows = []
     for run in runs:
-        spec = run.spec or {}
         train = run.last("train", "loss")
         val = run.last("validation", "loss")
         best = min((v for _, v in run.series.get(("validation", "loss"), ()) if v == v), default=None)
@@ -143,9 +142,9 @@ def summary_rows(runs: Sequence[Run]) -> str:
             (
                 f"<b>{esc(run.name)}</b><br><span class=muted>{esc(run.path)}</span>",
                 esc(status(run)),
-                esc(spec.get("method", {}).get("kind", "–")),
-                esc(spec.get("training", {}).get("objective", "–")),
-                esc(spec.get("model", {}).get("base", "–")),
+                esc(subtree(run.spec, "method").get("kind", "–")),
+                esc(subtree(run.spec, "training").get("objective", "–")),
+                esc(subtree(run.spec, "model").get("base", "–")),
                 esc(fmt(train[1]) if train else "–"),
                 esc(f"{fmt(val[1])} ({fmt(best)})" if val else "–"),
                 esc(fmt(ppl[1]) if ppl else "–"),
@@ -243,8 +242,9 @@ def samples_section(runs: Sequence[Run]) -> str:
 
 def plan_block(plan: dict) -> str:
     summary = {k: v for k, v in plan.items() if k not in ("params", "notes", "fingerprint")}
-    notes = "".join(f"<li>{esc(n)}</li>" for n in plan.get("notes") or ())
-    params = plan.get("params") or []
+    listed = lambda key: plan.get(key) if isinstance(plan.get(key), list) else []  # a list of the wrong kind: none
+    notes = "".join(f"<li>{esc(n)}</li>" for n in listed("notes"))
+    params = listed("params")
     rows = [
         (
             esc(p.get("path")),

@@ -62,11 +62,21 @@ class Run:
 
     @property
     def total_steps(self) -> int | None:
-        if self.plan and isinstance(self.plan.get("steps"), dict):
-            return self.plan["steps"].get("total_steps")
-        if self.probe and isinstance(self.probe.get("steps"), int):
-            return self.probe["steps"]
-        return (self.spec or {}).get("training", {}).get("steps")
+        for steps in (
+            subtree(self.plan, "steps").get("total_steps"),
+            (self.probe or {}).get("steps"),
+            subtree(self.spec, "training").get("steps"),
+        ):
+            if isinstance(steps, int) and not isinstance(steps, bool):
+                return steps
+        return None
+
+
+def subtree(tree: Any, key: str) -> dict:
+    """`tree[key]` when both are JSON objects, else {}: a run's files are read as they are (edited by
+    hand, from another version), and a value of the wrong kind is shown as absent, never a crash."""
+    value = tree.get(key) if isinstance(tree, dict) else None
+    return value if isinstance(value, dict) else {}
 
 
 def is_run_dir(path: str) -> bool:

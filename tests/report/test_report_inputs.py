@@ -1,0 +1,58 @@
+"""`ftc report` on run directories as people leave them: files edited by hand or from another
+version, odd names. The page is still written, or one line says why; never an internal error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from report_testlib import figures
+
+from ftc.cli import main
+from ftc.report import charts
+
+METRICS = "".join(json.dumps({"step": s, "split": "train", "loss": 3.0 - s / 2}) + "\n" for s in (1, 2, 3, 4))
+
+
+def make_run(path, **files) -> str:
+    """A run directory holding metrics.jsonl and `files` (name -> JSON value, "/" for "__")."""
+    path.mkdir()
+    (path / "metrics.jsonl").write_text(METRICS)
+    for name, value in files.items():
+        target = path / name.replace("__", "/")
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(json.dumps(value))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"spec.resolved.json": {"name": "r", "method": "lora", "training": [1], "model": "x"}},
+        {"spec.resolved.json": {"name": "r", "training": {"steps": "100"}}},
+        {"plan.json": {"steps": {"total_steps": "abc"}, "notes": 5, "params": "x"}},
+        {"probe_metrics.json": {"steps": True, "train": 5}, "export__ftc_export.json": {"format": ["x"]}},
+    ],
+    ids=["spec-sections-not-objects", "steps-a-string", "plan-of-other-kinds", "probe-and-export-of-other-kinds"],
+)
+def test_run_files_holding_values_of_the_wrong_kind_are_shown_as_absent_not_an_internal_error(tmp_path, files):
+    run = make_run(tmp_path / "run", **files)
+    result = CliRunner().invoke(main, ["report", run, "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r.html").read_text()
+    assert "<td>step 4, " in page and "loss" in figures(tmp_path / "r.html")  # no total steps shown
+
+
+def test_dollar_signs_in_run_and_metric_names_are_drawn_as_written_not_as_mathtext(tmp_path):
+    """matplotlib reads "$...$" as mathtext: a run named "x $x^{$ y" failed the whole report."""
+    a = make_run(tmp_path / "a", **{"spec.resolved.json": {"name": "x $x^{$ y"}})
+    with open(f"{a}/metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "split": "train", "a$\\frac{x$": 1.0}) + "\n")
+    b = make_run(tmp_path / "b", **{"spec.resolved.json": {"name": "b"}})
+    result = CliRunner().invoke(main, ["report", a, b, "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    shown = figures(tmp_path / "r.html")
+    assert {s["run"] for s in shown["loss"]["series"]} == {"x $x^{$ y", "b"}
+    assert charts.plain("cost $5 to $10") == r"cost \$5 to \$10"
+    assert charts.plain("_ablation") == " _ablation"  # matplotlib leaves "_..." labels out of the legend
