@@ -39,6 +39,15 @@ def charts_dir(html_path: str) -> str:
     return f"{stem}_charts"
 
 
+def distinct(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """The run directories, each once, in order. A run named twice (runs/a and runs/a/, or through a
+    link) is one run: drawn twice it had two legend entries of one colour and two columns of one spec."""
+    seen: dict[str, str] = {}
+    for d in run_dirs:
+        seen.setdefault(os.path.realpath(d), os.fspath(d))
+    return list(seen.values())
+
+
 def default_out(run_dirs: Sequence[str]) -> str:
     """One run: RUN_DIR/report.html; several: ./report.html."""
     return os.path.join(run_dirs[0], REPORT_FILE) if len(run_dirs) == 1 else REPORT_FILE
@@ -91,7 +100,7 @@ def out_problem(out: str, option: str = "--out", *, charts: bool = True) -> str 
 def write_report(run_dirs: Sequence[str | os.PathLike], out: str | None = None, *, live: bool = False) -> Written:
     """Read the runs, draw the charts, write `out` (HTML) and its PNGs. All or nothing: both are
     written beside their targets and renamed into place. Raises ReportError naming a bad run."""
-    dirs = [os.fspath(d) for d in run_dirs]
+    dirs = distinct(run_dirs)
     if not dirs:
         raise ReportError("no run directory given")
     runs = _unique_names([read_run(d) for d in dirs])

@@ -134,6 +134,21 @@ def _file_key(metric: str) -> str:
 # ------------------------------------------------------------------ drawing
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+LEGEND_INSIDE = 8  # more entries than this go beside the axes (inside, 20 runs' entries hid every line)
+
+
+def run_colours(count: int) -> tuple[str, ...]:
+    """One colour per run, all distinct: the palette, and past its 9 colours evenly spaced hues (the
+    palette repeated gave runs 1 and 10 one colour)."""
+    if count <= len(PALETTE):
+        return PALETTE[:count]
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    turbo = colormaps["turbo"]
+    return tuple(to_hex(turbo(0.05 + 0.9 * i / (count - 1))) for i in range(count))
+
+
 SPLIT_STYLE = {"train": dict(linestyle="-", marker=None), "validation": dict(linestyle="--", marker="o")}
 
 
@@ -155,14 +170,18 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
     from matplotlib.figure import Figure  # not pyplot: no global state, safe beside a training loop
 
     several = len(runs) > 1
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    colours = dict(zip(runs, run_colours(len(runs))))
+    beside = len(chart.series) > LEGEND_INSIDE
+    columns = -(-len(chart.series) // 16)
+    # The legend beside the axes widens the figure by its own width, so the plot keeps its size.
+    fig = Figure(figsize=(width + (1.9 * columns if beside else 0), height), dpi=dpi)
     ax = fig.add_subplot()
     drawn = []
     values = []
     metrics = chart.group.metrics
     for s in chart.series:
         if several:
-            colour = PALETTE[list(runs).index(s.run) % len(PALETTE)] if s.run in runs else PALETTE[-1]
+            colour = colours.get(s.run, PALETTE[-1])
         else:  # train and validation of a metric side by side in the palette: blue / red, green / orange...
             present = [m for m in metrics if any(x.metric == m for x in chart.series)]
             colour = PALETTE[(2 * present.index(s.metric) + (s.split != "train")) % len(PALETTE)]
@@ -184,7 +203,9 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
     ax.set_ylabel(chart.group.unit, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.3)
-    if chart.series:
+    if beside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns, frameon=False)
+    elif chart.series:
         ax.legend(fontsize=8, loc="best", frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()

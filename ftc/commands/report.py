@@ -40,7 +40,7 @@ def report(run_dirs, out):
       ftc report runs/quickstart                     # -> runs/quickstart/report.html
       ftc report runs/lr-1e-4 runs/lr-3e-4 --out compare.html
     """
-    from ftc.report import ReportError, default_out, write_report
+    from ftc.report import ReportError, default_out, distinct, write_report
 
     try:
         written = write_report(run_dirs, out)
@@ -48,7 +48,8 @@ def report(run_dirs, out):
         _fail(str(e))
     except OSError as e:
         # the path the user chose, not the hidden staging directory the report is written into first
-        _fail(f"{os.path.abspath(out or default_out(run_dirs))}: could not write the report ({e.strerror or e})")
+        where = os.path.abspath(out or default_out(distinct(run_dirs)))
+        _fail(f"{where}: could not write the report ({e.strerror or e})")
 
     pngs = written.pngs
     click.echo(f"wrote {written.html}" + (f" and {len(pngs)} PNG charts in {os.path.dirname(pngs[0])}" if pngs else ""))

@@ -4,6 +4,7 @@ version, odd names. The page is still written, or one line says why; never an in
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from click.testing import CliRunner
@@ -56,3 +57,28 @@ def test_dollar_signs_in_run_and_metric_names_are_drawn_as_written_not_as_mathte
     assert {s["run"] for s in shown["loss"]["series"]} == {"x $x^{$ y", "b"}
     assert charts.plain("cost $5 to $10") == r"cost \$5 to \$10"
     assert charts.plain("_ablation") == " _ablation"  # matplotlib leaves "_..." labels out of the legend
+
+
+def test_a_run_named_twice_is_reported_once(tmp_path):
+    run = make_run(tmp_path / "run", **{"spec.resolved.json": {"name": "r"}})
+    result = CliRunner().invoke(main, ["report", run, f"{run}/", f"{tmp_path}/./run"])
+    assert result.exit_code == 0, result.output
+    page = tmp_path / "run" / "report.html"  # one run: its own report, not ./report.html
+    assert [s["run"] for s in figures(page)["loss"]["series"]] == ["r"]
+    assert "<title>ftc report: r</title>" in page.read_text()
+
+
+def test_twelve_runs_get_twelve_colours_and_a_legend_beside_the_lines(tmp_path):
+    """Past the palette's 9 colours runs 1 and 10 shared one, and 24 legend entries covered the plot
+    (matplotlib warned 'Tight layout not applied' on stderr)."""
+    from PIL import Image
+
+    runs = [make_run(tmp_path / f"run{i}", **{"spec.resolved.json": {"name": f"run{i}"}}) for i in range(12)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CliRunner().invoke(main, ["report", *runs, "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    series = figures(tmp_path / "r.html")["loss"]["series"]
+    assert len({s["colour"] for s in series}) == len(series) == 12
+    width, height = Image.open(tmp_path / "r_charts" / "loss.png").size
+    assert width > 640 and height == 330  # the plot keeps its size; the legend is beside it
