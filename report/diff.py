@@ -40,7 +40,8 @@ def resolved_spec(path: str | os.PathLike) -> dict:
     try:
         return load_spec(path).to_dict()
     except SpecError as e:
-        errors = [i for i in e.issues if i.severity == "error"]
+        # An extends chain that cannot be followed is the cause of the keys then missing: named first.
+        errors = sorted((i for i in e.issues if i.severity == "error"), key=lambda i: i.key_path != "extends")
         first = errors[0] if errors else None
         where = f"{first.file}:{first.line}:{first.col}" if first and first.line else (first.file if first else path)
         what = f"{first.key_path + ': ' if first.key_path else ''}{first.message}" if first else str(e)

@@ -264,3 +264,24 @@ def test_diff_of_something_that_is_neither_spec_nor_run_is_one_line_and_exit_1(t
     result = CliRunner().invoke(main, ["diff", str(path), str(EXAMPLES / "quickstart.toml")])
     assert result.exit_code == 1 and result.output.strip().count("\n") == 0
     assert str(path) in result.output and expected in result.output
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"top.toml": 'extends = "nothere.toml"\nname = "x"\n'}, "top.toml:1:1: extends: extended file not found: "),
+        (
+            {"top.toml": 'extends = "z.toml"\nname = "a"\n', "z.toml": 'extends = "top.toml"\nname = "z"\n'},
+            "z.toml:1:1: extends: extends cycle: top.toml -> z.toml -> top.toml (and 2 more: ftc lint ",
+        ),
+    ],
+    ids=["missing-base", "cycle"],
+)
+def test_diff_of_a_spec_whose_extends_cannot_be_followed_names_the_extends_not_the_keys_it_lacks(
+    tmp_path, files, expected
+):
+    """The first error by position was "data: required key 'data' is missing", a consequence."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = CliRunner().invoke(main, ["diff", str(tmp_path / "top.toml"), str(EXAMPLES / "quickstart.toml")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and expected in result.output, result.output
