@@ -77,6 +77,8 @@ def histogram_lines(lengths, max_seq_len: int, bins: int = 10, width: int = 40) 
 def packing_line(p: dict, max_seq_len: int) -> str:
     unpacked = f"one per row: {p['unpacked_rows']:,} rows ({p['unpacked_efficiency']:.1%} of positions hold tokens)"
     head = f"{p['sequences']:,} sequences of up to {max_seq_len} tokens"
+    if "note" in p:  # prompts (GRPO): rows are prompts plus what is sampled from them
+        return f"{head}: {p['note']}"
     if "packed_rows" not in p:
         return f"{head}: {unpacked}; this format is never packed"
     gain = p["unpacked_rows"] / max(1, p["packed_rows"])

@@ -225,6 +225,23 @@ def test_an_html_out_that_cannot_be_written_is_one_line_with_no_output_and_no_le
     assert set(tmp_path.rglob("*")) == before  # no stray a-dir.tmp
 
 
+def test_prompt_rows_are_shown_as_the_grpo_run_reads_them_with_nothing_supervised(tmp_path):
+    """Through the SFT pipeline every prompt row was dropped as 'no_target' and inspect refused the spec."""
+    rows = [{"prompt": f"what is {i} + 1?", "answer": str(i + 1)} for i in range(3)] + [{"prompt": "what is 0 + 1?"}]
+    spec = tiny(tmp_path, rows, format="prompt")
+    grpo = 'objective = "grpo"\ngrpo_max_new_tokens = 8\ngrpo_rewards = [{kind = "numeric"}]\n'
+    spec.write_text(spec.read_text().replace('objective = "sft"\n', grpo))
+    write_jsonl(tmp_path / "train.jsonl", rows[:3])
+    result = CliRunner().invoke(main, ["data", "inspect", str(spec), "--n", "2", "--no-color"])
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>user\nwhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n" in result.output
+    assert OPEN not in result.output.split("\n── ", 1)[1].split("checks:")[0]  # nothing of a prompt is trained
+    assert re.search(r"info +supervised +3 prompts \(3 with an answer\): nothing of a prompt is trained", result.output)
+    write_jsonl(tmp_path / "train.jsonl", rows)  # a row without the answer a reward needs: refused, named
+    result = CliRunner().invoke(main, ["data", "inspect", str(spec)])
+    assert result.exit_code == 1 and 'have no "answer"' in result.output and "train.jsonl:4" in result.output
+
+
 # ------------------------------------------------------------------ ftc diff
 
 
