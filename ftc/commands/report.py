@@ -64,6 +64,10 @@ def diff(a, b, as_json):
     overrides and defaults applied, paths absolute) or a run directory (its spec.resolved.json:
     what ran). Prints only the keys that differ. Exit status 0 (also when they differ); 1 when A
     or B is neither a spec nor a run.
+
+    \b
+      ftc diff examples/quickstart.toml examples/lora.toml
+      ftc diff runs/lr-1e-4 runs/lr-3e-4 --json
     """
     import json
 
@@ -106,6 +110,10 @@ def inspect(spec_path, overrides, count, html_out, color):
     wrong: share of supervised tokens, rows truncated or dropped and why, EOS / end-of-turn
     supervised or not, double BOS, pad == eos, template tokens missing from the vocabulary; a
     length histogram and what packing achieves. Without colours, supervised spans are ⟦bracketed⟧.
+    A GRPO spec's prompts are shown as its run reads them (nothing of a prompt is trained).
+
+    \b
+      ftc data inspect examples/quickstart.toml --n 5 --html inspect.html
     """
     import sys
 
