@@ -28,8 +28,9 @@ def resolved_spec(path: str | os.PathLike) -> dict:
         try:
             with open(full, encoding="utf-8") as f:
                 spec = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ReportError(f"{full}: not readable as JSON ({e})") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e  # json's decoder recurses
+            raise ReportError(f"{full}: not readable as JSON ({why})") from None
         if not isinstance(spec, dict):
             raise ReportError(f"{full}: expected a JSON object, found {type(spec).__name__}")
         return spec

@@ -97,6 +97,12 @@ def read_run(path: str | os.PathLike, *, need_metrics: bool = True) -> Run:
     spec = _read_json(path, RESOLVED_SPEC, problems)
     series, samples, events = _read_metrics(os.path.join(path, METRICS), problems)
     if need_metrics and not series and not events:
+        skipped = [p for p in problems if p.startswith(os.path.join(path, METRICS) + ":")]
+        if skipped:  # not "no rows": rows there are, and none could be read
+            first = skipped[0].removesuffix("; skipped")
+            raise ReportError(
+                f"{path}: no readable metrics: {len(skipped)} line(s) of {METRICS} skipped, first {first}"
+            )
         raise ReportError(
             f"{path}: no metrics yet ({METRICS} is missing or has no rows); the run has not logged a step"
         )
@@ -123,13 +129,18 @@ def _read_json(run_dir: str, name: str, problems: list[str]) -> Any:
     try:
         with open(full, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        problems.append(f"{full}: not readable as JSON ({e}); left out")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        problems.append(f"{full}: not readable as JSON ({_why(e)}); left out")
         return None
     if not isinstance(value, dict):
         problems.append(f"{full}: expected a JSON object, found {type(value).__name__}; left out")
         return None
     return value
+
+
+def _why(error: Exception) -> str:
+    # json's decoder recurses: nesting deeper than the interpreter's limit is a RecursionError.
+    return "nested too deeply" if isinstance(error, RecursionError) else str(error)
 
 
 def number(value: Any) -> float | None:
@@ -159,8 +170,9 @@ def _read_metrics(path: str, problems: list[str]):
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{path}:{number_}: not a JSON object ({e.msg}); skipped")
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else _why(e)
+            problems.append(f"{path}:{number_}: not a JSON object ({why}); skipped")
             continue
         if not isinstance(row, dict):
             problems.append(f"{path}:{number_}: expected a JSON object, found {type(row).__name__}; skipped")

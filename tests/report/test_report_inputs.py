@@ -82,3 +82,30 @@ def test_twelve_runs_get_twelve_colours_and_a_legend_beside_the_lines(tmp_path):
     assert len({s["colour"] for s in series}) == len(series) == 12
     width, height = Image.open(tmp_path / "r_charts" / "loss.png").size
     assert width > 640 and height == 330  # the plot keeps its size; the legend is beside it
+
+
+def test_a_metrics_file_with_rows_none_readable_says_so_not_that_it_has_no_rows(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('garbage\n{"step": "x", "loss": 1}\n')
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 1 and result.output == (
+        f"error: {run}: no readable metrics: 2 line(s) of metrics.jsonl skipped, first {run}/metrics.jsonl:1: "
+        "not a JSON object (Expecting value)\n"
+    )
+
+
+def test_json_nested_deeper_than_the_decoder_recurses_is_named_not_an_internal_error(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    run = make_run(tmp_path / "run")
+    (tmp_path / "run" / "spec.resolved.json").write_text('{"a": ' + deep + "}")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "x": ' + deep + "}\n")
+    result = CliRunner().invoke(main, ["report", run])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "spec.resolved.json: not readable as JSON (nested too deeply); left out" in page
+    assert "metrics.jsonl:5: not a JSON object (nested too deeply); skipped" in page
+    result = CliRunner().invoke(main, ["diff", run, run])
+    assert result.exit_code == 1
+    assert result.output == f"error: {run}/spec.resolved.json: not readable as JSON (nested too deeply)\n"
