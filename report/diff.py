@@ -84,10 +84,18 @@ def show(value: Any) -> str:
 def format_table(names: Sequence[str], rows: Sequence[tuple[str, tuple[Any, ...]]], width: int = 60) -> str:
     """A plain-text table: key, then one column per side; long values are cut with '...'."""
 
+    def plain(text: str) -> str:
+        # A newline in a value (a multi-line description) broke the table's rows; escapes from a
+        # spec are not the terminal's to act on: control characters are shown escaped, as JSON does.
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            return json.dumps(text, ensure_ascii=False)[1:-1]
+        return text
+
     def cut(text: str) -> str:
+        text = plain(text)
         return text if len(text) <= width else text[: width - 3] + "..."
 
-    table = [("key", *names)] + [(key, *(cut(show(v)) for v in values)) for key, values in rows]
+    table = [("key", *names)] + [(plain(key), *(cut(show(v)) for v in values)) for key, values in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

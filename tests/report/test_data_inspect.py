@@ -302,3 +302,17 @@ def test_diff_of_a_spec_whose_extends_cannot_be_followed_names_the_extends_not_t
         (tmp_path / name).write_text(text)
     result = CliRunner().invoke(main, ["diff", str(tmp_path / "top.toml"), str(EXAMPLES / "quickstart.toml")])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and expected in result.output, result.output
+
+
+def test_diff_shows_a_multi_line_value_on_its_row_with_control_characters_escaped(tmp_path):
+    """A newline in a description split the table's row in two; an ESC reached the terminal raw."""
+    spec = tmp_path / "multi.toml"
+    spec.write_text(
+        f'extends = "{EXAMPLES / "quickstart.toml"}"\nname = "m"\ndescription = """line one\nline two\\u001b[31m"""\n'
+    )
+    result = CliRunner().invoke(main, ["diff", str(spec), str(EXAMPLES / "quickstart.toml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 4 and lines[3].split() == ["description", "line", "one\\nline", "two\\u001b[31m", "Full"] + (
+        "fine-tune of SmolLM2-135M-Instruct on ChatterBot Eng...".split()
+    )
