@@ -90,9 +90,11 @@ def read_run(path: str | os.PathLike, *, need_metrics: bool = True) -> Run:
     if not os.path.exists(path):
         raise ReportError(f"{path}: no such directory")
     if not os.path.isdir(path):
-        raise ReportError(f"{path}: not a directory; expected a run directory of `ftc run`")
+        raise ReportError(f"{path}: not a directory; expected a run directory of `ftc run`{_spec_hint(path)}")
     if not is_run_dir(path):
-        raise ReportError(f"{path}: not a run directory of `ftc run` (it has no {RESOLVED_SPEC} and no {METRICS})")
+        raise ReportError(
+            f"{path}: not a run directory of `ftc run` (it has no {RESOLVED_SPEC} and no {METRICS}){_runs_inside(path)}"
+        )
     problems: list[str] = []
     spec = _read_json(path, RESOLVED_SPEC, problems)
     series, samples, events = _read_metrics(os.path.join(path, METRICS), problems)
@@ -120,6 +122,31 @@ def read_run(path: str | os.PathLike, *, need_metrics: bool = True) -> Run:
         export=_read_json(path, EXPORT_MANIFEST, problems),
         problems=tuple(problems),
     )
+
+
+def _spec_hint(path: str) -> str:
+    """For a spec given where its run belongs: the run directory `ftc run` writes for it."""
+    if not path.endswith((".toml", ".json")) or os.path.basename(path) == RESOLVED_SPEC:
+        return ""
+    from ftc.spec import load_spec
+
+    try:
+        run_dir = load_spec(path).run_dir
+    except Exception:  # noqa: BLE001 - only a hint: a spec that does not load gets the plain message
+        return " (a spec? report on the run directory `ftc run` wrote for it)"
+    return f" (a spec; its run is written to {os.path.relpath(run_dir)}: ftc report {os.path.relpath(run_dir)})"
+
+
+def _runs_inside(path: str) -> str:
+    """A hint for the folder that holds runs (an output_dir), not one run: which, and how to name them."""
+    try:
+        inside = sorted(e.name for e in os.scandir(path) if e.is_dir() and is_run_dir(e.path))
+    except OSError:
+        return ""
+    if not inside:
+        return ""
+    shown = ", ".join(inside[:3]) + (", ..." if len(inside) > 3 else "")
+    return f"; it holds {len(inside)} run(s) ({shown}): ftc report {os.path.join(path, '*')}"
 
 
 def _read_json(run_dir: str, name: str, problems: list[str]) -> Any:

@@ -109,3 +109,24 @@ def test_json_nested_deeper_than_the_decoder_recurses_is_named_not_an_internal_e
     result = CliRunner().invoke(main, ["diff", run, run])
     assert result.exit_code == 1
     assert result.output == f"error: {run}/spec.resolved.json: not readable as JSON (nested too deeply)\n"
+
+
+def test_a_spec_or_a_folder_of_runs_given_for_a_run_says_what_to_report_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "bot.toml"
+    spec.write_text(
+        'ftc = 1\nname = "bot"\noutput_dir = "out"\n[model]\nbase = "m"\n[data]\nformat = "text"\ntrain = "t.jsonl"\n'
+    )
+    result = CliRunner().invoke(main, ["report", str(spec)])
+    assert result.exit_code == 1 and result.output.endswith(
+        "not a directory; expected a run directory of `ftc run` (a spec; its run is written to out/bot: "
+        "ftc report out/bot)\n"
+    ), result.output
+    (tmp_path / "out").mkdir()
+    for name in ("a", "b"):
+        make_run(tmp_path / "out" / name)
+    result = CliRunner().invoke(main, ["report", "out"])
+    assert result.exit_code == 1 and result.output.endswith(
+        "(it has no spec.resolved.json and no metrics.jsonl); it holds 2 run(s) (a, b): ftc report "
+        f"{tmp_path / 'out' / '*'}\n"
+    ), result.output
