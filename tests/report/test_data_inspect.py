@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import transformers
@@ -240,6 +241,17 @@ def test_prompt_rows_are_shown_as_the_grpo_run_reads_them_with_nothing_supervise
     write_jsonl(tmp_path / "train.jsonl", rows)  # a row without the answer a reward needs: refused, named
     result = CliRunner().invoke(main, ["data", "inspect", str(spec)])
     assert result.exit_code == 1 and 'have no "answer"' in result.output and "train.jsonl:4" in result.output
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_control_characters_in_the_data_are_shown_escaped_not_sent_to_the_terminal(tmp_path, colour):
+    rows = [chat("user", "clear \x1b[2J me\rnow", "assistant", "bell\x07 ok")]
+    args = ["data", "inspect", str(tiny(tmp_path, rows)), "--color" if colour else "--no-color"]
+    result = CliRunner().invoke(main, args, color=colour)
+    assert result.exit_code == 0, result.output
+    shown = click.unstyle(result.output)
+    assert "\x1b" not in shown and "\r" not in shown and "\x07" not in shown
+    assert "clear \\x1b[2J me\\x0dnow" in shown and "bell\\x07 ok" in shown
 
 
 # ------------------------------------------------------------------ ftc diff
