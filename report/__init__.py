@@ -81,9 +81,10 @@ def out_problem(out: str, option: str = "--out", *, charts: bool = True) -> str 
     made; one that is a file is named (makedirs would say only "File exists")."""
     if not out:
         return f"{option} is empty; it names the HTML file to write"
+    # "reports/" that does not exist yet would otherwise become a file named reports
+    if os.path.isdir(out) or out.endswith((os.sep, "/")):
+        return f"{os.path.abspath(out)}: is a directory; {option} names the HTML file to write"
     out = os.path.abspath(out)
-    if os.path.isdir(out):
-        return f"{out}: is a directory; {option} names the HTML file to write"
     if os.path.exists(out) and not is_report(out):
         return f"{out}: exists and is not a report ftc wrote (it replaces only those); choose another {option}"
     pngs = charts_dir(out)

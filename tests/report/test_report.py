@@ -255,13 +255,14 @@ def test_a_charts_folder_ftc_did_not_write_is_never_replaced(tmp_path):
     [
         ("run/metrics.jsonl/r.html", "run/metrics.jsonl is not a directory"),
         ("", "error: --out is empty; it names the HTML file to write"),
+        ("reports/", "reports: is a directory; --out names the HTML file to write"),
     ],
-    ids=["under-a-file", "empty"],
+    ids=["under-a-file", "empty", "a-new-directory"],
 )
 def test_an_out_that_cannot_be_a_file_says_why_in_one_line(tmp_path, out, expected):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n')
-    result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / out) if out else ""])
+    result = CliRunner().invoke(main, ["report", str(run), "--out", f"{tmp_path}/{out}" if out else ""])
     assert result.exit_code == 1 and expected in result.output and result.output.count("\n") == 1, result.output
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.jsonl", "run"]
