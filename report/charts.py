@@ -155,6 +155,15 @@ SPLIT_STYLE = {"train": dict(linestyle="-", marker=None), "validation": dict(lin
 METRIC_MARKERS = (None, "^", "s", "x")  # several runs: a chart's 2nd, 3rd... metric of one run
 
 
+# Past this no metric of a run comes (float32 ends at 3.4e38); matplotlib's axis arithmetic
+# overflows near float64's end (+-1e308: "arange: cannot compute length"), so such values are gaps.
+DRAWABLE = 1e200
+
+
+def _drawable(y: float) -> float:
+    return y if abs(y) <= DRAWABLE else math.nan
+
+
 def plain(text: str) -> str:
     """`text` as matplotlib shows it literally: a run or metric name holding two "$" ("cost $5 to $10")
     is otherwise parsed as mathtext (and one that does not parse fails the whole report), and a
@@ -186,7 +195,7 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
             present = [m for m in metrics if any(x.metric == m for x in chart.series)]
             colour = PALETTE[(2 * present.index(s.metric) + (s.split != "train")) % len(PALETTE)]
         xs = [p[0] for p in s.points]
-        ys = [p[1] * chart.group.scale for p in s.points]
+        ys = [_drawable(p[1] * chart.group.scale) for p in s.points]
         values += [y for y in ys if math.isfinite(y)]
         style = dict(SPLIT_STYLE.get(s.split, dict(linestyle=":", marker="s")))
         if several and s.metric in metrics and metrics.index(s.metric) > 0:

@@ -130,3 +130,16 @@ def test_a_spec_or_a_folder_of_runs_given_for_a_run_says_what_to_report_on(tmp_p
         "(it has no spec.resolved.json and no metrics.jsonl); it holds 2 run(s) (a, b): ftc report "
         f"{tmp_path / 'out' / '*'}\n"
     ), result.output
+
+
+def test_values_near_the_end_of_float64_are_gaps_in_the_chart_not_an_internal_error(tmp_path):
+    """grad_norm +-1e308 made matplotlib fail ('arange: cannot compute length'); 1e300 printed overflow warnings."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": 1, "grad_norm": 1e308, "loss": 1e300}, {"step": 2, "grad_norm": -1e308, "loss": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert [s["points"] for s in figures(run / "report.html")["grad_norm"]["series"]] == [2]  # as logged
