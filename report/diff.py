@@ -28,7 +28,7 @@ def resolved_spec(path: str | os.PathLike) -> dict:
         try:
             with open(full, encoding="utf-8") as f:
                 spec = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, 4300+ digits
             why = "nested too deeply" if isinstance(e, RecursionError) else e  # json's decoder recurses
             raise ReportError(f"{full}: not readable as JSON ({why})") from None
         if not isinstance(spec, dict):

@@ -29,6 +29,9 @@ EXPORT_MANIFEST = os.path.join("export", "ftc_export.json")
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "infinity": math.inf, "-infinity": -math.inf}
 
 
+STEP_LIMIT = 2**63  # a step or integer value beyond int64 is no run's: a step is skipped, a value reads as inf
+
+
 class ReportError(Exception):
     """A path that cannot be reported on; the message names it and says why, in one line."""
 
@@ -156,7 +159,7 @@ def _read_json(run_dir: str, name: str, problems: list[str]) -> Any:
     try:
         with open(full, encoding="utf-8") as f:
             value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError, 4300+ digits
         problems.append(f"{full}: not readable as JSON ({_why(e)}); left out")
         return None
     if not isinstance(value, dict):
@@ -174,6 +177,8 @@ def number(value: Any) -> float | None:
     """A metric value as a float (non-finite ones included), or None for anything else."""
     if isinstance(value, bool):
         return None
+    if isinstance(value, int) and not -STEP_LIMIT <= value < STEP_LIMIT:  # float() overflows past 1e308
+        return math.inf if value > 0 else -math.inf
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
@@ -197,7 +202,7 @@ def _read_metrics(path: str, problems: list[str]):
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # a JSONDecodeError, or an integer of 4300+ digits
             why = e.msg if isinstance(e, json.JSONDecodeError) else _why(e)
             problems.append(f"{path}:{number_}: not a JSON object ({why}); skipped")
             continue
@@ -205,8 +210,10 @@ def _read_metrics(path: str, problems: list[str]):
             problems.append(f"{path}:{number_}: expected a JSON object, found {type(row).__name__}; skipped")
             continue
         step = row.get("step")
-        if isinstance(step, bool) or not isinstance(step, int):
-            if "step" in row:
+        if isinstance(step, bool) or not isinstance(step, int) or not -STEP_LIMIT <= step < STEP_LIMIT:
+            if isinstance(step, int) and not isinstance(step, bool):
+                problems.append(f"{path}:{number_}: 'step' is an integer beyond int64; skipped")
+            elif "step" in row:
                 problems.append(f"{path}:{number_}: 'step' is {step!r}, expected an integer; skipped")
             else:
                 events.append(row)

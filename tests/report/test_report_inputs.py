@@ -143,3 +143,24 @@ def test_values_near_the_end_of_float64_are_gaps_in_the_chart_not_an_internal_er
         result = CliRunner().invoke(main, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert [s["points"] for s in figures(run / "report.html")["grad_norm"]["series"]] == [2]  # as logged
+
+
+def test_integers_beyond_int64_in_metrics_are_named_or_read_as_infinite_not_an_internal_error(tmp_path):
+    """JSON integers are unbounded: a 400-digit step or value failed float() (OverflowError), a
+    5,000-digit one json itself (ValueError, past Python's 4,300-digit limit)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    huge = "9" * 400
+    lines = [
+        '{"step": 1, "loss": 2.0, "tokens": ' + huge + "}",
+        '{"step": 2, "loss": 1.0, "tokens": -' + huge + "}",
+        '{"step": ' + huge + ', "loss": 1.0}',
+        '{"step": 3, "loss": ' + "9" * 5000 + "}",
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    page = (run / "report.html").read_text()
+    assert "metrics.jsonl:3: &#x27;step&#x27; is an integer beyond int64; skipped" in page
+    assert "metrics.jsonl:4: not a JSON object (Exceeds the limit (4300 digits)" in page
+    assert [s["points"] for s in figures(run / "report.html")["loss"]["series"]] == [2]
