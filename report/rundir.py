@@ -218,7 +218,7 @@ def _read_metrics(path: str, problems: list[str]):
             else:
                 events.append(row)
             continue
-        split = row.get("split") if isinstance(row.get("split"), str) else "train"
+        split = row["split"] if isinstance(row.get("split"), str) and row["split"].strip() else "train"
         for key, value in row.items():
             if key in ("step", "split"):
                 continue

@@ -164,3 +164,17 @@ def test_integers_beyond_int64_in_metrics_are_named_or_read_as_infinite_not_an_i
     assert "metrics.jsonl:3: &#x27;step&#x27; is an integer beyond int64; skipped" in page
     assert "metrics.jsonl:4: not a JSON object (Exceeds the limit (4300 digits)" in page
     assert [s["points"] for s in figures(run / "report.html")["loss"]["series"]] == [2]
+
+
+def test_a_blank_split_is_read_as_train_and_draws_a_legend(tmp_path):
+    """An empty split made an empty legend label: matplotlib warned 'No artists with labels' on stderr."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "split": "", "loss": 2.0}\n{"step": 2, "split": " ", "loss": 1.0}\n'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert [(s["split"], s["points"]) for s in figures(run / "report.html")["loss"]["series"]] == [("train", 2)]
