@@ -215,8 +215,10 @@ def _read_metrics(path: str, problems: list[str]):
                 problems.append(f"{path}:{number_}: 'step' is an integer beyond int64; skipped")
             elif "step" in row:
                 problems.append(f"{path}:{number_}: 'step' is {step!r}, expected an integer; skipped")
-            else:
+            elif "event" in row:  # the probe's "probe_eval": the one row a run writes without a step
                 events.append(row)
+            else:  # drawn nowhere, so named: a report of such rows alone showed an empty page
+                problems.append(f"{path}:{number_}: no 'step' (an integer) and no 'event'; skipped")
             continue
         split = row["split"] if isinstance(row.get("split"), str) and row["split"].strip() else "train"
         for key, value in row.items():

@@ -178,3 +178,22 @@ def test_a_blank_split_is_read_as_train_and_draws_a_legend(tmp_path):
         result = CliRunner().invoke(main, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert [(s["split"], s["points"]) for s in figures(run / "report.html")["loss"]["series"]] == [("train", 2)]
+
+
+def test_rows_without_a_step_are_named_and_a_file_of_only_those_is_refused(tmp_path):
+    """Rows without 'step' (nor the probe's 'event') were dropped unseen: a file of them gave an empty page."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"loss": 2.0}\n{"loss": 1.0, "split": "train"}\n')
+    result = CliRunner().invoke(main, ["report", str(run)])
+    assert result.exit_code == 1 and result.output == (
+        f"error: {run}: no readable metrics: 2 line(s) of metrics.jsonl skipped, first {run}/metrics.jsonl:1: "
+        "no 'step' (an integer) and no 'event'\n"
+    )
+    assert not (run / "report.html").exists()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1, "loss": 1.5}\n{"event": "probe_eval", "accuracy": 0.5}\n')
+    assert CliRunner().invoke(main, ["report", str(run)]).exit_code == 0
+    assert "metrics.jsonl:2: no &#x27;step&#x27; (an integer) and no &#x27;event&#x27;; skipped" in (
+        (run / "report.html").read_text()
+    )
