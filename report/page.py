@@ -42,6 +42,9 @@ pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px;overflow:auto;font-s
 """
 
 
+PROBLEMS_SHOWN = 20  # lines of "Left out" on the page
+
+
 def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -301,8 +304,12 @@ def render(runs: Sequence[Run], charts: Sequence[Chart], probe_png: bytes | None
     meta = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
     live = f" · reloads every {refresh_seconds} s while the run is going" if refresh_seconds else ""
     problems = [p for r in runs for p in r.problems]
+    # A file of garbage (binary appended, another tool's log) is one line per row: the first ones
+    # say what is wrong; 100,000 of them made a 10 MB page with the charts at its end.
+    shown = [esc(p) for p in problems[:PROBLEMS_SHOWN]]
+    shown += [f"... and {len(problems) - PROBLEMS_SHOWN:,} more"] if len(problems) > PROBLEMS_SHOWN else []
     problem_box = (
-        "<div class=problems><b>Left out:</b><ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul></div>"
+        "<div class=problems><b>Left out:</b><ul>" + "".join(f"<li>{p}</li>" for p in shown) + "</ul></div>"
         if problems
         else ""
     )

@@ -197,3 +197,15 @@ def test_rows_without_a_step_are_named_and_a_file_of_only_those_is_refused(tmp_p
     assert "metrics.jsonl:2: no &#x27;step&#x27; (an integer) and no &#x27;event&#x27;; skipped" in (
         (run / "report.html").read_text()
     )
+
+
+def test_a_metrics_file_full_of_garbage_names_its_first_bad_lines_not_every_one(tmp_path):
+    run = make_run(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write("not json\n" * 5000)
+    result = CliRunner().invoke(main, ["report", run])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "metrics.jsonl:5: not a JSON object" in page and "metrics.jsonl:24: not a JSON object" in page
+    assert "metrics.jsonl:25: not a JSON object" not in page and "<li>... and 4,980 more</li>" in page
+    assert len(page) < 200_000
