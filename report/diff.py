@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,12 @@ def show(value: Any) -> str:
     return json.dumps(value)
 
 
+def columns(text: str) -> int:
+    """Terminal columns `text` takes: CJK and full-width characters take two (len() counted one,
+    so a Japanese description pushed the next column out of line)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def format_table(names: Sequence[str], rows: Sequence[tuple[str, tuple[Any, ...]]], width: int = 60) -> str:
     """A plain-text table: key, then one column per side; long values are cut with '...'."""
 
@@ -93,10 +100,17 @@ def format_table(names: Sequence[str], rows: Sequence[tuple[str, tuple[Any, ...]
 
     def cut(text: str) -> str:
         text = plain(text)
-        return text if len(text) <= width else text[: width - 3] + "..."
+        if columns(text) <= width:
+            return text
+        used, end = 0, 0
+        for end, c in enumerate(text):  # noqa: B007 - `end` is where the room runs out
+            used += columns(c)
+            if used > width - 3:
+                break
+        return text[:end] + "..."
 
     table = [("key", *names)] + [(plain(key), *(cut(show(v)) for v in values)) for key, values in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    widths = [max(columns(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell + " " * (w - columns(cell)) for cell, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

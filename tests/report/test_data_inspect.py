@@ -328,3 +328,18 @@ def test_diff_shows_a_multi_line_value_on_its_row_with_control_characters_escape
     assert len(lines) == 4 and lines[3].split() == ["description", "line", "one\\nline", "two\\u001b[31m", "Full"] + (
         "fine-tune of SmolLM2-135M-Instruct on ChatterBot Eng...".split()
     )
+
+
+def test_diff_columns_line_up_when_values_hold_wide_characters(tmp_path):
+    """len() counted a CJK character as one column: the next column started two columns early per character."""
+    import unicodedata
+
+    columns = lambda text: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)  # noqa: E731
+    spec = tmp_path / "jp.toml"
+    spec.write_text(f'extends = "{EXAMPLES / "quickstart.toml"}"\nname = "jp"\ndescription = "{"日本語の説明" * 8}"\n')
+    result = CliRunner().invoke(main, ["diff", str(spec), str(EXAMPLES / "quickstart.toml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    starts = {columns(line[: line.index(marker)]) for line, marker in zip(lines[2:], ("quickstart", "Full fine-tune"))}
+    assert len(starts) == 1  # the second side's column starts at one place on every row
+    assert columns(lines[3].split("  ")[1].strip()) <= 60  # the long value is cut by columns too
