@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from ftc.report.rundir import Run
+from ftc.report.rundir import Run, number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +222,13 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
     return Chart(chart.group, tuple(drawn), buf.getvalue())
 
 
+def _share(value) -> float:
+    """A bar's height on the 0..1 axis; anything else (NaN, 1e308, a string) is no bar (the table
+    beside it shows the value as written); NaN and huge ones made matplotlib warn on stderr."""
+    x = number(value) if not isinstance(value, str) else None
+    return min(1.0, max(0.0, x)) if x is not None and math.isfinite(x) else 0.0
+
+
 def draw_probe(runs: Sequence[Run], *, dpi: int = 100) -> bytes | None:
     """Accuracy and macro-F1 of each probe run's splits beside the majority-label baseline."""
     rows = []
@@ -239,11 +246,10 @@ def draw_probe(runs: Sequence[Run], *, dpi: int = 100) -> bytes | None:
     labels = [plain(" ".join(x for x in (name, split) if x)) for name, split, _ in rows]
     for ax, key, title in zip(axes, ("accuracy", "macro_f1"), ("Probe accuracy", "Probe macro-F1")):
         at = range(len(rows))
-        ax.bar([i - 0.2 for i in at], [m[key] for _, _, m in rows], width=0.4, color=PALETTE[0], label="probe")
-        base = [m.get(f"majority_{key}") for _, _, m in rows]
+        ax.bar([i - 0.2 for i in at], [_share(m[key]) for _, _, m in rows], width=0.4, color=PALETTE[0], label="probe")
         ax.bar(
             [i + 0.2 for i in at],
-            [b if isinstance(b, (int, float)) else 0 for b in base],
+            [_share(m.get(f"majority_{key}")) for _, _, m in rows],
             width=0.4,
             color="#999999",
             label="majority label",

@@ -209,3 +209,19 @@ def test_a_metrics_file_full_of_garbage_names_its_first_bad_lines_not_every_one(
     assert "metrics.jsonl:5: not a JSON object" in page and "metrics.jsonl:24: not a JSON object" in page
     assert "metrics.jsonl:25: not a JSON object" not in page and "<li>... and 4,980 more</li>" in page
     assert len(page) < 200_000
+
+
+def test_probe_metrics_that_are_not_shares_draw_no_bar_and_print_nothing(tmp_path):
+    """NaN, Infinity and 1e308 in probe_metrics.json made matplotlib print RuntimeWarnings; a 400-digit
+    integer failed float()."""
+    run = make_run(tmp_path / "run")
+    (tmp_path / "run" / "probe_metrics.json").write_text(
+        '{"steps": 4, "train": {"accuracy": NaN, "macro_f1": Infinity, "majority_accuracy": 1e308}, '
+        '"validation": {"accuracy": 2.5, "macro_f1": ' + "9" * 400 + ', "majority_macro_f1": "x"}}'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = CliRunner().invoke(main, ["report", run])
+    assert result.exit_code == 0, result.output
+    assert "probe" in figures(tmp_path / "run" / "report.html")
+    assert charts._share(0.25) == 0.25 and charts._share(2.5) == 1.0 and charts._share("x") == 0.0
