@@ -107,7 +107,7 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
     metrics = list(dict.fromkeys(m for run in runs for (_, m), points in run.series.items() if points))
     groups = [g for g in GROUPS if any(m in metrics for m in g.metrics)]
     groups += [
-        Group(_file_key(m), m.replace("_", " ").replace("/", " / ").capitalize(), (m,), OTHER)
+        Group(_other_key(m), m.replace("_", " ").replace("/", " / ").capitalize(), (m,), OTHER)
         for m in metrics
         if m not in _KNOWN
     ]
@@ -122,6 +122,16 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
         ]
         charts.append(Chart(g, tuple(series)))
     return charts
+
+
+_RESERVED = {g.key for g in GROUPS} | {"probe"}  # PNG names of the known charts and the probe's bars
+
+
+def _other_key(metric: str) -> str:
+    """An unknown metric's PNG name: one named like a known chart ("memory", "reward", "probe")
+    overwrote that chart's PNG and repeated its id on the page."""
+    key = _file_key(metric)
+    return f"{key}-metric" if key in _RESERVED else key
 
 
 def _file_key(metric: str) -> str:

@@ -4,6 +4,7 @@ version, odd names. The page is still written, or one line says why; never an in
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from report_testlib import figures
 
 from ftc.cli import main
-from ftc.report import charts
+from ftc.report import charts, write_report
 
 METRICS = "".join(json.dumps({"step": s, "split": "train", "loss": 3.0 - s / 2}) + "\n" for s in (1, 2, 3, 4))
 
@@ -225,3 +226,18 @@ def test_probe_metrics_that_are_not_shares_draw_no_bar_and_print_nothing(tmp_pat
     assert result.exit_code == 0, result.output
     assert "probe" in figures(tmp_path / "run" / "report.html")
     assert charts._share(0.25) == 0.25 and charts._share(2.5) == 1.0 and charts._share("x") == 0.0
+
+
+def test_an_unknown_metric_named_like_a_known_chart_gets_its_own_png(tmp_path):
+    """A metric called "memory" (beside memory_bytes) wrote memory.png over the Memory chart's."""
+    run = make_run(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "split": "train", "memory": 3.0, "memory_bytes": 2**30, "probe": 1.0}) + "\n")
+    written = write_report([run])
+    names = [os.path.basename(p) for p in written.pngs]
+    assert len(names) == len(set(names)) and {"memory.png", "memory-metric.png", "probe-metric.png"} <= set(names)
+    shown = figures(written.html)
+    assert (
+        shown["memory"]["series"][0]["metric"] == "memory_bytes"
+        and shown["memory-metric"]["series"][0]["metric"] == "memory"
+    )
