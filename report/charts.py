@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from ftc.report.rundir import Run
+from ftc.report.rundir import Run, number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
     metrics = list(dict.fromkeys(m for run in runs for (_, m), points in run.series.items() if points))
     groups = [g for g in GROUPS if any(m in metrics for m in g.metrics)]
     groups += [
-        Group(_file_key(m), m.replace("_", " ").replace("/", " / ").capitalize(), (m,), OTHER)
+        Group(_other_key(m), m.replace("_", " ").replace("/", " / ").capitalize(), (m,), OTHER)
         for m in metrics
         if m not in _KNOWN
     ]
@@ -124,6 +124,16 @@ def plan_charts(runs: Sequence[Run]) -> list[Chart]:
     return charts
 
 
+_RESERVED = {g.key for g in GROUPS} | {"probe"}  # PNG names of the known charts and the probe's bars
+
+
+def _other_key(metric: str) -> str:
+    """An unknown metric's PNG name: one named like a known chart ("memory", "reward", "probe")
+    overwrote that chart's PNG and repeated its id on the page."""
+    key = _file_key(metric)
+    return f"{key}-metric" if key in _RESERVED else key
+
+
 def _file_key(metric: str) -> str:
     """A PNG file name for a metric: TRL-style names hold "/" (clip_ratio/high_mean, rewards/numeric/mean),
     which would name a folder. The metric is kept whole for a distinct name (a/b and a_b differ)."""
@@ -134,10 +144,42 @@ def _file_key(metric: str) -> str:
 # ------------------------------------------------------------------ drawing
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+LEGEND_INSIDE = 8  # more entries than this go beside the axes (inside, 20 runs' entries hid every line)
+
+
+def run_colours(count: int) -> tuple[str, ...]:
+    """One colour per run, all distinct: the palette, and past its 9 colours evenly spaced hues (the
+    palette repeated gave runs 1 and 10 one colour)."""
+    if count <= len(PALETTE):
+        return PALETTE[:count]
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    turbo = colormaps["turbo"]
+    return tuple(to_hex(turbo(0.05 + 0.9 * i / (count - 1))) for i in range(count))
+
+
 SPLIT_STYLE = {"train": dict(linestyle="-", marker=None), "validation": dict(linestyle="--", marker="o")}
 
 
 METRIC_MARKERS = (None, "^", "s", "x")  # several runs: a chart's 2nd, 3rd... metric of one run
+
+
+# Past this no metric of a run comes (float32 ends at 3.4e38); matplotlib's axis arithmetic
+# overflows near float64's end (+-1e308: "arange: cannot compute length"), so such values are gaps.
+DRAWABLE = 1e200
+
+
+def _drawable(y: float) -> float:
+    return y if abs(y) <= DRAWABLE else math.nan
+
+
+def plain(text: str) -> str:
+    """`text` as matplotlib shows it literally: a run or metric name holding two "$" ("cost $5 to $10")
+    is otherwise parsed as mathtext (and one that does not parse fails the whole report), and a
+    legend label starting with "_" is left out of the legend."""
+    text = text.replace("$", r"\$")
+    return " " + text if text.startswith("_") else text
 
 
 def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: float = 3.3, dpi: int = 100) -> Chart:
@@ -147,19 +189,23 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
     from matplotlib.figure import Figure  # not pyplot: no global state, safe beside a training loop
 
     several = len(runs) > 1
-    fig = Figure(figsize=(width, height), dpi=dpi)
+    colours = dict(zip(runs, run_colours(len(runs))))
+    beside = len(chart.series) > LEGEND_INSIDE
+    columns = -(-len(chart.series) // 16)
+    # The legend beside the axes widens the figure by its own width, so the plot keeps its size.
+    fig = Figure(figsize=(width + (1.9 * columns if beside else 0), height), dpi=dpi)
     ax = fig.add_subplot()
     drawn = []
     values = []
     metrics = chart.group.metrics
     for s in chart.series:
         if several:
-            colour = PALETTE[list(runs).index(s.run) % len(PALETTE)] if s.run in runs else PALETTE[-1]
+            colour = colours.get(s.run, PALETTE[-1])
         else:  # train and validation of a metric side by side in the palette: blue / red, green / orange...
             present = [m for m in metrics if any(x.metric == m for x in chart.series)]
             colour = PALETTE[(2 * present.index(s.metric) + (s.split != "train")) % len(PALETTE)]
         xs = [p[0] for p in s.points]
-        ys = [p[1] * chart.group.scale for p in s.points]
+        ys = [_drawable(p[1] * chart.group.scale) for p in s.points]
         values += [y for y in ys if math.isfinite(y)]
         style = dict(SPLIT_STYLE.get(s.split, dict(linestyle=":", marker="s")))
         if several and s.metric in metrics and metrics.index(s.metric) > 0:
@@ -167,21 +213,30 @@ def draw(chart: Chart, runs: Sequence[str] = (), *, width: float = 6.4, height: 
         if len(xs) == 1:
             style["marker"] = style["marker"] or "o"  # a single point still shows
         parts = ([s.run] if several else []) + [s.split] + ([s.label] if len(metrics) > 1 else [])
-        ax.plot(xs, ys, color=colour, linewidth=1.8, markersize=4, label=" · ".join(parts), **style)
+        ax.plot(xs, ys, color=colour, linewidth=1.8, markersize=4, label=plain(" · ".join(parts)), **style)
         drawn.append(dataclasses.replace(s, colour=colour))
     if chart.group.log_y and values and min(values) > 0 and max(values) / min(values) > 100:
         ax.set_yscale("log")
-    ax.set_title(chart.group.title, fontsize=11)
+    ax.set_title(plain(chart.group.title), fontsize=11)
     ax.set_xlabel("step", fontsize=9)
     ax.set_ylabel(chart.group.unit, fontsize=9)
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.3)
-    if chart.series:
+    if beside:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncols=columns, frameon=False)
+    elif chart.series:
         ax.legend(fontsize=8, loc="best", frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return Chart(chart.group, tuple(drawn), buf.getvalue())
+
+
+def _share(value) -> float:
+    """A bar's height on the 0..1 axis; anything else (NaN, 1e308, a string) is no bar (the table
+    beside it shows the value as written); NaN and huge ones made matplotlib warn on stderr."""
+    x = number(value) if not isinstance(value, str) else None
+    return min(1.0, max(0.0, x)) if x is not None and math.isfinite(x) else 0.0
 
 
 def draw_probe(runs: Sequence[Run], *, dpi: int = 100) -> bytes | None:
@@ -198,14 +253,13 @@ def draw_probe(runs: Sequence[Run], *, dpi: int = 100) -> bytes | None:
 
     fig = Figure(figsize=(6.4, 3.3), dpi=dpi)
     axes = fig.subplots(1, 2)
-    labels = [" ".join(x for x in (name, split) if x) for name, split, _ in rows]
+    labels = [plain(" ".join(x for x in (name, split) if x)) for name, split, _ in rows]
     for ax, key, title in zip(axes, ("accuracy", "macro_f1"), ("Probe accuracy", "Probe macro-F1")):
         at = range(len(rows))
-        ax.bar([i - 0.2 for i in at], [m[key] for _, _, m in rows], width=0.4, color=PALETTE[0], label="probe")
-        base = [m.get(f"majority_{key}") for _, _, m in rows]
+        ax.bar([i - 0.2 for i in at], [_share(m[key]) for _, _, m in rows], width=0.4, color=PALETTE[0], label="probe")
         ax.bar(
             [i + 0.2 for i in at],
-            [b if isinstance(b, (int, float)) else 0 for b in base],
+            [_share(m.get(f"majority_{key}")) for _, _, m in rows],
             width=0.4,
             color="#999999",
             label="majority label",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,8 +29,9 @@ def resolved_spec(path: str | os.PathLike) -> dict:
         try:
             with open(full, encoding="utf-8") as f:
                 spec = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ReportError(f"{full}: not readable as JSON ({e})") from None
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, 4300+ digits
+            why = "nested too deeply" if isinstance(e, RecursionError) else e  # json's decoder recurses
+            raise ReportError(f"{full}: not readable as JSON ({why})") from None
         if not isinstance(spec, dict):
             raise ReportError(f"{full}: expected a JSON object, found {type(spec).__name__}")
         return spec
@@ -40,7 +42,8 @@ def resolved_spec(path: str | os.PathLike) -> dict:
     try:
         return load_spec(path).to_dict()
     except SpecError as e:
-        errors = [i for i in e.issues if i.severity == "error"]
+        # An extends chain that cannot be followed is the cause of the keys then missing: named first.
+        errors = sorted((i for i in e.issues if i.severity == "error"), key=lambda i: i.key_path != "extends")
         first = errors[0] if errors else None
         where = f"{first.file}:{first.line}:{first.col}" if first and first.line else (first.file if first else path)
         what = f"{first.key_path + ': ' if first.key_path else ''}{first.message}" if first else str(e)
@@ -79,14 +82,35 @@ def show(value: Any) -> str:
     return json.dumps(value)
 
 
+def columns(text: str) -> int:
+    """Terminal columns `text` takes: CJK and full-width characters take two (len() counted one,
+    so a Japanese description pushed the next column out of line)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def format_table(names: Sequence[str], rows: Sequence[tuple[str, tuple[Any, ...]]], width: int = 60) -> str:
     """A plain-text table: key, then one column per side; long values are cut with '...'."""
 
-    def cut(text: str) -> str:
-        return text if len(text) <= width else text[: width - 3] + "..."
+    def plain(text: str) -> str:
+        # A newline in a value (a multi-line description) broke the table's rows; escapes from a
+        # spec are not the terminal's to act on: control characters are shown escaped, as JSON does.
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            return json.dumps(text, ensure_ascii=False)[1:-1]
+        return text
 
-    table = [("key", *names)] + [(key, *(cut(show(v)) for v in values)) for key, values in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    def cut(text: str) -> str:
+        text = plain(text)
+        if columns(text) <= width:
+            return text
+        used, end = 0, 0
+        for end, c in enumerate(text):  # noqa: B007 - `end` is where the room runs out
+            used += columns(c)
+            if used > width - 3:
+                break
+        return text[:end] + "..."
+
+    table = [("key", *names)] + [(plain(key), *(cut(show(v)) for v in values)) for key, values in rows]
+    widths = [max(columns(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell + " " * (w - columns(cell)) for cell, w in zip(r, widths)).rstrip() for r in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -17,6 +17,12 @@ def _visible(piece: str) -> str:
     return piece.replace("\n", "↵\n").replace("\t", "→")
 
 
+def _safe(piece: str) -> str:
+    """Control characters of the data shown, not obeyed: an ESC sequence in a row recoloured or
+    cleared the terminal instead of being seen (newlines and tabs are the text's own layout)."""
+    return "".join(f"\\x{ord(c):02x}" if (ord(c) < 32 and c not in "\n\t") or ord(c) == 127 else c for c in piece)
+
+
 def token_text(example, colour: bool) -> str:
     """The example's text with supervised tokens marked: a green background (alternating shade so
     token boundaries show) with colour, ⟦...⟧ around each supervised span without."""
@@ -25,6 +31,7 @@ def token_text(example, colour: bool) -> str:
     out = []
     inside = False
     for i, (piece, w) in enumerate(zip(example.pieces, example.weights)):
+        piece = _safe(piece)
         trained = w > 0
         if colour:
             if trained:
@@ -77,6 +84,8 @@ def histogram_lines(lengths, max_seq_len: int, bins: int = 10, width: int = 40) 
 def packing_line(p: dict, max_seq_len: int) -> str:
     unpacked = f"one per row: {p['unpacked_rows']:,} rows ({p['unpacked_efficiency']:.1%} of positions hold tokens)"
     head = f"{p['sequences']:,} sequences of up to {max_seq_len} tokens"
+    if "note" in p:  # prompts (GRPO): rows are prompts plus what is sampled from them
+        return f"{head}: {p['note']}"
     if "packed_rows" not in p:
         return f"{head}: {unpacked}; this format is never packed"
     gain = p["unpacked_rows"] / max(1, p["packed_rows"])

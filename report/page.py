@@ -20,7 +20,7 @@ from typing import Any
 from ftc import __version__
 from ftc.report import diff as diff_lib
 from ftc.report.charts import SECTIONS, Chart
-from ftc.report.rundir import Run
+from ftc.report.rundir import Run, subtree
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1b1f24}
@@ -40,6 +40,9 @@ pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px;overflow:auto;font-s
 .problems{background:#fff8c5;border:1px solid #d4a72c;padding:6px 12px;border-radius:6px}
 .muted{color:#57606a}details{margin:6px 0}summary{cursor:pointer;font-weight:600}
 """
+
+
+PROBLEMS_SHOWN = 20  # lines of "Left out" on the page
 
 
 def esc(value: Any) -> str:
@@ -131,7 +134,6 @@ def summary_rows(runs: Sequence[Run]) -> str:
     )  # fmt: skip
     rows = []
     for run in runs:
-        spec = run.spec or {}
         train = run.last("train", "loss")
         val = run.last("validation", "loss")
         best = min((v for _, v in run.series.get(("validation", "loss"), ()) if v == v), default=None)
@@ -143,9 +145,9 @@ def summary_rows(runs: Sequence[Run]) -> str:
             (
                 f"<b>{esc(run.name)}</b><br><span class=muted>{esc(run.path)}</span>",
                 esc(status(run)),
-                esc(spec.get("method", {}).get("kind", "–")),
-                esc(spec.get("training", {}).get("objective", "–")),
-                esc(spec.get("model", {}).get("base", "–")),
+                esc(subtree(run.spec, "method").get("kind", "–")),
+                esc(subtree(run.spec, "training").get("objective", "–")),
+                esc(subtree(run.spec, "model").get("base", "–")),
                 esc(fmt(train[1]) if train else "–"),
                 esc(f"{fmt(val[1])} ({fmt(best)})" if val else "–"),
                 esc(fmt(ppl[1]) if ppl else "–"),
@@ -243,8 +245,9 @@ def samples_section(runs: Sequence[Run]) -> str:
 
 def plan_block(plan: dict) -> str:
     summary = {k: v for k, v in plan.items() if k not in ("params", "notes", "fingerprint")}
-    notes = "".join(f"<li>{esc(n)}</li>" for n in plan.get("notes") or ())
-    params = plan.get("params") or []
+    listed = lambda key: plan.get(key) if isinstance(plan.get(key), list) else []  # a list of the wrong kind: none
+    notes = "".join(f"<li>{esc(n)}</li>" for n in listed("notes"))
+    params = listed("params")
     rows = [
         (
             esc(p.get("path")),
@@ -301,8 +304,12 @@ def render(runs: Sequence[Run], charts: Sequence[Chart], probe_png: bytes | None
     meta = f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds else ""
     live = f" · reloads every {refresh_seconds} s while the run is going" if refresh_seconds else ""
     problems = [p for r in runs for p in r.problems]
+    # A file of garbage (binary appended, another tool's log) is one line per row: the first ones
+    # say what is wrong; 100,000 of them made a 10 MB page with the charts at its end.
+    shown = [esc(p) for p in problems[:PROBLEMS_SHOWN]]
+    shown += [f"... and {len(problems) - PROBLEMS_SHOWN:,} more"] if len(problems) > PROBLEMS_SHOWN else []
     problem_box = (
-        "<div class=problems><b>Left out:</b><ul>" + "".join(f"<li>{esc(p)}</li>" for p in problems) + "</ul></div>"
+        "<div class=problems><b>Left out:</b><ul>" + "".join(f"<li>{p}</li>" for p in shown) + "</ul></div>"
         if problems
         else ""
     )

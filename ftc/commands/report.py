@@ -40,7 +40,7 @@ def report(run_dirs, out):
       ftc report runs/quickstart            # -> runs/quickstart/report.html
       ftc report runs/lr-1e-4 runs/lr-3e-4 --out compare.html
     """
-    from ftc.report import ReportError, default_out, write_report
+    from ftc.report import ReportError, default_out, distinct, write_report
 
     try:
         written = write_report(run_dirs, out)
@@ -48,7 +48,8 @@ def report(run_dirs, out):
         _fail(str(e))
     except OSError as e:
         # the path the user chose, not the hidden staging directory the report is written into first
-        _fail(f"{os.path.abspath(out or default_out(run_dirs))}: could not write the report ({e.strerror or e})")
+        where = os.path.abspath(out or default_out(distinct(run_dirs)))
+        _fail(f"{where}: could not write the report ({e.strerror or e})")
 
     pngs = written.pngs
     click.echo(f"wrote {written.html}" + (f" and {len(pngs)} PNG charts in {os.path.dirname(pngs[0])}" if pngs else ""))
@@ -63,6 +64,10 @@ def diff(a, b, as_json):
     overrides and defaults applied, paths absolute) or a run directory (its spec.resolved.json:
     what ran). Prints only the keys that differ. Exit status 0 (also when they differ); 1 when A
     or B is neither a spec nor a run.
+
+    \b
+      ftc diff examples/quickstart.toml examples/lora.toml
+      ftc diff runs/lr-1e-4 runs/lr-3e-4 --json
     """
     import json
 
@@ -105,11 +110,20 @@ def inspect(spec_path, overrides, count, html_out, color):
     wrong: share of supervised tokens, rows truncated or dropped and why, EOS / end-of-turn
     supervised or not, double BOS, pad == eos, template tokens missing from the vocabulary; a
     length histogram and what packing achieves. Without colours, supervised spans are ⟦bracketed⟧.
+    A GRPO spec's prompts are shown as its run reads them (nothing of a prompt is trained).
+
+    \b
+      ftc data inspect examples/quickstart.toml --n 5 --html inspect.html
     """
     import sys
 
+    from ftc.report import out_problem
     from ftc.spec import SpecError, load_spec
 
+    # Before the data pipeline runs: a bad --html then costs nothing, and a data file is never overwritten.
+    problem = out_problem(html_out, "--html", charts=False) if html_out is not None else None
+    if problem:
+        _fail(problem)
     try:
         spec = load_spec(spec_path, overrides)
     except SpecError as e:

@@ -171,6 +171,9 @@ def test_tfds_source_reads_through_array_record_without_tensorflow(tmp_path):
     assert "tensorflow" not in sys.modules
     with pytest.raises(DataError, match="cannot open it through tfds.data_source"):
         read_rows("tfds:tiny_chat_for_ftc:test", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))
+    with pytest.raises(DataError, match="cannot open it through tfds.data_source") as unknown:
+        read_rows("tfds:no_such_set_for_ftc:train", format="chat", on_bad_row="error", tfds_data_dir=str(tmp_path))
+    assert "\n" not in str(unknown.value)  # tfds follows 'not found' with the ~270 datasets it knows, one a line
 
 
 def test_classification_labels_from_csv_cells_are_numerals_in_order_or_indices_into_data_labels(tmp_path):

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import transformers
@@ -198,6 +199,61 @@ def test_a_spec_whose_data_is_missing_is_one_line_naming_the_file(tmp_path):
     assert len(lines) == 1 and str(tmp_path / "train.jsonl") in lines[0] and lines[0].startswith("error: ")
 
 
+def test_an_html_out_naming_the_data_is_refused_before_any_work_and_the_data_kept(tmp_path):
+    """--html once overwrote whatever it named (the spec's own train.jsonl), after the whole pipeline ran."""
+    spec = tiny(tmp_path, [chat("user", "hi", "assistant", "hello")])
+    data = (tmp_path / "train.jsonl").read_text()
+    result = CliRunner().invoke(main, ["data", "inspect", str(spec), "--html", str(tmp_path / "train.jsonl")])
+    assert result.exit_code == 1
+    assert result.output == f"error: {tmp_path / 'train.jsonl'}: exists and is not a report ftc wrote " + (
+        "(it replaces only those); choose another --html\n"
+    )
+    assert (tmp_path / "train.jsonl").read_text() == data
+
+
+@pytest.mark.parametrize(
+    "where, expected",
+    [("a-dir", "is a directory; --html names the HTML file to write"), ("spec.toml/x.html", "is not a directory")],
+)
+def test_an_html_out_that_cannot_be_written_is_one_line_with_no_output_and_no_leftovers(tmp_path, where, expected):
+    spec = tiny(tmp_path, [chat("user", "hi", "assistant", "hello")])
+    spec.rename(tmp_path / "spec.toml")
+    (tmp_path / "a-dir").mkdir()
+    before = set(tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["data", "inspect", str(tmp_path / "spec.toml"), "--html", str(tmp_path / where)])
+    assert result.exit_code == 1 and expected in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ")  # nothing inspected first
+    assert set(tmp_path.rglob("*")) == before  # no stray a-dir.tmp
+
+
+def test_prompt_rows_are_shown_as_the_grpo_run_reads_them_with_nothing_supervised(tmp_path):
+    """Through the SFT pipeline every prompt row was dropped as 'no_target' and inspect refused the spec."""
+    rows = [{"prompt": f"what is {i} + 1?", "answer": str(i + 1)} for i in range(3)] + [{"prompt": "what is 0 + 1?"}]
+    spec = tiny(tmp_path, rows, format="prompt")
+    grpo = 'objective = "grpo"\ngrpo_max_new_tokens = 8\ngrpo_rewards = [{kind = "numeric"}]\n'
+    spec.write_text(spec.read_text().replace('objective = "sft"\n', grpo))
+    write_jsonl(tmp_path / "train.jsonl", rows[:3])
+    result = CliRunner().invoke(main, ["data", "inspect", str(spec), "--n", "2", "--no-color"])
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>user\nwhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n" in result.output
+    assert OPEN not in result.output.split("\n── ", 1)[1].split("checks:")[0]  # nothing of a prompt is trained
+    assert re.search(r"info +supervised +3 prompts \(3 with an answer\): nothing of a prompt is trained", result.output)
+    write_jsonl(tmp_path / "train.jsonl", rows)  # a row without the answer a reward needs: refused, named
+    result = CliRunner().invoke(main, ["data", "inspect", str(spec)])
+    assert result.exit_code == 1 and 'have no "answer"' in result.output and "train.jsonl:4" in result.output
+
+
+@pytest.mark.parametrize("colour", [False, True])
+def test_control_characters_in_the_data_are_shown_escaped_not_sent_to_the_terminal(tmp_path, colour):
+    rows = [chat("user", "clear \x1b[2J me\rnow", "assistant", "bell\x07 ok")]
+    args = ["data", "inspect", str(tiny(tmp_path, rows)), "--color" if colour else "--no-color"]
+    result = CliRunner().invoke(main, args, color=colour)
+    assert result.exit_code == 0, result.output
+    shown = click.unstyle(result.output)
+    assert "\x1b" not in shown and "\r" not in shown and "\x07" not in shown
+    assert "clear \\x1b[2J me\\x0dnow" in shown and "bell\\x07 ok" in shown
+
+
 # ------------------------------------------------------------------ ftc diff
 
 
@@ -237,3 +293,53 @@ def test_diff_of_something_that_is_neither_spec_nor_run_is_one_line_and_exit_1(t
     result = CliRunner().invoke(main, ["diff", str(path), str(EXAMPLES / "quickstart.toml")])
     assert result.exit_code == 1 and result.output.strip().count("\n") == 0
     assert str(path) in result.output and expected in result.output
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"top.toml": 'extends = "nothere.toml"\nname = "x"\n'}, "top.toml:1:1: extends: extended file not found: "),
+        (
+            {"top.toml": 'extends = "z.toml"\nname = "a"\n', "z.toml": 'extends = "top.toml"\nname = "z"\n'},
+            "z.toml:1:1: extends: extends cycle: top.toml -> z.toml -> top.toml (and 2 more: ftc lint ",
+        ),
+    ],
+    ids=["missing-base", "cycle"],
+)
+def test_diff_of_a_spec_whose_extends_cannot_be_followed_names_the_extends_not_the_keys_it_lacks(
+    tmp_path, files, expected
+):
+    """The first error by position was "data: required key 'data' is missing", a consequence."""
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = CliRunner().invoke(main, ["diff", str(tmp_path / "top.toml"), str(EXAMPLES / "quickstart.toml")])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and expected in result.output, result.output
+
+
+def test_diff_shows_a_multi_line_value_on_its_row_with_control_characters_escaped(tmp_path):
+    """A newline in a description split the table's row in two; an ESC reached the terminal raw."""
+    spec = tmp_path / "multi.toml"
+    spec.write_text(
+        f'extends = "{EXAMPLES / "quickstart.toml"}"\nname = "m"\ndescription = """line one\nline two\\u001b[31m"""\n'
+    )
+    result = CliRunner().invoke(main, ["diff", str(spec), str(EXAMPLES / "quickstart.toml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 4 and lines[3].split() == ["description", "line", "one\\nline", "two\\u001b[31m", "Full"] + (
+        "fine-tune of SmolLM2-135M-Instruct on ChatterBot Eng...".split()
+    )
+
+
+def test_diff_columns_line_up_when_values_hold_wide_characters(tmp_path):
+    """len() counted a CJK character as one column: the next column started two columns early per character."""
+    import unicodedata
+
+    columns = lambda text: sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)  # noqa: E731
+    spec = tmp_path / "jp.toml"
+    spec.write_text(f'extends = "{EXAMPLES / "quickstart.toml"}"\nname = "jp"\ndescription = "{"日本語の説明" * 8}"\n')
+    result = CliRunner().invoke(main, ["diff", str(spec), str(EXAMPLES / "quickstart.toml")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    starts = {columns(line[: line.index(marker)]) for line, marker in zip(lines[2:], ("quickstart", "Full fine-tune"))}
+    assert len(starts) == 1  # the second side's column starts at one place on every row
+    assert columns(lines[3].split("  ")[1].strip()) <= 60  # the long value is cut by columns too

@@ -226,3 +226,43 @@ def test_an_out_that_is_not_a_report_is_never_replaced(tmp_path):
     for _ in range(2):  # its own report it replaces
         result = CliRunner().invoke(main, ["report", str(run), "--out", str(page)])
         assert result.exit_code == 0, result.output
+
+
+def test_a_charts_folder_ftc_did_not_write_is_never_replaced(tmp_path):
+    """The PNG folder beside --out (NAME_charts) was replaced whole, deleting a file or folder of that name."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n')
+    (tmp_path / "notes_charts").write_text("precious")
+    (tmp_path / "plots_charts").mkdir()
+    (tmp_path / "plots_charts" / "mine.txt").write_text("precious")
+    for name in ("notes", "plots"):
+        result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / f"{name}.html")])
+        assert result.exit_code == 1 and result.output == (
+            f"error: {tmp_path / name}_charts: exists and is not a charts folder ftc wrote (PNGs only); "
+            "choose another --out\n"
+        )
+        assert not (tmp_path / f"{name}.html").exists()
+    assert (tmp_path / "notes_charts").read_text() == (tmp_path / "plots_charts" / "mine.txt").read_text() == "precious"
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0 and (tmp_path / "r_charts" / "loss.png").is_file()
+    again = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "r.html")])
+    assert again.exit_code == 0, again.output  # its own charts folder it replaces
+
+
+@pytest.mark.parametrize(
+    "out, expected",
+    [
+        ("run/metrics.jsonl/r.html", "run/metrics.jsonl is not a directory"),
+        ("", "error: --out is empty; it names the HTML file to write"),
+        ("reports/", "reports: is a directory; --out names the HTML file to write"),
+    ],
+    ids=["under-a-file", "empty", "a-new-directory"],
+)
+def test_an_out_that_cannot_be_a_file_says_why_in_one_line(tmp_path, out, expected):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n')
+    result = CliRunner().invoke(main, ["report", str(run), "--out", f"{tmp_path}/{out}" if out else ""])
+    assert result.exit_code == 1 and expected in result.output and result.output.count("\n") == 1, result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["metrics.jsonl", "run"]

@@ -69,6 +69,8 @@ def inspect_spec(spec, *, n: int = 20) -> Inspection:
     model_dir, _ = read_model_config(spec.model.base)
     tok_dir = stages.tokenizer_dir(spec, model_dir if model_dir is not None else Path(spec.model.base))
     tokenizer = stages.load_tokenizer(tok_dir)
+    if spec.data.format == "prompt":
+        return _inspect_prompts(spec, tokenizer, str(tok_dir), n)
     options = stages.data_options(spec)
     shuffle, packing = options.pop("shuffle"), options.pop("packing")
     tokenized = datasets.tokenize_splits(**options, tokenizer=tokenizer)
@@ -105,6 +107,60 @@ def inspect_spec(spec, *, n: int = 20) -> Inspection:
         stats=laid.stats.to_dict(),
         lengths=lengths,
         packing=packing_effect(sides, spec.model.max_seq_len, fmt.layout, bool(packing)),
+    )
+
+
+def _inspect_prompts(spec, tokenizer, tok_dir: str, n: int) -> Inspection:
+    """Prompt rows (GRPO) as the run reads them (rl.loop.prompt_data: its cleaning, and its refusals
+    of a prompt with no room to generate or no answer a reward needs). Nothing of a prompt is
+    trained: through the SFT pipeline every row was dropped as 'no_target', a misleading refusal."""
+    from ftc.backends.jax.rl.loop import prompt_data, rl_keys
+
+    data, k = prompt_data(spec, tokenizer), rl_keys(spec)
+    sides = [
+        Tokens(where, np.asarray(ids, np.int32), np.zeros(len(ids), np.float32))
+        for where, ids in zip(data.where, data.ids)
+    ]
+    shown = [Example(t.where, tuple(map(int, t.ids)), pieces(tokenizer, t.ids), (0.0,) * len(t.ids)) for t in sides[:n]]
+    st = data.stats
+    dropped = ", ".join(f"{count} {why}" for why, count in st.dropped.items()) or "none"
+    cleaning = f"prompt rows: {st.rows_read} kept as {st.prompts}; dropped: {dropped}"
+    if st.bad_rows_skipped:
+        cleaning += (
+            f"; {st.bad_rows_skipped} malformed rows skipped (data.on_bad_row = 'skip'), first {st.bad_row_examples[0]}"
+        )
+    checks = [
+        Check(
+            "supervised",
+            "info",
+            f"{st.prompts:,} prompts ({st.with_answer:,} with an answer): nothing of a prompt is trained; "
+            f"{k.objective.upper()} trains on completions sampled from them (up to {k.max_new_tokens} tokens)",
+        ),
+        Check("cleaning", "warn" if st.bad_rows_skipped else "ok", cleaning),
+        _double_bos(sides, tokenizer),
+        _pad_is_eos(tokenizer),
+        *_template_markers(tokenizer, spec.data.format),
+    ]
+    tokens = sum(len(t.ids) for t in sides)
+    return Inspection(
+        spec_path=spec.source,
+        format=spec.data.format,
+        layout="rollout",
+        tokenizer=tok_dir,
+        max_seq_len=spec.model.max_seq_len,
+        examples=tuple(shown),
+        rendered=tuple(tokenizer.decode(list(ex.ids), skip_special_tokens=False) for ex in shown),
+        checks=tuple(c for c in checks if c is not None),
+        stats=st.to_dict(),
+        lengths=tuple(len(t.ids) for t in sides),
+        packing={
+            "spec_packs": False,
+            "can_pack": False,
+            "sequences": len(sides),
+            "unpacked_rows": len(sides),
+            "unpacked_efficiency": tokens / max(1, len(sides) * spec.model.max_seq_len),
+            "note": f"prompts are never packed: each is a row, with room for {k.max_new_tokens} sampled tokens",
+        },
     )
 
 
@@ -283,7 +339,7 @@ def _pad_is_eos(tokenizer) -> Check:
 def _template_markers(tokenizer, format: str) -> list[Check]:
     """Turn markers the chat template writes that the vocabulary does not hold as one token: they
     are trained as several ordinary pieces and the model may never produce them."""
-    if format not in ("chat", "preference") or not getattr(tokenizer, "chat_template", None):
+    if format not in ("chat", "preference", "prompt") or not getattr(tokenizer, "chat_template", None):
         return []
     try:
         text = tokenizer.apply_chat_template(list(PROBE_CONVERSATION), tokenize=False)

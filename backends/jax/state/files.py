@@ -5,6 +5,7 @@ writer's successor can find and remove (`temp_dir`)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -19,9 +20,14 @@ from typing import Any
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`text` into `path` through a temporary file beside it, renamed into place."""
     tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a directory at `path`, a kill: no stray .tmp beside it
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -30,9 +30,11 @@ def records(source: str, data_dir: str | None = None) -> Iterator[tuple[str, Any
     try:
         data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many kinds for a missing/unprepared dataset
+        # Its first line only: a name tfds does not know is followed by every dataset it does (~270 lines).
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
         raise DataError(
             f"data source {source!r}: cannot open it through tfds.data_source "
-            f"(prepared with file_format='array_record'?): {type(e).__name__}: {e}"
+            f"(prepared with file_format='array_record'?): {type(e).__name__}: {first}"
         ) from e
     for i in range(len(data)):
         try:
