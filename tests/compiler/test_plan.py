@@ -228,7 +228,7 @@ def test_fingerprint_holds_nothing_that_a_resume_may_change():
         "export": {"export": {"format": "hf", "dtype": "float32"}},
         "model.init_from": {"model": {"init_from": "/x"}},
         "data.validation": {"data": {"validation": "/v.jsonl"}},
-        "eval": {"eval": {"samples": 4, "max_new_tokens": 16}},
+        "eval": {"eval": {"samples": 4, "max_new_tokens": 16}, "data": {"validation": "/v.jsonl"}},  # its prompts
     }
     assert set(resumable) == set(plan_lib.RESUMABLE_CHANGES)
     for key, change in resumable.items():
