@@ -101,7 +101,8 @@ def _source_problems(s: dict) -> list[tuple[tuple, str]]:
 
 
 def named_source_problem(source: str) -> str | None:
-    """Why a named data source is malformed, by the rules of the backend's `parse` functions, or None."""
+    """Why a named data source is malformed, or None: lint's check and the backend's `parse`
+    (data/sources/hf_datasets.py, tfds.py) use this one rule."""
     if source.startswith("hf:"):
         parts = source[len("hf:") :].split(":")
         if not parts[0] or len(parts) > 3 or not all(parts):

@@ -23,7 +23,6 @@ in batches by a loaded scorer (`score(..., models={label: reward_model.load(r)})
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import re
@@ -147,11 +146,6 @@ def _json_object(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(pattern: str):
-    return compile_regex(pattern)
-
-
 def one(reward: Reward, completion: str, tokens: int, answer: str | None) -> float:
     """`reward`'s value (before its weight) for one completion of `tokens` tokens."""
     if reward.needs_answer and answer is None:
@@ -164,7 +158,7 @@ def one(reward: Reward, completion: str, tokens: int, answer: str | None) -> flo
         got, want = last_number(completion), last_number(answer)
         return float(got is not None and want is not None and math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-9))
     if reward.kind == "regex":
-        return float(search(_compiled(reward.pattern), completion) is not None)
+        return float(search(re.compile(reward.pattern), completion) is not None)  # re caches compiled patterns
     if reward.kind == "length":
         lo, hi = reward.min_tokens, reward.max_tokens
         if lo <= tokens <= hi:

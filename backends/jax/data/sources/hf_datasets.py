@@ -22,6 +22,7 @@ from typing import Any
 from ftc.backends.jax.data.read import BadRow, DataError
 from ftc.backends.jax.data.sources import Source, file_stat
 from ftc.backends.jax.data.sources.parquet import text_values
+from ftc.spec.run_rules import named_source_problem
 
 PREFIX = "hf:"
 SAVED_FILES = ("state.json", "dataset_info.json")
@@ -30,9 +31,9 @@ _OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 def parse(source: str) -> tuple[str, str | None, str]:
     """`hf:NAME[:CONFIG][:SPLIT]` -> (name, config or None, split)."""
+    if why := named_source_problem(source):  # the rule lint applies too
+        raise DataError(f"data source {why}")
     parts = source[len(PREFIX) :].split(":")
-    if not parts[0] or len(parts) > 3 or not all(parts):
-        raise DataError(f"data source {source!r}: expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
     name, config, split = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else "train")
     return name, config, split
 

@@ -10,16 +10,16 @@ from typing import Any
 
 from ftc.backends.jax.data.read import BadRow, DataError
 from ftc.backends.jax.data.sources import Source
+from ftc.spec.run_rules import named_source_problem
 
 PREFIX = "tfds:"
 
 
 def parse(source: str) -> tuple[str, str]:
     """`tfds:name/config:split` -> ("name/config", "split")."""
-    body = source[len(PREFIX) :]
-    name, sep, split = body.rpartition(":")
-    if not sep or not name or not split:
-        raise DataError(f"data source {source!r}: expected tfds:name/config:split (or tfds:name:split)")
+    if why := named_source_problem(source):  # the rule lint applies too
+        raise DataError(f"data source {why}")
+    name, _, split = source[len(PREFIX) :].rpartition(":")
     return name, split
 
 
