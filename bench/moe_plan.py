@@ -3,7 +3,8 @@ for the compiled train step (bench/README.md, "MoE activation estimate").
 
     python -m bench.moe_plan                 # Mixtral-, Qwen2-MoE- and Qwen3-MoE-like, remat none and dots
 
-Each shape is the cpu config's dense Llama (hidden 256, 4 layers, vocab 8192; batch 8 x 256, float32)
+The dense Llama at 4 and 8 layers comes first (what one layer costs against what is outside the layers).
+Each MoE shape is the cpu config's dense Llama (hidden 256, 4 layers, vocab 8192; batch 8 x 256, float32)
 with its MLP replaced by experts; only config.json is written (`ftc plan` reads no weights).
 """
 
@@ -34,6 +35,7 @@ BASE = {
 QWEN_MOE = {"decoder_sparse_step": 1, "mlp_only_layers": []}
 SHAPES = {  # name -> config.json keys beside BASE
     "llama (dense)": {"model_type": "llama"},
+    "llama (dense), 8 layers": {"model_type": "llama", "num_hidden_layers": 8},  # what a layer costs
     "Mixtral-like: 8, 2, 704": {"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2},
     "Qwen2-MoE-like: 8, 2, 256; 512": {
         "model_type": "qwen2_moe",
